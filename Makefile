@@ -1,0 +1,36 @@
+# Developer entry points. `make install` then `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# The CPU build of torch that this machine (and CI) has on disk; GPU and Jetson users bring their own.
+TORCH_CPU ?= torch==2.13.0
+GLUE_DIR ?= ../shared/data/glue
+PORT ?= 50051
+
+.PHONY: install test test-all lint protos check-protos demo clean
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
+	$(PIP) install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest -q
+
+test-all:
+	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy sft_common sft_edge sft_cloud
+
+protos:
+	$(PYTHON) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
+		protos/sft_common/proto/sft.proto
+
+check-protos:
+	$(PYTHON) -m sft_common.proto.check
+
+demo:
+	$(PYTHON) -m sft_edge.demo --data-dir $(GLUE_DIR) --port $(PORT)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,59 @@
+"""`sft-cloud`: parse the command line and call the daemon. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from sft_cloud.server import ServeConfig, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sft-cloud", description="Split fine-tuning: the cloud daemon.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve split fine-tuning sessions over gRPC")
+    s.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
+    s.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where net2 runs")
+    s.add_argument("--insecure", action="store_true", help="serve plaintext gRPC (no TLS); logs a warning")
+    s.add_argument("--tls-cert", help="PEM certificate chain of the server")
+    s.add_argument("--tls-key", help="PEM private key of the server")
+    s.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")
+    s.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
+    s.add_argument("--checkpoint-dir", help="directory for session checkpoints")
+    s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
+    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    s.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    cfg = ServeConfig(
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        insecure=args.insecure,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
+        checkpoint_dir=args.checkpoint_dir,
+        max_sessions=args.max_sessions,
+        metrics_port=args.metrics_port,
+    )
+    try:
+        serve(cfg)
+    except (ValueError, OSError) as exc:
+        print(f"sft-cloud: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The server factory (every gRPC option, with why) and the serve loop (health, SIGTERM)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from sft_common.proto import sft_pb2_grpc as pb_grpc
+from sft_cloud.registry import SessionRegistry
+from sft_cloud.servicer import SplitTrainerServicer
+
+log = logging.getLogger("sft_cloud")
+SERVICE_NAME = "sft.v1.SplitTrainer"
+
+
+@dataclass
+class ServeConfig:
+    """Everything `sft-cloud serve` takes; see DESIGN.md for the flags."""
+
+    host: str = "0.0.0.0"  # interface to listen on
+    port: int = 50051  # 0 picks a free port (tests)
+    device: str = "auto"  # auto | cpu | cuda
+    insecure: bool = False  # plaintext; must be asked for explicitly
+    tls_cert: Optional[str] = None  # PEM server certificate chain
+    tls_key: Optional[str] = None  # PEM private key
+    tls_client_ca: Optional[str] = None  # PEM CA for client certificates (mutual TLS)
+    auth_token_file: Optional[str] = None  # one bearer token per line
+    checkpoint_dir: Optional[str] = None  # where sessions are checkpointed
+    max_sessions: int = 64  # concurrent sessions; more get RESOURCE_EXHAUSTED
+    metrics_port: Optional[int] = None  # Prometheus metrics (not yet served)
+    max_message_mb: int = 256  # transport cap; sessions enforce tighter, config-derived caps
+    grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def server_options(cfg: ServeConfig) -> list:
+    cap = cfg.max_message_mb * 1024 * 1024
+    return [
+        # SL at BERT-base geometry is 32 x 128 x 768 x 4 B = 12.6 MB a message, over gRPC's 4 MB
+        # default; each session still refuses anything over its own, config-derived cap.
+        ("grpc.max_receive_message_length", cap),
+        ("grpc.max_send_message_length", cap),
+        # Edges ping every 30 s while idle (see sft_edge.client); allow that without GOAWAY
+        # "too_many_pings", and ping them back so a silently dead edge is noticed.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Two daemons on one port would split the sessions between them.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def create_server(cfg: ServeConfig, registry: SessionRegistry) -> Tuple[grpc.Server, int, health.HealthServicer]:
+    """Build and start the gRPC server; returns it, the port it bound and the health servicer."""
+    # One thread per open stream, plus a few for health checks.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.max_sessions + 8, thread_name_prefix="sft-rpc"),
+        options=server_options(cfg),
+        maximum_concurrent_rpcs=cfg.max_sessions + 8,
+    )
+    pb_grpc.add_SplitTrainerServicer_to_server(SplitTrainerServicer(registry), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.insecure:
+        port = server.add_insecure_port(address)
+    else:
+        raise ValueError("TLS is not available yet: pass --insecure")
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
+    """Run the daemon until SIGTERM / SIGINT, then drain in-flight steps and stop."""
+    if cfg.insecure:
+        log.warning("serving WITHOUT TLS (--insecure): activations and gradients cross the network in clear")
+    device = resolve_device(cfg.device)
+    registry = SessionRegistry(device=device, max_sessions=cfg.max_sessions)
+    server, port, health_servicer = create_server(cfg, registry)
+    log.info("sft-cloud serving on %s:%d (device %s, max %d sessions)", cfg.host, port, device, cfg.max_sessions)
+    print(f"sft-cloud: listening on {cfg.host}:{port}", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: shutting down (grace %.0fs)", signum, cfg.grace_seconds)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(cfg.grace_seconds).wait()
+    print("sft-cloud: stopped", flush=True)

@@ -1,0 +1,222 @@
+"""One cloud training session: net2, its optimizer and step counter, driven by protocol messages.
+
+A ``CloudSession`` is a plain class: a test drives it with ``pb`` messages and no network. Every
+message is validated completely before anything changes, so a refused message (a
+``ProtocolError``) leaves the session exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Iterator, List, Optional, Tuple
+
+import grpc
+import torch
+
+from sft_common import codec
+from sft_common.config import SplitSpec, session_fingerprint
+from sft_common.errors import ProtocolError
+from sft_common.models import BaseModel
+from sft_common.proto import sft_pb2 as pb
+from sft_common.split import build_cloud_half, lengths_to_mask, task_loss
+from sft_common.training import make_optimizer, make_schedule, step_seed
+
+MODES = {pb.SFT: "sft", pb.SL: "sl"}
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
+    """The split spec a session config asks for; INVALID_ARGUMENT if it is not well formed."""
+    if config.mode not in MODES:
+        raise _invalid(f"mode {config.mode} is not one of SFT, SL")
+    return SplitSpec(split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode])
+
+
+def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:
+    """Validate a session config against the model and the server's limits."""
+    spec = spec_from_config(config)
+    cfg = base.config
+    try:
+        spec.validate(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+    if config.num_labels < 1 or config.num_labels > 10_000:
+        raise _invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
+    if config.wire_dtype not in codec.TORCH_DTYPES:
+        raise _invalid(f"wire dtype {config.wire_dtype} is not one of FLOAT32, FLOAT16, BFLOAT16")
+    if config.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
+        raise _invalid(f"compression {config.compression} is not one of COMPRESSION_NONE, LZ4")
+    if not 1 <= config.max_batch_size <= max_batch:
+        raise _invalid(f"max_batch_size must be in 1..{max_batch}, got {config.max_batch_size}")
+    seq_cap = min(max_seq, cfg.max_position_embeddings)
+    if not 1 <= config.max_seq_len <= seq_cap:
+        raise _invalid(f"max_seq_len must be in 1..{seq_cap}, got {config.max_seq_len}")
+    if not (math.isfinite(config.lr) and 0 < config.lr < 1):
+        raise _invalid(f"lr must be in (0, 1), got {config.lr}")
+    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay < 1):
+        raise _invalid(f"weight_decay must be in [0, 1), got {config.weight_decay}")
+    if config.total_steps < 1 or not 0 <= config.warmup_steps <= config.total_steps:
+        raise _invalid(
+            f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
+            f"got {config.total_steps} and {config.warmup_steps}"
+        )
+    return spec
+
+
+class CloudSession:
+    """net2 of one edge's run, with its optimizer; applies each training step exactly once."""
+
+    def __init__(
+        self,
+        session_id: str,
+        owner: str,
+        config: pb.SessionConfig,
+        base: BaseModel,
+        device: str = "cpu",
+        compute_lock: Optional[threading.Lock] = None,
+        max_batch: int = 256,
+        max_seq: int = 512,
+    ):
+        self.session_id = session_id
+        self.owner = owner  # the identity that opened it; only it may attach again
+        self.config = config
+        self.spec = check_config(config, base, max_batch, max_seq)
+        self.device = device
+        self.fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels)
+        self.width = self.spec.cut_width(base.config.hidden_size)
+        self.net2, self.edge_factor = build_cloud_half(
+            base, self.spec, config.num_labels, config.seed, device=device
+        )
+        self.optimizer = make_optimizer(self.net2.parameters(), config.lr, config.weight_decay)
+        self.schedule = make_schedule(self.optimizer, config.warmup_steps, config.total_steps)
+        self.next_step = 0
+        self.last_reply: Optional[pb.TrainReply] = None  # answer to a retried last step
+        self.lock = threading.Lock()  # one message at a time per session
+        # Dropout draws from the process-wide RNG; seeding it per step and computing under one
+        # lock makes each step's randomness a function of (seed, step) alone.
+        self._compute_lock = compute_lock or threading.Lock()
+
+    # -- messages -------------------------------------------------------------------------
+
+    def opened(self) -> pb.SessionOpened:
+        factor = None
+        if self.edge_factor is not None:
+            factor = codec.encode(self.edge_factor, pb.FLOAT32)
+        return pb.SessionOpened(
+            session_id=self.session_id,
+            fingerprint=self.fingerprint,
+            edge_factor=factor,
+            next_step=self.next_step,
+        )
+
+    def train(self, msg: pb.TrainStep) -> pb.TrainReply:
+        """Apply training step ``msg.step``; a repeat of the last applied step gets its cached reply."""
+        with self.lock:
+            if self.last_reply is not None and msg.step == self.next_step - 1:
+                return self.last_reply
+            if msg.step != self.next_step:
+                raise ProtocolError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"step {msg.step} is out of order: the session expects step {self.next_step}"
+                    + (f" (or a retry of step {self.next_step - 1})" if self.next_step else ""),
+                )
+            lengths = self._check_lengths(msg.lengths)
+            labels = self._check_labels(msg, len(lengths))
+            x = self._decode_activations(msg.activations, lengths)
+            with self._rng(self.next_step):
+                self.net2.train()
+                x.requires_grad_(True)
+                logits = self.net2(self._unpack(x, lengths), self._mask(lengths))
+                loss = task_loss(logits, labels)
+                if not bool(torch.isfinite(loss)):
+                    raise _invalid(f"step {msg.step}: the loss is not finite; the step was not applied")
+                loss.backward()
+            grad = x.grad
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            reply = pb.TrainReply(
+                step=msg.step,
+                loss=float(loss),
+                grad=codec.encode(grad, self.config.wire_dtype, self.config.compression),
+            )
+            self.next_step += 1
+            self.last_reply = reply
+            return reply
+
+    def evaluate(self, msg: pb.EvalStep) -> pb.EvalReply:
+        """Forward only: logits for one batch; no state changes."""
+        with self.lock:
+            lengths = self._check_lengths(msg.lengths)
+            x = self._decode_activations(msg.activations, lengths)
+            with torch.no_grad(), self._compute_lock:
+                self.net2.eval()
+                logits = self.net2(self._unpack(x, lengths), self._mask(lengths))
+            return pb.EvalReply(batch=msg.batch, logits=codec.encode(logits.float(), pb.FLOAT32))
+
+    # -- validation and helpers -----------------------------------------------------------
+
+    def _check_lengths(self, lengths_field) -> List[int]:
+        lengths = list(lengths_field)
+        if not 1 <= len(lengths) <= self.config.max_batch_size:
+            raise _invalid(f"batch of {len(lengths)} examples; the session allows 1..{self.config.max_batch_size}")
+        bad = [n for n in lengths if not 1 <= n <= self.config.max_seq_len]
+        if bad:
+            raise _invalid(f"sequence length {bad[0]} is outside 1..{self.config.max_seq_len}")
+        return lengths
+
+    def _check_labels(self, msg: pb.TrainStep, batch: int) -> torch.Tensor:
+        if self.config.num_labels == 1:
+            if len(msg.targets) != batch or len(msg.labels):
+                raise _invalid(f"regression needs {batch} targets and no labels, got {len(msg.targets)} targets")
+            targets = torch.tensor(list(msg.targets), dtype=torch.float32)
+            if not bool(torch.isfinite(targets).all()):
+                raise _invalid("targets contain NaN or Inf")
+            return targets.to(self.device)
+        if len(msg.labels) != batch or len(msg.targets):
+            raise _invalid(f"classification needs {batch} labels and no targets, got {len(msg.labels)} labels")
+        bad = [y for y in msg.labels if not 0 <= y < self.config.num_labels]
+        if bad:
+            raise _invalid(f"label {bad[0]} is outside 0..{self.config.num_labels - 1}")
+        return torch.tensor(list(msg.labels), dtype=torch.long, device=self.device)
+
+    def _decode_activations(self, tensor: pb.Tensor, lengths: List[int]) -> torch.Tensor:
+        tokens = sum(lengths)
+        return codec.decode(
+            tensor,
+            name="activations",
+            dtype=self.config.wire_dtype,
+            shape=(tokens, self.width),
+            compression=self.config.compression,
+            max_bytes=self.max_activation_bytes(),
+            device=self.device,
+        )
+
+    def max_activation_bytes(self) -> int:
+        """The largest activation payload this session can legitimately send (fp32 bound)."""
+        return self.config.max_batch_size * self.config.max_seq_len * self.width * 4
+
+    def _mask(self, lengths: List[int]) -> torch.Tensor:
+        t = torch.tensor(lengths, device=self.device)
+        return lengths_to_mask(t, max(lengths))
+
+    def _unpack(self, x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
+        """(tokens, width) -> (batch, max_len, width), zeros at padded positions."""
+        mask = self._mask(lengths)
+        full = x.new_zeros(len(lengths), max(lengths), self.width)
+        return full.index_put((mask,), x)
+
+    @contextlib.contextmanager
+    def _rng(self, step: int) -> Iterator[None]:
+        with self._compute_lock:
+            torch.manual_seed(step_seed(self.config.seed, "cloud", step))
+            yield
+
+    def state(self) -> Tuple[int, List[torch.Tensor]]:
+        """(next step, parameters): what tests compare."""
+        return self.next_step, [p.detach().clone() for p in self.net2.parameters()]

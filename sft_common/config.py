@@ -1,0 +1,53 @@
+"""The split configuration both halves agree on, and the fingerprint that proves they do."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+MODES = ("sft", "sl")
+WIRE_DTYPES = ("fp32", "fp16", "bf16")
+COMPRESSIONS = ("none", "lz4")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Where and how a model is cut between the edge and the cloud."""
+
+    split_layer: int  # 0-based index of the layer whose FFN output is cut
+    rank: int = 8  # SFT rank R of the factorised FFN output (ignored for "sl")
+    mode: str = "sft"  # "sft": rank-R activations cross the link; "sl": full hidden states
+    keep_residual: bool = False  # in-process only: keep layer l's residual (exactness tests)
+
+    def validate(self, num_layers: int, hidden: int, intermediate: int) -> None:
+        """Raise ValueError with a user-facing message when the spec does not fit the model."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 <= self.split_layer < num_layers:
+            raise ValueError(
+                f"split layer {self.split_layer} is out of range: the model has {num_layers} layers "
+                f"(valid: 0..{num_layers - 1})"
+            )
+        if self.mode == "sft" and not 1 <= self.rank <= min(hidden, intermediate):
+            raise ValueError(
+                f"rank {self.rank} is out of range: the FFN output of this model is "
+                f"{hidden}x{intermediate}, so 1 <= R <= {min(hidden, intermediate)}"
+            )
+
+    def cut_width(self, hidden: int) -> int:
+        """Width of one token's activation at the cut: R for SFT, hidden for plain SL."""
+        return self.rank if self.mode == "sft" else hidden
+
+
+def session_fingerprint(base_fingerprint: str, spec: SplitSpec, num_labels: int) -> str:
+    """sha256 over the base model's fingerprint and everything that shapes the two halves."""
+    payload = {
+        "base": base_fingerprint,
+        "spec": asdict(spec),
+        "num_labels": num_labels,
+    }
+    if payload["spec"]["mode"] == "sl":
+        payload["spec"]["rank"] = 0  # rank does not shape plain split learning
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,37 @@
+"""What both halves of a training run share: the optimizer, the LR schedule, per-step seeds."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import torch
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, as in the Hugging Face GLUE recipe. Per-parameter, so two halves each running
+    their own optimizer update exactly as one optimizer over the whole model would."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def make_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base LR, then linear decay to zero at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_seed(seed: int, side: str, step: int) -> int:
+    """The RNG seed for one side's work on one step (dropout masks).
+
+    Derived, not carried: a step's randomness depends only on (seed, side, step), so a resumed
+    or retried step draws the same dropout masks as it would have the first time.
+    """
+    digest = hashlib.sha256(f"{seed}:{side}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
