@@ -142,7 +142,7 @@ class CloudSession:
             self.optimizer.zero_grad(set_to_none=True)
             reply = pb.TrainReply(
                 step=msg.step,
-                loss=float(loss),
+                loss=float(loss.detach()),
                 grad=codec.encode(grad, self.config.wire_dtype, self.config.compression),
             )
             self.next_step += 1

@@ -47,7 +47,7 @@ def encode(tensor: torch.Tensor, wire_dtype: int = pb.FLOAT32, compression: int 
             scale = 2.0 ** math.floor(math.log2(FP16_TARGET_AMAX / amax))  # a power of two: exact
             t = t * scale
     t = t.to(device="cpu", dtype=TORCH_DTYPES[wire_dtype]).contiguous()
-    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     if compression == pb.LZ4:
         data = lz4.block.compress(data, store_size=False)
     return pb.Tensor(dtype=wire_dtype, shape=list(t.shape), data=data, compression=compression, scale=scale)

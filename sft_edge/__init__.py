@@ -1,0 +1,1 @@
+"""The edge side of split fine-tuning: data, net1, and the trainer that talks to the cloud."""

@@ -1,0 +1,182 @@
+"""How a training step runs: split across a transport (SFT or SL), or the whole model locally.
+
+Both backends expose the same three calls, so one trainer loop drives them:
+``train_step(step, batch) -> loss``, ``predict(batch) -> logits``, ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional
+
+import grpc
+import torch
+
+from sft_common import codec
+from sft_common.config import SplitSpec, session_fingerprint
+from sft_common.models import BaseModel
+from sft_common.proto import sft_pb2 as pb
+from sft_common.split import EdgeHalf, build_edge_half, build_full_model, task_loss
+from sft_common.training import make_optimizer, make_schedule, step_seed
+from sft_edge.client import CloudError, Transport
+from sft_edge.data import Batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5  # AdamW learning rate (GLUE recipe)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    total_steps: int = 1  # for the linear decay
+    seed: int = 42  # head init, dropout seeds, data order
+
+
+def _autocast(device: str) -> contextlib.AbstractContextManager:
+    """Mixed precision where it helps: bf16 autocast on GPUs that have it, else full precision."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, side: str, step: int) -> Iterator[None]:
+    torch.manual_seed(step_seed(seed, side, step))
+    yield
+
+
+class SplitBackend:
+    """net1 here; net2 in a cloud session reached through ``transport``."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        spec: SplitSpec,
+        num_labels: int,
+        transport: Transport,
+        optim: OptimConfig,
+        batch_size: int,
+        max_seq_len: int,
+        wire_dtype: str = "fp32",
+        compression: str = "none",
+        task: str = "",
+        device: str = "cpu",
+    ):
+        self.spec = spec
+        self.transport = transport
+        self.optim_cfg = optim
+        self.device = device
+        self.wire_dtype = codec.WIRE_DTYPES[wire_dtype]
+        self.compression = codec.COMPRESSIONS[compression]
+        self.num_labels = num_labels
+        self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels)
+        config = pb.SessionConfig(
+            model=base.name, mode=pb.SFT if spec.mode == "sft" else pb.SL, split_layer=spec.split_layer,
+            rank=spec.rank, num_labels=num_labels, wire_dtype=self.wire_dtype, compression=self.compression,
+            lr=optim.lr, weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
+            total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
+            max_seq_len=max_seq_len, task=task,
+        )  # fmt: skip
+        opened = transport.call(pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=self.fingerprint)))
+        self.session = opened.opened
+        if self.session.fingerprint != self.fingerprint:
+            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION, "the cloud answered with another fingerprint")
+        u = None
+        if spec.mode == "sft":
+            cfg = base.config
+            u = codec.decode(
+                self.session.edge_factor, name="edge factor", dtype=pb.FLOAT32,
+                shape=(cfg.intermediate_size, spec.rank),
+            )  # fmt: skip
+        self.net1: EdgeHalf = build_edge_half(base, spec, u, device=device)
+        self.optimizer = make_optimizer(self.net1.parameters(), optim.lr, optim.weight_decay)
+        self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
+        self.width = spec.cut_width(base.config.hidden_size)
+
+    def _cut(self, batch: Batch) -> torch.Tensor:
+        """net1's activations for the real tokens only: (tokens, width)."""
+        with _autocast(self.device):
+            a, _ = self.net1(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        return a.float()[batch.attention_mask.bool()]
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        self.net1.train()
+        with _seeded(self.optim_cfg.seed, "edge", step):
+            packed = self._cut(batch)
+        msg = pb.TrainStep(
+            step=step,
+            activations=codec.encode(packed, self.wire_dtype, self.compression),
+            lengths=batch.lengths,
+        )
+        if self.num_labels == 1:
+            msg.targets.extend(batch.labels.tolist())
+        else:
+            msg.labels.extend(batch.labels.tolist())
+        reply = self.transport.call(pb.EdgeMessage(train=msg)).train
+        grad = codec.decode(
+            reply.grad, name="gradient", dtype=self.wire_dtype, shape=tuple(packed.shape),
+            compression=self.compression, device=self.device,
+        )  # fmt: skip
+        packed.backward(grad)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return reply.loss
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
+        self.net1.eval()
+        packed = self._cut(batch)
+        msg = pb.EvalStep(
+            batch=index, activations=codec.encode(packed, self.wire_dtype, self.compression), lengths=batch.lengths
+        )
+        reply = self.transport.call(pb.EdgeMessage(eval=msg)).eval
+        return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=(len(batch.lengths), self.num_labels))
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.net1.state_dict()
+
+    def close(self) -> int:
+        """Close the cloud session; returns the number of steps the cloud applied."""
+        reply = self.transport.call(pb.EdgeMessage(close=pb.CloseSession()))
+        self.transport.close()
+        return reply.closed.steps
+
+
+class LocalBackend:
+    """The whole unsplit model in this process: the baseline (``--local``)."""
+
+    def __init__(self, base: BaseModel, num_labels: int, optim: OptimConfig, device: str = "cpu"):
+        self.optim_cfg = optim
+        self.device = device
+        self.model = build_full_model(base, num_labels, optim.seed, device=device)
+        self.optimizer = make_optimizer(self.model.parameters(), optim.lr, optim.weight_decay)
+        self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        with _autocast(self.device):
+            out = self.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
+            )
+        return out.logits.float()
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        self.model.train()
+        with _seeded(self.optim_cfg.seed, "local", step):
+            loss = task_loss(self._logits(batch), batch.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
+        self.model.eval()
+        return self._logits(batch)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def close(self) -> Optional[int]:
+        return None

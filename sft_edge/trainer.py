@@ -1,0 +1,262 @@
+"""The edge's training run: data, backend, loop, evaluation, report and saved weights.
+
+``train(TrainConfig)`` is what ``sft-edge train`` calls. The loop is the same for split
+training (SFT or SL, through a cloud session) and for ``--local`` training of the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from sft_common.config import SplitSpec
+from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model
+from sft_edge import metrics
+from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend
+from sft_edge.client import GrpcTransport, Transport, open_channel
+from sft_edge.data import Encoded, batch_indices, collate, encode, load_examples, steps_per_epoch
+from sft_edge.tasks import Task, get_task
+
+log = logging.getLogger("sft_edge")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `sft-edge train` takes; see DESIGN.md for the flags."""
+
+    task: str
+    cloud: str = "localhost:50051"  # HOST:PORT of sft-cloud
+    model: str = DEFAULT_MODEL  # hub name, local folder, or random:<preset>
+    data_dir: Optional[str] = None  # GLUE TSV layout; None: the hub via `datasets`
+    split_layer: Optional[int] = None  # None: the last layer
+    rank: int = 8
+    mode: str = "sft"  # sft | sl
+    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16
+    compression: str = "none"  # none | lz4
+    batch_size: int = 32
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_seq_len: int = 128
+    seed: int = 42
+    device: str = "auto"
+    output_dir: Optional[str] = None
+    resume: bool = False
+    checkpoint_every: Optional[int] = None
+    local: bool = False  # train the whole model here, no cloud
+    insecure: bool = False
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    report: Optional[str] = None  # write the JSON report here
+    progress: bool = True  # show a progress bar on stderr
+
+
+@dataclass
+class RunState:
+    """What the loop accumulates; becomes the report."""
+
+    steps: int = 0
+    losses: List[float] = field(default_factory=list)
+    evals: List[Dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def make_transport(cfg: TrainConfig) -> Transport:
+    """The gRPC stream to the daemon named by ``cfg.cloud``."""
+    if not cfg.insecure:
+        raise ValueError("TLS is not available yet: pass --insecure")
+    log.warning("connecting WITHOUT TLS (--insecure) to %s", cfg.cloud)
+    return GrpcTransport(open_channel(cfg.cloud))
+
+
+def evaluate(backend, data: Encoded, batch_size: int, task: Task, device: str) -> Dict[str, float]:
+    """Dev-set metrics of the current model, in the task's metric names."""
+    outputs = []
+    for k, start in enumerate(range(0, len(data), batch_size)):
+        idx = list(range(start, min(start + batch_size, len(data))))
+        outputs.append(backend.predict(collate(data, idx).to(device), k).cpu())
+    logits = torch.cat(outputs).numpy()
+    gold = np.asarray(data.labels, dtype=np.float64 if task.is_regression else np.int64)
+    return metrics.compute(task.metrics, logits, gold)
+
+
+def train(
+    cfg: TrainConfig,
+    transport_factory: Optional[Callable[[TrainConfig], Transport]] = None,
+    base: Optional[BaseModel] = None,
+) -> Dict:
+    """Run one fine-tuning job end to end and return its report (also written to cfg.report)."""
+    from transformers import AutoTokenizer
+
+    start = time.time()
+    task = get_task(cfg.task)
+    device = resolve_device(cfg.device)
+    if cfg.mode not in ("sft", "sl"):
+        raise ValueError(f"--mode must be sft or sl, got {cfg.mode!r}")
+    if cfg.batch_size < 1 or cfg.max_seq_len < 2:
+        raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
+    base = base or load_base_model(cfg.model)
+    split_layer = base.config.num_hidden_layers - 1 if cfg.split_layer is None else cfg.split_layer
+    spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
+    spec.validate(base.config.num_hidden_layers, base.config.hidden_size, base.config.intermediate_size)
+
+    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
+    max_len = min(cfg.max_seq_len, base.config.max_position_embeddings)
+    train_data = encode(load_examples(task, "train", cfg.data_dir, cfg.max_train_examples), tokenizer, max_len)
+    dev_data = encode(load_examples(task, "dev", cfg.data_dir, cfg.max_eval_examples), tokenizer, max_len)
+    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+    # As in Hugging Face's Trainer, --max-steps overrides --epochs.
+    total = cfg.max_steps if cfg.max_steps is not None else int(round(cfg.epochs * per_epoch))
+    if total < 1:
+        raise ValueError("nothing to train: --epochs and --max-steps give zero steps")
+    optim = OptimConfig(cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed)
+
+    if cfg.local:
+        backend = LocalBackend(base, task.num_labels, optim, device)
+        transport = None
+    else:
+        transport = (transport_factory or make_transport)(cfg)
+        backend = SplitBackend(
+            base, spec, task.num_labels, transport, optim, cfg.batch_size, max_len,
+            cfg.wire_dtype, cfg.compression, task.name, device,
+        )  # fmt: skip
+    log.info(
+        "training %s on %s: %d examples, %d steps (%d per epoch), %s",
+        base.name, task.name, len(train_data), total, per_epoch, "local" if cfg.local else f"{cfg.mode} via {cfg.cloud}",
+    )  # fmt: skip
+
+    state = RunState()
+    bar = _progress(total, cfg.progress)
+    try:
+        for step in range(total):
+            idx = batch_indices(len(train_data), cfg.batch_size, cfg.seed, step)
+            loss = backend.train_step(step, collate(train_data, idx).to(device))
+            state.losses.append(loss)
+            state.steps = step + 1
+            if bar is not None:
+                postfix = {"loss": f"{loss:.4f}"}
+                if transport is not None:
+                    postfix["sent"] = _human(transport.bytes_sent)
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            end_of_epoch = (step + 1) % per_epoch == 0
+            if end_of_epoch or step + 1 == total:
+                result = evaluate(backend, dev_data, cfg.batch_size, task, device)
+                result = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 3), **result}
+                state.evals.append(result)
+                _say(bar, f"eval after step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                                                        if k not in ("step", "epoch")))
+    finally:
+        if bar is not None:
+            bar.close()
+    cloud_steps = backend.close()
+    seconds = time.time() - start
+
+    report = {
+        "task": task.name,
+        "model": base.name,
+        "mode": "local" if cfg.local else cfg.mode,
+        "split_layer": None if cfg.local else split_layer,
+        "rank": cfg.rank if (not cfg.local and cfg.mode == "sft") else None,
+        "wire_dtype": None if cfg.local else cfg.wire_dtype,
+        "compression": None if cfg.local else cfg.compression,
+        "steps": state.steps,
+        "cloud_steps": cloud_steps,
+        "seconds": round(seconds, 3),
+        "metrics": {k: v for k, v in state.evals[-1].items() if k not in ("step", "epoch")},
+        "eval_history": state.evals,
+        "train_loss_first": state.losses[0],
+        "train_loss_last": state.losses[-1],
+        "bytes_sent": transport.bytes_sent if transport else 0,
+        "bytes_received": transport.bytes_received if transport else 0,
+        "resumes": 0,
+        "train_examples": len(train_data),
+        "dev_examples": len(dev_data),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "device": device,
+        "config": asdict(cfg),
+    }
+    if cfg.output_dir:
+        _save(cfg, backend, report, split_layer)
+    if cfg.report:
+        _write_json(cfg.report, report)
+    return report
+
+
+def _save(cfg: TrainConfig, backend, report: Dict, split_layer: int) -> None:
+    """The trained weights as safetensors, with a JSON file saying how to load them."""
+    from safetensors.torch import save_file
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    name = "model.safetensors" if cfg.local else "edge.safetensors"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in backend.state_dict().items()}
+    save_file(tensors, os.path.join(cfg.output_dir, name))
+    meta = {
+        "weights": name,
+        "part": "full" if cfg.local else "edge",
+        "model": report["model"],
+        "mode": report["mode"],
+        "split_layer": split_layer,
+        "rank": cfg.rank,
+        "task": cfg.task,
+        "steps": report["steps"],
+        "metrics": report["metrics"],
+    }
+    _write_json(os.path.join(cfg.output_dir, "sft_edge.json"), meta)
+
+
+def _write_json(path: str, obj: Dict) -> None:
+    """Atomic: write a temporary file beside the target, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def _say(bar, text: str) -> None:
+    if bar is not None:
+        bar.write(text)
+    else:
+        log.info(text)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}GB"

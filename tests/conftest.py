@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models, the GLUE folder, a live daemon on a free localhost port."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("SFT_GLUE_DIR", ROOT.parent / "shared" / "data" / "glue"))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from sft_common.models import load_base_model
+
+    return load_base_model("random:tiny")
+
+
+@pytest.fixture(scope="session")
+def minilm_base():
+    from sft_common.models import load_base_model
+
+    return load_base_model()
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> str:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR} (set SFT_GLUE_DIR)")
+    return str(GLUE_DIR)
+
+
+@pytest.fixture
+def live_server():
+    """A real daemon (insecure) on a free localhost port; yields (address, registry)."""
+    from sft_cloud.registry import SessionRegistry
+    from sft_cloud.server import ServeConfig, create_server
+
+    registry = SessionRegistry(device="cpu", max_sessions=8)
+    server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
+    yield f"127.0.0.1:{port}", registry
+    server.stop(0).wait()

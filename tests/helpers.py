@@ -1,0 +1,39 @@
+"""Helpers the tests share: batches of token ids, session configs, in-process split training."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from sft_common.proto import sft_pb2 as pb
+from sft_edge.data import Batch
+
+
+def random_batch(batch: int = 4, seq: int = 12, num_labels: int = 2, seed: int = 0) -> Batch:
+    """Right-padded random token ids with varied lengths (the first example is full length)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [seq] + torch.randint(2, seq + 1, (batch - 1,), generator=g).tolist()
+    ids = torch.randint(1000, 5000, (batch, seq), generator=g)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    labels = torch.randint(0, num_labels, (batch,), generator=g)
+    return Batch(ids, torch.zeros_like(ids), mask, lengths, labels)
+
+
+def session_config(model: str = "random:tiny", mode: int = pb.SFT, split_layer: int = 3, rank: int = 8,
+                   wire_dtype: int = pb.FLOAT32, total_steps: int = 100, **kw) -> pb.SessionConfig:
+    values = dict(model=model, mode=mode, split_layer=split_layer, rank=rank, num_labels=2, wire_dtype=wire_dtype,
+                  lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=total_steps, seed=7,
+                  max_batch_size=8, max_seq_len=64, task="sst2")
+    values.update(kw)
+    return pb.SessionConfig(**values)
+
+
+def params(module: torch.nn.Module) -> List[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def max_diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
