@@ -30,7 +30,7 @@ check-protos:
 	$(PYTHON) -m sft_common.proto.check
 
 demo:
-	$(PYTHON) -m sft_edge.demo --data-dir $(GLUE_DIR) --port $(PORT)
+	$(PYTHON) examples/demo.py --data-dir $(GLUE_DIR)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
