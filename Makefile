@@ -20,6 +20,7 @@ test-all:
 
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy sft_common sft_edge sft_cloud
 
 protos:

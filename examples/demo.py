@@ -37,7 +37,9 @@ def main() -> int:
         if port is None:
             print("demo: the daemon did not start", file=sys.stderr)
             return 1
-        print(f"demo: sft-cloud daemon on 127.0.0.1:{port}; training MiniLM-L6 (split at the last layer, R=8)")
+        print(
+            f"demo: sft-cloud daemon on 127.0.0.1:{port}; training MiniLM-L6 (split at the last layer, R=8)"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             report_path = os.path.join(tmp, "report.json")
             rc = subprocess.call([
@@ -50,8 +52,10 @@ def main() -> int:
             with open(report_path) as f:
                 report = json.load(f)
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
-        print(f"demo: {report['task']} dev {metrics} after {report['steps']} steps in {report['seconds']:.0f}s; "
-              f"sent {report['bytes_sent'] / 1e6:.1f} MB, received {report['bytes_received'] / 1e6:.1f} MB")
+        print(
+            f"demo: {report['task']} dev {metrics} after {report['steps']} steps in {report['seconds']:.0f}s; "
+            f"sent {report['bytes_sent'] / 1e6:.1f} MB, received {report['bytes_received'] / 1e6:.1f} MB"
+        )
         return 0
     finally:
         daemon.terminate()

@@ -6,10 +6,10 @@ from typing import Optional
 
 import grpc
 
-from sft_common.errors import ProtocolError
-from sft_common.proto import sft_pb2 as pb
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.session import CloudSession
+from sft_common.errors import ProtocolError
+from sft_common.proto import sft_pb2 as pb
 
 
 class StreamProtocol:
@@ -33,7 +33,9 @@ class StreamProtocol:
         if kind is None:
             raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "empty message")
         if self.session is None:
-            raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION, f"{kind} before open: open a session first")
+            raise ProtocolError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{kind} before open: open a session first"
+            )
         if kind == "train":
             return pb.CloudMessage(train=self.session.train(msg.train))
         if kind == "eval":

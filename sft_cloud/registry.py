@@ -8,10 +8,10 @@ from typing import Dict
 
 import grpc
 
+from sft_cloud.session import CloudSession
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel, ModelError, load_base_model
 from sft_common.proto import sft_pb2 as pb
-from sft_cloud.session import CloudSession
 
 
 class SessionRegistry:
@@ -79,7 +79,9 @@ class SessionRegistry:
         try:
             base = load_base_model(name)
         except ModelError as exc:
-            raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION, f"cloud cannot load the model: {exc}") from None
+            raise ProtocolError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cloud cannot load the model: {exc}"
+            ) from None
         with self._lock:
             return self._bases.setdefault(name, base)
 

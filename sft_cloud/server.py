@@ -12,9 +12,9 @@ from typing import Optional, Tuple
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sft_common.proto import sft_pb2_grpc as pb_grpc
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.servicer import SplitTrainerServicer
+from sft_common.proto import sft_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sft_cloud")
 SERVICE_NAME = "sft.v1.SplitTrainer"
@@ -70,7 +70,9 @@ def server_options(cfg: ServeConfig) -> list:
     ]
 
 
-def create_server(cfg: ServeConfig, registry: SessionRegistry) -> Tuple[grpc.Server, int, health.HealthServicer]:
+def create_server(
+    cfg: ServeConfig, registry: SessionRegistry
+) -> Tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start the gRPC server; returns it, the port it bound and the health servicer."""
     # One thread per open stream, plus a few for health checks.
     server = grpc.server(
@@ -101,7 +103,9 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
     device = resolve_device(cfg.device)
     registry = SessionRegistry(device=device, max_sessions=cfg.max_sessions)
     server, port, health_servicer = create_server(cfg, registry)
-    log.info("sft-cloud serving on %s:%d (device %s, max %d sessions)", cfg.host, port, device, cfg.max_sessions)
+    log.info(
+        "sft-cloud serving on %s:%d (device %s, max %d sessions)", cfg.host, port, device, cfg.max_sessions
+    )
     print(f"sft-cloud: listening on {cfg.host}:{port}", flush=True)
     stop = threading.Event()
 

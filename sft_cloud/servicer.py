@@ -7,11 +7,11 @@ from typing import Callable, Iterator
 
 import grpc
 
+from sft_cloud.protocol import StreamProtocol
+from sft_cloud.registry import SessionRegistry
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
 from sft_common.proto import sft_pb2_grpc as pb_grpc
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
 
 log = logging.getLogger("sft_cloud")
 
@@ -22,7 +22,9 @@ def anonymous(context: grpc.ServicerContext) -> str:
 
 
 class SplitTrainerServicer(pb_grpc.SplitTrainerServicer):
-    def __init__(self, registry: SessionRegistry, identity: Callable[[grpc.ServicerContext], str] = anonymous):
+    def __init__(
+        self, registry: SessionRegistry, identity: Callable[[grpc.ServicerContext], str] = anonymous
+    ):
         self.registry = registry
         self.identity = identity
 

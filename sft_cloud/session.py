@@ -137,6 +137,7 @@ class CloudSession:
                     raise _invalid(f"step {msg.step}: the loss is not finite; the step was not applied")
                 loss.backward()
             grad = x.grad
+            assert grad is not None
             self.optimizer.step()
             self.schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -164,7 +165,9 @@ class CloudSession:
     def _check_lengths(self, lengths_field) -> List[int]:
         lengths = list(lengths_field)
         if not 1 <= len(lengths) <= self.config.max_batch_size:
-            raise _invalid(f"batch of {len(lengths)} examples; the session allows 1..{self.config.max_batch_size}")
+            raise _invalid(
+                f"batch of {len(lengths)} examples; the session allows 1..{self.config.max_batch_size}"
+            )
         bad = [n for n in lengths if not 1 <= n <= self.config.max_seq_len]
         if bad:
             raise _invalid(f"sequence length {bad[0]} is outside 1..{self.config.max_seq_len}")
@@ -173,13 +176,17 @@ class CloudSession:
     def _check_labels(self, msg: pb.TrainStep, batch: int) -> torch.Tensor:
         if self.config.num_labels == 1:
             if len(msg.targets) != batch or len(msg.labels):
-                raise _invalid(f"regression needs {batch} targets and no labels, got {len(msg.targets)} targets")
+                raise _invalid(
+                    f"regression needs {batch} targets and no labels, got {len(msg.targets)} targets"
+                )
             targets = torch.tensor(list(msg.targets), dtype=torch.float32)
             if not bool(torch.isfinite(targets).all()):
                 raise _invalid("targets contain NaN or Inf")
             return targets.to(self.device)
         if len(msg.labels) != batch or len(msg.targets):
-            raise _invalid(f"classification needs {batch} labels and no targets, got {len(msg.labels)} labels")
+            raise _invalid(
+                f"classification needs {batch} labels and no targets, got {len(msg.labels)} labels"
+            )
         bad = [y for y in msg.labels if not 0 <= y < self.config.num_labels]
         if bad:
             raise _invalid(f"label {bad[0]} is outside 0..{self.config.num_labels - 1}")

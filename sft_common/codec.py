@@ -10,7 +10,7 @@ allocates anything, rejects NaN/Inf, and returns a float32 tensor. Every refusal
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import grpc
 import lz4.block
@@ -24,7 +24,7 @@ WIRE_DTYPES = {
     "fp16": pb.FLOAT16,
     "bf16": pb.BFLOAT16,
 }
-TORCH_DTYPES = {
+TORCH_DTYPES: Dict[Any, torch.dtype] = {
     pb.FLOAT32: torch.float32,
     pb.FLOAT16: torch.float16,
     pb.BFLOAT16: torch.bfloat16,
@@ -35,7 +35,9 @@ COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "lz4": pb.LZ4}
 FP16_TARGET_AMAX = 2.0**12
 
 
-def encode(tensor: torch.Tensor, wire_dtype: int = pb.FLOAT32, compression: int = pb.COMPRESSION_NONE) -> pb.Tensor:
+def encode(
+    tensor: torch.Tensor, wire_dtype: Any = pb.FLOAT32, compression: Any = pb.COMPRESSION_NONE
+) -> pb.Tensor:
     """A float tensor -> ``pb.Tensor`` in ``wire_dtype``; fp16 is scaled per tensor."""
     if wire_dtype not in TORCH_DTYPES:
         raise ValueError(f"unsupported wire dtype {wire_dtype}")

@@ -42,7 +42,7 @@ class SplitSpec:
 
 def session_fingerprint(base_fingerprint: str, spec: SplitSpec, num_labels: int) -> str:
     """sha256 over the base model's fingerprint and everything that shapes the two halves."""
-    payload = {
+    payload: dict = {
         "base": base_fingerprint,
         "spec": asdict(spec),
         "num_labels": num_labels,

@@ -128,9 +128,7 @@ def _from_hub(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(
-            repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
-        )
+        path = snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
     except Exception as exc:  # offline, unknown repo, ...: say which and how to fix it
         raise ModelError(
             f"model {name!r} is neither a local folder nor a built-in name, and the hub did not "
@@ -161,9 +159,7 @@ def _random_model(name: str) -> BaseModel:
         state = BertModel(config).state_dict()
     digest = hashlib.sha256(_canonical_config(config))
     digest.update(f"random:{preset}:{seed}".encode())
-    return BaseModel(
-        name, config, digest.hexdigest(), str(packaged_minilm_dir()), random_state=dict(state)
-    )
+    return BaseModel(name, config, digest.hexdigest(), str(packaged_minilm_dir()), random_state=dict(state))
 
 
 def _canonical_config(config: BertConfig) -> bytes:

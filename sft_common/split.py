@@ -18,7 +18,7 @@ equivalence tests and the drop-in API); the halves hold references to its submod
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class SVDOutput(nn.Module):
         self.tail = tail
 
     @classmethod
-    def from_output(cls, output: nn.Module, rank: int, keep_residual: bool = False) -> SVDOutput:
+    def from_output(cls, output: Any, rank: int, keep_residual: bool = False) -> SVDOutput:
         """Factorise a ``BertOutput`` (dense, dropout, LayerNorm) at rank R."""
         dense = output.dense
         hidden, inter = dense.weight.shape
@@ -156,11 +156,11 @@ class CloudHalf(nn.Module):
         self, cut: torch.Tensor, attention_mask: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """cut: (batch, seq, width) activations; attention_mask: (batch, seq). Returns logits."""
-        h = self.tail(cut, residual) if self.tail is not None else cut
+        h = cut if self.tail is None else self.tail(cut, residual)  # type: ignore[misc]
         mask = additive_mask(attention_mask, h.dtype)
         for layer in self.layers:
             h = _run_layer(layer, h, mask)
-        return self.classifier(self.dropout(self.pooler(h)))
+        return self.classifier(self.dropout(self.pooler(h)))  # type: ignore[misc]
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -231,7 +231,9 @@ def _materialise(
             src = sources[name]
             if src is not None and src in tensors:
                 value = tensors[src]
-                assert value.shape == tensor.shape, f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}"
+                assert value.shape == tensor.shape, (
+                    f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}"
+                )
                 tensor.copy_(value)
             elif name.endswith("position_ids"):
                 tensor.copy_(torch.arange(tensor.shape[-1]).expand_as(tensor))
@@ -278,7 +280,9 @@ def build_split_model(
     return EdgeHalf(model, spec), CloudHalf(model, spec)
 
 
-def build_edge_half(base: BaseModel, spec: SplitSpec, u: Optional[torch.Tensor], device: str = "cpu") -> EdgeHalf:
+def build_edge_half(
+    base: BaseModel, spec: SplitSpec, u: Optional[torch.Tensor], device: str = "cpu"
+) -> EdgeHalf:
     """net1 alone, loading only its own weights; ``u`` (intermediate, R) comes from the cloud."""
     cfg = base.config
     spec.validate(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)

@@ -77,10 +77,14 @@ class SplitBackend:
             total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
             max_seq_len=max_seq_len, task=task,
         )  # fmt: skip
-        opened = transport.call(pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=self.fingerprint)))
+        opened = transport.call(
+            pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=self.fingerprint))
+        )
         self.session = opened.opened
         if self.session.fingerprint != self.fingerprint:
-            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION, "the cloud answered with another fingerprint")
+            raise CloudError(
+                grpc.StatusCode.FAILED_PRECONDITION, "the cloud answered with another fingerprint"
+            )
         u = None
         if spec.mode == "sft":
             cfg = base.config
@@ -128,10 +132,14 @@ class SplitBackend:
         self.net1.eval()
         packed = self._cut(batch)
         msg = pb.EvalStep(
-            batch=index, activations=codec.encode(packed, self.wire_dtype, self.compression), lengths=batch.lengths
+            batch=index,
+            activations=codec.encode(packed, self.wire_dtype, self.compression),
+            lengths=batch.lengths,
         )
         reply = self.transport.call(pb.EdgeMessage(eval=msg)).eval
-        return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=(len(batch.lengths), self.num_labels))
+        return codec.decode(
+            reply.logits, name="logits", dtype=pb.FLOAT32, shape=(len(batch.lengths), self.num_labels)
+        )
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.net1.state_dict()
@@ -156,7 +164,9 @@ class LocalBackend:
     def _logits(self, batch: Batch) -> torch.Tensor:
         with _autocast(self.device):
             out = self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                token_type_ids=batch.token_type_ids,
             )
         return out.logits.float()
 

@@ -16,14 +16,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune on a GLUE task, split with a cloud daemon (or --local)")
     t.add_argument("--task", required=True, help="GLUE task: sst2 mrpc rte cola stsb qnli qqp mnli wnli")
-    t.add_argument("--cloud", default="localhost:50051", help="HOST:PORT of sft-cloud (default localhost:50051)")
-    t.add_argument("--model", default=DEFAULT_MODEL, help=f"hub name, local folder or random:<preset> (default {DEFAULT_MODEL})")
-    t.add_argument("--data-dir", help="GLUE data in the TSV layout (e.g. ../shared/data/glue); default: the hub")
+    t.add_argument(
+        "--cloud", default="localhost:50051", help="HOST:PORT of sft-cloud (default localhost:50051)"
+    )
+    t.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"hub name, local folder or random:<preset> (default {DEFAULT_MODEL})",
+    )
+    t.add_argument(
+        "--data-dir", help="GLUE data in the TSV layout (e.g. ../shared/data/glue); default: the hub"
+    )
     t.add_argument("--split-layer", type=int, help="0-based layer to cut at (default: the last layer)")
     t.add_argument("--rank", type=int, default=8, help="SFT rank R (default 8)")
-    t.add_argument("--mode", default="sft", choices=["sft", "sl"], help="sft (rank-R cut) or sl (plain split learning)")
+    t.add_argument(
+        "--mode", default="sft", choices=["sft", "sl"], help="sft (rank-R cut) or sl (plain split learning)"
+    )
     t.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype on the wire")
-    t.add_argument("--compression", default="none", choices=["none", "lz4"], help="compress tensors on the wire")
+    t.add_argument(
+        "--compression", default="none", choices=["none", "lz4"], help="compress tensors on the wire"
+    )
     t.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     t.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
     t.add_argument("--max-steps", type=int, help="train exactly this many steps (overrides --epochs)")
@@ -31,14 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
     t.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    t.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps spent warming up (default 0)")
-    t.add_argument("--max-seq-len", type=int, default=128, help="truncate inputs to this many tokens (default 128)")
-    t.add_argument("--seed", type=int, default=42, help="seed for the head, dropout and data order (default 42)")
+    t.add_argument(
+        "--warmup-ratio", type=float, default=0.0, help="share of steps spent warming up (default 0)"
+    )
+    t.add_argument(
+        "--max-seq-len", type=int, default=128, help="truncate inputs to this many tokens (default 128)"
+    )
+    t.add_argument(
+        "--seed", type=int, default=42, help="seed for the head, dropout and data order (default 42)"
+    )
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where net1 runs")
     t.add_argument("--output-dir", help="save the trained edge half (or whole model with --local) here")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint both sides every N steps")
-    t.add_argument("--local", action="store_true", help="train the whole model here, without a cloud (baseline)")
+    t.add_argument(
+        "--local", action="store_true", help="train the whole model here, without a cloud (baseline)"
+    )
     t.add_argument("--insecure", action="store_true", help="connect without TLS; logs a warning")
     t.add_argument("--tls-ca", help="PEM CA that the daemon's certificate must chain to")
     t.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
@@ -67,9 +87,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, DataError, ModelError, CloudError, OSError) as exc:
         print(f"sft-edge: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"task": report["task"], "steps": report["steps"], "metrics": report["metrics"],
-                      "bytes_sent": report["bytes_sent"], "bytes_received": report["bytes_received"],
-                      "seconds": report["seconds"]}))
+    print(
+        json.dumps(
+            {
+                "task": report["task"],
+                "steps": report["steps"],
+                "metrics": report["metrics"],
+                "bytes_sent": report["bytes_sent"],
+                "bytes_received": report["bytes_received"],
+                "seconds": report["seconds"],
+            }
+        )
+    )
     return 0
 
 

@@ -72,7 +72,10 @@ def open_channel(
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError:
         channel.close()
-        raise CloudError(grpc.StatusCode.UNAVAILABLE, f"no sft-cloud daemon answered at {target} within {connect_timeout:.0f}s") from None
+        raise CloudError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no sft-cloud daemon answered at {target} within {connect_timeout:.0f}s",
+        ) from None
     return channel
 
 

@@ -48,7 +48,9 @@ class DataError(ValueError):
     """Data that cannot be read; the message names the file and the problem."""
 
 
-def load_examples(task: Task, split: str, data_dir: Optional[str], limit: Optional[int] = None) -> List[Example]:
+def load_examples(
+    task: Task, split: str, data_dir: Optional[str], limit: Optional[int] = None
+) -> List[Example]:
     """The ``train`` or ``dev`` examples of a task, from ``data_dir`` (GLUE TSV) or the hub."""
     if data_dir is not None:
         name = "train.tsv" if split == "train" else task.dev_file
@@ -72,7 +74,9 @@ def _label(task: Task, raw: str, where: str) -> Label:
 
 def _read_tsv(task: Task, path: str) -> List[Example]:
     if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist: --data-dir must hold the GLUE layout ({task.folder}/train.tsv, ...)")
+        raise DataError(
+            f"{path} does not exist: --data-dir must hold the GLUE layout ({task.folder}/train.tsv, ...)"
+        )
     csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC's header has a BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -82,7 +86,9 @@ def _read_tsv(task: Task, path: str) -> List[Example]:
             text_idx = [header.index(c) for c in task.tsv_columns]
             label_idx = header.index(task.tsv_label)
         except ValueError:
-            raise DataError(f"{path}: header {header} lacks the columns {task.tsv_columns + (task.tsv_label,)}") from None
+            raise DataError(
+                f"{path}: header {header} lacks the columns {task.tsv_columns + (task.tsv_label,)}"
+            ) from None
     else:
         text_idx = [int(c) for c in task.tsv_columns]
         label_idx = int(task.tsv_label)
@@ -101,7 +107,9 @@ def _read_hub(task: Task, split: str) -> List[Example]:
     try:
         import datasets
     except ImportError:
-        raise DataError("no --data-dir given and the `datasets` package is not installed (pip install datasets)") from None
+        raise DataError(
+            "no --data-dir given and the `datasets` package is not installed (pip install datasets)"
+        ) from None
     hub_split = "train" if split == "train" else task.hub_dev_split
     try:
         ds = datasets.load_dataset("glue", task.name, split=hub_split)

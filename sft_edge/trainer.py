@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -122,7 +122,9 @@ def train(
 
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     max_len = min(cfg.max_seq_len, base.config.max_position_embeddings)
-    train_data = encode(load_examples(task, "train", cfg.data_dir, cfg.max_train_examples), tokenizer, max_len)
+    train_data = encode(
+        load_examples(task, "train", cfg.data_dir, cfg.max_train_examples), tokenizer, max_len
+    )
     dev_data = encode(load_examples(task, "dev", cfg.data_dir, cfg.max_eval_examples), tokenizer, max_len)
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
     # As in Hugging Face's Trainer, --max-steps overrides --epochs.
@@ -131,6 +133,7 @@ def train(
         raise ValueError("nothing to train: --epochs and --max-steps give zero steps")
     optim = OptimConfig(cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed)
 
+    backend: Union[LocalBackend, SplitBackend]
     if cfg.local:
         backend = LocalBackend(base, task.num_labels, optim, device)
         transport = None
@@ -164,8 +167,11 @@ def train(
                 result = evaluate(backend, dev_data, cfg.batch_size, task, device)
                 result = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 3), **result}
                 state.evals.append(result)
-                _say(bar, f"eval after step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                                                                        if k not in ("step", "epoch")))
+                _say(
+                    bar,
+                    f"eval after step {step + 1}: "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "epoch")),
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -205,10 +211,11 @@ def train(
     return report
 
 
-def _save(cfg: TrainConfig, backend, report: Dict, split_layer: int) -> None:
+def _save(cfg: TrainConfig, backend: Any, report: Dict, split_layer: int) -> None:
     """The trained weights as safetensors, with a JSON file saying how to load them."""
     from safetensors.torch import save_file
 
+    assert cfg.output_dir is not None
     os.makedirs(cfg.output_dir, exist_ok=True)
     name = "model.safetensors" if cfg.local else "edge.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in backend.state_dict().items()}

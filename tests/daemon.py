@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start_daemon(extra: Optional[List[str]] = None, timeout: float = 120.0) -> Tuple[subprocess.Popen, int]:
     """Launch the daemon on 127.0.0.1 with port 0 and return (process, the port it bound)."""
-    cmd = [sys.executable, "-m", "sft_cloud.cli", "serve", "--host", "127.0.0.1", "--port", "0"] + (extra or [])
+    cmd = [sys.executable, "-m", "sft_cloud.cli", "serve", "--host", "127.0.0.1", "--port", "0"] + (
+        extra or []
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.time() + timeout
     lines = []

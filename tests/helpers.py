@@ -21,11 +21,31 @@ def random_batch(batch: int = 4, seq: int = 12, num_labels: int = 2, seed: int =
     return Batch(ids, torch.zeros_like(ids), mask, lengths, labels)
 
 
-def session_config(model: str = "random:tiny", mode: int = pb.SFT, split_layer: int = 3, rank: int = 8,
-                   wire_dtype: int = pb.FLOAT32, total_steps: int = 100, **kw) -> pb.SessionConfig:
-    values = dict(model=model, mode=mode, split_layer=split_layer, rank=rank, num_labels=2, wire_dtype=wire_dtype,
-                  lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=total_steps, seed=7,
-                  max_batch_size=8, max_seq_len=64, task="sst2")
+def session_config(
+    model: str = "random:tiny",
+    mode: int = pb.SFT,
+    split_layer: int = 3,
+    rank: int = 8,
+    wire_dtype: int = pb.FLOAT32,
+    total_steps: int = 100,
+    **kw,
+) -> pb.SessionConfig:
+    values = dict(
+        model=model,
+        mode=mode,
+        split_layer=split_layer,
+        rank=rank,
+        num_labels=2,
+        wire_dtype=wire_dtype,
+        lr=1e-3,
+        weight_decay=0.01,
+        warmup_steps=2,
+        total_steps=total_steps,
+        seed=7,
+        max_batch_size=8,
+        max_seq_len=64,
+        task="sst2",
+    )
     values.update(kw)
     return pb.SessionConfig(**values)
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from daemon import ROOT, start_daemon, stop_daemon
 
 
@@ -21,8 +20,17 @@ def daemon():
 
 
 def edge(port, *args, timeout=300):
-    cmd = [sys.executable, "-m", "sft_edge.cli", "train", "--cloud", f"127.0.0.1:{port}", "--insecure",
-           "--no-progress", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sft_edge.cli",
+        "train",
+        "--cloud",
+        f"127.0.0.1:{port}",
+        "--insecure",
+        "--no-progress",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
@@ -30,9 +38,27 @@ def edge(port, *args, timeout=300):
 def test_two_processes_train_and_report(daemon, glue_dir, tmp_path, task, metric):
     _, port = daemon
     report_path = tmp_path / "r.json"
-    out = edge(port, "--task", task, "--data-dir", glue_dir, "--model", "random:tiny", "--max-steps", "6",
-               "--max-train-examples", "96", "--max-eval-examples", "64", "--batch-size", "16",
-               "--report", str(report_path), "--output-dir", str(tmp_path / "out"))
+    out = edge(
+        port,
+        "--task",
+        task,
+        "--data-dir",
+        glue_dir,
+        "--model",
+        "random:tiny",
+        "--max-steps",
+        "6",
+        "--max-train-examples",
+        "96",
+        "--max-eval-examples",
+        "64",
+        "--batch-size",
+        "16",
+        "--report",
+        str(report_path),
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())
     assert report["task"] == task and report["mode"] == "sft" and report["steps"] == 6
@@ -49,13 +75,27 @@ def test_two_processes_train_and_report(daemon, glue_dir, tmp_path, task, metric
 
 def test_local_baseline_and_plain_split(daemon, glue_dir, tmp_path):
     _, port = daemon
-    common = ["--task", "sst2", "--data-dir", glue_dir, "--model", "random:tiny", "--max-steps", "3",
-              "--max-train-examples", "48", "--max-eval-examples", "32", "--batch-size", "16"]
+    common = [
+        "--task",
+        "sst2",
+        "--data-dir",
+        glue_dir,
+        "--model",
+        "random:tiny",
+        "--max-steps",
+        "3",
+        "--max-train-examples",
+        "48",
+        "--max-eval-examples",
+        "32",
+        "--batch-size",
+        "16",
+    ]
     local = edge(port, *common, "--local", "--report", str(tmp_path / "local.json"))
     assert local.returncode == 0, local.stderr
     sl = edge(port, *common, "--mode", "sl", "--report", str(tmp_path / "sl.json"))
     assert sl.returncode == 0, sl.stderr
-    sft = edge(port, *common, "--report", str(tmp_path / "sft.json"))
+    edge(port, *common, "--report", str(tmp_path / "sft.json"))
     r_local, r_sl, r_sft = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "sl", "sft"))
     assert r_local["mode"] == "local" and r_local["bytes_sent"] == 0
     # hidden 32 vs rank 8: plain split learning sends about 4x the activation bytes.
@@ -83,8 +123,19 @@ def test_bad_input_is_a_clear_error(daemon, glue_dir, args, message):
 
 
 def test_unreachable_cloud_is_a_clear_error(glue_dir):
-    out = edge(1, "--task", "sst2", "--data-dir", glue_dir, "--model", "random:tiny", "--max-steps", "1",
-               "--max-train-examples", "8")
+    out = edge(
+        1,
+        "--task",
+        "sst2",
+        "--data-dir",
+        glue_dir,
+        "--model",
+        "random:tiny",
+        "--max-steps",
+        "1",
+        "--max-train-examples",
+        "8",
+    )
     assert out.returncode == 2 and "no sft-cloud daemon answered at 127.0.0.1:1" in out.stderr
 
 
@@ -95,8 +146,13 @@ def test_sigterm_stops_the_daemon_gracefully():
 
 
 def test_daemon_refuses_to_start_without_tls_material():
-    out = subprocess.run([sys.executable, "-m", "sft_cloud.cli", "serve", "--port", "0"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "sft_cloud.cli", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 2 and "--insecure" in out.stderr
 
 

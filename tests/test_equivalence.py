@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import max_diff, params, random_batch
+
 from sft_common.config import SplitSpec
 from sft_common.split import build_split_model, task_loss
 from sft_common.training import make_optimizer, make_schedule, step_seed
@@ -42,8 +42,16 @@ def _train_in_one_process(base, spec):
 def test_grpc_split_training_equals_one_process(live_server, tiny_base, mode):
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8, mode=mode)
-    backend = SplitBackend(tiny_base, spec, 2, GrpcTransport(open_channel(address)), OPTIM,
-                           batch_size=8, max_seq_len=64, wire_dtype="fp32")
+    backend = SplitBackend(
+        tiny_base,
+        spec,
+        2,
+        GrpcTransport(open_channel(address)),
+        OPTIM,
+        batch_size=8,
+        max_seq_len=64,
+        wire_dtype="fp32",
+    )
     losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
     session = registry.get(backend.session.session_id)
     edge_ref, cloud_ref, ref_losses = _train_in_one_process(tiny_base, spec)
@@ -67,8 +75,16 @@ def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
     """fp16 / bf16 on the wire: the same run, within the narrow types' rounding."""
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8)
-    backend = SplitBackend(tiny_base, spec, 2, GrpcTransport(open_channel(address)), OPTIM,
-                           batch_size=8, max_seq_len=64, wire_dtype=wire)
+    backend = SplitBackend(
+        tiny_base,
+        spec,
+        2,
+        GrpcTransport(open_channel(address)),
+        OPTIM,
+        batch_size=8,
+        max_seq_len=64,
+        wire_dtype=wire,
+    )
     losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
     _, _, ref_losses = _train_in_one_process(tiny_base, spec)
     assert losses == pytest.approx(ref_losses, abs=2e-2)

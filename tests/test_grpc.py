@@ -6,8 +6,8 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from helpers import random_batch, session_config
+
 from sft_common import codec
 from sft_common.config import SplitSpec, session_fingerprint
 from sft_common.proto import sft_pb2 as pb
@@ -19,7 +19,10 @@ def test_health_service_reports_serving(live_server):
     address, _ = live_server
     stub = health_pb2_grpc.HealthStub(open_channel(address))
     for service in ("", "sft.v1.SplitTrainer"):
-        assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 def _open(address, base):
@@ -38,10 +41,24 @@ def _train(k, lengths=(3, 2), width=8):
 @pytest.mark.parametrize(
     "bad, code, match",
     [
-        (_train(3), grpc.StatusCode.FAILED_PRECONDITION, "step 3 is out of order: the session expects step 1"),
+        (
+            _train(3),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "step 3 is out of order: the session expects step 1",
+        ),
         (_train(1, width=5), grpc.StatusCode.INVALID_ARGUMENT, "dimension 1 is 5, expected 8"),
-        (pb.EdgeMessage(train=pb.TrainStep(step=1, lengths=[2], labels=[0], activations=pb.Tensor(
-            dtype=pb.BFLOAT16, shape=[2, 8], data=b"\0" * 32))), grpc.StatusCode.INVALID_ARGUMENT, "dtype BFLOAT16"),
+        (
+            pb.EdgeMessage(
+                train=pb.TrainStep(
+                    step=1,
+                    lengths=[2],
+                    labels=[0],
+                    activations=pb.Tensor(dtype=pb.BFLOAT16, shape=[2, 8], data=b"\0" * 32),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dtype BFLOAT16",
+        ),
     ],
 )
 def test_refusal_is_a_status_and_the_session_survives(live_server, tiny_base, bad, code, match):
@@ -55,7 +72,9 @@ def test_refusal_is_a_status_and_the_session_survives(live_server, tiny_base, ba
     assert session.next_step == 1
     # A new stream re-attaches to the same session and carries on from step 1.
     t2 = GrpcTransport(open_channel(address))
-    again = t2.call(pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=fp, session_id=opened.session_id)))
+    again = t2.call(
+        pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=fp, session_id=opened.session_id))
+    )
     assert again.opened.next_step == 1
     assert t2.call(_train(1)).train.step == 1 and session.next_step == 2
 
@@ -72,7 +91,9 @@ def test_several_sessions_at_once_each_with_its_own_net2(live_server, tiny_base)
     address, registry = live_server
     optim = OptimConfig(lr=1e-3, total_steps=10, seed=1)
     backends = [
-        SplitBackend(tiny_base, SplitSpec(split_layer=l, rank=4), 2, GrpcTransport(open_channel(address)), optim, 8, 64)
+        SplitBackend(
+            tiny_base, SplitSpec(split_layer=l, rank=4), 2, GrpcTransport(open_channel(address)), optim, 8, 64
+        )
         for l in (1, 3)
     ]
     for k in range(3):

@@ -5,19 +5,21 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-
 from helpers import max_diff, params, session_config
+
+from sft_cloud.protocol import StreamProtocol
+from sft_cloud.registry import SessionRegistry
 from sft_common import codec
 from sft_common.config import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
 
 
 def _open(registry, base, owner="edge-a", **kw) -> StreamProtocol:
     config = session_config(**kw)
-    spec = SplitSpec(split_layer=config.split_layer, rank=config.rank, mode="sft" if config.mode == pb.SFT else "sl")
+    spec = SplitSpec(
+        split_layer=config.split_layer, rank=config.rank, mode="sft" if config.mode == pb.SFT else "sl"
+    )
     fp = session_fingerprint(base.fingerprint, spec, config.num_labels)
     proto = StreamProtocol(registry, owner)
     proto.handle(pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=fp)))
@@ -26,7 +28,9 @@ def _open(registry, base, owner="edge-a", **kw) -> StreamProtocol:
 
 def _step(k, lengths=(5, 3), width=8, labels=(0, 1), dtype=pb.FLOAT32, **kw):
     acts = codec.encode(torch.randn(sum(lengths), width), dtype)
-    return pb.EdgeMessage(train=pb.TrainStep(step=k, activations=acts, lengths=list(lengths), labels=list(labels), **kw))
+    return pb.EdgeMessage(
+        train=pb.TrainStep(step=k, activations=acts, lengths=list(lengths), labels=list(labels), **kw)
+    )
 
 
 @pytest.fixture
@@ -50,8 +54,10 @@ def test_steps_apply_once_and_retries_get_the_cached_reply(registry, tiny_base):
 def _assert_refused_unchanged(proto, msg, code, match):
     session = proto.session
     before, step, reply = params(session.net2), session.next_step, session.last_reply
-    opt_state = {k: {n: v.clone() for n, v in s.items() if torch.is_tensor(v)}
-                 for k, s in session.optimizer.state.items()}
+    opt_state = {
+        k: {n: v.clone() for n, v in s.items() if torch.is_tensor(v)}
+        for k, s in session.optimizer.state.items()
+    }
     with pytest.raises(ProtocolError, match=match) as info:
         proto.handle(msg)
     assert info.value.code == code
@@ -67,23 +73,66 @@ def _assert_refused_unchanged(proto, msg, code, match):
     [
         (_step(5), grpc.StatusCode.FAILED_PRECONDITION, "step 5 is out of order: the session expects step 2"),
         (_step(0), grpc.StatusCode.FAILED_PRECONDITION, "step 0 is out of order"),
-        (_step(2, width=16), grpc.StatusCode.INVALID_ARGUMENT, "activations: shape \\[8, 16\\]: dimension 1 is 16"),
-        (_step(2, dtype=pb.FLOAT16), grpc.StatusCode.INVALID_ARGUMENT, "dtype FLOAT16, the session uses FLOAT32"),
+        (
+            _step(2, width=16),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "activations: shape \\[8, 16\\]: dimension 1 is 16",
+        ),
+        (
+            _step(2, dtype=pb.FLOAT16),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dtype FLOAT16, the session uses FLOAT32",
+        ),
         (_step(2, lengths=(5, 0)), grpc.StatusCode.INVALID_ARGUMENT, "sequence length 0 is outside 1..64"),
         (_step(2, lengths=(65,), labels=(1,)), grpc.StatusCode.INVALID_ARGUMENT, "sequence length 65"),
-        (_step(2, lengths=(1,) * 9, labels=(0,) * 9), grpc.StatusCode.INVALID_ARGUMENT, "batch of 9 examples"),
+        (
+            _step(2, lengths=(1,) * 9, labels=(0,) * 9),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "batch of 9 examples",
+        ),
         (_step(2, labels=(0, 2)), grpc.StatusCode.INVALID_ARGUMENT, "label 2 is outside 0..1"),
         (_step(2, labels=(0,)), grpc.StatusCode.INVALID_ARGUMENT, "classification needs 2 labels"),
-        (_step(2, targets=(0.5, 0.1)), grpc.StatusCode.INVALID_ARGUMENT, "classification needs 2 labels and no targets"),
-        (pb.EdgeMessage(train=pb.TrainStep(step=2, lengths=[2], labels=[0], activations=pb.Tensor(
-            dtype=pb.FLOAT32, shape=[2, 8], data=b"\x00\x00\xc0\x7f" * 16))),
-         grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
-        (pb.EdgeMessage(train=pb.TrainStep(step=2, lengths=[2], labels=[0], activations=pb.Tensor(
-            dtype=pb.FLOAT32, shape=[2, 8], data=b"\0" * 60))),
-         grpc.StatusCode.INVALID_ARGUMENT, "60 bytes of data"),
-        (pb.EdgeMessage(train=pb.TrainStep(step=2, lengths=[2], labels=[0], activations=pb.Tensor(
-            dtype=pb.FLOAT32, shape=[2, 8, 1], data=b"\0" * 64))),
-         grpc.StatusCode.INVALID_ARGUMENT, "rank 3"),
+        (
+            _step(2, targets=(0.5, 0.1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "classification needs 2 labels and no targets",
+        ),
+        (
+            pb.EdgeMessage(
+                train=pb.TrainStep(
+                    step=2,
+                    lengths=[2],
+                    labels=[0],
+                    activations=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 8], data=b"\x00\x00\xc0\x7f" * 16),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or Inf",
+        ),
+        (
+            pb.EdgeMessage(
+                train=pb.TrainStep(
+                    step=2,
+                    lengths=[2],
+                    labels=[0],
+                    activations=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 8], data=b"\0" * 60),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "60 bytes of data",
+        ),
+        (
+            pb.EdgeMessage(
+                train=pb.TrainStep(
+                    step=2,
+                    lengths=[2],
+                    labels=[0],
+                    activations=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 8, 1], data=b"\0" * 64),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "rank 3",
+        ),
         (pb.EdgeMessage(), grpc.StatusCode.INVALID_ARGUMENT, "empty message"),
         (pb.EdgeMessage(open=pb.OpenSession()), grpc.StatusCode.FAILED_PRECONDITION, "already has a session"),
     ],
@@ -113,18 +162,27 @@ def test_unknown_session_and_other_identity(registry, tiny_base):
     config = session_config()
     other = StreamProtocol(registry, "edge-a")
     with pytest.raises(ProtocolError, match="no session with this id") as info:
-        other.handle(pb.EdgeMessage(open=pb.OpenSession(config=config, session_id="nope",
-                                                        fingerprint=proto.session.fingerprint)))
+        other.handle(
+            pb.EdgeMessage(
+                open=pb.OpenSession(config=config, session_id="nope", fingerprint=proto.session.fingerprint)
+            )
+        )
     assert info.value.code == grpc.StatusCode.NOT_FOUND
     thief = StreamProtocol(registry, "edge-b")
     with pytest.raises(ProtocolError, match="no session with this id") as info:
-        thief.handle(pb.EdgeMessage(open=pb.OpenSession(config=config, session_id=sid,
-                                                        fingerprint=proto.session.fingerprint)))
+        thief.handle(
+            pb.EdgeMessage(
+                open=pb.OpenSession(config=config, session_id=sid, fingerprint=proto.session.fingerprint)
+            )
+        )
     assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
     # The owner can re-attach on a new stream and continue where it was.
     again = StreamProtocol(registry, "edge-a")
-    opened = again.handle(pb.EdgeMessage(open=pb.OpenSession(config=config, session_id=sid,
-                                                             fingerprint=proto.session.fingerprint))).opened
+    opened = again.handle(
+        pb.EdgeMessage(
+            open=pb.OpenSession(config=config, session_id=sid, fingerprint=proto.session.fingerprint)
+        )
+    ).opened
     assert opened.session_id == sid and opened.next_step == 0
 
 

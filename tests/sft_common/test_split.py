@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import random_batch
+
 from sft_common.config import SplitSpec
 from sft_common.split import (
     build_cloud_half,
@@ -19,8 +19,11 @@ from sft_common.split import (
 def _logits_unsplit(base, batch, seed=3):
     model = build_full_model(base, 2, seed).eval()
     with torch.no_grad():
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     token_type_ids=batch.token_type_ids).logits
+        return model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            token_type_ids=batch.token_type_ids,
+        ).logits
 
 
 def _logits_split(base, spec, batch, seed=3):
@@ -36,8 +39,11 @@ def _logits_split(base, spec, batch, seed=3):
 def test_full_rank_with_residual_equals_unsplit(base_name, layer, request):
     base = request.getfixturevalue(base_name)
     cfg = base.config
-    spec = SplitSpec(split_layer=layer % cfg.num_hidden_layers, rank=min(cfg.hidden_size, cfg.intermediate_size),
-                     keep_residual=True)
+    spec = SplitSpec(
+        split_layer=layer % cfg.num_hidden_layers,
+        rank=min(cfg.hidden_size, cfg.intermediate_size),
+        keep_residual=True,
+    )
     batch = random_batch(batch=4, seq=16)
     ref = _logits_unsplit(base, batch)
     out = _logits_split(base, spec, batch)
@@ -49,7 +55,9 @@ def test_plain_split_learning_equals_unsplit(base_name, request):
     base = request.getfixturevalue(base_name)
     batch = random_batch(batch=3, seq=10)
     spec = SplitSpec(split_layer=1, mode="sl")
-    torch.testing.assert_close(_logits_split(base, spec, batch), _logits_unsplit(base, batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        _logits_split(base, spec, batch), _logits_unsplit(base, batch), atol=1e-5, rtol=0
+    )
 
 
 def test_low_rank_without_residual_changes_the_output(tiny_base):

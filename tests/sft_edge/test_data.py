@@ -47,12 +47,20 @@ def _write(path, text):
 
 
 def test_headerless_cola_and_regression_stsb(tmp_path):
-    _write(tmp_path / "CoLA" / "train.tsv", "gj04\t1\t\tThe sailors rode the breeze .\nclc95\t0\t*\tThe more we study .\n")
+    _write(
+        tmp_path / "CoLA" / "train.tsv",
+        "gj04\t1\t\tThe sailors rode the breeze .\nclc95\t0\t*\tThe more we study .\n",
+    )
     cola = load_examples(get_task("cola"), "train", str(tmp_path))
-    assert [(e.texts, e.label) for e in cola] == [(("The sailors rode the breeze .",), 1), (("The more we study .",), 0)]
-    _write(tmp_path / "STS-B" / "dev.tsv",
-           "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-           "0\tmain\tx\t2012\t1\tnone\tnone\tA man plays.\tA man is playing.\t4.6\n")
+    assert [(e.texts, e.label) for e in cola] == [
+        (("The sailors rode the breeze .",), 1),
+        (("The more we study .",), 0),
+    ]
+    _write(
+        tmp_path / "STS-B" / "dev.tsv",
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tmain\tx\t2012\t1\tnone\tnone\tA man plays.\tA man is playing.\t4.6\n",
+    )
     stsb = load_examples(get_task("stsb"), "dev", str(tmp_path))
     assert stsb[0].label == pytest.approx(4.6) and stsb[0].texts == ("A man plays.", "A man is playing.")
 
