@@ -83,26 +83,30 @@ class SessionConfig(_message.Message):
     def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("config", "fingerprint", "session_id")
+    __slots__ = ("config", "fingerprint", "session_id", "resume_steps")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STEPS_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     fingerprint: str
     session_id: str
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    resume_steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step")
+    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     edge_factor: Tensor
     next_step: int
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ...) -> None: ...
+    restored: bool
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: _Optional[bool] = ...) -> None: ...
 
 class TrainStep(_message.Message):
     __slots__ = ("step", "activations", "lengths", "labels", "targets")
@@ -146,6 +150,18 @@ class EvalReply(_message.Message):
     logits: Tensor
     def __init__(self, batch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class Checkpoint(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
+
+class CheckpointDone(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
+
 class CloseSession(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -157,25 +173,29 @@ class SessionClosed(_message.Message):
     def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("open", "train", "eval", "close")
+    __slots__ = ("open", "train", "eval", "close", "checkpoint")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     train: TrainStep
     eval: EvalStep
     close: CloseSession
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
+    checkpoint: Checkpoint
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("opened", "train", "eval", "closed")
+    __slots__ = ("opened", "train", "eval", "closed", "checkpointed")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     train: TrainReply
     eval: EvalReply
     closed: SessionClosed
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ...) -> None: ...
+    checkpointed: CheckpointDone
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ...) -> None: ...
