@@ -28,19 +28,37 @@ class StreamProtocol:
         if kind == "open":
             if self.session is not None:
                 raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session")
-            self.session = self.registry.open(msg.open, self.owner)
-            return pb.CloudMessage(opened=self.session.opened())
+            session = self.registry.open(msg.open, self.owner)
+            step, restored = session.resume(msg.open.resume_steps) if msg.open.resume_steps else (None, False)
+            session.attached += 1
+            self.session = session
+            opened = session.opened()
+            if step is not None:
+                opened.next_step = step
+            opened.restored = restored
+            return pb.CloudMessage(opened=opened)
         if kind is None:
             raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "empty message")
         if self.session is None:
             raise ProtocolError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{kind} before open: open a session first"
             )
+        self.session.touch()
         if kind == "train":
             return pb.CloudMessage(train=self.session.train(msg.train))
+        if kind == "checkpoint":
+            return pb.CloudMessage(checkpointed=self.session.checkpoint(msg.checkpoint))
         if kind == "eval":
             return pb.CloudMessage(eval=self.session.evaluate(msg.eval))
-        # close
+        # close: keep net2's trained weights (with a checkpoint dir), then forget the session
+        with self.session.lock:
+            self.session.save_final()
         self.registry.close(self.session.session_id)
         self.closed = True
         return pb.CloudMessage(closed=pb.SessionClosed(steps=self.session.next_step))
+
+    def detach(self) -> None:
+        """The stream ended (normally or not): the session may now be evicted when idle."""
+        if self.session is not None and not self.closed:
+            self.session.attached -= 1
+            self.session.touch()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 import threading
-from typing import Dict
+import time
+from typing import Dict, List, Optional
 
 import grpc
 
-from sft_cloud.session import CloudSession
+from sft_cloud.session import CloudSession, list_checkpoints, read_checkpoint_meta
+
+log = logging.getLogger("sft_cloud")
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel, ModelError, load_base_model
 from sft_common.proto import sft_pb2 as pb
@@ -17,8 +22,18 @@ from sft_common.proto import sft_pb2 as pb
 class SessionRegistry:
     """Thread-safe map of session id -> CloudSession, with a cap and a base-model cache."""
 
-    def __init__(self, device: str = "cpu", max_sessions: int = 64, max_batch: int = 256, max_seq: int = 512):
+    def __init__(
+        self,
+        device: str = "cpu",
+        max_sessions: int = 64,
+        max_batch: int = 256,
+        max_seq: int = 512,
+        checkpoint_dir: Optional[str] = None,
+        idle_timeout: float = 3600.0,
+    ):
         self.device = device
+        self.checkpoint_dir = checkpoint_dir  # sessions are restored from here after a restart
+        self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.max_batch = max_batch
         self.max_seq = max_seq
@@ -45,7 +60,7 @@ class SessionRegistry:
         base = self._base(msg.config.model)
         session = CloudSession(
             secrets.token_urlsafe(24), owner, msg.config, base, self.device,
-            self._compute_lock, self.max_batch, self.max_seq,
+            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir,
         )  # fmt: skip
         _check_fingerprint(msg, session)
         with self._lock:
@@ -55,14 +70,71 @@ class SessionRegistry:
         return session
 
     def attach(self, msg: pb.OpenSession, owner: str) -> CloudSession:
+        """An existing session (in memory, or on disk after a restart or an eviction)."""
         with self._lock:
             session = self._sessions.get(msg.session_id)
+        if session is None:
+            session = self._from_disk(msg.session_id, owner)
         # The same answer for "no such session" and "not yours": nothing leaks about others' sessions.
         if session is None or not secrets.compare_digest(session.owner.encode(), owner.encode()):
             code = grpc.StatusCode.NOT_FOUND if session is None else grpc.StatusCode.PERMISSION_DENIED
             raise ProtocolError(code, "no session with this id is open for this identity")
         _check_fingerprint(msg, session)
         return session
+
+    def _from_disk(self, session_id: str, owner: str) -> Optional[CloudSession]:
+        """Rebuild a session from its newest checkpoint (its state is restored by ``resume``)."""
+        if not self.checkpoint_dir or not session_id or os.sep in session_id or session_id.startswith("."):
+            return None
+        folder = os.path.join(self.checkpoint_dir, session_id)
+        steps = list_checkpoints(folder)
+        if not steps:
+            return None
+        meta = read_checkpoint_meta(os.path.join(folder, f"step-{steps[-1]:09d}.safetensors"))
+        if not secrets.compare_digest(str(meta["owner"]).encode(), owner.encode()):
+            raise ProtocolError(
+                grpc.StatusCode.PERMISSION_DENIED, "no session with this id is open for this identity"
+            )
+        config = pb.SessionConfig.FromString(bytes.fromhex(meta["config"]))
+        base = self._base(config.model)
+        with self._lock:
+            if session_id in self._sessions:  # another stream restored it meanwhile
+                return self._sessions[session_id]
+            if len(self._sessions) >= self.max_sessions:
+                raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
+        session = CloudSession(
+            session_id, str(meta["owner"]), config, base, self.device,
+            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir,
+        )  # fmt: skip
+        session.restore(steps[-1])
+        log.info("session %s: restored from checkpoint at step %d", session_id[:8], steps[-1])
+        with self._lock:
+            return self._sessions.setdefault(session_id, session)
+
+    def evict_idle(self, now: Optional[float] = None) -> List[str]:
+        """Checkpoint (when there is a checkpoint dir) and drop sessions idle past the timeout."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [
+                s
+                for s in self._sessions.values()
+                if not s.attached and now - s.last_active > self.idle_timeout
+            ]
+        evicted = []
+        for session in idle:
+            with session.lock:
+                if session.attached or now - session.last_active <= self.idle_timeout:
+                    continue
+                if session.dir is not None:
+                    session.save_checkpoint()
+                with self._lock:
+                    self._sessions.pop(session.session_id, None)
+            evicted.append(session.session_id)
+            log.info(
+                "session %s: idle for %.0fs, evicted%s", session.session_id[:8], now - session.last_active,
+                " (checkpointed)" if session.dir else "",
+            )  # fmt: skip
+        return evicted
 
     def close(self, session_id: str) -> None:
         with self._lock:

@@ -30,11 +30,14 @@ class SplitTrainerServicer(pb_grpc.SplitTrainerServicer):
 
     def Train(self, request_iterator: Iterator[pb.EdgeMessage], context: grpc.ServicerContext):
         protocol = StreamProtocol(self.registry, self.identity(context))
-        for msg in request_iterator:
-            try:
-                reply = protocol.handle(msg)
-            except ProtocolError as exc:
-                sid = protocol.session.session_id[:8] if protocol.session else "-"
-                log.warning("session %s: refused %s: %s", sid, msg.WhichOneof("kind"), exc)
-                context.abort(exc.code, exc.message)
-            yield reply
+        try:
+            for msg in request_iterator:
+                try:
+                    reply = protocol.handle(msg)
+                except ProtocolError as exc:
+                    sid = protocol.session.session_id[:8] if protocol.session else "-"
+                    log.warning("session %s: refused %s: %s", sid, msg.WhichOneof("kind"), exc)
+                    context.abort(exc.code, exc.message)
+                yield reply
+        finally:
+            protocol.detach()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import threading
-from typing import Iterator, List, Optional, Tuple
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 import torch
 
-from sft_common import codec
+from sft_common import checkpoint, codec
 from sft_common.config import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel
@@ -81,6 +84,7 @@ class CloudSession:
         compute_lock: Optional[threading.Lock] = None,
         max_batch: int = 256,
         max_seq: int = 512,
+        checkpoint_dir: Optional[str] = None,
     ):
         self.session_id = session_id
         self.owner = owner  # the identity that opened it; only it may attach again
@@ -97,6 +101,10 @@ class CloudSession:
         self.next_step = 0
         self.last_reply: Optional[pb.TrainReply] = None  # answer to a retried last step
         self.lock = threading.Lock()  # one message at a time per session
+        self.attached = 0  # open streams on this session (idle eviction skips attached ones)
+        self.last_active = time.monotonic()
+        # <checkpoint_dir>/<session id>/step-<k>.safetensors; None: no checkpoints.
+        self.dir = os.path.join(checkpoint_dir, session_id) if checkpoint_dir else None
         # Dropout draws from the process-wide RNG; seeding it per step and computing under one
         # lock makes each step's randomness a function of (seed, step) alone.
         self._compute_lock = compute_lock or threading.Lock()
@@ -159,6 +167,95 @@ class CloudSession:
                 self.net2.eval()
                 logits = self.net2(self._unpack(x, lengths), self._mask(lengths))
             return pb.EvalReply(batch=msg.batch, logits=codec.encode(logits.float(), pb.FLOAT32))
+
+    def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:
+        """Write the state after ``msg.step`` steps; the edge writes its own after this answer."""
+        with self.lock:
+            if self.dir is None:
+                raise ProtocolError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "the daemon runs without --checkpoint-dir, so it cannot checkpoint sessions",
+                )
+            if msg.step != self.next_step:
+                raise ProtocolError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"checkpoint at step {msg.step}, but the session is at step {self.next_step}",
+                )
+            self.save_checkpoint()
+            return pb.CheckpointDone(step=msg.step)
+
+    def save_checkpoint(self, keep: int = 3) -> str:
+        """Checkpoint the current state (caller holds the lock); keep the newest ``keep``."""
+        assert self.dir is not None
+        tensors, meta = checkpoint.pack(self.net2, self.optimizer, self.schedule)
+        meta.update(
+            step=self.next_step,
+            session_id=self.session_id,
+            owner=self.owner,
+            fingerprint=self.fingerprint,
+            config=self.config.SerializeToString().hex(),
+        )
+        path = os.path.join(self.dir, f"step-{self.next_step:09d}.safetensors")
+        checkpoint.save(path, tensors, meta)
+        for old in sorted(self.checkpoints())[:-keep]:
+            os.remove(self.checkpoint_path(old))
+        return path
+
+    def checkpoints(self) -> List[int]:
+        return list_checkpoints(self.dir) if self.dir else []
+
+    def checkpoint_path(self, step: int) -> str:
+        assert self.dir is not None
+        return os.path.join(self.dir, f"step-{step:09d}.safetensors")
+
+    def restore(self, step: int) -> None:
+        """Roll the whole session state back (or forward, after a restart) to checkpoint ``step``."""
+        tensors, meta = checkpoint.load(self.checkpoint_path(step), device=self.device)
+        if meta["fingerprint"] != self.fingerprint:
+            raise ProtocolError(grpc.StatusCode.DATA_LOSS, f"checkpoint {step} belongs to another model")
+        checkpoint.unpack(tensors, meta, self.net2, self.optimizer, self.schedule)
+        self.next_step = int(meta["step"])
+        self.last_reply = None
+
+    def resume(self, steps: Sequence[int]) -> Tuple[int, bool]:
+        """Pick the first of the edge's candidate steps this session can continue from.
+
+        Returns (step, restored). The live state serves step ``next_step``, and also the step
+        before it when its reply is cached (the edge re-sends it and gets the cached answer);
+        any other step needs a checkpoint of this session.
+        """
+        with self.lock:
+            held = self.checkpoints()
+            for step in steps:
+                if step == self.next_step:
+                    return step, False
+                if self.last_reply is not None and step == self.last_reply.step == self.next_step - 1:
+                    return step, False
+                if step in held:
+                    self.restore(step)
+                    return step, True
+            raise ProtocolError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot resume at any of the steps {list(steps)}: the cloud session is at step "
+                f"{self.next_step} and holds checkpoints at {held or 'no steps'}",
+            )
+
+    def save_final(self) -> Optional[str]:
+        """At close: net2's trained weights as ``final.safetensors``; step checkpoints are removed."""
+        if self.dir is None:
+            return None
+        from safetensors.torch import save_file
+
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, "final.safetensors")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net2.state_dict().items()}
+        save_file(
+            state, path + ".tmp", metadata={"step": str(self.next_step), "fingerprint": self.fingerprint}
+        )
+        os.replace(path + ".tmp", path)
+        for step in self.checkpoints():
+            os.remove(self.checkpoint_path(step))
+        return path
 
     # -- validation and helpers -----------------------------------------------------------
 
@@ -224,6 +321,29 @@ class CloudSession:
             torch.manual_seed(step_seed(self.config.seed, "cloud", step))
             yield
 
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
     def state(self) -> Tuple[int, List[torch.Tensor]]:
         """(next step, parameters): what tests compare."""
         return self.next_step, [p.detach().clone() for p in self.net2.parameters()]
+
+
+_CKPT = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+def list_checkpoints(folder: str) -> List[int]:
+    """Steps of the complete checkpoints in a session folder, ascending."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(m.group(1)) for m in (_CKPT.match(n) for n in os.listdir(folder)) if m)
+
+
+def read_checkpoint_meta(path: str) -> Dict:
+    """The JSON header of a checkpoint, without loading its tensors."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {})["sft"])

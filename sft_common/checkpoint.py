@@ -1,0 +1,77 @@
+"""Training state on disk: model, optimizer and schedule in one safetensors file, written atomically.
+
+Tensors go in the safetensors body, everything else (step, optimizer hyper-parameters, the
+schedule's counters, caller metadata) as JSON in its header. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+def pack(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any
+) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """Everything a bit-exact resume needs, as (tensors, JSON-able metadata)."""
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: Dict[str, Dict[str, Any]] = {}
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{idx}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    meta = {"param_groups": opt["param_groups"], "optim_scalars": scalars, "schedule": schedule.state_dict()}
+    return tensors, meta
+
+
+def unpack(
+    tensors: Dict[str, torch.Tensor],
+    meta: Dict,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+) -> None:
+    """Restore what ``pack`` saved into freshly built objects of the same shape."""
+    model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    module.load_state_dict(model_state, strict=True)
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["optim_scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    schedule.load_state_dict(meta["schedule"])
+
+
+def save(path: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> None:
+    """Write atomically: a temporary file beside ``path``, fsync, then rename over it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"sft": json.dumps(meta, sort_keys=True)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict]:
+    with safe_open(path, framework="pt") as f:
+        header = f.metadata() or {}
+    if "sft" not in header:
+        raise ValueError(f"{path} is not an SFT checkpoint (no 'sft' metadata)")
+    return load_file(path, device=device), json.loads(header["sft"])
