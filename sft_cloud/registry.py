@@ -12,11 +12,11 @@ from typing import Dict, List, Optional
 import grpc
 
 from sft_cloud.session import CloudSession, list_checkpoints, read_checkpoint_meta
-
-log = logging.getLogger("sft_cloud")
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel, ModelError, load_base_model
 from sft_common.proto import sft_pb2 as pb
+
+log = logging.getLogger("sft_cloud")
 
 
 class SessionRegistry:
