@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Sequence
 
 import grpc
 import torch
@@ -61,7 +61,10 @@ class SplitBackend:
         compression: str = "none",
         task: str = "",
         device: str = "cpu",
+        session_id: str = "",
+        resume_steps: Sequence[int] = (),
     ):
+        """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``."""
         self.spec = spec
         self.transport = transport
         self.optim_cfg = optim
@@ -77,10 +80,14 @@ class SplitBackend:
             total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
             max_seq_len=max_seq_len, task=task,
         )  # fmt: skip
-        opened = transport.call(
-            pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=self.fingerprint))
+        request = pb.OpenSession(
+            config=config,
+            fingerprint=self.fingerprint,
+            session_id=session_id,
+            resume_steps=list(resume_steps),
         )
-        self.session = opened.opened
+        self.session = transport.call(pb.EdgeMessage(open=request)).opened
+        self.start_step = self.session.next_step  # where the loop continues
         if self.session.fingerprint != self.fingerprint:
             raise CloudError(
                 grpc.StatusCode.FAILED_PRECONDITION, "the cloud answered with another fingerprint"
@@ -144,6 +151,16 @@ class SplitBackend:
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.net1.state_dict()
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.net1
+
+    def checkpoint(self, step: int) -> None:
+        """Ask the cloud to checkpoint after ``step`` steps (it answers once its file is written)."""
+        reply = self.transport.call(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
+        if reply.checkpointed.step != step:
+            raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
+
     def close(self) -> int:
         """Close the cloud session; returns the number of steps the cloud applied."""
         reply = self.transport.call(pb.EdgeMessage(close=pb.CloseSession()))
@@ -187,6 +204,13 @@ class LocalBackend:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.model.state_dict()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def checkpoint(self, step: int) -> None:
+        """Nothing to agree on: the whole model is here."""
 
     def close(self) -> Optional[int]:
         return None

@@ -6,16 +6,28 @@ the serialized bytes of every message each way: that is the traffic the reports 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple
+import time
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
 from sft_common.proto import sft_pb2 as pb
 from sft_common.proto import sft_pb2_grpc as pb_grpc
 
+log = logging.getLogger("sft_edge")
 _END = object()
+# Failures of the link rather than refusals of a message: worth reconnecting for.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.ABORTED,
+}
 
 
 class CloudError(RuntimeError):
@@ -25,6 +37,15 @@ class CloudError(RuntimeError):
         super().__init__(f"cloud said {code.name}: {details}")
         self.code = code
         self.details = details
+
+
+class Rollback(Exception):
+    """The cloud re-attached the session at an earlier step (it restarted from a checkpoint):
+    the edge must load its own checkpoint of ``step`` and continue from there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the cloud resumed the session at step {step}")
+        self.step = step
 
 
 class Transport:
@@ -47,13 +68,19 @@ class Transport:
         pass
 
 
+# Keepalive: ping every 10 s and give up on the connection 10 s after an unanswered ping, so a
+# link that goes silent without a reset is noticed within about 20 s (the daemon permits pings
+# every 5 s, so these never trigger its "too_many_pings" GOAWAY).
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
 def channel_options() -> List[Tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
         ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-        # Ping every 30 s so a silently dead link is noticed; the daemon permits this rate.
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
@@ -80,14 +107,29 @@ def open_channel(
 
 
 class GrpcTransport(Transport):
-    """One bidirectional ``Train`` stream: each message sent is answered by the next one read."""
+    """One bidirectional ``Train`` stream: each message sent is answered by the next one read.
 
-    def __init__(self, channel: grpc.Channel, metadata: Sequence[Tuple[str, str]] = ()):
+    A reader thread moves replies into a queue, so waiting for one can time out: a reply that
+    does not come within ``timeout`` seconds ends the stream with DEADLINE_EXCEEDED.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        metadata: Sequence[Tuple[str, str]] = (),
+        timeout: Optional[float] = None,
+        owns_channel: bool = False,
+    ):
         super().__init__()
+        self.channel = channel
+        self.timeout = timeout
+        self._owns_channel = owns_channel
         self._requests: queue.Queue = queue.Queue()
+        self._replies: queue.Queue = queue.Queue()
         stub = pb_grpc.SplitTrainerStub(channel)
-        self._responses = stub.Train(self._request_iter(), metadata=tuple(metadata))
-        self._lock = threading.Lock()
+        self._call = stub.Train(self._request_iter(), metadata=tuple(metadata))
+        self._reader = threading.Thread(target=self._read, name="sft-reader", daemon=True)
+        self._reader.start()
 
     def _request_iter(self) -> Iterator[pb.EdgeMessage]:
         while True:
@@ -96,19 +138,110 @@ class GrpcTransport(Transport):
                 return
             yield item
 
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self._replies.put(reply)
+            self._replies.put(CloudError(grpc.StatusCode.UNAVAILABLE, "the cloud ended the stream"))
+        except grpc.RpcError as exc:
+            self._replies.put(CloudError(exc.code(), exc.details() or ""))
+
     def _exchange(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
-        with self._lock:
-            self._requests.put(msg)
-            try:
-                return next(self._responses)
-            except grpc.RpcError as exc:
-                raise CloudError(exc.code(), exc.details() or "") from None
-            except StopIteration:
-                raise CloudError(grpc.StatusCode.UNAVAILABLE, "the cloud ended the stream") from None
+        self._requests.put(msg)
+        try:
+            item: Union[pb.CloudMessage, CloudError] = self._replies.get(timeout=self.timeout)
+        except queue.Empty:
+            self._call.cancel()
+            raise CloudError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from the cloud within {self.timeout:.0f}s"
+            ) from None
+        if isinstance(item, CloudError):
+            raise item
+        return item
 
     def close(self) -> None:
         self._requests.put(_END)
-        self._responses.cancel()
+        self._call.cancel()
+        if self._owns_channel:
+            self.channel.close()
+
+
+class ResilientTransport(Transport):
+    """A session's stream that outlives broken links.
+
+    When the link fails (a retryable status, or no answer within the step deadline) it
+    reconnects with exponential backoff, re-attaches to the same session offering the steps
+    the edge can continue from (``resume_steps()``: the live step first, then its checkpoints)
+    and re-sends the message that was in flight; the cloud answers a repeated step from its
+    cache, so nothing is applied twice. If the cloud can only continue from an earlier
+    checkpoint (it restarted), ``Rollback`` tells the trainer to load that checkpoint.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], GrpcTransport],
+        resume_steps: Callable[[], List[int]],
+        reconnect_timeout: float = 300.0,
+        backoff: Tuple[float, float] = (0.25, 10.0),
+    ):
+        super().__init__()
+        self._connect = connect
+        self.resume_steps = resume_steps
+        self.reconnect_timeout = reconnect_timeout
+        self.backoff = backoff
+        self.resumes = 0  # successful re-attachments
+        self._open: Optional[pb.OpenSession] = None
+        self._inner = connect()
+
+    def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        if msg.WhichOneof("kind") == "open":
+            reply = self._send(msg)
+            self._open = pb.OpenSession()
+            self._open.CopyFrom(msg.open)
+            self._open.session_id = reply.opened.session_id
+            return reply
+        while True:
+            try:
+                return self._send(msg)
+            except CloudError as exc:
+                if exc.code not in RETRYABLE or self._open is None:
+                    raise
+                log.warning("link to the cloud failed (%s): reconnecting", exc)
+                self._reattach()
+
+    def _send(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        self.bytes_sent += msg.ByteSize()
+        reply = self._inner._exchange(msg)
+        self.bytes_received += reply.ByteSize()
+        return reply
+
+    def _reattach(self) -> None:
+        assert self._open is not None
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = self.backoff[0]
+        while True:
+            self._inner.close()
+            steps = self.resume_steps()
+            attach = pb.OpenSession()
+            attach.CopyFrom(self._open)
+            attach.resume_steps[:] = steps
+            try:
+                self._inner = self._connect()
+                opened = self._send(pb.EdgeMessage(open=attach)).opened
+            except CloudError as exc:
+                if exc.code not in RETRYABLE or time.monotonic() + delay > deadline:
+                    raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+                continue
+            self.resumes += 1
+            log.warning("re-attached to session %s at step %d", self._open.session_id[:8], opened.next_step)
+            if steps and opened.next_step != steps[0]:
+                raise Rollback(opened.next_step)
+            return
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class InProcessTransport(Transport):

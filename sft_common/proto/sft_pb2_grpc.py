@@ -5,7 +5,7 @@ import warnings
 
 from sft_common.proto import sft_pb2 as sft__common_dot_proto_dot_sft__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sft_common/proto/sft_pb2_grpc.py depends on'
+        + f' but the generated code in sft_common/proto/sft_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SplitTrainerStub:
+class SplitTrainerStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -41,7 +41,7 @@ class SplitTrainerStub:
                 _registered_method=True)
 
 
-class SplitTrainerServicer:
+class SplitTrainerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Train(self, request_iterator, context):
@@ -67,7 +67,7 @@ def add_SplitTrainerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class SplitTrainer:
+class SplitTrainer(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
