@@ -23,9 +23,10 @@ lint:
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy sft_common sft_edge sft_cloud
 
+# grpcio-tools 1.70.0 (pinned in sft_common/proto/check.py) in its own venv, .venv-protos: its
+# code runs on Python 3.8 (protobuf >= 5.29, grpcio >= 1.70) as well as on the newest runtimes.
 protos:
-	$(PYTHON) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
-		protos/sft_common/proto/sft.proto
+	$(PYTHON) -m sft_common.proto.check --write
 
 check-protos:
 	$(PYTHON) -m sft_common.proto.check
