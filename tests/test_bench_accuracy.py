@@ -1,0 +1,85 @@
+"""bench/accuracy.py end to end on a tiny case: a real daemon, two steps, a result file, the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from daemon import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_accuracy", os.path.join(ROOT, "bench", "accuracy.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_accuracy"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_plan_commands_and_table():
+    acc = _bench()
+    quick = acc.plan_runs("quick")
+    names = [r.name for r in quick]
+    assert names[:4] == ["rte-local-e3-s42", "rte-sft-r8-e3-s42", "mrpc-local-e3-s42", "mrpc-sft-r8-e3-s42"]
+    assert len(set(names)) == len(names) and "sst2-sft-r8-l0-m400-s42" in names
+    cmd = acc.edge_command(acc.Run("sst2", "sft-r8-l2", 43, max_steps=400), "/glue", "m", 5000, "r.json")
+    text = " ".join(cmd)
+    assert "--mode sft --rank 8 --split-layer 2" in text and "--cloud 127.0.0.1:5000 --insecure" in text
+    assert "--lr 2e-05 --batch-size 32 --max-steps 400 --max-seq-len 128 --seed 43" in text
+    assert "--local" in acc.edge_command(acc.Run("rte", "local", 42), "/glue", "m", None, "r.json")
+
+    def rec(cfg, seed, a):
+        report = {"metrics": {"accuracy": a}, "eval_history": [{"step": 3, "accuracy": a}], "seconds": 10.0}
+        report.update(steps=3, bytes_sent=300, bytes_received=300)
+        return {"task": "rte", "config": cfg, "budget": "e3", "seed": seed, "report": report}
+
+    rows = acc.table(
+        [rec("local", 1, 0.6), rec("local", 2, 0.7), rec("sft-r8", 1, 0.55), rec("sft-r8", 2, 0.65)]
+    )
+    assert "| rte | local | e3 (3 steps) | 1,2 | 65.00 ± 7.07 |" in rows
+    assert "| -5.00 (n=2) | 64.25 |" in rows
+
+
+@pytest.mark.slow
+def test_accuracy_bench_runs_resumes_and_tabulates(glue_dir, tmp_path):
+    results = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "bench/accuracy.py",
+        "--tasks",
+        "rte",
+        "--configs",
+        "local",
+        "sft-r8",
+        "--seeds",
+        "7",
+        "--model",
+        "random:tiny",
+        "--data-dir",
+        glue_dir,
+        "--results",
+        str(results),
+        "--nice",
+        "0",
+        "--extra",
+        "--max-steps 2 --max-train-examples 16 --max-eval-examples 16 --batch-size 8 --max-seq-len 32",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("rte-local-e3-s7", "rte-sft-r8-e3-s7"):
+        rec = json.loads((results / f"{name}.json").read_text())
+        assert rec["report"]["steps"] == 2 and rec["report"]["dev_examples"] == 16
+        assert rec["command"].startswith("sft-edge train --task rte")
+    sft = json.loads((results / "rte-sft-r8-e3-s7.json").read_text())["report"]
+    assert sft["mode"] == "sft" and sft["rank"] == 8 and sft["cloud_steps"] == 2 and sft["bytes_sent"] > 0
+    table = (results / "table.md").read_text()
+    assert "| rte | local |" in table and "| rte | sft-r8 |" in table
+    # A second invocation finds both results and runs nothing.
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert again.returncode == 0 and again.stdout.count("skip  ") == 2 and "run   " not in again.stdout
