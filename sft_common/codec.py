@@ -1,16 +1,23 @@
 """Tensors on the wire: raw bytes with dtype and shape, optional lz4, validated before allocation.
 
-``encode`` casts a float tensor to the wire dtype (fp32, fp16 or bf16), scaling fp16 so that
-small gradients do not underflow, and optionally lz4-compresses the bytes. ``decode`` checks
-the claimed dtype, rank, shape and byte length against what the receiver expects *before* it
-allocates anything, rejects NaN/Inf, and returns a float32 tensor. Every refusal raises
-``ProtocolError`` with a gRPC status code and a message that says what was wrong.
+``encode`` casts a float tensor to the wire dtype (fp32, fp16, bf16 or int8), scaling fp16 so
+that small gradients do not underflow and int8 per row, and optionally lz4-compresses the
+bytes where that shrinks them. ``decode`` checks the claimed dtype, rank, shape and byte length
+against what the receiver expects *before* it allocates anything, rejects NaN/Inf, and returns
+a float32 tensor. Every refusal raises ``ProtocolError`` with a gRPC status code and a message
+that says what was wrong.
+
+The tensor path makes as few copies as protobuf allows: one cast into the wire dtype (fused
+with the fp16 scaling), one ``tobytes`` (protobuf needs a ``bytes`` object) on the way out; on
+the way in the tensor is built directly over the bytes protobuf hands out (a fresh object that
+nothing else references) and the cast back to float32 is the only copy.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import grpc
 import lz4.block
@@ -23,36 +30,77 @@ WIRE_DTYPES = {
     "fp32": pb.FLOAT32,
     "fp16": pb.FLOAT16,
     "bf16": pb.BFLOAT16,
+    "int8": pb.INT8,
 }
 TORCH_DTYPES: Dict[Any, torch.dtype] = {
     pb.FLOAT32: torch.float32,
     pb.FLOAT16: torch.float16,
     pb.BFLOAT16: torch.bfloat16,
+    pb.INT8: torch.int8,
 }
 COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "lz4": pb.LZ4}
 # fp16 payloads are scaled so their largest magnitude lands here: far from the fp16 maximum
 # (65504) and far above its smallest normal (6.1e-5), where gradients would lose precision.
 FP16_TARGET_AMAX = 2.0**12
+INT8_MAX = 127  # symmetric: -127..127, so that q * scale is odd-symmetric around zero
+
+
+def _rows(shape: Sequence[int]) -> int:
+    """How many int8 scales a tensor of ``shape`` carries: one per row of dim 0 (rank >= 2)."""
+    return int(shape[0]) if len(shape) >= 2 else 1
+
+
+def _quantize_int8(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float -> (int8 values, one float32 scale per row): round to nearest, |q| <= 127."""
+    rows = t.reshape(_rows(t.shape), -1).float()
+    amax = rows.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))  # all-zero rows stay zero
+    q = rows.mul(inv).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.reshape(t.shape), (amax / INT8_MAX).reshape(-1)
 
 
 def encode(
     tensor: torch.Tensor, wire_dtype: Any = pb.FLOAT32, compression: Any = pb.COMPRESSION_NONE
 ) -> pb.Tensor:
-    """A float tensor -> ``pb.Tensor`` in ``wire_dtype``; fp16 is scaled per tensor."""
+    """A float tensor -> ``pb.Tensor`` in ``wire_dtype``; fp16 is scaled per tensor, int8 per row.
+
+    With ``compression=LZ4`` the payload is compressed only where that makes it smaller; a
+    tensor that does not shrink (dense fp16, say) travels raw and says COMPRESSION_NONE.
+    """
     if wire_dtype not in TORCH_DTYPES:
         raise ValueError(f"unsupported wire dtype {wire_dtype}")
     t = tensor.detach()
     scale = 0.0
-    if wire_dtype == pb.FLOAT16 and t.numel():
+    scales: Sequence[float] = ()
+    if wire_dtype == pb.INT8:
+        if t.numel():
+            t, row_scales = _quantize_int8(t)
+            scales = row_scales.tolist()
+        else:
+            t, scales = t.to(torch.int8), [0.0] * _rows(t.shape)
+        t = t.cpu()
+    elif wire_dtype == pb.FLOAT16 and t.numel():
         amax = float(t.abs().max())
+        out = torch.empty(t.shape, dtype=torch.float16, device=t.device)
         if amax > 0 and math.isfinite(amax):
             scale = 2.0 ** math.floor(math.log2(FP16_TARGET_AMAX / amax))  # a power of two: exact
-            t = t * scale
-    t = t.to(device="cpu", dtype=TORCH_DTYPES[wire_dtype]).contiguous()
+            torch.mul(t, scale, out=out)  # scale and cast in one pass, no float32 temporary
+        else:
+            out.copy_(t)
+        t = out.cpu()
+    else:
+        t = t.to(device="cpu", dtype=TORCH_DTYPES[wire_dtype])
+    t = t.contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    if compression == pb.LZ4:
-        data = lz4.block.compress(data, store_size=False)
-    return pb.Tensor(dtype=wire_dtype, shape=list(t.shape), data=data, compression=compression, scale=scale)
+    if compression == pb.LZ4 and data:
+        packed = lz4.block.compress(data, store_size=False)
+        if len(packed) < len(data):
+            data = packed
+        else:
+            compression = pb.COMPRESSION_NONE
+    return pb.Tensor(
+        dtype=wire_dtype, shape=list(t.shape), data=data, compression=compression, scale=scale, scales=scales
+    )
 
 
 def decode(
@@ -68,7 +116,8 @@ def decode(
     """``pb.Tensor`` -> float32 tensor, after checking it against what the receiver expects.
 
     ``shape`` gives the expected rank and, where not None, each dimension. ``max_bytes`` caps
-    the decoded size; it is checked from the claimed shape before any allocation.
+    the decoded size; it is checked from the claimed shape before any allocation. A session
+    that uses LZ4 also accepts uncompressed tensors (the sender skips lz4 where it does not help).
     """
 
     def refuse(what: str) -> ProtocolError:
@@ -80,7 +129,7 @@ def decode(
         raise refuse(f"dtype {pb.DType.Name(msg.dtype)}, the session uses {pb.DType.Name(dtype)}")
     if msg.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
         raise refuse(f"unknown compression {msg.compression}")
-    if compression is not None and msg.compression != compression:
+    if compression is not None and msg.compression not in (compression, pb.COMPRESSION_NONE):
         raise refuse(
             f"compression {pb.Compression.Name(msg.compression)}, "
             f"the session uses {pb.Compression.Name(compression)}"
@@ -100,7 +149,14 @@ def decode(
     nbytes = numel * itemsize
     if nbytes > max_bytes:
         raise refuse(f"shape {dims} is {nbytes} bytes, over the limit of {max_bytes}")
-    data = msg.data
+    if not math.isfinite(msg.scale) or msg.scale < 0:
+        raise refuse(f"invalid scale {msg.scale}")
+    if msg.dtype == pb.INT8:
+        if len(msg.scales) != _rows(dims):
+            raise refuse(f"{len(msg.scales)} row scales for shape {dims}, expected {_rows(dims)}")
+    elif len(msg.scales):
+        raise refuse(f"row scales are for INT8 only, the tensor is {pb.DType.Name(msg.dtype)}")
+    data = msg.data  # protobuf hands out a fresh bytes object on every access
     if msg.compression == pb.LZ4:
         try:
             data = lz4.block.decompress(data, uncompressed_size=nbytes)
@@ -108,14 +164,22 @@ def decode(
             raise refuse(f"lz4 payload does not decompress to {nbytes} bytes ({exc})") from None
     if len(data) != nbytes:
         raise refuse(f"{len(data)} bytes of data, shape {dims} x {itemsize} bytes needs {nbytes}")
-    if not math.isfinite(msg.scale) or msg.scale < 0:
-        raise refuse(f"invalid scale {msg.scale}")
     if nbytes == 0:
         return torch.zeros(dims, dtype=torch.float32, device=device)
-    raw = torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(dims)
-    out = raw.to(device=device, dtype=torch.float32)
-    if msg.scale:
-        out = out / msg.scale
+    with warnings.catch_warnings():
+        # ``bytes`` is read-only to the buffer protocol. This one is ours alone (see above), and
+        # every path below either copies it (cast, device move) or only reads it, so no copy here.
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(data, dtype=torch_dtype).reshape(dims)
+    if msg.dtype == pb.INT8:
+        scales = torch.tensor(list(msg.scales), dtype=torch.float32)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise refuse("row scales must be finite and non-negative")
+        out = raw.to(dtype=torch.float32).reshape(_rows(dims), -1).mul_(scales[:, None]).reshape(dims)
+        return out.to(device)  # int8 times finite scales is finite
+    out = raw.to(dtype=torch.float32)  # a copy for fp16/bf16; for fp32 the view itself
     if not bool(torch.isfinite(out).all()):
         raise refuse("contains NaN or Inf")
-    return out
+    if msg.scale:
+        out = out / msg.scale if msg.dtype == pb.FLOAT32 else out.div_(msg.scale)
+    return out.to(device)

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 
 MODES = ("sft", "sl")
-WIRE_DTYPES = ("fp32", "fp16", "bf16")
+WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 COMPRESSIONS = ("none", "lz4")
 
 

@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--mode", default="sft", choices=["sft", "sl"], help="sft (rank-R cut) or sl (plain split learning)"
     )
-    t.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype on the wire")
+    t.add_argument(
+        "--wire-dtype",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16", "int8"],
+        help="dtype on the wire (int8: one scale per token)",
+    )
     t.add_argument(
         "--compression", default="none", choices=["none", "lz4"], help="compress tensors on the wire"
     )

@@ -70,9 +70,9 @@ def test_grpc_split_training_equals_one_process(live_server, tiny_base, mode):
     assert backend.close() == STEPS
 
 
-@pytest.mark.parametrize("wire", ["fp16", "bf16"])
+@pytest.mark.parametrize("wire", ["fp16", "bf16", "int8"])
 def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
-    """fp16 / bf16 on the wire: the same run, within the narrow types' rounding."""
+    """fp16 / bf16 / int8 on the wire: the same run, within the narrow types' rounding."""
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8)
     backend = SplitBackend(

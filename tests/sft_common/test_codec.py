@@ -58,7 +58,9 @@ def test_refusals_say_what_was_wrong():
     _refused(good, "dtype FLOAT32, the session uses FLOAT16", dtype=pb.FLOAT16)
     _refused(good, "rank 2 .* expected rank 3", shape=(4, 8, 1))
     _refused(good, "dimension 1 is 8, expected 16", shape=(4, 16))
-    _refused(good, "compression COMPRESSION_NONE, the session uses LZ4", compression=pb.LZ4)
+    packed = codec.encode(torch.zeros(4, 8), compression=pb.LZ4)
+    assert packed.compression == pb.LZ4
+    _refused(packed, "compression LZ4, the session uses COMPRESSION_NONE", compression=pb.COMPRESSION_NONE)
     short = pb.Tensor(dtype=pb.FLOAT32, shape=[4, 8], data=good.data[:-4])
     _refused(short, "124 bytes of data, shape \\[4, 8\\] x 4 bytes needs 128")
     _refused(pb.Tensor(dtype=pb.FLOAT32, shape=[-4, -8], data=b""), "negative dimension")
@@ -72,6 +74,13 @@ def test_refusals_say_what_was_wrong():
     _refused(garbage, "lz4 payload does not decompress to 128 bytes")
     bad_scale = pb.Tensor(dtype=pb.FLOAT16, shape=[1], data=b"\0\0", scale=float("nan"))
     _refused(bad_scale, "invalid scale")
+    q = pb.Tensor(dtype=pb.INT8, shape=[2, 3], data=b"\1" * 6, scales=[1.0])
+    _refused(q, "1 row scales for shape \\[2, 3\\], expected 2")
+    q = pb.Tensor(dtype=pb.INT8, shape=[2, 3], data=b"\1" * 6, scales=[1.0, float("inf")])
+    _refused(q, "row scales must be finite and non-negative")
+    q = pb.Tensor(dtype=pb.INT8, shape=[2, 3], data=b"\1" * 6, scales=[1.0, -1.0])
+    _refused(q, "row scales must be finite and non-negative")
+    _refused(pb.Tensor(dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4, scales=[1.0]), "for INT8 only")
 
 
 def test_huge_claimed_shape_is_refused_before_allocation(monkeypatch):
@@ -82,3 +91,35 @@ def test_huge_claimed_shape_is_refused_before_allocation(monkeypatch):
     huge = pb.Tensor(dtype=pb.FLOAT32, shape=[1 << 30, 1 << 30], data=b"", compression=pb.LZ4)
     _refused(huge, "over the limit of 1048576", max_bytes=1 << 20)
     assert allocations == []
+
+
+def test_int8_round_trip_per_row():
+    """Each row is scaled by its own max: rows of very different magnitudes keep 1/254 of their range."""
+    x = torch.randn(50, 8) * torch.logspace(-9, 2, 50)[:, None]
+    x[7] = 0.0  # an all-zero row (padding-like) stays exactly zero
+    msg = pb.Tensor.FromString(codec.encode(x, pb.INT8).SerializeToString())
+    assert len(msg.data) == x.numel() and len(msg.scales) == 50
+    y = codec.decode(msg, name="x", dtype=pb.INT8, shape=(50, 8))
+    step = x.abs().amax(dim=1, keepdim=True) / 127
+    assert bool(((y - x).abs() <= step / 2 * (1 + 1e-5)).all())
+    assert torch.equal(y[7], torch.zeros(8))
+    for shape in ((0, 8), (), (5,)):
+        z = torch.randn(shape)
+        assert codec.decode(codec.encode(z, pb.INT8), name="z").shape == z.shape
+
+
+def test_lz4_only_where_it_shrinks():
+    """Dense random data does not shrink under lz4: it travels raw, and an LZ4 session accepts it."""
+    dense = torch.randn(64, 8)
+    msg = codec.encode(dense, pb.FLOAT16, pb.LZ4)
+    assert msg.compression == pb.COMPRESSION_NONE and len(msg.data) == dense.numel() * 2
+    y = codec.decode(msg, name="x", dtype=pb.FLOAT16, compression=pb.LZ4)
+    torch.testing.assert_close(y, dense.half().float(), atol=0, rtol=1e-3)
+    assert codec.encode(torch.zeros(64, 8), pb.FLOAT16, pb.LZ4).compression == pb.LZ4
+
+
+def test_decode_makes_no_extra_copy_of_fp32(monkeypatch):
+    """fp32 payloads become a tensor over the received bytes: no bytearray copy on the way in."""
+    monkeypatch.setattr("builtins.bytearray", lambda *a: pytest.fail("decode copied the payload"))
+    x = torch.randn(16, 8)
+    assert torch.equal(codec.decode(codec.encode(x), name="x"), x)
