@@ -5,8 +5,12 @@ PIP ?= $(PYTHON) -m pip
 TORCH_CPU ?= torch==2.13.0
 GLUE_DIR ?= ../shared/data/glue
 PORT ?= 50051
+# The lowest transformers we claim (pyproject: transformers>=4.40); `make test-min-transformers`.
+MIN_TRANSFORMERS ?= transformers==4.40.2
+MIN_VENV ?= .venv-min-transformers
+MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
-.PHONY: install test test-all lint protos check-protos demo clean bench-accuracy
+.PHONY: install test test-all lint protos check-protos check-py38 test-min-transformers compose-config demo clean bench-accuracy
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
@@ -30,6 +34,22 @@ protos:
 
 check-protos:
 	$(PYTHON) -m sft_common.proto.check
+
+# What the edge imports must run on Python 3.8 (JetPack 5 on the Jetson Xavier NX).
+check-py38:
+	$(PYTHON) -m vermin --target=3.8- --no-tips --violations sft_edge sft_common
+
+# A fresh venv with the CPU torch from local disk and the lowest transformers we claim, running the
+# tests that touch transformers' layer, config and tokenizer APIs.
+test-min-transformers:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH_CPU)" "$(MIN_TRANSFORMERS)" pytest hypothesis scipy -e .
+	$(MIN_VENV)/bin/python -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
+
+# The two-node Compose file parses and resolves (no Docker engine needed).
+compose-config:
+	docker-compose -f deploy/docker-compose.yml config -q
 
 demo:
 	$(PYTHON) examples/demo.py --data-dir $(GLUE_DIR)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import List, Optional
 
 from sft_cloud.server import ServeConfig, serve
+from sft_common.logs import FORMATS, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,16 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     s.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    s.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level, args.log_format)
     cfg = ServeConfig(
         host=args.host,
         port=args.port,

@@ -11,7 +11,9 @@ from typing import Optional, Tuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from sft_cloud.metrics import DaemonMetrics
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.servicer import SplitTrainerServicer
 from sft_common.proto import sft_pb2_grpc as pb_grpc
@@ -34,7 +36,7 @@ class ServeConfig:
     auth_token_file: Optional[str] = None  # one bearer token per line
     checkpoint_dir: Optional[str] = None  # where sessions are checkpointed
     max_sessions: int = 64  # concurrent sessions; more get RESOURCE_EXHAUSTED
-    metrics_port: Optional[int] = None  # Prometheus metrics (not yet served)
+    metrics_port: Optional[int] = None  # serve Prometheus /metrics on this port (0: a free one)
     max_message_mb: int = 256  # transport cap; sessions enforce tighter, config-derived caps
     grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long
 
@@ -71,7 +73,7 @@ def server_options(cfg: ServeConfig) -> list:
 
 
 def create_server(
-    cfg: ServeConfig, registry: SessionRegistry
+    cfg: ServeConfig, registry: SessionRegistry, metrics: Optional[DaemonMetrics] = None
 ) -> Tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start the gRPC server; returns it, the port it bound and the health servicer."""
     # One thread per open stream, plus a few for health checks.
@@ -80,9 +82,11 @@ def create_server(
         options=server_options(cfg),
         maximum_concurrent_rpcs=cfg.max_sessions + 8,
     )
-    pb_grpc.add_SplitTrainerServicer_to_server(SplitTrainerServicer(registry), server)
+    pb_grpc.add_SplitTrainerServicer_to_server(SplitTrainerServicer(registry, metrics=metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Reflection lets grpcurl / grpc_cli list and call the services without the .proto files.
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{cfg.host}:{cfg.port}"
     if cfg.insecure:
         port = server.add_insecure_port(address)
@@ -102,7 +106,11 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         log.warning("serving WITHOUT TLS (--insecure): activations and gradients cross the network in clear")
     device = resolve_device(cfg.device)
     registry = SessionRegistry(device=device, max_sessions=cfg.max_sessions)
-    server, port, health_servicer = create_server(cfg, registry)
+    metrics = DaemonMetrics(sessions=registry.__len__)
+    if cfg.metrics_port is not None:
+        _, metrics_port = metrics.serve(cfg.metrics_port, cfg.host)
+        print(f"sft-cloud: metrics on http://{cfg.host}:{metrics_port}/metrics", flush=True)
+    server, port, health_servicer = create_server(cfg, registry, metrics)
     log.info(
         "sft-cloud serving on %s:%d (device %s, max %d sessions)", cfg.host, port, device, cfg.max_sessions
     )

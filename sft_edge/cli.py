@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import List, Optional
 
+from sft_common.logs import FORMATS, setup_logging
 from sft_common.models import DEFAULT_MODEL
 
 
@@ -72,19 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--report", help="write a JSON report of the run here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    t.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(args.log_level, args.log_format)
     from sft_common.models import ModelError
     from sft_edge.client import CloudError
     from sft_edge.data import DataError
     from sft_edge.trainer import TrainConfig, train
 
     fields = vars(args).copy()
-    for key in ("command", "log_level", "no_progress"):
+    for key in ("command", "log_level", "log_format", "no_progress"):
         fields.pop(key)
     cfg = TrainConfig(progress=not args.no_progress, **fields)
     try:
