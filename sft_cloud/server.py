@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sft_cloud import auth
 from sft_cloud.metrics import DaemonMetrics
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.servicer import SplitTrainerServicer
@@ -75,23 +76,30 @@ def server_options(cfg: ServeConfig) -> list:
 def create_server(
     cfg: ServeConfig, registry: SessionRegistry, metrics: Optional[DaemonMetrics] = None
 ) -> Tuple[grpc.Server, int, health.HealthServicer]:
-    """Build and start the gRPC server; returns it, the port it bound and the health servicer."""
+    """Build and start the gRPC server; returns it, the port it bound and the health servicer.
+
+    Refuses (ValueError) to build one without TLS material unless ``cfg.insecure``."""
+    credentials = auth.server_credentials(cfg.insecure, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    tokens = auth.TokenSet.from_file(cfg.auth_token_file) if cfg.auth_token_file else None
     # One thread per open stream, plus a few for health checks.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.max_sessions + 8, thread_name_prefix="sft-rpc"),
         options=server_options(cfg),
         maximum_concurrent_rpcs=cfg.max_sessions + 8,
+        # The token check runs before the handler, so a refused edge has no payload read.
+        interceptors=[auth.TokenInterceptor(tokens)] if tokens is not None else None,
     )
-    pb_grpc.add_SplitTrainerServicer_to_server(SplitTrainerServicer(registry, metrics=metrics), server)
+    servicer = SplitTrainerServicer(registry, identity=auth.identity, metrics=metrics)
+    pb_grpc.add_SplitTrainerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Reflection lets grpcurl / grpc_cli list and call the services without the .proto files.
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{cfg.host}:{cfg.port}"
-    if cfg.insecure:
+    if credentials is None:
         port = server.add_insecure_port(address)
     else:
-        raise ValueError("TLS is not available yet: pass --insecure")
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
@@ -100,10 +108,18 @@ def create_server(
     return server, port, health_servicer
 
 
+def _tls_mode(cfg: ServeConfig) -> str:
+    if cfg.insecure:
+        return "PLAINTEXT"
+    return "mutual TLS" if cfg.tls_client_ca else "TLS"
+
+
 def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
     """Run the daemon until SIGTERM / SIGINT, then drain in-flight steps and stop."""
     if cfg.insecure:
         log.warning("serving WITHOUT TLS (--insecure): activations and gradients cross the network in clear")
+        if cfg.auth_token_file:
+            log.warning("bearer tokens cross in clear too: only behind a TLS-terminating proxy")
     device = resolve_device(cfg.device)
     registry = SessionRegistry(device=device, max_sessions=cfg.max_sessions)
     metrics = DaemonMetrics(sessions=registry.__len__)
@@ -112,8 +128,9 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         print(f"sft-cloud: metrics on http://{cfg.host}:{metrics_port}/metrics", flush=True)
     server, port, health_servicer = create_server(cfg, registry, metrics)
     log.info(
-        "sft-cloud serving on %s:%d (device %s, max %d sessions)", cfg.host, port, device, cfg.max_sessions
-    )
+        "sft-cloud serving on %s:%d (device %s, max %d sessions, %s, %s)", cfg.host, port, device,
+        cfg.max_sessions, _tls_mode(cfg), f"tokens from {cfg.auth_token_file}" if cfg.auth_token_file else "no tokens",
+    )  # fmt: skip
     print(f"sft-cloud: listening on {cfg.host}:{port}", flush=True)
     stop = threading.Event()
 

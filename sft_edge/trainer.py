@@ -18,7 +18,7 @@ import torch
 
 from sft_common.config import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model
-from sft_edge import metrics
+from sft_edge import credentials, metrics
 from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, Transport, open_channel
 from sft_edge.data import Encoded, batch_indices, collate, encode, load_examples, steps_per_epoch
@@ -82,11 +82,12 @@ def resolve_device(device: str) -> str:
 
 
 def make_transport(cfg: TrainConfig) -> Transport:
-    """The gRPC stream to the daemon named by ``cfg.cloud``."""
-    if not cfg.insecure:
-        raise ValueError("TLS is not available yet: pass --insecure")
-    log.warning("connecting WITHOUT TLS (--insecure) to %s", cfg.cloud)
-    return GrpcTransport(open_channel(cfg.cloud))
+    """The gRPC stream to the daemon named by ``cfg.cloud``: TLS unless ``--insecure``, with
+    this device's bearer token when it has one."""
+    creds, metadata = credentials.secure_link(
+        cfg.cloud, cfg.insecure, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.auth_token_file
+    )
+    return GrpcTransport(open_channel(cfg.cloud, creds), metadata)
 
 
 def evaluate(backend, data: Encoded, batch_size: int, task: Task, device: str) -> Dict[str, float]:
