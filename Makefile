@@ -10,7 +10,7 @@ MIN_TRANSFORMERS ?= transformers==4.40.2
 MIN_VENV ?= .venv-min-transformers
 MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
-.PHONY: install test test-all lint protos check-protos check-py38 test-min-transformers compose-config demo clean bench-accuracy
+.PHONY: install test test-all lint protos check-protos check-py38 test-min-transformers compose-config certs demo clean bench-accuracy
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
@@ -50,6 +50,12 @@ test-min-transformers:
 # The two-node Compose file parses and resolves (no Docker engine needed).
 compose-config:
 	docker-compose -f deploy/docker-compose.yml config -q
+
+# Development TLS material in certs/dev/ (git-ignored): CA, server certificate for localhost,
+# 127.0.0.1 and the compose service name `cloud`, a client certificate, tokens. Not for production.
+# Kept if already there; CERTS_ARGS=--force makes new ones.
+certs:
+	$(PYTHON) -m sft_common.certs --out certs/dev $(CERTS_ARGS)
 
 demo:
 	$(PYTHON) examples/demo.py --data-dir $(GLUE_DIR)

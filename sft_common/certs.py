@@ -193,7 +193,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--san", action="append", help=f"server name or IP (repeatable; default {', '.join(DEV_SANS)})"
     )
     parser.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    parser.add_argument("--force", action="store_true", help="replace the certificates already there")
     args = parser.parse_args(argv)
+    if os.path.exists(os.path.join(args.out, "ca.pem")) and not args.force:
+        # A new CA would invalidate every certificate and token already handed out.
+        print(f"{args.out} already holds development certificates; --force replaces them")
+        return 0
     paths = write_dev_certs(args.out, tuple(args.san or DEV_SANS), args.days)
     for role, path in paths.items():
         print(f"{role:12s} {path}")
