@@ -1,0 +1,259 @@
+"""Drop-in split training for an existing PyTorch / Hugging Face loop (the paper's Listing 1).
+
+    import sft_edge.api as sft                                                    # +1
+    model, optimizer = sft.wrap(model, optimizer, cloud="gpu-host:50051",        # +2
+                                total_steps=epochs * len(loader), insecure=True)
+    for batch in loader:                      # the loop itself is unchanged
+        loss = model(**batch, labels=y).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.close()                                                                 # +3
+
+``wrap`` opens a cloud session for the model's checkpoint (the cloud loads the same weights by
+name and checks the fingerprint), keeps net1 here and returns a module whose forward sends the
+cut activations as one ``TrainStep``. The cloud runs net2, computes the loss, updates net2 and
+answers with the loss and ∂loss/∂activations; the returned loss tensor hangs on net1's graph,
+so ``loss.backward()`` feeds that gradient into net1 and ``optimizer.step()`` updates net1.
+
+What differs from the unsplit loop, by construction of split training:
+- one training forward is one cloud step (the cloud updates net2 when it answers), so gradient
+  accumulation over several forwards is not supported;
+- both halves use AdamW with the wrapped optimizer's lr and weight decay and a linear decay to
+  zero at ``total_steps`` (the protocol carries no other optimizer), and the classification
+  head lives on the cloud, initialised from ``seed``;
+- the loss is the task loss the cloud computes (cross-entropy; MSE when ``num_labels == 1``);
+- inputs must be right-padded (the attention mask is sent as per-example lengths).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from sft_common import codec
+from sft_common.config import SplitSpec
+from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model, packaged_minilm_dir
+from sft_common.proto import sft_pb2 as pb
+from sft_common.split import task_loss
+from sft_edge.backends import OptimConfig, SplitBackend, _seeded
+from sft_edge.client import GrpcTransport, open_channel
+from sft_edge.data import Batch
+
+log = logging.getLogger("sft_edge")
+
+
+class _CloudLoss(torch.autograd.Function):
+    """The cloud's loss as a function of the cut activations: forward returns the loss value the
+    cloud computed, backward hands back the gradient the cloud sent (scaled by the incoming one)."""
+
+    @staticmethod
+    def forward(ctx: Any, activations: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
+
+
+class SplitOutput(dict):
+    """What a Hugging Face ``*ForSequenceClassification`` returns: ``.loss`` and ``.logits``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class SplitModel(nn.Module):
+    """net1 here, net2 in a cloud session; called like the Hugging Face model it replaces."""
+
+    def __init__(self, backend: SplitBackend):
+        super().__init__()
+        self.backend = backend
+        self.net1 = backend.net1  # registered, so .parameters(), .train(), .eval() and .to() reach it
+        self.step = backend.start_step  # the number the next training forward sends
+        self._eval_batches = 0
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **unused: Any,
+    ) -> SplitOutput:
+        batch = _batch(input_ids, attention_mask, token_type_ids, labels)
+        if self.training and labels is not None:
+            return SplitOutput(loss=self._train_forward(batch), logits=None)
+        logits = self.backend.predict(batch, self._eval_batches)
+        self._eval_batches += 1
+        loss = task_loss(logits, batch.labels) if labels is not None else None
+        return SplitOutput(loss=loss, logits=logits)
+
+    def _train_forward(self, batch: Batch) -> torch.Tensor:
+        b = self.backend
+        with _seeded(b.optim_cfg.seed, "edge", self.step):
+            packed = b._cut(batch)
+        msg = pb.TrainStep(
+            step=self.step,
+            activations=codec.encode(packed.detach(), b.wire_dtype, b.compression),
+            lengths=batch.lengths,
+        )
+        if b.num_labels == 1:
+            msg.targets.extend(batch.labels.float().tolist())
+        else:
+            msg.labels.extend(batch.labels.tolist())
+        reply = b.transport.call(pb.EdgeMessage(train=msg)).train
+        grad = codec.decode(
+            reply.grad, name="gradient", dtype=b.wire_dtype, shape=tuple(packed.shape),
+            compression=b.compression, device=str(packed.device),
+        )  # fmt: skip
+        self.step += 1
+        loss = torch.tensor(reply.loss, dtype=packed.dtype, device=packed.device)
+        return _CloudLoss.apply(packed, loss, grad)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.backend.transport.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.backend.transport.bytes_received
+
+    def close(self) -> int:
+        """Close the cloud session (the cloud keeps net2 with a checkpoint dir); returns its steps."""
+        return self.backend.close()
+
+
+class SplitOptimizer:
+    """Steps net1's optimizer and its LR schedule; the cloud steps net2 when it answers a step."""
+
+    def __init__(self, backend: SplitBackend):
+        self.backend = backend
+        self.optimizer = backend.optimizer
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("split training cannot re-evaluate the loss: step() takes no closure")
+        self.optimizer.step()
+        self.backend.schedule.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.backend.schedule.state_dict()}
+
+
+def wrap(
+    model: Union[nn.Module, str],
+    optimizer: Optional[torch.optim.Optimizer],
+    cloud: str,
+    total_steps: int,
+    split_layer: Optional[int] = None,
+    rank: int = 8,
+    mode: str = "sft",
+    num_labels: Optional[int] = None,
+    warmup_steps: int = 0,
+    seed: int = 42,
+    max_batch_size: int = 32,
+    max_seq_len: int = 128,
+    wire_dtype: str = "fp32",
+    compression: str = "none",
+    insecure: bool = False,
+    tls_ca: Optional[str] = None,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    auth_token_file: Optional[str] = None,
+    device: Optional[str] = None,
+) -> Tuple[SplitModel, SplitOptimizer]:
+    """Turn (model, optimizer) into split training with a cloud session at ``cloud`` (HOST:PORT).
+
+    ``model``: a Hugging Face BERT ``*ForSequenceClassification`` (its checkpoint name or folder
+    is what the cloud loads), or that name itself. ``optimizer``: where lr and weight decay come
+    from (AdamW defaults of the GLUE recipe when None). The connection flags are sft-edge's.
+    """
+    base = _base_model(model)
+    if num_labels is None:
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None) or 2
+    if device is None:
+        params = list(model.parameters()) if isinstance(model, nn.Module) else []
+        device = str(params[0].device) if params and params[0].device.type != "meta" else "cpu"
+    lr, weight_decay = _hyperparameters(optimizer)
+    layers = base.config.num_hidden_layers
+    spec = SplitSpec(split_layer=layers - 1 if split_layer is None else split_layer, rank=rank, mode=mode)
+    spec.validate(layers, base.config.hidden_size, base.config.intermediate_size)
+
+    from sft_edge.credentials import secure_link
+
+    creds, metadata = secure_link(cloud, insecure, tls_ca, tls_cert, tls_key, auth_token_file)
+    transport = GrpcTransport(open_channel(cloud, creds), metadata, owns_channel=True)
+    optim = OptimConfig(lr, weight_decay, warmup_steps, total_steps, seed)
+    backend = SplitBackend(
+        base, spec, num_labels, transport, optim, max_batch_size, max_seq_len, wire_dtype, compression,
+        task="", device=device,
+    )  # fmt: skip
+    log.info(
+        "split training of %s via %s: %s at layer %d, rank %d; net1 on %s",
+        base.name, cloud, mode, spec.split_layer, rank, device,
+    )  # fmt: skip
+    return SplitModel(backend), SplitOptimizer(backend)
+
+
+def _base_model(model: Union[nn.Module, str]) -> BaseModel:
+    """The checkpoint the model came from, by a name the cloud can resolve too."""
+    if isinstance(model, str):
+        return load_base_model(model)
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "bert":
+        raise ValueError(
+            "wrap() takes a Hugging Face BERT-family model (config.model_type 'bert') or its name"
+        )
+    name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if not name:
+        raise ValueError("the model does not say which checkpoint it came from; pass its name instead")
+    if os.path.isdir(name) and os.path.realpath(name) == os.path.realpath(packaged_minilm_dir()):
+        name = DEFAULT_MODEL  # the packaged MiniLM: the name every daemon resolves
+    return load_base_model(name)
+
+
+def _hyperparameters(optimizer: Optional[torch.optim.Optimizer]) -> Tuple[float, float]:
+    if optimizer is None:
+        return 2e-5, 0.0
+    group = optimizer.param_groups[0]
+    if not isinstance(optimizer, torch.optim.AdamW):
+        log.warning(
+            "%s given: both halves train with AdamW at its lr and weight decay", type(optimizer).__name__
+        )
+    return float(group["lr"]), float(group.get("weight_decay", 0.0))
+
+
+def _batch(
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    token_type_ids: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+) -> Batch:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    lengths = attention_mask.sum(dim=1)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    if not torch.equal(attention_mask.bool(), positions < lengths[:, None]):
+        raise ValueError("split training needs right-padded inputs (tokenizer padding_side='right')")
+    if labels is None:
+        labels = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    return Batch(input_ids, token_type_ids, attention_mask, lengths.tolist(), labels)

@@ -1,0 +1,123 @@
+"""The drop-in API: an unchanged training loop trains exactly as the CLI's split backend does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from daemon import ROOT, start_daemon, stop_daemon
+from helpers import max_diff, params, random_batch
+
+import sft_edge.api as sft
+from sft_common.config import SplitSpec
+from sft_common.models import load_base_model
+from sft_edge.backends import OptimConfig, SplitBackend
+from sft_edge.client import GrpcTransport, open_channel
+
+
+def _batches(n):
+    return [random_batch(batch=4, seq=10, seed=k) for k in range(n)]
+
+
+def test_wrapped_loop_matches_the_split_backend(live_server):
+    """Three steps of `loss = model(...).loss; loss.backward(); optimizer.step()` give net1 the
+    same weights and the same losses as SplitBackend.train_step, against a real gRPC daemon."""
+    address, registry = live_server
+    base = load_base_model("random:tiny")
+    optim = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=3, seed=7)
+    batches = _batches(3)
+
+    ref = SplitBackend(
+        base, SplitSpec(split_layer=2, rank=4), 2, GrpcTransport(open_channel(address)), optim,
+        batch_size=4, max_seq_len=16,
+    )  # fmt: skip
+    ref_losses = [ref.train_step(k, b) for k, b in enumerate(batches)]
+    ref.close()
+
+    model = torch.nn.Linear(1, 1)  # stands for the user's model; only its optimizer's lr / wd are read
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    model, optimizer = sft.wrap(
+        "random:tiny", optimizer, cloud=address, total_steps=3, warmup_steps=1, seed=7, split_layer=2,
+        rank=4, max_batch_size=4, max_seq_len=16, insecure=True,
+    )  # fmt: skip
+    model.train()
+    losses = []
+    for b in batches:
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    assert max_diff(params(model.net1), params(ref.net1)) < 1e-6
+    assert model.bytes_sent > 0 and model.bytes_received > 0
+
+    model.eval()
+    b = batches[0]
+    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+    assert out.logits.shape == (4, 2) and torch.isfinite(out.loss)
+    assert model.close() == 3
+
+
+def test_left_padding_is_refused(live_server):
+    address, _ = live_server
+    model, _ = sft.wrap(
+        "random:tiny", None, cloud=address, total_steps=1, split_layer=1, max_batch_size=4, insecure=True
+    )
+    ids = torch.ones(2, 4, dtype=torch.long)
+    left_padded = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="right-padded"):
+        model(input_ids=ids, attention_mask=left_padded, labels=torch.tensor([0, 1]))
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A small BERT checkpoint folder, as `save_pretrained` writes it, with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sft_common.models import packaged_minilm_dir
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, num_labels=2,
+    )  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(packaged_minilm_dir() / name, folder / name)
+    return str(folder)
+
+
+def run_example(glue_dir: str, extra) -> dict:
+    """examples/drop_in.py (an HF loop plus three lines) against `sft-cloud serve` in its own process."""
+    proc, port = start_daemon(["--insecure"])
+    try:
+        out = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "examples", "drop_in.py"), "--cloud", f"127.0.0.1:{port}",
+             "--insecure", "--data-dir", glue_dir, *extra],
+            capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        log = stop_daemon(proc)
+    assert out.returncode == 0, out.stderr[-3000:] + log[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_drop_in_example_trains_against_a_daemon(glue_dir, tiny_checkpoint):
+    args = ["--model", tiny_checkpoint, "--steps", "3", "--batch-size", "8", "--eval-examples", "16"]
+    result = run_example(glue_dir, args)
+    assert result["steps"] == 3 and result["dev_examples"] == 16
+    assert 0.0 <= result["dev_accuracy"] <= 1.0 and result["loss_first"] > 0
+
+
+@pytest.mark.slow
+def test_drop_in_example_with_minilm(glue_dir):
+    result = run_example(glue_dir, ["--steps", "20", "--batch-size", "16", "--eval-examples", "128"])
+    assert result["steps"] == 20 and result["dev_examples"] == 128
+    assert result["loss_last"] < result["loss_first"] + 0.5
