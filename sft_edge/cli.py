@@ -73,11 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     t.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
+    p = sub.add_parser("plot", help="draw loss, dev metrics and traffic of a run to PNG (needs matplotlib)")
+    p.add_argument("run", help="a run's --output-dir (holding scalars.csv) or a scalars CSV file")
+    p.add_argument("--out", help="PNG to write (default: beside the CSV)")
+    p.add_argument("--title", help="figure title (default: the run folder's name)")
     return parser
+
+
+def plot(args: argparse.Namespace) -> int:
+    from sft_edge.plot import plot_run
+
+    try:
+        print(plot_run(args.run, args.out, args.title))
+    except (ValueError, OSError, ImportError) as exc:
+        print(f"sft-edge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plot":
+        return plot(args)
     setup_logging(args.log_level, args.log_format)
     from sft_common.models import ModelError
     from sft_edge.client import CloudError
