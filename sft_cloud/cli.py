@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
     s.add_argument("--checkpoint-dir", help="directory for session checkpoints")
     s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
+    s.add_argument(
+        "--idle-timeout", type=float, default=3600.0,
+        help="seconds without a stream after which a session is checkpointed and evicted (default 3600)",
+    )  # fmt: skip
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     s.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     s.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
@@ -44,6 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         auth_token_file=args.auth_token_file,
         checkpoint_dir=args.checkpoint_dir,
         max_sessions=args.max_sessions,
+        idle_timeout=args.idle_timeout,
         metrics_port=args.metrics_port,
     )
     try:

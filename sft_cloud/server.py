@@ -40,6 +40,7 @@ class ServeConfig:
     metrics_port: Optional[int] = None  # serve Prometheus /metrics on this port (0: a free one)
     max_message_mb: int = 256  # transport cap; sessions enforce tighter, config-derived caps
     grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long
+    idle_timeout: float = 3600.0  # sessions with no stream this long are checkpointed and evicted
 
 
 def resolve_device(device: str) -> str:
@@ -65,7 +66,7 @@ def server_options(cfg: ServeConfig) -> list:
         # "too_many_pings", and ping them back so a silently dead edge is noticed.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Two daemons on one port would split the sessions between them.
@@ -121,7 +122,12 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         if cfg.auth_token_file:
             log.warning("bearer tokens cross in clear too: only behind a TLS-terminating proxy")
     device = resolve_device(cfg.device)
-    registry = SessionRegistry(device=device, max_sessions=cfg.max_sessions)
+    registry = SessionRegistry(
+        device=device,
+        max_sessions=cfg.max_sessions,
+        checkpoint_dir=cfg.checkpoint_dir,
+        idle_timeout=cfg.idle_timeout,
+    )
     metrics = DaemonMetrics(sessions=registry.__len__)
     if cfg.metrics_port is not None:
         _, metrics_port = metrics.serve(cfg.metrics_port, cfg.host)
@@ -143,7 +149,10 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         signal.signal(signal.SIGINT, on_signal)
     if ready is not None:
         ready.set()
-    stop.wait()
+    # Evict idle sessions (checkpointed first when there is a checkpoint dir) while serving.
+    sweep = max(1.0, min(60.0, cfg.idle_timeout / 4))
+    while not stop.wait(sweep):
+        registry.evict_idle()
     health_servicer.enter_graceful_shutdown()
     server.stop(cfg.grace_seconds).wait()
     print("sft-cloud: stopped", flush=True)

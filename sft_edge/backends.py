@@ -174,6 +174,7 @@ class LocalBackend:
     def __init__(self, base: BaseModel, num_labels: int, optim: OptimConfig, device: str = "cpu"):
         self.optim_cfg = optim
         self.device = device
+        self.start_step = 0
         self.model = build_full_model(base, num_labels, optim.seed, device=device)
         self.optimizer = make_optimizer(self.model.parameters(), optim.lr, optim.weight_decay)
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)

@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tls-key", help="PEM client private key (mutual TLS)")
     t.add_argument("--auth-token-file", help="file holding this device's bearer token")
     t.add_argument("--report", help="write a JSON report of the run here")
+    t.add_argument(
+        "--step-timeout", type=float, default=600.0,
+        help="seconds to wait for the cloud's answer before treating the link as dead (default 600)",
+    )  # fmt: skip
+    t.add_argument(
+        "--reconnect-timeout", type=float, default=300.0,
+        help="seconds to keep re-attaching to the session after a broken link (default 300)",
+    )  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     t.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")

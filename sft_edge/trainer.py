@@ -20,7 +20,8 @@ from sft_common.config import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model
 from sft_edge import credentials, metrics
 from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend
-from sft_edge.client import GrpcTransport, Transport, open_channel
+from sft_edge.checkpoints import EdgeCheckpoints
+from sft_edge.client import GrpcTransport, ResilientTransport, Rollback, Transport, open_channel
 from sft_edge.data import Encoded, batch_indices, collate, encode, load_examples, steps_per_epoch
 from sft_edge.tasks import Task, get_task
 
@@ -61,16 +62,42 @@ class TrainConfig:
     tls_key: Optional[str] = None
     auth_token_file: Optional[str] = None
     report: Optional[str] = None  # write the JSON report here
+    step_timeout: float = 600.0  # seconds to wait for one answer before treating the link as dead
+    reconnect_timeout: float = 300.0  # seconds to keep trying to re-attach after a broken link
     progress: bool = True  # show a progress bar on stderr
 
 
 @dataclass
 class RunState:
-    """What the loop accumulates; becomes the report."""
+    """What the loop accumulates; becomes the report, and is saved with each checkpoint."""
 
     steps: int = 0
     losses: List[float] = field(default_factory=list)
     evals: List[Dict[str, float]] = field(default_factory=list)
+    session_id: str = ""
+    resumes: int = 0  # edge restarts (--resume) before this process
+    resumes_live: int = 0  # re-attachments in the process that wrote the checkpoint
+    bytes_sent: int = 0  # traffic of earlier processes of this run
+    bytes_received: int = 0
+    seconds_before: float = 0.0
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> RunState:
+        return cls(**d)
+
+
+def _restore(ckpts: EdgeCheckpoints, step: int, backend: Any, current: RunState) -> RunState:
+    """Load the edge checkpoint of ``step``; the run record rolls back with it, but keeps
+    counting resumes and traffic."""
+    saved = RunState.from_dict(ckpts.load(step, backend))
+    saved.session_id = current.session_id or saved.session_id
+    saved.resumes = current.resumes
+    saved.bytes_sent, saved.bytes_received = current.bytes_sent, current.bytes_received
+    saved.seconds_before = current.seconds_before
+    return saved
 
 
 def resolve_device(device: str) -> str:
@@ -81,13 +108,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_transport(cfg: TrainConfig) -> Transport:
+def make_transport(cfg: TrainConfig, resume_steps: Callable[[], List[int]]) -> Transport:
     """The gRPC stream to the daemon named by ``cfg.cloud``: TLS unless ``--insecure``, with
     this device's bearer token when it has one."""
     creds, metadata = credentials.secure_link(
         cfg.cloud, cfg.insecure, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.auth_token_file
     )
-    return GrpcTransport(open_channel(cfg.cloud, creds), metadata)
+
+    def connect() -> GrpcTransport:
+        channel = open_channel(cfg.cloud, creds)
+        return GrpcTransport(channel, metadata, timeout=cfg.step_timeout, owns_channel=True)
+
+    return ResilientTransport(connect, resume_steps, reconnect_timeout=cfg.reconnect_timeout)
 
 
 def evaluate(backend, data: Encoded, batch_size: int, task: Task, device: str) -> Dict[str, float]:
@@ -103,7 +135,7 @@ def evaluate(backend, data: Encoded, batch_size: int, task: Task, device: str) -
 
 def train(
     cfg: TrainConfig,
-    transport_factory: Optional[Callable[[TrainConfig], Transport]] = None,
+    transport_factory: Optional[Callable[[TrainConfig, Callable[[], List[int]]], Transport]] = None,
     base: Optional[BaseModel] = None,
 ) -> Dict:
     """Run one fine-tuning job end to end and return its report (also written to cfg.report)."""
@@ -134,45 +166,96 @@ def train(
         raise ValueError("nothing to train: --epochs and --max-steps give zero steps")
     optim = OptimConfig(cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed)
 
+    ckpts = EdgeCheckpoints(cfg.output_dir) if cfg.output_dir else None
+    if cfg.checkpoint_every is not None and (cfg.checkpoint_every < 1 or ckpts is None):
+        raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
+    state = RunState()
+    if cfg.resume:
+        if ckpts is None or not ckpts.steps():
+            raise ValueError(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints to resume from")
+        state = RunState.from_dict(ckpts.run_meta(ckpts.steps()[0]))
+        state.resumes += 1 + state.resumes_live  # this restart, and the re-attachments before it
+        state.resumes_live = 0
+
     backend: Union[LocalBackend, SplitBackend]
+    transport: Optional[Transport] = None
+    live = {"step": 0}  # the step in flight, for re-attaching after a broken link
     if cfg.local:
         backend = LocalBackend(base, task.num_labels, optim, device)
-        transport = None
+        backend.start_step = ckpts.steps()[0] if (cfg.resume and ckpts) else 0
     else:
-        transport = (transport_factory or make_transport)(cfg)
+        resume_steps = (ckpts.steps() if ckpts else []) if cfg.resume else []
+        transport = (transport_factory or make_transport)(
+            cfg, lambda: [live["step"]] + (ckpts.steps() if ckpts else [])
+        )
         backend = SplitBackend(
             base, spec, task.num_labels, transport, optim, cfg.batch_size, max_len,
-            cfg.wire_dtype, cfg.compression, task.name, device,
+            cfg.wire_dtype, cfg.compression, task.name, device, state.session_id, resume_steps,
         )  # fmt: skip
+        state.session_id = backend.session.session_id
+    step = backend.start_step
+    if cfg.resume:
+        assert ckpts is not None
+        state = _restore(ckpts, step, backend, state)
     log.info(
-        "training %s on %s: %d examples, %d steps (%d per epoch), %s",
-        base.name, task.name, len(train_data), total, per_epoch, "local" if cfg.local else f"{cfg.mode} via {cfg.cloud}",
+        "training %s on %s: %d examples, %d steps (%d per epoch), %s%s",
+        base.name, task.name, len(train_data), total, per_epoch,
+        "local" if cfg.local else f"{cfg.mode} via {cfg.cloud}", f", resuming at step {step}" if cfg.resume else "",
     )  # fmt: skip
 
-    state = RunState()
-    bar = _progress(total, cfg.progress)
+    bar = _progress(total, cfg.progress, initial=step)
     try:
-        for step in range(total):
-            idx = batch_indices(len(train_data), cfg.batch_size, cfg.seed, step)
-            loss = backend.train_step(step, collate(train_data, idx).to(device))
+        while step < total:
+            live["step"] = step
+            try:
+                idx = batch_indices(len(train_data), cfg.batch_size, cfg.seed, step)
+                loss = backend.train_step(step, collate(train_data, idx).to(device))
+                live["step"] = step + 1
+                if (step + 1) % per_epoch == 0 or step + 1 == total:
+                    result = evaluate(backend, dev_data, cfg.batch_size, task, device)
+                    evals = state.evals + [
+                        {"step": step + 1, "epoch": round((step + 1) / per_epoch, 3), **result}
+                    ]
+                    _say(
+                        bar,
+                        f"eval after step {step + 1}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in result.items()),
+                    )
+                else:
+                    evals = state.evals
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                    backend.checkpoint(step + 1)  # the cloud first, then the edge (see Checkpoint)
+            except Rollback as rb:
+                assert ckpts is not None, "the cloud rolled back, but this run keeps no checkpoints"
+                _say(
+                    bar, f"the cloud restarted: rolling back from step {step} to its checkpoint at {rb.step}"
+                )
+                state = _restore(ckpts, rb.step, backend, state)
+                step = rb.step
+                if bar is not None:
+                    bar.n = step
+                continue
             state.losses.append(loss)
-            state.steps = step + 1
+            state.evals = evals
+            state.steps = step = step + 1
+            if (
+                ckpts is not None
+                and cfg.checkpoint_every
+                and step % cfg.checkpoint_every == 0
+                and step < total
+            ):
+                record = state.to_dict()
+                record["resumes_live"] = transport.resumes if isinstance(transport, ResilientTransport) else 0
+                record["bytes_sent"] += transport.bytes_sent if transport else 0
+                record["bytes_received"] += transport.bytes_received if transport else 0
+                record["seconds_before"] += time.time() - start
+                ckpts.save(step, backend, record)
             if bar is not None:
                 postfix = {"loss": f"{loss:.4f}"}
                 if transport is not None:
                     postfix["sent"] = _human(transport.bytes_sent)
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
-            end_of_epoch = (step + 1) % per_epoch == 0
-            if end_of_epoch or step + 1 == total:
-                result = evaluate(backend, dev_data, cfg.batch_size, task, device)
-                result = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 3), **result}
-                state.evals.append(result)
-                _say(
-                    bar,
-                    f"eval after step {step + 1}: "
-                    + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "epoch")),
-                )
     finally:
         if bar is not None:
             bar.close()
@@ -189,14 +272,16 @@ def train(
         "compression": None if cfg.local else cfg.compression,
         "steps": state.steps,
         "cloud_steps": cloud_steps,
-        "seconds": round(seconds, 3),
+        "session_id": state.session_id or None,
+        "seconds": round(seconds + state.seconds_before, 3),
         "metrics": {k: v for k, v in state.evals[-1].items() if k not in ("step", "epoch")},
         "eval_history": state.evals,
         "train_loss_first": state.losses[0],
         "train_loss_last": state.losses[-1],
-        "bytes_sent": transport.bytes_sent if transport else 0,
-        "bytes_received": transport.bytes_received if transport else 0,
-        "resumes": 0,
+        "bytes_sent": state.bytes_sent + (transport.bytes_sent if transport else 0),
+        "bytes_received": state.bytes_received + (transport.bytes_received if transport else 0),
+        # edge restarts with --resume, plus re-attachments after broken links in this process
+        "resumes": state.resumes + (transport.resumes if isinstance(transport, ResilientTransport) else 0),
         "train_examples": len(train_data),
         "dev_examples": len(dev_data),
         "batch_size": cfg.batch_size,
@@ -246,12 +331,12 @@ def _write_json(path: str, obj: Dict) -> None:
     os.replace(tmp, path)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
 def _say(bar, text: str) -> None:
