@@ -37,7 +37,7 @@ check-protos:
 
 # What the edge imports must run on Python 3.8 (JetPack 5 on the Jetson Xavier NX).
 check-py38:
-	$(PYTHON) -m vermin --target=3.8- --no-tips --violations sft_edge sft_common
+	$(PYTHON) -c "import sys; from vermin import main; sys.exit(main())" --target=3.8- --no-tips --violations sft_edge sft_common
 
 # A fresh venv with the CPU torch from local disk and the lowest transformers we claim, running the
 # tests that touch transformers' layer, config and tokenizer APIs.
