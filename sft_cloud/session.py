@@ -100,6 +100,7 @@ class CloudSession:
         self.schedule = make_schedule(self.optimizer, config.warmup_steps, config.total_steps)
         self.next_step = 0
         self.last_reply: Optional[pb.TrainReply] = None  # answer to a retried last step
+        self.replayed = 0  # retried steps answered from last_reply instead of applied again
         self.lock = threading.Lock()  # one message at a time per session
         self.attached = 0  # open streams on this session (idle eviction skips attached ones)
         self.last_active = time.monotonic()
@@ -126,6 +127,7 @@ class CloudSession:
         """Apply training step ``msg.step``; a repeat of the last applied step gets its cached reply."""
         with self.lock:
             if self.last_reply is not None and msg.step == self.next_step - 1:
+                self.replayed += 1
                 return self.last_reply
             if msg.step != self.next_step:
                 raise ProtocolError(
@@ -249,9 +251,8 @@ class CloudSession:
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, "final.safetensors")
         state = {k: v.detach().cpu().contiguous() for k, v in self.net2.state_dict().items()}
-        save_file(
-            state, path + ".tmp", metadata={"step": str(self.next_step), "fingerprint": self.fingerprint}
-        )
+        meta = {"step": str(self.next_step), "fingerprint": self.fingerprint, "replayed": str(self.replayed)}
+        save_file(state, path + ".tmp", metadata=meta)
         os.replace(path + ".tmp", path)
         for step in self.checkpoints():
             os.remove(self.checkpoint_path(step))

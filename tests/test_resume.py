@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from proxy import TcpProxy
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sft_cloud.registry import SessionRegistry
@@ -67,4 +68,8 @@ def test_broken_link_mid_step_changes_nothing(daemon, glue_dir, tmp_path, direct
     assert proxy.tripped.is_set(), "the proxy never broke the link: the test would prove nothing"
     assert run["resumes"] >= 1 and run["steps"] == ref["steps"] == 14
     assert run["cloud_steps"] == 14  # each step applied exactly once
+    with safe_open(f"{registry.checkpoint_dir}/{run['session_id']}/final.safetensors", "pt") as f:
+        replayed = int(f.metadata()["replayed"])
+    if direction == "down":  # the answer was lost after the cloud applied the step: served from cache
+        assert replayed == 1
     _assert_identical(ref, run, tmp_path / "ref", tmp_path / "cut", registry)
