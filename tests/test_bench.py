@@ -1,0 +1,112 @@
+"""The benchmarks run (tiny model, seconds); their numbers are measured by `make bench-*`, not here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def test_traffic_sizes_are_what_the_transport_counts():
+    from bench import traffic
+
+    rows = traffic.measure("random:tiny", "fixed", [1, 4], 1, None, 16, 4, ["fp32", "fp16", "int8"],
+                           ["none", "lz4"], full_step=True)  # fmt: skip
+    by = {(r["mode"], r["rank"], r["wire"], r["compression"]): r for r in rows}
+    sft = by[("sft", 4, "fp32", "none")]
+    # 4 x 16 tokens x 4 wide x 4 bytes, plus a few dozen bytes of fields and framing.
+    assert sft["analytic_per_direction"] == 4 * 16 * 4 * 4
+    assert 0 < sft["sent_per_step"] - sft["analytic_per_direction"] < 100
+    assert 0 < sft["received_per_step"] - sft["analytic_per_direction"] < 100
+    assert by[("sft", 4, "fp16", "none")]["sent_per_step"] < sft["sent_per_step"] / 1.8
+    assert by[("sl", None, "fp32", "none")]["vs_sl_fp32"] == 1.0
+    assert 4 < sft["vs_sl_fp32"] <= 8  # hidden 32 / R 4 = 8, less the fixed overhead
+
+
+def test_traffic_cheap_capture_matches_a_full_training_step():
+    """The benchmark's forward-only capture sends exactly the messages a full step sends."""
+    from bench import traffic
+    from bench.harness import batches
+    from sft_common.config import SplitSpec
+    from sft_common.models import load_base_model
+
+    base = load_base_model("random:tiny")
+    batch = batches(base, "fixed", 1, batch_size=3, seq=10)[0]
+    spec = SplitSpec(split_layer=2, rank=4)
+    full = traffic.capture_step(base, spec, batch, 10, full_step=True)
+    cheap = traffic.capture_step(base, spec, batch, 10, full_step=False)
+    assert full[2:] == cheap[2:]
+    assert full[0] == cheap[0] and full[1] == cheap[1]
+
+
+def test_step_time_breakdown_runs(tmp_path):
+    from bench import step_time
+
+    args = argparse.Namespace(model="random:tiny", kind="fixed", mode="sft", rank=4, split_layer=None,
+                              wire="fp32", compression="none", batch_size=2, seq=8, batches=1, warmup=0,
+                              reps=1, variants=["inproc", "grpc"])  # fmt: skip
+    rows = step_time.run(args)
+    assert [r["variant"] for r in rows] == ["inproc", "grpc"]
+    for r in rows:
+        assert r["total"] > 0 and r["cloud_compute"] > 0 and r["edge_compute"] > 0
+        assert r["transfer"] >= 0
+
+
+@pytest.mark.parametrize("phase", ["local", "inproc"])
+def test_edge_run_reports_time_and_memory(phase, capsys):
+    from bench import edge_run
+
+    edge_run.main(["--phase", phase, "--model", "random:tiny", "--kind", "fixed", "--batch-size", "2",
+                   "--seq", "8", "--steps", "1", "--warmup", "0"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step_s"] > 0
+    assert out["memory_kb"]["end"]["VmHWM"] >= out["memory_kb"]["idle"]["VmRSS"]
+
+
+def _can_make_netns() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        return False
+    probe = subprocess.run(["ip", "netns", "add", "sftb-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "sftb-probe"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_netns(), reason="needs root, ip and tc (network namespaces)")
+def test_link_namespaces_are_shaped_and_removed():
+    from bench import netns
+
+    with netns.link():
+        shown = netns.shape(10)
+        assert all("tbf" in q and "10Mbit" in q for q in shown.values())
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert netns.CLOUD_NS in names and netns.EDGE_NS in names
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert netns.CLOUD_NS not in names and netns.EDGE_NS not in names
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_make_netns(), reason="needs root, ip and tc (network namespaces)")
+def test_link_benchmark_end_to_end(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench.link", "--model", "random:tiny", "--kind", "fixed",
+                    "--batch-size", "2", "--seq", "8", "--steps", "1", "--warmup", "0", "--rates", "10",
+                    "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
+    rows = json.loads((tmp_path / "link.json").read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"local", "sl", "sft"}
+
+
+@pytest.mark.slow
+def test_memory_benchmark_end_to_end(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench.memory", "--model", "random:tiny", "--layers", "0",
+                    "--batch-size", "2", "--seq", "8", "--steps", "1", "--warmup", "0",
+                    "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["local", "edge (sft)"]
