@@ -18,7 +18,7 @@ equivalence tests and the drop-in API); the halves hold references to its submod
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -332,12 +332,3 @@ def build_cloud_half(
     _materialise(half, base, prefixes, seed, device, skip=("tail",))
     init_head(model, seed)
     return half, u
-
-
-def edge_parameter_names(spec: SplitSpec) -> List[str]:
-    """Documentation helper: the base model tensors net1 loads."""
-    l = spec.split_layer
-    names = ["embeddings."] + [f"encoder.layer.{i}." for i in range(l)]
-    if spec.mode == "sft":
-        return names + [f"encoder.layer.{l}.attention.", f"encoder.layer.{l}.intermediate."]
-    return names + [f"encoder.layer.{l}."]
