@@ -29,6 +29,12 @@ def scalars_path(output_dir: Optional[str], report: Optional[str]) -> Optional[s
     return None
 
 
+def open_for_run(output_dir: Optional[str], report: Optional[str]) -> Optional[ScalarLog]:
+    """The run's scalar log, or None when the run writes no files (no --output-dir, no --report)."""
+    path = scalars_path(output_dir, report)
+    return ScalarLog(path) if path else None
+
+
 class ScalarLog:
     """Appends rows and flushes each step, so a crashed run keeps its curve up to the crash."""
 

@@ -18,7 +18,7 @@ import torch
 
 from sft_common.config import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model
-from sft_edge import credentials, metrics
+from sft_edge import credentials, metrics, scalars
 from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend
 from sft_edge.checkpoints import EdgeCheckpoints
 from sft_edge.client import GrpcTransport, ResilientTransport, Rollback, Transport, open_channel
@@ -204,11 +204,13 @@ def train(
     )  # fmt: skip
 
     bar = _progress(total, cfg.progress, initial=step)
+    scalar_log = scalars.open_for_run(cfg.output_dir, cfg.report)  # loss, lr, traffic, evals as CSV
     try:
         while step < total:
             live["step"] = step
             try:
                 idx = batch_indices(len(train_data), cfg.batch_size, cfg.seed, step)
+                lr = backend.optimizer.param_groups[0]["lr"]  # the LR this step uses
                 loss = backend.train_step(step, collate(train_data, idx).to(device))
                 live["step"] = step + 1
                 if (step + 1) % per_epoch == 0 or step + 1 == total:
@@ -221,6 +223,8 @@ def train(
                         f"eval after step {step + 1}: "
                         + ", ".join(f"{k} {v:.4f}" for k, v in result.items()),
                     )
+                    if scalar_log is not None:
+                        scalar_log.eval(step + 1, result)
                 else:
                     evals = state.evals
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
@@ -238,6 +242,11 @@ def train(
             state.losses.append(loss)
             state.evals = evals
             state.steps = step = step + 1
+            if scalar_log is not None:
+                scalar_log.train(
+                    step, loss, lr, state.bytes_sent + (transport.bytes_sent if transport else 0),
+                    state.bytes_received + (transport.bytes_received if transport else 0),
+                )  # fmt: skip
             if (
                 ckpts is not None
                 and cfg.checkpoint_every
@@ -259,6 +268,8 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if scalar_log is not None:
+            scalar_log.close()
     cloud_steps = backend.close()
     seconds = time.time() - start
 

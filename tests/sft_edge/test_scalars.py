@@ -56,3 +56,27 @@ def test_plot_refuses_a_file_without_losses(tmp_path, capsys):
     bad.write_text("wall_time,step,tag,value\n1,1,eval/accuracy,0.5\n")
     assert edge_main(["plot", str(bad)]) == 2
     assert "no train/loss rows" in capsys.readouterr().err
+
+
+def test_a_split_run_writes_its_scalars_beside_the_weights(live_server, glue_dir, tmp_path):
+    from sft_edge.trainer import TrainConfig, train
+
+    address, _ = live_server
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        task="sst2", cloud=address, insecure=True, model="random:tiny", data_dir=glue_dir, max_steps=4,
+        batch_size=8, max_train_examples=16, max_eval_examples=16, split_layer=1, output_dir=str(out),
+        progress=False,
+    )  # fmt: skip
+    report = train(cfg)
+    series = scalars.read(str(out / "scalars.csv"))
+    assert [s for s, _ in series["train/loss"]] == [1, 2, 3, 4]
+    losses = [v for _, v in series["train/loss"]]
+    assert losses[0] == pytest.approx(report["train_loss_first"])
+    assert losses[-1] == pytest.approx(report["train_loss_last"])
+    assert series["train/lr"][0][1] == pytest.approx(cfg.lr)
+    # 16 examples / batch 8: an evaluation after steps 2 and 4, the last one the report's.
+    assert [s for s, _ in series["eval/accuracy"]] == [2, 4]
+    assert series["eval/accuracy"][-1][1] == pytest.approx(report["metrics"]["accuracy"])
+    sent = [v for _, v in series["traffic/bytes_sent"]]
+    assert sent == sorted(sent) and 0 < sent[-1] <= report["bytes_sent"]
