@@ -10,7 +10,7 @@ MIN_TRANSFORMERS ?= transformers==4.40.2
 MIN_VENV ?= .venv-min-transformers
 MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
-.PHONY: install test test-all lint protos check-protos check-py38 test-min-transformers compose-config certs demo clean bench-accuracy \
+.PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
 	bench bench-traffic bench-step bench-link bench-memory bench-wire-accuracy bench-plots
 
 install:
@@ -39,6 +39,14 @@ check-protos:
 # What the edge imports must run on Python 3.8 (JetPack 5 on the Jetson Xavier NX).
 check-py38:
 	$(PYTHON) -c "import sys; from vermin import main; sys.exit(main())" --target=3.8- --no-tips --violations sft_edge sft_common
+
+# The generated protos and the edge's gRPC client on a real Python 3.8 with grpcio 1.70 / protobuf
+# 5.29 (the Jetson's versions). PY38: a Python 3.8 interpreter.
+PY38 ?= python3.8
+check-py38-runtime:
+	test -x .venv-py38/bin/python || $(PY38) -m venv .venv-py38
+	.venv-py38/bin/python -m pip install -q grpcio==1.70.0 protobuf==5.29.6
+	PYTHONPATH=. .venv-py38/bin/python tests/py38_smoke.py
 
 # A fresh venv with the CPU torch from local disk and the lowest transformers we claim, running the
 # tests that touch transformers' layer, config and tokenizer APIs.
