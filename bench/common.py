@@ -77,10 +77,15 @@ def median(xs: Sequence[float]) -> float:
 
 
 def start_daemon(
-    host: str = "127.0.0.1", prefix: Sequence[str] = (), extra: Sequence[str] = (), timeout: float = 180.0
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    timeout: float = 180.0,
+    module: str = "sft_cloud.cli",
+    module_args: Sequence[str] = (),
 ) -> Tuple[subprocess.Popen, int]:
     """`sft-cloud serve --insecure` as a separate process on a free port: (process, port)."""
-    cmd = list(prefix) + [sys.executable, "-m", "sft_cloud.cli", "serve", "--insecure", "--host", host]
+    cmd = list(prefix) + [sys.executable, "-m", module, *module_args, "serve", "--insecure", "--host", host]
     cmd += ["--port", "0", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.time() + timeout

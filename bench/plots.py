@@ -1,0 +1,139 @@
+"""PNG plots for docs/benchmarks.md from whatever bench/results/*.json exist (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+from bench.common import RESULTS, ROOT
+
+
+def _load(folder: str, name: str) -> Optional[Dict]:
+    path = os.path.join(folder, name + ".json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def traffic(plt, data: Dict, out: str) -> None:
+    rows = [r for r in data["rows"] if r["compression"] == "none"]
+    models = sorted({(r["model"], r["batches"]) for r in rows})
+    wires = ["fp32", "fp16", "bf16", "int8"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, (model, kind) in zip(axes[0], models):
+        sub = [r for r in rows if r["model"] == model and r["batches"] == kind]
+        labels = ["SL"] + [f"SFT R={r}" for r in sorted({r["rank"] for r in sub if r["mode"] == "sft"})]
+        width = 0.8 / len(wires)
+        for i, w in enumerate(wires):
+            vals = []
+            for label in labels:
+                mode, rank = ("sl", None) if label == "SL" else ("sft", int(label.split("=")[1]))
+                match = [r for r in sub if r["mode"] == mode and r["rank"] == rank and r["wire"] == w]
+                vals.append(match[0]["total_per_step"] if match else 0)
+            ax.bar([x + i * width for x in range(len(labels))], vals, width, label=w)
+        ax.set_yscale("log")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=20)
+        ax.set_ylabel("bytes per step (both directions)")
+        ax.set_title(f"{model}, {kind} batches")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def step_time(plt, results: List[Dict], out: str) -> None:
+    parts = ["edge_compute", "edge_encode", "transfer", "cloud_decode", "cloud_compute", "cloud_encode",
+             "edge_decode", "transfer_and_cloud"]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels, y = [], 0
+    for data in results:
+        mode = data["args"]["mode"]
+        for row in data["rows"]:
+            left = 0.0
+            for i, part in enumerate(parts):
+                value = row.get(part)
+                if value:
+                    ax.barh(
+                        y,
+                        value,
+                        left=left,
+                        color=f"C{i}",
+                        label=part if part not in ax.get_legend_handles_labels()[1] else None,
+                    )
+                    left += value
+            labels.append(f"{mode} {row['variant']}")
+            y += 1
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("seconds per step (median parts)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def link(plt, data: Dict, out: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    local = [r for r in data["rows"] if r["mode"] == "local"][0]["step_s"]
+    for i, mode in enumerate(data["args"]["modes"]):
+        rows = sorted((r for r in data["rows"] if r["mode"] == mode), key=lambda r: r["rate_mbit"])
+        rates = [r["rate_mbit"] for r in rows]
+        ax.plot(rates, [r["step_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured")
+        ax.plot(rates, [r["floor_s"] for r in rows], "x--", color=f"C{i}", label=f"{mode} floor")
+    ax.axhline(local, color="k", linestyle=":", label="local (edge alone)")
+    ax.set_xscale("log")
+    ax.set_xlabel("link rate (Mbit/s, tbf on a veth pair)")
+    ax.set_ylabel("seconds per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def memory(plt, data: Dict, out: str) -> None:
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [r["run"] if r["split_layer"] == "-" else f"edge l={r['split_layer']}" for r in rows]
+    ax.bar(labels, [r["idle_mib"] for r in rows], label="before the model (runtime)", color="C7")
+    ax.bar(labels, [r["train_mib"] for r in rows], bottom=[r["idle_mib"] for r in rows], label="training")
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "img"))
+    args = p.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(args.out, exist_ok=True)
+    made = []
+    t = _load(args.results, "traffic")
+    if t:
+        traffic(plt, t, os.path.join(args.out, "traffic.png"))
+        made.append("traffic.png")
+    steps = [d for d in (_load(args.results, "step_time_sft"), _load(args.results, "step_time_sl")) if d]
+    if steps:
+        step_time(plt, steps, os.path.join(args.out, "step_time.png"))
+        made.append("step_time.png")
+    lk = _load(args.results, "link")
+    if lk:
+        link(plt, lk, os.path.join(args.out, "link.png"))
+        made.append("link.png")
+    m = _load(args.results, "memory")
+    if m:
+        memory(plt, m, os.path.join(args.out, "memory.png"))
+        made.append("memory.png")
+    plt.close("all")
+    print("wrote " + ", ".join(os.path.join(args.out, x) for x in made) if made else "no results to plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
