@@ -1,57 +1,48 @@
-"""GLUE metrics: accuracy, F1, Matthews correlation, Pearson and Spearman correlation."""
+"""GLUE metrics: accuracy, F1, Matthews correlation, Pearson and Spearman correlation.
+
+The standard implementations (scikit-learn, scipy), as Hugging Face `evaluate`'s GLUE metric
+uses them; a thin layer maps the task's metric names to them and logits to predictions.
+"""
 
 from __future__ import annotations
 
 from typing import Dict, Sequence
 
 import numpy as np
+from scipy.stats import pearsonr
+from scipy.stats import spearmanr as scipy_spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
-    return float((pred == gold).mean())
+    return float(accuracy_score(gold, pred))
 
 
 def f1(pred: np.ndarray, gold: np.ndarray) -> float:
     """Binary F1 of the positive class (label 1), as GLUE reports it for MRPC and QQP."""
-    tp = float(((pred == 1) & (gold == 1)).sum())
-    fp = float(((pred == 1) & (gold != 1)).sum())
-    fn = float(((pred != 1) & (gold == 1)).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    return float(f1_score(gold, pred, pos_label=1, zero_division=0))
 
 
 def matthews_correlation(pred: np.ndarray, gold: np.ndarray) -> float:
-    """Binary Matthews correlation coefficient (CoLA); 0 when undefined."""
-    tp = float(((pred == 1) & (gold == 1)).sum())
-    tn = float(((pred == 0) & (gold == 0)).sum())
-    fp = float(((pred == 1) & (gold == 0)).sum())
-    fn = float(((pred == 0) & (gold == 1)).sum())
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
+    """Matthews correlation coefficient (CoLA); 0 when undefined (a constant prediction)."""
+    return float(matthews_corrcoef(gold, pred))
+
+
+def _defined(value: float) -> float:
+    """Correlation with a constant series is undefined (scipy: nan); report 0, as for MCC."""
+    return float(value) if np.isfinite(value) else 0.0
 
 
 def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
-    p, g = pred - pred.mean(), gold - gold.mean()
-    denom = np.sqrt((p * p).sum() * (g * g).sum())
-    return 0.0 if denom == 0 else float((p * g).sum() / denom)
-
-
-def _rank(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties given their average rank (as scipy.stats.rankdata)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=float)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1
-        i = j + 1
-    return ranks
+    if np.ptp(pred) == 0 or np.ptp(gold) == 0:
+        return 0.0
+    return _defined(pearsonr(pred, gold)[0])
 
 
 def spearmanr(pred: np.ndarray, gold: np.ndarray) -> float:
-    return pearson(_rank(pred), _rank(gold))
+    if np.ptp(pred) == 0 or np.ptp(gold) == 0:
+        return 0.0
+    return _defined(scipy_spearmanr(pred, gold)[0])
 
 
 METRICS = {
