@@ -75,8 +75,13 @@ class SVDOutput(nn.Module):
         dense = output.dense
         hidden, inter = dense.weight.shape
         u, s, v = svd_factors(dense.weight, rank)
-        down = nn.Linear(inter, rank, bias=False)
-        tail = SVDTail(rank, hidden, output.LayerNorm.eps, output.dropout.p, keep_residual)
+        # Built without initialisation (every value is copied below): random init would draw from
+        # the process-wide RNG and shift the dropout masks of another session's step meanwhile.
+        with torch.device("meta"):
+            down = nn.Linear(inter, rank, bias=False)
+            tail = SVDTail(rank, hidden, output.LayerNorm.eps, output.dropout.p, keep_residual)
+        down.to_empty(device=dense.weight.device)
+        tail.to_empty(device=dense.weight.device)
         with torch.no_grad():
             down.weight.copy_(u.t())
             tail.sigma.copy_(s)
@@ -290,8 +295,8 @@ def build_edge_half(
     if spec.mode == "sft":
         if u is None or tuple(u.shape) != (cfg.intermediate_size, spec.rank):
             raise ValueError(f"edge factor u must have shape {(cfg.intermediate_size, spec.rank)}")
-        down = nn.Linear(cfg.intermediate_size, spec.rank, bias=False, device=device)
-        with torch.no_grad():
+        down = nn.Linear(cfg.intermediate_size, spec.rank, bias=False, device="meta").to_empty(device=device)
+        with torch.no_grad():  # (no random init: see SVDOutput.from_output)
             down.weight.copy_(u.t())
         with torch.device("meta"):
             tail = SVDTail(spec.rank, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout_prob)

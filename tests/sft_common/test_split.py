@@ -136,3 +136,14 @@ def test_edge_holds_only_net1(minilm_base):
 def test_bad_split_specs_are_refused(tiny_base, spec, message):
     with pytest.raises(ValueError, match=message):
         build_split_model(tiny_base, spec, 2, seed=0)
+
+
+@pytest.mark.parametrize("mode", ["sft", "sl"])
+def test_building_halves_draws_nothing_from_the_process_rng(tiny_base, mode):
+    """A daemon opens sessions while others compute: a draw from the process-wide RNG here would
+    shift the dropout masks of a step running meanwhile (32 concurrent sessions showed it)."""
+    spec = SplitSpec(split_layer=2, rank=8, mode=mode)
+    state = torch.get_rng_state()
+    _, u = build_cloud_half(tiny_base, spec, 2, seed=3)
+    build_edge_half(tiny_base, spec, u)
+    assert torch.equal(torch.get_rng_state(), state)
