@@ -75,10 +75,14 @@ class SessionRegistry:
             session = self._sessions.get(msg.session_id)
         if session is None:
             session = self._from_disk(msg.session_id, owner)
-        # The same answer for "no such session" and "not yours": nothing leaks about others' sessions.
+        # The same status and message for "no such session" and "not yours": a caller learns
+        # nothing about other identities' sessions, not even that an id exists.
         if session is None or not secrets.compare_digest(session.owner.encode(), owner.encode()):
-            code = grpc.StatusCode.NOT_FOUND if session is None else grpc.StatusCode.PERMISSION_DENIED
-            raise ProtocolError(code, "no session with this id is open for this identity")
+            raise ProtocolError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "no session with this id is open for this identity (a daemon restarted without "
+                "--checkpoint-dir forgets its sessions)",
+            )
         _check_fingerprint(msg, session)
         return session
 

@@ -84,7 +84,7 @@ def test_unknown_session_over_the_wire(live_server):
     t = GrpcTransport(open_channel(address))
     with pytest.raises(CloudError, match="no session with this id") as info:
         t.call(pb.EdgeMessage(open=pb.OpenSession(config=session_config(), session_id="made-up")))
-    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_several_sessions_at_once_each_with_its_own_net2(live_server, tiny_base):

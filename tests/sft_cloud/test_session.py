@@ -167,7 +167,7 @@ def test_unknown_session_and_other_identity(registry, tiny_base):
                 open=pb.OpenSession(config=config, session_id="nope", fingerprint=proto.session.fingerprint)
             )
         )
-    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED  # the same as someone else's session
     thief = StreamProtocol(registry, "edge-b")
     with pytest.raises(ProtocolError, match="no session with this id") as info:
         thief.handle(
