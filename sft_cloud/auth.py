@@ -17,21 +17,11 @@ from typing import Callable, Iterable, List, Optional
 
 import grpc
 
+from sft_common.pem import read_pem
 from sft_common.tokens import bearer_token, read_token_file
 
 log = logging.getLogger("sft_cloud")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-
-
-def _read_pem(path: str, flag: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{flag}: {path} is not a PEM file")
-    return data
 
 
 def server_credentials(
@@ -50,8 +40,8 @@ def server_credentials(
             "no TLS material: pass --tls-cert and --tls-key (`make certs` writes development ones "
             "into certs/dev/), or --insecure to serve plaintext"
         )
-    pair = (_read_pem(tls_key, "--tls-key"), _read_pem(tls_cert, "--tls-cert"))
-    client_ca = _read_pem(tls_client_ca, "--tls-client-ca") if tls_client_ca else None
+    pair = (read_pem(tls_key, "--tls-key"), read_pem(tls_cert, "--tls-cert"))
+    client_ca = read_pem(tls_client_ca, "--tls-client-ca") if tls_client_ca else None
     # With a client CA the handshake itself refuses edges without a certificate it signed.
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=client_ca is not None

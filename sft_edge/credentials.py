@@ -16,21 +16,11 @@ from typing import List, Optional, Tuple
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sft_common.pem import read_pem
 from sft_common.tokens import TokenError, bearer_metadata, read_token_file
 from sft_edge.client import CloudError
 
 log = logging.getLogger("sft_edge")
-
-
-def _read_pem(path: str, flag: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{flag}: {path} is not a PEM file")
-    return data
 
 
 def channel_credentials(
@@ -52,9 +42,9 @@ def channel_credentials(
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("mutual TLS needs both --tls-cert and --tls-key")
     return grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(tls_ca, "--tls-ca"),
-        private_key=_read_pem(tls_key, "--tls-key") if tls_key else None,
-        certificate_chain=_read_pem(tls_cert, "--tls-cert") if tls_cert else None,
+        root_certificates=read_pem(tls_ca, "--tls-ca"),
+        private_key=read_pem(tls_key, "--tls-key") if tls_key else None,
+        certificate_chain=read_pem(tls_cert, "--tls-cert") if tls_cert else None,
     )
 
 
