@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
+
+from sft_cloud.launch import start_daemon, stop_daemon
 
 
 def main() -> int:
@@ -23,20 +24,8 @@ def main() -> int:
     parser.add_argument("--task", default="sst2")
     args = parser.parse_args()
 
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "sft_cloud.cli", "serve", "--insecure", "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    daemon, port = start_daemon(["--insecure"])
     try:
-        port = None
-        for line in daemon.stdout:
-            m = re.search(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                port = m.group(1)
-                break
-        if port is None:
-            print("demo: the daemon did not start", file=sys.stderr)
-            return 1
         print(
             f"demo: sft-cloud daemon on 127.0.0.1:{port}; training MiniLM-L6 (split at the last layer, R=8)"
         )
@@ -58,8 +47,7 @@ def main() -> int:
         )
         return 0
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
+        stop_daemon(daemon)
 
 
 if __name__ == "__main__":
