@@ -147,8 +147,12 @@ def decode(
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     numel = math.prod(dims) if dims else 1
     nbytes = numel * itemsize
-    if nbytes > max_bytes:
-        raise refuse(f"shape {dims} is {nbytes} bytes, over the limit of {max_bytes}")
+    # A 0 in the shape makes it empty, but torch still multiplies the other dimensions (strides):
+    # measured with each 0 counted as 1, so [0, 2^32, 2^32] is refused here, not by torch.
+    span = math.prod(max(d, 1) for d in dims) * itemsize if dims else itemsize
+    if span > max_bytes:
+        counted = f" (its dimensions span {span})" if span != nbytes else ""
+        raise refuse(f"shape {dims} is {nbytes} bytes{counted}, over the limit of {max_bytes}")
     if not math.isfinite(msg.scale) or msg.scale < 0:
         raise refuse(f"invalid scale {msg.scale}")
     if msg.dtype == pb.INT8:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
+import lz4.block
 import torch
 
 from sft_common.proto import sft_pb2 as pb
@@ -57,3 +58,31 @@ def params(module: torch.nn.Module) -> List[torch.Tensor]:
 def max_diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
     assert len(a) == len(b)
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+class AllocationSpy:
+    """Records every size the decoder asks for: what ``torch.frombuffer`` and lz4 would allocate.
+
+    A context manager rather than ``monkeypatch``: hypothesis runs many examples in one test."""
+
+    def __init__(self):
+        self.sizes: List[int] = []
+        self._frombuffer, self._decompress = torch.frombuffer, lz4.block.decompress
+
+    def __enter__(self) -> AllocationSpy:
+        def frombuffer(buffer, *args, **kw):
+            self.sizes.append(len(buffer))
+            return self._frombuffer(buffer, *args, **kw)
+
+        def decompress(data, *args, uncompressed_size=-1, **kw):
+            self.sizes.append(uncompressed_size)
+            return self._decompress(data, *args, uncompressed_size=uncompressed_size, **kw)
+
+        torch.frombuffer, lz4.block.decompress = frombuffer, decompress  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.frombuffer, lz4.block.decompress = self._frombuffer, self._decompress  # type: ignore[assignment]
+
+    def assert_bounded(self, cap: int) -> None:
+        assert all(0 <= n <= cap for n in self.sizes), f"allocation from a claimed size: {self.sizes}"

@@ -12,8 +12,8 @@ import grpc
 import lz4.block
 import pytest
 import torch
-from helpers import max_diff, params, session_config
-from hypothesis import HealthCheck, assume, given, settings
+from helpers import AllocationSpy, max_diff, params, session_config
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from sft_cloud.protocol import StreamProtocol
@@ -164,34 +164,6 @@ def hostile(draw, next_step: int) -> Case:
     return pb.EdgeMessage(eval=ev), INVALID, r"activations: (rank \d+ \(shape|shape \[.*\]: dimension \d is)"
 
 
-class AllocationSpy:
-    """Records every size the decoder asks for: what ``torch.frombuffer`` and lz4 would allocate.
-
-    A context manager rather than ``monkeypatch``: hypothesis runs many examples in one test."""
-
-    def __init__(self):
-        self.sizes: List[int] = []
-        self._frombuffer, self._decompress = torch.frombuffer, lz4.block.decompress
-
-    def __enter__(self) -> AllocationSpy:
-        def frombuffer(buffer, *args, **kw):
-            self.sizes.append(len(buffer))
-            return self._frombuffer(buffer, *args, **kw)
-
-        def decompress(data, *args, uncompressed_size=-1, **kw):
-            self.sizes.append(uncompressed_size)
-            return self._decompress(data, *args, uncompressed_size=uncompressed_size, **kw)
-
-        torch.frombuffer, lz4.block.decompress = frombuffer, decompress  # type: ignore[assignment]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.frombuffer, lz4.block.decompress = self._frombuffer, self._decompress  # type: ignore[assignment]
-
-    def assert_bounded(self, cap: int) -> None:
-        assert all(0 <= n <= cap for n in self.sizes), f"allocation from a claimed size: {self.sizes}"
-
-
 class Snapshot:
     """Everything a refused message must leave as it was."""
 
@@ -280,11 +252,13 @@ def test_replay_of_the_last_step_gets_the_cached_reply_and_changes_nothing(proto
     compression=st.sampled_from([pb.COMPRESSION_NONE, pb.LZ4]),
     dtype=st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.INT8]),
 )
+@example(shape=[0, 3_036_988_439, 3_037_012_561], data=b"", compression=0, dtype=1)  # torch overflowed
 def test_codec_checks_a_claimed_size_before_allocating(shape, data, compression, dtype):
     """With no expected shape (only a byte cap), the claimed size is checked before lz4 or torch
-    allocate anything: a tiny message cannot make the decoder reserve terabytes."""
+    allocate anything: a tiny message cannot make the decoder reserve terabytes. (Found here: an
+    empty shape with huge other dimensions made torch raise instead of a clear refusal.)"""
     itemsize = torch.empty((), dtype=codec.TORCH_DTYPES[dtype]).element_size()
-    claimed = math.prod(shape) * itemsize
+    claimed = math.prod(max(d, 1) for d in shape) * itemsize  # a 0 counts as 1 (strides)
     scales = [1.0] * min(shape[0] if len(shape) > 1 else 1, 4) if dtype == pb.INT8 else []
     msg = pb.Tensor(dtype=dtype, shape=shape, data=data, compression=compression, scales=scales)
     with AllocationSpy() as spy:
