@@ -11,7 +11,7 @@ MIN_VENV ?= .venv-min-transformers
 MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
-	bench bench-traffic bench-step bench-link bench-memory bench-wire-accuracy bench-plots
+	bench bench-traffic bench-step bench-link bench-memory bench-wire-accuracy bench-plots bench-load bench-reconnects
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
@@ -98,6 +98,15 @@ bench-wire-accuracy:
 
 bench-plots:
 	$(PYTHON) -m bench.plots
+
+# Reliability (docs/reliability.md): 32 concurrent sessions against a daemon process (each must end with
+# its solo run's weights; p50/p99 step latency, daemon RSS and threads), and 1,000 re-attachments of one
+# session (daemon RSS and threads every 100). Write bench/results/load.json and reconnects.json.
+bench-load:
+	$(BENCH_NICE) $(PYTHON) -m bench.load --sessions 32 --steps 20 $(BENCH_ARGS)
+
+bench-reconnects:
+	$(PYTHON) -m bench.reconnects --reconnects 1000 $(BENCH_ARGS)
 
 bench: bench-traffic bench-step bench-memory bench-wire-accuracy bench-plots
 

@@ -1,6 +1,6 @@
 """Load: N concurrent edge sessions on one daemon; each must end with its solo run's weights.
 
-    python bench/load.py --sessions 32 --steps 20       # or: make bench-load
+    python -m bench.load --sessions 32 --steps 20       # or: make bench-load
 
 Starts `sft-cloud serve` as its own process (so its memory and threads are its own), runs every
 session alone first (the reference), then all of them at once, and checks that each session's
@@ -239,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS, "load.json"))
     args = p.parse_args(argv)
 
-    info = {"command": " ".join(["python", "bench/load.py", *(argv or sys.argv[1:])]), "machine": machine()}
+    info = {"command": " ".join(["python", "-m", "bench.load", *(argv or sys.argv[1:])]), "machine": machine()}
     base = load_base_model("random:tiny")
     seeds = [1000 + i for i in range(args.sessions)]
     lock = threading.Lock()

@@ -1,6 +1,6 @@
 """Reconnects: the daemon's threads and memory stay flat across 1,000 re-attachments of one session.
 
-    python bench/reconnects.py --reconnects 1000       # or: make bench-reconnects
+    python -m bench.reconnects --reconnects 1000       # or: make bench-reconnects
 
 One session is opened, then re-attached over and over from a new channel, each time in one of
 four ways: a clean stream (re-attach, one step, half-close), a clean stream with no step, an
@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     info = {
-        "command": " ".join(["python", "bench/reconnects.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "bench.reconnects", *(argv or sys.argv[1:])]),
         "machine": machine(),
     }
     base = load_base_model("random:tiny")
