@@ -92,9 +92,9 @@ def plan_runs(
         seeds = list(seeds or [42, 43])
         first, rest = seeds[0], seeds[1:]
         steps = sst2_steps
-        runs = [Run("sst2", c, first, max_steps=steps) for c in ("local", "sft-r8", "sl")]
+        runs = [Run("sst2", c, first, max_steps=steps) for c in ("local", "sft-r8")]
         runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=steps) for k in (0, 3)]
-        runs += [Run("sst2", c, first, max_steps=steps) for c in ("sft-r16", "sft-r32")]
+        runs += [Run("sst2", c, first, max_steps=steps) for c in ("sl", "sft-r16", "sft-r32")]
         runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=steps) for k in (1, 2, 4)]
         runs += [Run("sst2", c, s, max_steps=steps) for s in rest for c in ("local", "sft-r8")]
         return runs
@@ -135,11 +135,23 @@ def edge_command(run: Run, data_dir: str, model: str, port: Optional[int], repor
     return cmd
 
 
-def start_daemon(nice: int, timeout: float = 180.0) -> Tuple[subprocess.Popen, int]:
+def _env(threads: Optional[int]) -> Dict[str, str]:
+    env = dict(os.environ)
+    if threads:
+        # One intra-op thread wastes less CPU than two spinning ones on an oversubscribed machine.
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def start_daemon(
+    nice: int, timeout: float = 180.0, threads: Optional[int] = None
+) -> Tuple[subprocess.Popen, int]:
     """`sft-cloud serve --insecure` on 127.0.0.1, port 0; returns (process, the port it bound)."""
     cmd = _niced(nice) + [sys.executable, "-m", "sft_cloud.cli", "serve", "--insecure"]
     cmd += ["--host", "127.0.0.1", "--port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env(threads)
+    )
     assert proc.stdout is not None
     deadline = time.time() + timeout
     lines = []
@@ -169,7 +181,9 @@ def _niced(nice: int) -> List[str]:
     return ["nice", "-n", str(nice)] if nice > 0 else []
 
 
-def execute(run: Run, results: str, data_dir: str, model: str, nice: int, log_dir: str) -> Dict:
+def execute(
+    run: Run, results: str, data_dir: str, model: str, nice: int, log_dir: str, threads: Optional[int] = None
+) -> Dict:
     """One run: start a daemon if needed, train, save RESULTS/<name>.json; returns the record."""
     os.makedirs(results, exist_ok=True)
     os.makedirs(log_dir, exist_ok=True)
@@ -179,12 +193,14 @@ def execute(run: Run, results: str, data_dir: str, model: str, nice: int, log_di
     daemon = None
     port = None
     if run.mode_flags() is not None:
-        daemon, port = start_daemon(nice)
+        daemon, port = start_daemon(nice, threads=threads)
     cmd = edge_command(run, data_dir, model, port, report_path)
     started = time.time()
     try:
         with open(os.path.join(log_dir, run.name + ".log"), "w") as log:
-            rc = subprocess.call(_niced(nice) + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            rc = subprocess.call(
+                _niced(nice) + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(threads)
+            )
     finally:
         daemon_out = stop_daemon(daemon) if daemon is not None else ""
     wall = time.time() - started
@@ -205,6 +221,7 @@ def execute(run: Run, results: str, data_dir: str, model: str, nice: int, log_di
         "wall_seconds": round(wall, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "nice": nice,
+        "threads": threads,
         "git_head": _git_head(),
         "report": report,
     }
@@ -345,6 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--log-dir", default=None, help="per-run logs and raw reports (default RESULTS/../accuracy-logs)"
     )
     p.add_argument("--nice", type=int, default=19, help="niceness of every process (0: none)")
+    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads per process (default: torch's)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     p.add_argument("--extra", default="", help="extra sft-edge flags for every run (smoke tests)")
     p.add_argument("--force", action="store_true", help="re-run even when a result exists")
@@ -377,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.max_runs is not None and done >= args.max_runs:
             break
         print(f"run   {run.name} ...", flush=True)
-        rec = execute(run, results, args.data_dir, args.model, args.nice, log_dir)
+        rec = execute(run, results, args.data_dir, args.model, args.nice, log_dir, args.threads)
         m = rec["report"]["metrics"]
         print(
             f"done  {run.name}: accuracy {100 * m['accuracy']:.2f} in {rec['report']['seconds']:.0f} s",
