@@ -29,7 +29,7 @@ def test_plan_commands_and_table():
     assert names[:4] == ["rte-local-e3-s42", "rte-sft-r8-e3-s42", "mrpc-local-e3-s42", "mrpc-sft-r8-e3-s42"]
     assert len(set(names)) == len(names) and "sst2-sft-r8-l0-m400-s42" in names
     cpu = [r.name for r in acc.plan_runs("cpu", sst2_steps=200)]
-    assert cpu[:3] == ["sst2-local-m200-s42", "sst2-sft-r8-m200-s42", "sst2-sl-m200-s42"]
+    assert cpu[:3] == ["sst2-local-m200-s42", "sst2-sft-r8-m200-s42", "sst2-sft-r8-l0-m200-s42"]
     cmd = acc.edge_command(acc.Run("sst2", "sft-r8-l2", 43, max_steps=400), "/glue", "m", 5000, "r.json")
     text = " ".join(cmd)
     assert "--mode sft --rank 8 --split-layer 2" in text and "--cloud 127.0.0.1:5000 --insecure" in text
