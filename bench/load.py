@@ -239,7 +239,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS, "load.json"))
     args = p.parse_args(argv)
 
-    info = {"command": " ".join(["python", "-m", "bench.load", *(argv or sys.argv[1:])]), "machine": machine()}
+    info = {
+        "command": " ".join(["python", "-m", "bench.load", *(argv or sys.argv[1:])]),
+        "machine": machine(),
+    }
     base = load_base_model("random:tiny")
     seeds = [1000 + i for i in range(args.sessions)]
     lock = threading.Lock()
