@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import torch
@@ -94,19 +97,35 @@ def tiny_checkpoint(tmp_path_factory):
     return str(folder)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_example(glue_dir: str, extra) -> dict:
-    """examples/drop_in.py (an HF loop plus three lines) against `sft-cloud serve` in its own process."""
-    proc, port = start_daemon(["--insecure"])
+    """examples/drop_in.py (an HF loop plus three lines) against `sft-cloud serve` in its own
+    process; the daemon's Prometheus endpoint and JSON logs are read on the way."""
+    metrics_port = _free_port()
+    proc, port = start_daemon(["--insecure", "--metrics-port", str(metrics_port), "--log-format", "json"])
     try:
         out = subprocess.run(
             [sys.executable, os.path.join(ROOT, "examples", "drop_in.py"), "--cloud", f"127.0.0.1:{port}",
              "--insecure", "--data-dir", glue_dir, *extra],
             capture_output=True, text=True, timeout=600, cwd=ROOT,
         )  # fmt: skip
+        scrape = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        )
     finally:
         log = stop_daemon(proc)
     assert out.returncode == 0, out.stderr[-3000:] + log[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    steps = re.search(r"^sft_train_steps_total (\S+)$", scrape, re.M)
+    assert steps and float(steps.group(1)) == result["steps"]
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    return result
 
 
 def test_drop_in_example_trains_against_a_daemon(glue_dir, tiny_checkpoint):
