@@ -153,7 +153,10 @@ class SessionRegistry:
             if name in self._bases:
                 return self._bases[name]
         try:
-            base = load_base_model(name)
+            # Under the compute lock: a random:* model is initialised from the process-wide RNG,
+            # which must not shift the dropout masks of a step running meanwhile.
+            with self._compute_lock:
+                base = load_base_model(name)
         except ModelError as exc:
             raise ProtocolError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"cloud cannot load the model: {exc}"

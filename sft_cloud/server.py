@@ -62,7 +62,7 @@ def server_options(cfg: ServeConfig) -> list:
         # default; each session still refuses anything over its own, config-derived cap.
         ("grpc.max_receive_message_length", cap),
         ("grpc.max_send_message_length", cap),
-        # Edges ping every 30 s while idle (see sft_edge.client); allow that without GOAWAY
+        # Edges ping every 10 s (see sft_edge.client); accept pings every 5 s without GOAWAY
         # "too_many_pings", and ping them back so a silently dead edge is noticed.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),

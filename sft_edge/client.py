@@ -24,8 +24,7 @@ RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.INTERNAL,  # e.g. RST_STREAM from a connection torn down mid-frame
     grpc.StatusCode.ABORTED,
 }
 
