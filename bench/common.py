@@ -45,11 +45,21 @@ def machine() -> Dict[str, object]:
     }
 
 
+def command_line() -> str:
+    """How this benchmark was started, as a user would type it (``python -m bench.x ...``)."""
+    script = os.path.abspath(sys.argv[0])
+    head = ["python", sys.argv[0]]
+    if script.startswith(os.path.join(ROOT, "bench") + os.sep):
+        head = ["python", "-m", "bench." + os.path.splitext(os.path.basename(script))[0]]
+    env = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ else []
+    return " ".join(env + head + sys.argv[1:])
+
+
 def save(name: str, payload: Dict, out_dir: Optional[str] = None) -> str:
     """Write ``payload`` (with the machine and command line) to results/<name>.json."""
     folder = out_dir or RESULTS
     os.makedirs(folder, exist_ok=True)
-    payload = {"command": " ".join(["python"] + sys.argv), "machine": machine(), **payload}
+    payload = {"command": command_line(), "machine": machine(), **payload}
     path = os.path.join(folder, name + ".json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
