@@ -121,6 +121,16 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         log.warning("serving WITHOUT TLS (--insecure): activations and gradients cross the network in clear")
         if cfg.auth_token_file:
             log.warning("bearer tokens cross in clear too: only behind a TLS-terminating proxy")
+    # Handlers first: a SIGTERM that arrives while the server starts still stops it gracefully.
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: shutting down (grace %.0fs)", signum, cfg.grace_seconds)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
     device = resolve_device(cfg.device)
     registry = SessionRegistry(
         device=device,
@@ -138,15 +148,6 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         cfg.max_sessions, _tls_mode(cfg), f"tokens from {cfg.auth_token_file}" if cfg.auth_token_file else "no tokens",
     )  # fmt: skip
     print(f"sft-cloud: listening on {cfg.host}:{port}", flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        log.info("signal %d: shutting down (grace %.0fs)", signum, cfg.grace_seconds)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
     if ready is not None:
         ready.set()
     # Evict idle sessions (checkpointed first when there is a checkpoint dir) while serving.
