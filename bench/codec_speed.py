@@ -2,8 +2,8 @@
 
 Sizes: the SFT R=8 cut and the SL cut of one BERT-base step (4096 tokens x 8 / x 768). ``before``
 is the previous tensor path, kept here verbatim for the comparison: ``t * scale`` then a cast
-then ``.numpy().tobytes()`` on the way out; ``bytearray(data)`` then a cast then ``out / scale``
-on the way in. Medians of ``--reps`` runs. Usage: python -m bench.codec_speed
+then ``.numpy().tobytes()`` on the way out; ``bytearray(data)``, a cast, ``out / scale`` and
+``isfinite().all()`` on the way in. Medians of ``--reps`` runs, all variants called round-robin. Usage: python -m bench.codec_speed
 """
 
 from __future__ import annotations
@@ -45,14 +45,17 @@ def before_decode(msg: pb.Tensor) -> torch.Tensor:
     return out
 
 
-def timed(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times: List[float] = []
+def timed(fns: Dict[str, Callable[[], object]], reps: int) -> Dict[str, float]:
+    """Median seconds of each function, called round-robin so that load changes hit all alike."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: median(v) for k, v in times.items()}
 
 
 def main() -> int:
@@ -69,12 +72,15 @@ def main() -> int:
             w = codec.WIRE_DTYPES[name]
             msg = codec.encode(x, w)
             row: Dict = {"width": width, "wire": name, "payload_bytes": len(msg.data)}
-            row["encode_ms"] = timed(partial(codec.encode, x, w), args.reps) * 1e3
-            row["decode_ms"] = timed(partial(codec.decode, msg, name="x"), args.reps) * 1e3
+            fns: Dict[str, Callable[[], object]] = {
+                "encode_ms": partial(codec.encode, x, w),
+                "decode_ms": partial(codec.decode, msg, name="x"),
+            }
             if name != "int8":
                 old = before_encode(x, w)
-                row["before_encode_ms"] = timed(partial(before_encode, x, w), args.reps) * 1e3
-                row["before_decode_ms"] = timed(partial(before_decode, old), args.reps) * 1e3
+                fns["before_encode_ms"] = partial(before_encode, x, w)
+                fns["before_decode_ms"] = partial(before_decode, old)
+            row.update({k: v * 1e3 for k, v in timed(fns, args.reps).items()})
             rows.append(row)
             print(rows[-1], file=sys.stderr, flush=True)
     cols = [

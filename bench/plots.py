@@ -45,47 +45,52 @@ def traffic(plt, data: Dict, out: str) -> None:
 
 
 def step_time(plt, results: List[Dict], out: str) -> None:
-    parts = ["edge_compute", "edge_encode", "transfer", "cloud_decode", "cloud_compute", "cloud_encode",
-             "edge_decode", "transfer_and_cloud"]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels, y = [], 0
-    for data in results:
-        mode = data["args"]["mode"]
-        for row in data["rows"]:
-            left = 0.0
-            for i, part in enumerate(parts):
-                value = row.get(part)
-                if value:
-                    ax.barh(
-                        y,
-                        value,
-                        left=left,
-                        color=f"C{i}",
-                        label=part if part not in ax.get_legend_handles_labels()[1] else None,
-                    )
-                    left += value
-            labels.append(f"{mode} {row['variant']}")
-            y += 1
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("seconds per step (median parts)")
-    ax.legend(fontsize=7, loc="lower right")
+    """Each part of the step (median), per variant, on a log scale: seconds of compute next to
+    the milliseconds that the transport adds."""
+    parts = ["total", "edge_compute", "cloud_compute", "transfer", "transfer_and_cloud", "edge_encode",
+             "edge_decode", "cloud_decode", "cloud_encode"]  # fmt: skip
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, data in zip(axes[0], results):
+        rows = data["rows"]
+        height = 0.8 / len(rows)
+        for j, row in enumerate(rows):
+            ys = [i + j * height for i in range(len(parts))]
+            ax.barh(ys, [row.get(p) or 0 for p in parts], height, label=row["variant"])
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(parts))], parts)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds (median over steps)")
+        a = data["args"]
+        ax.set_title(f"{a['model']} {a['mode']}" + (f" R={a['rank']}" if a["mode"] == "sft" else ""))
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
 def link(plt, data: Dict, out: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Left: measured step and its floor. Right: the step minus edge compute (what the link and
+    the cloud add), which does not move with the load other processes put on the edge's CPU."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     local = [r for r in data["rows"] if r["mode"] == "local"][0]["step_s"]
     for i, mode in enumerate(data["args"]["modes"]):
         rows = sorted((r for r in data["rows"] if r["mode"] == mode), key=lambda r: r["rate_mbit"])
         rates = [r["rate_mbit"] for r in rows]
         ax.plot(rates, [r["step_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured")
         ax.plot(rates, [r["floor_s"] for r in rows], "x--", color=f"C{i}", label=f"{mode} floor")
+        ax2.plot(
+            rates, [r["step_s"] - r["edge_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured"
+        )
+        ax2.plot(
+            rates, [r["floor_s"] - r["edge_s"] for r in rows], "x--", color=f"C{i}", label=f"{mode} floor"
+        )
     ax.axhline(local, color="k", linestyle=":", label="local (edge alone)")
-    ax.set_xscale("log")
-    ax.set_xlabel("link rate (Mbit/s, tbf on a veth pair)")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xlabel("link rate (Mbit/s, tbf on a veth pair)")
+        a.legend(fontsize=8)
     ax.set_ylabel("seconds per step")
-    ax.legend(fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("step minus edge compute (s)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -80,7 +80,8 @@ def encode(
             t, scales = t.to(torch.int8), [0.0] * _rows(t.shape)
         t = t.cpu()
     elif wire_dtype == pb.FLOAT16 and t.numel():
-        amax = float(t.abs().max())
+        lo, hi = torch.aminmax(t)  # no |t| temporary
+        amax = max(-float(lo), float(hi))
         out = torch.empty(t.shape, dtype=torch.float16, device=t.device)
         if amax > 0 and math.isfinite(amax):
             scale = 2.0 ** math.floor(math.log2(FP16_TARGET_AMAX / amax))  # a power of two: exact
@@ -182,8 +183,11 @@ def decode(
         out = raw.to(dtype=torch.float32).reshape(_rows(dims), -1).mul_(scales[:, None]).reshape(dims)
         return out.to(device)  # int8 times finite scales is finite
     out = raw.to(dtype=torch.float32)  # a copy for fp16/bf16; for fp32 the view itself
-    if not bool(torch.isfinite(out).all()):
-        raise refuse("contains NaN or Inf")
     if msg.scale:
         out = out / msg.scale if msg.dtype == pb.FLOAT32 else out.div_(msg.scale)
+    # min and max propagate NaN and show +-Inf: one pass with no temporary, ~15x faster on CPU
+    # than isfinite().all(), which materialises a bool tensor (docs/benchmarks.md).
+    lo, hi = torch.aminmax(out)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        raise refuse("contains NaN or Inf")
     return out.to(device)
