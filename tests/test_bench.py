@@ -69,7 +69,8 @@ def test_edge_run_reports_time_and_memory(phase, capsys):
                    "--seq", "8", "--steps", "1", "--warmup", "0"])  # fmt: skip
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step_s"] > 0
-    assert out["memory_kb"]["end"]["VmHWM"] >= out["memory_kb"]["idle"]["VmRSS"]
+    # The kernel updates RSS counters lazily: the peak may read a few pages below an earlier RSS.
+    assert out["memory_kb"]["end"]["VmHWM"] >= 0.95 * out["memory_kb"]["idle"]["VmRSS"] > 0
 
 
 def _can_make_netns() -> bool:
