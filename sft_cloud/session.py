@@ -51,7 +51,7 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
     if config.num_labels < 1 or config.num_labels > 10_000:
         raise _invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
     if config.wire_dtype not in codec.TORCH_DTYPES:
-        raise _invalid(f"wire dtype {config.wire_dtype} is not one of FLOAT32, FLOAT16, BFLOAT16")
+        raise _invalid(f"wire dtype {config.wire_dtype} is not one of FLOAT32, FLOAT16, BFLOAT16, INT8")
     if config.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
         raise _invalid(f"compression {config.compression} is not one of COMPRESSION_NONE, LZ4")
     if not 1 <= config.max_batch_size <= max_batch:

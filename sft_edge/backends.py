@@ -196,7 +196,7 @@ class LocalBackend:
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:

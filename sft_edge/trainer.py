@@ -39,7 +39,7 @@ class TrainConfig:
     split_layer: Optional[int] = None  # None: the last layer
     rank: int = 8
     mode: str = "sft"  # sft | sl
-    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16
+    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16 | int8
     compression: str = "none"  # none | lz4
     batch_size: int = 32
     epochs: float = 3.0
