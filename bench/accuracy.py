@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from sft_cloud import launch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS = os.path.join(ROOT, "bench", "results", "accuracy")
 DEFAULT_GLUE = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
@@ -147,34 +149,13 @@ def start_daemon(
     nice: int, timeout: float = 180.0, threads: Optional[int] = None
 ) -> Tuple[subprocess.Popen, int]:
     """`sft-cloud serve --insecure` on 127.0.0.1, port 0; returns (process, the port it bound)."""
-    cmd = _niced(nice) + [sys.executable, "-m", "sft_cloud.cli", "serve", "--insecure"]
-    cmd += ["--host", "127.0.0.1", "--port", "0"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env(threads)
+    return launch.start_daemon(
+        ["--insecure"], timeout=timeout, prefix=_niced(nice), cwd=str(ROOT), env=_env(threads)
     )
-    assert proc.stdout is not None
-    deadline = time.time() + timeout
-    lines = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on [\d.]+:(\d+)", line)
-        if m:
-            return proc, int(m.group(1))
-    proc.kill()
-    raise RuntimeError("daemon did not start:\n" + "".join(lines))
 
 
 def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out or ""
+    return launch.stop_daemon(proc, timeout)
 
 
 def _niced(nice: int) -> List[str]:

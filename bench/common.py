@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
+
+from sft_cloud import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -95,28 +96,15 @@ def start_daemon(
     module_args: Sequence[str] = (),
 ) -> Tuple[subprocess.Popen, int]:
     """`sft-cloud serve --insecure` as a separate process on a free port: (process, port)."""
-    cmd = list(prefix) + [sys.executable, "-m", module, *module_args, "serve", "--insecure", "--host", host]
-    cmd += ["--port", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    deadline = time.time() + timeout
-    seen: List[str] = []
-    assert proc.stdout is not None
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(r"listening on [\d.:a-f]+:(\d+)", line)
-        if m:
-            return proc, int(m.group(1))
-    proc.kill()
-    raise RuntimeError("sft-cloud did not start:\n" + "".join(seen))
+    return launch.start_daemon(
+        ["--insecure", *extra],
+        host=host,
+        timeout=timeout,
+        prefix=prefix,
+        cwd=str(ROOT),
+        module=[module, *module_args],
+    )
 
 
 def stop_daemon(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+    launch.stop_daemon(proc)

@@ -25,15 +25,18 @@ def start_daemon(
     timeout: float = 180.0,
     prefix: Sequence[str] = (),
     cwd: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    module: Sequence[str] = ("sft_cloud.cli",),
 ) -> Tuple[subprocess.Popen, int]:
     """Start the daemon and wait for its "listening on" line; returns (process, bound port).
 
-    ``prefix`` wraps the command (e.g. ``ip netns exec NAME``). Raises RuntimeError with what
+    ``prefix`` wraps the command (e.g. ``ip netns exec NAME``); ``module`` is what ``python -m``
+    runs, with its own arguments before ``serve`` (a wrapper around ``sft_cloud.cli``, say). Raises RuntimeError with what
     the daemon printed if it does not come up within ``timeout`` seconds.
     """
-    cmd = list(prefix) + [sys.executable, "-m", "sft_cloud.cli", "serve", "--host", host, "--port", str(port)]
+    cmd = list(prefix) + [sys.executable, "-m", *module, "serve", "--host", host, "--port", str(port)]
     proc = subprocess.Popen(
-        cmd + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd
+        cmd + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env
     )
     assert proc.stdout is not None
     deadline = time.time() + timeout
