@@ -60,6 +60,39 @@ def test_step_time_breakdown_runs(tmp_path):
         assert r["transfer"] >= 0
 
 
+def test_memory_accounting_adds_up():
+    """The per-module counts add up to the real tensors; the moved share falls as the cut moves up."""
+    from bench import memory_accounting as acc
+    from bench.harness import batches
+    from sft_common.config import SplitSpec
+    from sft_common.models import load_base_model
+    from sft_common.split import build_full_model, build_split_model
+
+    base = load_base_model("random:tiny")
+    batch = batches(base, "fixed", 1, batch_size=2, seq=8)[0]
+    local = acc.account_local(base, batch)
+    kinds = acc.by_kind(local)
+    full = build_full_model(base, 2, 42)
+    assert kinds["params"] == sum(p.numel() * p.element_size() for p in full.parameters())
+    assert kinds["grads"] == kinds["params"]  # every parameter trains, in fp32
+    assert 2 * kinds["params"] < kinds["adam"] < 2 * kinds["params"] + 64 * len(list(full.parameters()))
+    assert kinds["saved"] > 0 and local["layer.0.attention"]["saved"] > 0
+    shares = []
+    for layer in range(base.config.num_hidden_layers):
+        spec = SplitSpec(layer, 4, "sft")
+        split = acc.account_split(base, spec, batch)
+        edge, cloud = build_split_model(base, spec, 2, 42)
+        for side, half in (("edge", edge), ("cloud", cloud)):
+            counted = acc.by_kind(split[side])
+            assert counted["params"] == sum(p.numel() * p.element_size() for p in half.parameters())
+            assert counted["saved"] > 0
+        s = acc.split_summary(local, split, layer)
+        assert 0 < s["moved_share"] < 1
+        assert s["edge_new"]["encoded_activations"] == s["edge_new"]["decoded_gradient"] == 2 * 8 * 4 * 4
+        shares.append(s["moved_share"])
+    assert shares == sorted(shares, reverse=True) and len(set(shares)) == len(shares)
+
+
 @pytest.mark.parametrize("phase", ["local", "inproc"])
 def test_edge_run_reports_time_and_memory(phase, capsys):
     from bench import edge_run

@@ -1,0 +1,312 @@
+"""Exact training memory of one step, by module: what `--local` holds, and what each split half holds.
+
+Counted from the real tensors of one training step on one batch, through the product's own code
+(``LocalBackend``; ``SplitBackend`` over an in-process transport to a real ``CloudSession``):
+
+- ``params``: every parameter's bytes (``numel * element_size``);
+- ``grads``: every ``.grad`` just before the optimizer steps (the word embedding's is dense);
+- ``adam``: every tensor in AdamW's state after the step (both moments and the step counter);
+- ``saved``: the storages autograd keeps for the backward pass, seen by a
+  ``saved_tensors_hooks`` pack hook and charged, once per storage (``data_ptr``, so views of one
+  storage count once), to the innermost module running when it was saved (forward pre/post
+  hooks keep a module stack). Parameters, buffers and the batch itself are not activations and
+  are left out. Ops outside any module (the edge's packing of the cut, the cloud's unpacking and
+  loss, the local loss) are charged to ``(outside)``.
+
+Modules are named the same way on every side (``embeddings``, ``layer.3.attention``,
+``layer.3.output.u``, ``pooler``, ``classifier``), so the cloud half's bytes are exactly what moved
+off the edge, by module. The wire copies (the edge's encoded activations and decoded gradient,
+the serialized messages) are recorded from ``codec.encode``/``codec.decode`` and the transport's
+byte counters. Transient buffers (gradients of activations during backward, the optimizer's
+temporaries) and allocator slack are not counted: they are what a resident-size peak adds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
+
+import torch
+from torch import nn
+
+OUTSIDE = "(outside)"
+MODEL = "(model)"
+KINDS = ("params", "grads", "adam", "saved")
+Groups = Dict[str, Dict[str, int]]  # module group -> kind -> bytes
+
+
+def canonical(side: str, name: str, split_layer: int = 0) -> str:
+    """A module's qualified name in its root (``local``: the whole model; ``edge``: ``EdgeHalf``;
+    ``cloud``: ``CloudHalf``) -> its group, named as in the unsplit model."""
+    l = split_layer
+    if side == "local":
+        name = re.sub(r"^encoder\.layer\.", "layers.", re.sub(r"^bert\.?", "", name))
+    elif side == "edge":  # layers 0..l-1 keep their index; layer l's attention, intermediate and u
+        name = re.sub(r"^(attention|intermediate)", rf"layers.{l}.\1", name)
+        name = re.sub(r"^u$", f"layers.{l}.output.u", name)
+    else:  # the cloud's layers.k is layer l+1+k; its tail is the rest of layer l's output
+        name = re.sub(r"^layers\.(\d+)", lambda m: f"layers.{l + 1 + int(m.group(1))}", name)
+        name = re.sub(r"^tail", f"layers.{l}.output.tail", name)
+    m = re.match(r"^layers\.(\d+)(?:\.(attention|intermediate|output)(?:\.(u|tail))?)?", name)
+    if m:
+        return "layer." + ".".join(g for g in m.groups() if g)
+    for group in ("embeddings", "pooler", "classifier"):
+        if name.startswith(group):
+            return group
+    if name == "dropout":  # the head's dropout, before the classifier
+        return "classifier"
+    return MODEL
+
+
+def coarse(group: str) -> str:
+    """``layer.3.attention`` -> ``layer.3``; other groups unchanged."""
+    m = re.match(r"^(layer\.\d+)", group)
+    return m.group(1) if m else group
+
+
+class Recorder:
+    """Counts one training step's parameter, gradient, AdamW-state and saved-activation bytes."""
+
+    def __init__(self) -> None:
+        self.groups: Groups = defaultdict(lambda: dict.fromkeys(KINDS, 0))
+        self.side = "local"  # whose ops run outside any watched module
+        self.wire: Dict[str, int] = defaultdict(int)
+        self._stack: List[Tuple[str, str]] = []
+        self._seen: Set[int] = set()
+        self._exclude: Set[int] = set()
+        self._names: Dict[int, Tuple[str, str]] = {}  # id(param) -> (side, group)
+        self._handles: List[Any] = []
+
+    def key(self, side: str, group: str) -> str:
+        return f"{side}:{group}"
+
+    def watch(self, root: nn.Module, side: str, split_layer: int = 0) -> None:
+        """Charge ``root``'s parameters and the activations saved inside it to ``side``."""
+        for name, module in root.named_modules():
+            group = canonical(side, name, split_layer)
+            self._handles.append(module.register_forward_pre_hook(self._push(side, group)))
+            self._handles.append(module.register_forward_hook(self._pop))
+            for p in module.parameters(recurse=False):
+                self._names[id(p)] = (side, group)
+                self.groups[self.key(side, group)]["params"] += p.numel() * p.element_size()
+                self._exclude.add(p.untyped_storage().data_ptr())
+            for b in module.buffers(recurse=False):
+                self._exclude.add(b.untyped_storage().data_ptr())
+
+    def exclude(self, *tensors: torch.Tensor) -> None:
+        """Storages that exist whatever the split (the batch): never counted as activations."""
+        for t in tensors:
+            self._exclude.add(t.untyped_storage().data_ptr())
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients as the optimizer sees them, before it steps."""
+
+        def before_step(opt: torch.optim.Optimizer, *_: Any) -> None:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        side, g = self._names[id(p)]
+                        self.groups[self.key(side, g)]["grads"] += p.grad.numel() * p.grad.element_size()
+
+        self._handles.append(optimizer.register_step_pre_hook(before_step))
+
+    def count_adam(self, optimizer: torch.optim.Optimizer) -> None:
+        """AdamW's state after its step: every tensor it keeps per parameter."""
+        for p, state in optimizer.state.items():
+            side, g = self._names[id(p)]
+            for value in state.values():
+                if torch.is_tensor(value):
+                    self.groups[self.key(side, g)]["adam"] += value.numel() * value.element_size()
+
+    def _push(self, side: str, group: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._stack.append((side, group))
+
+        return hook
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._stack.pop()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, opaque): not seen here
+            return t
+        ptr = storage.data_ptr()
+        if ptr and ptr not in self._exclude and ptr not in self._seen:
+            self._seen.add(ptr)
+            side, group = self._stack[-1] if self._stack else (self.side, OUTSIDE)
+            self.groups[self.key(side, group)]["saved"] += storage.nbytes()
+        return t
+
+    def saving(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def by_side(self) -> Dict[str, Groups]:
+        out: Dict[str, Groups] = defaultdict(dict)
+        for key, kinds in self.groups.items():
+            side, group = key.split(":", 1)
+            out[side][group] = dict(kinds)
+        return dict(out)
+
+
+def account_local(base: Any, batch: Any) -> Groups:
+    """``--local``: the whole model (``LocalBackend``), one training step on ``batch``."""
+    from sft_edge.backends import LocalBackend, OptimConfig
+
+    backend = LocalBackend(base, 2, OptimConfig(lr=2e-5, total_steps=2, seed=42), "cpu")
+    rec = Recorder()
+    rec.watch(backend.model, "local")
+    rec.exclude(*_batch_tensors(batch))
+    rec.watch_optimizer(backend.optimizer)
+    try:
+        with rec.saving():
+            backend.train_step(0, batch)
+        rec.count_adam(backend.optimizer)
+    finally:
+        rec.close()
+    return rec.by_side()["local"]
+
+
+def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[str, Any]:
+    """One split training step through the product (``SplitBackend`` and a ``CloudSession`` in
+    this process, the messages serialized both ways): ``{"edge": groups, "cloud": groups,
+    "wire": {...}}``. ``wire``: the edge's encoded activation payload, its decoded gradient, the
+    cloud's decoded activations and encoded gradient, and the serialized messages of the step."""
+    from bench.harness import split_backend, transport_for
+    from sft_cloud.session import CloudSession
+    from sft_common import codec
+
+    transport = transport_for("inproc", base)
+    backend = split_backend(
+        base, spec, transport, wire, "none", len(batch.lengths), batch.input_ids.shape[1], 2
+    )
+    session = transport.protocol.session  # type: ignore[attr-defined]
+    rec = Recorder()
+    rec.side = "edge"
+    rec.watch(backend.net1, "edge", spec.split_layer)
+    rec.watch(session.net2, "cloud", spec.split_layer)
+    rec.exclude(*_batch_tensors(batch))
+    rec.watch_optimizer(backend.optimizer)
+    rec.watch_optimizer(session.optimizer)
+    undo: List[Callable[[], None]] = []
+
+    def patch(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+        original = getattr(owner, name)
+        setattr(owner, name, make(original))
+        undo.append(lambda: setattr(owner, name, original))
+
+    def cloud_side(fn: Callable) -> Callable:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            rec.side = "cloud"
+            try:
+                return fn(*a, **k)
+            finally:
+                rec.side = "edge"
+
+        return wrapper
+
+    def sized(kind: str) -> Callable[[Callable], Callable]:
+        def make(fn: Callable) -> Callable:
+            def wrapper(*a: Any, **k: Any) -> Any:
+                out = fn(*a, **k)
+                n = len(out.data) if kind == "encode" else out.numel() * out.element_size()
+                rec.wire[f"{rec.side}_{kind}"] += n
+                return out
+
+            return wrapper
+
+        return make
+
+    patch(CloudSession, "train", cloud_side)
+    patch(codec, "encode", sized("encode"))
+    patch(codec, "decode", sized("decode"))
+    try:
+        sent0, received0 = transport.bytes_sent, transport.bytes_received
+        with rec.saving():
+            backend.train_step(0, batch)
+        rec.wire["message_sent"] = transport.bytes_sent - sent0
+        rec.wire["message_received"] = transport.bytes_received - received0
+        rec.count_adam(backend.optimizer)
+        rec.count_adam(session.optimizer)
+    finally:
+        while undo:
+            undo.pop()()
+        rec.close()
+        backend.close()
+    sides = rec.by_side()
+    return {"edge": sides.get("edge", {}), "cloud": sides.get("cloud", {}), "wire": dict(rec.wire)}
+
+
+def _batch_tensors(batch: Any) -> Iterator[torch.Tensor]:
+    for t in (batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.labels):
+        if torch.is_tensor(t):
+            yield t
+
+
+def total(groups: Groups, kinds: Tuple[str, ...] = KINDS) -> int:
+    return sum(v[k] for v in groups.values() for k in kinds)
+
+
+def by_kind(groups: Groups) -> Dict[str, int]:
+    return {k: sum(v[k] for v in groups.values()) for k in KINDS}
+
+
+def by_coarse(groups: Groups) -> Dict[str, int]:
+    out: Dict[str, int] = defaultdict(int)
+    for g, v in groups.items():
+        out[coarse(g)] += sum(v.values())
+    return dict(out)
+
+
+def split_summary(local: Groups, split: Dict[str, Any], split_layer: int) -> Dict[str, Any]:
+    """What moved to the cloud, what the edge keeps and what it holds that local did not (bytes).
+
+    ``moved_share``: the cloud half's counted bytes over local's. ``edge_saved_share``: one minus
+    the edge's counted bytes (net1 and its wire copies) over local's. They differ by what the
+    SVD cut removes from layer l's FFN output (the dense W's weight, gradient and moments,
+    replaced by u and v) less what the edge newly holds: u's weight, gradient and moments, the
+    packing of the cut, the wire copies (the encoded activations, the decoded gradient, the
+    serialized request and reply: all counted in ``edge_bytes``). (u keeps its input for
+    backward, the FFN's activations; local's dense kept the same tensor, so that is not new.)
+    """
+    edge, cloud, wire = split["edge"], split["cloud"], split["wire"]
+    l = split_layer
+    local_total, cloud_total, edge_total = total(local), total(cloud), total(edge)
+    edge_wire = sum(
+        wire.get(k, 0) for k in ("edge_encode", "edge_decode", "message_sent", "message_received")
+    )
+    u = edge.get(f"layer.{l}.output.u", dict.fromkeys(KINDS, 0))
+
+    def cut_output(groups: Groups) -> int:
+        return sum(sum(v.values()) for g, v in groups.items() if g.startswith(f"layer.{l}.output"))
+
+    return {
+        "local_bytes": local_total,
+        "edge_bytes": edge_total + edge_wire,
+        "moved_bytes": cloud_total,
+        "moved_share": cloud_total / local_total,
+        "edge_saved_share": 1 - (edge_total + edge_wire) / local_total,
+        "edge_by_kind": {**by_kind(edge), "wire": edge_wire},
+        "moved_by_kind": by_kind(cloud),
+        "edge_new": {
+            "u_state": u["params"] + u["grads"] + u["adam"],
+            "packing": edge.get(OUTSIDE, {}).get("saved", 0),
+            "encoded_activations": wire.get("edge_encode", 0),
+            "decoded_gradient": wire.get("edge_decode", 0),
+            "serialized_messages": wire.get("message_sent", 0) + wire.get("message_received", 0),
+        },
+        "cut_output_local": cut_output(local),
+        "cut_output_split": cut_output(edge) + cut_output(cloud),
+        "cloud_wire": {k: v for k, v in wire.items() if k.startswith("cloud_")},
+    }
+
+
+def mib(n: float) -> float:
+    return n / 2**20
