@@ -33,8 +33,9 @@ class StreamProtocol:
             session.attached += 1
             self.session = session
             opened = session.opened()
-            if step is not None:
+            if step is not None and step != opened.next_step:  # the completed step before, cached
                 opened.next_step = step
+                opened.next_micro = sum(1 for s, _ in session.replies if s == step)
             opened.restored = restored
             return pb.CloudMessage(opened=opened)
         if kind is None:

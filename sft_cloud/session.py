@@ -99,8 +99,15 @@ class CloudSession:
         self.optimizer = make_optimizer(self.net2.parameters(), config.lr, config.weight_decay)
         self.schedule = make_schedule(self.optimizer, config.warmup_steps, config.total_steps)
         self.next_step = 0
-        self.last_reply: Optional[pb.TrainReply] = None  # answer to a retried last step
-        self.replayed = 0  # retried steps answered from last_reply instead of applied again
+        self.next_micro = 0  # micro-batches of next_step applied so far (gradients accumulated)
+        self._plan: Optional[Tuple[int, int]] = None  # (micro_count, step_examples) of next_step
+        self._seen = 0  # examples of next_step applied so far
+        # Replies to every applied (step, micro) of the step in progress and of the last completed
+        # step: a message the edge re-sends after a broken link is answered from here.
+        self.replies: Dict[Tuple[int, int], pb.TrainReply] = {}
+        self.completed: Optional[int] = None  # the last completed step whose replies are all cached
+        self.last_reply: Optional[pb.TrainReply] = None  # the most recent reply (tests, metrics)
+        self.replayed = 0  # retried messages answered from the cache instead of applied again
         self.lock = threading.Lock()  # one message at a time per session
         self.attached = 0  # open streams on this session (idle eviction skips attached ones)
         self.last_active = time.monotonic()
@@ -121,44 +128,91 @@ class CloudSession:
             fingerprint=self.fingerprint,
             edge_factor=factor,
             next_step=self.next_step,
+            next_micro=self.next_micro,
         )
 
     def train(self, msg: pb.TrainStep) -> pb.TrainReply:
-        """Apply training step ``msg.step``; a repeat of the last applied step gets its cached reply."""
+        """Apply training step ``msg.step`` (or one micro-batch of it) exactly once: a repeat of
+        an applied message gets its cached reply. The optimizer steps after the last micro-batch."""
         with self.lock:
-            if self.last_reply is not None and msg.step == self.next_step - 1:
+            cached = self.replies.get((msg.step, msg.micro))
+            if cached is not None:
                 self.replayed += 1
-                return self.last_reply
-            if msg.step != self.next_step:
-                raise ProtocolError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"step {msg.step} is out of order: the session expects step {self.next_step}"
-                    + (f" (or a retry of step {self.next_step - 1})" if self.next_step else ""),
-                )
+                return cached
+            if msg.step != self.next_step or msg.micro != self.next_micro:
+                raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION, self._out_of_order(msg))
             lengths = self._check_lengths(msg.lengths)
+            count, examples = self._check_micro(msg, len(lengths))
             labels = self._check_labels(msg, len(lengths))
             x = self._decode_activations(msg.activations, lengths)
-            with self._rng(self.next_step):
+            with self._rng(self.next_step, msg.micro):
                 self.net2.train()
                 x.requires_grad_(True)
                 logits = self.net2(self._unpack(x, lengths), self._mask(lengths))
                 loss = task_loss(logits, labels)
                 if not bool(torch.isfinite(loss)):
-                    raise _invalid(f"step {msg.step}: the loss is not finite; the step was not applied")
-                loss.backward()
+                    raise _invalid(
+                        f"step {msg.step} micro-batch {msg.micro}: the loss is not finite; "
+                        "nothing was applied"
+                    )
+                # Each micro-batch's mean loss counts by its share of the step's examples, so the
+                # accumulated gradients are those of the whole batch's mean loss.
+                weighted = loss if examples == len(lengths) else loss * (len(lengths) / examples)
+                weighted.backward()
             grad = x.grad
             assert grad is not None
-            self.optimizer.step()
-            self.schedule.step()
-            self.optimizer.zero_grad(set_to_none=True)
             reply = pb.TrainReply(
                 step=msg.step,
                 loss=float(loss.detach()),
                 grad=codec.encode(grad, self.config.wire_dtype, self.config.compression),
+                micro=msg.micro,
             )
-            self.next_step += 1
+            if msg.micro == count - 1:  # the step is complete: update net2
+                self.optimizer.step()
+                self.schedule.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.replies = {k: r for k, r in self.replies.items() if k[0] == msg.step}
+                self.completed = msg.step
+                self.next_step += 1
+                self.next_micro, self._plan, self._seen = 0, None, 0
+            else:
+                self.next_micro += 1
+                self._plan = (count, examples)
+                self._seen += len(lengths)
+            self.replies[(msg.step, msg.micro)] = reply
             self.last_reply = reply
             return reply
+
+    def _out_of_order(self, msg: pb.TrainStep) -> str:
+        where = f"step {msg.step}" + (f" micro-batch {msg.micro}" if msg.micro else "")
+        expected = f"step {self.next_step}" + (f" micro-batch {self.next_micro}" if self.next_micro else "")
+        retry = f" (or a retry of step {self.completed})" if self.completed is not None else ""
+        return f"{where} is out of order: the session expects {expected}{retry}"
+
+    def _check_micro(self, msg: pb.TrainStep, n: int) -> Tuple[int, int]:
+        """(micro_count, step_examples) of a message, checked against the step in progress."""
+        count = msg.micro_count or 1
+        examples = msg.step_examples or n
+        limit = self.config.max_batch_size
+        if not 1 <= count <= limit or not 1 <= examples <= limit:
+            raise _invalid(
+                f"a step of {examples} examples in {count} micro-batches; the session allows "
+                f"1..{limit} of each"
+            )
+        if msg.micro >= count:
+            raise _invalid(f"micro-batch {msg.micro} of a step of {count} micro-batches")
+        if self._plan is not None and self._plan != (count, examples):
+            raise _invalid(
+                f"micro-batch {msg.micro} says step {msg.step} has {count} micro-batches of "
+                f"{examples} examples; micro-batch 0 said {self._plan[0]} of {self._plan[1]}"
+            )
+        after = count - msg.micro - 1  # micro-batches still to come, at least one example each
+        if self._seen + n + after > examples or (after == 0 and self._seen + n != examples):
+            raise _invalid(
+                f"step {msg.step}: micro-batches 0..{msg.micro} hold {self._seen + n} examples, "
+                f"which cannot add up to step_examples {examples} in {count} micro-batches"
+            )
+        return count, examples
 
     def evaluate(self, msg: pb.EvalStep) -> pb.EvalReply:
         """Forward only: logits for one batch; no state changes."""
@@ -178,16 +232,19 @@ class CloudSession:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "the daemon runs without --checkpoint-dir, so it cannot checkpoint sessions",
                 )
-            if msg.step != self.next_step:
+            if msg.step != self.next_step or self.next_micro:
                 raise ProtocolError(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"checkpoint at step {msg.step}, but the session is at step {self.next_step}",
+                    f"checkpoint at step {msg.step}, but the session is at step {self.next_step}"
+                    + (f" with {self.next_micro} of its micro-batches applied" if self.next_micro else ""),
                 )
             self.save_checkpoint()
             return pb.CheckpointDone(step=msg.step)
 
     def save_checkpoint(self, keep: int = 3) -> str:
-        """Checkpoint the current state (caller holds the lock); keep the newest ``keep``."""
+        """Checkpoint the state after ``next_step`` whole steps (caller holds the lock); keep the
+        newest ``keep``. Gradients of a partly applied step are not saved: after a restore the
+        edge sends that step again from its first micro-batch."""
         assert self.dir is not None
         tensors, meta = checkpoint.pack(self.net2, self.optimizer, self.schedule)
         meta.update(
@@ -216,22 +273,24 @@ class CloudSession:
         if meta["fingerprint"] != self.fingerprint:
             raise ProtocolError(grpc.StatusCode.DATA_LOSS, f"checkpoint {step} belongs to another model")
         checkpoint.unpack(tensors, meta, self.net2, self.optimizer, self.schedule)
+        self.optimizer.zero_grad(set_to_none=True)  # a partly accumulated step is dropped
         self.next_step = int(meta["step"])
-        self.last_reply = None
+        self.next_micro, self._plan, self._seen = 0, None, 0
+        self.replies, self.completed, self.last_reply = {}, None, None
 
     def resume(self, steps: Sequence[int]) -> Tuple[int, bool]:
         """Pick the first of the edge's candidate steps this session can continue from.
 
-        Returns (step, restored). The live state serves step ``next_step``, and also the step
-        before it when its reply is cached (the edge re-sends it and gets the cached answer);
-        any other step needs a checkpoint of this session.
+        Returns (step, restored). The live state serves step ``next_step`` (micro-batches of it
+        the edge sends again are answered from the cache), and also the step before it when its
+        replies are cached; any other step needs a checkpoint of this session.
         """
         with self.lock:
             held = self.checkpoints()
             for step in steps:
                 if step == self.next_step:
                     return step, False
-                if self.last_reply is not None and step == self.last_reply.step == self.next_step - 1:
+                if step == self.next_step - 1 and step == self.completed:
                     return step, False
                 if step in held:
                     self.restore(step)
@@ -317,9 +376,9 @@ class CloudSession:
         return full.index_put((mask,), x)
 
     @contextlib.contextmanager
-    def _rng(self, step: int) -> Iterator[None]:
+    def _rng(self, step: int, micro: int = 0) -> Iterator[None]:
         with self._compute_lock:
-            torch.manual_seed(step_seed(self.config.seed, "cloud", step))
+            torch.manual_seed(step_seed(self.config.seed, "cloud", step, micro))
             yield
 
     def touch(self) -> None:

@@ -27,11 +27,13 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def step_seed(seed: int, side: str, step: int) -> int:
-    """The RNG seed for one side's work on one step (dropout masks).
+def step_seed(seed: int, side: str, step: int, micro: int = 0) -> int:
+    """The RNG seed for one side's work on one step, or one micro-batch of it (dropout masks).
 
-    Derived, not carried: a step's randomness depends only on (seed, side, step), so a resumed
-    or retried step draws the same dropout masks as it would have the first time.
+    Derived, not carried: a step's randomness depends only on (seed, side, step, micro), so a
+    resumed or retried step draws the same dropout masks as it would have the first time.
+    Micro-batch 0 draws what the whole step would.
     """
-    digest = hashlib.sha256(f"{seed}:{side}:{step}".encode()).digest()
+    key = f"{seed}:{side}:{step}" + (f":{micro}" if micro else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -6,9 +6,10 @@ Both backends expose the same three calls, so one trainer loop drives them:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Deque, Dict, Iterator, Optional, Sequence, Tuple
 
 import grpc
 import torch
@@ -40,13 +41,20 @@ def _autocast(device: str) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, side: str, step: int) -> Iterator[None]:
-    torch.manual_seed(step_seed(seed, side, step))
+def _seeded(seed: int, side: str, step: int, micro: int = 0) -> Iterator[None]:
+    torch.manual_seed(step_seed(seed, side, step, micro))
     yield
 
 
 class SplitBackend:
-    """net1 here; net2 in a cloud session reached through ``transport``."""
+    """net1 here; net2 in a cloud session reached through ``transport``.
+
+    With ``micro_batches`` > 1 a step's batch goes out as that many micro-batches, up to
+    ``pipeline_depth`` of them in flight: the edge computes micro-batch k+1 while micro-batch k
+    crosses the link and the cloud works on it, and runs k's backward pass while the cloud works
+    on k+1. Both sides accumulate gradients and step their optimizers once per step, so the
+    update is the whole batch's (up to float summation order and per-micro-batch dropout).
+    """
 
     def __init__(
         self,
@@ -63,10 +71,16 @@ class SplitBackend:
         device: str = "cpu",
         session_id: str = "",
         resume_steps: Sequence[int] = (),
+        micro_batches: int = 1,
+        pipeline_depth: int = 2,
     ):
         """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``."""
+        if micro_batches < 1 or pipeline_depth < 1:
+            raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
         self.spec = spec
         self.transport = transport
+        self.micro_batches = micro_batches
+        self.pipeline_depth = pipeline_depth
         self.optim_cfg = optim
         self.device = device
         self.wire_dtype = codec.WIRE_DTYPES[wire_dtype]
@@ -111,29 +125,55 @@ class SplitBackend:
         return a.float()[batch.attention_mask.bool()]
 
     def train_step(self, step: int, batch: Batch) -> float:
+        """One step: net1 forward, the cut across the link, the gradient back, net1 backward and
+        update. Returns the step's mean loss as the cloud computed it."""
         self.net1.train()
-        with _seeded(self.optim_cfg.seed, "edge", step):
-            packed = self._cut(batch)
-        msg = pb.TrainStep(
-            step=step,
-            activations=codec.encode(packed, self.wire_dtype, self.compression),
-            lengths=batch.lengths,
-        )
-        if self.num_labels == 1:
-            msg.targets.extend(batch.labels.tolist())
-        else:
-            msg.labels.extend(batch.labels.tolist())
-        reply = self.transport.call(pb.EdgeMessage(train=msg)).train
+        self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an interrupted step
+        parts = batch.split(self.micro_batches)
+        examples = len(batch.lengths)
+        in_flight: Deque[Tuple[int, torch.Tensor, int]] = collections.deque()
+        loss = 0.0
+        for micro, part in enumerate(parts):
+            with _seeded(self.optim_cfg.seed, "edge", step, micro):
+                packed = self._cut(part)
+            msg = pb.TrainStep(
+                step=step,
+                activations=codec.encode(packed, self.wire_dtype, self.compression),
+                lengths=part.lengths,
+            )
+            if len(parts) > 1:
+                msg.micro, msg.micro_count, msg.step_examples = micro, len(parts), examples
+            if self.num_labels == 1:
+                msg.targets.extend(part.labels.tolist())
+            else:
+                msg.labels.extend(part.labels.tolist())
+            self.transport.submit(pb.EdgeMessage(train=msg))
+            in_flight.append((micro, packed, len(part.lengths)))
+            if len(in_flight) >= self.pipeline_depth:
+                loss += self._backward(step, *in_flight.popleft(), examples)
+        while in_flight:
+            loss += self._backward(step, *in_flight.popleft(), examples)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _backward(self, step: int, micro: int, packed: torch.Tensor, n: int, examples: int) -> float:
+        """Wait for one micro-batch's gradient and run net1's backward pass with it (gradients
+        accumulate); returns its loss weighted by its share of the step's examples."""
+        reply = self.transport.result().train
+        if reply.step != step or reply.micro != micro:
+            raise CloudError(
+                grpc.StatusCode.INTERNAL,
+                f"expected the answer to step {step} micro-batch {micro}, got step {reply.step} "
+                f"micro-batch {reply.micro}",
+            )
         grad = codec.decode(
             reply.grad, name="gradient", dtype=self.wire_dtype, shape=tuple(packed.shape),
             compression=self.compression, device=self.device,
         )  # fmt: skip
         packed.backward(grad)
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return reply.loss
-
+        return reply.loss * (n / examples)
     @torch.no_grad()
     def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
         self.net1.eval()

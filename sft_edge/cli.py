@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--compression", default="none", choices=["none", "lz4"], help="compress tensors on the wire"
     )
     t.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    t.add_argument(
+        "--micro-batches", type=int, default=1,
+        help="send each step as this many micro-batches, pipelined so that edge compute, the link "
+        "and cloud compute overlap; the update is the whole batch's (default 1: no pipelining)",
+    )  # fmt: skip
+    t.add_argument(
+        "--pipeline-depth", type=int, default=2,
+        help="micro-batches in flight at once with --micro-batches (default 2)",
+    )  # fmt: skip
     t.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
     t.add_argument("--max-steps", type=int, help="train exactly this many steps (overrides --epochs)")
     t.add_argument("--max-train-examples", type=int, help="use only the first N training examples")

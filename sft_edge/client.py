@@ -2,15 +2,18 @@
 
 Both take an ``EdgeMessage`` and return the ``CloudMessage`` that answers it, and both count
 the serialized bytes of every message each way: that is the traffic the reports quote.
+``call(msg)`` is ``submit(msg)`` then ``result()``; a pipelined caller submits several messages
+before it reads their answers, which come back in order.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 import time
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -48,19 +51,31 @@ class Rollback(Exception):
 
 
 class Transport:
-    """One session's message exchange; subclasses implement ``_exchange``."""
+    """One session's message exchange; subclasses implement ``_submit`` and ``_result``."""
 
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
 
     def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        self.submit(msg)
+        return self.result()
+
+    def submit(self, msg: pb.EdgeMessage) -> None:
+        """Send a message without waiting for its answer."""
         self.bytes_sent += msg.ByteSize()
-        reply = self._exchange(msg)
+        self._submit(msg)
+
+    def result(self) -> pb.CloudMessage:
+        """The answer to the oldest message submitted and not yet answered."""
+        reply = self._result()
         self.bytes_received += reply.ByteSize()
         return reply
 
-    def _exchange(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+    def _submit(self, msg: pb.EdgeMessage) -> None:
+        raise NotImplementedError
+
+    def _result(self) -> pb.CloudMessage:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -145,8 +160,10 @@ class GrpcTransport(Transport):
         except grpc.RpcError as exc:
             self._replies.put(CloudError(exc.code(), exc.details() or ""))
 
-    def _exchange(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+    def _submit(self, msg: pb.EdgeMessage) -> None:
         self._requests.put(msg)
+
+    def _result(self) -> pb.CloudMessage:
         try:
             item: Union[pb.CloudMessage, CloudError] = self._replies.get(timeout=self.timeout)
         except queue.Empty:
@@ -171,9 +188,11 @@ class ResilientTransport(Transport):
     When the link fails (a retryable status, or no answer within the step deadline) it
     reconnects with exponential backoff, re-attaches to the same session offering the steps
     the edge can continue from (``resume_steps()``: the live step first, then its checkpoints)
-    and re-sends the message that was in flight; the cloud answers a repeated step from its
-    cache, so nothing is applied twice. If the cloud can only continue from an earlier
-    checkpoint (it restarted), ``Rollback`` tells the trainer to load that checkpoint.
+    and re-sends the messages of the step in flight, from its first micro-batch: the cloud
+    answers those it had applied from its cache, so nothing is applied twice, and a cloud that
+    lost a partly applied step gets all of it again. Answers the caller already had are dropped.
+    If the cloud can only continue from an earlier checkpoint (it restarted), ``Rollback`` tells
+    the trainer to load that checkpoint.
     """
 
     def __init__(
@@ -191,28 +210,55 @@ class ResilientTransport(Transport):
         self.resumes = 0  # successful re-attachments
         self._open: Optional[pb.OpenSession] = None
         self._inner = connect()
+        # Messages of the step in flight: the first `_answered` have had their answers returned.
+        self._log: List[pb.EdgeMessage] = []
+        self._answered = 0
+        self._skip = 0  # answers to re-sent messages the caller already had
 
     def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
         if msg.WhichOneof("kind") == "open":
-            reply = self._send(msg)
+            self._inner.submit(msg)
+            reply = self._inner.result()
+            self._count(msg, reply)
             self._open = pb.OpenSession()
             self._open.CopyFrom(msg.open)
             self._open.session_id = reply.opened.session_id
             return reply
+        return super().call(msg)
+
+    def _count(self, sent: Optional[pb.EdgeMessage], received: Optional[pb.CloudMessage]) -> None:
+        self.bytes_sent += sent.ByteSize() if sent is not None else 0
+        self.bytes_received += received.ByteSize() if received is not None else 0
+
+    def submit(self, msg: pb.EdgeMessage) -> None:
+        self._log.append(msg)
+        self._inner.submit(msg)
+        self._count(msg, None)
+
+    def result(self) -> pb.CloudMessage:
         while True:
             try:
-                return self._send(msg)
+                reply = self._inner.result()
             except CloudError as exc:
                 if exc.code not in RETRYABLE or self._open is None:
                     raise
                 log.warning("link to the cloud failed (%s): reconnecting", exc)
                 self._reattach()
-
-    def _send(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
-        self.bytes_sent += msg.ByteSize()
-        reply = self._inner._exchange(msg)
-        self.bytes_received += reply.ByteSize()
-        return reply
+                for msg in self._log:
+                    self._inner.submit(msg)
+                    self._count(msg, None)
+                self._skip = self._answered
+                continue
+            self._count(None, reply)
+            if self._skip:
+                self._skip -= 1
+                continue
+            msg = self._log[self._answered]
+            self._answered += 1
+            if _ends_step(msg):  # both sides are past it: nothing to re-send any more
+                del self._log[: self._answered]
+                self._answered = 0
+            return reply
 
     def _reattach(self) -> None:
         assert self._open is not None
@@ -226,7 +272,11 @@ class ResilientTransport(Transport):
             attach.resume_steps[:] = steps
             try:
                 self._inner = self._connect()
-                opened = self._send(pb.EdgeMessage(open=attach)).opened
+                msg = pb.EdgeMessage(open=attach)
+                self._inner.submit(msg)
+                self._count(msg, None)
+                reply = self._inner.result()
+                self._count(None, reply)
             except CloudError as exc:
                 if exc.code not in RETRYABLE or time.monotonic() + delay > deadline:
                     raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
@@ -234,13 +284,22 @@ class ResilientTransport(Transport):
                 delay = min(delay * 2, self.backoff[1])
                 continue
             self.resumes += 1
+            opened = reply.opened
             log.warning("re-attached to session %s at step %d", self._open.session_id[:8], opened.next_step)
             if steps and opened.next_step != steps[0]:
+                self._log, self._answered = [], 0  # the trainer starts over from a checkpoint
                 raise Rollback(opened.next_step)
             return
 
     def close(self) -> None:
         self._inner.close()
+
+
+def _ends_step(msg: pb.EdgeMessage) -> bool:
+    """Whether the answer to ``msg`` completes the step in flight (or it is no training step)."""
+    if msg.WhichOneof("kind") != "train":
+        return True
+    return msg.train.micro >= msg.train.micro_count - 1
 
 
 class InProcessTransport(Transport):
@@ -250,13 +309,22 @@ class InProcessTransport(Transport):
     def __init__(self, protocol) -> None:
         super().__init__()
         self.protocol = protocol  # sft_cloud.protocol.StreamProtocol
+        self._answers: Deque[Union[pb.CloudMessage, CloudError]] = collections.deque()
 
-    def _exchange(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+    def _submit(self, msg: pb.EdgeMessage) -> None:
+        """Handled at once (no overlap in one process); the answer waits for ``result()``."""
         from sft_common.errors import ProtocolError
 
         wire = pb.EdgeMessage.FromString(msg.SerializeToString())
         try:
             reply = self.protocol.handle(wire)
         except ProtocolError as exc:
-            raise CloudError(exc.code, exc.message) from None
-        return pb.CloudMessage.FromString(reply.SerializeToString())
+            self._answers.append(CloudError(exc.code, exc.message))
+            return
+        self._answers.append(pb.CloudMessage.FromString(reply.SerializeToString()))
+
+    def _result(self) -> pb.CloudMessage:
+        answer = self._answers.popleft()
+        if isinstance(answer, CloudError):
+            raise answer
+        return answer

@@ -43,6 +43,27 @@ class Batch:
             self.lengths, self.labels.to(device),
         )  # fmt: skip
 
+    def split(self, parts: int) -> List[Batch]:
+        """``parts`` micro-batches of consecutive examples (sizes differ by at most one; never
+        more parts than examples), each trimmed to its own longest sequence."""
+        n = len(self.lengths)
+        parts = max(1, min(parts, n))
+        if parts == 1:
+            return [self]
+        out, start = [], 0
+        for k in range(parts):
+            stop = start + n // parts + (1 if k < n % parts else 0)
+            width = max(self.lengths[start:stop])
+            out.append(
+                Batch(
+                    self.input_ids[start:stop, :width], self.token_type_ids[start:stop, :width],
+                    self.attention_mask[start:stop, :width], self.lengths[start:stop],
+                    self.labels[start:stop],
+                )  # fmt: skip
+            )
+            start = stop
+        return out
+
 
 class DataError(ValueError):
     """Data that cannot be read; the message names the file and the problem."""

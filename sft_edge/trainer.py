@@ -42,6 +42,8 @@ class TrainConfig:
     wire_dtype: str = "fp32"  # fp32 | fp16 | bf16 | int8
     compression: str = "none"  # none | lz4
     batch_size: int = 32
+    micro_batches: int = 1  # > 1: each step as that many pipelined micro-batches (split runs)
+    pipeline_depth: int = 2  # micro-batches in flight at once
     epochs: float = 3.0
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     max_train_examples: Optional[int] = None
@@ -148,6 +150,13 @@ def train(
         raise ValueError(f"--mode must be sft or sl, got {cfg.mode!r}")
     if cfg.batch_size < 1 or cfg.max_seq_len < 2:
         raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
+    if cfg.micro_batches < 1 or cfg.pipeline_depth < 1:
+        raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+    if cfg.micro_batches > cfg.batch_size:
+        raise ValueError(
+            f"--micro-batches {cfg.micro_batches} is more than --batch-size {cfg.batch_size}: "
+            "every micro-batch needs at least one example"
+        )
     base = base or load_base_model(cfg.model)
     split_layer = base.config.num_hidden_layers - 1 if cfg.split_layer is None else cfg.split_layer
     spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
@@ -191,6 +200,7 @@ def train(
         backend = SplitBackend(
             base, spec, task.num_labels, transport, optim, cfg.batch_size, max_len,
             cfg.wire_dtype, cfg.compression, task.name, device, state.session_id, resume_steps,
+            cfg.micro_batches, cfg.pipeline_depth,
         )  # fmt: skip
         state.session_id = backend.session.session_id
     step = backend.start_step

@@ -98,42 +98,52 @@ class OpenSession(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored")
+    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_MICRO_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     edge_factor: Tensor
     next_step: int
     restored: bool
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ...) -> None: ...
+    next_micro: int
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ...) -> None: ...
 
 class TrainStep(_message.Message):
-    __slots__ = ("step", "activations", "lengths", "labels", "targets")
+    __slots__ = ("step", "activations", "lengths", "labels", "targets", "micro", "micro_count", "step_examples")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
+    MICRO_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STEP_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     step: int
     activations: Tensor
     lengths: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.RepeatedScalarFieldContainer[int]
     targets: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., targets: _Optional[_Iterable[float]] = ...) -> None: ...
+    micro: int
+    micro_count: int
+    step_examples: int
+    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., targets: _Optional[_Iterable[float]] = ..., micro: _Optional[int] = ..., micro_count: _Optional[int] = ..., step_examples: _Optional[int] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("step", "loss", "grad")
+    __slots__ = ("step", "loss", "grad", "micro")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     grad: Tensor
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    micro: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., micro: _Optional[int] = ...) -> None: ...
 
 class EvalStep(_message.Message):
     __slots__ = ("batch", "activations", "lengths")
