@@ -174,6 +174,7 @@ class SplitBackend:
         )  # fmt: skip
         packed.backward(grad)
         return reply.loss * (n / examples)
+
     @torch.no_grad()
     def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
         self.net1.eval()

@@ -56,8 +56,10 @@ class Batch:
             width = max(self.lengths[start:stop])
             out.append(
                 Batch(
-                    self.input_ids[start:stop, :width], self.token_type_ids[start:stop, :width],
-                    self.attention_mask[start:stop, :width], self.lengths[start:stop],
+                    self.input_ids[start:stop, :width],
+                    self.token_type_ids[start:stop, :width],
+                    self.attention_mask[start:stop, :width],
+                    self.lengths[start:stop],
                     self.labels[start:stop],
                 )  # fmt: skip
             )
