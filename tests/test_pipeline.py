@@ -9,6 +9,8 @@ import pytest
 import torch
 from daemon import start_daemon, stop_daemon
 from helpers import max_diff, params, random_batch
+from proxy import TcpProxy
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sft_common.config import SplitSpec
@@ -16,6 +18,7 @@ from sft_common.split import build_split_model, task_loss
 from sft_common.training import make_optimizer, make_schedule, step_seed
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, open_channel
+from sft_edge.trainer import TrainConfig, train
 
 STEPS = 4
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)
@@ -156,3 +159,55 @@ def test_pipeline_depth_bounds_the_micro_batches_in_flight(live_server, tiny_bas
     backend.train_step(0, _batches()[0])
     assert " ".join(f"{e[0][0]}{e[1]}" for e in recorder.events) == expected
     backend.close()
+
+
+def _run(glue_dir, out, cloud, **kw):
+    return train(
+        TrainConfig(
+            task="sst2",
+            cloud=cloud,
+            model="random:tiny",
+            data_dir=glue_dir,
+            batch_size=8,
+            max_steps=10,
+            max_train_examples=64,
+            max_eval_examples=32,
+            lr=1e-3,
+            insecure=True,
+            progress=False,
+            output_dir=str(out),
+            step_timeout=5.0,
+            reconnect_timeout=30.0,
+            micro_batches=3,
+            **kw,
+        )  # fmt: skip
+    )
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_broken_link_mid_step_with_micro_batches_in_flight_changes_nothing(
+    daemon, glue_dir, tmp_path, direction
+):
+    """The link breaks with micro-batches in flight: the edge re-attaches and re-sends the step
+    from its first micro-batch; the cloud answers what it had applied from its cache."""
+    address, folder = daemon
+    ref = _run(glue_dir, tmp_path / "ref", address)
+    proxy = TcpProxy(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+    proxy.cut_after(direction, 6_000)
+    run = _run(glue_dir, tmp_path / "cut", proxy.address)
+    proxy.close()
+
+    assert proxy.tripped.is_set(), "the proxy never broke the link: the test would prove nothing"
+    assert run["resumes"] >= 1 and run["steps"] == run["cloud_steps"] == 10
+    assert run["eval_history"] == ref["eval_history"]
+    for name in ("edge.safetensors",):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "cut" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    a = load_file(str(folder / ref["session_id"] / "final.safetensors"))
+    b = load_file(str(folder / run["session_id"] / "final.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(folder / run["session_id"] / "final.safetensors"), "pt") as f:
+        replayed = int(f.metadata()["replayed"])
+    print(f"{direction}: {replayed} micro-batches answered from the cache")
+    if direction == "down":  # answers to applied micro-batches were lost: the cache answered them
+        assert replayed >= 1
