@@ -11,7 +11,7 @@ MIN_VENV ?= .venv-min-transformers
 MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
-	bench bench-traffic bench-step bench-link bench-memory bench-wire-accuracy bench-plots bench-load bench-reconnects
+	bench bench-traffic bench-step bench-link bench-overlap bench-memory bench-wire-accuracy bench-plots bench-load bench-reconnects
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
@@ -89,6 +89,10 @@ bench-step:
 # Needs root: two network namespaces joined by a tbf-shaped veth pair (deleted afterwards).
 bench-link:
 	$(BENCH_NICE) $(PYTHON) -m bench.link $(BENCH_ARGS)
+
+# Root: micro-batches in flight against whole steps, two one-core hosts on a shaped link.
+bench-overlap:
+	$(BENCH_NICE) $(PYTHON) -m bench.overlap $(BENCH_ARGS)
 
 bench-memory:
 	$(PYTHON) -m bench.memory $(BENCH_ARGS)

@@ -87,11 +87,12 @@ def transport_for(
 
 def split_backend(
     base: BaseModel, spec: SplitSpec, transport: Transport, wire: str = "fp32", compression: str = "none",
-    batch_size: int = 32, seq: int = 128, steps: int = 100,
+    batch_size: int = 32, seq: int = 128, steps: int = 100, micro_batches: int = 1, pipeline_depth: int = 2,
 ) -> SplitBackend:  # fmt: skip
     optim = OptimConfig(lr=2e-5, total_steps=steps, seed=42)
     return SplitBackend(
-        base, spec, 2, transport, optim, batch_size, seq, wire, compression, "sst2", "cpu"
+        base, spec, 2, transport, optim, batch_size, seq, wire, compression, "sst2", "cpu",
+        micro_batches=micro_batches, pipeline_depth=pipeline_depth,
     )  # fmt: skip
 
 
