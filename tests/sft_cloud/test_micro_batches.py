@@ -6,6 +6,8 @@ import grpc
 import pytest
 import torch
 from helpers import max_diff, params
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_session import _open, _step
 
 from sft_cloud.registry import SessionRegistry
@@ -142,3 +144,34 @@ def test_a_restored_session_drops_a_partly_applied_step(registry, tiny_base):
         session.train(m.train)
     assert session.replayed == 0 and session.next_step == 1
     assert max_diff(params(plain.net2), params(session.net2)) == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    step=st.integers(0, 3),
+    micro=st.integers(0, 4),
+    count=st.integers(0, 10),
+    examples=st.integers(0, 10),
+    n=st.integers(1, 4),
+)
+def test_any_micro_batch_but_the_next_one_is_refused_mid_step(
+    registry, tiny_base, step, micro, count, examples, n
+):
+    """Mid-step (micro-batch 0 of 2, 3 examples, applied after a whole step 0), every other
+    combination of the micro-batch fields is refused and changes nothing, or is a replay."""
+    proto = _open(registry, tiny_base)
+    proto.handle(_step(0))
+    proto.handle(_micro(1, 0, (5, 3), (0, 1)))
+    msg = _step(
+        step, lengths=(2,) * n, labels=(0,) * n, micro=micro, micro_count=count, step_examples=examples
+    )
+    session = proto.session
+    if (step, micro) in session.replies:
+        assert proto.handle(msg).train == session.replies[(step, micro)]
+    elif (step, micro, count, examples, n) == (1, 1, 2, 3, 1):
+        proto.handle(msg)
+        assert session.next_step == 2
+    else:
+        code = ORDER if (step, micro) != (1, 1) else INVALID
+        _assert_refused_unchanged(proto, msg, code, "out of order|micro-batch|examples")
+    registry.close(session.session_id)
