@@ -97,12 +97,28 @@ def link(plt, data: Dict, out: str) -> None:
 
 def memory(plt, data: Dict, out: str) -> None:
     rows = data["rows"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [r["run"] if r["split_layer"] == "-" else f"edge l={r['split_layer']}" for r in rows]
     ax.bar(labels, [r["idle_mib"] for r in rows], label="before the model (runtime)", color="C7")
     ax.bar(labels, [r["train_mib"] for r in rows], bottom=[r["idle_mib"] for r in rows], label="training")
+    if all("counted_mib" in r for r in rows):
+        ax.scatter(labels, [r["idle_mib"] + r["counted_mib"] for r in rows], marker="_", s=900, color="k",
+                   label="runtime + counted tensors", zorder=3)  # fmt: skip
     ax.set_ylabel("peak RSS (MiB)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.3 * max(r["peak_mib"] for r in rows))  # room for the legend
+    ax.legend(fontsize=8, loc="upper left")
+    edges = [r for r in rows if r["split_layer"] != "-"]
+    if edges and "moved_share" in edges[0]:
+        xs = [str(r["split_layer"]) for r in edges]
+        ax2.plot(xs, [100 * r["moved_share"] for r in edges], "k--o", label="moved to the cloud (counted)")
+        ax2.plot(xs, [100 * r["saved_share"] for r in edges], "C1-o", label="edge saves (peak RSS)")
+        if "counted_saved_share" in edges[0]:
+            ax2.plot(
+                xs, [100 * r["counted_saved_share"] for r in edges], "C2-s", label="edge saves (counted)"
+            )
+        ax2.set_xlabel("split layer l")
+        ax2.set_ylabel("% of local training memory")
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
