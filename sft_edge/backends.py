@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 import torch
@@ -73,10 +73,22 @@ class SplitBackend:
         resume_steps: Sequence[int] = (),
         micro_batches: int = 1,
         pipeline_depth: int = 2,
+        cls_only: bool = False,
     ):
-        """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``."""
+        """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``.
+
+        ``cls_only`` (a cut at the last layer only): send each example's first ([CLS]) row alone.
+        Above the last layer the cloud runs only per-token operations and the pooler, which reads
+        that row, so the other rows cannot change the loss and their gradients are exactly zero.
+        """
         if micro_batches < 1 or pipeline_depth < 1:
             raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+        if cls_only and spec.split_layer != base.config.num_hidden_layers - 1:
+            raise ValueError(
+                f"--cls-only needs the cut at the last layer ({base.config.num_hidden_layers - 1}), "
+                f"not {spec.split_layer}: the layers above the cut read every token"
+            )
+        self.cls_only = cls_only
         self.spec = spec
         self.transport = transport
         self.micro_batches = micro_batches
@@ -118,11 +130,14 @@ class SplitBackend:
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
         self.width = spec.cut_width(base.config.hidden_size)
 
-    def _cut(self, batch: Batch) -> torch.Tensor:
-        """net1's activations for the real tokens only: (tokens, width)."""
+    def _cut(self, batch: Batch) -> Tuple[torch.Tensor, List[int]]:
+        """net1's activations for the real tokens only, (tokens, width), and the lengths that
+        say which example each row belongs to (with ``cls_only``: one row per example)."""
         with _autocast(self.device):
             a, _ = self.net1(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        return a.float()[batch.attention_mask.bool()]
+        if self.cls_only:
+            return a[:, 0].float(), [1] * len(batch.lengths)
+        return a.float()[batch.attention_mask.bool()], batch.lengths
 
     def train_step(self, step: int, batch: Batch) -> float:
         """One step: net1 forward, the cut across the link, the gradient back, net1 backward and
@@ -135,11 +150,11 @@ class SplitBackend:
         loss = 0.0
         for micro, part in enumerate(parts):
             with _seeded(self.optim_cfg.seed, "edge", step, micro):
-                packed = self._cut(part)
+                packed, lengths = self._cut(part)
             msg = pb.TrainStep(
                 step=step,
                 activations=codec.encode(packed, self.wire_dtype, self.compression),
-                lengths=part.lengths,
+                lengths=lengths,
             )
             if len(parts) > 1:
                 msg.micro, msg.micro_count, msg.step_examples = micro, len(parts), examples
@@ -178,11 +193,11 @@ class SplitBackend:
     @torch.no_grad()
     def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
         self.net1.eval()
-        packed = self._cut(batch)
+        packed, lengths = self._cut(batch)
         msg = pb.EvalStep(
             batch=index,
             activations=codec.encode(packed, self.wire_dtype, self.compression),
-            lengths=batch.lengths,
+            lengths=lengths,
         )
         reply = self.transport.call(pb.EdgeMessage(eval=msg)).eval
         return codec.decode(

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and cloud compute overlap; the update is the whole batch's (default 1: no pipelining)",
     )  # fmt: skip
     t.add_argument(
+        "--cls-only", action="store_true",
+        help="with the cut at the last layer: send only each example's [CLS] row, the only one the "
+        "classifier reads (exact; about sequence-length times less traffic)",
+    )  # fmt: skip
+    t.add_argument(
         "--pipeline-depth", type=int, default=2,
         help="micro-batches in flight at once with --micro-batches (default 2)",
     )  # fmt: skip

@@ -44,6 +44,7 @@ class TrainConfig:
     batch_size: int = 32
     micro_batches: int = 1  # > 1: each step as that many pipelined micro-batches (split runs)
     pipeline_depth: int = 2  # micro-batches in flight at once
+    cls_only: bool = False  # cut at the last layer: send only each example's [CLS] row
     epochs: float = 3.0
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     max_train_examples: Optional[int] = None
@@ -152,6 +153,8 @@ def train(
         raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
     if cfg.micro_batches < 1 or cfg.pipeline_depth < 1:
         raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+    if cfg.local and (cfg.micro_batches > 1 or cfg.cls_only):
+        raise ValueError("--micro-batches and --cls-only shape what crosses the link; --local has no link")
     if cfg.micro_batches > cfg.batch_size:
         raise ValueError(
             f"--micro-batches {cfg.micro_batches} is more than --batch-size {cfg.batch_size}: "
@@ -200,7 +203,7 @@ def train(
         backend = SplitBackend(
             base, spec, task.num_labels, transport, optim, cfg.batch_size, max_len,
             cfg.wire_dtype, cfg.compression, task.name, device, state.session_id, resume_steps,
-            cfg.micro_batches, cfg.pipeline_depth,
+            cfg.micro_batches, cfg.pipeline_depth, cfg.cls_only,
         )  # fmt: skip
         state.session_id = backend.session.session_id
     step = backend.start_step

@@ -109,6 +109,13 @@ def test_local_baseline_and_plain_split(daemon, glue_dir, tmp_path):
         (["--task", "sst2", "--split-layer", "7"], "split layer 7 is out of range"),
         (["--task", "sst2", "--data-dir", "/nonexistent"], "/nonexistent/SST-2/train.tsv does not exist"),
         (["--task", "sst2", "--model", "/nonexistent-model"], "neither a local folder nor a built-in name"),
+        (["--task", "sst2", "--micro-batches", "0"], "--micro-batches and --pipeline-depth must be >= 1"),
+        (["--task", "sst2", "--micro-batches", "64"], "--micro-batches 64 is more than --batch-size 32"),
+        (["--task", "sst2", "--local", "--micro-batches", "2"], "--local has no link"),
+        (
+            ["--task", "sst2", "--split-layer", "1", "--cls-only"],
+            "--cls-only needs the cut at the last layer",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(daemon, glue_dir, args, message):
