@@ -88,11 +88,12 @@ def transport_for(
 def split_backend(
     base: BaseModel, spec: SplitSpec, transport: Transport, wire: str = "fp32", compression: str = "none",
     batch_size: int = 32, seq: int = 128, steps: int = 100, micro_batches: int = 1, pipeline_depth: int = 2,
+    cls_only: bool = False,
 ) -> SplitBackend:  # fmt: skip
     optim = OptimConfig(lr=2e-5, total_steps=steps, seed=42)
     return SplitBackend(
         base, spec, 2, transport, optim, batch_size, seq, wire, compression, "sst2", "cpu",
-        micro_batches=micro_batches, pipeline_depth=pipeline_depth,
+        micro_batches=micro_batches, pipeline_depth=pipeline_depth, cls_only=cls_only,
     )  # fmt: skip
 
 
@@ -145,10 +146,11 @@ class StepTimer:
             return wrapper
 
         def timed_call(fn: Callable) -> Callable:
-            def wrapper(msg: Any) -> Any:
+            # A step is submit() then result(): together, the transport's call.
+            def wrapper(*a: Any) -> Any:
                 t0 = time.perf_counter()
                 try:
-                    return fn(msg)
+                    return fn(*a)
                 finally:
                     self.parts["call"] += time.perf_counter() - t0
 
@@ -157,7 +159,8 @@ class StepTimer:
         self._patch(codec, "encode", timed_codec("encode"))
         self._patch(codec, "decode", timed_codec("decode"))
         self._patch(CloudSession, "train", timed_train)
-        self._patch(transport, "call", timed_call)
+        self._patch(transport, "submit", timed_call)
+        self._patch(transport, "result", timed_call)
 
     def uninstall(self) -> None:
         while self._undo:

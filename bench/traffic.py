@@ -29,7 +29,7 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
 def capture_step(
-    base: Any, spec: SplitSpec, batch: Any, seq: int, full_step: bool = False
+    base: Any, spec: SplitSpec, batch: Any, seq: int, full_step: bool = False, cls_only: bool = False
 ) -> Tuple[pb.TrainStep, pb.TrainReply, int, int]:
     """One real fp32 step: (the TrainStep sent, the TrainReply received, bytes sent, bytes received).
 
@@ -38,17 +38,22 @@ def capture_step(
     edge's backward pass, which is most of the cost on BERT-base geometry).
     """
     transport = transport_for("inproc", base)
-    backend = split_backend(base, spec, transport, batch_size=len(batch.lengths), seq=seq)
+    backend = split_backend(base, spec, transport, batch_size=len(batch.lengths), seq=seq, cls_only=cls_only)
     seen: Dict[str, Any] = {}
-    call = transport.call
+    submit, result = transport.submit, transport.result
 
-    def recording_call(msg: pb.EdgeMessage) -> pb.CloudMessage:
-        reply = call(msg)
+    def recording_submit(msg: pb.EdgeMessage) -> None:
         if msg.WhichOneof("kind") == "train":
-            seen["step"], seen["reply"] = msg.train, reply.train
+            seen["step"] = msg.train
+        submit(msg)
+
+    def recording_result() -> pb.CloudMessage:
+        reply = result()
+        if reply.WhichOneof("kind") == "train":
+            seen["reply"] = reply.train
         return reply
 
-    transport.call = recording_call  # type: ignore[method-assign]
+    transport.submit, transport.result = recording_submit, recording_result  # type: ignore[method-assign]
     sent0, recv0 = transport.bytes_sent, transport.bytes_received
     if full_step:
         backend.train_step(0, batch)
@@ -56,8 +61,8 @@ def capture_step(
         backend.net1.train()
         torch.manual_seed(step_seed(backend.optim_cfg.seed, "edge", 0))  # the step's dropout, as train_step
         with torch.no_grad():
-            packed = backend._cut(batch)
-        msg = pb.TrainStep(step=0, activations=codec.encode(packed), lengths=batch.lengths)
+            packed, lengths = backend._cut(batch)
+        msg = pb.TrainStep(step=0, activations=codec.encode(packed), lengths=lengths)
         msg.labels.extend(batch.labels.tolist())
         transport.call(pb.EdgeMessage(train=msg))
     sent, recv = transport.bytes_sent - sent0, transport.bytes_received - recv0
@@ -80,7 +85,8 @@ def sizes(step: pb.TrainStep, reply: pb.TrainReply, wire: str, compression: str)
 
 
 def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer: Optional[int], seq: int,
-            batch_size: int, wires: List[str], compressions: List[str], full_step: bool = False) -> List[Dict]:  # fmt: skip
+            batch_size: int, wires: List[str], compressions: List[str], full_step: bool = False,
+            cls_only: bool = False) -> List[Dict]:  # fmt: skip
     base = load_base_model(model)
     layer = base.config.num_hidden_layers - 1 if split_layer is None else split_layer
     hidden = base.config.hidden_size
@@ -93,9 +99,9 @@ def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer
         acc: Dict[Tuple[str, str], List[int]] = {}
         tokens = 0
         for batch in data:
-            step, reply, sent, recv = capture_step(base, spec, batch, seq, full_step)
+            step, reply, sent, recv = capture_step(base, spec, batch, seq, full_step, cls_only)
             assert (sent, recv) == sizes(step, reply, "fp32", "none"), "re-encoded sizes differ from counted"
-            tokens += sum(batch.lengths)
+            tokens += sum(step.lengths)  # the rows that crossed: every real token, or one per example
             for wire in wires:
                 for comp in compressions:
                     s, r = sizes(step, reply, wire, comp)
@@ -105,7 +111,7 @@ def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer
         for (wire, comp), (s, r) in acc.items():
             n = len(data)
             rows.append({
-                "model": model, "batches": kind, "split_layer": layer, "mode": mode,
+                "model": model, "batches": kind, "split_layer": layer, "mode": mode, "cls_only": cls_only,
                 "rank": rank if mode == "sft" else None, "wire": wire, "compression": comp,
                 "tokens_per_step": tokens / n, "sent_per_step": s / n, "received_per_step": r / n,
                 "total_per_step": (s + r) / n,
@@ -134,6 +140,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--full-step", action="store_true", help="run the edge's backward pass too (slower)")
+    p.add_argument("--cls-only", action="store_true", help="send only the [CLS] rows (cut at the last layer)")
     p.add_argument("--name", default="traffic")
     p.add_argument("--out-dir")
     args = p.parse_args()
@@ -143,7 +150,7 @@ def main() -> int:
         for kind in args.kinds:
             n = args.batches if kind == "fixed" else args.sst2_batches
             rows += measure(model, kind, args.ranks, n, args.split_layer, args.seq, args.batch_size,
-                            args.wires, args.compressions, args.full_step)  # fmt: skip
+                            args.wires, args.compressions, args.full_step, args.cls_only)  # fmt: skip
     cols = ["model", "batches", "mode", "rank", "wire", "compression", "tokens_per_step", "sent_per_step",
             "received_per_step", "analytic_per_direction", "vs_sl_fp32", "vs_sl_same_wire", "analytic_vs_sl"]  # fmt: skip
     print(table(rows, cols))

@@ -101,11 +101,11 @@ class SplitModel(nn.Module):
     def _train_forward(self, batch: Batch) -> torch.Tensor:
         b = self.backend
         with _seeded(b.optim_cfg.seed, "edge", self.step):
-            packed = b._cut(batch)
+            packed, lengths = b._cut(batch)
         msg = pb.TrainStep(
             step=self.step,
             activations=codec.encode(packed.detach(), b.wire_dtype, b.compression),
-            lengths=batch.lengths,
+            lengths=lengths,
         )
         if b.num_labels == 1:
             msg.targets.extend(batch.labels.float().tolist())
