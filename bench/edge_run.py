@@ -13,7 +13,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from typing import Dict, List, Optional
 
 import torch
@@ -51,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
 
     from bench.common import median
-    from bench.harness import StepTimer, batches, split_backend, transport_for
+    from bench.harness import StepTimer, batches, split_backend, time_steps, transport_for
     from sft_common.config import SplitSpec
     from sft_common.models import load_base_model
     from sft_edge.backends import LocalBackend, OptimConfig
@@ -69,12 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.phase == "local":
         backend = LocalBackend(base, 2, OptimConfig(lr=2e-5, total_steps=n, seed=42), "cpu")
-        times = []
-        for k, b in enumerate(data):
-            t0 = time.perf_counter()
-            backend.train_step(k, b)
-            if k >= args.warmup:
-                times.append(time.perf_counter() - t0)
+        times = time_steps(backend, data, args.warmup)
         out["step_s"] = median(times)
         out["all_step_s"] = times
     elif args.phase == "inproc":

@@ -97,6 +97,17 @@ def split_backend(
     )  # fmt: skip
 
 
+def time_steps(backend: Any, data: List[Batch], warmup: int) -> List[float]:
+    """Train on every batch of ``data``; the wall time of each step after the first ``warmup``."""
+    times = []
+    for k, b in enumerate(data):
+        t0 = time.perf_counter()
+        backend.train_step(k, b)
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 class StepTimer:
     """Per-step time by part, from wrappers around the codec, the transport and the cloud session.
 

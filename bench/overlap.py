@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional
 
 from bench import netns
@@ -32,7 +31,7 @@ def edge(args: argparse.Namespace) -> List[Dict]:
     """Runs in the edge namespace: every (rate, configuration, micro-batch count), timed."""
     import torch
 
-    from bench.harness import batches, split_backend, transport_for
+    from bench.harness import batches, split_backend, time_steps, transport_for
     from sft_common.config import SplitSpec
     from sft_common.models import load_base_model
 
@@ -51,12 +50,7 @@ def edge(args: argparse.Namespace) -> List[Dict]:
                 backend = split_backend(
                     base, spec, transport, args.wire, "none", args.batch_size, args.seq, n, micro, args.depth
                 )
-                times = []
-                for k, b in enumerate(data):
-                    t0 = time.perf_counter()
-                    backend.train_step(k, b)
-                    if k >= args.warmup:
-                        times.append(time.perf_counter() - t0)
+                times = time_steps(backend, data, args.warmup)
                 sent = transport.bytes_sent + transport.bytes_received
                 backend.close()
                 row = {"rate_mbit": rate, "mode": mode, "split_layer": int(layer), "micro": micro,
