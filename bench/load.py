@@ -54,14 +54,18 @@ class LockReleasingTransport(Transport):
         super().__init__()
         self.inner, self.lock = inner, lock
         self.latencies: List[float] = []
+        self._start = 0.0
 
-    def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+    def submit(self, msg: pb.EdgeMessage) -> None:
+        self._start = time.perf_counter()
+        self.inner.submit(msg)
+
+    def result(self) -> pb.CloudMessage:
         self.lock.release()
         try:
-            start = time.perf_counter()
-            reply = self.inner.call(msg)
-            if msg.WhichOneof("kind") == "train":
-                self.latencies.append(time.perf_counter() - start)
+            reply = self.inner.result()
+            if reply.WhichOneof("kind") == "train":
+                self.latencies.append(time.perf_counter() - self._start)
             return reply
         finally:
             self.lock.acquire()
