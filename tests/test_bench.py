@@ -93,6 +93,17 @@ def test_memory_accounting_adds_up():
     assert shares == sorted(shares, reverse=True) and len(set(shares)) == len(shares)
 
 
+def test_memory_phases_marks_every_phase():
+    from bench import memory_phases
+
+    args = argparse.Namespace(model="random:tiny", split_layer=None, rank=4, batch_size=2, seq=8, steps=2,
+                              cloud=None)  # fmt: skip
+    out = memory_phases.child(args)
+    assert [s["step"] for s in out["steps"]] == [0, 1]
+    assert all(p in s for s in out["steps"] for p in memory_phases.PHASES)
+    assert out["peak_mib"] == max(s[p] for s in out["steps"] for p in memory_phases.PHASES)
+
+
 @pytest.mark.parametrize("phase", ["local", "inproc"])
 def test_edge_run_reports_time_and_memory(phase, capsys):
     from bench import edge_run
