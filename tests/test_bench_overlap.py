@@ -14,7 +14,7 @@ from test_bench import ROOT, _can_make_netns
 def test_overlap_benchmark_end_to_end(tmp_path):
     subprocess.run([sys.executable, "-m", "bench.overlap", "--model", "random:tiny", "--kind", "fixed",
                     "--batch-size", "4", "--seq", "8", "--steps", "1", "--warmup", "0", "--rates", "100",
-                    "--configs", "sft:2", "sl:3", "--micro", "1", "2", "--out-dir", str(tmp_path)],
+                    "--configs", "sft:2", "sl:3", "--micro", "1", "2", "--depths", "2", "--out-dir", str(tmp_path)],
                    check=True, cwd=ROOT)  # fmt: skip
     rows = json.loads((tmp_path / "overlap.json").read_text())["rows"]
     assert [(r["mode"], r["micro"]) for r in rows] == [("sft", 1), ("sft", 2), ("sl", 1), ("sl", 2)]
