@@ -5,8 +5,10 @@ the edge (this module, ``--edge``) in another, each limited to one intra-op thre
 (OMP_NUM_THREADS=1), so each has a core of this 2-core machine to itself and the cloud's work
 can overlap the edge's. For each rate, each configuration (mode and split layer) and each
 micro-batch count, the edge trains ``--steps`` steps (after ``--warmup``) on real SST-2 batches
-and records the median step time. The update is the same in every row (tests/test_pipeline.py
-shows micro-batched training equals whole-batch training); only the schedule differs.
+and records the median step time, the mean time a step spent blocked waiting for answers
+(``edge_wait_s``) and the rest (``edge_busy_s``: the edge computing). The update is the same in
+every row (tests/test_pipeline.py shows micro-batched training equals whole-batch training);
+only the schedule differs.
 Needs root; the namespaces are deleted however the run ends.
 Micro-batches without overlap (``--pipeline-depth 1``) are measured too: smaller micro-batches are
 each padded to their own longest sequence, which saves compute by itself; the difference between
@@ -21,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Dict, List, Optional
 
 from bench import netns
@@ -51,18 +54,38 @@ def edge(args: argparse.Namespace) -> List[Dict]:
             # Depth 1 with several micro-batches: their smaller, less padded matrices without overlap.
             for micro, depth in [(m, d) for m in args.micro for d in (args.depths if m > 1 else [1])]:
                 transport = transport_for("grpc", base, args.cloud)
+                waited = _time_waits(transport)
                 backend = split_backend(
                     base, spec, transport, args.wire, "none", args.batch_size, args.seq, n, micro, depth
                 )
+                waited.clear()
                 times = time_steps(backend, data, args.warmup)
+                wait_s = sum(waited[-args.steps * micro :]) / args.steps
                 sent = transport.bytes_sent + transport.bytes_received
                 backend.close()
                 row = {"rate_mbit": rate, "mode": mode, "split_layer": int(layer), "micro": micro, "depth": depth,
-                       "step_s": median(times), "all_step_s": times, "bytes_per_step": sent / n}  # fmt: skip
+                       "step_s": median(times), "edge_wait_s": wait_s, "edge_busy_s": median(times) - wait_s,
+                       "all_step_s": times, "bytes_per_step": sent / n}  # fmt: skip
                 rows.append(row)
                 say = f"  {rate} Mbit/s {config} micro {micro} depth {depth}: {row['step_s']:.3f} s/step"
                 print(say, file=sys.stderr, flush=True)
     return rows
+
+
+def _time_waits(transport) -> List[float]:
+    """Record how long each ``result()`` blocks: the edge idle, waiting for the link and the cloud."""
+    waited: List[float] = []
+    result = transport.result
+
+    def timed_result():
+        t0 = time.perf_counter()
+        try:
+            return result()
+        finally:
+            waited.append(time.perf_counter() - t0)
+
+    transport.result = timed_result
+    return waited
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -107,7 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in rows:
         base = whole.get((r["rate_mbit"], r["mode"], r["split_layer"]))
         r["speedup"] = base / r["step_s"] if base else None
-    cols = ["rate_mbit", "mode", "split_layer", "micro", "depth", "step_s", "speedup", "bytes_per_step"]
+    cols = ["rate_mbit", "mode", "split_layer", "micro", "depth", "step_s", "speedup", "edge_busy_s", "edge_wait_s",
+            "bytes_per_step"]  # fmt: skip
     print(table(rows, cols))
     path = save(args.name, {"rows": rows, "args": vars(args), "threads_per_side": 1}, args.out_dir)
     print(f"wrote {path}")
