@@ -10,8 +10,18 @@ import torch
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, as in the Hugging Face GLUE recipe. Per-parameter, so two halves each running
-    their own optimizer update exactly as one optimizer over the whole model would."""
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    their own optimizer update exactly as one optimizer over the whole model would.
+
+    The fused kernel where this torch has one for the parameters' device (CUDA; CPU from torch
+    2.4): it updates in place, where the default multi-tensor step allocates temporaries the
+    size of the parameters (44 MiB for MiniLM's word embeddings, measured), which set the
+    edge's peak memory when most layers run in the cloud (docs/benchmarks.md §5).
+    """
+    trainable = [p for p in params if p.requires_grad]
+    try:
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device / version
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
 
 
 def make_schedule(
