@@ -14,8 +14,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay
 
     The fused kernel where this torch has one for the parameters' device (CUDA; CPU from torch
     2.4): it updates in place, where the default multi-tensor step allocates temporaries the
-    size of the parameters (44 MiB for MiniLM's word embeddings, measured), which set the
-    edge's peak memory when most layers run in the cloud (docs/benchmarks.md §5).
+    size of the parameters (44 MiB for MiniLM's word embeddings, measured; docs/benchmarks.md §5).
     """
     trainable = [p for p in params if p.requires_grad]
     try:
