@@ -15,10 +15,10 @@ from sft_edge.client import GrpcTransport, open_channel
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)
 
 
-def _train(address, base, spec, cls_only, steps=4):
+def _train(address, base, spec, cls_only, steps=4, micro_batches=1):
     backend = SplitBackend(
         base, spec, 2, GrpcTransport(open_channel(address)), OPTIM, batch_size=8, max_seq_len=64,
-        cls_only=cls_only,
+        cls_only=cls_only, micro_batches=micro_batches,
     )  # fmt: skip
     batches = [random_batch(batch=6, seq=16, seed=k) for k in range(steps)]
     losses = [backend.train_step(k, b) for k, b in enumerate(batches)]
@@ -26,8 +26,8 @@ def _train(address, base, spec, cls_only, steps=4):
     return backend, losses, logits
 
 
-@pytest.mark.parametrize("mode", ["sl", "sft"])
-def test_cls_rows_only_train_the_same_model_with_less_traffic(live_server, tiny_base, mode):
+@pytest.mark.parametrize("mode, micro_batches", [("sl", 1), ("sft", 1), ("sft", 3)])
+def test_cls_rows_only_train_the_same_model_with_less_traffic(live_server, tiny_base, mode, micro_batches):
     address, registry = live_server
     base = tiny_base
     if mode == "sft":  # the cloud's dropout after Σ, v would draw masks for other shapes
@@ -37,7 +37,7 @@ def test_cls_rows_only_train_the_same_model_with_less_traffic(live_server, tiny_
         registry._bases[base.name] = base
     spec = SplitSpec(split_layer=base.config.num_hidden_layers - 1, rank=8, mode=mode)
     full, full_losses, full_logits = _train(address, base, spec, cls_only=False)
-    cls, cls_losses, cls_logits = _train(address, base, spec, cls_only=True)
+    cls, cls_losses, cls_logits = _train(address, base, spec, cls_only=True, micro_batches=micro_batches)
 
     assert cls_losses == pytest.approx(full_losses, abs=1e-6)
     assert float((cls_logits - full_logits).abs().max()) <= 1e-5
@@ -45,7 +45,8 @@ def test_cls_rows_only_train_the_same_model_with_less_traffic(live_server, tiny_
     cloud_full = registry.get(full.session.session_id).net2
     cloud_cls = registry.get(cls.session.session_id).net2
     assert max_diff(params(cloud_full), params(cloud_cls)) <= 1e-6
-    # 6 examples of 2..16 tokens: one row each instead of all of them, both ways.
+    # 6 examples of 2..16 tokens: one row each instead of all of them, both ways (the micro-batch
+    # fields add a few bytes a message).
     assert cls.transport.bytes_sent * 3 < full.transport.bytes_sent
     assert cls.transport.bytes_received * 3 < full.transport.bytes_received
 
