@@ -123,6 +123,27 @@ def memory(plt, data: Dict, out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+def overlap(plt, data: Dict, out: str) -> None:
+    """Per link and cut: the step split into the edge's own work and its wait for answers, for
+    whole steps and for each (micro-batches, depth)."""
+    rows = data["rows"]
+    groups = list(dict.fromkeys((r["rate_mbit"], r["mode"], r["split_layer"]) for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.8), sharey=True)
+    for ax, (rate, mode, layer) in zip(list(axes) if len(groups) > 1 else [axes], groups):
+        sel = [r for r in rows if (r["rate_mbit"], r["mode"], r["split_layer"]) == (rate, mode, layer)]
+        labels = [f"K{r['micro']} d{r['depth']}" for r in sel]
+        busy = [r["edge_busy_s"] for r in sel]
+        wait = [r["edge_wait_s"] for r in sel]
+        ax.bar(labels, busy, label="edge computing")
+        ax.bar(labels, wait, bottom=busy, label="edge waiting")
+        ax.set_title(f"{mode.upper()} l={layer}, {rate:g} Mbit/s", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=60, labelsize=8)
+    (axes[0] if len(groups) > 1 else axes).set_ylabel("seconds a step")
+    (axes[0] if len(groups) > 1 else axes).legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=RESULTS)
@@ -147,6 +168,10 @@ def main() -> int:
     if lk:
         link(plt, lk, os.path.join(args.out, "link.png"))
         made.append("link.png")
+    ov = _load(args.results, "overlap")
+    if ov and all("edge_wait_s" in r for r in ov["rows"]):
+        overlap(plt, ov, os.path.join(args.out, "overlap.png"))
+        made.append("overlap.png")
     m = _load(args.results, "memory")
     if m:
         memory(plt, m, os.path.join(args.out, "memory.png"))
