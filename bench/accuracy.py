@@ -159,7 +159,18 @@ def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> str:
 
 
 def _niced(nice: int) -> List[str]:
-    return ["nice", "-n", str(nice)] if nice > 0 else []
+    """Run a command at ``nice``, in a session of its own whose scheduling group is niced too.
+
+    With autogroup scheduling (Linux, /proc/sys/kernel/sched_autogroup_enabled = 1) the CPU is
+    shared between sessions first, and a process's niceness orders it only within its session:
+    a `nice 19` run started from another terminal still takes half the machine. Measured here:
+    the demo ran at about 5 s a step beside a `nice 19` accuracy run, about 1 s once the run's
+    group was niced. (Where there is no autogroup, the echo fails quietly and `nice` remains.)
+    """
+    if nice <= 0:
+        return []
+    script = f'echo {nice} > /proc/self/autogroup 2>/dev/null; exec nice -n {nice} "$@"'
+    return ["setsid", "sh", "-c", script, "sh"]
 
 
 def execute(

@@ -85,3 +85,21 @@ def test_accuracy_bench_runs_resumes_and_tabulates(glue_dir, tmp_path):
     # A second invocation finds both results and runs nothing.
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert again.returncode == 0 and again.stdout.count("skip  ") == 2 and "run   " not in again.stdout
+
+
+def test_niced_runs_go_in_a_session_of_their_own_whose_group_is_niced():
+    """`nice` alone does not make a run yield to other sessions under autogroup scheduling."""
+    import shutil
+
+    if shutil.which("setsid") is None:
+        pytest.skip("no setsid")
+    probe = "nice; cat /proc/self/autogroup 2>/dev/null || echo none"
+    out = subprocess.run(_bench()._niced(7) + ["sh", "-c", probe], capture_output=True, text=True, check=True)
+    niceness, group = out.stdout.strip().splitlines()
+    assert niceness == "7"
+    if group != "none" and os.path.exists("/proc/self/autogroup"):
+        mine = open("/proc/self/autogroup").read().split()[0]
+        assert group.split()[0] != mine  # a session, and so a scheduling group, of its own
+        if os.access("/proc/self/autogroup", os.W_OK):
+            assert group.endswith("nice 7")
+    assert _bench()._niced(0) == []
