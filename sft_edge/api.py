@@ -35,7 +35,6 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from sft_common import codec
 from sft_common.config import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model, packaged_minilm_dir
 from sft_common.proto import sft_pb2 as pb
@@ -102,20 +101,9 @@ class SplitModel(nn.Module):
         b = self.backend
         with _seeded(b.optim_cfg.seed, "edge", self.step):
             packed, lengths = b._cut(batch)
-        msg = pb.TrainStep(
-            step=self.step,
-            activations=codec.encode(packed.detach(), b.wire_dtype, b.compression),
-            lengths=lengths,
-        )
-        if b.num_labels == 1:
-            msg.targets.extend(batch.labels.float().tolist())
-        else:
-            msg.labels.extend(batch.labels.tolist())
+        msg = b._train_message(self.step, packed, lengths, batch.labels)
         reply = b.transport.call(pb.EdgeMessage(train=msg)).train
-        grad = codec.decode(
-            reply.grad, name="gradient", dtype=b.wire_dtype, shape=tuple(packed.shape),
-            compression=b.compression, device=str(packed.device),
-        )  # fmt: skip
+        grad = b._gradient(reply, packed)
         self.step += 1
         loss = torch.tensor(reply.loss, dtype=packed.dtype, device=packed.device)
         return _CloudLoss.apply(packed, loss, grad)

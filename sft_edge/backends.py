@@ -151,17 +151,9 @@ class SplitBackend:
         for micro, part in enumerate(parts):
             with _seeded(self.optim_cfg.seed, "edge", step, micro):
                 packed, lengths = self._cut(part)
-            msg = pb.TrainStep(
-                step=step,
-                activations=codec.encode(packed, self.wire_dtype, self.compression),
-                lengths=lengths,
-            )
+            msg = self._train_message(step, packed, lengths, part.labels)
             if len(parts) > 1:
                 msg.micro, msg.micro_count, msg.step_examples = micro, len(parts), examples
-            if self.num_labels == 1:
-                msg.targets.extend(part.labels.tolist())
-            else:
-                msg.labels.extend(part.labels.tolist())
             self.transport.submit(pb.EdgeMessage(train=msg))
             in_flight.append((micro, packed, len(part.lengths)))
             if len(in_flight) >= self.pipeline_depth:
@@ -173,6 +165,28 @@ class SplitBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
+    def _train_message(
+        self, step: int, packed: torch.Tensor, lengths: List[int], labels: torch.Tensor
+    ) -> pb.TrainStep:
+        """The ``TrainStep`` carrying the cut ``packed`` of one batch (or micro-batch)."""
+        msg = pb.TrainStep(
+            step=step,
+            activations=codec.encode(packed.detach(), self.wire_dtype, self.compression),
+            lengths=lengths,
+        )
+        if self.num_labels == 1:
+            msg.targets.extend(labels.float().tolist())
+        else:
+            msg.labels.extend(labels.tolist())
+        return msg
+
+    def _gradient(self, reply: pb.TrainReply, packed: torch.Tensor) -> torch.Tensor:
+        """The cloud's d loss / d ``packed``, decoded and checked against ``packed``'s shape."""
+        return codec.decode(
+            reply.grad, name="gradient", dtype=self.wire_dtype, shape=tuple(packed.shape),
+            compression=self.compression, device=self.device,
+        )  # fmt: skip
+
     def _backward(self, step: int, micro: int, packed: torch.Tensor, n: int, examples: int) -> float:
         """Wait for one micro-batch's gradient and run net1's backward pass with it (gradients
         accumulate); returns its loss weighted by its share of the step's examples."""
@@ -183,11 +197,7 @@ class SplitBackend:
                 f"expected the answer to step {step} micro-batch {micro}, got step {reply.step} "
                 f"micro-batch {reply.micro}",
             )
-        grad = codec.decode(
-            reply.grad, name="gradient", dtype=self.wire_dtype, shape=tuple(packed.shape),
-            compression=self.compression, device=self.device,
-        )  # fmt: skip
-        packed.backward(grad)
+        packed.backward(self._gradient(reply, packed))
         return reply.loss * (n / examples)
 
     @torch.no_grad()
