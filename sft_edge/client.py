@@ -217,39 +217,41 @@ class ResilientTransport(Transport):
 
     def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
         if msg.WhichOneof("kind") == "open":
-            self._inner.submit(msg)
-            reply = self._inner.result()
-            self._count(msg, reply)
+            self._send(msg)
+            reply = self._receive()
             self._open = pb.OpenSession()
             self._open.CopyFrom(msg.open)
             self._open.session_id = reply.opened.session_id
             return reply
         return super().call(msg)
 
-    def _count(self, sent: Optional[pb.EdgeMessage], received: Optional[pb.CloudMessage]) -> None:
-        self.bytes_sent += sent.ByteSize() if sent is not None else 0
-        self.bytes_received += received.ByteSize() if received is not None else 0
+    def _send(self, msg: pb.EdgeMessage) -> None:
+        """On the current stream; every byte counts, re-sent ones too (they cross the link)."""
+        self._inner.submit(msg)
+        self.bytes_sent += msg.ByteSize()
+
+    def _receive(self) -> pb.CloudMessage:
+        reply = self._inner.result()
+        self.bytes_received += reply.ByteSize()
+        return reply
 
     def submit(self, msg: pb.EdgeMessage) -> None:
         self._log.append(msg)
-        self._inner.submit(msg)
-        self._count(msg, None)
+        self._send(msg)
 
     def result(self) -> pb.CloudMessage:
         while True:
             try:
-                reply = self._inner.result()
+                reply = self._receive()
             except CloudError as exc:
                 if exc.code not in RETRYABLE or self._open is None:
                     raise
                 log.warning("link to the cloud failed (%s): reconnecting", exc)
                 self._reattach()
                 for msg in self._log:
-                    self._inner.submit(msg)
-                    self._count(msg, None)
+                    self._send(msg)
                 self._skip = self._answered
                 continue
-            self._count(None, reply)
             if self._skip:
                 self._skip -= 1
                 continue
@@ -272,11 +274,8 @@ class ResilientTransport(Transport):
             attach.resume_steps[:] = steps
             try:
                 self._inner = self._connect()
-                msg = pb.EdgeMessage(open=attach)
-                self._inner.submit(msg)
-                self._count(msg, None)
-                reply = self._inner.result()
-                self._count(None, reply)
+                self._send(pb.EdgeMessage(open=attach))
+                reply = self._receive()
             except CloudError as exc:
                 if exc.code not in RETRYABLE or time.monotonic() + delay > deadline:
                     raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
