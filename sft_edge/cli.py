@@ -48,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and cloud compute overlap; the update is the whole batch's (default 1: no pipelining)",
     )  # fmt: skip
     t.add_argument(
+        "--pipeline-depth", type=int, default=2,
+        help="micro-batches in flight at once with --micro-batches (default 2)",
+    )  # fmt: skip
+    t.add_argument(
         "--cls-only", action="store_true",
         help="with the cut at the last layer: send only each example's [CLS] row, the only one the "
         "classifier reads (exact; about sequence-length times less traffic)",
-    )  # fmt: skip
-    t.add_argument(
-        "--pipeline-depth", type=int, default=2,
-        help="micro-batches in flight at once with --micro-batches (default 2)",
     )  # fmt: skip
     t.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
     t.add_argument("--max-steps", type=int, help="train exactly this many steps (overrides --epochs)")
