@@ -86,3 +86,31 @@ class AllocationSpy:
 
     def assert_bounded(self, cap: int) -> None:
         assert all(0 <= n <= cap for n in self.sizes), f"allocation from a claimed size: {self.sizes}"
+
+
+def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1):
+    """The reference for split training: the same factorised model, both halves under one
+    optimizer and one autograd graph, dropout seeded as each side seeds it. With
+    ``micro_batches`` > 1 each micro-batch's mean loss counts by its share of the batch,
+    gradients accumulate and the update comes once a step. Returns (edge, cloud, losses)."""
+    from sft_common.split import build_split_model, task_loss
+    from sft_common.training import make_optimizer, make_schedule, step_seed
+
+    edge, cloud = build_split_model(base, spec, 2, optim.seed)
+    opt = make_optimizer(list(edge.parameters()) + list(cloud.parameters()), optim.lr, optim.weight_decay)
+    sched = make_schedule(opt, optim.warmup_steps, optim.total_steps)
+    edge.train(), cloud.train()
+    losses = []
+    for k, batch in enumerate(batches):
+        total = 0.0
+        for i, part in enumerate(batch.split(micro_batches)):
+            torch.manual_seed(step_seed(optim.seed, "edge", k, i))  # the split run's dropout masks
+            cut, _ = edge(part.input_ids, part.attention_mask, part.token_type_ids)
+            torch.manual_seed(step_seed(optim.seed, "cloud", k, i))
+            loss = task_loss(cloud(cut, part.attention_mask), part.labels)
+            share = len(part.lengths) / len(batch.lengths)
+            (loss * share).backward()
+            total += float(loss.detach()) * share
+        opt.step(), sched.step(), opt.zero_grad()
+        losses.append(total)
+    return edge, cloud, losses

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers import max_diff, params, random_batch
+from helpers import max_diff, params, random_batch, train_in_one_process
 
 from sft_common.config import SplitSpec
-from sft_common.split import build_split_model, task_loss
-from sft_common.training import make_optimizer, make_schedule, step_seed
+from sft_common.split import build_split_model
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, open_channel
 
@@ -22,20 +20,7 @@ def _batches():
 
 def _train_in_one_process(base, spec):
     """The same factorised model, both halves under one optimizer and one autograd graph."""
-    edge, cloud = build_split_model(base, spec, 2, OPTIM.seed)
-    opt = make_optimizer(list(edge.parameters()) + list(cloud.parameters()), OPTIM.lr, OPTIM.weight_decay)
-    sched = make_schedule(opt, OPTIM.warmup_steps, OPTIM.total_steps)
-    edge.train(), cloud.train()
-    losses = []
-    for k, b in enumerate(_batches()):
-        torch.manual_seed(step_seed(OPTIM.seed, "edge", k))  # the same dropout masks as the split run
-        cut, _ = edge(b.input_ids, b.attention_mask, b.token_type_ids)
-        torch.manual_seed(step_seed(OPTIM.seed, "cloud", k))
-        loss = task_loss(cloud(cut, b.attention_mask), b.labels)
-        loss.backward()
-        opt.step(), sched.step(), opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return edge, cloud, losses
+    return train_in_one_process(base, spec, OPTIM, _batches())
 
 
 @pytest.mark.parametrize("mode", ["sft", "sl"])

@@ -8,14 +8,13 @@ import dataclasses
 import pytest
 import torch
 from daemon import start_daemon, stop_daemon
-from helpers import max_diff, params, random_batch
+from helpers import max_diff, params, random_batch, train_in_one_process
 from proxy import TcpProxy
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sft_common.config import SplitSpec
-from sft_common.split import build_split_model, task_loss
-from sft_common.training import make_optimizer, make_schedule, step_seed
+from sft_common.split import build_split_model
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, open_channel
 from sft_edge.trainer import TrainConfig, train
@@ -36,26 +35,7 @@ def _backend(address, base, spec, micro_batches, depth=2, transport=None):
 
 
 def _micro_batched_in_one_process(base, spec, micro_batches):
-    """Reference: both halves under one optimizer; each micro-batch's mean loss weighted by its
-    share of the batch, gradients accumulated, one update a step; dropout seeded per micro-batch."""
-    edge, cloud = build_split_model(base, spec, 2, OPTIM.seed)
-    opt = make_optimizer(list(edge.parameters()) + list(cloud.parameters()), OPTIM.lr, OPTIM.weight_decay)
-    sched = make_schedule(opt, OPTIM.warmup_steps, OPTIM.total_steps)
-    edge.train(), cloud.train()
-    losses = []
-    for k, batch in enumerate(_batches()):
-        total = 0.0
-        for i, part in enumerate(batch.split(micro_batches)):
-            torch.manual_seed(step_seed(OPTIM.seed, "edge", k, i))
-            cut, _ = edge(part.input_ids, part.attention_mask, part.token_type_ids)
-            torch.manual_seed(step_seed(OPTIM.seed, "cloud", k, i))
-            loss = task_loss(cloud(cut, part.attention_mask), part.labels)
-            share = len(part.lengths) / len(batch.lengths)
-            (loss * share).backward()
-            total += float(loss.detach()) * share
-        opt.step(), sched.step(), opt.zero_grad()
-        losses.append(total)
-    return edge, cloud, losses
+    return train_in_one_process(base, spec, OPTIM, _batches(), micro_batches)
 
 
 def test_batch_split_keeps_every_example_once():
