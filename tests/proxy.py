@@ -3,8 +3,13 @@
 ``cut_after(direction, nbytes)`` drops every connection (RST) as soon as more than ``nbytes``
 have flowed in ``direction`` ("up": edge to cloud, "down": cloud to edge), without forwarding
 the chunk that crossed the line: a step sent but its answer lost, or a step lost on the way.
-``freeze_after`` instead stops forwarding on the live connections and keeps them open: a link
-that goes silent without a reset. New connections are always forwarded normally.
+With ``grace`` seconds, ``direction`` goes silent at once but the other direction keeps flowing
+for that long before the reset: what the edge sends meanwhile reaches the cloud and is applied,
+and its answer is lost. (The chunk that crosses the line may hold only HTTP/2 control frames;
+the grace makes sure that answers to applied work are lost all the same.)
+``freeze_after`` instead silences ``direction`` on the live connections and keeps them open,
+the other direction flowing: a link that goes silent without a reset. New connections are
+always forwarded normally.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ class TcpProxy:
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
         self.bytes = {"up": 0, "down": 0}
-        self.trip: Optional[Tuple[str, int, str]] = None  # (direction, threshold, "cut" | "freeze")
+        self.trip: Optional[Tuple[str, int, str, float]] = None  # (direction, threshold, action, grace)
         self.tripped = threading.Event()
         self._conns: List[Tuple[socket.socket, socket.socket]] = []
-        self._frozen: set = set()
+        self._silent: set = set()  # (id(pair), direction) no longer forwarded
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -35,13 +40,13 @@ class TcpProxy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def cut_after(self, direction: str, nbytes: int) -> None:
+    def cut_after(self, direction: str, nbytes: int, grace: float = 0.0) -> None:
         with self._lock:
-            self.trip = (direction, self.bytes[direction] + nbytes, "cut")
+            self.trip = (direction, self.bytes[direction] + nbytes, "cut", grace)
 
     def freeze_after(self, direction: str, nbytes: int) -> None:
         with self._lock:
-            self.trip = (direction, self.bytes[direction] + nbytes, "freeze")
+            self.trip = (direction, self.bytes[direction] + nbytes, "freeze", 0.0)
 
     def _accept(self) -> None:
         while True:
@@ -65,16 +70,19 @@ class TcpProxy:
             if not data:
                 return
             with self._lock:
-                if id(pair) in self._frozen:
-                    continue  # swallow: the link is silent
+                if (id(pair), direction) in self._silent:
+                    continue  # swallow: this direction of the link is silent
                 trip = self.trip
                 if trip and trip[0] == direction and self.bytes[direction] + len(data) > trip[1]:
                     self.trip = None
                     self.tripped.set()
-                    if trip[2] == "cut":
-                        self._cut_all()
+                    action, grace = trip[2], trip[3]
+                    if action == "cut" and grace <= 0:
+                        self._cut(self._conns)
                         return
-                    self._frozen.update(id(p) for p in self._conns)
+                    self._silent.update((id(p), direction) for p in self._conns)
+                    if action == "cut":
+                        threading.Timer(grace, self._cut_later, args=(list(self._conns),)).start()
                     continue
                 self.bytes[direction] += len(data)
             try:
@@ -82,17 +90,22 @@ class TcpProxy:
             except OSError:
                 return
 
-    def _cut_all(self) -> None:
-        for pair in self._conns:
+    def _cut_later(self, pairs) -> None:
+        with self._lock:
+            self._cut(pairs)
+
+    def _cut(self, pairs) -> None:
+        """Reset ``pairs`` (not connections opened since: the edge's reconnect must get through)."""
+        for pair in pairs:
             for sock in pair:
                 try:  # linger 0: close with RST, as a dropped NAT entry or a reset link would
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     sock.close()
                 except OSError:
                     pass
-        self._conns = []
+        self._conns = [p for p in self._conns if p not in pairs]
 
     def close(self) -> None:
         self.listener.close()
         with self._lock:
-            self._cut_all()
+            self._cut(list(self._conns))

@@ -173,7 +173,7 @@ def test_broken_link_mid_step_with_micro_batches_in_flight_changes_nothing(
     address, folder = daemon
     ref = _run(glue_dir, tmp_path / "ref", address)
     proxy = TcpProxy(("127.0.0.1", int(address.rsplit(":", 1)[1])))
-    proxy.cut_after(direction, 6_000)
+    proxy.cut_after(direction, 6_000, grace=0.5)  # the other direction flows for 0.5 s, then RST
     run = _run(glue_dir, tmp_path / "cut", proxy.address)
     proxy.close()
 

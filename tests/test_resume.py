@@ -61,7 +61,10 @@ def test_broken_link_mid_step_changes_nothing(daemon, glue_dir, tmp_path, direct
 
     proxy = TcpProxy(("127.0.0.1", port))
     # Break the link part-way through the run (after about 10 KB of traffic in that direction).
-    getattr(proxy, f"{action}_after")(direction, 10_000)
+    if action == "cut":  # the other direction flows on for 0.5 s, then both reset
+        proxy.cut_after(direction, 10_000, grace=0.5)
+    else:
+        proxy.freeze_after(direction, 10_000)
     run = train(_config(glue_dir, tmp_path, "cut", proxy.address))
     proxy.close()
 
