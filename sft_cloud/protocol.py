@@ -32,10 +32,7 @@ class StreamProtocol:
             step, restored = session.resume(msg.open.resume_steps) if msg.open.resume_steps else (None, False)
             session.attached += 1
             self.session = session
-            opened = session.opened()
-            if step is not None and step != opened.next_step:  # the completed step before, cached
-                opened.next_step = step
-                opened.next_micro = sum(1 for s, _ in session.replies if s == step)
+            opened = session.opened(at=step)
             opened.restored = restored
             return pb.CloudMessage(opened=opened)
         if kind is None:

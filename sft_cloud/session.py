@@ -119,16 +119,21 @@ class CloudSession:
 
     # -- messages -------------------------------------------------------------------------
 
-    def opened(self) -> pb.SessionOpened:
+    def opened(self, at: Optional[int] = None) -> pb.SessionOpened:
+        """The answer to an open. ``at``: the step ``resume`` chose; when it is the completed step
+        before ``next_step``, the edge is told to go on there, its micro-batches all cached."""
         factor = None
         if self.edge_factor is not None:
             factor = codec.encode(self.edge_factor, pb.FLOAT32)
+        step, micro = self.next_step, self.next_micro
+        if at is not None and at != step:
+            step, micro = at, sum(1 for s, _ in self.replies if s == at)
         return pb.SessionOpened(
             session_id=self.session_id,
             fingerprint=self.fingerprint,
             edge_factor=factor,
-            next_step=self.next_step,
-            next_micro=self.next_micro,
+            next_step=step,
+            next_micro=micro,
         )
 
     def train(self, msg: pb.TrainStep) -> pb.TrainReply:
