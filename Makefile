@@ -26,7 +26,7 @@ test-all:
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m mypy sft_common sft_edge sft_cloud
+	$(PYTHON) -m mypy sft_common sft_edge sft_cloud bench
 
 # grpcio-tools 1.70.0 (pinned in sft_common/proto/check.py) in its own venv, .venv-protos: its
 # code runs on Python 3.8 (protobuf >= 5.29, grpcio >= 1.70) as well as on the newest runtimes.

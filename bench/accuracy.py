@@ -103,7 +103,7 @@ def plan_runs(
     if plan == "quick":
         seeds = list(seeds or [42, 43, 44])
         first, rest = seeds[0], seeds[1:]
-        runs: List[Run] = []
+        runs = []
         for cfgs in (["local", "sft-r8"], ["sft-r16", "sft-r32", "sl"]):
             runs += [Run(t, c, first) for t in ("rte", "mrpc") for c in cfgs]
         runs += [Run("sst2", c, first, max_steps=sst2_steps) for c in CONFIG_ORDER]
@@ -249,7 +249,7 @@ def _write_json(path: str, obj: Dict) -> None:
 
 
 def load_results(results: str) -> List[Dict]:
-    out = []
+    out: List[Dict] = []
     if not os.path.isdir(results):
         return out
     for fn in sorted(os.listdir(results)):

@@ -36,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write(json.dumps({"session": session.session_id, "step": msg.step, "s": dt}) + "\n")
         return reply
 
-    CloudSession.train = timed_train  # type: ignore[method-assign]
+    CloudSession.train = timed_train  # type: ignore[method-assign, assignment]
     return cli.main(rest)
 
 

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from functools import partial
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -22,7 +22,7 @@ from sft_common import codec
 from sft_common.proto import sft_pb2 as pb
 
 
-def before_encode(tensor: torch.Tensor, wire_dtype: int) -> pb.Tensor:
+def before_encode(tensor: torch.Tensor, wire_dtype: Any) -> pb.Tensor:
     t = tensor.detach()
     scale = 0.0
     if wire_dtype == pb.FLOAT16 and t.numel():

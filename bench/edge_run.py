@@ -61,8 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "tokens_per_step": sum(sum(b.lengths) for b in data[args.warmup:]) / args.steps}  # fmt: skip
 
     if args.phase == "local":
-        backend = LocalBackend(base, 2, OptimConfig(lr=2e-5, total_steps=n, seed=42), "cpu")
-        times = time_steps(backend, data, args.warmup)
+        local = LocalBackend(base, 2, OptimConfig(lr=2e-5, total_steps=n, seed=42), "cpu")
+        times = time_steps(local, data, args.warmup)
         out["step_s"] = median(times)
         out["all_step_s"] = times
     elif args.phase == "inproc":

@@ -17,13 +17,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from bench import netns
 from bench.common import ROOT, add_workload_args, median, save, start_daemon, stop_daemon, table
 
 
-def edge(args: argparse.Namespace, phase: str, mode: str, ns: str = "", extra: List[str] = ()) -> Dict:
+def edge(args: argparse.Namespace, phase: str, mode: str, ns: str = "", extra: Sequence[str] = ()) -> Dict:
     cmd = [sys.executable, "-m", "bench.edge_run", "--phase", phase, "--mode", mode, "--model", args.model,
            "--kind", args.kind, "--rank", str(args.rank), "--wire", args.wire, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq", str(args.seq), *extra]  # fmt: skip

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -243,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS, "load.json"))
     args = p.parse_args(argv)
 
-    info = {
+    info: Dict[str, Any] = {
         "command": " ".join(["python", "-m", "bench.load", *(argv or sys.argv[1:])]),
         "machine": machine(),
     }

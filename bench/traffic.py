@@ -120,10 +120,10 @@ def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer
         print(f"  {model} {kind} {mode} R={rank}: {len(data)} step(s) measured", file=sys.stderr, flush=True)
     # Ratios against plain split learning on the same batches.
     sl = {(r["wire"], r["compression"]): r["total_per_step"] for r in rows if r["mode"] == "sl"}
-    for r in rows:
-        r["vs_sl_fp32"] = sl[("fp32", "none")] / r["total_per_step"]
-        r["vs_sl_same_wire"] = sl[(r["wire"], r["compression"])] / r["total_per_step"]
-        r["analytic_vs_sl"] = hidden / r["rank"] if r["mode"] == "sft" else 1.0
+    for row in rows:
+        row["vs_sl_fp32"] = sl[("fp32", "none")] / row["total_per_step"]
+        row["vs_sl_same_wire"] = sl[(row["wire"], row["compression"])] / row["total_per_step"]
+        row["analytic_vs_sl"] = hidden / row["rank"] if row["mode"] == "sft" else 1.0
     return rows
 
 
