@@ -62,7 +62,7 @@ RECIPE = {
 @dataclass(frozen=True)
 class Run:
     task: str
-    config: str  # a CONFIGS key, or "sft-r<R>-l<layer>" for the split-layer sweep
+    config: str  # a CONFIGS key, or "sft-r<R>" / "sft-r<R>-l<layer>" (any rank, any split layer)
     seed: int
     max_steps: Optional[int] = None  # None: --epochs
     epochs: int = 3
@@ -79,10 +79,11 @@ class Run:
     def mode_flags(self) -> Optional[List[str]]:
         if self.config in CONFIGS:
             return CONFIGS[self.config]
-        m = re.fullmatch(r"sft-r(\d+)-l(\d+)", self.config)
+        m = re.fullmatch(r"sft-r(\d+)(?:-l(\d+))?", self.config)
         if not m:
             raise ValueError(f"unknown configuration {self.config!r}")
-        return ["--mode", "sft", "--rank", m.group(1), "--split-layer", m.group(2)]
+        layer = ["--split-layer", m.group(2)] if m.group(2) is not None else []
+        return ["--mode", "sft", "--rank", m.group(1)] + layer
 
 
 def plan_runs(
@@ -280,7 +281,13 @@ def table(records: List[Dict]) -> str:
     def order(key: Tuple[str, str, str]):
         task, cfg, budget = key
         t = ["rte", "mrpc", "sst2"].index(task) if task in ("rte", "mrpc", "sst2") else 9
-        c = CONFIG_ORDER.index(cfg) if cfg in CONFIG_ORDER else 10 + int(cfg.rsplit("-l", 1)[-1])
+        m = re.fullmatch(r"sft-r(\d+)(?:-l(\d+))?", cfg)
+        if cfg in CONFIG_ORDER:
+            c = float(CONFIG_ORDER.index(cfg))
+        elif m and m.group(2) is None:  # other ranks at the last layer, after the named ones
+            c = 5 + int(m.group(1)) / 1e4
+        else:  # the split-layer sweep, by layer
+            c = 10.0 + (int(m.group(2)) if m else 0)
         return (t, budget, c, cfg)
 
     lines = [
@@ -369,11 +376,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log_dir = os.path.abspath(args.log_dir or os.path.join(os.path.dirname(results), "accuracy-logs"))
     extra = tuple(args.extra.split())
     sst2_steps = args.sst2_steps or (200 if args.plan == "cpu" else 400)
+    planned = plan_runs(args.plan, args.seeds, sst2_steps)
     runs = [
         Run(r.task, r.config, r.seed, r.max_steps, r.epochs, extra)
-        for r in plan_runs(args.plan, args.seeds, sst2_steps)
+        for r in planned
         if (not args.tasks or r.task in args.tasks) and (not args.configs or r.config in args.configs)
     ]
+    # Configurations no plan holds (e.g. sft-r384: full rank): every task asked for, every seed.
+    for cfg in [c for c in args.configs or [] if c not in {r.config for r in planned}]:
+        try:
+            Run("rte", cfg, 0).mode_flags()  # an unknown name fails here, before anything runs
+        except ValueError as e:
+            p.error(str(e))
+        for task in args.tasks or ["rte", "mrpc", "sst2"]:
+            steps = sst2_steps if task == "sst2" else None
+            runs += [Run(task, cfg, seed, steps, extra=extra) for seed in args.seeds or [42]]
     done = 0
     for run in runs:
         target = os.path.join(results, run.name + ".json")

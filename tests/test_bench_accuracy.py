@@ -46,6 +46,40 @@ def test_plan_commands_and_table():
     )
     assert "| rte | local | e3 (3 steps) | 1,2 | 65.00 ± 7.07 |" in rows
     assert "| -5.00 (n=2) | 64.25 |" in rows
+    # Any rank at the last layer sorts after the named configurations, the layer sweep last.
+    rows = acc.table(
+        [rec("sft-r8-l0", 1, 0.5), rec("sft-r384", 1, 0.6), rec("sl", 1, 0.6), rec("local", 1, 0.6)]
+    )
+    assert [line.split(" | ")[1] for line in rows.splitlines()[2:]] == [
+        "local",
+        "sl",
+        "sft-r384",
+        "sft-r8-l0",
+    ]
+
+
+def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, capsys):
+    acc = _bench()
+    assert acc.Run("mrpc", "sft-r384", 1).mode_flags() == ["--mode", "sft", "--rank", "384"]
+    args = [
+        "--tasks",
+        "mrpc",
+        "--configs",
+        "sft-r384",
+        "local",
+        "--seeds",
+        "7",
+        "8",
+        "--results",
+        str(tmp_path),
+    ]
+    assert acc.main(args + ["--dry-run"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == ["todo", "mrpc-local-e3-s7", "todo", "mrpc-local-e3-s8"] + [
+        "todo", "mrpc-sft-r384-e3-s7", "todo", "mrpc-sft-r384-e3-s8"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):  # a name that says no configuration: refused before anything runs
+        acc.main(["--configs", "sft-rank8", "--dry-run", "--results", str(tmp_path)])
 
 
 @pytest.mark.slow
