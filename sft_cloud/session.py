@@ -23,7 +23,7 @@ from sft_common.config import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.split import build_cloud_half, lengths_to_mask, task_loss
+from sft_common.split import build_cloud_half, factor_parameters, lengths_to_mask, task_loss
 from sft_common.training import make_optimizer, make_schedule, step_seed
 
 MODES = {pb.SFT: "sft", pb.SL: "sl"}
@@ -61,6 +61,10 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
         raise _invalid(f"max_seq_len must be in 1..{seq_cap}, got {config.max_seq_len}")
     if not (math.isfinite(config.lr) and 0 < config.lr < 1):
         raise _invalid(f"lr must be in (0, 1), got {config.lr}")
+    if not (math.isfinite(config.factor_lr) and 0 <= config.factor_lr < 1):
+        raise _invalid(f"factor_lr must be in (0, 1), or 0 for lr; got {config.factor_lr}")
+    if config.factor_lr and config.mode != pb.SFT:
+        raise _invalid("factor_lr is for SFT: plain split learning has no factors")
     if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay < 1):
         raise _invalid(f"weight_decay must be in [0, 1), got {config.weight_decay}")
     if config.total_steps < 1 or not 0 <= config.warmup_steps <= config.total_steps:
@@ -96,7 +100,10 @@ class CloudSession:
         self.net2, self.edge_factor = build_cloud_half(
             base, self.spec, config.num_labels, config.seed, device=device
         )
-        self.optimizer = make_optimizer(self.net2.parameters(), config.lr, config.weight_decay)
+        self.optimizer = make_optimizer(
+            self.net2.parameters(), config.lr, config.weight_decay,
+            factors=factor_parameters(self.net2), factor_lr=config.factor_lr or None,
+        )  # fmt: skip
         self.schedule = make_schedule(self.optimizer, config.warmup_steps, config.total_steps)
         self.next_step = 0
         self.next_micro = 0  # micro-batches of next_step applied so far (gradients accumulated)

@@ -18,7 +18,7 @@ equivalence tests and the drop-in API); the halves hold references to its submod
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -92,6 +92,20 @@ class SVDOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return self.tail(self.u(hidden_states), input_tensor)
+
+
+def factor_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """The SVD factors in ``module`` (an edge half, a cloud half or a whole split model): u's
+    weight, Σ and v's weight. Not v's bias (the original dense bias) nor the LayerNorm."""
+    found: Dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        params: List[Any] = []
+        if isinstance(m, (SVDOutput, EdgeHalf)) and getattr(m, "u", None) is not None:
+            params = [m.u.weight]
+        elif isinstance(m, SVDTail):
+            params = [m.sigma, m.v.weight]
+        found.update((id(p), p) for p in params)
+    return list(found.values())
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

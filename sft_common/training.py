@@ -3,24 +3,41 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    factors: Sequence[torch.nn.Parameter] = (),
+    factor_lr: Optional[float] = None,
+) -> torch.optim.AdamW:
     """AdamW, as in the Hugging Face GLUE recipe. Per-parameter, so two halves each running
     their own optimizer update exactly as one optimizer over the whole model would.
+
+    ``factor_lr``: the learning rate of ``factors`` (the SVD factors u, Σ, v: see
+    ``split.factor_parameters``), in a parameter group of their own; None: ``lr`` for all, one
+    group. The schedule scales both groups alike.
 
     The fused kernel where this torch has one for the parameters' device (CUDA; CPU from torch
     2.4): it updates in place, where the default multi-tensor step allocates temporaries the
     size of the parameters (44 MiB for MiniLM's word embeddings, measured; docs/benchmarks.md §5).
     """
     trainable = [p for p in params if p.requires_grad]
+    groups: list = trainable
+    if factor_lr is not None and factors:
+        ids = {id(p) for p in factors}
+        groups = [
+            {"params": [p for p in trainable if id(p) not in ids]},
+            {"params": [p for p in trainable if id(p) in ids], "lr": factor_lr},
+        ]
     try:
-        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device / version
-        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def make_schedule(

@@ -18,7 +18,7 @@ from sft_common import codec
 from sft_common.config import SplitSpec, session_fingerprint
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.split import EdgeHalf, build_edge_half, build_full_model, task_loss
+from sft_common.split import EdgeHalf, build_edge_half, build_full_model, factor_parameters, task_loss
 from sft_common.training import make_optimizer, make_schedule, step_seed
 from sft_edge.client import CloudError, Transport
 from sft_edge.data import Batch
@@ -31,6 +31,7 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 1  # for the linear decay
     seed: int = 42  # head init, dropout seeds, data order
+    factor_lr: Optional[float] = None  # SFT: learning rate of u, Σ, v (both sides); None: lr
 
 
 def _autocast(device: str) -> contextlib.AbstractContextManager:
@@ -104,7 +105,7 @@ class SplitBackend:
             rank=spec.rank, num_labels=num_labels, wire_dtype=self.wire_dtype, compression=self.compression,
             lr=optim.lr, weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
             total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
-            max_seq_len=max_seq_len, task=task,
+            max_seq_len=max_seq_len, task=task, factor_lr=optim.factor_lr or 0.0,
         )  # fmt: skip
         request = pb.OpenSession(
             config=config,
@@ -126,7 +127,10 @@ class SplitBackend:
                 shape=(cfg.intermediate_size, spec.rank),
             )  # fmt: skip
         self.net1: EdgeHalf = build_edge_half(base, spec, u, device=device)
-        self.optimizer = make_optimizer(self.net1.parameters(), optim.lr, optim.weight_decay)
+        self.optimizer = make_optimizer(
+            self.net1.parameters(), optim.lr, optim.weight_decay,
+            factors=factor_parameters(self.net1), factor_lr=optim.factor_lr,
+        )  # fmt: skip
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
         self.width = spec.cut_width(base.config.hidden_size)
 

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
     t.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
     t.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    t.add_argument(
+        "--factor-lr", type=float, default=None,
+        help="SFT: learning rate of the SVD factors u, Σ, v, on both sides (default: --lr)",
+    )  # fmt: skip
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument(
         "--warmup-ratio", type=float, default=0.0, help="share of steps spent warming up (default 0)"

@@ -50,6 +50,7 @@ class TrainConfig:
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     lr: float = 2e-5
+    factor_lr: Optional[float] = None  # SFT: learning rate of the SVD factors u, Σ, v; None: lr
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     max_seq_len: int = 128
@@ -160,6 +161,8 @@ def train(
             f"--micro-batches {cfg.micro_batches} is more than --batch-size {cfg.batch_size}: "
             "every micro-batch needs at least one example"
         )
+    if cfg.factor_lr is not None and (cfg.local or cfg.mode != "sft" or not cfg.factor_lr > 0):
+        raise ValueError("--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0")
     base = base or load_base_model(cfg.model)
     split_layer = base.config.num_hidden_layers - 1 if cfg.split_layer is None else cfg.split_layer
     spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
@@ -176,7 +179,9 @@ def train(
     total = cfg.max_steps if cfg.max_steps is not None else int(round(cfg.epochs * per_epoch))
     if total < 1:
         raise ValueError("nothing to train: --epochs and --max-steps give zero steps")
-    optim = OptimConfig(cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed)
+    optim = OptimConfig(
+        cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed, cfg.factor_lr
+    )
 
     ckpts = EdgeCheckpoints(cfg.output_dir) if cfg.output_dir else None
     if cfg.checkpoint_every is not None and (cfg.checkpoint_every < 1 or ckpts is None):

@@ -93,11 +93,18 @@ def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1):
     optimizer and one autograd graph, dropout seeded as each side seeds it. With
     ``micro_batches`` > 1 each micro-batch's mean loss counts by its share of the batch,
     gradients accumulate and the update comes once a step. Returns (edge, cloud, losses)."""
-    from sft_common.split import build_split_model, task_loss
+    from sft_common.split import build_split_model, factor_parameters, task_loss
     from sft_common.training import make_optimizer, make_schedule, step_seed
 
     edge, cloud = build_split_model(base, spec, 2, optim.seed)
-    opt = make_optimizer(list(edge.parameters()) + list(cloud.parameters()), optim.lr, optim.weight_decay)
+    factors = factor_parameters(edge) + factor_parameters(cloud)
+    opt = make_optimizer(
+        list(edge.parameters()) + list(cloud.parameters()),
+        optim.lr,
+        optim.weight_decay,
+        factors,
+        optim.factor_lr,
+    )
     sched = make_schedule(opt, optim.warmup_steps, optim.total_steps)
     edge.train(), cloud.train()
     losses = []

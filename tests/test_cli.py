@@ -112,6 +112,12 @@ def test_local_baseline_and_plain_split(daemon, glue_dir, tmp_path):
         (["--task", "sst2", "--micro-batches", "0"], "--micro-batches and --pipeline-depth must be >= 1"),
         (["--task", "sst2", "--micro-batches", "64"], "--micro-batches 64 is more than --batch-size 32"),
         (["--task", "sst2", "--local", "--micro-batches", "2"], "--local has no link"),
+        (["--task", "sst2", "--mode", "sl", "--factor-lr", "1e-4"], "--factor-lr needs --mode sft"),
+        (["--task", "sst2", "--local", "--factor-lr", "1e-4"], "--factor-lr needs --mode sft"),
+        (
+            ["--task", "sst2", "--factor-lr", "0"],
+            "--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0",
+        ),
         (
             ["--task", "sst2", "--split-layer", "1", "--cls-only"],
             "--cls-only needs the cut at the last layer",

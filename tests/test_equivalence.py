@@ -74,3 +74,39 @@ def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
     _, _, ref_losses = _train_in_one_process(tiny_base, spec)
     assert losses == pytest.approx(ref_losses, abs=2e-2)
     backend.close()
+
+
+def test_factor_lr_over_grpc_equals_one_process_and_moves_only_the_factors_faster(live_server, tiny_base):
+    """--factor-lr: u (edge), Σ and v (cloud) in a group of their own on each side; the split run
+    still equals one optimizer over the whole model with the same two groups."""
+    import dataclasses
+
+    from sft_common.split import factor_parameters
+
+    address, registry = live_server
+    spec = SplitSpec(split_layer=2, rank=8)
+    optim = dataclasses.replace(OPTIM, factor_lr=2e-2)
+    backend = SplitBackend(
+        tiny_base, spec, 2, GrpcTransport(open_channel(address)), optim, batch_size=8, max_seq_len=64,
+        wire_dtype="fp32",
+    )  # fmt: skip
+    for k, b in enumerate(_batches()):
+        backend.train_step(k, b)
+    session = registry.get(backend.session.session_id)
+    lrs = [g["lr"] for g in session.optimizer.param_groups]  # scaled alike by the schedule
+    assert len(lrs) == 2 and lrs[1] / lrs[0] == pytest.approx(20)
+    edge_ref, cloud_ref, _ = train_in_one_process(tiny_base, spec, optim, _batches())
+    assert max_diff(params(edge_ref), params(backend.net1)) <= 1e-6
+    assert max_diff(params(cloud_ref), params(session.net2)) <= 1e-6
+    backend.close()
+
+    # The factors are u's weight on the edge and Σ, v's weight on the cloud, nothing else; with
+    # the same seed and batches, only a different factor LR, they end elsewhere.
+    start_edge, start_cloud = build_split_model(tiny_base, spec, 2, OPTIM.seed)
+    assert [p.shape for p in factor_parameters(start_edge)] == [start_edge.u.weight.shape]
+    assert {tuple(p.shape) for p in factor_parameters(start_cloud)} == {
+        (8,),
+        tuple(start_cloud.tail.v.weight.shape),
+    }
+    plain_edge, plain_cloud, _ = train_in_one_process(tiny_base, spec, OPTIM, _batches())
+    assert float((plain_edge.u.weight - edge_ref.u.weight).detach().abs().max()) > 1e-3

@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asft_common/proto/sft.proto\x12\x06sft.v1\"\x8c\x01\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.sft.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x13.sft.v1.Compression\x12\r\n\x05scale\x18\x05 \x01(\x02\x12\x0e\n\x06scales\x18\x06 \x03(\x02\"\xd4\x02\n\rSessionConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x04mode\x18\x02 \x01(\x0e\x32\x0c.sft.v1.Mode\x12\x13\n\x0bsplit_layer\x18\x03 \x01(\x05\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nnum_labels\x18\x05 \x01(\x05\x12!\n\nwire_dtype\x18\x06 \x01(\x0e\x32\r.sft.v1.DType\x12(\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x13.sft.v1.Compression\x12\n\n\x02lr\x18\x08 \x01(\x02\x12\x14\n\x0cweight_decay\x18\t \x01(\x02\x12\x14\n\x0cwarmup_steps\x18\n \x01(\x03\x12\x13\n\x0btotal_steps\x18\x0b \x01(\x03\x12\x0c\n\x04seed\x18\x0c \x01(\x03\x12\x16\n\x0emax_batch_size\x18\r \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x0e \x01(\x05\x12\x0c\n\x04task\x18\x0f \x01(\t\"s\n\x0bOpenSession\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.sft.v1.SessionConfig\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x14\n\x0cresume_steps\x18\x04 \x03(\x03\"\x96\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12#\n\x0b\x65\x64ge_factor\x18\x03 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\x11\n\tnext_step\x18\x04 \x01(\x03\x12\x10\n\x08restored\x18\x05 \x01(\x08\x12\x12\n\nnext_micro\x18\x06 \x01(\x05\"\xab\x01\n\tTrainStep\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12#\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\x0f\n\x07lengths\x18\x03 \x03(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x12\x0f\n\x07targets\x18\x05 \x03(\x02\x12\r\n\x05micro\x18\x06 \x01(\x05\x12\x13\n\x0bmicro_count\x18\x07 \x01(\x05\x12\x15\n\rstep_examples\x18\x08 \x01(\x05\"U\n\nTrainReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x1c\n\x04grad\x18\x03 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\r\n\x05micro\x18\x04 \x01(\x05\"O\n\x08\x45valStep\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x03\x12#\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\x0f\n\x07lengths\x18\x03 \x03(\x05\":\n\tEvalReply\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x03\x12\x1e\n\x06logits\x18\x02 \x01(\x0b\x32\x0e.sft.v1.Tensor\"\x1a\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x1e\n\x0e\x43heckpointDone\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x0e\n\x0c\x43loseSession\"\x1e\n\rSessionClosed\x12\r\n\x05steps\x18\x01 \x01(\x03\"\xd1\x01\n\x0b\x45\x64geMessage\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x13.sft.v1.OpenSessionH\x00\x12\"\n\x05train\x18\x02 \x01(\x0b\x32\x11.sft.v1.TrainStepH\x00\x12 \n\x04\x65val\x18\x03 \x01(\x0b\x32\x10.sft.v1.EvalStepH\x00\x12%\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x14.sft.v1.CloseSessionH\x00\x12(\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x12.sft.v1.CheckpointH\x00\x42\x06\n\x04kind\"\xe0\x01\n\x0c\x43loudMessage\x12\'\n\x06opened\x18\x01 \x01(\x0b\x32\x15.sft.v1.SessionOpenedH\x00\x12#\n\x05train\x18\x02 \x01(\x0b\x32\x12.sft.v1.TrainReplyH\x00\x12!\n\x04\x65val\x18\x03 \x01(\x0b\x32\x11.sft.v1.EvalReplyH\x00\x12\'\n\x06\x63losed\x18\x04 \x01(\x0b\x32\x15.sft.v1.SessionClosedH\x00\x12.\n\x0c\x63heckpointed\x18\x05 \x01(\x0b\x32\x16.sft.v1.CheckpointDoneH\x00\x42\x06\n\x04kind*P\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04*,\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x07\n\x03LZ4\x10\x01*-\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x07\n\x03SFT\x10\x01\x12\x06\n\x02SL\x10\x02\x32\x46\n\x0cSplitTrainer\x12\x36\n\x05Train\x12\x13.sft.v1.EdgeMessage\x1a\x14.sft.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asft_common/proto/sft.proto\x12\x06sft.v1\"\x8c\x01\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.sft.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x13.sft.v1.Compression\x12\r\n\x05scale\x18\x05 \x01(\x02\x12\x0e\n\x06scales\x18\x06 \x03(\x02\"\xe7\x02\n\rSessionConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x04mode\x18\x02 \x01(\x0e\x32\x0c.sft.v1.Mode\x12\x13\n\x0bsplit_layer\x18\x03 \x01(\x05\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nnum_labels\x18\x05 \x01(\x05\x12!\n\nwire_dtype\x18\x06 \x01(\x0e\x32\r.sft.v1.DType\x12(\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x13.sft.v1.Compression\x12\n\n\x02lr\x18\x08 \x01(\x02\x12\x14\n\x0cweight_decay\x18\t \x01(\x02\x12\x14\n\x0cwarmup_steps\x18\n \x01(\x03\x12\x13\n\x0btotal_steps\x18\x0b \x01(\x03\x12\x0c\n\x04seed\x18\x0c \x01(\x03\x12\x16\n\x0emax_batch_size\x18\r \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x0e \x01(\x05\x12\x0c\n\x04task\x18\x0f \x01(\t\x12\x11\n\tfactor_lr\x18\x10 \x01(\x02\"s\n\x0bOpenSession\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.sft.v1.SessionConfig\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x14\n\x0cresume_steps\x18\x04 \x03(\x03\"\x96\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12#\n\x0b\x65\x64ge_factor\x18\x03 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\x11\n\tnext_step\x18\x04 \x01(\x03\x12\x10\n\x08restored\x18\x05 \x01(\x08\x12\x12\n\nnext_micro\x18\x06 \x01(\x05\"\xab\x01\n\tTrainStep\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12#\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\x0f\n\x07lengths\x18\x03 \x03(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x12\x0f\n\x07targets\x18\x05 \x03(\x02\x12\r\n\x05micro\x18\x06 \x01(\x05\x12\x13\n\x0bmicro_count\x18\x07 \x01(\x05\x12\x15\n\rstep_examples\x18\x08 \x01(\x05\"U\n\nTrainReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x1c\n\x04grad\x18\x03 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\r\n\x05micro\x18\x04 \x01(\x05\"O\n\x08\x45valStep\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x03\x12#\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0e.sft.v1.Tensor\x12\x0f\n\x07lengths\x18\x03 \x03(\x05\":\n\tEvalReply\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x03\x12\x1e\n\x06logits\x18\x02 \x01(\x0b\x32\x0e.sft.v1.Tensor\"\x1a\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x1e\n\x0e\x43heckpointDone\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x0e\n\x0c\x43loseSession\"\x1e\n\rSessionClosed\x12\r\n\x05steps\x18\x01 \x01(\x03\"\xd1\x01\n\x0b\x45\x64geMessage\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x13.sft.v1.OpenSessionH\x00\x12\"\n\x05train\x18\x02 \x01(\x0b\x32\x11.sft.v1.TrainStepH\x00\x12 \n\x04\x65val\x18\x03 \x01(\x0b\x32\x10.sft.v1.EvalStepH\x00\x12%\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x14.sft.v1.CloseSessionH\x00\x12(\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x12.sft.v1.CheckpointH\x00\x42\x06\n\x04kind\"\xe0\x01\n\x0c\x43loudMessage\x12\'\n\x06opened\x18\x01 \x01(\x0b\x32\x15.sft.v1.SessionOpenedH\x00\x12#\n\x05train\x18\x02 \x01(\x0b\x32\x12.sft.v1.TrainReplyH\x00\x12!\n\x04\x65val\x18\x03 \x01(\x0b\x32\x11.sft.v1.EvalReplyH\x00\x12\'\n\x06\x63losed\x18\x04 \x01(\x0b\x32\x15.sft.v1.SessionClosedH\x00\x12.\n\x0c\x63heckpointed\x18\x05 \x01(\x0b\x32\x16.sft.v1.CheckpointDoneH\x00\x42\x06\n\x04kind*P\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04*,\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x07\n\x03LZ4\x10\x01*-\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x07\n\x03SFT\x10\x01\x12\x06\n\x02SL\x10\x02\x32\x46\n\x0cSplitTrainer\x12\x36\n\x05Train\x12\x13.sft.v1.EdgeMessage\x1a\x14.sft.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sft_common.proto.sft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1743
-  _globals['_DTYPE']._serialized_end=1823
-  _globals['_COMPRESSION']._serialized_start=1825
-  _globals['_COMPRESSION']._serialized_end=1869
-  _globals['_MODE']._serialized_start=1871
-  _globals['_MODE']._serialized_end=1916
+  _globals['_DTYPE']._serialized_start=1762
+  _globals['_DTYPE']._serialized_end=1842
+  _globals['_COMPRESSION']._serialized_start=1844
+  _globals['_COMPRESSION']._serialized_end=1888
+  _globals['_MODE']._serialized_start=1890
+  _globals['_MODE']._serialized_end=1935
   _globals['_TENSOR']._serialized_start=39
   _globals['_TENSOR']._serialized_end=179
   _globals['_SESSIONCONFIG']._serialized_start=182
-  _globals['_SESSIONCONFIG']._serialized_end=522
-  _globals['_OPENSESSION']._serialized_start=524
-  _globals['_OPENSESSION']._serialized_end=639
-  _globals['_SESSIONOPENED']._serialized_start=642
-  _globals['_SESSIONOPENED']._serialized_end=792
-  _globals['_TRAINSTEP']._serialized_start=795
-  _globals['_TRAINSTEP']._serialized_end=966
-  _globals['_TRAINREPLY']._serialized_start=968
-  _globals['_TRAINREPLY']._serialized_end=1053
-  _globals['_EVALSTEP']._serialized_start=1055
-  _globals['_EVALSTEP']._serialized_end=1134
-  _globals['_EVALREPLY']._serialized_start=1136
-  _globals['_EVALREPLY']._serialized_end=1194
-  _globals['_CHECKPOINT']._serialized_start=1196
-  _globals['_CHECKPOINT']._serialized_end=1222
-  _globals['_CHECKPOINTDONE']._serialized_start=1224
-  _globals['_CHECKPOINTDONE']._serialized_end=1254
-  _globals['_CLOSESESSION']._serialized_start=1256
-  _globals['_CLOSESESSION']._serialized_end=1270
-  _globals['_SESSIONCLOSED']._serialized_start=1272
-  _globals['_SESSIONCLOSED']._serialized_end=1302
-  _globals['_EDGEMESSAGE']._serialized_start=1305
-  _globals['_EDGEMESSAGE']._serialized_end=1514
-  _globals['_CLOUDMESSAGE']._serialized_start=1517
-  _globals['_CLOUDMESSAGE']._serialized_end=1741
-  _globals['_SPLITTRAINER']._serialized_start=1918
-  _globals['_SPLITTRAINER']._serialized_end=1988
+  _globals['_SESSIONCONFIG']._serialized_end=541
+  _globals['_OPENSESSION']._serialized_start=543
+  _globals['_OPENSESSION']._serialized_end=658
+  _globals['_SESSIONOPENED']._serialized_start=661
+  _globals['_SESSIONOPENED']._serialized_end=811
+  _globals['_TRAINSTEP']._serialized_start=814
+  _globals['_TRAINSTEP']._serialized_end=985
+  _globals['_TRAINREPLY']._serialized_start=987
+  _globals['_TRAINREPLY']._serialized_end=1072
+  _globals['_EVALSTEP']._serialized_start=1074
+  _globals['_EVALSTEP']._serialized_end=1153
+  _globals['_EVALREPLY']._serialized_start=1155
+  _globals['_EVALREPLY']._serialized_end=1213
+  _globals['_CHECKPOINT']._serialized_start=1215
+  _globals['_CHECKPOINT']._serialized_end=1241
+  _globals['_CHECKPOINTDONE']._serialized_start=1243
+  _globals['_CHECKPOINTDONE']._serialized_end=1273
+  _globals['_CLOSESESSION']._serialized_start=1275
+  _globals['_CLOSESESSION']._serialized_end=1289
+  _globals['_SESSIONCLOSED']._serialized_start=1291
+  _globals['_SESSIONCLOSED']._serialized_end=1321
+  _globals['_EDGEMESSAGE']._serialized_start=1324
+  _globals['_EDGEMESSAGE']._serialized_end=1533
+  _globals['_CLOUDMESSAGE']._serialized_start=1536
+  _globals['_CLOUDMESSAGE']._serialized_end=1760
+  _globals['_SPLITTRAINER']._serialized_start=1937
+  _globals['_SPLITTRAINER']._serialized_end=2007
 # @@protoc_insertion_point(module_scope)

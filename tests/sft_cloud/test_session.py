@@ -216,6 +216,8 @@ def test_fingerprint_mismatch_is_refused(registry, tiny_base):
         (dict(max_batch_size=0), "max_batch_size must be in 1..256"),
         (dict(max_seq_len=100000), "max_seq_len must be in 1..512"),
         (dict(lr=float("nan")), "lr must be in"),
+        (dict(factor_lr=-1e-4), "factor_lr must be in"),
+        (dict(factor_lr=1e-4, mode=pb.SL), "factor_lr is for SFT"),
         (dict(total_steps=0), "total_steps >= 1"),
         (dict(num_labels=0), "num_labels must be in"),
     ],
