@@ -48,6 +48,8 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sft-r16": ["--mode", "sft", "--rank", "16"],
     "sft-r32": ["--mode", "sft", "--rank", "32"],
     "sl": ["--mode", "sl"],
+    # Issue 7, item 5: the factors u, Σ, v at 10x the recipe's lr (one value, chosen beforehand).
+    "sft-r8-flr2e-4": ["--mode", "sft", "--rank", "8", "--factor-lr", "2e-4"],
 }
 CONFIG_ORDER = ["local", "sft-r8", "sft-r16", "sft-r32", "sl"]
 RECIPE = {
@@ -284,6 +286,8 @@ def table(records: List[Dict]) -> str:
         m = re.fullmatch(r"sft-r(\d+)(?:-l(\d+))?", cfg)
         if cfg in CONFIG_ORDER:
             c = float(CONFIG_ORDER.index(cfg))
+        elif cfg in CONFIGS:  # variants of a named configuration
+            c = 4.5
         elif m and m.group(2) is None:  # other ranks at the last layer, after the named ones
             c = 5 + int(m.group(1)) / 1e4
         else:  # the split-layer sweep, by layer
