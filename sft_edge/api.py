@@ -156,6 +156,7 @@ def wrap(
     num_labels: Optional[int] = None,
     warmup_steps: int = 0,
     seed: int = 42,
+    factor_lr: Optional[float] = None,
     max_batch_size: int = 32,
     max_seq_len: int = 128,
     wire_dtype: str = "fp32",
@@ -171,7 +172,8 @@ def wrap(
 
     ``model``: a Hugging Face BERT ``*ForSequenceClassification`` (its checkpoint name or folder
     is what the cloud loads), or that name itself. ``optimizer``: where lr and weight decay come
-    from (AdamW defaults of the GLUE recipe when None). The connection flags are sft-edge's.
+    from (AdamW defaults of the GLUE recipe when None); ``factor_lr``: the SVD factors' own
+    learning rate (sft-edge's ``--factor-lr``). The connection flags are sft-edge's.
     """
     base = _base_model(model)
     if num_labels is None:
@@ -188,11 +190,15 @@ def wrap(
 
     creds, metadata = secure_link(cloud, insecure, tls_ca, tls_cert, tls_key, auth_token_file)
     transport = GrpcTransport(open_channel(cloud, creds), metadata, owns_channel=True)
-    optim = OptimConfig(lr, weight_decay, warmup_steps, total_steps, seed)
-    backend = SplitBackend(
-        base, spec, num_labels, transport, optim, max_batch_size, max_seq_len, wire_dtype, compression,
-        task="", device=device,
-    )  # fmt: skip
+    optim = OptimConfig(lr, weight_decay, warmup_steps, total_steps, seed, factor_lr)
+    try:
+        backend = SplitBackend(
+            base, spec, num_labels, transport, optim, max_batch_size, max_seq_len, wire_dtype,
+            compression, task="", device=device,
+        )  # fmt: skip
+    except BaseException:
+        transport.close()  # the channel is ours: do not leave it open behind a refused wrap
+        raise
     log.info(
         "split training of %s via %s: %s at layer %d, rank %d; net1 on %s",
         base.name, cloud, mode, spec.split_layer, rank, device,

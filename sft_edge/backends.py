@@ -84,6 +84,10 @@ class SplitBackend:
         """
         if micro_batches < 1 or pipeline_depth < 1:
             raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+        if optim.factor_lr is not None and (spec.mode != "sft" or not optim.factor_lr > 0):
+            raise ValueError(
+                "--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0"
+            )
         if cls_only and spec.split_layer != base.config.num_hidden_layers - 1:
             raise ValueError(
                 f"--cls-only needs the cut at the last layer ({base.config.num_hidden_layers - 1}), "

@@ -27,12 +27,15 @@ def _batches(n):
     return [random_batch(batch=4, seq=10, seed=k) for k in range(n)]
 
 
-def test_wrapped_loop_matches_the_split_backend(live_server):
+@pytest.mark.parametrize("factor_lr", [None, 1e-2])
+def test_wrapped_loop_matches_the_split_backend(live_server, factor_lr):
     """Three steps of `loss = model(...).loss; loss.backward(); optimizer.step()` give net1 the
     same weights and the same losses as SplitBackend.train_step, against a real gRPC daemon."""
     address, registry = live_server
     base = load_base_model("random:tiny")
-    optim = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=3, seed=7)
+    optim = OptimConfig(
+        lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=3, seed=7, factor_lr=factor_lr
+    )
     batches = _batches(3)
 
     ref = SplitBackend(
@@ -46,8 +49,9 @@ def test_wrapped_loop_matches_the_split_backend(live_server):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     model, optimizer = sft.wrap(
         "random:tiny", optimizer, cloud=address, total_steps=3, warmup_steps=1, seed=7, split_layer=2,
-        rank=4, max_batch_size=4, max_seq_len=16, insecure=True,
+        rank=4, max_batch_size=4, max_seq_len=16, insecure=True, factor_lr=factor_lr,
     )  # fmt: skip
+    assert len(optimizer.backend.optimizer.param_groups) == (1 if factor_lr is None else 2)
     model.train()
     losses = []
     for b in batches:
@@ -65,6 +69,12 @@ def test_wrapped_loop_matches_the_split_backend(live_server):
     out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
     assert out.logits.shape == (4, 2) and torch.isfinite(out.loss)
     assert model.close() == 3
+
+
+def test_factor_lr_without_factors_is_refused(live_server):
+    address, _ = live_server
+    with pytest.raises(ValueError, match="--factor-lr needs --mode sft"):
+        sft.wrap("random:tiny", None, cloud=address, total_steps=1, mode="sl", factor_lr=1e-3, insecure=True)
 
 
 def test_left_padding_is_refused(live_server):
