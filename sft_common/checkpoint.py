@@ -39,7 +39,14 @@ def unpack(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
 ) -> None:
-    """Restore what ``pack`` saved into freshly built objects of the same shape."""
+    """Restore what ``pack`` saved into freshly built objects of the same shape. The saved
+    learning rates win over the new optimizer's (a resume continues the run that was saved)."""
+    saved_groups, groups = len(meta["param_groups"]), len(optimizer.param_groups)
+    if saved_groups != groups:  # one group, or two with --factor-lr (training.make_optimizer)
+        raise ValueError(
+            f"the checkpoint's optimizer has {saved_groups} parameter group(s), this run's {groups}: "
+            "resume with the --factor-lr of the run that wrote it (given or left out alike)"
+        )
     model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     module.load_state_dict(model_state, strict=True)
     state: Dict[int, Dict[str, Any]] = {}
