@@ -23,8 +23,8 @@ import torch
 from bench.common import save
 from sft_common.config import SplitSpec
 from sft_common.models import load_base_model
-from sft_common.split import build_split_model, factor_parameters, task_loss
-from sft_common.training import make_optimizer, make_schedule, step_seed
+from sft_common.split import build_split_model, factor_parameters
+from sft_common.training import make_optimizer, make_schedule, one_process_step
 from sft_edge.data import batch_indices, collate, encode, load_examples, steps_per_epoch
 from sft_edge.tasks import get_task
 from sft_edge.trainer import evaluate
@@ -70,15 +70,7 @@ def run(args: argparse.Namespace) -> Dict:
     for step in range(total):
         edge.train(), cloud.train()
         batch = collate(train, batch_indices(len(train), args.batch_size, args.seed, step))
-        torch.manual_seed(step_seed(args.seed, "edge", step))  # the split run's dropout masks
-        cut, residual = edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        torch.manual_seed(step_seed(args.seed, "cloud", step))
-        loss = task_loss(cloud(cut, batch.attention_mask, residual), batch.labels)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(one_process_step(edge, cloud, opt, sched, batch, args.seed, step))
         if (step + 1) % 20 == 0:
             print(f"step {step + 1}/{total}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
         if (step + 1) % per_epoch == 0:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
+
+from sft_common.split import task_loss
 
 
 def make_optimizer(
@@ -63,3 +65,33 @@ def step_seed(seed: int, side: str, step: int, micro: int = 0) -> int:
     key = f"{seed}:{side}:{step}" + (f":{micro}" if micro else "")
     digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def one_process_step(
+    edge: torch.nn.Module,
+    cloud: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    batch: Any,
+    seed: int,
+    step: int,
+    micro_batches: int = 1,
+) -> float:
+    """One step of the split model with both halves in this process, computed as split training
+    computes it: each side's dropout seeded per (step, micro-batch) as that side seeds it, each
+    micro-batch's mean loss weighted by its share of the batch, one update a step. Returns the
+    step's loss. The reference the split is tested against (tests/helpers.py), and the loop of
+    bench/residual_ablation.py."""
+    total = 0.0
+    for i, part in enumerate(batch.split(micro_batches)):
+        torch.manual_seed(step_seed(seed, "edge", step, i))
+        cut, residual = edge(part.input_ids, part.attention_mask, part.token_type_ids)
+        torch.manual_seed(step_seed(seed, "cloud", step, i))
+        loss = task_loss(cloud(cut, part.attention_mask, residual), part.labels)
+        share = len(part.lengths) / len(batch.lengths)
+        (loss * share).backward()
+        total += float(loss.detach()) * share
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total

@@ -93,8 +93,8 @@ def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1):
     optimizer and one autograd graph, dropout seeded as each side seeds it. With
     ``micro_batches`` > 1 each micro-batch's mean loss counts by its share of the batch,
     gradients accumulate and the update comes once a step. Returns (edge, cloud, losses)."""
-    from sft_common.split import build_split_model, factor_parameters, task_loss
-    from sft_common.training import make_optimizer, make_schedule, step_seed
+    from sft_common.split import build_split_model, factor_parameters
+    from sft_common.training import make_optimizer, make_schedule, one_process_step
 
     edge, cloud = build_split_model(base, spec, 2, optim.seed)
     factors = factor_parameters(edge) + factor_parameters(cloud)
@@ -107,17 +107,8 @@ def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1):
     )
     sched = make_schedule(opt, optim.warmup_steps, optim.total_steps)
     edge.train(), cloud.train()
-    losses = []
-    for k, batch in enumerate(batches):
-        total = 0.0
-        for i, part in enumerate(batch.split(micro_batches)):
-            torch.manual_seed(step_seed(optim.seed, "edge", k, i))  # the split run's dropout masks
-            cut, _ = edge(part.input_ids, part.attention_mask, part.token_type_ids)
-            torch.manual_seed(step_seed(optim.seed, "cloud", k, i))
-            loss = task_loss(cloud(cut, part.attention_mask), part.labels)
-            share = len(part.lengths) / len(batch.lengths)
-            (loss * share).backward()
-            total += float(loss.detach()) * share
-        opt.step(), sched.step(), opt.zero_grad()
-        losses.append(total)
+    losses = [
+        one_process_step(edge, cloud, opt, sched, batch, optim.seed, k, micro_batches)
+        for k, batch in enumerate(batches)
+    ]
     return edge, cloud, losses
