@@ -34,6 +34,12 @@ class OptimConfig:
     factor_lr: Optional[float] = None  # SFT: learning rate of u, Σ, v (both sides); None: lr
 
 
+def check_factor_lr(mode: str, factor_lr: Optional[float]) -> None:
+    """``--factor-lr`` only where there are SVD factors (``mode`` "sft", not "sl" or "local")."""
+    if factor_lr is not None and (mode != "sft" or not factor_lr > 0):
+        raise ValueError("--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0")
+
+
 def _autocast(device: str) -> contextlib.AbstractContextManager:
     """Mixed precision where it helps: bf16 autocast on GPUs that have it, else full precision."""
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -84,10 +90,7 @@ class SplitBackend:
         """
         if micro_batches < 1 or pipeline_depth < 1:
             raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
-        if optim.factor_lr is not None and (spec.mode != "sft" or not optim.factor_lr > 0):
-            raise ValueError(
-                "--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0"
-            )
+        check_factor_lr(spec.mode, optim.factor_lr)
         if cls_only and spec.split_layer != base.config.num_hidden_layers - 1:
             raise ValueError(
                 f"--cls-only needs the cut at the last layer ({base.config.num_hidden_layers - 1}), "

@@ -19,7 +19,7 @@ import torch
 from sft_common.config import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model
 from sft_edge import credentials, metrics, scalars
-from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend
+from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend, check_factor_lr
 from sft_edge.checkpoints import EdgeCheckpoints
 from sft_edge.client import GrpcTransport, ResilientTransport, Rollback, Transport, open_channel
 from sft_edge.data import Encoded, batch_indices, collate, encode, load_examples, steps_per_epoch
@@ -161,8 +161,7 @@ def train(
             f"--micro-batches {cfg.micro_batches} is more than --batch-size {cfg.batch_size}: "
             "every micro-batch needs at least one example"
         )
-    if cfg.factor_lr is not None and (cfg.local or cfg.mode != "sft" or not cfg.factor_lr > 0):
-        raise ValueError("--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0")
+    check_factor_lr("local" if cfg.local else cfg.mode, cfg.factor_lr)  # before loading any data
     base = base or load_base_model(cfg.model)
     split_layer = base.config.num_hidden_layers - 1 if cfg.split_layer is None else cfg.split_layer
     spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
