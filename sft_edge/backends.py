@@ -34,6 +34,11 @@ class OptimConfig:
     factor_lr: Optional[float] = None  # SFT: learning rate of u, Σ, v (both sides); None: lr
 
 
+def check_pipeline(micro_batches: int, pipeline_depth: int) -> None:
+    if micro_batches < 1 or pipeline_depth < 1:
+        raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+
+
 def check_factor_lr(mode: str, factor_lr: Optional[float]) -> None:
     """``--factor-lr`` only where there are SVD factors (``mode`` "sft", not "sl" or "local")."""
     if factor_lr is not None and (mode != "sft" or not factor_lr > 0):
@@ -88,8 +93,7 @@ class SplitBackend:
         Above the last layer the cloud runs only per-token operations and the pooler, which reads
         that row, so the other rows cannot change the loss and their gradients are exactly zero.
         """
-        if micro_batches < 1 or pipeline_depth < 1:
-            raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+        check_pipeline(micro_batches, pipeline_depth)
         check_factor_lr(spec.mode, optim.factor_lr)
         if cls_only and spec.split_layer != base.config.num_hidden_layers - 1:
             raise ValueError(

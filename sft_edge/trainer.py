@@ -19,7 +19,7 @@ import torch
 from sft_common.config import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model
 from sft_edge import credentials, metrics, scalars
-from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend, check_factor_lr
+from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend, check_factor_lr, check_pipeline
 from sft_edge.checkpoints import EdgeCheckpoints
 from sft_edge.client import GrpcTransport, ResilientTransport, Rollback, Transport, open_channel
 from sft_edge.data import Encoded, batch_indices, collate, encode, load_examples, steps_per_epoch
@@ -152,8 +152,7 @@ def train(
         raise ValueError(f"--mode must be sft or sl, got {cfg.mode!r}")
     if cfg.batch_size < 1 or cfg.max_seq_len < 2:
         raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
-    if cfg.micro_batches < 1 or cfg.pipeline_depth < 1:
-        raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+    check_pipeline(cfg.micro_batches, cfg.pipeline_depth)
     if cfg.local and (cfg.micro_batches > 1 or cfg.cls_only):
         raise ValueError("--micro-batches and --cls-only shape what crosses the link; --local has no link")
     if cfg.micro_batches > cfg.batch_size:
