@@ -311,7 +311,10 @@ def table(records: List[Dict]) -> str:
             if common:
                 a = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in rs}
                 b = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in base}
-                delta = f"{100 * (sum(a[s] - b[s] for s in common) / len(common)):+.2f} (n={len(common)})"
+                ds = [100 * (a[s] - b[s]) for s in common]
+                delta = f"{sum(ds) / len(ds):+.2f} (n={len(ds)})"
+                if len(ds) > 1:  # the paired differences themselves, seed by seed
+                    delta = delta[:-1] + ": " + ", ".join(f"{d:+.2f}" for d in ds) + ")"
         paper = ""
         if task in PAPER_TABLE_I and cfg in ("local", "sft-r8"):
             paper = f"{PAPER_TABLE_I[task][0 if cfg == 'local' else 1]:.2f}"

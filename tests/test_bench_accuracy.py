@@ -42,10 +42,12 @@ def test_plan_commands_and_table():
         return {"task": "rte", "config": cfg, "budget": "e3", "seed": seed, "report": report}
 
     rows = acc.table(
-        [rec("local", 1, 0.6), rec("local", 2, 0.7), rec("sft-r8", 1, 0.55), rec("sft-r8", 2, 0.65)]
+        [rec("local", 1, 0.6), rec("local", 2, 0.7), rec("sft-r8", 1, 0.55), rec("sft-r8", 2, 0.68)]
     )
     assert "| rte | local | e3 (3 steps) | 1,2 | 65.00 ± 7.07 |" in rows
-    assert "| -5.00 (n=2) | 64.25 |" in rows
+    assert "| -3.50 (n=2: -5.00, -2.00) | 64.25 |" in rows  # the mean paired Δ, then seed by seed
+    one = acc.table([rec("local", 1, 0.6), rec("sft-r8", 1, 0.55)])
+    assert "| -5.00 (n=1) | 64.25 |" in one
     # Any rank at the last layer sorts after the named configurations, the layer sweep last.
     rows = acc.table(
         [rec("sft-r8-l0", 1, 0.5), rec("sft-r384", 1, 0.6), rec("sl", 1, 0.6), rec("local", 1, 0.6)]
