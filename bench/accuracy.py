@@ -389,15 +389,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in planned
         if (not args.tasks or r.task in args.tasks) and (not args.configs or r.config in args.configs)
     ]
-    # Configurations no plan holds (e.g. sft-r384: full rank): every task asked for, every seed.
-    for cfg in [c for c in args.configs or [] if c not in {r.config for r in planned}]:
+    # What was asked for by name runs at every seed asked for: a configuration no plan holds (e.g.
+    # sft-r384: full rank) on every task asked for; a planned one on the plan's tasks, also at the
+    # seeds where the plan has no run of it (the cpu plan runs `sl` at its first seed only).
+    plan_tasks: Dict[str, List[str]] = {}
+    for r in planned:
+        plan_tasks.setdefault(r.config, [])
+        if r.task not in plan_tasks[r.config]:
+            plan_tasks[r.config].append(r.task)
+    have = {r.name for r in runs}
+    for cfg in args.configs or []:
+        if cfg in plan_tasks and not args.seeds:
+            continue  # the plan's seeds
         try:
             Run("rte", cfg, 0).mode_flags()  # an unknown name fails here, before anything runs
         except ValueError as e:
             p.error(str(e))
-        for task in args.tasks or ["rte", "mrpc", "sst2"]:
+        tasks = plan_tasks.get(cfg) or ["rte", "mrpc", "sst2"]
+        for task in [t for t in tasks if not args.tasks or t in args.tasks]:
             steps = sst2_steps if task == "sst2" else None
-            runs += [Run(task, cfg, seed, steps, extra=extra) for seed in args.seeds or [42]]
+            for run in (Run(task, cfg, seed, steps, extra=extra) for seed in args.seeds or [42]):
+                if run.name not in have:
+                    runs.append(run)
+                    have.add(run.name)
     done = 0
     for run in runs:
         target = os.path.join(results, run.name + ".json")

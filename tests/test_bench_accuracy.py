@@ -80,6 +80,28 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
     assert out == ["todo", "mrpc-local-e3-s7", "todo", "mrpc-local-e3-s8"] + [
         "todo", "mrpc-sft-r384-e3-s7", "todo", "mrpc-sft-r384-e3-s8"
     ]  # fmt: skip
+    # A planned configuration asked for by name runs at every seed asked for, on the plan's tasks
+    # (the cpu plan has `sl` at its first seed only, and SST-2 only).
+    assert (
+        acc.main(
+            [
+                "--plan",
+                "cpu",
+                "--configs",
+                "sl",
+                "--seeds",
+                "43",
+                "44",
+                "--results",
+                str(tmp_path),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.split() == ["todo", "sst2-sl-m200-s43", "todo", "sst2-sl-m200-s44"]
+    assert acc.main(["--plan", "cpu", "--configs", "sft-r8", "--results", str(tmp_path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.split() == ["todo", "sst2-sft-r8-m200-s42", "todo", "sst2-sft-r8-m200-s43"]
     with pytest.raises(SystemExit):  # a name that says no configuration: refused before anything runs
         acc.main(["--configs", "sft-rank8", "--dry-run", "--results", str(tmp_path)])
 
