@@ -154,7 +154,7 @@ def test_niced_runs_go_in_a_session_of_their_own_whose_group_is_niced():
     probe = "nice; cat /proc/self/autogroup 2>/dev/null || echo none"
     out = subprocess.run(_bench()._niced(7) + ["sh", "-c", probe], capture_output=True, text=True, check=True)
     niceness, group = out.stdout.strip().splitlines()
-    assert niceness == "7"
+    assert int(niceness) == min(19, os.nice(0) + 7)  # nice adds to the niceness the suite runs at
     if group != "none" and os.path.exists("/proc/self/autogroup"):
         # Empty where this process is in the default group (e.g. a CI runner's service cgroup).
         mine = (open("/proc/self/autogroup").read().split() or ["default"])[0]
