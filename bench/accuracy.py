@@ -22,6 +22,7 @@ dev set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -312,9 +313,8 @@ def table(records: List[Dict]) -> str:
                 a = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in rs}
                 b = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in base}
                 ds = [100 * (a[s] - b[s]) for s in common]
-                delta = f"{sum(ds) / len(ds):+.2f} (n={len(ds)})"
-                if len(ds) > 1:  # the paired differences themselves, seed by seed
-                    delta = delta[:-1] + ": " + ", ".join(f"{d:+.2f}" for d in ds) + ")"
+                per_seed = ": " + ", ".join(f"{d:+.2f}" for d in ds) if len(ds) > 1 else ""
+                delta = f"{sum(ds) / len(ds):+.2f} (n={len(ds)}{per_seed})"
         paper = ""
         if task in PAPER_TABLE_I and cfg in ("local", "sft-r8"):
             paper = f"{PAPER_TABLE_I[task][0 if cfg == 'local' else 1]:.2f}"
@@ -389,26 +389,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in planned
         if (not args.tasks or r.task in args.tasks) and (not args.configs or r.config in args.configs)
     ]
-    # What was asked for by name runs at every seed asked for: a configuration no plan holds (e.g.
-    # sft-r384: full rank) on every task asked for; a planned one on the plan's tasks, also at the
-    # seeds where the plan has no run of it (the cpu plan runs `sl` at its first seed only).
-    plan_tasks: Dict[str, List[str]] = {}
+    # What was asked for by name runs at every seed asked for: a planned configuration on the plan's
+    # tasks with the plan's budget, also at the seeds where the plan has no run of it (the cpu plan
+    # runs `sl` at its first seed only); one no plan holds (e.g. sft-r384: full rank) on every task
+    # asked for.
+    shapes: Dict[str, Dict[str, Run]] = {}  # config -> task -> the plan's first run of it
     for r in planned:
-        plan_tasks.setdefault(r.config, [])
-        if r.task not in plan_tasks[r.config]:
-            plan_tasks[r.config].append(r.task)
+        shapes.setdefault(r.config, {}).setdefault(r.task, r)
     have = {r.name for r in runs}
     for cfg in args.configs or []:
-        if cfg in plan_tasks and not args.seeds:
+        if cfg in shapes and not args.seeds:
             continue  # the plan's seeds
-        try:
-            Run("rte", cfg, 0).mode_flags()  # an unknown name fails here, before anything runs
-        except ValueError as e:
-            p.error(str(e))
-        tasks = plan_tasks.get(cfg) or ["rte", "mrpc", "sst2"]
-        for task in [t for t in tasks if not args.tasks or t in args.tasks]:
-            steps = sst2_steps if task == "sst2" else None
-            for run in (Run(task, cfg, seed, steps, extra=extra) for seed in args.seeds or [42]):
+        if cfg not in shapes:
+            try:
+                Run("rte", cfg, 0).mode_flags()  # an unknown name fails here, before anything runs
+            except ValueError as e:
+                p.error(str(e))
+        tasks = shapes.get(cfg) or {
+            t: Run(t, cfg, 0, sst2_steps if t == "sst2" else None)
+            for t in args.tasks or ["rte", "mrpc", "sst2"]
+        }
+        for task, shape in tasks.items():
+            if args.tasks and task not in args.tasks:
+                continue
+            for seed in args.seeds or [42]:
+                run = dataclasses.replace(shape, seed=seed, extra=extra)
                 if run.name not in have:
                     runs.append(run)
                     have.add(run.name)
