@@ -49,9 +49,10 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sft-r16": ["--mode", "sft", "--rank", "16"],
     "sft-r32": ["--mode", "sft", "--rank", "32"],
     "sl": ["--mode", "sl"],
-    # Issue 7, item 5: the factors u, Σ, v at 10x the recipe's lr (one value, chosen beforehand).
-    "sft-r8-flr2e-4": ["--mode", "sft", "--rank", "8", "--factor-lr", "2e-4"],
 }
+# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>], e.g. sft-r384,
+# sft-r8-l0, sft-r8-flr2e-4 (issue 7, item 5: the factors u, Σ, v at 10x the recipe's lr).
+SFT_NAME = re.compile(r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
 CONFIG_ORDER = ["local", "sft-r8", "sft-r16", "sft-r32", "sl"]
 RECIPE = {
     "lr": "2e-05",
@@ -65,7 +66,7 @@ RECIPE = {
 @dataclass(frozen=True)
 class Run:
     task: str
-    config: str  # a CONFIGS key, or "sft-r<R>" / "sft-r<R>-l<layer>" (any rank, any split layer)
+    config: str  # a CONFIGS key, or any SFT_NAME (any rank, split layer, factor lr)
     seed: int
     max_steps: Optional[int] = None  # None: --epochs
     epochs: int = 3
@@ -82,11 +83,16 @@ class Run:
     def mode_flags(self) -> Optional[List[str]]:
         if self.config in CONFIGS:
             return CONFIGS[self.config]
-        m = re.fullmatch(r"sft-r(\d+)(?:-l(\d+))?", self.config)
+        m = SFT_NAME.fullmatch(self.config)
         if not m:
-            raise ValueError(f"unknown configuration {self.config!r}")
-        layer = ["--split-layer", m.group(2)] if m.group(2) is not None else []
-        return ["--mode", "sft", "--rank", m.group(1)] + layer
+            raise ValueError(
+                f"unknown configuration {self.config!r} (known: {', '.join(CONFIGS)}, "
+                "or sft-r<R>[-l<split layer>][-flr<factor lr>])"
+            )
+        rank, layer, factor_lr = m.groups()
+        flags = ["--mode", "sft", "--rank", rank]
+        flags += ["--split-layer", layer] if layer is not None else []
+        return flags + (["--factor-lr", factor_lr] if factor_lr is not None else [])
 
 
 def plan_runs(
@@ -284,12 +290,12 @@ def table(records: List[Dict]) -> str:
     def order(key: Tuple[str, str, str]):
         task, cfg, budget = key
         t = ["rte", "mrpc", "sst2"].index(task) if task in ("rte", "mrpc", "sst2") else 9
-        m = re.fullmatch(r"sft-r(\d+)(?:-l(\d+))?", cfg)
+        m = SFT_NAME.fullmatch(cfg)
         if cfg in CONFIG_ORDER:
             c = float(CONFIG_ORDER.index(cfg))
-        elif cfg in CONFIGS:  # variants of a named configuration
+        elif m and m.group(3) is not None:  # factor-lr variants, after the named configurations
             c = 4.5
-        elif m and m.group(2) is None:  # other ranks at the last layer, after the named ones
+        elif m and m.group(2) is None:  # other ranks at the last layer
             c = 5 + int(m.group(1)) / 1e4
         else:  # the split-layer sweep, by layer
             c = 10.0 + (int(m.group(2)) if m else 0)

@@ -63,6 +63,11 @@ def test_plan_commands_and_table():
 def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, capsys):
     acc = _bench()
     assert acc.Run("mrpc", "sft-r384", 1).mode_flags() == ["--mode", "sft", "--rank", "384"]
+    assert acc.Run("mrpc", "sft-r8-l3-flr1e-3", 1).mode_flags() == [
+        *("--mode", "sft", "--rank", "8", "--split-layer", "3", "--factor-lr", "1e-3")
+    ]
+    with pytest.raises(ValueError, match="sft-r<R>"):
+        acc.Run("mrpc", "sft-r8-flr", 1).mode_flags()
     args = [
         "--tasks",
         "mrpc",
