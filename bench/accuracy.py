@@ -276,6 +276,19 @@ def _mean_std(xs: List[float]) -> Tuple[float, Optional[float]]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (n seeds - 1), for the paired Δ.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _delta(ds: List[float]) -> str:
+    """Mean paired difference in points, its 95 % confidence half-width over seeds, then each seed's."""
+    m, s = _mean_std(ds)
+    if s is None:
+        return f"{m:+.2f} (n=1)"
+    ci = T95.get(len(ds) - 1, 2.228 if len(ds) <= 11 else 1.96) * s / math.sqrt(len(ds))
+    return f"{m:+.2f} ± {ci:.2f} (n={len(ds)}: " + ", ".join(f"{d:+.2f}" for d in ds) + ")"
+
+
 def _fmt(xs: List[float]) -> str:
     m, s = _mean_std([100 * x for x in xs])
     return f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}"
@@ -302,7 +315,7 @@ def table(records: List[Dict]) -> str:
         return (t, budget, c, cfg)
 
     lines = [
-        "| task | config | budget | seeds | accuracy | F1 | Δacc vs local | paper (base / SFT R=8) "
+        "| task | config | budget | seeds | accuracy | F1 | Δacc vs local (± 95% CI) | paper (base / SFT R=8) "
         "| run time (s, mean) | sent+received / step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -318,9 +331,7 @@ def table(records: List[Dict]) -> str:
             if common:
                 a = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in rs}
                 b = {r["seed"]: r["report"]["metrics"]["accuracy"] for r in base}
-                ds = [100 * (a[s] - b[s]) for s in common]
-                per_seed = ": " + ", ".join(f"{d:+.2f}" for d in ds) if len(ds) > 1 else ""
-                delta = f"{sum(ds) / len(ds):+.2f} (n={len(ds)}{per_seed})"
+                delta = _delta([100 * (a[s] - b[s]) for s in common])
         paper = ""
         if task in PAPER_TABLE_I and cfg in ("local", "sft-r8"):
             paper = f"{PAPER_TABLE_I[task][0 if cfg == 'local' else 1]:.2f}"

@@ -45,7 +45,9 @@ def test_plan_commands_and_table():
         [rec("local", 1, 0.6), rec("local", 2, 0.7), rec("sft-r8", 1, 0.55), rec("sft-r8", 2, 0.68)]
     )
     assert "| rte | local | e3 (3 steps) | 1,2 | 65.00 ± 7.07 |" in rows
-    assert "| -3.50 (n=2: -5.00, -2.00) | 64.25 |" in rows  # the mean paired Δ, then seed by seed
+    # The mean paired Δ, its 95 % confidence half-width (t with 1 degree of freedom: 12.706 · 2.12 / √2),
+    # then seed by seed.
+    assert "| -3.50 ± 19.06 (n=2: -5.00, -2.00) | 64.25 |" in rows
     one = acc.table([rec("local", 1, 0.6), rec("sft-r8", 1, 0.55)])
     assert "| -5.00 (n=1) | 64.25 |" in one
     # Any rank at the last layer sorts after the named configurations, the layer sweep last.
