@@ -2,13 +2,16 @@
 
 Tensors go in the safetensors body, everything else (step, optimizer hyper-parameters, the
 schedule's counters, caller metadata) as JSON in its header. Loading never unpickles anything.
+``CheckpointDir`` is the one place that names, lists, reads and prunes ``step-<k>.safetensors``
+files: the edge's ``<output-dir>/checkpoints`` and each cloud session's folder are both one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Tuple
+import re
+from typing import Any, Dict, List, Tuple
 
 import torch
 from safetensors import safe_open
@@ -77,8 +80,69 @@ def save(path: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> None:
 
 
 def load(path: str, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict]:
+    meta = read_meta(path)
+    return load_file(path, device=device), meta
+
+
+def read_meta(path: str) -> Dict:
+    """The JSON header of a checkpoint file, without loading its tensors."""
     with safe_open(path, framework="pt") as f:
         header = f.metadata() or {}
     if "sft" not in header:
         raise ValueError(f"{path} is not an SFT checkpoint (no 'sft' metadata)")
-    return load_file(path, device=device), json.loads(header["sft"])
+    return json.loads(header["sft"])
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic: a temporary file beside ``path``, then a rename over it (readers never see half)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+_STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+class CheckpointDir:
+    """A folder of ``step-<k>.safetensors`` checkpoints (the state after k steps), newest kept.
+
+    Both sides keep 3 by default: an edge that crashes while writing one still finds a step
+    that the cloud holds too.
+    """
+
+    def __init__(self, folder: str, keep: int = 3):
+        self.folder = folder
+        self.keep = keep
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.folder, f"step-{step:09d}.safetensors")
+
+    def steps(self) -> List[int]:
+        """Steps with a complete checkpoint, newest first (temporary files are not listed)."""
+        if not os.path.isdir(self.folder):
+            return []
+        found = (_STEP_FILE.match(name) for name in os.listdir(self.folder))
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+    def save(self, step: int, tensors: Dict[str, torch.Tensor], meta: Dict) -> str:
+        """Write the checkpoint of ``step`` atomically, then drop all but the newest ``keep``."""
+        path = self.path(step)
+        save(path, tensors, meta)
+        for old in self.steps()[self.keep :]:
+            os.remove(self.path(old))
+        return path
+
+    def meta(self, step: int) -> Dict:
+        return read_meta(self.path(step))
+
+    def load(self, step: int, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict]:
+        return load(self.path(step), device=device)
+
+    def clear(self) -> None:
+        """Remove every step checkpoint (other files in the folder stay)."""
+        for step in self.steps():
+            os.remove(self.path(step))
