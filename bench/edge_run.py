@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
 
     from bench.harness import StepTimer, batches, split_backend, time_steps, transport_for
-    from sft_common.config import SplitSpec
+    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
     from sft_edge.backends import LocalBackend, OptimConfig
 

@@ -18,7 +18,7 @@ import torch
 
 from bench.common import GLUE_DIR
 from sft_common import codec
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import BaseModel
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, InProcessTransport, Transport, open_channel

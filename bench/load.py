@@ -36,7 +36,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from sft_common.config import SplitSpec  # noqa: E402
+from sft_common.spec import SplitSpec  # noqa: E402
 from sft_common.models import BaseModel, load_base_model  # noqa: E402
 from sft_common.proto import sft_pb2 as pb  # noqa: E402
 from sft_edge.backends import OptimConfig, SplitBackend  # noqa: E402

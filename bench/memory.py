@@ -26,7 +26,7 @@ def accounting(args: argparse.Namespace) -> Dict:
     """The counted bytes of one local step and of one split step per layer, on the benchmark's
     first batch (every batch of ``--kind fixed`` has the same shapes)."""
     from bench.harness import batches
-    from sft_common.config import SplitSpec
+    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
 
     base = load_base_model(args.model)

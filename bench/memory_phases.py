@@ -41,7 +41,7 @@ def _reset_peak() -> None:
 def child(args: argparse.Namespace) -> Dict:
     """One process: build, then ``--steps`` steps, the peak of each phase (MiB above idle)."""
     from bench.harness import batches, split_backend, transport_for
-    from sft_common.config import SplitSpec
+    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
     from sft_edge.backends import LocalBackend, OptimConfig
 

@@ -38,7 +38,7 @@ def edge(args: argparse.Namespace) -> List[Dict]:
     import torch
 
     from bench.harness import batches, split_backend, time_steps, transport_for
-    from sft_common.config import SplitSpec
+    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
 
     torch.manual_seed(0)

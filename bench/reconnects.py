@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from bench.load import RESULTS, machine, proc_status, start_daemon, stop_daemon  # noqa: E402
 from sft_common import codec  # noqa: E402
-from sft_common.config import SplitSpec, session_fingerprint  # noqa: E402
+from sft_common.spec import SplitSpec, session_fingerprint  # noqa: E402
 from sft_common.models import BaseModel, load_base_model  # noqa: E402
 from sft_common.proto import sft_pb2 as pb  # noqa: E402
 from sft_common.proto import sft_pb2_grpc as pb_grpc  # noqa: E402

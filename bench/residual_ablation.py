@@ -21,7 +21,7 @@ from typing import Dict, List
 import torch
 
 from bench.common import save
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import load_base_model
 from sft_common.split import build_split_model, factor_parameters
 from sft_common.training import make_optimizer, make_schedule, one_process_step

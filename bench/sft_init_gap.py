@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sft_common.config import SplitSpec  # noqa: E402
+from sft_common.spec import SplitSpec  # noqa: E402
 from sft_common.models import load_base_model  # noqa: E402
 from sft_common.split import build_full_model, factorise  # noqa: E402
 from sft_edge.data import collate, encode, load_examples  # noqa: E402

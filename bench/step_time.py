@@ -19,7 +19,7 @@ from typing import Dict, List
 
 from bench.common import median, save, start_daemon, stop_daemon, table
 from bench.harness import StepTimer, batches, grpc_server, in_process_registry, split_backend, transport_for
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import load_base_model
 
 PARTS = ["total", "edge_compute", "edge_encode", "transfer", "cloud_decode", "cloud_compute", "cloud_encode",

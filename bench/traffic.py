@@ -20,7 +20,7 @@ import torch
 from bench.common import save, table
 from bench.harness import batches, split_backend, transport_for
 from sft_common import codec
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import load_base_model
 from sft_common.proto import sft_pb2 as pb
 from sft_common.training import step_seed

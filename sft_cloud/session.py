@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from sft_common import checkpoint, codec
-from sft_common.config import SplitSpec, session_fingerprint
+from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import BaseModel
 
 

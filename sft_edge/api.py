@@ -35,7 +35,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model, packaged_minilm_dir
 from sft_common.proto import sft_pb2 as pb
 from sft_common.split import task_loss

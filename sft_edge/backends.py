@@ -15,7 +15,7 @@ import grpc
 import torch
 
 from sft_common import codec
-from sft_common.config import SplitSpec, session_fingerprint
+from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
 from sft_common.split import EdgeHalf, build_edge_half, build_full_model, factor_parameters, task_loss

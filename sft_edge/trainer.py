@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model
-from sft_edge import credentials, metrics, scalars
+from sft_edge import credentials, glue_metrics, scalars
 from sft_edge.backends import LocalBackend, OptimConfig, SplitBackend, check_factor_lr, check_pipeline
 from sft_edge.checkpoints import EdgeCheckpoints
 from sft_edge.client import GrpcTransport, ResilientTransport, Rollback, Transport, open_channel
@@ -134,7 +134,7 @@ def evaluate(backend, data: Encoded, batch_size: int, task: Task, device: str) -
         outputs.append(backend.predict(collate(data, idx).to(device), k).cpu())
     logits = torch.cat(outputs).numpy()
     gold = np.asarray(data.labels, dtype=np.float64 if task.is_regression else np.int64)
-    return metrics.compute(task.metrics, logits, gold)
+    return glue_metrics.compute(task.metrics, logits, gold)
 
 
 def train(

@@ -35,7 +35,7 @@ def test_traffic_cheap_capture_matches_a_full_training_step():
     """The benchmark's forward-only capture sends exactly the messages a full step sends."""
     from bench import traffic
     from bench.harness import batches
-    from sft_common.config import SplitSpec
+    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
 
     base = load_base_model("random:tiny")
@@ -64,7 +64,7 @@ def test_memory_accounting_adds_up():
     """The per-module counts add up to the real tensors; the moved share falls as the cut moves up."""
     from bench import memory_accounting as acc
     from bench.harness import batches
-    from sft_common.config import SplitSpec
+    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
     from sft_common.split import build_full_model, build_split_model
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from helpers import max_diff, params, random_batch
 
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, open_channel
 

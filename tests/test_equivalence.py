@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import max_diff, params, random_batch, train_in_one_process
 
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, open_channel

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import random_batch, session_config
 
 from sft_common import codec
-from sft_common.config import SplitSpec, session_fingerprint
+from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.proto import sft_pb2 as pb
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import CloudError, GrpcTransport, open_channel

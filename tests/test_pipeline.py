@@ -13,7 +13,7 @@ from proxy import TcpProxy
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, open_channel

@@ -23,7 +23,7 @@ from sft_cloud import auth
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.server import ServeConfig, create_server
 from sft_common import certs
-from sft_common.config import SplitSpec, session_fingerprint
+from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.proto import sft_pb2 as pb
 from sft_common.tokens import TokenError, bearer_token, read_token_file
 from sft_edge import credentials

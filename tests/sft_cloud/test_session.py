@@ -10,7 +10,7 @@ from helpers import max_diff, params, session_config
 from sft_cloud.protocol import StreamProtocol
 from sft_cloud.registry import SessionRegistry
 from sft_common import codec
-from sft_common.config import SplitSpec, session_fingerprint
+from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.split import (
     build_cloud_half,
     build_edge_half,

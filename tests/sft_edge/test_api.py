@@ -17,7 +17,7 @@ from daemon import ROOT, start_daemon, stop_daemon
 from helpers import max_diff, params, random_batch
 
 import sft_edge.api as sft
-from sft_common.config import SplitSpec
+from sft_common.spec import SplitSpec
 from sft_common.models import load_base_model
 from sft_edge.backends import OptimConfig, SplitBackend
 from sft_edge.client import GrpcTransport, open_channel

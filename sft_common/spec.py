@@ -7,8 +7,6 @@ import json
 from dataclasses import asdict, dataclass
 
 MODES = ("sft", "sl")
-WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
-COMPRESSIONS = ("none", "lz4")
 
 
 @dataclass(frozen=True)
