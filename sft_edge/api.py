@@ -35,13 +35,13 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from sft_common.spec import SplitSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model, packaged_minilm_dir
-from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec
 from sft_common.split import task_loss
-from sft_edge.backends import OptimConfig, SplitBackend, _seeded
-from sft_edge.client import GrpcTransport, open_channel
+from sft_edge.config import LinkOptions, OptimConfig, TrainConfig
 from sft_edge.data import Batch
+from sft_edge.session import EdgeSession
+from sft_edge.transport import connector
 
 log = logging.getLogger("sft_edge")
 
@@ -74,11 +74,11 @@ class SplitOutput(dict):
 class SplitModel(nn.Module):
     """net1 here, net2 in a cloud session; called like the Hugging Face model it replaces."""
 
-    def __init__(self, backend: SplitBackend):
+    def __init__(self, session: EdgeSession):
         super().__init__()
-        self.backend = backend
-        self.net1 = backend.net1  # registered, so .parameters(), .train(), .eval() and .to() reach it
-        self.step = backend.start_step  # the number the next training forward sends
+        self.session = session
+        self.net1 = session.net1  # registered, so .parameters(), .train(), .eval() and .to() reach it
+        self.step = session.start_step  # the number the next training forward sends
         self._eval_batches = 0
 
     def forward(
@@ -92,41 +92,36 @@ class SplitModel(nn.Module):
         batch = _batch(input_ids, attention_mask, token_type_ids, labels)
         if self.training and labels is not None:
             return SplitOutput(loss=self._train_forward(batch), logits=None)
-        logits = self.backend.predict(batch, self._eval_batches)
+        logits = self.session.predict(batch, self._eval_batches)
         self._eval_batches += 1
         loss = task_loss(logits, batch.labels) if labels is not None else None
         return SplitOutput(loss=loss, logits=logits)
 
     def _train_forward(self, batch: Batch) -> torch.Tensor:
-        b = self.backend
-        with _seeded(b.optim_cfg.seed, "edge", self.step):
-            packed, lengths = b._cut(batch)
-        msg = b._train_message(self.step, packed, lengths, batch.labels)
-        reply = b.transport.call(pb.EdgeMessage(train=msg)).train
-        grad = b._gradient(reply, packed)
+        packed, grad, value = self.session.exchange(self.step, batch)
         self.step += 1
-        loss = torch.tensor(reply.loss, dtype=packed.dtype, device=packed.device)
+        loss = torch.tensor(value, dtype=packed.dtype, device=packed.device)
         return _CloudLoss.apply(packed, loss, grad)
 
     @property
     def bytes_sent(self) -> int:
-        return self.backend.transport.bytes_sent
+        return self.session.bytes_sent
 
     @property
     def bytes_received(self) -> int:
-        return self.backend.transport.bytes_received
+        return self.session.bytes_received
 
     def close(self) -> int:
         """Close the cloud session (the cloud keeps net2 with a checkpoint dir); returns its steps."""
-        return self.backend.close()
+        return self.session.close()
 
 
 class SplitOptimizer:
     """Steps net1's optimizer and its LR schedule; the cloud steps net2 when it answers a step."""
 
-    def __init__(self, backend: SplitBackend):
-        self.backend = backend
-        self.optimizer = backend.optimizer
+    def __init__(self, session: EdgeSession):
+        self.session = session
+        self.optimizer = session.optimizer
 
     @property
     def param_groups(self) -> list:
@@ -136,13 +131,13 @@ class SplitOptimizer:
         if closure is not None:
             raise ValueError("split training cannot re-evaluate the loss: step() takes no closure")
         self.optimizer.step()
-        self.backend.schedule.step()
+        self.session.schedule.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "schedule": self.backend.schedule.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.session.schedule.state_dict()}
 
 
 def wrap(
@@ -151,16 +146,16 @@ def wrap(
     cloud: str,
     total_steps: int,
     split_layer: Optional[int] = None,
-    rank: int = 8,
-    mode: str = "sft",
+    rank: int = TrainConfig.rank,
+    mode: str = TrainConfig.mode,
     num_labels: Optional[int] = None,
-    warmup_steps: int = 0,
-    seed: int = 42,
-    factor_lr: Optional[float] = None,
-    max_batch_size: int = 32,
-    max_seq_len: int = 128,
-    wire_dtype: str = "fp32",
-    compression: str = "none",
+    warmup_steps: int = OptimConfig.warmup_steps,
+    seed: int = OptimConfig.seed,
+    factor_lr: Optional[float] = OptimConfig.factor_lr,
+    max_batch_size: int = TrainConfig.batch_size,
+    max_seq_len: int = TrainConfig.max_seq_len,
+    wire_dtype: str = LinkOptions.wire_dtype,
+    compression: str = LinkOptions.compression,
     insecure: bool = False,
     tls_ca: Optional[str] = None,
     tls_cert: Optional[str] = None,
@@ -189,13 +184,13 @@ def wrap(
     from sft_edge.credentials import secure_link
 
     creds, metadata = secure_link(cloud, insecure, tls_ca, tls_cert, tls_key, auth_token_file)
-    transport = GrpcTransport(open_channel(cloud, creds), metadata, owns_channel=True)
+    transport = connector(cloud, creds, metadata)()
     optim = OptimConfig(lr, weight_decay, warmup_steps, total_steps, seed, factor_lr)
+    link = LinkOptions(wire_dtype=wire_dtype, compression=compression)
     try:
-        backend = SplitBackend(
-            base, spec, num_labels, transport, optim, max_batch_size, max_seq_len, wire_dtype,
-            compression, task="", device=device,
-        )  # fmt: skip
+        session = EdgeSession(
+            base, spec, num_labels, transport, optim, max_batch_size, max_seq_len, link, device=device
+        )
     except BaseException:
         transport.close()  # the channel is ours: do not leave it open behind a refused wrap
         raise
@@ -203,7 +198,7 @@ def wrap(
         "split training of %s via %s: %s at layer %d, rank %d; net1 on %s",
         base.name, cloud, mode, spec.split_layer, rank, device,
     )  # fmt: skip
-    return SplitModel(backend), SplitOptimizer(backend)
+    return SplitModel(session), SplitOptimizer(session)
 
 
 def _base_model(model: Union[nn.Module, str]) -> BaseModel:
@@ -225,7 +220,7 @@ def _base_model(model: Union[nn.Module, str]) -> BaseModel:
 
 def _hyperparameters(optimizer: Optional[torch.optim.Optimizer]) -> Tuple[float, float]:
     if optimizer is None:
-        return 2e-5, 0.0
+        return OptimConfig.lr, OptimConfig.weight_decay
     group = optimizer.param_groups[0]
     if not isinstance(optimizer, torch.optim.AdamW):
         log.warning(

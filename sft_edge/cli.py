@@ -8,7 +8,9 @@ import sys
 from typing import List, Optional
 
 from sft_common.logs import FORMATS, setup_logging
-from sft_common.models import DEFAULT_MODEL
+from sft_common.spec import MODES
+from sft_edge.config import COMPRESSIONS, WIRE_DTYPES
+from sft_edge.config import TrainConfig as D  # every default lives there
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,66 +18,80 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune on a GLUE task, split with a cloud daemon (or --local)")
     t.add_argument("--task", required=True, help="GLUE task: sst2 mrpc rte cola stsb qnli qqp mnli wnli")
-    t.add_argument(
-        "--cloud", default="localhost:50051", help="HOST:PORT of sft-cloud (default localhost:50051)"
-    )
+    t.add_argument("--cloud", default=D.cloud, help=f"HOST:PORT of sft-cloud (default {D.cloud})")
     t.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"hub name, local folder or random:<preset> (default {DEFAULT_MODEL})",
+        default=D.model,
+        help=f"hub name, local folder or random:<preset> (default {D.model})",
     )
     t.add_argument(
         "--data-dir", help="GLUE data in the TSV layout (e.g. ../shared/data/glue); default: the hub"
     )
     t.add_argument("--split-layer", type=int, help="0-based layer to cut at (default: the last layer)")
-    t.add_argument("--rank", type=int, default=8, help="SFT rank R (default 8)")
+    t.add_argument("--rank", type=int, default=D.rank, help=f"SFT rank R (default {D.rank})")
     t.add_argument(
-        "--mode", default="sft", choices=["sft", "sl"], help="sft (rank-R cut) or sl (plain split learning)"
+        "--mode", default=D.mode, choices=MODES, help="sft (rank-R cut) or sl (plain split learning)"
     )
     t.add_argument(
         "--wire-dtype",
-        default="fp32",
-        choices=["fp32", "fp16", "bf16", "int8"],
+        default=D.wire_dtype,
+        choices=WIRE_DTYPES,
         help="dtype on the wire (int8: one scale per token)",
     )
     t.add_argument(
-        "--compression", default="none", choices=["none", "lz4"], help="compress tensors on the wire"
+        "--compression", default=D.compression, choices=COMPRESSIONS, help="compress tensors on the wire"
     )
-    t.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     t.add_argument(
-        "--micro-batches", type=int, default=1,
+        "--batch-size", type=int, default=D.batch_size, help=f"examples per step (default {D.batch_size})"
+    )
+    t.add_argument(
+        "--micro-batches", type=int, default=D.micro_batches,
         help="send each step as this many micro-batches, pipelined so that edge compute, the link "
         "and cloud compute overlap; the update is the whole batch's (default 1: no pipelining)",
     )  # fmt: skip
     t.add_argument(
-        "--pipeline-depth", type=int, default=2,
-        help="micro-batches in flight at once with --micro-batches (default 2)",
+        "--pipeline-depth", type=int, default=D.pipeline_depth,
+        help=f"micro-batches in flight at once with --micro-batches (default {D.pipeline_depth})",
     )  # fmt: skip
     t.add_argument(
         "--cls-only", action="store_true",
         help="with the cut at the last layer: send only each example's [CLS] row, the only one the "
         "classifier reads (exact; about sequence-length times less traffic)",
     )  # fmt: skip
-    t.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
+    t.add_argument("--epochs", type=float, default=D.epochs, help=f"training epochs (default {D.epochs:g})")
     t.add_argument("--max-steps", type=int, help="train exactly this many steps (overrides --epochs)")
     t.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
     t.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
-    t.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    t.add_argument("--lr", type=float, default=D.lr, help=f"AdamW learning rate (default {D.lr:g})")
     t.add_argument(
-        "--factor-lr", type=float, default=None,
+        "--factor-lr", type=float, default=D.factor_lr,
         help="SFT: learning rate of the SVD factors u, Σ, v, on both sides (default: --lr)",
     )  # fmt: skip
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument(
-        "--warmup-ratio", type=float, default=0.0, help="share of steps spent warming up (default 0)"
+        "--weight-decay",
+        type=float,
+        default=D.weight_decay,
+        help=f"AdamW weight decay (default {D.weight_decay:g})",
     )
     t.add_argument(
-        "--max-seq-len", type=int, default=128, help="truncate inputs to this many tokens (default 128)"
+        "--warmup-ratio",
+        type=float,
+        default=D.warmup_ratio,
+        help=f"share of steps spent warming up (default {D.warmup_ratio:g})",
     )
     t.add_argument(
-        "--seed", type=int, default=42, help="seed for the head, dropout and data order (default 42)"
+        "--max-seq-len",
+        type=int,
+        default=D.max_seq_len,
+        help=f"truncate inputs to this many tokens (default {D.max_seq_len})",
     )
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where net1 runs")
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=D.seed,
+        help=f"seed for the head, dropout and data order (default {D.seed})",
+    )
+    t.add_argument("--device", default=D.device, choices=["auto", "cpu", "cuda"], help="where net1 runs")
     t.add_argument("--output-dir", help="save the trained edge half (or whole model with --local) here")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint both sides every N steps")
@@ -89,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--auth-token-file", help="file holding this device's bearer token")
     t.add_argument("--report", help="write a JSON report of the run here")
     t.add_argument(
-        "--step-timeout", type=float, default=600.0,
-        help="seconds to wait for the cloud's answer before treating the link as dead (default 600)",
+        "--step-timeout", type=float, default=D.step_timeout,
+        help=f"seconds to wait for the cloud's answer before treating the link as dead (default {D.step_timeout:g})",
     )  # fmt: skip
     t.add_argument(
-        "--reconnect-timeout", type=float, default=300.0,
-        help="seconds to keep re-attaching to the session after a broken link (default 300)",
+        "--reconnect-timeout", type=float, default=D.reconnect_timeout,
+        help=f"seconds to keep re-attaching to the session after a broken link (default {D.reconnect_timeout:g})",
     )  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -123,14 +139,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return plot(args)
     setup_logging(args.log_level, args.log_format)
     from sft_common.models import ModelError
-    from sft_edge.client import CloudError
     from sft_edge.data import DataError
-    from sft_edge.trainer import TrainConfig, train
+    from sft_edge.trainer import train
+    from sft_edge.transport import CloudError
 
     fields = vars(args).copy()
     for key in ("command", "log_level", "log_format", "no_progress"):
         fields.pop(key)
-    cfg = TrainConfig(progress=not args.no_progress, **fields)
+    cfg = D(progress=not args.no_progress, **fields)
     try:
         report = train(cfg)
     except (ValueError, DataError, ModelError, CloudError, OSError) as exc:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sft_common.pem import read_pem
 from sft_common.tokens import TokenError, bearer_metadata, read_token_file
-from sft_edge.client import CloudError
+from sft_edge.transport import CloudError
 
 log = logging.getLogger("sft_edge")
 

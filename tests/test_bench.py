@@ -35,8 +35,8 @@ def test_traffic_cheap_capture_matches_a_full_training_step():
     """The benchmark's forward-only capture sends exactly the messages a full step sends."""
     from bench import traffic
     from bench.harness import batches
-    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
+    from sft_common.spec import SplitSpec
 
     base = load_base_model("random:tiny")
     batch = batches(base, "fixed", 1, batch_size=3, seq=10)[0]
@@ -64,8 +64,8 @@ def test_memory_accounting_adds_up():
     """The per-module counts add up to the real tensors; the moved share falls as the cut moves up."""
     from bench import memory_accounting as acc
     from bench.harness import batches
-    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
+    from sft_common.spec import SplitSpec
     from sft_common.split import build_full_model, build_split_model
 
     base = load_base_model("random:tiny")
@@ -177,7 +177,7 @@ def test_residual_ablation_without_the_residual_is_the_split_run(glue_dir, tmp_p
         task="mrpc", cloud="in-process", model="random:tiny", data_dir=glue_dir, batch_size=8, epochs=2,
         max_train_examples=48, lr=1e-3, progress=False,
     )  # fmt: skip
-    report = train(cfg, lambda c, steps: transport_for("inproc", base), base=base)
+    report = train(cfg, lambda: transport_for("inproc", base), base=base)
     assert [e["accuracy"] for e in report["eval_history"]] == [e["accuracy"] for e in dropped["eval_history"]]
     assert report["train_loss_last"] == pytest.approx(dropped["train_loss_last"], abs=1e-5)
     assert kept["train_loss_last"] != pytest.approx(

@@ -9,16 +9,17 @@ import pytest
 from helpers import max_diff, params, random_batch
 
 from sft_common.spec import SplitSpec
-from sft_edge.backends import OptimConfig, SplitBackend
-from sft_edge.client import GrpcTransport, open_channel
+from sft_edge.config import LinkOptions, OptimConfig
+from sft_edge.session import EdgeSession
+from sft_edge.transport import GrpcTransport, open_channel
 
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)
 
 
 def _train(address, base, spec, cls_only, steps=4, micro_batches=1):
-    backend = SplitBackend(
+    backend = EdgeSession(
         base, spec, 2, GrpcTransport(open_channel(address)), OPTIM, batch_size=8, max_seq_len=64,
-        cls_only=cls_only, micro_batches=micro_batches,
+        link=LinkOptions(cls_only=cls_only, micro_batches=micro_batches),
     )  # fmt: skip
     batches = [random_batch(batch=6, seq=16, seed=k) for k in range(steps)]
     losses = [backend.train_step(k, b) for k, b in enumerate(batches)]
@@ -42,13 +43,13 @@ def test_cls_rows_only_train_the_same_model_with_less_traffic(live_server, tiny_
     assert cls_losses == pytest.approx(full_losses, abs=1e-6)
     assert float((cls_logits - full_logits).abs().max()) <= 1e-5
     assert max_diff(params(full.net1), params(cls.net1)) <= 1e-6
-    cloud_full = registry.get(full.session.session_id).net2
-    cloud_cls = registry.get(cls.session.session_id).net2
+    cloud_full = registry.get(full.session_id).net2
+    cloud_cls = registry.get(cls.session_id).net2
     assert max_diff(params(cloud_full), params(cloud_cls)) <= 1e-6
     # 6 examples of 2..16 tokens: one row each instead of all of them, both ways (the micro-batch
     # fields add a few bytes a message).
-    assert cls.transport.bytes_sent * 3 < full.transport.bytes_sent
-    assert cls.transport.bytes_received * 3 < full.transport.bytes_received
+    assert cls.bytes_sent * 3 < full.bytes_sent
+    assert cls.bytes_received * 3 < full.bytes_received
 
 
 def test_cls_only_needs_the_cut_at_the_last_layer(live_server, tiny_base):

@@ -7,8 +7,9 @@ from helpers import max_diff, params, random_batch, train_in_one_process
 
 from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model
-from sft_edge.backends import OptimConfig, SplitBackend
-from sft_edge.client import GrpcTransport, open_channel
+from sft_edge.config import LinkOptions, OptimConfig
+from sft_edge.session import EdgeSession
+from sft_edge.transport import GrpcTransport, open_channel
 
 STEPS = 6
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
@@ -27,7 +28,7 @@ def _train_in_one_process(base, spec):
 def test_grpc_split_training_equals_one_process(live_server, tiny_base, mode):
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8, mode=mode)
-    backend = SplitBackend(
+    backend = EdgeSession(
         tiny_base,
         spec,
         2,
@@ -35,10 +36,10 @@ def test_grpc_split_training_equals_one_process(live_server, tiny_base, mode):
         OPTIM,
         batch_size=8,
         max_seq_len=64,
-        wire_dtype="fp32",
+        link=LinkOptions(wire_dtype="fp32"),
     )
     losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
-    session = registry.get(backend.session.session_id)
+    session = registry.get(backend.session_id)
     edge_ref, cloud_ref, ref_losses = _train_in_one_process(tiny_base, spec)
 
     assert session.next_step == STEPS
@@ -60,7 +61,7 @@ def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
     """fp16 / bf16 / int8 on the wire: the same run, within the narrow types' rounding."""
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8)
-    backend = SplitBackend(
+    backend = EdgeSession(
         tiny_base,
         spec,
         2,
@@ -68,7 +69,7 @@ def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
         OPTIM,
         batch_size=8,
         max_seq_len=64,
-        wire_dtype=wire,
+        link=LinkOptions(wire_dtype=wire),
     )
     losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
     _, _, ref_losses = _train_in_one_process(tiny_base, spec)
@@ -86,13 +87,13 @@ def test_factor_lr_over_grpc_equals_one_process_and_moves_only_the_factors_faste
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8)
     optim = dataclasses.replace(OPTIM, factor_lr=2e-2)
-    backend = SplitBackend(
+    backend = EdgeSession(
         tiny_base, spec, 2, GrpcTransport(open_channel(address)), optim, batch_size=8, max_seq_len=64,
-        wire_dtype="fp32",
+        link=LinkOptions(wire_dtype="fp32"),
     )  # fmt: skip
     for k, b in enumerate(_batches()):
         backend.train_step(k, b)
-    session = registry.get(backend.session.session_id)
+    session = registry.get(backend.session_id)
     lrs = [g["lr"] for g in session.optimizer.param_groups]  # scaled alike by the schedule
     assert len(lrs) == 2 and lrs[1] / lrs[0] == pytest.approx(20)
     edge_ref, cloud_ref, _ = train_in_one_process(tiny_base, spec, optim, _batches())

@@ -9,10 +9,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import random_batch, session_config
 
 from sft_common import codec
-from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.proto import sft_pb2 as pb
-from sft_edge.backends import OptimConfig, SplitBackend
-from sft_edge.client import CloudError, GrpcTransport, open_channel
+from sft_common.spec import SplitSpec, session_fingerprint
+from sft_edge.config import OptimConfig
+from sft_edge.session import EdgeSession
+from sft_edge.transport import CloudError, GrpcTransport, open_channel
 
 
 def test_health_service_reports_serving(live_server):
@@ -91,7 +92,7 @@ def test_several_sessions_at_once_each_with_its_own_net2(live_server, tiny_base)
     address, registry = live_server
     optim = OptimConfig(lr=1e-3, total_steps=10, seed=1)
     backends = [
-        SplitBackend(
+        EdgeSession(
             tiny_base, SplitSpec(split_layer=l, rank=4), 2, GrpcTransport(open_channel(address)), optim, 8, 64
         )
         for l in (1, 3)
@@ -99,7 +100,7 @@ def test_several_sessions_at_once_each_with_its_own_net2(live_server, tiny_base)
     for k in range(3):
         for b in backends:
             b.train_step(k, random_batch(seed=k))
-    sessions = [registry.get(b.session.session_id) for b in backends]
+    sessions = [registry.get(b.session_id) for b in backends]
     assert [s.next_step for s in sessions] == [3, 3]
     assert sessions[0].net2 is not sessions[1].net2
     assert len(sessions[0].net2.layers) == 2 and len(sessions[1].net2.layers) == 0

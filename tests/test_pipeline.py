@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model
-from sft_edge.backends import OptimConfig, SplitBackend
-from sft_edge.client import GrpcTransport, open_channel
+from sft_edge.config import LinkOptions, OptimConfig
+from sft_edge.session import EdgeSession
 from sft_edge.trainer import TrainConfig, train
+from sft_edge.transport import GrpcTransport, open_channel
 
 STEPS = 4
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)
@@ -28,9 +29,9 @@ def _batches():
 
 
 def _backend(address, base, spec, micro_batches, depth=2, transport=None):
-    return SplitBackend(
+    return EdgeSession(
         base, spec, 2, transport or GrpcTransport(open_channel(address)), OPTIM, batch_size=8,
-        max_seq_len=64, wire_dtype="fp32", micro_batches=micro_batches, pipeline_depth=depth,
+        max_seq_len=64, link=LinkOptions(wire_dtype="fp32", micro_batches=micro_batches, pipeline_depth=depth),
     )  # fmt: skip
 
 
@@ -69,7 +70,7 @@ def test_pipelined_micro_batches_over_grpc_equal_one_process(daemon, tiny_base, 
     backend = _backend(address, tiny_base, spec, micro_batches=3)
     losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
     assert backend.close() == STEPS
-    cloud = load_file(str(folder / backend.session.session_id / "final.safetensors"))
+    cloud = load_file(str(folder / backend.session_id / "final.safetensors"))
     edge_ref, cloud_ref, ref_losses = _micro_batched_in_one_process(tiny_base, spec, 3)
     cloud_ref_state = cloud_ref.state_dict()
 
@@ -95,8 +96,8 @@ def test_micro_batches_give_the_whole_batch_update(live_server, tiny_base):
     micro = _backend(address, base, spec, micro_batches=4, depth=3)
     whole_losses = [whole.train_step(k, b) for k, b in enumerate(_batches())]
     micro_losses = [micro.train_step(k, b) for k, b in enumerate(_batches())]
-    cloud_whole = registry.get(whole.session.session_id).net2
-    cloud_micro = registry.get(micro.session.session_id).net2
+    cloud_whole = registry.get(whole.session_id).net2
+    cloud_micro = registry.get(micro.session_id).net2
 
     start_edge, _ = build_split_model(base, spec, 2, OPTIM.seed)
     assert max_diff(params(start_edge), params(micro.net1)) > 1e-4
@@ -106,25 +107,15 @@ def test_micro_batches_give_the_whole_batch_update(live_server, tiny_base):
 
 
 class _Recorder:
-    """Wraps a transport and records the order of sends and answers."""
+    """Listens on a transport and records the order of the training step's sends and answers."""
 
-    def __init__(self, inner):
-        self.inner, self.events = inner, []
+    def __init__(self, transport):
+        self.events = []
+        transport.listeners.append(self)
 
-    def call(self, msg):
-        return self.inner.call(msg)
-
-    def close(self):
-        self.inner.close()
-
-    def submit(self, msg):
-        self.events.append(("send", msg.train.micro))
-        self.inner.submit(msg)
-
-    def result(self):
-        reply = self.inner.result()
-        self.events.append(("answer", reply.train.micro))
-        return reply
+    def __call__(self, direction, msg, when):
+        if msg.WhichOneof("kind") == "train":
+            self.events.append(("send" if direction == "sent" else "answer", msg.train.micro))
 
 
 @pytest.mark.parametrize("depth, expected", [
@@ -134,8 +125,9 @@ class _Recorder:
 ])  # fmt: skip
 def test_pipeline_depth_bounds_the_micro_batches_in_flight(live_server, tiny_base, depth, expected):
     address, _ = live_server
-    recorder = _Recorder(GrpcTransport(open_channel(address)))
-    backend = _backend(address, tiny_base, SplitSpec(split_layer=2, rank=8), 4, depth, recorder)
+    transport = GrpcTransport(open_channel(address))
+    recorder = _Recorder(transport)
+    backend = _backend(address, tiny_base, SplitSpec(split_layer=2, rank=8), 4, depth, transport)
     backend.train_step(0, _batches()[0])
     assert " ".join(f"{e[0][0]}{e[1]}" for e in recorder.events) == expected
     backend.close()

@@ -23,11 +23,11 @@ from sft_cloud import auth
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.server import ServeConfig, create_server
 from sft_common import certs
-from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.tokens import TokenError, bearer_token, read_token_file
 from sft_edge import credentials
-from sft_edge.client import CloudError, GrpcTransport, open_channel
+from sft_edge.transport import CloudError, GrpcTransport, open_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_A = "device-a-" + "a" * 32

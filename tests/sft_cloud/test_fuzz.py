@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from sft_cloud.protocol import StreamProtocol
 from sft_cloud.registry import SessionRegistry
 from sft_common import codec
-from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
-from sft_edge.client import CloudError, GrpcTransport, open_channel
+from sft_common.spec import SplitSpec, session_fingerprint
+from sft_edge.transport import CloudError, GrpcTransport, open_channel
 
 WIDTH = 8  # rank 8 at the cut of random:tiny
 MAX_BATCH, MAX_SEQ = 8, 64  # helpers.session_config

@@ -18,10 +18,10 @@ from sft_cloud.metrics import DaemonMetrics
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.server import ServeConfig, create_server
 from sft_common import codec
-from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.logs import setup_logging
 from sft_common.proto import sft_pb2 as pb
-from sft_edge.client import CloudError, GrpcTransport, open_channel
+from sft_common.spec import SplitSpec, session_fingerprint
+from sft_edge.transport import CloudError, GrpcTransport, open_channel
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The drop-in API: an unchanged training loop trains exactly as the CLI's split backend does."""
+"""The drop-in API: an unchanged training loop trains exactly as the CLI's split session does."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from daemon import ROOT, start_daemon, stop_daemon
 from helpers import max_diff, params, random_batch
 
 import sft_edge.api as sft
-from sft_common.spec import SplitSpec
 from sft_common.models import load_base_model
-from sft_edge.backends import OptimConfig, SplitBackend
-from sft_edge.client import GrpcTransport, open_channel
+from sft_common.spec import SplitSpec
+from sft_edge.config import OptimConfig
+from sft_edge.session import EdgeSession
+from sft_edge.transport import GrpcTransport, open_channel
 
 
 def _batches(n):
@@ -28,9 +29,9 @@ def _batches(n):
 
 
 @pytest.mark.parametrize("factor_lr", [None, 1e-2])
-def test_wrapped_loop_matches_the_split_backend(live_server, factor_lr):
+def test_wrapped_loop_matches_the_split_session(live_server, factor_lr):
     """Three steps of `loss = model(...).loss; loss.backward(); optimizer.step()` give net1 the
-    same weights and the same losses as SplitBackend.train_step, against a real gRPC daemon."""
+    same weights and the same losses as EdgeSession.train_step, against a real gRPC daemon."""
     address, registry = live_server
     base = load_base_model("random:tiny")
     optim = OptimConfig(
@@ -38,7 +39,7 @@ def test_wrapped_loop_matches_the_split_backend(live_server, factor_lr):
     )
     batches = _batches(3)
 
-    ref = SplitBackend(
+    ref = EdgeSession(
         base, SplitSpec(split_layer=2, rank=4), 2, GrpcTransport(open_channel(address)), optim,
         batch_size=4, max_seq_len=16,
     )  # fmt: skip
@@ -51,7 +52,7 @@ def test_wrapped_loop_matches_the_split_backend(live_server, factor_lr):
         "random:tiny", optimizer, cloud=address, total_steps=3, warmup_steps=1, seed=7, split_layer=2,
         rank=4, max_batch_size=4, max_seq_len=16, insecure=True, factor_lr=factor_lr,
     )  # fmt: skip
-    assert len(optimizer.backend.optimizer.param_groups) == (1 if factor_lr is None else 2)
+    assert len(optimizer.session.optimizer.param_groups) == (1 if factor_lr is None else 2)
     model.train()
     losses = []
     for b in batches:

@@ -1,26 +1,27 @@
-"""Transports from the edge to a cloud session: a gRPC stream, or a session in this process.
+"""Moving messages between the edge and a cloud session: a gRPC stream, or a session in this process.
 
-Both take an ``EdgeMessage`` and return the ``CloudMessage`` that answers it, and both count
-the serialized bytes of every message each way: that is the traffic the reports quote.
-``call(msg)`` is ``submit(msg)`` then ``result()``; a pipelined caller submits several messages
-before it reads their answers, which come back in order.
+A transport takes an ``EdgeMessage`` and returns the ``CloudMessage`` that answers it, and the
+base class counts the serialized bytes of every message each way: that is the traffic the
+reports quote. ``call(msg)`` is ``submit(msg)`` then ``result()``; a pipelined caller submits
+several messages before it reads their answers, which come back in order. A transport knows
+nothing of message kinds: re-attaching and re-sending after a broken link is the session's
+job (``sft_edge.session``).
 """
 
 from __future__ import annotations
 
 import collections
-import logging
 import queue
 import threading
 import time
 from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
+from google.protobuf.message import Message
 
 from sft_common.proto import sft_pb2 as pb
 from sft_common.proto import sft_pb2_grpc as pb_grpc
 
-log = logging.getLogger("sft_edge")
 _END = object()
 # Failures of the link rather than refusals of a message: worth reconnecting for.
 RETRYABLE = {
@@ -41,21 +42,18 @@ class CloudError(RuntimeError):
         self.details = details
 
 
-class Rollback(Exception):
-    """The cloud re-attached the session at an earlier step (it restarted from a checkpoint):
-    the edge must load its own checkpoint of ``step`` and continue from there."""
-
-    def __init__(self, step: int):
-        super().__init__(f"the cloud resumed the session at step {step}")
-        self.step = step
+# A listener sees every message that crosses, as ("sent" | "received", message, monotonic time):
+# benchmarks time the link and the cloud with it, tests record what crosses.
+Listener = Callable[[str, Message, float], None]
 
 
 class Transport:
-    """One session's message exchange; subclasses implement ``_submit`` and ``_result``."""
+    """One stream's message exchange; subclasses implement ``_submit`` and ``_result``."""
 
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.listeners: List[Listener] = []
 
     def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
         self.submit(msg)
@@ -64,12 +62,16 @@ class Transport:
     def submit(self, msg: pb.EdgeMessage) -> None:
         """Send a message without waiting for its answer."""
         self.bytes_sent += msg.ByteSize()
+        for listener in self.listeners:
+            listener("sent", msg, time.monotonic())
         self._submit(msg)
 
     def result(self) -> pb.CloudMessage:
         """The answer to the oldest message submitted and not yet answered."""
         reply = self._result()
         self.bytes_received += reply.ByteSize()
+        for listener in self.listeners:
+            listener("received", reply, time.monotonic())
         return reply
 
     def _submit(self, msg: pb.EdgeMessage) -> None:
@@ -118,6 +120,23 @@ def open_channel(
             f"no sft-cloud daemon answered at {target} within {connect_timeout:.0f}s",
         ) from None
     return channel
+
+
+def connector(
+    target: str,
+    credentials: Optional[grpc.ChannelCredentials] = None,
+    metadata: Sequence[Tuple[str, str]] = (),
+    timeout: Optional[float] = None,
+    connect_timeout: float = 30.0,
+) -> Callable[[], GrpcTransport]:
+    """A factory of fresh streams to ``target``, each on its own channel: what a session calls
+    to connect, and again to reconnect after a broken link."""
+
+    def connect() -> GrpcTransport:
+        channel = open_channel(target, credentials, connect_timeout)
+        return GrpcTransport(channel, metadata, timeout=timeout, owns_channel=True)
+
+    return connect
 
 
 class GrpcTransport(Transport):
@@ -180,125 +199,6 @@ class GrpcTransport(Transport):
         self._call.cancel()
         if self._owns_channel:
             self.channel.close()
-
-
-class ResilientTransport(Transport):
-    """A session's stream that outlives broken links.
-
-    When the link fails (a retryable status, or no answer within the step deadline) it
-    reconnects with exponential backoff, re-attaches to the same session offering the steps
-    the edge can continue from (``resume_steps()``: the live step first, then its checkpoints)
-    and re-sends the messages of the step in flight, from its first micro-batch: the cloud
-    answers those it had applied from its cache, so nothing is applied twice, and a cloud that
-    lost a partly applied step gets all of it again. Answers the caller already had are dropped.
-    If the cloud can only continue from an earlier checkpoint (it restarted), ``Rollback`` tells
-    the trainer to load that checkpoint.
-    """
-
-    def __init__(
-        self,
-        connect: Callable[[], GrpcTransport],
-        resume_steps: Callable[[], List[int]],
-        reconnect_timeout: float = 300.0,
-        backoff: Tuple[float, float] = (0.25, 10.0),
-    ):
-        super().__init__()
-        self._connect = connect
-        self.resume_steps = resume_steps
-        self.reconnect_timeout = reconnect_timeout
-        self.backoff = backoff
-        self.resumes = 0  # successful re-attachments
-        self._open: Optional[pb.OpenSession] = None
-        self._inner = connect()
-        # Messages of the step in flight: the first `_answered` have had their answers returned.
-        self._log: List[pb.EdgeMessage] = []
-        self._answered = 0
-        self._skip = 0  # answers to re-sent messages the caller already had
-
-    def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
-        if msg.WhichOneof("kind") == "open":
-            self._send(msg)
-            reply = self._receive()
-            self._open = pb.OpenSession()
-            self._open.CopyFrom(msg.open)
-            self._open.session_id = reply.opened.session_id
-            return reply
-        return super().call(msg)
-
-    def _send(self, msg: pb.EdgeMessage) -> None:
-        """On the current stream; every byte counts, re-sent ones too (they cross the link)."""
-        self._inner.submit(msg)
-        self.bytes_sent += msg.ByteSize()
-
-    def _receive(self) -> pb.CloudMessage:
-        reply = self._inner.result()
-        self.bytes_received += reply.ByteSize()
-        return reply
-
-    def submit(self, msg: pb.EdgeMessage) -> None:
-        self._log.append(msg)
-        self._send(msg)
-
-    def result(self) -> pb.CloudMessage:
-        while True:
-            try:
-                reply = self._receive()
-            except CloudError as exc:
-                if exc.code not in RETRYABLE or self._open is None:
-                    raise
-                log.warning("link to the cloud failed (%s): reconnecting", exc)
-                self._reattach()
-                for msg in self._log:
-                    self._send(msg)
-                self._skip = self._answered
-                continue
-            if self._skip:
-                self._skip -= 1
-                continue
-            msg = self._log[self._answered]
-            self._answered += 1
-            if _ends_step(msg):  # both sides are past it: nothing to re-send any more
-                del self._log[: self._answered]
-                self._answered = 0
-            return reply
-
-    def _reattach(self) -> None:
-        assert self._open is not None
-        deadline = time.monotonic() + self.reconnect_timeout
-        delay = self.backoff[0]
-        while True:
-            self._inner.close()
-            steps = self.resume_steps()
-            attach = pb.OpenSession()
-            attach.CopyFrom(self._open)
-            attach.resume_steps[:] = steps
-            try:
-                self._inner = self._connect()
-                self._send(pb.EdgeMessage(open=attach))
-                reply = self._receive()
-            except CloudError as exc:
-                if exc.code not in RETRYABLE or time.monotonic() + delay > deadline:
-                    raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
-                time.sleep(delay)
-                delay = min(delay * 2, self.backoff[1])
-                continue
-            self.resumes += 1
-            opened = reply.opened
-            log.warning("re-attached to session %s at step %d", self._open.session_id[:8], opened.next_step)
-            if steps and opened.next_step != steps[0]:
-                self._log, self._answered = [], 0  # the trainer starts over from a checkpoint
-                raise Rollback(opened.next_step)
-            return
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-def _ends_step(msg: pb.EdgeMessage) -> bool:
-    """Whether the answer to ``msg`` completes the step in flight (or it is no training step)."""
-    if msg.WhichOneof("kind") != "train":
-        return True
-    return msg.train.micro >= msg.train.micro_count - 1
 
 
 class InProcessTransport(Transport):

@@ -1,0 +1,128 @@
+"""What a training run takes: ``TrainConfig`` (every `sft-edge train` flag), its parts and checks.
+
+Each default lives here once; the CLI and the drop-in API read theirs from these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from sft_common.models import DEFAULT_MODEL
+from sft_common.spec import MODES
+
+WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+COMPRESSIONS = ("none", "lz4")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its linear schedule, the same on both halves (the cloud gets it at open)."""
+
+    lr: float = 2e-5  # AdamW learning rate (GLUE recipe)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    total_steps: int = 1  # for the linear decay
+    seed: int = 42  # head init, dropout seeds, data order
+    factor_lr: Optional[float] = None  # SFT: learning rate of u, Σ, v (both sides); None: lr
+
+
+@dataclass
+class LinkOptions:
+    """How a split step crosses the link."""
+
+    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16 | int8
+    compression: str = "none"  # none | lz4
+    micro_batches: int = 1  # > 1: each step as that many pipelined micro-batches
+    pipeline_depth: int = 2  # micro-batches in flight at once
+    cls_only: bool = False  # cut at the last layer: send only each example's [CLS] row
+
+    def validate(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        if self.micro_batches < 1 or self.pipeline_depth < 1:
+            raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+
+
+def check_factor_lr(mode: str, factor_lr: Optional[float]) -> None:
+    """``--factor-lr`` only where there are SVD factors (``mode`` "sft", not "sl" or "local")."""
+    if factor_lr is not None and (mode != "sft" or not factor_lr > 0):
+        raise ValueError("--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `sft-edge train` takes, one field a flag (``--split-layer`` is ``split_layer``)."""
+
+    task: str
+    cloud: str = "localhost:50051"  # HOST:PORT of sft-cloud
+    model: str = DEFAULT_MODEL  # hub name, local folder, or random:<preset>
+    data_dir: Optional[str] = None  # GLUE TSV layout; None: the hub via `datasets`
+    split_layer: Optional[int] = None  # None: the last layer
+    rank: int = 8
+    mode: str = "sft"  # sft | sl
+    wire_dtype: str = LinkOptions.wire_dtype
+    compression: str = LinkOptions.compression
+    batch_size: int = 32
+    micro_batches: int = LinkOptions.micro_batches
+    pipeline_depth: int = LinkOptions.pipeline_depth
+    cls_only: bool = LinkOptions.cls_only
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    lr: float = OptimConfig.lr
+    factor_lr: Optional[float] = OptimConfig.factor_lr
+    weight_decay: float = OptimConfig.weight_decay
+    warmup_ratio: float = 0.0
+    max_seq_len: int = 128
+    seed: int = OptimConfig.seed
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: Optional[str] = None
+    resume: bool = False
+    checkpoint_every: Optional[int] = None
+    local: bool = False  # train the whole model here, no cloud
+    insecure: bool = False
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    report: Optional[str] = None  # write the JSON report here
+    step_timeout: float = 600.0  # seconds to wait for one answer before treating the link as dead
+    reconnect_timeout: float = 300.0  # seconds to keep trying to re-attach after a broken link
+    progress: bool = True  # show a progress bar on stderr
+
+    @property
+    def link(self) -> LinkOptions:
+        return LinkOptions(
+            self.wire_dtype, self.compression, self.micro_batches, self.pipeline_depth, self.cls_only
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError, saying which flag is wrong, for what can be checked without the
+        model or the data (those checks come when they are read)."""
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be sft or sl, got {self.mode!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.batch_size < 1 or self.max_seq_len < 2:
+            raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
+        self.link.validate()
+        if self.local and (self.micro_batches > 1 or self.cls_only):
+            raise ValueError(
+                "--micro-batches and --cls-only shape what crosses the link; --local has no link"
+            )
+        if self.micro_batches > self.batch_size:
+            raise ValueError(
+                f"--micro-batches {self.micro_batches} is more than --batch-size {self.batch_size}: "
+                "every micro-batch needs at least one example"
+            )
+        check_factor_lr("local" if self.local else self.mode, self.factor_lr)
+        if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.output_dir):
+            raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
+        if self.resume and not self.output_dir:
+            raise ValueError("--resume needs the --output-dir of the run to continue")

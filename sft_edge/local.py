@@ -1,0 +1,88 @@
+"""The whole unsplit model in this process (``--local``): the baseline split training is compared with.
+
+``LocalSession`` offers what ``EdgeSession`` offers the trainer (train_step, predict, checkpoint,
+restore, close, traffic counters), so one loop drives both.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from sft_common.checkpoint import CheckpointDir
+from sft_common.models import BaseModel
+from sft_common.split import build_full_model, task_loss
+from sft_common.training import make_optimizer, make_schedule
+from sft_edge.config import OptimConfig
+from sft_edge.data import Batch
+from sft_edge.session import autocast, load_state, save_state, seeded
+
+
+class LocalSession:
+    """The whole model, its optimizer and schedule; no link, so no traffic and no resumes."""
+
+    bytes_sent = 0
+    bytes_received = 0
+    resumes = 0
+    session_id = ""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        num_labels: int,
+        optim: OptimConfig,
+        device: str = "cpu",
+        checkpoints: Optional[CheckpointDir] = None,
+        start_step: int = 0,
+    ):
+        self.optim_cfg = optim
+        self.device = device
+        self.checkpoints = checkpoints
+        self.start_step = start_step
+        self.model = build_full_model(base, num_labels, optim.seed, device=device)
+        self.optimizer = make_optimizer(self.model.parameters(), optim.lr, optim.weight_decay)
+        self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        with autocast(self.device):
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                token_type_ids=batch.token_type_ids,
+            )
+        return out.logits.float()
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        self.model.train()
+        with seeded(self.optim_cfg.seed, "local", step):
+            loss = task_loss(self._logits(batch), batch.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
+        self.model.eval()
+        return self._logits(batch)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def checkpoint(self, step: int, run: Dict) -> None:
+        """Nothing to agree on with a cloud: the whole model's state goes to disk."""
+        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
+        save_state(self.checkpoints, step, self.model, self.optimizer, self.schedule, run)
+
+    def restore(self, step: int) -> Dict:
+        assert self.checkpoints is not None
+        return load_state(self.checkpoints, step, self.model, self.optimizer, self.schedule, self.device)
+
+    def close(self) -> Optional[int]:
+        return None

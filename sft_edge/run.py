@@ -1,0 +1,144 @@
+"""Setting a training run up: the model, the split, the data, and the session to train through.
+
+``prepare`` reads what the run trains on; ``open_session`` opens the cloud session (or builds the
+local model), resuming from ``--output-dir``'s checkpoints when asked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from sft_common.checkpoint import CheckpointDir
+from sft_common.models import BaseModel, load_base_model
+from sft_common.spec import SplitSpec
+from sft_edge import credentials
+from sft_edge.config import OptimConfig, TrainConfig
+from sft_edge.data import Encoded, encode, load_examples, steps_per_epoch
+from sft_edge.local import LocalSession
+from sft_edge.session import EdgeSession
+from sft_edge.tasks import Task, get_task
+from sft_edge.transport import Transport, connector
+
+
+@dataclass
+class Run:
+    """What a training run works on, read and checked before any session opens."""
+
+    task: Task
+    base: BaseModel
+    spec: SplitSpec
+    device: str
+    max_len: int  # tokens per example after truncation
+    train_data: Encoded
+    dev_data: Encoded
+    per_epoch: int  # steps per epoch
+    total: int  # steps of the whole run
+    optim: OptimConfig
+
+
+@dataclass
+class RunState:
+    """What the loop accumulates; becomes the report, and is saved with each checkpoint."""
+
+    steps: int = 0
+    losses: List[float] = field(default_factory=list)
+    evals: List[Dict[str, float]] = field(default_factory=list)
+    session_id: str = ""
+    resumes: int = 0  # edge restarts (--resume) before this process
+    resumes_live: int = 0  # re-attachments in the process that wrote the checkpoint
+    bytes_sent: int = 0  # traffic of earlier processes of this run
+    bytes_received: int = 0
+    seconds_before: float = 0.0
+
+    def rolled_back(self, saved: Dict) -> RunState:
+        """The run as a checkpoint saved it; resumes, traffic and time keep counting."""
+        state = RunState(**saved)
+        state.session_id = self.session_id or state.session_id
+        state.resumes, state.seconds_before = self.resumes, self.seconds_before
+        state.bytes_sent, state.bytes_received = self.bytes_sent, self.bytes_received
+        return state
+
+    def record(self, session: Any, started: float) -> Dict:
+        """What a checkpoint saves: this state with the live session's counters folded in."""
+        record = asdict(self)
+        record["resumes_live"] = session.resumes
+        record["bytes_sent"] += session.bytes_sent
+        record["bytes_received"] += session.bytes_received
+        record["seconds_before"] += time.time() - started
+        return record
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
+    """Load the model and the data, resolve the split and the step budget."""
+    from transformers import AutoTokenizer
+
+    task = get_task(cfg.task)
+    device = resolve_device(cfg.device)
+    base = base or load_base_model(cfg.model)
+    layers = base.config.num_hidden_layers
+    spec = SplitSpec(
+        split_layer=layers - 1 if cfg.split_layer is None else cfg.split_layer, rank=cfg.rank, mode=cfg.mode
+    )
+    spec.validate(layers, base.config.hidden_size, base.config.intermediate_size)
+    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
+    max_len = min(cfg.max_seq_len, base.config.max_position_embeddings)
+    train_data = encode(
+        load_examples(task, "train", cfg.data_dir, cfg.max_train_examples), tokenizer, max_len
+    )
+    dev_data = encode(load_examples(task, "dev", cfg.data_dir, cfg.max_eval_examples), tokenizer, max_len)
+    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+    # As in Hugging Face's Trainer, --max-steps overrides --epochs.
+    total = cfg.max_steps if cfg.max_steps is not None else int(round(cfg.epochs * per_epoch))
+    if total < 1:
+        raise ValueError("nothing to train: --epochs and --max-steps give zero steps")
+    optim = OptimConfig(
+        cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed, cfg.factor_lr
+    )
+    return Run(task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim)
+
+
+def grpc_connector(cfg: TrainConfig) -> Callable[[], Transport]:
+    """Streams to the daemon named by ``cfg.cloud``: TLS unless ``--insecure``, with this
+    device's bearer token when it has one."""
+    creds, metadata = credentials.secure_link(
+        cfg.cloud, cfg.insecure, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.auth_token_file
+    )
+    return connector(cfg.cloud, creds, metadata, timeout=cfg.step_timeout)
+
+
+def open_session(
+    cfg: TrainConfig, run: Run, connect: Optional[Callable[[], Transport]] = None
+) -> Tuple[Union[EdgeSession, LocalSession], RunState]:
+    """The session to train through, and the run state to continue (fresh, or from the newest
+    checkpoint with ``--resume``: the session then starts at the step both sides hold)."""
+    checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
+    state, held = RunState(), []
+    if cfg.resume:
+        held = checkpoints.steps() if checkpoints else []
+        if not held:
+            raise ValueError(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints to resume from")
+        state = RunState(**checkpoints.meta(held[0])["run"])  # type: ignore[union-attr]
+        state.resumes += 1 + state.resumes_live  # this restart, and the re-attachments before it
+        state.resumes_live = 0
+    if cfg.local:
+        start = held[0] if held else 0
+        return LocalSession(run.base, run.task.num_labels, run.optim, run.device, checkpoints, start), state
+    session = EdgeSession(
+        run.base, run.spec, run.task.num_labels, connect or grpc_connector(cfg), run.optim, cfg.batch_size,
+        run.max_len, cfg.link, run.task.name, run.device, checkpoints, state.session_id, held,
+        cfg.reconnect_timeout,
+    )  # fmt: skip
+    state.session_id = session.session_id
+    return session, state

@@ -1,0 +1,385 @@
+"""The edge's side of one cloud session: net1, its optimizer, and the protocol that drives net2.
+
+``EdgeSession`` is the one client of the session protocol: it opens (or re-attaches to) the
+cloud session and checks the fingerprint, builds net1 with the ``u`` the cloud sends, runs
+training steps (pipelined micro-batches included) and evaluations, agrees on checkpoints, and
+closes. When the link breaks it reconnects with backoff, re-attaches offering the steps it can
+continue from (the live step first, then its checkpoints) and re-sends the messages of the step
+in flight from the first micro-batch: the cloud answers those it had applied from its cache, so
+nothing is applied twice. If the cloud can only continue from an earlier checkpoint (it
+restarted), the session loads its own checkpoint of that step and raises ``Rollback``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import time
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import grpc
+import torch
+
+from sft_common import checkpoint, codec
+from sft_common.checkpoint import CheckpointDir
+from sft_common.models import BaseModel
+from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec, session_fingerprint
+from sft_common.split import EdgeHalf, build_edge_half, factor_parameters
+from sft_common.training import make_optimizer, make_schedule, step_seed
+from sft_edge.config import LinkOptions, OptimConfig, check_factor_lr
+from sft_edge.data import Batch
+from sft_edge.transport import RETRYABLE, CloudError, Transport
+
+log = logging.getLogger("sft_edge")
+
+
+class Rollback(Exception):
+    """The cloud re-attached the session at an earlier step (it restarted from a checkpoint).
+    The session has loaded its own checkpoint of ``step``; ``run`` is the run record saved with
+    it, so the caller continues from there."""
+
+    def __init__(self, step: int, run: Dict):
+        super().__init__(f"the cloud resumed the session at step {step}")
+        self.step = step
+        self.run = run
+
+
+def autocast(device: str) -> contextlib.AbstractContextManager:
+    """Mixed precision where it helps: bf16 autocast on GPUs that have it, else full precision."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, side: str, step: int, micro: int = 0) -> Iterator[None]:
+    """Dropout masks of one side's work on one step (micro-batch): a function of the step."""
+    torch.manual_seed(step_seed(seed, side, step, micro))
+    yield
+
+
+def save_state(folder: CheckpointDir, step: int, module, optimizer, schedule, run: Dict) -> None:
+    """The edge's checkpoint of ``step``: module, optimizer, schedule and the run record."""
+    tensors, meta = checkpoint.pack(module, optimizer, schedule)
+    meta.update(step=step, run=run)
+    folder.save(step, tensors, meta)
+
+
+def load_state(folder: CheckpointDir, step: int, module, optimizer, schedule, device: str) -> Dict:
+    """Restore what ``save_state`` wrote; returns the run record."""
+    tensors, meta = folder.load(step, device=device)
+    checkpoint.unpack(tensors, meta, module, optimizer, schedule)
+    return meta["run"]
+
+
+class EdgeSession:
+    """net1 here; net2 in a cloud session reached through a transport.
+
+    ``connect``: a zero-argument factory of fresh transports (``transport.connector``), so the
+    session can reconnect; or one transport, which then cannot be replaced when its link fails.
+    ``checkpoints``: where this side's checkpoints live (``--output-dir/checkpoints``); None: none.
+
+    With ``link.micro_batches`` > 1 a step's batch goes out as that many micro-batches, up to
+    ``link.pipeline_depth`` of them in flight: the edge computes micro-batch k+1 while k crosses
+    the link and the cloud works on it, and runs k's backward pass while the cloud works on k+1.
+    Both sides accumulate gradients and step their optimizers once per step, so the update is
+    the whole batch's (up to float summation order and per-micro-batch dropout).
+    ``link.cls_only`` (a cut at the last layer only): send each example's first ([CLS]) row
+    alone; above the last layer only per-token operations and the pooler, which reads that row,
+    run, so the other rows' gradients are exactly zero.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        spec: SplitSpec,
+        num_labels: int,
+        connect: Union[Transport, Callable[[], Transport]],
+        optim: OptimConfig,
+        batch_size: int,
+        max_seq_len: int,
+        link: Optional[LinkOptions] = None,
+        task: str = "",
+        device: str = "cpu",
+        checkpoints: Optional[CheckpointDir] = None,
+        session_id: str = "",
+        resume_steps: Sequence[int] = (),
+        reconnect_timeout: float = 300.0,
+        backoff: Tuple[float, float] = (0.25, 10.0),
+    ):
+        """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``;
+        ``start_step`` says where the cloud continues."""
+        link = link or LinkOptions()
+        link.validate()
+        check_factor_lr(spec.mode, optim.factor_lr)
+        last = base.config.num_hidden_layers - 1
+        if link.cls_only and spec.split_layer != last:
+            raise ValueError(
+                f"--cls-only needs the cut at the last layer ({last}), not {spec.split_layer}: "
+                "the layers above the cut read every token"
+            )
+        self.spec, self.link, self.optim_cfg, self.device = spec, link, optim, device
+        self.num_labels = num_labels
+        self.checkpoints = checkpoints
+        self.reconnect_timeout, self.backoff = reconnect_timeout, backoff
+        self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
+        self.compression = codec.COMPRESSIONS[link.compression]
+        self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels)
+        self.resumes = 0  # re-attachments after broken links
+        self._connect = None if isinstance(connect, Transport) else connect
+        self.transport: Transport = connect if isinstance(connect, Transport) else connect()
+        self._traffic = [0, 0]  # bytes of the streams before the current one
+        self._log: List[pb.EdgeMessage] = []  # messages of the step in flight
+        self._answered = 0  # of those, how many answers the caller has had
+        self._skip = 0  # answers to re-sent messages the caller already had
+        self.live_step = 0  # the step in flight (or next): what a re-attachment offers first
+
+        config = pb.SessionConfig(
+            model=base.name, mode=pb.SFT if spec.mode == "sft" else pb.SL, split_layer=spec.split_layer,
+            rank=spec.rank, num_labels=num_labels, wire_dtype=self.wire_dtype, compression=self.compression,
+            lr=optim.lr, weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
+            total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
+            max_seq_len=max_seq_len, task=task, factor_lr=optim.factor_lr or 0.0,
+        )  # fmt: skip
+        self._open = pb.OpenSession(
+            config=config,
+            fingerprint=self.fingerprint,
+            session_id=session_id,
+            resume_steps=list(resume_steps),
+        )
+        self.transport.submit(pb.EdgeMessage(open=self._open))
+        opened = self.transport.result().opened
+        if opened.fingerprint != self.fingerprint:
+            raise CloudError(
+                grpc.StatusCode.FAILED_PRECONDITION, "the cloud answered with another fingerprint"
+            )
+        self._open.session_id = self.session_id = opened.session_id
+        self.start_step = self.live_step = opened.next_step
+        u = None
+        if spec.mode == "sft":
+            shape = (base.config.intermediate_size, spec.rank)
+            u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
+        self.net1: EdgeHalf = build_edge_half(base, spec, u, device=device)
+        self.optimizer = make_optimizer(
+            self.net1.parameters(), optim.lr, optim.weight_decay,
+            factors=factor_parameters(self.net1), factor_lr=optim.factor_lr,
+        )  # fmt: skip
+        self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
+
+    # -- what the trainer and the drop-in API call ---------------------------------------
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.net1
+
+    @property
+    def bytes_sent(self) -> int:
+        """Serialized bytes sent over every stream of this session, re-sent ones included."""
+        return self._traffic[0] + self.transport.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._traffic[1] + self.transport.bytes_received
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        """One step: net1 forward, the cut across the link, the gradient back, net1 backward and
+        update. Returns the step's mean loss as the cloud computed it."""
+        self.live_step = step
+        self.net1.train()
+        self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an interrupted step
+        parts = batch.split(self.link.micro_batches)
+        examples = len(batch.lengths)
+        in_flight: Deque[Tuple[int, torch.Tensor, int]] = collections.deque()
+        loss = 0.0
+        for micro, part in enumerate(parts):
+            packed = self.send_cut(step, part, micro, len(parts), examples)
+            in_flight.append((micro, packed, len(part.lengths)))
+            if len(in_flight) >= self.link.pipeline_depth:
+                loss += self._backward(step, *in_flight.popleft(), examples)
+        while in_flight:
+            loss += self._backward(step, *in_flight.popleft(), examples)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.live_step = step + 1
+        return loss
+
+    def send_cut(
+        self, step: int, batch: Batch, micro: int = 0, micro_count: int = 1, examples: int = 0
+    ) -> torch.Tensor:
+        """net1's forward on ``batch`` (seeded by step and micro-batch) and its cut sent as a
+        ``TrainStep``; returns the cut, still on net1's graph, for ``receive_gradient``."""
+        self.live_step = step
+        with seeded(self.optim_cfg.seed, "edge", step, micro):
+            packed, lengths = self._cut(batch)
+        msg = pb.TrainStep(
+            step=step,
+            activations=codec.encode(packed.detach(), self.wire_dtype, self.compression),
+            lengths=lengths,
+        )
+        if self.num_labels == 1:
+            msg.targets.extend(batch.labels.float().tolist())
+        else:
+            msg.labels.extend(batch.labels.tolist())
+        if micro_count > 1:
+            msg.micro, msg.micro_count, msg.step_examples = micro, micro_count, examples
+        self._submit(pb.EdgeMessage(train=msg))
+        return packed
+
+    def receive_gradient(self, step: int, packed: torch.Tensor, micro: int = 0) -> Tuple[torch.Tensor, float]:
+        """The cloud's answer to the oldest cut in flight: (d loss / d ``packed``, its loss)."""
+        reply = self._result().train
+        if reply.step != step or reply.micro != micro:
+            raise CloudError(
+                grpc.StatusCode.INTERNAL,
+                f"expected the answer to step {step} micro-batch {micro}, got step {reply.step} "
+                f"micro-batch {reply.micro}",
+            )
+        grad = codec.decode(
+            reply.grad, name="gradient", dtype=self.wire_dtype, shape=tuple(packed.shape),
+            compression=self.compression, device=self.device,
+        )  # fmt: skip
+        return grad, reply.loss
+
+    def exchange(self, step: int, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """One whole step's cut sent and answered, without net1's backward or update (the
+        drop-in API leaves those to the user's loop): (cut, d loss / d cut, loss)."""
+        packed = self.send_cut(step, batch)
+        grad, loss = self.receive_gradient(step, packed)
+        self.live_step = step + 1
+        return packed, grad, loss
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
+        """The logits of ``batch`` (batch, num_labels) from the current model; changes nothing."""
+        self.net1.eval()
+        packed, lengths = self._cut(batch)
+        msg = pb.EvalStep(
+            batch=index, activations=codec.encode(packed, self.wire_dtype, self.compression), lengths=lengths
+        )
+        reply = self._call(pb.EdgeMessage(eval=msg)).eval
+        shape = (len(batch.lengths), self.num_labels)
+        return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=shape)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.net1.state_dict()
+
+    def checkpoint(self, step: int, run: Dict) -> None:
+        """Checkpoint after ``step`` steps: the cloud first (it answers once its file is written),
+        then this side, with the caller's run record."""
+        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
+        reply = self._call(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
+        if reply.checkpointed.step != step:
+            raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
+        save_state(self.checkpoints, step, self.net1, self.optimizer, self.schedule, run)
+
+    def restore(self, step: int) -> Dict:
+        """Load this side's checkpoint of ``step``; returns the run record saved with it."""
+        if self.checkpoints is None:
+            raise CloudError(
+                grpc.StatusCode.DATA_LOSS,
+                f"the cloud can only continue from its checkpoint at step {step}, and this run keeps "
+                "no checkpoints (--output-dir with --checkpoint-every)",
+            )
+        self.live_step = step
+        return load_state(self.checkpoints, step, self.net1, self.optimizer, self.schedule, self.device)
+
+    def close(self) -> int:
+        """Close the cloud session; returns the number of steps the cloud applied."""
+        reply = self._call(pb.EdgeMessage(close=pb.CloseSession()))
+        self.transport.close()
+        return reply.closed.steps
+
+    # -- the cut --------------------------------------------------------------------------
+
+    def _cut(self, batch: Batch) -> Tuple[torch.Tensor, List[int]]:
+        """net1's activations for the real tokens only, (tokens, width), and the lengths that
+        say which example each row belongs to (with ``cls_only``: one row per example)."""
+        with autocast(self.device):
+            a, _ = self.net1(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        if self.link.cls_only:
+            return a[:, 0].float(), [1] * len(batch.lengths)
+        return a.float()[batch.attention_mask.bool()], batch.lengths
+
+    def _backward(self, step: int, micro: int, packed: torch.Tensor, n: int, examples: int) -> float:
+        """One micro-batch's gradient into net1 (gradients accumulate); returns its loss weighted
+        by its share of the step's examples."""
+        grad, loss = self.receive_gradient(step, packed, micro)
+        packed.backward(grad)
+        return loss * (n / examples)
+
+    # -- messages, reconnects and re-sends ------------------------------------------------
+
+    def _call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        self._submit(msg)
+        return self._result()
+
+    def _submit(self, msg: pb.EdgeMessage) -> None:
+        self._log.append(msg)
+        self.transport.submit(msg)
+
+    def _result(self) -> pb.CloudMessage:
+        """The answer to the oldest message in flight, reconnecting and re-sending as needed."""
+        while True:
+            try:
+                reply = self.transport.result()
+            except CloudError as exc:
+                if exc.code not in RETRYABLE or self._connect is None:
+                    raise
+                log.warning("link to the cloud failed (%s): reconnecting", exc)
+                self._reattach()
+                for msg in self._log:
+                    self.transport.submit(msg)  # every byte counts: re-sent ones cross the link too
+                self._skip = self._answered
+                continue
+            if self._skip:
+                self._skip -= 1
+                continue
+            msg = self._log[self._answered]
+            self._answered += 1
+            if _ends_step(msg):  # both sides are past it: nothing to re-send any more
+                del self._log[: self._answered]
+                self._answered = 0
+            return reply
+
+    def _reattach(self) -> None:
+        assert self._connect is not None
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = self.backoff[0]
+        while True:
+            self._retire_transport()
+            steps = [self.live_step] + (self.checkpoints.steps() if self.checkpoints else [])
+            attach = pb.OpenSession()
+            attach.CopyFrom(self._open)
+            attach.resume_steps[:] = steps
+            try:
+                self.transport = self._connect()
+                self.transport.submit(pb.EdgeMessage(open=attach))
+                opened = self.transport.result().opened
+            except CloudError as exc:
+                if exc.code not in RETRYABLE or time.monotonic() + delay > deadline:
+                    raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+                continue
+            self.resumes += 1
+            log.warning("re-attached to session %s at step %d", self.session_id[:8], opened.next_step)
+            if opened.next_step != steps[0]:
+                self._log, self._answered = [], 0  # the loop starts over from a checkpoint
+                raise Rollback(opened.next_step, self.restore(opened.next_step))
+            return
+
+    def _retire_transport(self) -> None:
+        self.transport.close()
+        self._traffic[0] += self.transport.bytes_sent
+        self._traffic[1] += self.transport.bytes_received
+        self.transport.bytes_sent = self.transport.bytes_received = 0
+
+
+def _ends_step(msg: pb.EdgeMessage) -> bool:
+    """Whether the answer to ``msg`` completes the step in flight (or it is no training step)."""
+    if msg.WhichOneof("kind") != "train":
+        return True
+    return msg.train.micro >= msg.train.micro_count - 1
