@@ -5,7 +5,7 @@ and a resumed run's rows need no schema change. Tags: ``train/loss``, ``train/lr
 ``traffic/bytes_sent``, ``traffic/bytes_received`` (cumulative serialized message bytes of the
 session, as in the report) after every step, and ``eval/<metric>`` after each evaluation. A
 resumed or rolled-back run appends; readers keep the last row of each (step, tag).
-``bench/plot_run.py`` draws the curves.
+``sft-edge plot`` (``sft_edge/plot.py``) draws the curves.
 """
 
 from __future__ import annotations
