@@ -11,7 +11,8 @@ from typing import Dict, List, Optional
 
 import grpc
 
-from sft_cloud.session import CloudSession, list_checkpoints, read_checkpoint_meta
+from sft_cloud.session import CloudSession
+from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel, ModelError, load_base_model
 from sft_common.proto import sft_pb2 as pb
@@ -87,14 +88,15 @@ class SessionRegistry:
         return session
 
     def _from_disk(self, session_id: str, owner: str) -> Optional[CloudSession]:
-        """Rebuild a session from its newest checkpoint (its state is restored by ``resume``)."""
+        """Rebuild a session from its newest checkpoint (``resume`` may then roll it back to an older one)."""
         if not self.checkpoint_dir or not session_id or os.sep in session_id or session_id.startswith("."):
             return None
-        folder = os.path.join(self.checkpoint_dir, session_id)
-        steps = list_checkpoints(folder)
+        ckpts = CheckpointDir(os.path.join(self.checkpoint_dir, session_id))
+        steps = ckpts.steps()
         if not steps:
             return None
-        meta = read_checkpoint_meta(os.path.join(folder, f"step-{steps[-1]:09d}.safetensors"))
+        newest = steps[0]  # steps() lists newest first
+        meta = ckpts.meta(newest)
         if not secrets.compare_digest(str(meta["owner"]).encode(), owner.encode()):
             raise ProtocolError(
                 grpc.StatusCode.PERMISSION_DENIED, "no session with this id is open for this identity"
@@ -110,8 +112,8 @@ class SessionRegistry:
             session_id, str(meta["owner"]), config, base, self.device,
             self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir,
         )  # fmt: skip
-        session.restore(steps[-1])
-        log.info("session %s: restored from checkpoint at step %d", session_id[:8], steps[-1])
+        session.restore(newest)
+        log.info("session %s: restored from checkpoint at step %d", session_id[:8], newest)
         with self._lock:
             return self._sessions.setdefault(session_id, session)
 
@@ -129,14 +131,14 @@ class SessionRegistry:
             with session.lock:
                 if session.attached or now - session.last_active <= self.idle_timeout:
                     continue
-                if session.dir is not None:
+                if session.ckpts is not None:
                     session.save_checkpoint()
                 with self._lock:
                     self._sessions.pop(session.session_id, None)
             evicted.append(session.session_id)
             log.info(
                 "session %s: idle for %.0fs, evicted%s", session.session_id[:8], now - session.last_active,
-                " (checkpointed)" if session.dir else "",
+                " (checkpointed)" if session.ckpts else "",
             )  # fmt: skip
         return evicted
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import threading
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -19,10 +18,11 @@ import grpc
 import torch
 
 from sft_common import checkpoint, codec
-from sft_common.spec import SplitSpec, session_fingerprint
+from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.split import build_cloud_half, factor_parameters, lengths_to_mask, task_loss
 from sft_common.training import make_optimizer, make_schedule, step_seed
 
@@ -118,8 +118,10 @@ class CloudSession:
         self.lock = threading.Lock()  # one message at a time per session
         self.attached = 0  # open streams on this session (idle eviction skips attached ones)
         self.last_active = time.monotonic()
-        # <checkpoint_dir>/<session id>/step-<k>.safetensors; None: no checkpoints.
+        # <checkpoint_dir>/<session id>/: step-<k>.safetensors and, at close, final.safetensors.
+        # None: the daemon runs without --checkpoint-dir and keeps no checkpoints.
         self.dir = os.path.join(checkpoint_dir, session_id) if checkpoint_dir else None
+        self.ckpts = CheckpointDir(self.dir) if self.dir else None  # the newest 3 are kept
         # Dropout draws from the process-wide RNG; seeding it per step and computing under one
         # lock makes each step's randomness a function of (seed, step) alone.
         self._compute_lock = compute_lock or threading.Lock()
@@ -239,7 +241,7 @@ class CloudSession:
     def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:
         """Write the state after ``msg.step`` steps; the edge writes its own after this answer."""
         with self.lock:
-            if self.dir is None:
+            if self.ckpts is None:
                 raise ProtocolError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "the daemon runs without --checkpoint-dir, so it cannot checkpoint sessions",
@@ -253,11 +255,11 @@ class CloudSession:
             self.save_checkpoint()
             return pb.CheckpointDone(step=msg.step)
 
-    def save_checkpoint(self, keep: int = 3) -> str:
-        """Checkpoint the state after ``next_step`` whole steps (caller holds the lock); keep the
-        newest ``keep``. Gradients of a partly applied step are not saved: after a restore the
-        edge sends that step again from its first micro-batch."""
-        assert self.dir is not None
+    def save_checkpoint(self) -> str:
+        """Checkpoint the state after ``next_step`` whole steps (caller holds the lock); older
+        ones past the newest 3 are removed. Gradients of a partly applied step are not saved:
+        after a restore the edge sends that step again from its first micro-batch."""
+        assert self.ckpts is not None
         tensors, meta = checkpoint.pack(self.net2, self.optimizer, self.schedule)
         meta.update(
             step=self.next_step,
@@ -266,22 +268,12 @@ class CloudSession:
             fingerprint=self.fingerprint,
             config=self.config.SerializeToString().hex(),
         )
-        path = os.path.join(self.dir, f"step-{self.next_step:09d}.safetensors")
-        checkpoint.save(path, tensors, meta)
-        for old in sorted(self.checkpoints())[:-keep]:
-            os.remove(self.checkpoint_path(old))
-        return path
-
-    def checkpoints(self) -> List[int]:
-        return list_checkpoints(self.dir) if self.dir else []
-
-    def checkpoint_path(self, step: int) -> str:
-        assert self.dir is not None
-        return os.path.join(self.dir, f"step-{step:09d}.safetensors")
+        return self.ckpts.save(self.next_step, tensors, meta)
 
     def restore(self, step: int) -> None:
         """Roll the whole session state back (or forward, after a restart) to checkpoint ``step``."""
-        tensors, meta = checkpoint.load(self.checkpoint_path(step), device=self.device)
+        assert self.ckpts is not None
+        tensors, meta = self.ckpts.load(step, device=self.device)
         if meta["fingerprint"] != self.fingerprint:
             raise ProtocolError(grpc.StatusCode.DATA_LOSS, f"checkpoint {step} belongs to another model")
         checkpoint.unpack(tensors, meta, self.net2, self.optimizer, self.schedule)
@@ -298,7 +290,7 @@ class CloudSession:
         replies are cached; any other step needs a checkpoint of this session.
         """
         with self.lock:
-            held = self.checkpoints()
+            held = sorted(self.ckpts.steps()) if self.ckpts else []  # ascending, for the message
             for step in steps:
                 if step == self.next_step:
                     return step, False
@@ -315,18 +307,15 @@ class CloudSession:
 
     def save_final(self) -> Optional[str]:
         """At close: net2's trained weights as ``final.safetensors``; step checkpoints are removed."""
-        if self.dir is None:
+        if self.ckpts is None:
             return None
-        from safetensors.torch import save_file
-
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, "final.safetensors")
+        path = os.path.join(self.ckpts.folder, "final.safetensors")
         state = {k: v.detach().cpu().contiguous() for k, v in self.net2.state_dict().items()}
+        # Flat string metadata, not a checkpoint's ``sft`` JSON: readers of the final weights take
+        # step and fingerprint straight from the header.
         meta = {"step": str(self.next_step), "fingerprint": self.fingerprint, "replayed": str(self.replayed)}
-        save_file(state, path + ".tmp", metadata=meta)
-        os.replace(path + ".tmp", path)
-        for step in self.checkpoints():
-            os.remove(self.checkpoint_path(step))
+        checkpoint.save_atomic(path, state, meta)
+        self.ckpts.clear()
         return path
 
     # -- validation and helpers -----------------------------------------------------------
@@ -395,27 +384,3 @@ class CloudSession:
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
-
-    def state(self) -> Tuple[int, List[torch.Tensor]]:
-        """(next step, parameters): what tests compare."""
-        return self.next_step, [p.detach().clone() for p in self.net2.parameters()]
-
-
-_CKPT = re.compile(r"^step-(\d+)\.safetensors$")
-
-
-def list_checkpoints(folder: str) -> List[int]:
-    """Steps of the complete checkpoints in a session folder, ascending."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(m.group(1)) for m in (_CKPT.match(n) for n in os.listdir(folder)) if m)
-
-
-def read_checkpoint_meta(path: str) -> Dict:
-    """The JSON header of a checkpoint, without loading its tensors."""
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return json.loads((f.metadata() or {})["sft"])

@@ -64,11 +64,17 @@ def unpack(
 
 
 def save(path: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> None:
-    """Write atomically: a temporary file beside ``path``, fsync, then rename over it."""
+    """Write a checkpoint atomically, ``meta`` as JSON under the header's ``sft`` key."""
+    save_atomic(path, tensors, {"sft": json.dumps(meta, sort_keys=True)})
+
+
+def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """Any safetensors file, written atomically: a temporary file beside ``path``, fsync, then
+    rename over it (readers never see half), then fsync the folder so the rename survives a crash."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"sft": json.dumps(meta, sort_keys=True)})
+    save_file(tensors, tmp, metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -48,17 +48,6 @@ class BaseModel:
     weight_files: List[str] = field(default_factory=list)  # safetensors files (pretrained)
     random_state: Optional[Dict[str, torch.Tensor]] = None  # weights of a random:* model
 
-    def tensor_names(self) -> List[str]:
-        if self.random_state is not None:
-            return list(self.random_state)
-        from safetensors import safe_open
-
-        names: List[str] = []
-        for path in self.weight_files:
-            with safe_open(path, framework="pt") as f:
-                names.extend(_normalise(k) for k in f.keys())
-        return names
-
     def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
         """Load the named tensors (BertModel names, no ``bert.`` prefix); missing names are absent."""
         wanted = set(names)

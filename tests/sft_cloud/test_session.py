@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
 import torch
@@ -10,9 +12,9 @@ from helpers import max_diff, params, session_config
 from sft_cloud.protocol import StreamProtocol
 from sft_cloud.registry import SessionRegistry
 from sft_common import codec
-from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec, session_fingerprint
 
 
 def _open(registry, base, owner="edge-a", **kw) -> StreamProtocol:
@@ -242,3 +244,29 @@ def test_max_sessions(registry, tiny_base):
     with pytest.raises(ProtocolError, match="--max-sessions 2") as info:
         _open(registry, tiny_base)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_checkpoints_keep_the_newest_three_a_restart_restores_the_newest_close_leaves_final(
+    tmp_path, tiny_base
+):
+    proto = _open(SessionRegistry(checkpoint_dir=str(tmp_path)), tiny_base)
+    session = proto.session
+    for k in range(5):
+        proto.handle(_step(k))
+        proto.handle(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=k + 1)))
+    folder = tmp_path / session.session_id
+    assert sorted(os.listdir(folder)) == [f"step-{k:09d}.safetensors" for k in (3, 4, 5)]
+
+    # A restarted daemon rebuilds the session from its newest checkpoint, not its oldest.
+    again = StreamProtocol(SessionRegistry(checkpoint_dir=str(tmp_path)), "edge-a")
+    opened = again.handle(
+        pb.EdgeMessage(
+            open=pb.OpenSession(
+                config=session.config, fingerprint=session.fingerprint, session_id=session.session_id
+            )
+        )
+    ).opened
+    assert opened.next_step == 5 and max_diff(params(again.session.net2), params(session.net2)) == 0
+
+    assert again.handle(pb.EdgeMessage(close=pb.CloseSession())).closed.steps == 5
+    assert os.listdir(folder) == ["final.safetensors"]  # written atomically; step checkpoints gone
