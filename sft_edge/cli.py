@@ -9,15 +9,32 @@ from typing import List, Optional
 
 from sft_common.logs import FORMATS, setup_logging
 from sft_common.spec import MODES
-from sft_edge.config import COMPRESSIONS, WIRE_DTYPES
+from sft_edge.config import COMPRESSIONS, PROBLEMS, WIRE_DTYPES
 from sft_edge.config import TrainConfig as D  # every default lives there
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft-edge", description="Split fine-tuning: the edge trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="fine-tune on a GLUE task, split with a cloud daemon (or --local)")
-    t.add_argument("--task", required=True, help="GLUE task: sst2 mrpc rte cola stsb qnli qqp mnli wnli")
+    t = sub.add_parser(
+        "train",
+        help="fine-tune on your own labelled file or a GLUE task, split with a cloud daemon (or --local)",
+    )
+    t.add_argument("--task", help="a GLUE task: sst2 mrpc rte cola stsb qnli qqp mnli wnli (or --train-file)")
+    t.add_argument("--train-file", help="your labelled data: .csv, .tsv, .jsonl/.json or .parquet")
+    t.add_argument(
+        "--dev-file", help="dev data in the same columns (default: hold out --dev-share of --train-file)"
+    )
+    t.add_argument("--text-columns", help="the text column, or two for sentence pairs: A,B")
+    t.add_argument("--label-column", help="the label column")
+    t.add_argument(
+        "--problem", default=D.problem, choices=PROBLEMS,
+        help="auto (default): strings and integers are classes, floats regression",
+    )  # fmt: skip
+    t.add_argument(
+        "--dev-share", type=float, default=D.dev_share,
+        help=f"share of --train-file held out for evaluation without --dev-file (default {D.dev_share:g})",
+    )  # fmt: skip
     t.add_argument("--cloud", default=D.cloud, help=f"HOST:PORT of sft-cloud (default {D.cloud})")
     t.add_argument(
         "--model",

@@ -6,13 +6,15 @@ Each default lives here once; the CLI and the drop-in API read theirs from these
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from sft_common.models import DEFAULT_MODEL
 from sft_common.spec import MODES
+from sft_edge.tasks import get_task
 
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 COMPRESSIONS = ("none", "lz4")
+PROBLEMS = ("auto", "classification", "regression")
 
 
 @dataclass
@@ -58,7 +60,13 @@ def check_factor_lr(mode: str, factor_lr: Optional[float]) -> None:
 class TrainConfig:
     """Everything `sft-edge train` takes, one field a flag (``--split-layer`` is ``split_layer``)."""
 
-    task: str
+    task: Optional[str] = None  # a GLUE task (a preset of columns, labels, metrics), or:
+    train_file: Optional[str] = None  # the device's own CSV / TSV / JSON Lines / Parquet file
+    dev_file: Optional[str] = None  # None: hold out --dev-share of the training file
+    text_columns: Optional[str] = None  # "A" or "A,B" (sentence pairs)
+    label_column: Optional[str] = None
+    problem: str = "auto"  # auto | classification | regression (auto: floats are regression)
+    dev_share: float = 0.1
     cloud: str = "localhost:50051"  # HOST:PORT of sft-cloud
     model: str = DEFAULT_MODEL  # hub name, local folder, or random:<preset>
     data_dir: Optional[str] = None  # GLUE TSV layout; None: the hub via `datasets`
@@ -102,9 +110,32 @@ class TrainConfig:
             self.wire_dtype, self.compression, self.micro_batches, self.pipeline_depth, self.cls_only
         )
 
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        return tuple(c.strip() for c in (self.text_columns or "").split(",") if c.strip())
+
     def validate(self) -> None:
         """Raise ValueError, saying which flag is wrong, for what can be checked without the
         model or the data (those checks come when they are read)."""
+        if (self.task is None) == (self.train_file is None):
+            raise ValueError(
+                "give either --task (a GLUE task) or --train-file (your own data), not both or neither"
+            )
+        if self.task is not None:
+            get_task(self.task)  # an unknown name is refused here, before anything is loaded
+        if self.train_file is None and (self.dev_file or self.text_columns or self.label_column):
+            raise ValueError("--dev-file, --text-columns and --label-column go with --train-file")
+        if self.train_file is not None:
+            if not self.label_column or not 1 <= len(self.columns) <= 2:
+                raise ValueError(
+                    "--train-file needs --text-columns (one column, or two for sentence pairs: A,B) and --label-column"
+                )
+            if self.label_column in self.columns:
+                raise ValueError(f"--label-column {self.label_column!r} is also a text column")
+        if self.problem not in PROBLEMS:
+            raise ValueError(f"--problem must be one of {', '.join(PROBLEMS)}, got {self.problem!r}")
+        if not 0 < self.dev_share < 1:
+            raise ValueError(f"--dev-share must be between 0 and 1, got {self.dev_share}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be sft or sl, got {self.mode!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -1,4 +1,5 @@
-"""GLUE metrics: accuracy, F1, Matthews correlation, Pearson and Spearman correlation.
+"""GLUE metrics (accuracy, F1, Matthews correlation, Pearson and Spearman correlation), and the
+macro-F1 and MSE that a task from the device's own file adds.
 
 The standard implementations (scikit-learn, scipy), as Hugging Face `evaluate`'s GLUE metric
 uses them; a thin layer maps the task's metric names to them and logits to predictions.
@@ -11,7 +12,13 @@ from typing import Dict, Sequence
 import numpy as np
 from scipy.stats import pearsonr
 from scipy.stats import spearmanr as scipy_spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    matthews_corrcoef,
+    mean_squared_error,
+    precision_recall_fscore_support,
+)
 
 
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -45,12 +52,33 @@ def spearmanr(pred: np.ndarray, gold: np.ndarray) -> float:
     return _defined(scipy_spearmanr(pred, gold)[0])
 
 
+def macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
+    """The unweighted mean of every class's F1 (classes of either array)."""
+    return float(f1_score(gold, pred, average="macro", zero_division=0))
+
+
+def mse(pred: np.ndarray, gold: np.ndarray) -> float:
+    return float(mean_squared_error(gold, pred))
+
+
+def per_class(logits: np.ndarray, gold: np.ndarray, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Precision, recall and support of each class, by label name."""
+    ids = list(range(len(names)))
+    p, r, _, n = precision_recall_fscore_support(gold, logits.argmax(axis=1), labels=ids, zero_division=0)
+    return {
+        name: {"precision": float(p[i]), "recall": float(r[i]), "support": int(n[i])}
+        for i, name in enumerate(names)
+    }
+
+
 METRICS = {
     "accuracy": accuracy,
     "f1": f1,
     "matthews_correlation": matthews_correlation,
     "pearson": pearson,
     "spearmanr": spearmanr,
+    "macro_f1": macro_f1,
+    "mse": mse,
 }
 
 

@@ -17,7 +17,8 @@ from sft_common.models import BaseModel, load_base_model
 from sft_common.spec import SplitSpec
 from sft_edge import credentials
 from sft_edge.config import OptimConfig, TrainConfig
-from sft_edge.data import Encoded, encode, load_examples, steps_per_epoch
+from sft_edge.data import Encoded, Example, encode, load_examples, steps_per_epoch
+from sft_edge.files import FileSpec, load_file_task
 from sft_edge.local import LocalSession
 from sft_edge.session import EdgeSession
 from sft_edge.tasks import Task, get_task
@@ -80,24 +81,39 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def read_task(cfg: TrainConfig) -> Tuple[Task, List[Example], List[Example]]:
+    """The task and its training and dev examples: a GLUE preset, or the device's own file."""
+    if cfg.train_file is not None:
+        spec = FileSpec(
+            cfg.train_file,
+            cfg.dev_file,
+            cfg.columns,
+            cfg.label_column or "",
+            cfg.problem,
+            cfg.dev_share,
+            cfg.seed,
+        )
+        return load_file_task(spec)
+    assert cfg.task is not None
+    task = get_task(cfg.task)
+    return task, load_examples(task, "train", cfg.data_dir), load_examples(task, "dev", cfg.data_dir)
+
+
 def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     """Load the model and the data, resolve the split and the step budget."""
     from transformers import AutoTokenizer
 
-    task = get_task(cfg.task)
     device = resolve_device(cfg.device)
+    task, train_examples, dev_examples = read_task(cfg)  # the data first: its errors need no model
     base = base or load_base_model(cfg.model)
     layers = base.config.num_hidden_layers
-    spec = SplitSpec(
-        split_layer=layers - 1 if cfg.split_layer is None else cfg.split_layer, rank=cfg.rank, mode=cfg.mode
-    )
+    split_layer = layers - 1 if cfg.split_layer is None else cfg.split_layer
+    spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
     spec.validate(layers, base.config.hidden_size, base.config.intermediate_size)
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     max_len = min(cfg.max_seq_len, base.config.max_position_embeddings)
-    train_data = encode(
-        load_examples(task, "train", cfg.data_dir, cfg.max_train_examples), tokenizer, max_len
-    )
-    dev_data = encode(load_examples(task, "dev", cfg.data_dir, cfg.max_eval_examples), tokenizer, max_len)
+    train_data = encode(train_examples[: cfg.max_train_examples], tokenizer, max_len)
+    dev_data = encode(dev_examples[: cfg.max_eval_examples], tokenizer, max_len)
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
     # As in Hugging Face's Trainer, --max-steps overrides --epochs.
     total = cfg.max_steps if cfg.max_steps is not None else int(round(cfg.epochs * per_epoch))

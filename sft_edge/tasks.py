@@ -54,6 +54,17 @@ TASKS = {
 }  # fmt: skip
 
 
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+REGRESSION_METRICS = ("pearson", "spearmanr", "mse")
+
+
+def custom_task(text_columns: Tuple[str, ...], label_column: str, labels: Optional[Tuple[str, ...]]) -> Task:
+    """A task read from the device's own file (``--train-file``): its columns, label names
+    (None: regression) and the metrics of its kind."""
+    metrics = REGRESSION_METRICS if labels is None else CLASSIFICATION_METRICS
+    return Task("custom", "", text_columns, label_column, text_columns, labels, metrics)
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name.lower()]

@@ -33,15 +33,23 @@ log = logging.getLogger("sft_edge")
 Session = Union[EdgeSession, LocalSession]
 
 
-def evaluate(session, data: Encoded, batch_size: int, task: Task, device: str) -> Dict[str, float]:
-    """Dev-set metrics of the current model, in the task's metric names."""
+def predict_all(session, data: Encoded, batch_size: int, device: str) -> np.ndarray:
+    """The current model's logits for every example of ``data``, (examples, num_labels)."""
     outputs = []
     for k, start in enumerate(range(0, len(data), batch_size)):
         idx = list(range(start, min(start + batch_size, len(data))))
         outputs.append(session.predict(collate(data, idx).to(device), k).cpu())
-    logits = torch.cat(outputs).numpy()
-    gold = np.asarray(data.labels, dtype=np.float64 if task.is_regression else np.int64)
-    return glue_metrics.compute(task.metrics, logits, gold)
+    return torch.cat(outputs).numpy()
+
+
+def gold_labels(task: Task, data: Encoded) -> np.ndarray:
+    return np.asarray(data.labels, dtype=np.float64 if task.is_regression else np.int64)
+
+
+def evaluate(session, data: Encoded, batch_size: int, task: Task, device: str) -> Dict[str, float]:
+    """Dev-set metrics of the current model, in the task's metric names."""
+    logits = predict_all(session, data, batch_size, device)
+    return glue_metrics.compute(task.metrics, logits, gold_labels(task, data))
 
 
 def train(
@@ -62,6 +70,7 @@ def train(
         "local" if cfg.local else f"{cfg.mode} via {cfg.cloud}", f", resuming at step {step}" if cfg.resume else "",
     )  # fmt: skip
     progress = Progress(run.total, cfg.progress, initial=step)
+    logits = None  # of the newest evaluation
     scalar_log = scalars.open_for_run(cfg.output_dir, cfg.report)  # loss, lr, traffic, evals as CSV
     try:
         while step < run.total:
@@ -71,7 +80,10 @@ def train(
                 loss = session.train_step(step, collate(run.train_data, idx).to(run.device))
                 evals = state.evals
                 if (step + 1) % run.per_epoch == 0 or step + 1 == run.total:
-                    result = evaluate(session, run.dev_data, cfg.batch_size, run.task, run.device)
+                    logits = predict_all(session, run.dev_data, cfg.batch_size, run.device)
+                    result = glue_metrics.compute(
+                        run.task.metrics, logits, gold_labels(run.task, run.dev_data)
+                    )
                     evals = evals + [
                         {"step": step + 1, "epoch": round((step + 1) / run.per_epoch, 3), **result}
                     ]
@@ -105,6 +117,9 @@ def train(
             scalar_log.close()
     cloud_steps = session.close()
     report = _report(cfg, run, state, session, cloud_steps, time.time() - started)
+    if run.task.name == "custom" and run.task.labels is not None and logits is not None:
+        gold = gold_labels(run.task, run.dev_data)
+        report["per_class"] = glue_metrics.per_class(logits, gold, run.task.labels)
     if cfg.output_dir:
         _save(cfg, run, session, report)
     if cfg.report:
@@ -118,6 +133,8 @@ def _report(
     split = not cfg.local
     return {
         "task": run.task.name,
+        "train_file": cfg.train_file,
+        "labels": list(run.task.labels) if run.task.labels is not None else None,  # names, in id order
         "model": run.base.name,
         "mode": cfg.mode if split else "local",
         "split_layer": run.spec.split_layer if split else None,
@@ -162,7 +179,10 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
         "mode": report["mode"],
         "split_layer": run.spec.split_layer,
         "rank": cfg.rank,
-        "task": cfg.task,
+        "task": run.task.name,
+        "labels": list(run.task.labels) if run.task.labels is not None else None,  # names, in id order
+        "text_columns": list(run.task.tsv_columns) if run.task.name == "custom" else None,
+        "label_column": run.task.tsv_label if run.task.name == "custom" else None,
         "steps": report["steps"],
         "metrics": report["metrics"],
     }
