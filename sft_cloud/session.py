@@ -115,6 +115,7 @@ class CloudSession:
         self.completed: Optional[int] = None  # the last completed step whose replies are all cached
         self.last_reply: Optional[pb.TrainReply] = None  # the most recent reply (tests, metrics)
         self.replayed = 0  # retried messages answered from the cache instead of applied again
+        self.inference_only = False  # a finished session reopened: evaluations and export only
         self.lock = threading.Lock()  # one message at a time per session
         self.attached = 0  # open streams on this session (idle eviction skips attached ones)
         self.last_active = time.monotonic()
@@ -149,6 +150,7 @@ class CloudSession:
         """Apply training step ``msg.step`` (or one micro-batch of it) exactly once: a repeat of
         an applied message gets its cached reply. The optimizer steps after the last micro-batch."""
         with self.lock:
+            self._check_trainable()
             cached = self.replies.get((msg.step, msg.micro))
             if cached is not None:
                 self.replayed += 1
@@ -241,6 +243,7 @@ class CloudSession:
     def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:
         """Write the state after ``msg.step`` steps; the edge writes its own after this answer."""
         with self.lock:
+            self._check_trainable()
             if self.ckpts is None:
                 raise ProtocolError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -260,15 +263,11 @@ class CloudSession:
         ones past the newest 3 are removed. Gradients of a partly applied step are not saved:
         after a restore the edge sends that step again from its first micro-batch."""
         assert self.ckpts is not None
-        tensors, meta = checkpoint.pack(self.net2, self.optimizer, self.schedule)
-        meta.update(
-            step=self.next_step,
-            session_id=self.session_id,
-            owner=self.owner,
-            fingerprint=self.fingerprint,
+        return self.ckpts.save_state(
+            self.next_step, self.net2, self.optimizer, self.schedule,
+            session_id=self.session_id, owner=self.owner, fingerprint=self.fingerprint,
             config=self.config.SerializeToString().hex(),
-        )
-        return self.ckpts.save(self.next_step, tensors, meta)
+        )  # fmt: skip
 
     def restore(self, step: int) -> None:
         """Roll the whole session state back (or forward, after a restart) to checkpoint ``step``."""
@@ -314,11 +313,19 @@ class CloudSession:
         # Flat string metadata, not a checkpoint's ``sft`` JSON: readers of the final weights take
         # step and fingerprint straight from the header.
         meta = {"step": str(self.next_step), "fingerprint": self.fingerprint, "replayed": str(self.replayed)}
+        meta.update(owner=self.owner, config=self.config.SerializeToString().hex())  # to reopen it
         checkpoint.save_atomic(path, state, meta)
         self.ckpts.clear()
         return path
 
     # -- validation and helpers -----------------------------------------------------------
+
+    def _check_trainable(self) -> None:
+        if self.inference_only:
+            raise ProtocolError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this finished session was reopened for inference only: no step can change it",
+            )
 
     def _check_lengths(self, lengths_field) -> List[int]:
         lengths = list(lengths_field)

@@ -148,6 +148,18 @@ class CheckpointDir:
     def load(self, step: int, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict]:
         return load(self.path(step), device=device)
 
+    def save_state(self, step: int, module, optimizer, schedule, **meta: Any) -> str:
+        """The training state after ``step`` steps (``pack``), with ``meta`` in the header."""
+        tensors, header = pack(module, optimizer, schedule)
+        header.update(step=step, **meta)
+        return self.save(step, tensors, header)
+
+    def load_state(self, step: int, module, optimizer, schedule, device: str = "cpu") -> Dict:
+        """Restore what ``save_state`` wrote into fresh objects; returns the header."""
+        tensors, header = self.load(step, device=device)
+        unpack(tensors, header, module, optimizer, schedule)
+        return header
+
     def clear(self) -> None:
         """Remove every step checkpoint (other files in the folder stay)."""
         for step in self.steps():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -95,3 +96,17 @@ def one_process_step(
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+@contextlib.contextmanager
+def seeded(seed: int, side: str, step: int, micro: int = 0) -> Iterator[None]:
+    """Dropout masks of one side's work on one step (micro-batch): a function of the step."""
+    torch.manual_seed(step_seed(seed, side, step, micro))
+    yield
+
+
+def autocast(device: str) -> contextlib.AbstractContextManager:
+    """Mixed precision where it helps: bf16 autocast on GPUs that have it, else full precision."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

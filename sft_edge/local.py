@@ -13,10 +13,9 @@ import torch
 from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel
 from sft_common.split import build_full_model, task_loss
-from sft_common.training import make_optimizer, make_schedule
+from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.config import OptimConfig
 from sft_edge.data import Batch
-from sft_edge.session import autocast, load_state, save_state, seeded
 
 
 class LocalSession:
@@ -78,11 +77,13 @@ class LocalSession:
     def checkpoint(self, step: int, run: Dict) -> None:
         """Nothing to agree on with a cloud: the whole model's state goes to disk."""
         assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
-        save_state(self.checkpoints, step, self.model, self.optimizer, self.schedule, run)
+        self.checkpoints.save_state(step, self.model, self.optimizer, self.schedule, run=run)
 
     def restore(self, step: int) -> Dict:
         assert self.checkpoints is not None
-        return load_state(self.checkpoints, step, self.model, self.optimizer, self.schedule, self.device)
+        return self.checkpoints.load_state(step, self.model, self.optimizer, self.schedule, self.device)[
+            "run"
+        ]
 
     def close(self) -> Optional[int]:
         return None

@@ -13,21 +13,20 @@ restarted), the session loads its own checkpoint of that step and raises ``Rollb
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import time
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import torch
 
-from sft_common import checkpoint, codec
+from sft_common import codec
 from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.split import EdgeHalf, build_edge_half, factor_parameters
-from sft_common.training import make_optimizer, make_schedule, step_seed
+from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.data import Batch
 from sft_edge.transport import RETRYABLE, CloudError, Transport
@@ -44,34 +43,6 @@ class Rollback(Exception):
         super().__init__(f"the cloud resumed the session at step {step}")
         self.step = step
         self.run = run
-
-
-def autocast(device: str) -> contextlib.AbstractContextManager:
-    """Mixed precision where it helps: bf16 autocast on GPUs that have it, else full precision."""
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def seeded(seed: int, side: str, step: int, micro: int = 0) -> Iterator[None]:
-    """Dropout masks of one side's work on one step (micro-batch): a function of the step."""
-    torch.manual_seed(step_seed(seed, side, step, micro))
-    yield
-
-
-def save_state(folder: CheckpointDir, step: int, module, optimizer, schedule, run: Dict) -> None:
-    """The edge's checkpoint of ``step``: module, optimizer, schedule and the run record."""
-    tensors, meta = checkpoint.pack(module, optimizer, schedule)
-    meta.update(step=step, run=run)
-    folder.save(step, tensors, meta)
-
-
-def load_state(folder: CheckpointDir, step: int, module, optimizer, schedule, device: str) -> Dict:
-    """Restore what ``save_state`` wrote; returns the run record."""
-    tensors, meta = folder.load(step, device=device)
-    checkpoint.unpack(tensors, meta, module, optimizer, schedule)
-    return meta["run"]
 
 
 class EdgeSession:
@@ -108,9 +79,11 @@ class EdgeSession:
         resume_steps: Sequence[int] = (),
         reconnect_timeout: float = 300.0,
         backoff: Tuple[float, float] = (0.25, 10.0),
+        inference_only: bool = False,
     ):
         """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``;
-        ``start_step`` says where the cloud continues."""
+        ``start_step`` says where the cloud continues. ``inference_only``: reopen the finished
+        session ``session_id`` to predict, export or forget (no step can change it)."""
         link = link or LinkOptions()
         link.validate()
         check_factor_lr(spec.mode, optim.factor_lr)
@@ -273,7 +246,7 @@ class EdgeSession:
         reply = self._call(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
         if reply.checkpointed.step != step:
             raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
-        save_state(self.checkpoints, step, self.net1, self.optimizer, self.schedule, run)
+        self.checkpoints.save_state(step, self.net1, self.optimizer, self.schedule, run=run)
 
     def restore(self, step: int) -> Dict:
         """Load this side's checkpoint of ``step``; returns the run record saved with it."""
@@ -284,7 +257,33 @@ class EdgeSession:
                 "no checkpoints (--output-dir with --checkpoint-every)",
             )
         self.live_step = step
-        return load_state(self.checkpoints, step, self.net1, self.optimizer, self.schedule, self.device)
+        return self.checkpoints.load_state(step, self.net1, self.optimizer, self.schedule, self.device)["run"]
+
+    def fetch_weights(self) -> bytes:
+        """net2's trained weights (a safetensors file) from a finished session reopened for
+        inference, fetched in chunks and checked against the digest the cloud sends."""
+        import hashlib
+
+        parts, chunks, index, reply = [], 1, 0, pb.WeightsChunk()
+        while index < chunks:
+            reply = self._call(pb.EdgeMessage(fetch=pb.FetchWeights(chunk=index))).weights
+            if reply.chunk != index:
+                raise CloudError(
+                    grpc.StatusCode.INTERNAL, f"asked for chunk {index}, got chunk {reply.chunk}"
+                )
+            parts.append(reply.data)
+            chunks, index = reply.chunks, index + 1
+        data = b"".join(parts)
+        if len(data) != reply.size or hashlib.sha256(data).hexdigest() != reply.sha256:
+            raise CloudError(
+                grpc.StatusCode.DATA_LOSS, "the weights fetched do not match the digest the cloud sent"
+            )
+        return data
+
+    def forget(self) -> None:
+        """Have the cloud delete everything it keeps of this session; the session ends."""
+        self._call(pb.EdgeMessage(forget=pb.Forget()))
+        self.transport.close()
 
     def close(self) -> int:
         """Close the cloud session; returns the number of steps the cloud applied."""
