@@ -6,6 +6,7 @@ from typing import Optional
 
 import grpc
 
+from sft_cloud import finished
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.session import CloudSession
 from sft_common.errors import ProtocolError
@@ -48,9 +49,16 @@ class StreamProtocol:
             return pb.CloudMessage(checkpointed=self.session.checkpoint(msg.checkpoint))
         if kind == "eval":
             return pb.CloudMessage(eval=self.session.evaluate(msg.eval))
-        # close: keep net2's trained weights (with a checkpoint dir), then forget the session
-        with self.session.lock:
-            self.session.save_final()
+        if kind == "fetch":
+            return pb.CloudMessage(weights=finished.weights_chunk(self.session, msg.fetch.chunk))
+        if kind == "forget":
+            self.registry.forget(self.session)
+            self.closed = True
+            return pb.CloudMessage(forgotten=pb.Forgotten(session_id=self.session.session_id))
+        # close: keep net2's trained weights (with a checkpoint dir), then drop the session
+        if not self.session.inference_only:
+            with self.session.lock:
+                self.session.save_final()
         self.registry.close(self.session.session_id)
         self.closed = True
         return pb.CloudMessage(closed=pb.SessionClosed(steps=self.session.next_step))

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 import grpc
 
+from sft_cloud import finished
 from sft_cloud.session import CloudSession
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
@@ -49,6 +50,8 @@ class SessionRegistry:
 
     def open(self, msg: pb.OpenSession, owner: str) -> CloudSession:
         """A new session (empty ``session_id``) or an existing one, checked against ``msg``."""
+        if msg.inference_only:
+            return self.reopen_finished(msg, owner)
         if msg.session_id:
             return self.attach(msg, owner)
         with self._lock:
@@ -116,6 +119,38 @@ class SessionRegistry:
         log.info("session %s: restored from checkpoint at step %d", session_id[:8], newest)
         with self._lock:
             return self._sessions.setdefault(session_id, session)
+
+    def reopen_finished(self, msg: pb.OpenSession, owner: str) -> CloudSession:
+        """A closed session of ``owner``, rebuilt from its final weights for inference only."""
+        if not self.checkpoint_dir:
+            raise ProtocolError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this daemon runs without --checkpoint-dir, so it keeps no finished sessions",
+            )
+        with self._lock:
+            live = self._sessions.get(msg.session_id)
+        if live is not None and not live.inference_only:
+            raise ProtocolError(
+                grpc.StatusCode.FAILED_PRECONDITION, "the session is still training: close it before using it"
+            )
+        meta, path = finished.read_final(self.checkpoint_dir, msg.session_id, owner)
+        config = pb.SessionConfig.FromString(bytes.fromhex(meta["config"]))
+        session = CloudSession(
+            msg.session_id, owner, config, self._base(config.model), self.device,
+            self._compute_lock, self.max_batch, self.max_seq, None,
+        )  # fmt: skip
+        _check_fingerprint(msg, session)
+        finished.load_weights(session, path)
+        session.next_step = int(meta["step"])
+        log.info(
+            "session %s: reopened for inference (%d steps trained)", msg.session_id[:8], session.next_step
+        )
+        return session
+
+    def forget(self, session: CloudSession) -> None:
+        """Delete what the daemon keeps of ``session`` (its owner asked)."""
+        self.close(session.session_id)
+        finished.forget(self.checkpoint_dir, session.session_id)
 
     def evict_idle(self, now: Optional[float] = None) -> List[str]:
         """Checkpoint (when there is a checkpoint dir) and drop sessions idle past the timeout."""

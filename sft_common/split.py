@@ -18,14 +18,14 @@ equivalence tests and the drop-in API); the halves hold references to its submod
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from sft_common.spec import SplitSpec
 from sft_common.models import BaseModel
+from sft_common.spec import SplitSpec
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -351,3 +351,26 @@ def build_cloud_half(
     _materialise(half, base, prefixes, seed, device, skip=("tail",))
     init_head(model, seed)
     return half, u
+
+
+def trained_skeleton(
+    config, spec: Optional[SplitSpec], num_labels: int, device: str = "cpu"
+) -> Union[BertForSequenceClassification, Tuple[EdgeHalf, CloudHalf]]:
+    """A model of this geometry with uninitialised storage, to load trained weights into: the
+    whole model (``spec`` None, a ``--local`` run) or both halves of a split one (an export)."""
+    base = BaseModel(name="trained", config=config, fingerprint="", tokenizer_dir="")
+    model = _skeleton(base, num_labels)
+    if spec is not None and spec.mode == "sft":
+        cfg = base.config
+        with torch.device("meta"):
+            down = nn.Linear(cfg.intermediate_size, spec.rank, bias=False)
+            tail = SVDTail(spec.rank, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
+        model.bert.encoder.layer[spec.split_layer].output = SVDOutput(down, tail)
+    model.to_empty(device=device)
+    with torch.no_grad():  # buffers that no state dict carries
+        for name, buffer in model.named_buffers():
+            if name.endswith("position_ids"):
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+            elif name.endswith("token_type_ids"):
+                buffer.zero_()
+    return model if spec is None else (EdgeHalf(model, spec), CloudHalf(model, spec))

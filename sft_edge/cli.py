@@ -115,11 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--local", action="store_true", help="train the whole model here, without a cloud (baseline)"
     )
-    t.add_argument("--insecure", action="store_true", help="connect without TLS; logs a warning")
-    t.add_argument("--tls-ca", help="PEM CA that the daemon's certificate must chain to")
-    t.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
-    t.add_argument("--tls-key", help="PEM client private key (mutual TLS)")
-    t.add_argument("--auth-token-file", help="file holding this device's bearer token")
+    _connection_flags(t, cloud=False)
     t.add_argument("--report", help="write a JSON report of the run here")
     t.add_argument(
         "--step-timeout", type=float, default=D.step_timeout,
@@ -132,11 +128,72 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     t.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
+    for name, what in (
+        ("predict", "predict a file's examples with a trained model (through its daemon, or an export here)"),
+        ("export", "fetch net2 from the daemon: a folder that predicts with no daemon"),
+        ("forget", "have the daemon delete what it keeps of a finished run"),
+    ):
+        c = sub.add_parser(name, help=what)
+        c.add_argument(
+            "--run", required=True, help="a training run's --output-dir (or, for predict, an export)"
+        )
+        if name == "predict":
+            c.add_argument(
+                "--input", required=True, help=".csv .tsv .jsonl .json .parquet, or .txt (one example a line)"
+            )
+            c.add_argument("--output", required=True, help=".csv or .jsonl: a prediction per example")
+            c.add_argument("--batch-size", type=int, default=32, help="examples per batch (default 32)")
+            c.add_argument(
+                "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where net1 runs"
+            )
+        if name == "export":
+            c.add_argument("--to", required=True, help="the folder to write (new or empty)")
+        _connection_flags(c, cloud=True)
+        c.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+        c.add_argument(
+            "--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line"
+        )
     p = sub.add_parser("plot", help="draw loss, dev metrics and traffic of a run to PNG (needs matplotlib)")
     p.add_argument("run", help="a run's --output-dir (holding scalars.csv) or a scalars CSV file")
     p.add_argument("--out", help="PNG to write (default: beside the CSV)")
     p.add_argument("--title", help="figure title (default: the run folder's name)")
     return parser
+
+
+def _connection_flags(parser: argparse.ArgumentParser, cloud: bool) -> None:
+    if cloud:
+        parser.add_argument("--cloud", default=D.cloud, help=f"HOST:PORT of sft-cloud (default {D.cloud})")
+    parser.add_argument("--insecure", action="store_true", help="connect without TLS; logs a warning")
+    parser.add_argument("--tls-ca", help="PEM CA that the daemon's certificate must chain to")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", help="PEM client private key (mutual TLS)")
+    parser.add_argument("--auth-token-file", help="file holding this device's bearer token")
+
+
+def after_training(args: argparse.Namespace) -> int:
+    """predict, export, forget: a finished run, through its daemon or here."""
+    from sft_common.models import ModelError
+    from sft_edge import predict
+    from sft_edge.config import Connection, ExportConfig, PredictConfig
+    from sft_edge.transport import CloudError
+
+    conn = Connection(
+        args.cloud, args.insecure, args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file
+    )
+    try:
+        if args.command == "predict":
+            n = predict.predict(
+                PredictConfig(args.run, args.input, args.output, conn, args.batch_size, args.device)
+            )
+            print(json.dumps({"predictions": n, "output": args.output}))
+        elif args.command == "export":
+            print(json.dumps({"exported": predict.export(ExportConfig(args.run, args.to, conn))}))
+        else:
+            print(json.dumps({"forgotten": predict.forget(args.run, conn)}))
+    except (ValueError, ModelError, CloudError, OSError) as exc:
+        print(f"sft-edge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -155,6 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "plot":
         return plot(args)
     setup_logging(args.log_level, args.log_format)
+    if args.command in ("predict", "export", "forget"):
+        return after_training(args)
     from sft_common.models import ModelError
     from sft_edge.data import DataError
     from sft_edge.trainer import train

@@ -5,7 +5,7 @@ Each default lives here once; the CLI and the drop-in API read theirs from these
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from sft_common.models import DEFAULT_MODEL
@@ -157,3 +157,37 @@ class TrainConfig:
             raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs the --output-dir of the run to continue")
+
+
+@dataclass
+class Connection:
+    """How to reach the daemon that keeps a finished run's net2 (``predict``, ``export``, ``forget``)."""
+
+    cloud: str = "localhost:50051"  # HOST:PORT of sft-cloud
+    insecure: bool = False
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    step_timeout: float = 600.0  # seconds to wait for one answer
+
+
+@dataclass
+class PredictConfig:
+    """`sft-edge predict`: a trained model's predictions for every example of a file."""
+
+    run: str  # a training run's --output-dir (through the daemon), or an export / --local run (here)
+    input: str  # .csv .tsv .jsonl .json .parquet with the run's text columns, or .txt: one example a line
+    output: str  # .csv or .jsonl
+    connection: Connection = field(default_factory=Connection)
+    batch_size: int = 32
+    device: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    """`sft-edge export`: a split run and net2 from its daemon, as one folder that predicts alone."""
+
+    run: str
+    to: str
+    connection: Connection = field(default_factory=Connection)

@@ -16,7 +16,7 @@ from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel, load_base_model
 from sft_common.spec import SplitSpec
 from sft_edge import credentials
-from sft_edge.config import OptimConfig, TrainConfig
+from sft_edge.config import Connection, OptimConfig, TrainConfig
 from sft_edge.data import Encoded, Example, encode, load_examples, steps_per_epoch
 from sft_edge.files import FileSpec, load_file_task
 from sft_edge.local import LocalSession
@@ -125,7 +125,7 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     return Run(task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim)
 
 
-def grpc_connector(cfg: TrainConfig) -> Callable[[], Transport]:
+def grpc_connector(cfg: Union[TrainConfig, Connection]) -> Callable[[], Transport]:
     """Streams to the daemon named by ``cfg.cloud``: TLS unless ``--insecure``, with this
     device's bearer token when it has one."""
     creds, metadata = credentials.secure_link(

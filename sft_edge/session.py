@@ -121,6 +121,7 @@ class EdgeSession:
             fingerprint=self.fingerprint,
             session_id=session_id,
             resume_steps=list(resume_steps),
+            inference_only=inference_only,
         )
         self.transport.submit(pb.EdgeMessage(open=self._open))
         opened = self.transport.result().opened

@@ -26,6 +26,7 @@ from sft_edge.progress import Progress
 from sft_edge.run import Run, RunState, open_session, prepare
 from sft_edge.session import EdgeSession, Rollback
 from sft_edge.tasks import Task
+from sft_edge.trained import RUN_FILE
 from sft_edge.transport import Transport
 
 __all__ = ["TrainConfig", "RunState", "train", "evaluate"]
@@ -164,26 +165,41 @@ def _report(
 
 
 def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
-    """The trained weights as safetensors, with a JSON file saying how to load them."""
+    """The trained weights as safetensors, with what it takes to use them: ``sft_edge.json``
+    (the split, the label names, the text columns, the cloud session), the model's config with
+    the head's label count, and the tokenizer (``sft_edge.trained``, ``sft-edge predict``)."""
     from safetensors.torch import save_file
+    from transformers import AutoTokenizer
 
     assert cfg.output_dir is not None
     os.makedirs(cfg.output_dir, exist_ok=True)
     name = "model.safetensors" if cfg.local else "edge.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in session.state_dict().items()}
     save_file(tensors, os.path.join(cfg.output_dir, name))
+    config = run.base.config.__class__.from_dict(run.base.config.to_dict())
+    config.num_labels = run.task.num_labels
+    config.save_pretrained(cfg.output_dir)
+    AutoTokenizer.from_pretrained(run.base.tokenizer_dir).save_pretrained(cfg.output_dir)
     meta = {
+        "format": 1,
         "weights": name,
         "part": "full" if cfg.local else "edge",
         "model": report["model"],
         "mode": report["mode"],
         "split_layer": run.spec.split_layer,
         "rank": cfg.rank,
+        "num_labels": run.task.num_labels,
         "task": run.task.name,
-        "labels": list(run.task.labels) if run.task.labels is not None else None,  # names, in id order
-        "text_columns": list(run.task.tsv_columns) if run.task.name == "custom" else None,
-        "label_column": run.task.tsv_label if run.task.name == "custom" else None,
+        "labels": report["labels"],  # names, in id order; None: regression
+        "text_columns": list(run.task.tsv_columns),
+        "label_column": run.task.tsv_label,
+        "max_seq_len": run.max_len,
+        "batch_size": cfg.batch_size,
+        "wire_dtype": cfg.wire_dtype,
+        "compression": cfg.compression,
+        "seed": cfg.seed,
+        "session_id": report["session_id"],
         "steps": report["steps"],
         "metrics": report["metrics"],
     }
-    write_json(os.path.join(cfg.output_dir, "sft_edge.json"), meta)
+    write_json(os.path.join(cfg.output_dir, RUN_FILE), meta)

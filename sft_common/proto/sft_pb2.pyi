@@ -88,16 +88,18 @@ class SessionConfig(_message.Message):
     def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("config", "fingerprint", "session_id", "resume_steps")
+    __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEPS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_ONLY_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     fingerprint: str
     session_id: str
     resume_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    inference_only: bool
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., inference_only: bool = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro")
@@ -181,6 +183,36 @@ class CloseSession(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FetchWeights(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: int
+    def __init__(self, chunk: _Optional[int] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("chunk", "chunks", "data", "size", "sha256")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    chunk: int
+    chunks: int
+    data: bytes
+    size: int
+    sha256: str
+    def __init__(self, chunk: _Optional[int] = ..., chunks: _Optional[int] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Forget(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Forgotten(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
 class SessionClosed(_message.Message):
     __slots__ = ("steps",)
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -188,29 +220,37 @@ class SessionClosed(_message.Message):
     def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("open", "train", "eval", "close", "checkpoint")
+    __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     train: TrainStep
     eval: EvalStep
     close: CloseSession
     checkpoint: Checkpoint
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...
+    fetch: FetchWeights
+    forget: Forget
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., fetch: _Optional[_Union[FetchWeights, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("opened", "train", "eval", "closed", "checkpointed")
+    __slots__ = ("opened", "train", "eval", "closed", "checkpointed", "weights", "forgotten")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     train: TrainReply
     eval: EvalReply
     closed: SessionClosed
     checkpointed: CheckpointDone
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ...) -> None: ...
+    weights: WeightsChunk
+    forgotten: Forgotten
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., forgotten: _Optional[_Union[Forgotten, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,147 @@
+"""After training: `sft-edge predict`, `export` and `forget`.
+
+A split run's ``--output-dir`` holds net1; net2 stays with the daemon that trained it (under its
+``--checkpoint-dir``). ``predict`` reopens that finished session for inference only; ``export``
+fetches net2 (in chunks, checked by a digest) and writes a folder that predicts with no daemon
+(``sft_edge.trained.load_trained``); ``forget`` has the daemon delete what it keeps. Inputs are
+the training file formats or ``.txt`` (one example a line; a sentence pair separated by a tab);
+outputs ``.csv`` or ``.jsonl``, one row per example with its ``prediction`` and probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from typing import Dict, List, Tuple
+
+from sft_edge.config import Connection, ExportConfig, LinkOptions, OptimConfig, PredictConfig
+from sft_edge.data import DataError
+from sft_edge.trained import RUN_FILE, TrainedModel, load_trained, read_run
+
+OUTPUTS = (".csv", ".jsonl")
+
+
+def predict(cfg: PredictConfig) -> int:
+    """Write one prediction per input example to ``cfg.output``; returns how many."""
+    ext = os.path.splitext(cfg.output)[1].lower()
+    if ext not in OUTPUTS:
+        raise DataError(f"{cfg.output}: write predictions to a .csv or .jsonl file")
+    info = read_run(cfg.run)
+    texts = read_inputs(cfg.input, info.get("text_columns") or ["text"])
+    from sft_edge.run import resolve_device
+
+    device = resolve_device(cfg.device)
+    if info["part"] == "edge":
+        session = open_finished(cfg.run, info, cfg.connection, device)
+        try:
+            model = TrainedModel(info, _tokenizer(cfg.run, info), session.predict, session.net1, device)
+            rows = model.predict(texts, batch_size=min(cfg.batch_size, int(info.get("batch_size") or 32)))
+        finally:
+            session.close()
+    else:
+        rows = load_trained(cfg.run, device).predict(texts, cfg.batch_size)
+    write_predictions(cfg.output, texts, info.get("text_columns") or ["text"], rows, info.get("labels"))
+    return len(rows)
+
+
+def export(cfg: ExportConfig) -> str:
+    """``cfg.to``: both halves, the config, the tokenizer and the label names of a split run."""
+    info = read_run(cfg.run)
+    if info["part"] != "edge":
+        raise DataError(f"{cfg.run} is not a split run's --output-dir (it holds {info['part']!r} weights)")
+    if os.path.exists(cfg.to) and os.listdir(cfg.to):
+        raise DataError(f"{cfg.to} exists and is not empty: export into a new folder")
+    session = open_finished(cfg.run, info, cfg.connection, "cpu")
+    try:
+        weights = session.fetch_weights()
+    finally:
+        session.close()
+    tmp = cfg.to.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cfg.run, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "*.png"))
+    with open(os.path.join(tmp, "cloud.safetensors"), "wb") as f:
+        f.write(weights)
+    info.update(part="split", weights=["edge.safetensors", "cloud.safetensors"])
+    with open(os.path.join(tmp, RUN_FILE), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    if os.path.isdir(cfg.to):
+        os.rmdir(cfg.to)
+    os.replace(tmp, cfg.to)  # the folder appears whole or not at all
+    return cfg.to
+
+
+def forget(run: str, connection: Connection) -> str:
+    """Have the daemon delete the finished session of ``run``; returns its id."""
+    info = read_run(run)
+    if info["part"] != "edge":
+        raise DataError(f"{run} is not a split run's --output-dir: the daemon keeps nothing of it")
+    session = open_finished(run, info, connection, "cpu")
+    session.forget()
+    return str(info["session_id"])
+
+
+def open_finished(folder: str, info: Dict, connection: Connection, device: str):
+    """The run's finished cloud session, reopened for inference, with net1's trained weights."""
+    from safetensors.torch import load_file
+
+    from sft_common.models import load_base_model
+    from sft_common.spec import SplitSpec
+    from sft_edge.run import grpc_connector
+    from sft_edge.session import EdgeSession
+
+    if not info.get("session_id"):
+        raise DataError(f"{folder}: {RUN_FILE} names no cloud session")
+    base = load_base_model(info["model"])
+    spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"])
+    link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])
+    session = EdgeSession(
+        base, spec, int(info["num_labels"]), grpc_connector(connection), OptimConfig(seed=int(info["seed"])),
+        batch_size=int(info["batch_size"]), max_seq_len=int(info["max_seq_len"]), link=link, device=device,
+        session_id=info["session_id"], inference_only=True,
+    )  # fmt: skip
+    session.net1.load_state_dict(load_file(os.path.join(folder, "edge.safetensors"), device=device))
+    return session
+
+
+def _tokenizer(folder: str, info: Dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def read_inputs(path: str, columns: List[str]) -> List[Tuple[str, ...]]:
+    """The examples of an input file: its text columns, or the lines of a ``.txt`` file."""
+    if path.lower().endswith(".txt"):
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        texts = [tuple(line.split("\t")) for line in lines]
+        for n, t in enumerate(texts, start=1):
+            if len(t) != len(columns):
+                raise DataError(f"{path}:{n}: {len(t)} tab-separated texts; this model reads {len(columns)}")
+        return texts
+    from sft_edge.files import read_rows
+
+    return [tuple(str(row[c]) for c in columns) for row, _ in read_rows(path, columns)]
+
+
+def write_predictions(path: str, texts, columns: List[str], rows: List[Dict], labels) -> None:
+    """CSV: the text columns, ``prediction`` and ``probability_<label>`` each; JSON Lines: the
+    text columns, ``prediction`` and ``probabilities`` ({label: p})."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        if path.lower().endswith(".jsonl"):
+            for text, row in zip(texts, rows):
+                f.write(json.dumps({**dict(zip(columns, text)), **row}, ensure_ascii=False) + "\n")
+        else:
+            probs = [f"probability_{name}" for name in labels or []]
+            writer = csv.writer(f)
+            writer.writerow([*columns, "prediction", *probs])
+            for text, row in zip(texts, rows):
+                p = row.get("probabilities", {})
+                writer.writerow([*text, row["prediction"], *(p[name] for name in labels or [])])
+    os.replace(tmp, path)

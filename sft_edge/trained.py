@@ -1,0 +1,117 @@
+"""A model to use once training ends: ``load_trained(DIR)`` and its ``predict(texts)``.
+
+``DIR`` is a folder ``sft-edge export`` wrote (both halves of a split run) or the
+``--output-dir`` of a ``--local`` run (the whole model): both hold ``sft_edge.json`` (what was
+trained, the label names), ``config.json``, the tokenizer and safetensors weights, and predict
+with no daemon. A split run's own ``--output-dir`` holds only net1: it predicts through the
+daemon that keeps net2 (``sft_edge.predict``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from sft_common.spec import SplitSpec
+from sft_edge.data import DataError, Example, collate, encode
+
+RUN_FILE = "sft_edge.json"
+Text = Union[str, Sequence[str]]  # one text, or a sentence pair
+
+
+def read_run(folder: str) -> Dict:
+    """What ``sft_edge.json`` in ``folder`` says about the trained model."""
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        raise DataError(
+            f"{folder}: no {RUN_FILE}; give a training run's --output-dir or a folder `sft-edge export` wrote"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+class TrainedModel(nn.Module):
+    """Texts in, predictions out: the label name (or the value, for regression) and each
+    class's probability. ``logits`` maps a batch to (batch, num_labels)."""
+
+    def __init__(
+        self, info: Dict, tokenizer, logits: Callable, module: Optional[nn.Module] = None, device: str = "cpu"
+    ):
+        super().__init__()
+        self.info, self.tokenizer, self.logits, self.device = info, tokenizer, logits, device
+        self.model = module  # registered, so .to() and .parameters() reach the weights
+        self.labels: Optional[List[str]] = info.get("labels")
+        self.columns: List[str] = list(info.get("text_columns") or ["text"])
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[Text], batch_size: int = 32) -> List[Dict]:
+        """One ``{"prediction": ..., "probabilities": {label: p}}`` per text (or text pair)."""
+        examples = [Example((t,) if isinstance(t, str) else tuple(t), 0) for t in texts]
+        if not examples:
+            return []
+        data = encode(examples, self.tokenizer, int(self.info.get("max_seq_len", 128)))
+        out: List[Dict] = []
+        for k, start in enumerate(range(0, len(data), batch_size)):
+            idx = list(range(start, min(start + batch_size, len(data))))
+            logits = self.logits(collate(data, idx).to(self.device), k).float().cpu()
+            out.extend(self._rows(logits))
+        return out
+
+    def _rows(self, logits: torch.Tensor) -> List[Dict]:
+        if self.labels is None:
+            return [{"prediction": float(v)} for v in logits[:, 0]]
+        probs = torch.softmax(logits, dim=-1)
+        return [
+            {
+                "prediction": self.labels[int(p.argmax())],
+                "probabilities": {name: float(p[i]) for i, name in enumerate(self.labels)},
+            }
+            for p in probs
+        ]
+
+
+def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
+    """The model in ``folder`` (an export, or a ``--local`` run), ready to ``predict``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sft_common.split import trained_skeleton
+
+    info = read_run(folder)
+    if info.get("part") == "edge":
+        raise DataError(
+            f"{folder} holds only the edge half of a split run: predict through the daemon "
+            "(sft-edge predict --run DIR --cloud HOST:PORT), or `sft-edge export` it first"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    num_labels = int(info["num_labels"])
+    if info["part"] == "full":
+        model = trained_skeleton(config, None, num_labels, device)
+        assert isinstance(model, nn.Module)
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors"), device=device))
+        model.eval()
+
+        def full(batch, index):
+            return model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                token_type_ids=batch.token_type_ids,
+            ).logits
+
+        return TrainedModel(info, tokenizer, full, model, device)
+    spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"] or 1), mode=info["mode"])
+    edge, cloud = trained_skeleton(config, spec, num_labels, device)  # type: ignore[misc]
+    edge.load_state_dict(load_file(os.path.join(folder, "edge.safetensors"), device=device))
+    cloud.load_state_dict(load_file(os.path.join(folder, "cloud.safetensors"), device=device))
+    halves = nn.ModuleDict({"edge": edge, "cloud": cloud}).eval()
+
+    def split(batch, index):
+        cut, _ = edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        return cloud(cut, batch.attention_mask)
+
+    return TrainedModel(info, tokenizer, split, halves, device)

@@ -1,0 +1,143 @@
+"""A model to use when training ends: predict through the daemon, export, load_trained, forget."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import grpc
+import pytest
+
+from sft_cloud.registry import SessionRegistry
+from sft_cloud.server import ServeConfig, create_server
+from sft_edge import predict
+from sft_edge.config import Connection, ExportConfig, PredictConfig
+from sft_edge.trained import load_trained
+from sft_edge.trainer import TrainConfig, train
+from sft_edge.transport import CloudError
+
+WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A daemon that keeps finished sessions (a checkpoint dir)."""
+    registry = SessionRegistry(checkpoint_dir=str(tmp_path / "cloud"))
+    server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
+    yield f"127.0.0.1:{port}", registry
+    server.stop(0).wait()
+
+
+def _reviews(path, n, offset=0):
+    """A CSV with column names of our own and string labels."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["opinion", "verdict"])
+        for k in range(offset, offset + n):
+            label = "good" if k % 2 else "bad"
+            w.writerow([f"a {WORDS[label][k % 4]} film, {WORDS[label][(k + 1) % 4]} acting", label])
+    return str(path)
+
+
+def _train(tmp_path, cloud, **kw):
+    values = dict(
+        train_file=_reviews(tmp_path / "train.csv", 40), dev_file=_reviews(tmp_path / "dev.csv", 12, 100),
+        text_columns="opinion", label_column="verdict", cloud=cloud, insecure=True, model="random:tiny",
+        batch_size=8, max_steps=6, lr=1e-3, output_dir=str(tmp_path / "run"), progress=False,
+    )  # fmt: skip
+    values.update(kw)
+    return train(TrainConfig(**values))
+
+
+def _read(path):
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_through_the_daemon_and_after_export_agree_with_training(tmp_path, daemon):
+    address, registry = daemon
+    report = _train(tmp_path, address)
+    conn = Connection(cloud=address, insecure=True)
+    dev, run = str(tmp_path / "dev.csv"), str(tmp_path / "run")
+
+    assert predict.predict(PredictConfig(run, dev, str(tmp_path / "remote.csv"), conn)) == 12
+    remote = _read(str(tmp_path / "remote.csv"))
+    assert list(remote[0]) == ["opinion", "prediction", "probability_bad", "probability_good"]
+    gold = [row["verdict"] for row in _read(dev)]
+    accuracy = sum(r["prediction"] == g for r, g in zip(remote, gold)) / len(gold)
+    assert accuracy == pytest.approx(report["metrics"]["accuracy"])  # the evaluation at the end of training
+
+    predict.export(ExportConfig(run, str(tmp_path / "export"), conn))
+    assert sorted(os.listdir(tmp_path / "export")) >= ["cloud.safetensors", "config.json", "edge.safetensors"]
+    local = load_trained(str(tmp_path / "export")).predict([r["opinion"] for r in remote])
+    assert [r["prediction"] for r in local] == [r["prediction"] for r in remote]
+    for a, b in zip(local, remote):
+        assert a["probabilities"]["good"] == pytest.approx(float(b["probability_good"]), abs=1e-5)
+    # the exported folder predicts with no daemon at all, through the CLI's path too
+    predict.predict(PredictConfig(str(tmp_path / "export"), dev, str(tmp_path / "here.jsonl"), Connection()))
+    here = _read(str(tmp_path / "here.jsonl"))
+    assert [r["prediction"] for r in here] == [r["prediction"] for r in remote]
+    assert len(registry) == 0  # nothing left open
+
+
+def test_a_jsonl_regression_run_predicts_values(tmp_path, daemon):
+    address, _ = daemon
+    path = tmp_path / "scores.jsonl"
+    with open(path, "w") as f:
+        for k in range(30):
+            f.write(json.dumps({"review": f"item {k} " + "good " * (k % 4), "stars": 1.0 + (k % 4)}) + "\n")
+    _train(
+        tmp_path, address, train_file=str(path), dev_file=None, text_columns="review", label_column="stars"
+    )
+    (tmp_path / "in.txt").write_text("good good good\nitem\n")
+    conn = Connection(cloud=address, insecure=True)
+    predict.predict(
+        PredictConfig(str(tmp_path / "run"), str(tmp_path / "in.txt"), str(tmp_path / "out.jsonl"), conn)
+    )
+    remote = _read(str(tmp_path / "out.jsonl"))
+    assert [set(r) for r in remote] == [{"review", "prediction"}] * 2
+    predict.export(ExportConfig(str(tmp_path / "run"), str(tmp_path / "export"), conn))
+    local = load_trained(str(tmp_path / "export")).predict(["good good good", "item"])
+    assert [r["prediction"] for r in local] == pytest.approx([r["prediction"] for r in remote], abs=1e-5)
+
+
+def test_a_local_run_folder_loads_and_predicts_as_it_evaluated(tmp_path):
+    report = _train(tmp_path, "unused:1", local=True)
+    model = load_trained(str(tmp_path / "run"))
+    rows = _read(str(tmp_path / "dev.csv"))
+    preds = model.predict([r["opinion"] for r in rows])
+    accuracy = sum(p["prediction"] == r["verdict"] for p, r in zip(preds, rows)) / len(rows)
+    assert accuracy == pytest.approx(report["metrics"]["accuracy"])
+
+
+def test_forget_deletes_the_session_and_then_nothing_can_reopen_it(tmp_path, daemon):
+    address, registry = daemon
+    report = _train(tmp_path, address)
+    folder = tmp_path / "cloud" / report["session_id"]
+    assert (folder / "final.safetensors").is_file()
+    conn = Connection(cloud=address, insecure=True)
+    assert predict.forget(str(tmp_path / "run"), conn) == report["session_id"]
+    assert not folder.exists()
+    with pytest.raises(CloudError) as caught:
+        predict.predict(
+            PredictConfig(str(tmp_path / "run"), str(tmp_path / "dev.csv"), str(tmp_path / "o.csv"), conn)
+        )
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_reopened_session_refuses_training_steps(tmp_path, daemon):
+    address, _ = daemon
+    report = _train(tmp_path, address)
+    session = predict.open_finished(
+        str(tmp_path / "run"), json.loads((tmp_path / "run" / "sft_edge.json").read_text()),
+        Connection(cloud=address, insecure=True), "cpu",
+    )  # fmt: skip
+    from helpers import random_batch
+
+    with pytest.raises(CloudError, match="inference only") as caught:
+        session.train_step(report["steps"], random_batch(batch=4, seq=8))
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
