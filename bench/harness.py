@@ -1,28 +1,33 @@
-"""Split training set up for measurement: batches, backends over each transport, step timers.
+"""Split training set up for measurement: batches, sessions over each transport, what crossed and when.
 
-``batches`` gives fixed-shape (every sequence full length) or real SST-2 batches in the
-trainer's order; ``split_backend`` builds the product's ``SplitBackend`` over an in-process
-transport, a gRPC stream to a server in this process, or a gRPC stream to a daemon elsewhere;
-``StepTimer`` splits each training step into edge compute, encode, transfer, cloud compute and
-decode by wrapping the product's functions (nothing in the product is changed).
+``batches`` gives fixed-shape (every sequence full length) or real SST-2 batches in the trainer's
+order; ``split_session`` is the product's ``EdgeSession`` over an in-process cloud session
+(``inproc``), a gRPC server in this process (``grpc_server``) or a daemon elsewhere. Nothing in the
+product is wrapped or replaced: ``Clock`` is a ``Transport`` listener (every message and when it
+crossed), ``Watched`` a transport around another that records how long the edge waited for answers,
+and ``timed_step`` splits a training step into edge compute, codec, transfer and cloud compute.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections import defaultdict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from google.protobuf.message import Message
 
 from bench.common import GLUE_DIR
 from sft_common import codec
-from sft_common.spec import SplitSpec
 from sft_common.models import BaseModel
-from sft_edge.backends import OptimConfig, SplitBackend
-from sft_edge.client import GrpcTransport, InProcessTransport, Transport, open_channel
+from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec
+from sft_edge.config import LinkOptions, OptimConfig
 from sft_edge.data import Batch, batch_indices, collate
+from sft_edge.local import LocalSession
+from sft_edge.session import EdgeSession
+from sft_edge.transport import GrpcTransport, InProcessTransport, Transport, open_channel
 
 
 def batches(
@@ -36,8 +41,7 @@ def batches(
         for _ in range(n):
             ids = torch.randint(1000, 5000, (batch_size, seq), generator=g)
             labels = torch.randint(0, 2, (batch_size,), generator=g)
-            ones = torch.ones_like(ids)
-            out.append(Batch(ids, torch.zeros_like(ids), ones, [seq] * batch_size, labels))
+            out.append(Batch(ids, torch.zeros_like(ids), torch.ones_like(ids), [seq] * batch_size, labels))
         return out
     if kind != "sst2":
         raise ValueError(f"batches are 'fixed' or 'sst2', not {kind!r}")
@@ -56,146 +60,156 @@ def in_process_registry(base: BaseModel):
     from sft_cloud.registry import SessionRegistry
 
     registry = SessionRegistry(device="cpu")
-    getattr(registry, "_bases", {})[base.name] = base
+    registry._bases[base.name] = base
     return registry
 
 
+class TimedProtocol:
+    """A cloud stream protocol that adds up the time it takes to answer (the cloud's whole work)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    @property
+    def session(self):
+        return self.inner.session
+
+    def handle(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        t0 = time.monotonic()
+        try:
+            return self.inner.handle(msg)
+        finally:
+            self.seconds += time.monotonic() - t0
+
+
+def inproc(base: BaseModel, registry=None) -> InProcessTransport:
+    """The same messages, serialized and parsed, to a cloud session in this process (no network);
+    ``.protocol.seconds``: the cloud's time answering, ``.protocol.session``: the cloud session."""
+    from sft_cloud.protocol import StreamProtocol
+
+    return InProcessTransport(TimedProtocol(StreamProtocol(registry or in_process_registry(base), "bench")))
+
+
+def grpc(address: str) -> GrpcTransport:
+    return GrpcTransport(open_channel(address), owns_channel=True)
+
+
 @contextlib.contextmanager
-def grpc_server(base: BaseModel) -> Iterator[Tuple[str, Any]]:
-    """A real gRPC server on a free localhost port in this process: (address, registry)."""
+def grpc_server(base: BaseModel) -> Iterator[Tuple[str, Callable[[], float]]]:
+    """A real gRPC server on a free localhost port in this process: (address, the seconds it has
+    spent answering train steps so far, from its ``sft_step_seconds`` metric)."""
+    from sft_cloud.metrics import DaemonMetrics
     from sft_cloud.server import ServeConfig, create_server
 
-    registry = in_process_registry(base)
-    server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
+    metrics = DaemonMetrics()
+    cfg = ServeConfig(host="127.0.0.1", port=0, insecure=True)
+    server, port, _ = create_server(cfg, in_process_registry(base), metrics)
     try:
-        yield f"127.0.0.1:{port}", registry
+        yield (
+            f"127.0.0.1:{port}",
+            lambda: metrics.registry.get_sample_value("sft_step_seconds_sum", {"kind": "train"}) or 0.0,
+        )
     finally:
         server.stop(0)
 
 
-def transport_for(
-    kind: str, base: BaseModel, address: Optional[str] = None, registry: Any = None
-) -> Transport:
-    """``inproc`` (the same messages, no network) or ``grpc`` (a stream to ``address``)."""
-    if kind == "inproc":
-        from sft_cloud.protocol import StreamProtocol
-
-        return InProcessTransport(StreamProtocol(registry or in_process_registry(base), "bench"))
-    assert address is not None
-    return GrpcTransport(open_channel(address))
-
-
-def split_backend(
-    base: BaseModel, spec: SplitSpec, transport: Transport, wire: str = "fp32", compression: str = "none",
-    batch_size: int = 32, seq: int = 128, steps: int = 100, micro_batches: int = 1, pipeline_depth: int = 2,
-    cls_only: bool = False,
-) -> SplitBackend:  # fmt: skip
+def split_session(
+    base: BaseModel, spec: SplitSpec, transport: Transport, steps: int = 100, batch_size: int = 32,
+    seq: int = 128, link: Optional[LinkOptions] = None,
+) -> EdgeSession:  # fmt: skip
+    """The product's edge session (lr 2e-5, seed 42, SST-2's two labels) over ``transport``."""
     optim = OptimConfig(lr=2e-5, total_steps=steps, seed=42)
-    return SplitBackend(
-        base, spec, 2, transport, optim, batch_size, seq, wire, compression, "sst2", "cpu",
-        micro_batches=micro_batches, pipeline_depth=pipeline_depth, cls_only=cls_only,
-    )  # fmt: skip
+    return EdgeSession(base, spec, 2, transport, optim, batch_size, seq, link or LinkOptions(), "sst2")
 
 
-def time_steps(backend: Any, data: List[Batch], warmup: int) -> List[float]:
-    """Train on every batch of ``data``; the wall time of each step after the first ``warmup``."""
+def local_session(base: BaseModel, steps: int) -> LocalSession:
+    return LocalSession(base, 2, OptimConfig(lr=2e-5, total_steps=steps, seed=42))
+
+
+def time_steps(session, data: List[Batch], warmup: int = 0, first: int = 0) -> List[float]:
+    """Train on ``data`` as steps ``first``, ``first + 1``, ...; the wall time of each step after
+    the first ``warmup``."""
     times = []
     for k, b in enumerate(data):
         t0 = time.perf_counter()
-        backend.train_step(k, b)
+        session.train_step(first + k, b)
         if k >= warmup:
             times.append(time.perf_counter() - t0)
     return times
 
 
-class StepTimer:
-    """Per-step time by part, from wrappers around the codec, the transport and the cloud session.
+class Clock:
+    """A listener on ``transport``: every message that crossed, as (direction, message, monotonic time)."""
 
-    Parts: ``edge_compute`` (net1 forward, backward and optimizer), ``edge_encode``,
-    ``transfer`` (the transport's call minus the cloud's work: serialization, the network,
-    thread hand-offs), ``cloud_decode``, ``cloud_compute``, ``cloud_encode``, ``edge_decode``.
-    The cloud parts are seen only where the cloud session runs in this process.
-    """
+    def __init__(self, transport: Transport) -> None:
+        self.events: List[Tuple[str, Any, float]] = []  # (direction, pb message, time)
+        transport.listeners.append(self)
 
-    def __init__(self) -> None:
-        self.parts: Dict[str, float] = defaultdict(float)
-        self._in_cloud = False
-        self._undo: List[Callable[[], None]] = []
+    def __call__(self, direction: str, msg: Message, at: float) -> None:
+        self.events.append((direction, msg, at))
 
-    def _patch(self, owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-        original = getattr(owner, name)
-        setattr(owner, name, make(original))
-        self._undo.append(lambda: setattr(owner, name, original))
 
-    def install(self, transport: Transport) -> None:
-        from sft_cloud.session import CloudSession
+class Watched(Transport):
+    """``inner`` as seen by the edge: ``waits`` holds how long each answer to a train step kept
+    the edge blocked. With ``lock``, lets go of it while blocked (many edges in one process, each
+    computing under the lock as if on a device of its own)."""
 
-        def timed_codec(kind: str) -> Callable[[Callable], Callable]:
-            def make(fn: Callable) -> Callable:
-                def wrapper(*a: Any, **k: Any) -> Any:
-                    t0 = time.perf_counter()
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        side = "cloud" if self._in_cloud else "edge"
-                        self.parts[f"{side}_{kind}"] += time.perf_counter() - t0
+    def __init__(self, inner: Transport, lock: Optional[threading.Lock] = None) -> None:
+        super().__init__()
+        self.inner, self.lock = inner, lock
+        self.waits: List[float] = []
 
-                return wrapper
+    def _submit(self, msg: pb.EdgeMessage) -> None:
+        self.inner.submit(msg)
 
-            return make
+    def _result(self) -> pb.CloudMessage:
+        if self.lock:
+            self.lock.release()
+        t0 = time.monotonic()
+        try:
+            reply = self.inner.result()
+            if reply.WhichOneof("kind") == "train":
+                self.waits.append(time.monotonic() - t0)
+            return reply
+        finally:
+            if self.lock:
+                self.lock.acquire()
 
-        def timed_train(fn: Callable) -> Callable:
-            def wrapper(session: Any, msg: Any) -> Any:
-                self._in_cloud = True
-                t0 = time.perf_counter()
-                try:
-                    return fn(session, msg)
-                finally:
-                    self.parts["cloud_total"] += time.perf_counter() - t0
-                    self._in_cloud = False
+    def close(self) -> None:
+        self.inner.close()
 
-            return wrapper
 
-        def timed_call(fn: Callable) -> Callable:
-            # A step is submit() then result(): together, the transport's call.
-            def wrapper(*a: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a)
-                finally:
-                    self.parts["call"] += time.perf_counter() - t0
+def timed_step(
+    session: EdgeSession, clock: Clock, step: int, batch: Batch, cloud: Optional[Callable[[], float]] = None
+) -> Dict[str, float]:
+    """One whole training step by part, in seconds: ``total``, ``edge_compute`` (net1 forward,
+    backward, optimizer), ``edge_encode``, ``edge_decode``, ``cloud_decode``, ``cloud_encode``
+    (the codec run again on the step's own payloads, right after it), and ``transfer`` (the
+    transport's round trip minus the cloud's work) with ``cloud_compute`` where ``cloud`` gives the
+    cloud's cumulative seconds, else ``transfer_and_cloud``."""
+    clock.events.clear()
+    cloud0 = cloud() if cloud else 0.0
+    t0 = time.monotonic()
+    session.train_step(step, batch)
+    out = {"total": time.monotonic() - t0}
+    (_, sent, t_sent), (_, reply, t_received) = clock.events
+    call = t_received - t_sent
+    acts, out["cloud_decode"] = _timed(lambda: codec.decode(sent.train.activations, name="activations"))
+    _, out["edge_encode"] = _timed(lambda: codec.encode(acts, session.wire_dtype, session.compression))
+    grad, out["edge_decode"] = _timed(lambda: codec.decode(reply.train.grad, name="gradient"))
+    _, out["cloud_encode"] = _timed(lambda: codec.encode(grad, session.wire_dtype, session.compression))
+    if cloud is None:  # the cloud is another process: its work is inside the round trip
+        out["transfer_and_cloud"] = call
+        del out["cloud_decode"], out["cloud_encode"]
+    else:
+        cloud_s = cloud() - cloud0
+        out["cloud_compute"] = cloud_s - out["cloud_decode"] - out["cloud_encode"]
+        out["transfer"] = call - cloud_s
+    out["edge_compute"] = out["total"] - call - out["edge_encode"] - out["edge_decode"]
+    return out
 
-            return wrapper
 
-        self._patch(codec, "encode", timed_codec("encode"))
-        self._patch(codec, "decode", timed_codec("decode"))
-        self._patch(CloudSession, "train", timed_train)
-        self._patch(transport, "submit", timed_call)
-        self._patch(transport, "result", timed_call)
-
-    def uninstall(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
-    def step(self, backend: SplitBackend, step: int, batch: Batch) -> Dict[str, float]:
-        """Run one training step and return its parts in seconds (``total`` is the whole step)."""
-        self.parts.clear()
-        t0 = time.perf_counter()
-        backend.train_step(step, batch)
-        total = time.perf_counter() - t0
-        p = dict(self.parts)
-        cloud_codec = p.get("cloud_encode", 0.0) + p.get("cloud_decode", 0.0)
-        out = {
-            "total": total,
-            "edge_encode": p.get("edge_encode", 0.0),
-            "edge_decode": p.get("edge_decode", 0.0),
-            "cloud_decode": p.get("cloud_decode", 0.0),
-            "cloud_encode": p.get("cloud_encode", 0.0),
-        }
-        if "cloud_total" in p:
-            out["cloud_compute"] = p["cloud_total"] - cloud_codec
-            out["transfer"] = p["call"] - p["cloud_total"]
-        else:  # the cloud is another process: its work is inside the call
-            out["transfer_and_cloud"] = p["call"]
-        out["edge_compute"] = total - p["call"] - out["edge_encode"] - out["edge_decode"]
-        return out
+def _timed(fn: Callable):
+    t0 = time.monotonic()
+    value = fn()
+    return value, time.monotonic() - t0

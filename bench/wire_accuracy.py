@@ -15,15 +15,14 @@ import sys
 import tempfile
 from typing import Dict, List
 
-from bench.common import GLUE_DIR, ROOT, save, start_daemon, stop_daemon, table
+from bench.common import GLUE_DIR, ROOT, daemon, save, table
 
 
 def run(
     dtypes: List[str], steps: int, model: str, rank: int, data_dir: str, task: str, extra: List[str]
 ) -> List[Dict]:
-    daemon, port = start_daemon()
     rows = []
-    try:
+    with daemon() as (_, port):
         for dtype in dtypes:
             with tempfile.TemporaryDirectory() as tmp:
                 report_path = os.path.join(tmp, "report.json")
@@ -41,14 +40,10 @@ def run(
                 "steps": report["steps"],
                 **{k: round(v, 4) for k, v in report["metrics"].items()},
                 "train_loss_last": round(report["train_loss_last"], 4),
-                "bytes_sent": report["bytes_sent"],
-                "bytes_received": report["bytes_received"],
-                "seconds": report["seconds"],
+                **{k: report[k] for k in ("bytes_sent", "bytes_received", "seconds")},
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    finally:
-        stop_daemon(daemon)
     return rows
 
 
@@ -65,29 +60,9 @@ def main() -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sft-edge train flags")
     args = p.parse_args()
     rows = run(args.dtypes, args.steps, args.model, args.rank, args.data_dir, args.task, args.extra)
-    metric_cols = [
-        k
-        for k in rows[0]
-        if k not in ("wire_dtype", "steps", "train_loss_last", "bytes_sent", "bytes_received", "seconds")
-    ]
-    print(
-        table(
-            rows,
-            [
-                "wire_dtype",
-                "steps",
-                *metric_cols,
-                "train_loss_last",
-                "bytes_sent",
-                "bytes_received",
-                "seconds",
-            ],
-        )
-    )
-    path = save(
-        args.name, {"model": args.model, "rank": args.rank, "task": args.task, "rows": rows}, args.out_dir
-    )
-    print(f"wrote {path}")
+    print(table(rows, list(rows[0])))
+    payload = {"model": args.model, "rank": args.rank, "task": args.task, "rows": rows}
+    print(f"wrote {save(args.name, payload, args.out_dir)}")
     return 0
 
 

@@ -93,27 +93,21 @@ def test_memory_accounting_adds_up():
     assert shares == sorted(shares, reverse=True) and len(set(shares)) == len(shares)
 
 
-def test_memory_phases_marks_every_phase():
-    from bench import memory_phases
+@pytest.mark.parametrize("split_layer", [None, 2])
+def test_memory_child_reports_time_and_every_phase(split_layer):
+    """One measured process, local or the split edge (its cloud in process): the peak of every phase
+    of every step, and the step time."""
+    from bench import memory
 
-    args = argparse.Namespace(model="random:tiny", split_layer=None, rank=4, batch_size=2, seq=8, steps=2,
-                              cloud=None)  # fmt: skip
-    out = memory_phases.child(args)
+    args = argparse.Namespace(model="random:tiny", kind="fixed", split_layer=split_layer, rank=4, mode="sft",
+                              batch_size=2, seq=8, steps=2, warmup=0, cloud=None)  # fmt: skip
+    out = memory.child(args)
     assert [s["step"] for s in out["steps"]] == [0, 1]
-    assert all(p in s for s in out["steps"] for p in memory_phases.PHASES)
-    assert out["peak_mib"] == max(s[p] for s in out["steps"] for p in memory_phases.PHASES)
-
-
-@pytest.mark.parametrize("phase", ["local", "inproc"])
-def test_edge_run_reports_time_and_memory(phase, capsys):
-    from bench import edge_run
-
-    edge_run.main(["--phase", phase, "--model", "random:tiny", "--kind", "fixed", "--batch-size", "2",
-                   "--seq", "8", "--steps", "1", "--warmup", "0"])  # fmt: skip
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(p in s for s in out["steps"] for p in memory.PHASES)
+    assert out["peak_mib"] == max(s[p] for s in out["steps"] for p in memory.PHASES)
     assert out["step_s"] > 0
     # The kernel updates RSS counters lazily: the peak may read a few pages below an earlier RSS.
-    assert out["memory_kb"]["end"]["VmHWM"] >= 0.95 * out["memory_kb"]["idle"]["VmRSS"] > 0
+    assert out["idle_mib"] + out["peak_mib"] >= 0.95 * out["idle_mib"] > 0
 
 
 def _can_make_netns() -> bool:
@@ -147,6 +141,21 @@ def test_link_benchmark_end_to_end(tmp_path):
     assert {r["mode"] for r in rows} == {"local", "sl", "sft"}
 
 
+@pytest.mark.skipif(not _can_make_netns(), reason="needs root, ip and tc (network namespaces)")
+def test_overlap_benchmark_end_to_end(tmp_path):
+    """bench.link --overlap on a tiny case: two namespaces, a shaped link, whole steps against micro-batches."""
+    subprocess.run([sys.executable, "-m", "bench.link", "--overlap", "--model", "random:tiny", "--kind", "fixed",
+                    "--batch-size", "4", "--seq", "8", "--steps", "1", "--warmup", "0", "--rates", "100",
+                    "--configs", "sft:2", "sl:3", "--micro", "1", "2", "--depths", "2", "--out-dir", str(tmp_path)],
+                   check=True, cwd=ROOT)  # fmt: skip
+    rows = json.loads((tmp_path / "overlap.json").read_text())["rows"]
+    assert [(r["mode"], r["micro"]) for r in rows] == [("sft", 1), ("sft", 2), ("sl", 1), ("sl", 2)]
+    assert all(r["step_s"] > 0 and r["bytes_per_step"] > 0 for r in rows)
+    assert [r["speedup"] for r in rows if r["micro"] == 1] == [1.0, 1.0]
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "sftb-" not in names  # the namespaces were removed
+
+
 @pytest.mark.slow
 def test_memory_benchmark_end_to_end(tmp_path):
     subprocess.run([sys.executable, "-m", "bench.memory", "--model", "random:tiny", "--layers", "0",
@@ -154,16 +163,22 @@ def test_memory_benchmark_end_to_end(tmp_path):
                     "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["local", "edge (sft)"]
+    subprocess.run([sys.executable, "-m", "bench.memory", "--phases", "--model", "random:tiny", "--layers", "0",
+                    "--batch-size", "2", "--seq", "8", "--steps", "2", "--warmup", "0",
+                    "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
+    runs = json.loads((tmp_path / "memory_phases.json").read_text())["runs"]
+    assert [r["run"] for r in runs] == ["local", "edge l=0"] and all(len(r["steps"]) == 2 for r in runs)
 
 
 def test_residual_ablation_without_the_residual_is_the_split_run(glue_dir, tmp_path):
-    """bench/residual_ablation trains in one process; without --keep-residual it must be the
+    """bench.studies.residual_ablation trains in one process; without --keep-residual it must be the
     very run `sft-edge train` makes through a cloud session, so that the residual is the only
     difference between its two variants."""
-    from bench import residual_ablation
-    from bench.harness import transport_for
+    from bench.harness import inproc
+    from bench.studies import residual_ablation
     from sft_common.models import load_base_model
-    from sft_edge.trainer import TrainConfig, train
+    from sft_edge.config import TrainConfig
+    from sft_edge.trainer import train
 
     common = ["--model", "random:tiny", "--task", "mrpc", "--data-dir", glue_dir, "--max-examples", "48"]
     common += ["--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out-dir", str(tmp_path)]
@@ -177,7 +192,7 @@ def test_residual_ablation_without_the_residual_is_the_split_run(glue_dir, tmp_p
         task="mrpc", cloud="in-process", model="random:tiny", data_dir=glue_dir, batch_size=8, epochs=2,
         max_train_examples=48, lr=1e-3, progress=False,
     )  # fmt: skip
-    report = train(cfg, lambda: transport_for("inproc", base), base=base)
+    report = train(cfg, lambda: inproc(base), base=base)
     assert [e["accuracy"] for e in report["eval_history"]] == [e["accuracy"] for e in dropped["eval_history"]]
     assert report["train_loss_last"] == pytest.approx(dropped["train_loss_last"], abs=1e-5)
     assert kept["train_loss_last"] != pytest.approx(

@@ -159,7 +159,7 @@ def test_niced_runs_go_in_a_session_of_their_own_whose_group_is_niced():
     if shutil.which("setsid") is None:
         pytest.skip("no setsid")
     probe = "nice; cat /proc/self/autogroup 2>/dev/null || echo none"
-    out = subprocess.run(_bench()._niced(7) + ["sh", "-c", probe], capture_output=True, text=True, check=True)
+    out = subprocess.run(_bench().niced(7) + ["sh", "-c", probe], capture_output=True, text=True, check=True)
     niceness, group = out.stdout.strip().splitlines()
     assert int(niceness) == min(19, os.nice(0) + 7)  # nice adds to the niceness the suite runs at
     if group != "none" and os.path.exists("/proc/self/autogroup"):
@@ -168,4 +168,4 @@ def test_niced_runs_go_in_a_session_of_their_own_whose_group_is_niced():
         assert group.split()[0] != mine  # a session, and so a scheduling group, of its own
         if os.access("/proc/self/autogroup", os.W_OK):
             assert group.endswith("nice 7")
-    assert _bench()._niced(0) == []
+    assert _bench().niced(0) == []

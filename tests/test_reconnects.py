@@ -1,4 +1,4 @@
-"""Many re-attachments of one session, clean and abrupt: no thread or stream is left behind."""
+"""Many re-attachments of one session, clean and abrupt: no thread or stream is left behind (bench.load)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.reconnects import WAYS, Reconnector  # noqa: E402
+from bench.load import WAYS, Reconnector  # noqa: E402
 
 
 def _settled_threads(registry, timeout=10.0) -> int:

