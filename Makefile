@@ -66,8 +66,9 @@ compose-config:
 certs:
 	$(PYTHON) -m sft_common.certs --out certs/dev $(CERTS_ARGS)
 
+# Trains on the repository's own examples/data/*.csv: needs neither ../shared nor the network.
 demo:
-	$(PYTHON) examples/demo.py --data-dir $(GLUE_DIR)
+	$(PYTHON) examples/demo.py
 
 # Baseline vs SFT accuracy on GLUE through a real daemon (docs/accuracy.md). Resumable: finished runs
 # are kept in bench/results/accuracy/ and skipped. ACCURACY_PLAN=quick (reduced SST-2 budget) or full.

@@ -1,8 +1,11 @@
-"""The offline demo: fine-tune the packaged MiniLM on SST-2 through a real sft-cloud daemon.
+"""The offline demo: fine-tune the packaged MiniLM on a labelled CSV through a real sft-cloud daemon.
 
 Starts `sft-cloud serve` as a separate process on a free localhost port, runs `sft-edge train`
 against it for a short budget, prints the dev accuracy and the traffic, and stops the daemon.
-Usage: python examples/demo.py --data-dir ../shared/data/glue [--steps 200]
+The data is the repository's own `examples/data/sst2_train.csv` (3,000 SST-2 sentences, string
+labels) and `sst2_dev.csv` (SST-2's 872 dev sentences), read as any user's file would be.
+Usage: python examples/demo.py [--steps 200]; with --task sst2 --data-dir ../shared/data/glue,
+the GLUE preset instead.
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ from sft_cloud.launch import start_daemon, stop_daemon
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="../shared/data/glue", help="GLUE TSV folder")
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser.add_argument("--train-file", default=os.path.join(here, "data", "sst2_train.csv"))
+    parser.add_argument("--dev-file", default=os.path.join(here, "data", "sst2_dev.csv"))
     parser.add_argument("--steps", type=int, default=200, help="training steps (batch 32)")
-    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--task", help="a GLUE task instead of the CSV files (needs --data-dir)")
+    parser.add_argument("--data-dir", default="../shared/data/glue", help="GLUE TSV folder, with --task")
     args = parser.parse_args()
+    if args.task:
+        data = ["--task", args.task, "--data-dir", args.data_dir]
+    else:
+        data = ["--train-file", args.train_file, "--dev-file", args.dev_file]
+        data += ["--text-columns", "review", "--label-column", "sentiment"]
 
     daemon, port = start_daemon(["--insecure"])
     try:
@@ -32,7 +43,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             report_path = os.path.join(tmp, "report.json")
             rc = subprocess.call([
-                sys.executable, "-m", "sft_edge.cli", "train", "--task", args.task, "--data-dir", args.data_dir,
+                sys.executable, "-m", "sft_edge.cli", "train", *data,
                 "--cloud", f"127.0.0.1:{port}", "--insecure", "--max-steps", str(args.steps),
                 "--report", report_path,
             ])  # fmt: skip
@@ -42,7 +53,7 @@ def main() -> int:
                 report = json.load(f)
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items())
         print(
-            f"demo: {report['task']} dev {metrics} after {report['steps']} steps in {report['seconds']:.0f}s; "
+            f"demo: {args.task or 'sst2_dev.csv'} dev {metrics} after {report['steps']} steps in {report['seconds']:.0f}s; "
             f"sent {report['bytes_sent'] / 1e6:.1f} MB, received {report['bytes_received'] / 1e6:.1f} MB"
         )
         return 0

@@ -116,28 +116,56 @@ class SplitModel(nn.Module):
         return self.session.close()
 
 
-class SplitOptimizer:
-    """Steps net1's optimizer and its LR schedule; the cloud steps net2 when it answers a step."""
+class SplitOptimizer(torch.optim.Optimizer):
+    """Steps net1's AdamW and the session's LR schedule; the cloud steps net2 when it answers.
 
-    def __init__(self, session: EdgeSession):
-        self.session = session
+    A real ``torch.optim.Optimizer`` (its ``param_groups`` and ``state`` are net1's optimizer's),
+    so a scheduler or ``transformers.Trainer`` can drive it. The cloud follows the schedule the
+    session was opened with (``total_steps``, ``warmup_steps``: linear), so a scheduler of the
+    user's must set the same learning rates; ``step`` refuses, saying what to change, if not.
+    """
+
+    def __init__(self, session: EdgeSession, model: SplitModel):
+        self.session, self.model = session, model
         self.optimizer = session.optimizer
+        super().__init__(
+            [p for g in self.optimizer.param_groups for p in g["params"]], self.optimizer.defaults
+        )
+        self.param_groups = self.optimizer.param_groups  # one source of truth for lr and state
+        self.state = self.optimizer.state
+        self._stepped_at = model.step  # the cloud step of the last update
 
-    @property
-    def param_groups(self) -> list:
-        return self.optimizer.param_groups
-
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
         if closure is not None:
             raise ValueError("split training cannot re-evaluate the loss: step() takes no closure")
+        forwards = self.model.step - self._stepped_at
+        if forwards > 1:
+            raise ValueError(
+                f"{forwards} training forwards before one optimizer step: each forward is a cloud step "
+                "that updates net2, so gradient accumulation cannot work (Trainer: gradient_accumulation_steps=1)"
+            )
+        expected = self.session.schedule.get_last_lr()
+        actual = [g["lr"] for g in self.param_groups]
+        if any(abs(a - e) > 1e-6 * max(abs(e), 1e-12) for a, e in zip(actual, expected)):
+            raise ValueError(
+                f"the learning rate is {actual[0]:.3g} where the split session's schedule says {expected[0]:.3g}: "
+                "the cloud follows a linear decay over sft.wrap(total_steps=..., warmup_steps=...), warming up as "
+                "(k+1)/(W+1); give sft.wrap the run's steps (Trainer: max_steps=total_steps, lr_scheduler_type='linear', "
+                "warmup_steps=0, or drive the loop yourself for a warm-up)"
+            )
         self.optimizer.step()
         self.session.schedule.step()
+        self._stepped_at = self.model.step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "schedule": self.session.schedule.state_dict()}
+        """net1's AdamW state, in torch's format (accelerate saves and reloads it)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
 
 
 def wrap(
@@ -198,7 +226,8 @@ def wrap(
         "split training of %s via %s: %s at layer %d, rank %d; net1 on %s",
         base.name, cloud, mode, spec.split_layer, rank, device,
     )  # fmt: skip
-    return SplitModel(session), SplitOptimizer(session)
+    model = SplitModel(session)
+    return model, SplitOptimizer(session, model)
 
 
 def _base_model(model: Union[nn.Module, str]) -> BaseModel:
