@@ -145,7 +145,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                 "that updates net2, so gradient accumulation cannot work (Trainer: gradient_accumulation_steps=1)"
             )
         expected = self.session.schedule.get_last_lr()
-        actual = [g["lr"] for g in self.param_groups]
+        actual = [float(g["lr"]) for g in self.param_groups]
         if any(abs(a - e) > 1e-6 * max(abs(e), 1e-12) for a, e in zip(actual, expected)):
             raise ValueError(
                 f"the learning rate is {actual[0]:.3g} where the split session's schedule says {expected[0]:.3g}: "
