@@ -144,7 +144,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                 f"{forwards} training forwards before one optimizer step: each forward is a cloud step "
                 "that updates net2, so gradient accumulation cannot work (Trainer: gradient_accumulation_steps=1)"
             )
-        expected = self.session.schedule.get_last_lr()
+        expected = [float(lr) for lr in self.session.schedule.get_last_lr()]
         actual = [float(g["lr"]) for g in self.param_groups]
         if any(abs(a - e) > 1e-6 * max(abs(e), 1e-12) for a, e in zip(actual, expected)):
             raise ValueError(
