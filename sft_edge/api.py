@@ -40,6 +40,7 @@ from sft_common.spec import SplitSpec
 from sft_common.split import task_loss
 from sft_edge.config import LinkOptions, OptimConfig, TrainConfig
 from sft_edge.data import Batch
+from sft_edge.run import ROUTE_HEADER, route_key
 from sft_edge.session import EdgeSession
 from sft_edge.transport import connector
 
@@ -212,7 +213,7 @@ def wrap(
     from sft_edge.credentials import secure_link
 
     creds, metadata = secure_link(cloud, insecure, tls_ca, tls_cert, tls_key, auth_token_file)
-    transport = connector(cloud, creds, metadata)()
+    transport = connector(cloud, creds, [*metadata, (ROUTE_HEADER, route_key(None))])()
     optim = OptimConfig(lr, weight_decay, warmup_steps, total_steps, seed, factor_lr)
     link = LinkOptions(wire_dtype=wire_dtype, compression=compression)
     try:

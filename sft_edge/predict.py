@@ -60,7 +60,7 @@ def export(cfg: ExportConfig) -> str:
         session.close()
     tmp = cfg.to.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(cfg.run, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "*.png"))
+    shutil.copytree(cfg.run, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "*.png", "route-key"))
     with open(os.path.join(tmp, "cloud.safetensors"), "wb") as f:
         f.write(weights)
     info.update(part="split", weights=["edge.safetensors", "cloud.safetensors"])
@@ -88,7 +88,7 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
 
     from sft_common.models import load_base_model
     from sft_common.spec import SplitSpec
-    from sft_edge.run import grpc_connector
+    from sft_edge.run import grpc_connector, route_key
     from sft_edge.session import EdgeSession
 
     if not info.get("session_id"):
@@ -97,7 +97,7 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"])
     link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])
     session = EdgeSession(
-        base, spec, int(info["num_labels"]), grpc_connector(connection), OptimConfig(seed=int(info["seed"])),
+        base, spec, int(info["num_labels"]), grpc_connector(connection, route_key(folder)), OptimConfig(seed=int(info["seed"])),
         batch_size=int(info["batch_size"]), max_seq_len=int(info["max_seq_len"]), link=link, device=device,
         session_id=info["session_id"], inference_only=True,
     )  # fmt: skip

@@ -6,6 +6,8 @@ local model), resuming from ``--output-dir``'s checkpoints when asked.
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -125,12 +127,35 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     return Run(task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim)
 
 
-def grpc_connector(cfg: Union[TrainConfig, Connection]) -> Callable[[], Transport]:
+ROUTE_HEADER = "x-sft-route"  # an L7 proxy hashes on it to send a run's streams to one replica
+ROUTE_FILE = "route-key"
+
+
+def route_key(run_dir: Optional[str]) -> str:
+    """The routing key of a run: kept in its folder (the same across reconnects, ``--resume``,
+    ``predict`` and ``export``), or one per process without a folder."""
+    if not run_dir:
+        return secrets.token_hex(16)
+    path = os.path.join(run_dir, ROUTE_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read().strip()
+    key = secrets.token_hex(16)
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(key + "\n")
+    os.replace(tmp, path)
+    return key
+
+
+def grpc_connector(cfg: Union[TrainConfig, Connection], route: str) -> Callable[[], Transport]:
     """Streams to the daemon named by ``cfg.cloud``: TLS unless ``--insecure``, with this
-    device's bearer token when it has one."""
+    device's bearer token when it has one, and the run's routing key on every stream."""
     creds, metadata = credentials.secure_link(
         cfg.cloud, cfg.insecure, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.auth_token_file
     )
+    metadata = [*metadata, (ROUTE_HEADER, route)]
     return connector(cfg.cloud, creds, metadata, timeout=cfg.step_timeout)
 
 
@@ -152,7 +177,7 @@ def open_session(
         start = held[0] if held else 0
         return LocalSession(run.base, run.task.num_labels, run.optim, run.device, checkpoints, start), state
     session = EdgeSession(
-        run.base, run.spec, run.task.num_labels, connect or grpc_connector(cfg), run.optim, cfg.batch_size,
+        run.base, run.spec, run.task.num_labels, connect or grpc_connector(cfg, route_key(cfg.output_dir)), run.optim, cfg.batch_size,
         run.max_len, cfg.link, run.task.name, run.device, checkpoints, state.session_id, held,
         cfg.reconnect_timeout,
     )  # fmt: skip
