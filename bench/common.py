@@ -103,12 +103,10 @@ def add_workload_args(
 def niced(nice: int) -> List[str]:
     """A command prefix: run at ``nice``, in a session of its own whose scheduling group is niced too.
 
-    With autogroup scheduling (Linux, /proc/sys/kernel/sched_autogroup_enabled = 1) the CPU is
-    shared between sessions first, and a process's niceness orders it only within its session:
-    a `nice 19` run started from another terminal still takes half the machine. Measured here:
-    the demo ran at about 5 s a step beside a `nice 19` accuracy run, about 1 s once the run's
-    group was niced. (Where there is no autogroup, the echo fails quietly and `nice` remains.)
-    """
+    Under autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled = 1) the CPU is shared
+    between sessions first, so `nice 19` alone does not make a run yield to another terminal's
+    work (measured: the demo ran at 5 s a step beside such a run, 1 s once its group was niced).
+    Where there is no autogroup, the echo fails quietly and `nice` remains."""
     if nice <= 0:
         return []
     script = f'echo {nice} > /proc/self/autogroup 2>/dev/null; exec nice -n {nice} "$@"'

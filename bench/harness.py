@@ -1,11 +1,9 @@
 """Split training set up for measurement: batches, sessions over each transport, what crossed and when.
 
-``batches`` gives fixed-shape (every sequence full length) or real SST-2 batches in the trainer's
-order; ``split_session`` is the product's ``EdgeSession`` over an in-process cloud session
-(``inproc``), a gRPC server in this process (``grpc_server``) or a daemon elsewhere. Nothing in the
-product is wrapped or replaced: ``Clock`` is a ``Transport`` listener (every message and when it
-crossed), ``Watched`` a transport around another that records how long the edge waited for answers,
-and ``timed_step`` splits a training step into edge compute, codec, transfer and cloud compute.
+``split_session`` is the product's ``EdgeSession`` over an in-process cloud session (``inproc``),
+a gRPC server in this process (``grpc_server``) or a daemon. Nothing in the product is wrapped:
+``record`` is a ``Transport`` listener, ``Watched`` a transport around another that times the
+edge's waits, ``timed_step`` splits a step into edge compute, codec, transfer and cloud compute.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from google.protobuf.message import Message
 
 from bench.common import GLUE_DIR
 from sft_common import codec
@@ -94,6 +91,9 @@ def grpc(address: str) -> GrpcTransport:
     return GrpcTransport(open_channel(address), owns_channel=True)
 
 
+SECONDS = ("sft_step_seconds_sum", {"kind": "train"})  # the daemon's time answering train steps
+
+
 @contextlib.contextmanager
 def grpc_server(base: BaseModel) -> Iterator[Tuple[str, Callable[[], float]]]:
     """A real gRPC server on a free localhost port in this process: (address, the seconds it has
@@ -105,10 +105,7 @@ def grpc_server(base: BaseModel) -> Iterator[Tuple[str, Callable[[], float]]]:
     cfg = ServeConfig(host="127.0.0.1", port=0, insecure=True)
     server, port, _ = create_server(cfg, in_process_registry(base), metrics)
     try:
-        yield (
-            f"127.0.0.1:{port}",
-            lambda: metrics.registry.get_sample_value("sft_step_seconds_sum", {"kind": "train"}) or 0.0,
-        )
+        yield f"127.0.0.1:{port}", lambda: metrics.registry.get_sample_value(*SECONDS) or 0.0
     finally:
         server.stop(0)
 
@@ -138,15 +135,11 @@ def time_steps(session, data: List[Batch], warmup: int = 0, first: int = 0) -> L
     return times
 
 
-class Clock:
-    """A listener on ``transport``: every message that crossed, as (direction, message, monotonic time)."""
-
-    def __init__(self, transport: Transport) -> None:
-        self.events: List[Tuple[str, Any, float]] = []  # (direction, pb message, time)
-        transport.listeners.append(self)
-
-    def __call__(self, direction: str, msg: Message, at: float) -> None:
-        self.events.append((direction, msg, at))
+def record(transport: Transport) -> List[Tuple[str, Any, float]]:
+    """Every message that crosses ``transport`` from now on: (direction, message, monotonic time)."""
+    events: List[Tuple[str, Any, float]] = []
+    transport.listeners.append(lambda *event: events.append(event))
+    return events
 
 
 class Watched(Transport):
@@ -180,19 +173,19 @@ class Watched(Transport):
 
 
 def timed_step(
-    session: EdgeSession, clock: Clock, step: int, batch: Batch, cloud: Optional[Callable[[], float]] = None
+    session: EdgeSession, events: List, step: int, batch: Batch, cloud: Optional[Callable[[], float]] = None
 ) -> Dict[str, float]:
     """One whole training step by part, in seconds: ``total``, ``edge_compute`` (net1 forward,
     backward, optimizer), ``edge_encode``, ``edge_decode``, ``cloud_decode``, ``cloud_encode``
     (the codec run again on the step's own payloads, right after it), and ``transfer`` (the
     transport's round trip minus the cloud's work) with ``cloud_compute`` where ``cloud`` gives the
     cloud's cumulative seconds, else ``transfer_and_cloud``."""
-    clock.events.clear()
+    events.clear()
     cloud0 = cloud() if cloud else 0.0
     t0 = time.monotonic()
     session.train_step(step, batch)
     out = {"total": time.monotonic() - t0}
-    (_, sent, t_sent), (_, reply, t_received) = clock.events
+    (_, sent, t_sent), (_, reply, t_received) = events
     call = t_received - t_sent
     acts, out["cloud_decode"] = _timed(lambda: codec.decode(sent.train.activations, name="activations"))
     _, out["edge_encode"] = _timed(lambda: codec.encode(acts, session.wire_dtype, session.compression))

@@ -1,23 +1,20 @@
-"""A real two-host link: local, plain split learning and SFT over a shaped veth, whole steps or
-micro-batches in flight.
+"""A real two-host link: local, split learning and SFT over a shaped veth, whole steps or micro-batches.
 
-The cloud (`sft-cloud serve`, with its Prometheus metrics) runs in one network namespace and the
-edge (this module, ``--edge``) in another, joined by a veth pair shaped by tbf to each rate in
-``--rates`` (Mbit/s); ``bench.netns`` makes them and deletes them however the run ends. Needs root.
-For each rate, each configuration (``MODE[:SPLIT_LAYER]``, the last layer by default; ``local``:
-the whole model, no link) and each micro-batch count and depth, the edge trains ``--steps`` steps
-after ``--warmup`` and records: the median step time; ``edge_wait_s``, the mean time a step kept
-the edge blocked waiting for answers, and ``edge_busy_s``, the rest (the edge computing); the
-message bytes the product counted and the bytes that crossed the edge's interface (every header
-included); the daemon's own time for a step (mean, from its ``sft_step_seconds`` metric); and one
-round trip (median TCP connect time).
-
-The default table compares each step with its floor: edge compute + cloud compute + interface
-bytes / rate + one round trip. ``--overlap``: the micro-batch table (``--micro-batches K
---pipeline-depth D``), with each side on one intra-op thread (OMP_NUM_THREADS=1), so each has one
-core of a 2-core machine and the cloud's work can overlap the edge's; the update is the same in
-every row (tests/test_pipeline.py), only the schedule differs. Depth 1 with K > 1 is
-micro-batching without overlap: each micro-batch is padded only to its own longest sequence.
+The cloud (`sft-cloud serve`) runs in one network namespace, the edge (``--edge``) in another,
+joined by a veth pair shaped by tbf to each of ``--rates`` (Mbit/s). Needs root.
+For each rate, configuration (``MODE[:SPLIT_LAYER]``, default the last layer; ``local``: the
+whole model, no link), micro-batch count and depth, the edge trains ``--steps`` steps after
+``--warmup``: the median step; ``edge_wait_s``, the mean time a step kept the edge blocked on
+answers, and ``edge_busy_s`` the rest; message bytes as the product counts them and interface
+bytes (every header); the daemon's mean time for a step (its ``sft_step_seconds`` metric); one
+round trip (median TCP connect time). The default table sets each step against its floor: edge
+compute + cloud compute + interface bytes / rate + one round trip. ``--overlap``: micro-batches
+in flight against whole steps, each side on one intra-op thread (one core each of a 2-core
+machine, so the cloud's work can overlap the edge's); the update is the same in every row
+(tests/test_pipeline.py). Depth 1 with K > 1 is micro-batching without overlap.
+The namespaces: the cloud in ``sftb-cloud`` (192.0.2.1), the edge in ``sftb-edge`` (192.0.2.2),
+TEST-NET-1 addresses (RFC 5737) that route nowhere; tbf shapes each end's egress, so both
+directions run at the rate; ``namespaces()`` deletes them (and the veth pair) however it ends.
 Usage: sudo python -m bench.link [--rates 1000 100 10] [--configs local sl sft]
        sudo python -m bench.link --overlap [--rates 100 10] [--configs sl:5 sft:5 sft:2] [--micro 1 2 4] [--depths 1 2]
 """
@@ -25,16 +22,25 @@ Usage: sudo python -m bench.link [--rates 1000 100 10] [--configs local sl sft]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import pathlib
 import re
+import signal
+import socket
+import subprocess
 import sys
+import time
 import urllib.request
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
-from bench import netns
 from bench.common import ONE_THREAD, add_workload_args, daemon, median, run_child, save, table
 
+CLOUD_NS, EDGE_NS = "sftb-cloud", "sftb-edge"
+CLOUD_IF, EDGE_IF = "sftb-c", "sftb-e"
+CLOUD_IP, EDGE_IP = "192.0.2.1", "192.0.2.2"
+EXEC_CLOUD, EXEC_EDGE = ["ip", "netns", "exec", CLOUD_NS], ["ip", "netns", "exec", EDGE_NS]
 METRICS_PORT = 9100  # the daemon's /metrics, in its own namespace
 DEFAULTS = {
     "link": {"rates": [1000, 100, 10], "configs": ["local", "sl", "sft"], "micro": [1], "depths": [1], "steps": 10},
@@ -43,12 +49,93 @@ DEFAULTS = {
 }  # fmt: skip
 
 
-def cloud_seconds() -> List[float]:
-    """The daemon's ``sft_step_seconds{kind="train"}`` sum and count: its time answering train steps."""
-    with urllib.request.urlopen(f"http://{netns.CLOUD_IP}:{METRICS_PORT}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    found = dict(re.findall(r'^sft_step_seconds_(sum|count)\{kind="train"\} (\S+)$', text, re.M))
-    return [float(found.get("sum", 0)), float(found.get("count", 0))]
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True)
+
+
+def teardown() -> None:
+    for ns in (CLOUD_NS, EDGE_NS):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def setup() -> None:
+    teardown()
+    for ns in (CLOUD_NS, EDGE_NS):
+        sh("ip", "netns", "add", ns)
+    sh(*f"ip link add {CLOUD_IF} netns {CLOUD_NS} type veth peer name {EDGE_IF} netns {EDGE_NS}".split())
+    for ns, ifname, ip in ((CLOUD_NS, CLOUD_IF, CLOUD_IP), (EDGE_NS, EDGE_IF, EDGE_IP)):
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
+        sh("ip", "-n", ns, "link", "set", ifname, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def shape(rate_mbit: float) -> Dict[str, str]:
+    """Rate-limit both directions with tbf (no delay: this kernel has no netem, see netem_available)."""
+    rate_bytes = rate_mbit * 1e6 / 8
+    # Burst: at least one 10 ms token refill (and 32 KB); queue: 200 ms at the rate (at least
+    # 256 KB), so TCP sees a deep enough queue to reach the rate without excess drops.
+    burst = max(int(rate_bytes / 100), 32 * 1024)
+    limit = max(int(rate_bytes * 0.2), 256 * 1024)
+    tbf = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
+    applied = {}
+    for ns, ifname in ((CLOUD_NS, CLOUD_IF), (EDGE_NS, EDGE_IF)):
+        tc = ["ip", "netns", "exec", ns, "tc", "qdisc"]
+        sh(*tc, "del", "dev", ifname, "root", check=False)
+        sh(*tc, "add", "dev", ifname, "root", *tbf)
+        applied[ifname] = sh(*tc, "show", "dev", ifname).stdout.strip()
+    return applied
+
+
+def netem_available() -> bool:
+    """Whether this kernel has the netem qdisc (tried on the edge's veth, then removed)."""
+    tc = [*EXEC_EDGE, "tc", "qdisc"]
+    out = sh(*tc, "add", "dev", EDGE_IF, "root", "netem", "delay", "1ms", check=False)
+    sh(*tc, "del", "dev", EDGE_IF, "root", check=False)
+    return out.returncode == 0
+
+
+def counters(ifname: str = EDGE_IF) -> Dict[str, int]:
+    """tx/rx bytes and packets of an interface in this process's namespace (all headers included)."""
+    stats = pathlib.Path(f"/sys/class/net/{ifname}/statistics")
+    return {
+        key: int((stats / key).read_text()) for key in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
+    }
+
+
+def tcp_rtt(host: str, port: int, n: int = 15) -> float:
+    """Median TCP connect time (SYN -> SYN/ACK): one round trip, in seconds."""
+    times: List[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port), timeout=10):
+            times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+@contextlib.contextmanager
+def namespaces() -> Iterator[None]:
+    """The two namespaces for the duration of the block; deleted however the block ends."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum, frame):  # turn SIGTERM into an exception so `finally` runs
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        setup()
+        yield
+    finally:
+        teardown()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def cloud_seconds() -> float:
+    """The daemon's time answering train steps so far (its ``sft_step_seconds`` metric)."""
+    with urllib.request.urlopen(f"http://{CLOUD_IP}:{METRICS_PORT}/metrics", timeout=30) as r:
+        found = re.search(r'^sft_step_seconds_sum\{kind="train"\} (\S+)$', r.read().decode(), re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def edge(args: argparse.Namespace) -> List[Dict]:
@@ -68,19 +155,12 @@ def edge(args: argparse.Namespace) -> List[Dict]:
     rows = []
     if "local" in args.configs:
         times = time_steps(local_session(base, n), data, args.warmup)
-        rows.append(
-            {
-                "config": "local",
-                "mode": "local",
-                "rate_mbit": "-",
-                "step_s": median(times),
-                "all_step_s": times,
-            }
-        )
+        rows.append({"config": "local", "mode": "local", "rate_mbit": "-", "step_s": median(times),
+                     "all_step_s": times})  # fmt: skip
     host, port = args.cloud.rsplit(":", 1)
     for rate in args.rates:
-        netns.shape(rate)
-        rtt = netns.tcp_rtt(host, int(port))
+        shape(rate)
+        rtt = tcp_rtt(host, int(port))
         for config in [c for c in args.configs if c != "local"]:
             mode, _, layer = config.partition(":")
             spec = SplitSpec(split_layer=int(layer or last), rank=args.rank, mode=mode)
@@ -90,20 +170,17 @@ def edge(args: argparse.Namespace) -> List[Dict]:
                 link = LinkOptions(args.wire, micro_batches=micro, pipeline_depth=depth)
                 session = split_session(base, spec, transport, n, args.batch_size, args.seq, link)
                 time_steps(session, data[: args.warmup])
-                cloud0, bytes0, if0 = (
-                    cloud_seconds(),
-                    transport.bytes_sent + transport.bytes_received,
-                    netns.counters(),
-                )
+                cloud0, if0 = cloud_seconds(), counters()
+                bytes0 = transport.bytes_sent + transport.bytes_received
                 times = time_steps(session, data[args.warmup :], first=args.warmup)
-                if1, cloud1 = netns.counters(), cloud_seconds()
+                if1, cloud1 = counters(), cloud_seconds()
                 msg_bytes = transport.bytes_sent + transport.bytes_received - bytes0
                 wait = sum(transport.waits[-args.steps * micro :]) / args.steps
                 session.close()
                 row = {"config": config, "mode": mode, "split_layer": spec.split_layer, "rate_mbit": rate,
                        "micro": micro, "depth": depth, "step_s": median(times), "all_step_s": times,
                        "edge_wait_s": wait, "edge_busy_s": median(times) - wait, "rtt_s": rtt,
-                       "cloud_s": (cloud1[0] - cloud0[0]) / args.steps, "tokens_per_step": tokens,
+                       "cloud_s": (cloud1 - cloud0) / args.steps, "tokens_per_step": tokens,
                        "msg_bytes_per_step": msg_bytes / args.steps,
                        **{f"if_{k}_per_step": (if1[k] - if0[k]) / args.steps for k in if1}}  # fmt: skip
                 rows.append(row)
@@ -145,16 +222,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(edge(argparse.Namespace(**json.loads(args.edge)))))
         return 0
     what = "overlap" if args.overlap else "link"
-    for key, value in DEFAULTS[what].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.__dict__.update({k: v for k, v in DEFAULTS[what].items() if getattr(args, k) is None})
     env = dict(os.environ, **ONE_THREAD) if args.overlap else None
     metrics = ["--metrics-port", str(METRICS_PORT)]
-    with netns.link():
-        netem = netns.netem_available()
-        with daemon(metrics, host=netns.CLOUD_IP, prefix=netns.EXEC_CLOUD, env=env) as (_, port):
-            edge_args = json.dumps({**vars(args), "cloud": f"{netns.CLOUD_IP}:{port}"})
-            rows = run_child("bench.link", ["--edge", edge_args], netns.EXEC_EDGE, env)
+    with namespaces():
+        netem = netem_available()
+        with daemon(metrics, host=CLOUD_IP, prefix=EXEC_CLOUD, env=env) as (_, port):
+            edge_args = json.dumps({**vars(args), "cloud": f"{CLOUD_IP}:{port}"})
+            rows = run_child("bench.link", ["--edge", edge_args], EXEC_EDGE, env)
     order = {c: i for i, c in enumerate(args.configs)}
     rows.sort(key=lambda r: order[r["config"]])  # stable: rates, then micro-batches, in the order run
     if args.overlap:

@@ -1,33 +1,24 @@
-"""Load and reconnects: one daemon process under many concurrent sessions, and under 1,000
-re-attachments of one session.
+"""A daemon process (`sft-cloud serve`) under many concurrent sessions, or 1,000 re-attachments of one.
 
-    python -m bench.load --sessions 32 --steps 20       # or: make bench-load
-    python -m bench.load --reconnects 1000              # or: make bench-reconnects
+    python -m bench.load --sessions 32 --steps 20       # make bench-load: bench/results/load.json
+    python -m bench.load --reconnects 1000              # make bench-reconnects: reconnects.json
 
-Both start `sft-cloud serve` as its own process, so its memory and threads are its own.
-
-**Load** runs every session alone first (the reference), then all of them at once, and checks that
-each session's final weights, edge and cloud, are bitwise those of its solo run. It records the
-step latency as the edges see it (p50/p99 of a train step's round trip: network, queueing behind
-other sessions and the cloud's compute) and the daemon's RSS and thread count before, at peak and
-after (bench/results/load.json). The edges are threads of this process. Dropout draws from the
-process-wide RNG, so each edge's own compute runs under one lock that it releases while it waits
-for the cloud: 32 threads then draw exactly the masks that 32 devices would (the cloud does the
-same, see CloudSession._rng).
-
-**Reconnects** opens one session, then re-attaches to it over and over from a new channel, each
-time in one of four ways: a clean stream (re-attach, one step, half-close), a clean stream with no
-step, an abrupt drop after one step (``GrpcTransport.close()``: the call is cancelled, no close
-message), and an abrupt drop after a retried step (re-attach at the previous step, re-send it, get
-the cached reply). Every 100 reconnects it records the daemon's RSS and thread count
-(bench/results/reconnects.json).
+Load runs every session alone (the reference), then all at once, and checks that each ends with
+its solo run's weights, edge and cloud, bit for bit; it records the step latency the edges see
+(p50/p99 of a train step's round trip) and the daemon's RSS and threads before, at peak and
+after. The edges are threads of this process; dropout draws from the process-wide RNG, so each
+edge computes under one lock that it lets go of while it waits for the cloud (``Watched``): 32
+threads then draw the masks 32 devices would (the cloud does the same, see CloudSession._rng).
+Reconnects re-attaches to one session over and over from a new channel, in turn: a clean stream
+with one step, one with none, an abrupt drop (``GrpcTransport.close()`` cancels the call) after
+one step, and one after a retried step (answered from the cloud's cache); every 100 it records
+the daemon's RSS and threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -41,7 +32,7 @@ if __package__ in (None, ""):  # run as a file (python bench/load.py): the repos
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import daemon, percentile, proc_status, save  # noqa: E402
+from bench.common import daemon, median, percentile, proc_status, save  # noqa: E402
 from bench.harness import Watched  # noqa: E402
 from sft_common import codec  # noqa: E402
 from sft_common.models import BaseModel, load_base_model  # noqa: E402
@@ -84,12 +75,7 @@ def run_edge(
             session.train_step(step, batch_for(seed, step, batch, seq))
         cloud_steps = session.close()
         edge = {k: v.detach().clone() for k, v in session.state_dict().items()}
-    return {
-        "session_id": session.session_id,
-        "edge": edge,
-        "cloud_steps": cloud_steps,
-        "latencies": transport.waits,
-    }
+    return {"session_id": session.session_id, "edge": edge, "cloud_steps": cloud_steps, "latencies": transport.waits}  # fmt: skip
 
 
 def run_many(
@@ -113,9 +99,7 @@ def mismatches(checkpoint_dir: str, solo: List[Dict], together: List[Dict]) -> L
 
     bad = []
     for i, (a, b) in enumerate(zip(solo, together)):
-        ca, cb = (
-            load_file(os.path.join(checkpoint_dir, r["session_id"], "final.safetensors")) for r in (a, b)
-        )
+        ca, cb = (load_file(os.path.join(checkpoint_dir, r["session_id"], "final.safetensors")) for r in (a, b))  # fmt: skip
         same_edge, same_cloud = same(a["edge"], b["edge"]), same(ca, cb)
         if not (same_edge and same_cloud and a["cloud_steps"] == b["cloud_steps"]):
             say = {True: "same", False: "DIFFERS"}
@@ -124,19 +108,16 @@ def mismatches(checkpoint_dir: str, solo: List[Dict], together: List[Dict]) -> L
 
 
 class Sampler(threading.Thread):
-    """Samples a process's RSS and threads every ``period`` seconds; keeps the peaks."""
+    """Samples a process's RSS and threads every 0.2 s until ``done``; keeps the peaks."""
 
-    def __init__(self, pid: int, period: float = 0.2):
+    def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.period = pid, period
-        self.peak = {"VmRSS": 0, "Threads": 0}
-        self.done = threading.Event()
+        self.pid, self.peak, self.done = pid, proc_status(pid), threading.Event()
 
     def run(self) -> None:
-        while not self.done.is_set():
+        while not self.done.wait(0.2):
             s = proc_status(self.pid)
             self.peak = {k: max(v, s[k]) for k, v in self.peak.items()}
-            self.done.wait(self.period)
 
 
 def mb(kib: float) -> float:
@@ -144,19 +125,15 @@ def mb(kib: float) -> float:
 
 
 def ms(xs: Sequence[float], *qs: int) -> Dict[str, float]:
-    return {f"p{q}": round(1000 * percentile(xs, q), 2) for q in qs}
+    """Percentiles in milliseconds; p50 is the median (the mean of the middle two of an even count)."""
+    return {f"p{q}": round(1000 * (median(xs) if q == 50 else percentile(xs, q)), 2) for q in qs}
 
 
 def load(args: argparse.Namespace) -> Dict:
     base = load_base_model("random:tiny")
     seeds = [1000 + i for i in range(args.sessions)]
     lock = threading.Lock()
-    out: Dict = {
-        "sessions": args.sessions,
-        "steps_per_session": args.steps,
-        "batch": args.batch,
-        "seq": args.seq,
-    }
+    out: Dict = {"sessions": args.sessions, "steps_per_session": args.steps, "batch": args.batch, "seq": args.seq}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--device", "cpu", "--checkpoint-dir", tmp, "--max-sessions", str(max(64, args.sessions))]
         with daemon(extra) as (proc, port):
@@ -187,8 +164,8 @@ def load(args: argparse.Namespace) -> Dict:
         "mismatches": bad,
         "concurrent_seconds": round(wall, 2),
         "steps_per_second": round(len(lat) / wall, 1),
-        "latency_ms": {"p50": round(1000 * statistics.median(lat), 2), **ms(lat, 99), "max": round(1000 * max(lat), 2)},
-        "solo_latency_ms": {"p50": round(1000 * statistics.median(solo_lat), 2), **ms(solo_lat, 99)} if solo_lat else None,
+        "latency_ms": {**ms(lat, 50, 99), "max": round(1000 * max(lat), 2)},
+        "solo_latency_ms": ms(solo_lat, 50, 99) if solo_lat else None,
         "daemon": {
             "rss_mb_before": mb(before["VmRSS"]), "rss_mb_after_solo_runs": mb(after_solo["VmRSS"]),
             "rss_mb_peak": mb(sampler.peak["VmRSS"]), "rss_mb_after": mb(after["VmRSS"]),
@@ -300,16 +277,11 @@ def reconnects(args: argparse.Namespace) -> Dict:
         cloud_steps = r.close()
     print(f"cloud applied {cloud_steps} steps")
     return {
-        "reconnects": args.reconnects,
-        "ways": list(WAYS),
-        "cloud_steps": cloud_steps,
-        "daemon_before_session": {"rss_mb": mb(before["VmRSS"]), "threads": before["Threads"]},
-        "rows": rows,
-        "rss_mb_growth_after_first_row": round(rows[-1]["rss_mb"] - rows[1]["rss_mb"], 1)
-        if len(rows) > 2
-        else None,
+        "reconnects": args.reconnects, "ways": list(WAYS), "cloud_steps": cloud_steps,
+        "daemon_before_session": {"rss_mb": mb(before["VmRSS"]), "threads": before["Threads"]}, "rows": rows,
+        "rss_mb_growth_after_first_row": round(rows[-1]["rss_mb"] - rows[1]["rss_mb"], 1) if len(rows) > 2 else None,
         "threads_spread": max(x["threads"] for x in rows) - min(x["threads"] for x in rows),
-    }
+    }  # fmt: skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,19 +1,14 @@
 """Edge memory: a training process's peak resident set, the split edge against `--local`, by split layer.
 
-Every run is its own process (``--child``), so peaks do not mix: ``--local`` trains the whole
-model; each split run trains net1 against an ``sft-cloud serve`` daemon on loopback. The child
-marks the end of each phase of each step (net1's or the model's forward, the optimizer's step
-pre- and post-hooks, the end of the step); at each mark it reads ``VmHWM`` (the peak since the
-last mark) and ``VmRSS`` from ``/proc/self/status`` and restarts the peak. Training memory is the
-peak above the resident size before the model was loaded (Python, torch, transformers).
-
-The table sets each peak against what moved to the cloud, counted exactly on the same batch by
-``bench.memory_accounting`` (the cloud half's parameters, gradients, AdamW state and activations
-saved for backward, over local's); the edge's counted bytes (net1 and its wire copies) give the
-saving the design controls, without allocator slack. ``--phases``: the peak of every phase of
-every step instead; run it as-is and with ``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc then returns
-every block over 1 MiB to the kernel when it is freed, so the resident size follows the live
-tensors) to tell allocator slack from tensors.
+Every run is its own process (``--child``): ``--local`` trains the whole model, each split run
+net1 against an ``sft-cloud serve`` daemon on loopback. At the end of each phase of each step
+(forward, the optimizer's step pre- and post-hooks, the step's end) the child reads ``VmHWM``
+(the peak since the last mark) and ``VmRSS`` and restarts the peak. Training memory is the peak
+above the resident size before the model was loaded (Python, torch, transformers). The table
+sets it against the share moved to the cloud, counted exactly on the same batch by
+``bench.memory_accounting``. ``--phases``: the peak of every phase of every step; run it as-is
+and with ``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc then returns every block over 1 MiB when it
+is freed, so the resident size follows the live tensors) to tell allocator slack from tensors.
 Usage: python -m bench.memory [--layers 0 2 4 5]
        python -m bench.memory --phases --layers 0 4 --steps 6 --warmup 0
 """
@@ -124,9 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     def run(layer: Optional[int], cloud: Optional[str] = None) -> Dict:
-        out = run_child(
-            "bench.memory", ["--child", json.dumps({**vars(args), "split_layer": layer, "cloud": cloud})]
-        )
+        out = run_child("bench.memory", ["--child", json.dumps({**vars(args), "split_layer": layer, "cloud": cloud})])  # fmt: skip
         print(f"{out['run']}: peak {out['peak_mib']:.0f} MiB above idle", file=sys.stderr, flush=True)
         return {**out, "mode": args.mode, "split_layer": "-" if layer is None else layer}
 

@@ -1,24 +1,17 @@
 """Exact training memory of one step, by module: what `--local` holds, and what each split half holds.
 
-Counted from the real tensors of one training step on one batch, through the product's own code
+Counted from the real tensors of one step on one batch, through the product's own code
 (``LocalSession``; ``EdgeSession`` over an in-process transport to a real ``CloudSession``):
-
-- ``params``: every parameter's bytes (``numel * element_size``);
-- ``grads``: every ``.grad`` just before the optimizer steps (the word embedding's is dense);
-- ``adam``: every tensor in AdamW's state after the step (both moments and the step counter);
-- ``saved``: the storages autograd keeps for the backward pass, seen by a
-  ``saved_tensors_hooks`` pack hook and charged, once per storage (``data_ptr``, so views of one
-  storage count once), to the innermost module running when it was saved (forward pre/post
-  hooks keep a module stack). Parameters, buffers and the batch itself are not activations and
-  are left out. Ops outside any module (the edge's packing of the cut, the cloud's unpacking and
-  loss, the local loss) are charged to ``(outside)``.
-
-Modules are named the same way on every side (``embeddings``, ``layer.3.attention``,
-``layer.3.output.u``, ``pooler``, ``classifier``), so the cloud half's bytes are exactly what moved
-off the edge, by module. The wire copies (the edge's encoded activations and decoded gradient,
-the serialized messages) are read from the messages as they cross. Transient buffers (gradients
-of activations during backward, the optimizer's temporaries) and allocator slack are not counted:
-they are what a resident-size peak adds.
+``params`` (every parameter), ``grads`` (every ``.grad`` as the optimizer steps; the word
+embedding's is dense), ``adam`` (AdamW's state after the step), ``saved`` (the storages autograd
+keeps for backward, seen by a ``saved_tensors_hooks`` pack hook, counted once per storage and
+charged to the innermost module running; parameters, buffers and the batch are left out, and ops
+outside any module, such as the packing of the cut and the loss, go to ``(outside)``). Modules
+are named as in the unsplit model on every side (``embeddings``, ``layer.3.attention``,
+``layer.3.output.u``, ``pooler``, ``classifier``), so the cloud half's bytes are what moved off
+the edge. The wire copies are read from the messages as they cross. Transient buffers
+(activation gradients, the optimizer's temporaries) and allocator slack are not counted: they
+are what a resident-size peak adds.
 """
 
 from __future__ import annotations
@@ -26,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
+from typing import Any, Callable, Dict, List, Set, Tuple
 
 import torch
 from torch import nn
@@ -60,12 +53,6 @@ def canonical(side: str, name: str, split_layer: int = 0) -> str:
     return MODEL
 
 
-def coarse(group: str) -> str:
-    """``layer.3.attention`` -> ``layer.3``; other groups unchanged."""
-    m = re.match(r"^(layer\.\d+)", group)
-    return m.group(1) if m else group
-
-
 class Recorder:
     """Counts one training step's parameter, gradient, AdamW-state and saved-activation bytes."""
 
@@ -95,9 +82,9 @@ class Recorder:
             for b in module.buffers(recurse=False):
                 self._exclude.add(b.untyped_storage().data_ptr())
 
-    def exclude(self, *tensors: torch.Tensor) -> None:
-        """Storages that exist whatever the split (the batch): never counted as activations."""
-        for t in tensors:
+    def exclude(self, batch: Any) -> None:
+        """The batch's storages exist whatever the split: never counted as activations."""
+        for t in (batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.labels):
             self._exclude.add(t.untyped_storage().data_ptr())
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -164,7 +151,7 @@ def account_local(base: Any, batch: Any) -> Groups:
     session = local_session(base, 2)
     rec = Recorder()
     rec.watch(session.model, "local")
-    rec.exclude(*_batch_tensors(batch))
+    rec.exclude(batch)
     rec.watch_optimizer(session.optimizer)
     try:
         with rec.saving():
@@ -186,15 +173,14 @@ def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[
     from sft_edge.config import LinkOptions
 
     transport = inproc(base)
-    session = split_session(
-        base, spec, transport, 2, len(batch.lengths), batch.input_ids.shape[1], LinkOptions(wire_dtype=wire)
-    )
+    link = LinkOptions(wire_dtype=wire)
+    session = split_session(base, spec, transport, 2, len(batch.lengths), batch.input_ids.shape[1], link)
     cloud = transport.protocol.session
     rec = Recorder()
     rec.side = "edge"
     rec.watch(session.net1, "edge", spec.split_layer)
     rec.watch(cloud.net2, "cloud", spec.split_layer)
-    rec.exclude(*_batch_tensors(batch))
+    rec.exclude(batch)
     rec.watch_optimizer(session.optimizer)
     rec.watch_optimizer(cloud.optimizer)
 
@@ -222,12 +208,6 @@ def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[
     return {"edge": sides.get("edge", {}), "cloud": sides.get("cloud", {}), "wire": dict(rec.wire)}
 
 
-def _batch_tensors(batch: Any) -> Iterator[torch.Tensor]:
-    for t in (batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.labels):
-        if torch.is_tensor(t):
-            yield t
-
-
 def total(groups: Groups, kinds: Tuple[str, ...] = KINDS) -> int:
     return sum(v[k] for v in groups.values() for k in kinds)
 
@@ -236,54 +216,35 @@ def by_kind(groups: Groups) -> Dict[str, int]:
     return {k: sum(v[k] for v in groups.values()) for k in KINDS}
 
 
-def by_coarse(groups: Groups) -> Dict[str, int]:
-    out: Dict[str, int] = defaultdict(int)
-    for g, v in groups.items():
-        out[coarse(g)] += sum(v.values())
-    return dict(out)
-
-
 def split_summary(local: Groups, split: Dict[str, Any], split_layer: int) -> Dict[str, Any]:
     """What moved to the cloud, what the edge keeps and what it holds that local did not (bytes).
 
-    ``moved_share``: the cloud half's counted bytes over local's. ``edge_saved_share``: one minus
-    the edge's counted bytes (net1 and its wire copies) over local's. They differ by what the
-    SVD cut removes from layer l's FFN output (the dense W's weight, gradient and moments,
-    replaced by u and v) less what the edge newly holds: u's weight, gradient and moments, the
-    packing of the cut, the wire copies (the encoded activations, the decoded gradient, the
-    serialized request and reply: all counted in ``edge_bytes``). (u keeps its input for
-    backward, the FFN's activations; local's dense kept the same tensor, so that is not new.)
-    """
+    ``moved_share``: the cloud half's counted bytes over local's; ``edge_saved_share``: one minus
+    the edge's (net1 and its wire copies) over local's. They differ by what the SVD cut removes
+    (layer l's dense FFN output with its gradient and moments) less what the edge newly holds
+    (``edge_new``: u's state, the packing of the cut, the wire copies). u keeps its input for
+    backward, but local's dense kept the same tensor."""
     edge, cloud, wire = split["edge"], split["cloud"], split["wire"]
     l = split_layer
     local_total, cloud_total, edge_total = total(local), total(cloud), total(edge)
-    edge_wire = sum(
-        wire.get(k, 0) for k in ("edge_encode", "edge_decode", "message_sent", "message_received")
-    )
+    edge_wire = sum(wire.get(k, 0) for k in ("edge_encode", "edge_decode", "message_sent", "message_received"))  # fmt: skip
     u = edge.get(f"layer.{l}.output.u", dict.fromkeys(KINDS, 0))
 
     def cut_output(groups: Groups) -> int:
         return sum(sum(v.values()) for g, v in groups.items() if g.startswith(f"layer.{l}.output"))
 
     return {
-        "local_bytes": local_total,
-        "edge_bytes": edge_total + edge_wire,
-        "moved_bytes": cloud_total,
-        "moved_share": cloud_total / local_total,
-        "edge_saved_share": 1 - (edge_total + edge_wire) / local_total,
-        "edge_by_kind": {**by_kind(edge), "wire": edge_wire},
-        "moved_by_kind": by_kind(cloud),
+        "local_bytes": local_total, "edge_bytes": edge_total + edge_wire, "moved_bytes": cloud_total,
+        "moved_share": cloud_total / local_total, "edge_saved_share": 1 - (edge_total + edge_wire) / local_total,
+        "edge_by_kind": {**by_kind(edge), "wire": edge_wire}, "moved_by_kind": by_kind(cloud),
         "edge_new": {
-            "u_state": u["params"] + u["grads"] + u["adam"],
-            "packing": edge.get(OUTSIDE, {}).get("saved", 0),
-            "encoded_activations": wire.get("edge_encode", 0),
-            "decoded_gradient": wire.get("edge_decode", 0),
+            "u_state": u["params"] + u["grads"] + u["adam"], "packing": edge.get(OUTSIDE, {}).get("saved", 0),
+            "encoded_activations": wire.get("edge_encode", 0), "decoded_gradient": wire.get("edge_decode", 0),
             "serialized_messages": wire.get("message_sent", 0) + wire.get("message_received", 0),
         },
-        "cut_output_local": cut_output(local),
-        "cut_output_split": cut_output(edge) + cut_output(cloud),
+        "cut_output_local": cut_output(local), "cut_output_split": cut_output(edge) + cut_output(cloud),
         "cloud_wire": {k: v for k, v in wire.items() if k.startswith("cloud_")},
-    }
+    }  # fmt: skip
 
 
 def mib(n: float) -> float:

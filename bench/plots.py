@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from bench.common import RESULTS, ROOT
 
@@ -75,14 +75,9 @@ def link(plt, data: Dict, out: str) -> None:
     for i, mode in enumerate(dict.fromkeys(r["mode"] for r in data["rows"] if r["mode"] != "local")):
         rows = sorted((r for r in data["rows"] if r["mode"] == mode), key=lambda r: r["rate_mbit"])
         rates = [r["rate_mbit"] for r in rows]
-        ax.plot(rates, [r["step_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured")
-        ax.plot(rates, [r["floor_s"] for r in rows], "x--", color=f"C{i}", label=f"{mode} floor")
-        ax2.plot(
-            rates, [r["step_s"] - r["edge_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured"
-        )
-        ax2.plot(
-            rates, [r["floor_s"] - r["edge_s"] for r in rows], "x--", color=f"C{i}", label=f"{mode} floor"
-        )
+        for a, edge in ((ax, 0), (ax2, 1)):  # the right plot less the edge's compute
+            a.plot(rates, [r["step_s"] - edge * r["edge_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured")  # fmt: skip
+            a.plot(rates, [r["floor_s"] - edge * r["edge_s"] for r in rows], "x--", color=f"C{i}", label=f"{mode} floor")  # fmt: skip
     ax.axhline(local, color="k", linestyle=":", label="local (edge alone)")
     for a in (ax, ax2):
         a.set_xscale("log")
@@ -101,24 +96,20 @@ def memory(plt, data: Dict, out: str) -> None:
     labels = [r["run"] if r["split_layer"] == "-" else f"edge l={r['split_layer']}" for r in rows]
     ax.bar(labels, [r["idle_mib"] for r in rows], label="before the model (runtime)", color="C7")
     ax.bar(labels, [r["train_mib"] for r in rows], bottom=[r["idle_mib"] for r in rows], label="training")
-    if all("counted_mib" in r for r in rows):
-        ax.scatter(labels, [r["idle_mib"] + r["counted_mib"] for r in rows], marker="_", s=900, color="k",
-                   label="runtime + counted tensors", zorder=3)  # fmt: skip
+    ax.scatter(labels, [r["idle_mib"] + r["counted_mib"] for r in rows], marker="_", s=900, color="k",
+               label="runtime + counted tensors", zorder=3)  # fmt: skip
     ax.set_ylabel("peak RSS (MiB)")
     ax.set_ylim(0, 1.3 * max(r["peak_mib"] for r in rows))  # room for the legend
     ax.legend(fontsize=8, loc="upper left")
     edges = [r for r in rows if r["split_layer"] != "-"]
-    if edges and "moved_share" in edges[0]:
-        xs = [str(r["split_layer"]) for r in edges]
-        ax2.plot(xs, [100 * r["moved_share"] for r in edges], "k--o", label="moved to the cloud (counted)")
-        ax2.plot(xs, [100 * r["saved_share"] for r in edges], "C1-o", label="edge saves (peak RSS)")
-        if "counted_saved_share" in edges[0]:
-            ax2.plot(
-                xs, [100 * r["counted_saved_share"] for r in edges], "C2-s", label="edge saves (counted)"
-            )
-        ax2.set_xlabel("split layer l")
-        ax2.set_ylabel("% of local training memory")
-        ax2.legend(fontsize=8)
+    xs = [str(r["split_layer"]) for r in edges]
+    for key, style, label in (("moved_share", "k--o", "moved to the cloud (counted)"),
+                              ("saved_share", "C1-o", "edge saves (peak RSS)"),
+                              ("counted_saved_share", "C2-s", "edge saves (counted)")):  # fmt: skip
+        ax2.plot(xs, [100 * r[key] for r in edges], style, label=label)
+    ax2.set_xlabel("split layer l")
+    ax2.set_ylabel("% of local training memory")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -128,18 +119,16 @@ def overlap(plt, data: Dict, out: str) -> None:
     whole steps and for each (micro-batches, depth)."""
     rows = data["rows"]
     groups = list(dict.fromkeys((r["rate_mbit"], r["mode"], r["split_layer"]) for r in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.8), sharey=True)
-    for ax, (rate, mode, layer) in zip(list(axes) if len(groups) > 1 else [axes], groups):
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.8), sharey=True, squeeze=False)
+    for ax, (rate, mode, layer) in zip(axes[0], groups):
         sel = [r for r in rows if (r["rate_mbit"], r["mode"], r["split_layer"]) == (rate, mode, layer)]
-        labels = [f"K{r['micro']} d{r['depth']}" for r in sel]
-        busy = [r["edge_busy_s"] for r in sel]
-        wait = [r["edge_wait_s"] for r in sel]
+        labels, busy = [f"K{r['micro']} d{r['depth']}" for r in sel], [r["edge_busy_s"] for r in sel]
         ax.bar(labels, busy, label="edge computing")
-        ax.bar(labels, wait, bottom=busy, label="edge waiting")
+        ax.bar(labels, [r["edge_wait_s"] for r in sel], bottom=busy, label="edge waiting")
         ax.set_title(f"{mode.upper()} l={layer}, {rate:g} Mbit/s", fontsize=9)
         ax.tick_params(axis="x", labelrotation=60, labelsize=8)
-    (axes[0] if len(groups) > 1 else axes).set_ylabel("seconds a step")
-    (axes[0] if len(groups) > 1 else axes).legend(fontsize=8)
+    axes[0][0].set_ylabel("seconds a step")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -156,26 +145,16 @@ def main() -> int:
 
     os.makedirs(args.out, exist_ok=True)
     made = []
-    t = _load(args.results, "traffic")
-    if t:
-        traffic(plt, t, os.path.join(args.out, "traffic.png"))
-        made.append("traffic.png")
     steps = [d for d in (_load(args.results, "step_time_sft"), _load(args.results, "step_time_sl")) if d]
-    if steps:
-        step_time(plt, steps, os.path.join(args.out, "step_time.png"))
-        made.append("step_time.png")
-    lk = _load(args.results, "link")
-    if lk:
-        link(plt, lk, os.path.join(args.out, "link.png"))
-        made.append("link.png")
-    ov = _load(args.results, "overlap")
-    if ov and all("edge_wait_s" in r for r in ov["rows"]):
-        overlap(plt, ov, os.path.join(args.out, "overlap.png"))
-        made.append("overlap.png")
-    m = _load(args.results, "memory")
-    if m:
-        memory(plt, m, os.path.join(args.out, "memory.png"))
-        made.append("memory.png")
+    plots: List[Tuple[str, Callable[..., None], Any]] = [
+        ("traffic.png", traffic, _load(args.results, "traffic")), ("step_time.png", step_time, steps),
+        ("link.png", link, _load(args.results, "link")), ("overlap.png", overlap, _load(args.results, "overlap")),
+        ("memory.png", memory, _load(args.results, "memory")),
+    ]  # fmt: skip
+    for png, draw, data in plots:
+        if data:
+            draw(plt, data, os.path.join(args.out, png))
+            made.append(png)
     plt.close("all")
     print("wrote " + ", ".join(os.path.join(args.out, x) for x in made) if made else "no results to plot")
     return 0

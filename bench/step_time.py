@@ -18,12 +18,13 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from bench.common import daemon, median, save, table
-from bench.harness import Clock, batches, grpc, grpc_server, inproc, split_session, timed_step
+from bench.harness import batches, grpc, grpc_server, inproc, record, split_session, timed_step
 from sft_common.models import load_base_model
 from sft_common.spec import SplitSpec
 from sft_edge.config import LinkOptions
 from sft_edge.transport import Transport
 
+VARIANTS = ("inproc", "grpc", "daemon")
 PARTS = ["total", "edge_compute", "edge_encode", "transfer", "cloud_decode", "cloud_compute", "cloud_encode",
          "edge_decode", "transfer_and_cloud"]  # fmt: skip
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
     total = args.warmup + args.reps
     link = LinkOptions(wire_dtype=args.wire, compression=args.compression)
     with contextlib.ExitStack() as stack:
-        sessions, clouds = {}, {}
+        sessions = {}
         for v in args.variants:
             cloud: Optional[Callable[[], float]] = None
             transport: Transport
@@ -46,24 +47,19 @@ def run(args: argparse.Namespace) -> List[Dict]:
             elif v == "grpc":
                 address, cloud = stack.enter_context(grpc_server(base))
                 transport = grpc(address)
-            elif v == "daemon":
+            else:  # daemon
                 _, port = stack.enter_context(daemon())
                 transport = grpc(f"127.0.0.1:{port}")
-            else:
-                raise SystemExit(f"unknown variant {v}")
-            sessions[v] = (
-                split_session(base, spec, transport, total, args.batch_size, args.seq, link),
-                Clock(transport),
-            )
-            clouds[v] = cloud
+            session = split_session(base, spec, transport, total, args.batch_size, args.seq, link)
+            sessions[v] = session, record(transport), cloud
         samples: Dict[str, List[Dict[str, float]]] = {v: [] for v in sessions}
         for k in range(total):
-            for v, (session, clock) in sessions.items():
-                parts = timed_step(session, clock, k, data[k % len(data)], clouds[v])
+            for v, (session, events, cloud) in sessions.items():
+                parts = timed_step(session, events, k, data[k % len(data)], cloud)
                 if k >= args.warmup:
                     samples[v].append(parts)
                 print(f"  step {k} {v}: {parts['total']:.3f}s", file=sys.stderr, flush=True)
-        for session, _ in sessions.values():
+        for session, _, _ in sessions.values():
             session.close()
     rows = []
     for v, runs in samples.items():
@@ -91,15 +87,14 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=2, help="distinct batches cycled through")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--variants", nargs="+", default=["inproc", "grpc", "daemon"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--name", default=None, help="results/<name>.json (default step_time_<mode>)")
     p.add_argument("--out-dir")
     args = p.parse_args()
     rows = run(args)
     print(table(rows, ["variant", "steps", *[c for c in PARTS if any(c in r for r in rows)], "vs_inproc"]))
-    print(
-        f"wrote {save(args.name or f'step_time_{args.mode}', {'rows': rows, 'args': vars(args)}, args.out_dir)}"
-    )
+    name = args.name or f"step_time_{args.mode}"
+    print(f"wrote {save(name, {'rows': rows, 'args': vars(args)}, args.out_dir)}")
     return 0
 
 

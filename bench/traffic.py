@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from bench.common import save, table
-from bench.harness import Clock, batches, inproc, split_session
+from bench.harness import batches, inproc, record, split_session
 from sft_common import codec
 from sft_common.models import load_base_model
 from sft_common.proto import sft_pb2 as pb
@@ -40,7 +40,7 @@ def capture_step(
     transport = inproc(base)
     link = LinkOptions(cls_only=cls_only)
     session = split_session(base, spec, transport, batch_size=len(batch.lengths), seq=seq, link=link)
-    clock = Clock(transport)
+    events = record(transport)
     sent0, received0 = transport.bytes_sent, transport.bytes_received
     if full_step:
         session.train_step(0, batch)
@@ -48,7 +48,7 @@ def capture_step(
         session.net1.train().requires_grad_(False)  # train_step's dropout, and no graph kept
         session.exchange(0, batch)
     sent, received = transport.bytes_sent - sent0, transport.bytes_received - received0
-    (_, step, _), (_, reply, _) = clock.events
+    (_, step, _), (_, reply, _) = events
     session.close()
     return step.train, reply.train, sent, received
 
@@ -58,13 +58,10 @@ def sizes(step: pb.TrainStep, reply: pb.TrainReply, wire: str, compression: str)
     acts = codec.decode(step.activations, name="activations")
     grad = codec.decode(reply.grad, name="grad")
     w, c = codec.WIRE_DTYPES[wire], codec.COMPRESSIONS[compression]
-    out = pb.TrainStep()
-    out.CopyFrom(step)
-    out.activations.CopyFrom(codec.encode(acts, w, c))
-    back = pb.TrainReply()
-    back.CopyFrom(reply)
-    back.grad.CopyFrom(codec.encode(grad, w, c))
-    return pb.EdgeMessage(train=out).ByteSize(), pb.CloudMessage(train=back).ByteSize()
+    out, back = pb.EdgeMessage(train=step), pb.CloudMessage(train=reply)  # copies
+    out.train.activations.CopyFrom(codec.encode(acts, w, c))
+    back.train.grad.CopyFrom(codec.encode(grad, w, c))
+    return out.ByteSize(), back.ByteSize()
 
 
 def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer: Optional[int], seq: int,
@@ -87,10 +84,8 @@ def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer
             tokens += sum(step.lengths)  # the rows that crossed: every real token, or one per example
             for wire in wires:
                 for comp in compressions:
-                    s, r = sizes(step, reply, wire, comp)
-                    prev = acc.setdefault((wire, comp), [0, 0])
-                    prev[0] += s
-                    prev[1] += r
+                    prev = acc.get((wire, comp), [0, 0])
+                    acc[(wire, comp)] = [a + b for a, b in zip(prev, sizes(step, reply, wire, comp))]
         for (wire, comp), (s, r) in acc.items():
             n = len(data)
             rows.append({
@@ -137,8 +132,7 @@ def main() -> int:
     cols = ["model", "batches", "mode", "rank", "wire", "compression", "tokens_per_step", "sent_per_step",
             "received_per_step", "analytic_per_direction", "vs_sl_fp32", "vs_sl_same_wire", "analytic_vs_sl"]  # fmt: skip
     print(table(rows, cols))
-    path = save(args.name, {"rows": rows, "args": vars(args)}, args.out_dir)
-    print(f"wrote {path}")
+    print(f"wrote {save(args.name, {'rows': rows, 'args': vars(args)}, args.out_dir)}")
     return 0
 
 

@@ -35,13 +35,9 @@ def run(
                 subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
                 with open(report_path) as f:
                     report = json.load(f)
-            row = {
-                "wire_dtype": dtype,
-                "steps": report["steps"],
-                **{k: round(v, 4) for k, v in report["metrics"].items()},
-                "train_loss_last": round(report["train_loss_last"], 4),
-                **{k: report[k] for k in ("bytes_sent", "bytes_received", "seconds")},
-            }
+            row = {"wire_dtype": dtype, "steps": report["steps"], **{k: round(v, 4) for k, v in report["metrics"].items()},
+                   "train_loss_last": round(report["train_loss_last"], 4),
+                   **{k: report[k] for k in ("bytes_sent", "bytes_received", "seconds")}}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

@@ -120,15 +120,15 @@ def _can_make_netns() -> bool:
 
 @pytest.mark.skipif(not _can_make_netns(), reason="needs root, ip and tc (network namespaces)")
 def test_link_namespaces_are_shaped_and_removed():
-    from bench import netns
+    from bench import link
 
-    with netns.link():
-        shown = netns.shape(10)
+    with link.namespaces():
+        shown = link.shape(10)
         assert all("tbf" in q and "10Mbit" in q for q in shown.values())
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert netns.CLOUD_NS in names and netns.EDGE_NS in names
+        assert link.CLOUD_NS in names and link.EDGE_NS in names
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert netns.CLOUD_NS not in names and netns.EDGE_NS not in names
+    assert link.CLOUD_NS not in names and link.EDGE_NS not in names
 
 
 @pytest.mark.slow

@@ -1,12 +1,10 @@
 """Where SFT's accuracy goes: the factorised model trained in one process, residual kept or not.
 
-The split cannot keep layer l's residual (it lives on the edge and is as wide as the hidden
-state), so SFT drops it; this diagnostic trains the same factorised model in one process (both
-halves under one optimizer, dropout seeded per side as the split run seeds it) with
-``--keep-residual``, which puts the residual back, to tell the cost of the rank from the cost of
-the dropped residual. Same data, order, head and recipe as `sft-edge train` (bench/accuracy.py).
-Without ``--keep-residual`` it is the one-process twin of an SFT run through the daemon
-(tests/test_equivalence.py shows those agree to float rounding).
+The split cannot keep layer l's residual (it lives on the edge, as wide as the hidden state), so
+SFT drops it. This trains the same factorised model in one process (one optimizer, dropout seeded
+per side as the split run seeds it, the recipe of bench/accuracy.py); ``--keep-residual`` puts the
+residual back, to tell the cost of the rank from that of the dropped residual. Without it, it is
+the one-process twin of an SFT run through the daemon (tests/test_bench.py checks they agree).
 
     python -m bench.studies.residual_ablation --task mrpc --rank 8 --keep-residual --seed 42
 """
@@ -51,9 +49,7 @@ def run(args: argparse.Namespace) -> Dict:
     layer = base.config.num_hidden_layers - 1 if args.split_layer is None else args.split_layer
     spec = SplitSpec(split_layer=layer, rank=args.rank, mode="sft", keep_residual=args.keep_residual)
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
-    train = encode(
-        load_examples(task, "train", args.data_dir, args.max_examples), tokenizer, args.max_seq_len
-    )
+    train = encode(load_examples(task, "train", args.data_dir, args.max_examples), tokenizer, args.max_seq_len)  # fmt: skip
     dev = encode(load_examples(task, "dev", args.data_dir), tokenizer, args.max_seq_len)
     per_epoch = steps_per_epoch(len(train), args.batch_size)
     total = per_epoch * args.epochs
@@ -95,9 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--split-layer", type=int, help="default: the last layer")
-    p.add_argument(
-        "--keep-residual", action="store_true", help="put layer l's residual back (not splittable)"
-    )
+    p.add_argument("--keep-residual", action="store_true", help="put layer l's residual back (not splittable)")  # fmt: skip
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--factor-lr", type=float, default=None)
@@ -112,9 +106,8 @@ def main(argv=None) -> int:
     kept = "kept" if args.keep_residual else "dropped"
     name = args.name or f"residual_{args.task}_r{args.rank}_{kept}_s{args.seed}"
     path = save(name, result, args.out_dir)
-    print(
-        f"{args.task} R={args.rank} residual {kept}: accuracy {100 * result['metrics']['accuracy']:.2f} ({path})"
-    )
+    accuracy = 100 * result["metrics"]["accuracy"]
+    print(f"{args.task} R={args.rank} residual {kept}: accuracy {accuracy:.2f} ({path})")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 from typing import List, Optional, Sequence
 
@@ -26,10 +27,7 @@ from sft_edge.tasks import get_task
 
 
 def top_states(model, batch) -> torch.Tensor:
-    out = model.bert(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
-    )
-    return out.last_hidden_state
+    return model.bert(batch.input_ids, batch.attention_mask, batch.token_type_ids).last_hidden_state
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -59,19 +57,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mean_r = (ref * mask).sum(1) / mask.sum(1)
         return [cls, torch.nn.functional.cosine_similarity(mean_h, mean_r, dim=-1).mean().item()]
 
-    layers = base.config.num_hidden_layers
     print(f"{args.task} dev, first {len(data)} examples: cosine(split, unsplit) of top-layer states at init")
-    print("| split layer | rank | residual | CLS cosine | mean-pool cosine |")
-    print("|---|---|---|---|---|")
-    for layer in range(layers):
-        for rank in args.ranks:
-            for keep in (False, True):
-                spec = SplitSpec(split_layer=layer, rank=rank, mode="sft", keep_residual=keep)
-                model = factorise(copy.deepcopy(ref_model), spec).eval()
-                c, m = sims(top_states(model, batch))
-                print(
-                    f"| {layer} | {rank} | {'kept' if keep else 'dropped'} | {c:.3f} | {m:.3f} |", flush=True
-                )
+    print("| split layer | rank | residual | CLS cosine | mean-pool cosine |\n|---|---|---|---|---|")
+    layers = range(base.config.num_hidden_layers)
+    for layer, rank, keep in itertools.product(layers, args.ranks, (False, True)):
+        spec = SplitSpec(split_layer=layer, rank=rank, mode="sft", keep_residual=keep)
+        c, m = sims(top_states(factorise(copy.deepcopy(ref_model), spec).eval(), batch))
+        print(f"| {layer} | {rank} | {'kept' if keep else 'dropped'} | {c:.3f} | {m:.3f} |", flush=True)
     return 0
 
 
