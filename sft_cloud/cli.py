@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=3600.0,
         help="seconds without a stream after which a session is checkpointed and evicted (default 3600)",
     )  # fmt: skip
+    s.add_argument(
+        "--grace-seconds", type=float, default=10.0,
+        help="on SIGTERM, let running steps finish for at most this long, then checkpoint and exit "
+        "(default 10; keep it a few seconds under the orchestrator's own grace period)",
+    )  # fmt: skip
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     s.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     s.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
@@ -49,6 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         checkpoint_dir=args.checkpoint_dir,
         max_sessions=args.max_sessions,
         idle_timeout=args.idle_timeout,
+        grace_seconds=args.grace_seconds,
         metrics_port=args.metrics_port,
     )
     try:

@@ -1,4 +1,5 @@
-"""The server factory (every gRPC option, with why) and the serve loop (health, SIGTERM)."""
+"""The server factory (every gRPC option, with why) and the serve loop (health, SIGTERM, the
+shutdown checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,11 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from sft_cloud import auth
 from sft_cloud.metrics import DaemonMetrics
 from sft_cloud.registry import SessionRegistry
-from sft_cloud.servicer import SplitTrainerServicer
+from sft_cloud.servicer import SplitTrainerServicer, StreamDecodingInterceptor
 from sft_common.proto import sft_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sft_cloud")
 SERVICE_NAME = "sft.v1.SplitTrainer"
+# SIGTERM: gRPC cancels the calls still open when the grace ends; a server that still has not
+# stopped this long after that is given up on (the shutdown checkpoint is written all the same).
+STOP_MARGIN_S = 2.0
 
 
 @dataclass
@@ -39,7 +43,7 @@ class ServeConfig:
     max_sessions: int = 64  # concurrent sessions; more get RESOURCE_EXHAUSTED
     metrics_port: Optional[int] = None  # serve Prometheus /metrics on this port (0: a free one)
     max_message_mb: int = 256  # transport cap; sessions enforce tighter, config-derived caps
-    grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long
+    grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long, then checkpoint
     idle_timeout: float = 3600.0  # sessions with no stream this long are checkpointed and evicted
 
 
@@ -82,13 +86,18 @@ def create_server(
     Refuses (ValueError) to build one without TLS material unless ``cfg.insecure``."""
     credentials = auth.server_credentials(cfg.insecure, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
     tokens = auth.TokenSet.from_file(cfg.auth_token_file) if cfg.auth_token_file else None
+    interceptors: List[grpc.ServerInterceptor] = []
+    if tokens is not None:
+        # The token check runs before the handler, so a refused edge has no payload read.
+        interceptors.append(auth.TokenInterceptor(tokens))
+    # Bytes that are no message must not reach grpcio's own deserializer on a stream: see there.
+    interceptors.append(StreamDecodingInterceptor())
     # One thread per open stream, plus a few for health checks.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.max_sessions + 8, thread_name_prefix="sft-rpc"),
         options=server_options(cfg),
         maximum_concurrent_rpcs=cfg.max_sessions + 8,
-        # The token check runs before the handler, so a refused edge has no payload read.
-        interceptors=[auth.TokenInterceptor(tokens)] if tokens is not None else None,
+        interceptors=interceptors,
     )
     servicer = SplitTrainerServicer(registry, identity=auth.identity, metrics=metrics)
     pb_grpc.add_SplitTrainerServicer_to_server(servicer, server)
@@ -155,5 +164,36 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
     while not stop.wait(sweep):
         registry.evict_idle()
     health_servicer.enter_graceful_shutdown()
-    server.stop(cfg.grace_seconds).wait()
+    if not server.stop(cfg.grace_seconds).wait(cfg.grace_seconds + STOP_MARGIN_S):
+        log.error(
+            "the gRPC server had not stopped %.0fs after the grace of %.0fs; exiting without it",
+            STOP_MARGIN_S, cfg.grace_seconds,
+        )  # fmt: skip
+    checkpoint_sessions(registry)
     print("sft-cloud: stopped", flush=True)
+
+
+def checkpoint_sessions(registry: SessionRegistry, lock_timeout: float = STOP_MARGIN_S) -> List[str]:
+    """At shutdown: checkpoint every session still held (with a checkpoint dir), so that its edge
+    resumes from the step it reached; returns their ids. A session whose step is still running
+    ``lock_timeout`` seconds on (its call outlived the grace) is skipped, and logged."""
+    with registry._lock:  # no public listing of the sessions yet
+        sessions = list(registry._sessions.values())
+    saved = []
+    for session in sessions:
+        if session.dir is None:
+            continue
+        sid = session.session_id[:8]
+        if not session.lock.acquire(timeout=lock_timeout):
+            log.error("session %s: a step was still running at shutdown; not checkpointed", sid)
+            continue
+        try:
+            session.save_checkpoint()
+        except Exception:  # one failed write must not cost the other sessions theirs
+            log.exception("session %s: shutdown checkpoint failed", sid)
+            continue
+        finally:
+            session.lock.release()
+        log.info("session %s: checkpointed at step %d for shutdown", sid, session.next_step)
+        saved.append(session.session_id)
+    return saved
