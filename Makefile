@@ -91,9 +91,9 @@ bench-step:
 bench-link:
 	$(BENCH_NICE) $(PYTHON) -m bench.link $(BENCH_ARGS)
 
-# Root: micro-batches in flight against whole steps, two one-core hosts on a shaped link.
+# Root: the same link, micro-batches in flight against whole steps, two one-core hosts.
 bench-overlap:
-	$(BENCH_NICE) $(PYTHON) -m bench.overlap $(BENCH_ARGS)
+	$(BENCH_NICE) $(PYTHON) -m bench.link --overlap $(BENCH_ARGS)
 
 bench-memory:
 	$(PYTHON) -m bench.memory $(BENCH_ARGS)
@@ -111,7 +111,7 @@ bench-load:
 	$(BENCH_NICE) $(PYTHON) -m bench.load --sessions 32 --steps 20 $(BENCH_ARGS)
 
 bench-reconnects:
-	$(PYTHON) -m bench.reconnects --reconnects 1000 $(BENCH_ARGS)
+	$(PYTHON) -m bench.load --reconnects 1000 $(BENCH_ARGS)
 
 bench: bench-traffic bench-step bench-memory bench-wire-accuracy bench-plots
 
