@@ -6,8 +6,10 @@ import argparse
 import sys
 from typing import List, Optional
 
-from sft_cloud.server import ServeConfig, serve
+from sft_cloud.config import ServeConfig
 from sft_common.logs import FORMATS, setup_logging
+
+D = ServeConfig  # every default lives there
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
     s.add_argument("--checkpoint-dir", help="directory for session checkpoints")
     s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
+    s.add_argument(
+        "--keep-finished-days", type=float, default=D.keep_finished_days,
+        help="keep a finished session's trained net2 (for its owner's predict / export) this many days "
+        f"after it closed, with --checkpoint-dir (default {D.keep_finished_days:g}; 0: delete at once)",
+    )  # fmt: skip
     s.add_argument(
         "--idle-timeout", type=float, default=3600.0,
         help="seconds without a stream after which a session is checkpointed and evicted (default 3600)",
@@ -56,12 +63,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         idle_timeout=args.idle_timeout,
         grace_seconds=args.grace_seconds,
         metrics_port=args.metrics_port,
+        keep_finished_days=args.keep_finished_days,
     )
     try:
+        cfg.validate()  # before torch and grpc are imported: mistakes are reported at once
+        from sft_cloud.server import serve
+
         serve(cfg)
     except (ValueError, OSError) as exc:
         print(f"sft-cloud: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the daemon's own SIGINT handler was in place
+        print("sft-cloud: interrupted while starting", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import grpc
@@ -11,6 +12,8 @@ from sft_cloud.registry import SessionRegistry
 from sft_cloud.session import CloudSession
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
+
+log = logging.getLogger("sft_cloud")
 
 
 class StreamProtocol:
@@ -35,6 +38,7 @@ class StreamProtocol:
             self.session = session
             opened = session.opened(at=step)
             opened.restored = restored
+            self._log_open(msg.open, opened, restored)
             return pb.CloudMessage(opened=opened)
         if kind is None:
             raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "empty message")
@@ -43,6 +47,23 @@ class StreamProtocol:
                 grpc.StatusCode.FAILED_PRECONDITION, f"{kind} before open: open a session first"
             )
         self.session.touch()
+        reply = self._handle(kind, msg)
+        self.session.bytes_received += msg.ByteSize()
+        self.session.bytes_sent += reply.ByteSize()
+        if kind == "checkpoint":
+            self._log("checkpointed at step %d", msg.checkpoint.step)
+        elif kind == "close" and not self.session.inference_only:
+            s = self.session
+            self._log(
+                "closed after %d steps (%d bytes received, %d sent)",
+                s.next_step,
+                s.bytes_received,
+                s.bytes_sent,
+            )
+        return reply
+
+    def _handle(self, kind: str, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        assert self.session is not None
         if kind == "train":
             return pb.CloudMessage(train=self.session.train(msg.train))
         if kind == "checkpoint":
@@ -62,6 +83,30 @@ class StreamProtocol:
         self.registry.close(self.session.session_id)
         self.closed = True
         return pb.CloudMessage(closed=pb.SessionClosed(steps=self.session.next_step))
+
+    def _log(self, what: str, *args) -> None:
+        """One INFO line per session event, with the session id's prefix and the peer identity."""
+        assert self.session is not None
+        sid, peer = self.session.session_id[:8], self.owner[:24]
+        log.info("session %s: " + what + " [peer %s]", sid, *args, peer, extra={"session": sid, "peer": peer})
+
+    def _log_open(self, msg: pb.OpenSession, opened: pb.SessionOpened, restored: bool) -> None:
+        c = self.session.config if self.session else msg.config
+        if msg.inference_only:
+            return  # the registry logs a reopening for inference
+        if not msg.session_id:
+            mode = "sft" if c.mode == pb.SFT else "sl"
+            self._log(
+                "opened: %s, %s at layer %d, rank %d, %d labels",
+                c.model,
+                mode,
+                c.split_layer,
+                c.rank,
+                c.num_labels,
+            )
+        else:
+            how = " (restored from its checkpoint)" if restored else ""
+            self._log("resumed at step %d%s", opened.next_step, how)
 
     def detach(self) -> None:
         """The stream ended (normally or not): the session may now be evicted when idle."""

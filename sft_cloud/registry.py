@@ -44,6 +44,11 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()  # see CloudSession._rng
 
+    def sessions(self) -> List[CloudSession]:
+        """The sessions held now (a snapshot)."""
+        with self._lock:
+            return list(self._sessions.values())
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)

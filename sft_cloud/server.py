@@ -7,14 +7,14 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sft_cloud import auth
+from sft_cloud import auth, finished
+from sft_cloud.config import ServeConfig
 from sft_cloud.metrics import DaemonMetrics
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.servicer import SplitTrainerServicer, StreamDecodingInterceptor
@@ -25,26 +25,6 @@ SERVICE_NAME = "sft.v1.SplitTrainer"
 # SIGTERM: gRPC cancels the calls still open when the grace ends; a server that still has not
 # stopped this long after that is given up on (the shutdown checkpoint is written all the same).
 STOP_MARGIN_S = 2.0
-
-
-@dataclass
-class ServeConfig:
-    """Everything `sft-cloud serve` takes; see DESIGN.md for the flags."""
-
-    host: str = "0.0.0.0"  # interface to listen on
-    port: int = 50051  # 0 picks a free port (tests)
-    device: str = "auto"  # auto | cpu | cuda
-    insecure: bool = False  # plaintext; must be asked for explicitly
-    tls_cert: Optional[str] = None  # PEM server certificate chain
-    tls_key: Optional[str] = None  # PEM private key
-    tls_client_ca: Optional[str] = None  # PEM CA for client certificates (mutual TLS)
-    auth_token_file: Optional[str] = None  # one bearer token per line
-    checkpoint_dir: Optional[str] = None  # where sessions are checkpointed
-    max_sessions: int = 64  # concurrent sessions; more get RESOURCE_EXHAUSTED
-    metrics_port: Optional[int] = None  # serve Prometheus /metrics on this port (0: a free one)
-    max_message_mb: int = 256  # transport cap; sessions enforce tighter, config-derived caps
-    grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long, then checkpoint
-    idle_timeout: float = 3600.0  # sessions with no stream this long are checkpointed and evicted
 
 
 def resolve_device(device: str) -> str:
@@ -106,12 +86,18 @@ def create_server(
     # Reflection lets grpcurl / grpc_cli list and call the services without the .proto files.
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{cfg.host}:{cfg.port}"
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(
+            f"cannot listen on {address}: the port is in use (another sft-cloud serve?); "
+            "pick another with --port, or stop the other daemon"
+        )
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -159,10 +145,14 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
     print(f"sft-cloud: listening on {cfg.host}:{port}", flush=True)
     if ready is not None:
         ready.set()
-    # Evict idle sessions (checkpointed first when there is a checkpoint dir) while serving.
+    # Evict idle sessions (checkpointed first when there is a checkpoint dir) while serving, and
+    # delete finished sessions past their retention.
     sweep = max(1.0, min(60.0, cfg.idle_timeout / 4))
+    retention = cfg.keep_finished_days * 86400
+    finished.purge_expired(cfg.checkpoint_dir, retention)
     while not stop.wait(sweep):
         registry.evict_idle()
+        finished.purge_expired(cfg.checkpoint_dir, retention)
     health_servicer.enter_graceful_shutdown()
     if not server.stop(cfg.grace_seconds).wait(cfg.grace_seconds + STOP_MARGIN_S):
         log.error(
@@ -177,8 +167,7 @@ def checkpoint_sessions(registry: SessionRegistry, lock_timeout: float = STOP_MA
     """At shutdown: checkpoint every session still held (with a checkpoint dir), so that its edge
     resumes from the step it reached; returns their ids. A session whose step is still running
     ``lock_timeout`` seconds on (its call outlived the grace) is skipped, and logged."""
-    with registry._lock:  # no public listing of the sessions yet
-        sessions = list(registry._sessions.values())
+    sessions = registry.sessions()
     saved = []
     for session in sessions:
         if session.dir is None:

@@ -116,6 +116,7 @@ class CloudSession:
         self.last_reply: Optional[pb.TrainReply] = None  # the most recent reply (tests, metrics)
         self.replayed = 0  # retried messages answered from the cache instead of applied again
         self.inference_only = False  # a finished session reopened: evaluations and export only
+        self.bytes_received = self.bytes_sent = 0  # serialized messages of all its streams
         self.lock = threading.Lock()  # one message at a time per session
         self.attached = 0  # open streams on this session (idle eviction skips attached ones)
         self.last_active = time.monotonic()

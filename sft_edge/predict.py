@@ -88,7 +88,7 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
 
     from sft_common.models import load_base_model
     from sft_common.spec import SplitSpec
-    from sft_edge.run import grpc_connector, route_key
+    from sft_edge.link import grpc_connector, route_key
     from sft_edge.session import EdgeSession
 
     if not info.get("session_id"):

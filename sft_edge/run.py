@@ -6,8 +6,6 @@ local model), resuming from ``--output-dir``'s checkpoints when asked.
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -17,14 +15,14 @@ import torch
 from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel, load_base_model
 from sft_common.spec import SplitSpec
-from sft_edge import credentials
-from sft_edge.config import Connection, OptimConfig, TrainConfig
+from sft_edge.config import OptimConfig, TrainConfig
 from sft_edge.data import Encoded, Example, encode, load_examples, steps_per_epoch
 from sft_edge.files import FileSpec, load_file_task
+from sft_edge.link import grpc_connector, keep_route_key, route_key
 from sft_edge.local import LocalSession
 from sft_edge.session import EdgeSession
 from sft_edge.tasks import Task, get_task
-from sft_edge.transport import Transport, connector
+from sft_edge.transport import Transport
 
 
 @dataclass
@@ -127,44 +125,13 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     return Run(task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim)
 
 
-ROUTE_HEADER = "x-sft-route"  # an L7 proxy hashes on it to send a run's streams to one replica
-ROUTE_FILE = "route-key"
-
-
-def route_key(run_dir: Optional[str]) -> str:
-    """The routing key of a run: kept in its folder (the same across reconnects, ``--resume``,
-    ``predict`` and ``export``), or one per process without a folder."""
-    if not run_dir:
-        return secrets.token_hex(16)
-    path = os.path.join(run_dir, ROUTE_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            return f.read().strip()
-    key = secrets.token_hex(16)
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(key + "\n")
-    os.replace(tmp, path)
-    return key
-
-
-def grpc_connector(cfg: Union[TrainConfig, Connection], route: str) -> Callable[[], Transport]:
-    """Streams to the daemon named by ``cfg.cloud``: TLS unless ``--insecure``, with this
-    device's bearer token when it has one, and the run's routing key on every stream."""
-    creds, metadata = credentials.secure_link(
-        cfg.cloud, cfg.insecure, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.auth_token_file
-    )
-    metadata = [*metadata, (ROUTE_HEADER, route)]
-    return connector(cfg.cloud, creds, metadata, timeout=cfg.step_timeout)
-
-
 def open_session(
-    cfg: TrainConfig, run: Run, connect: Optional[Callable[[], Transport]] = None
+    cfg: TrainConfig, run: Run, connect: Optional[Callable[[], Transport]] = None, route: str = ""
 ) -> Tuple[Union[EdgeSession, LocalSession], RunState]:
     """The session to train through, and the run state to continue (fresh, or from the newest
     checkpoint with ``--resume``: the session then starts at the step both sides hold)."""
     checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
+    route = route or route_key(cfg.output_dir)
     state, held = RunState(), []
     if cfg.resume:
         held = checkpoints.steps() if checkpoints else []
@@ -177,9 +144,10 @@ def open_session(
         start = held[0] if held else 0
         return LocalSession(run.base, run.task.num_labels, run.optim, run.device, checkpoints, start), state
     session = EdgeSession(
-        run.base, run.spec, run.task.num_labels, connect or grpc_connector(cfg, route_key(cfg.output_dir)), run.optim, cfg.batch_size,
+        run.base, run.spec, run.task.num_labels, connect or grpc_connector(cfg, route), run.optim, cfg.batch_size,
         run.max_len, cfg.link, run.task.name, run.device, checkpoints, state.session_id, held,
         cfg.reconnect_timeout,
     )  # fmt: skip
     state.session_id = session.session_id
+    keep_route_key(cfg.output_dir, route)
     return session, state

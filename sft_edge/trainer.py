@@ -21,6 +21,7 @@ from sft_common.models import BaseModel
 from sft_edge import glue_metrics, scalars
 from sft_edge.config import TrainConfig
 from sft_edge.data import Encoded, batch_indices, collate
+from sft_edge.link import connect_to_cloud
 from sft_edge.local import LocalSession
 from sft_edge.progress import Progress
 from sft_edge.run import Run, RunState, open_session, prepare
@@ -29,9 +30,20 @@ from sft_edge.tasks import Task
 from sft_edge.trained import RUN_FILE
 from sft_edge.transport import Transport
 
-__all__ = ["TrainConfig", "RunState", "train", "evaluate"]
+__all__ = ["TrainConfig", "RunState", "Interrupted", "train", "evaluate"]
 log = logging.getLogger("sft_edge")
 Session = Union[EdgeSession, LocalSession]
+
+
+class Interrupted(Exception):
+    """Ctrl-C during the run: where it stopped, and how to continue."""
+
+    def __init__(self, step: int, total: int, checkpoint: Optional[int], output_dir: Optional[str]):
+        if checkpoint is not None:
+            then = f"rerun with --resume (and the same --output-dir {output_dir}) to continue from step {checkpoint}"
+        else:
+            then = "no checkpoint was written (--output-dir with --checkpoint-every N makes a run resumable)"
+        super().__init__(f"interrupted at step {step} of {total}; {then}")
 
 
 def predict_all(session, data: Encoded, batch_size: int, device: str) -> np.ndarray:
@@ -54,14 +66,20 @@ def evaluate(session, data: Encoded, batch_size: int, task: Task, device: str) -
 
 
 def train(
-    cfg: TrainConfig, connect: Optional[Callable[[], Transport]] = None, base: Optional[BaseModel] = None
+    cfg: TrainConfig,
+    connect: Optional[Callable[[], Transport]] = None,
+    base: Optional[BaseModel] = None,
+    route: str = "",
 ) -> Dict:
     """Run one fine-tuning job end to end and return its report (also written to cfg.report).
-    ``connect``: a factory of transports to the cloud (default: gRPC to ``cfg.cloud``)."""
+    ``connect``: a factory of transports to the cloud (default: gRPC to ``cfg.cloud``, checked
+    first); ``route``: the routing key its streams carry."""
     started = time.time()
     cfg.validate()
+    if connect is None and not cfg.local:
+        connect, route = connect_to_cloud(cfg)
     run = prepare(cfg, base)
-    session, state = open_session(cfg, run, connect)
+    session, state = open_session(cfg, run, connect, route)
     step = session.start_step
     if cfg.resume:
         state = state.rolled_back(session.restore(step))
@@ -112,6 +130,9 @@ def train(
             if scalar_log is not None:
                 scalar_log.train(step, loss, lr, sent, received)
             progress.step(loss, sent if not cfg.local else None)
+    except KeyboardInterrupt:
+        held = session.checkpoints.steps() if session.checkpoints else []
+        raise Interrupted(step, run.total, held[0] if held else None, cfg.output_dir) from None
     finally:
         progress.close()
         if scalar_log is not None:

@@ -34,10 +34,12 @@ RETRYABLE = {
 
 
 class CloudError(RuntimeError):
-    """The cloud refused a message or the link failed; ``code`` is the gRPC status code."""
+    """The cloud refused a message or the link failed; ``code`` is the gRPC status code.
+    ``local``: this edge concluded it (no daemon reached), so the message does not say the
+    cloud said anything."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"cloud said {code.name}: {details}")
+    def __init__(self, code: grpc.StatusCode, details: str, local: bool = False):
+        super().__init__(details if local else f"cloud said {code.name}: {details}")
         self.code = code
         self.details = details
 
@@ -118,6 +120,7 @@ def open_channel(
         raise CloudError(
             grpc.StatusCode.UNAVAILABLE,
             f"no sft-cloud daemon answered at {target} within {connect_timeout:.0f}s",
+            local=True,
         ) from None
     return channel
 

@@ -51,6 +51,31 @@ def session_config(
     return pb.SessionConfig(**values)
 
 
+def open_stream(registry, base, owner="edge-a", **kw):
+    """A stream protocol on ``registry`` with a session opened for ``session_config(**kw)``."""
+    from sft_cloud.protocol import StreamProtocol
+    from sft_common.spec import SplitSpec, session_fingerprint
+
+    config = session_config(**kw)
+    spec = SplitSpec(
+        split_layer=config.split_layer, rank=config.rank, mode="sft" if config.mode == pb.SFT else "sl"
+    )
+    fp = session_fingerprint(base.fingerprint, spec, config.num_labels)
+    proto = StreamProtocol(registry, owner)
+    proto.handle(pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=fp)))
+    return proto
+
+
+def train_message(k, lengths=(5, 3), width=8, labels=(0, 1), dtype=pb.FLOAT32, **kw):
+    """A TrainStep of step ``k`` with random activations."""
+    from sft_common import codec
+
+    acts = codec.encode(torch.randn(sum(lengths), width), dtype)
+    return pb.EdgeMessage(
+        train=pb.TrainStep(step=k, activations=acts, lengths=list(lengths), labels=list(labels), **kw)
+    )
+
+
 def params(module: torch.nn.Module) -> List[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 

@@ -6,9 +6,10 @@ import grpc
 import pytest
 import torch
 from helpers import max_diff, params
+from helpers import open_stream as _open
+from helpers import train_message as _step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_session import _open, _step
 
 from sft_cloud.registry import SessionRegistry
 from sft_common.errors import ProtocolError

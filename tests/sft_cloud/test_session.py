@@ -8,31 +8,14 @@ import grpc
 import pytest
 import torch
 from helpers import max_diff, params, session_config
+from helpers import open_stream as _open
+from helpers import train_message as _step
 
 from sft_cloud.protocol import StreamProtocol
 from sft_cloud.registry import SessionRegistry
 from sft_common import codec
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
-
-
-def _open(registry, base, owner="edge-a", **kw) -> StreamProtocol:
-    config = session_config(**kw)
-    spec = SplitSpec(
-        split_layer=config.split_layer, rank=config.rank, mode="sft" if config.mode == pb.SFT else "sl"
-    )
-    fp = session_fingerprint(base.fingerprint, spec, config.num_labels)
-    proto = StreamProtocol(registry, owner)
-    proto.handle(pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=fp)))
-    return proto
-
-
-def _step(k, lengths=(5, 3), width=8, labels=(0, 1), dtype=pb.FLOAT32, **kw):
-    acts = codec.encode(torch.randn(sum(lengths), width), dtype)
-    return pb.EdgeMessage(
-        train=pb.TrainStep(step=k, activations=acts, lengths=list(lengths), labels=list(labels), **kw)
-    )
 
 
 @pytest.fixture

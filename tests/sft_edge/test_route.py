@@ -69,7 +69,10 @@ def test_one_key_per_run_kept_in_its_folder_for_predict(tmp_path, proxied, glue_
 
 
 def test_the_key_survives_a_restart_of_the_edge(tmp_path):
-    from sft_edge.run import route_key
+    from sft_edge.link import keep_route_key, route_key
 
-    first = route_key(str(tmp_path / "run"))  # what --resume in a new process reads again
-    assert route_key(str(tmp_path / "run")) == first and route_key(None) != route_key(None)
+    first = route_key(str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing written before a session opens
+    keep_route_key(str(tmp_path / "run"), first)
+    assert route_key(str(tmp_path / "run")) == first  # what --resume in a new process reads again
+    assert route_key(None) != route_key(None)

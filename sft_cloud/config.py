@@ -1,0 +1,58 @@
+"""What `sft-cloud serve` takes (``ServeConfig``) and its checks: no torch or grpc imported, so
+the CLI answers --help and argument mistakes at once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ServeConfig:
+    """Everything `sft-cloud serve` takes, one field a flag (``--max-sessions`` is ``max_sessions``)."""
+
+    host: str = "0.0.0.0"  # interface to listen on
+    port: int = 50051  # 0 picks a free port (tests)
+    device: str = "auto"  # auto | cpu | cuda
+    insecure: bool = False  # plaintext; must be asked for explicitly
+    tls_cert: Optional[str] = None  # PEM server certificate chain
+    tls_key: Optional[str] = None  # PEM private key
+    tls_client_ca: Optional[str] = None  # PEM CA for client certificates (mutual TLS)
+    auth_token_file: Optional[str] = None  # one bearer token per line
+    checkpoint_dir: Optional[str] = None  # where sessions are checkpointed
+    max_sessions: int = 64  # concurrent sessions; more get RESOURCE_EXHAUSTED
+    metrics_port: Optional[int] = None  # serve Prometheus /metrics on this port (0: a free one)
+    max_message_mb: int = 256  # transport cap; sessions enforce tighter, config-derived caps
+    grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long, then checkpoint
+    idle_timeout: float = 3600.0  # sessions with no stream this long are checkpointed and evicted
+    keep_finished_days: float = 30.0  # finished sessions' net2 is kept this long for its owner (0: not kept)
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the flag, for what can be checked before anything is loaded."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be 0..65535, got {self.port}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if (
+            self.max_sessions < 1
+            or self.idle_timeout <= 0
+            or self.grace_seconds < 0
+            or self.keep_finished_days < 0
+        ):
+            raise ValueError(
+                "--max-sessions must be >= 1, --idle-timeout > 0, --grace-seconds and --keep-finished-days >= 0"
+            )
+        if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
+            raise ValueError("--insecure and TLS flags contradict each other: give one or the other")
+        if not self.insecure and not (self.tls_cert and self.tls_key):
+            raise ValueError(
+                "TLS is the default: give --tls-cert and --tls-key (make certs writes development ones), "
+                "or --insecure to serve plaintext"
+            )
+        for flag, path in (
+            ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca), ("--auth-token-file", self.auth_token_file),
+        ):  # fmt: skip
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path}: no such file")
