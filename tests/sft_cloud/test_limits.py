@@ -15,9 +15,9 @@ from helpers import AllocationSpy, params, session_config
 from sft_cloud.protocol import StreamProtocol
 from sft_cloud.registry import SessionRegistry
 from sft_common import codec
-from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec, session_fingerprint
 
 
 def _open_msg(base, **kw) -> pb.EdgeMessage:
