@@ -82,7 +82,7 @@ def one_process_step(
     computes it: each side's dropout seeded per (step, micro-batch) as that side seeds it, each
     micro-batch's mean loss weighted by its share of the batch, one update a step. Returns the
     step's loss. The reference the split is tested against (tests/helpers.py), and the loop of
-    bench/residual_ablation.py."""
+    bench/studies/residual_ablation.py."""
     total = 0.0
     for i, part in enumerate(batch.split(micro_batches)):
         torch.manual_seed(step_seed(seed, "edge", step, i))

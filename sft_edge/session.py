@@ -361,6 +361,10 @@ class EdgeSession:
             except CloudError as exc:
                 if exc.code not in RETRYABLE or time.monotonic() + delay > deadline:
                     raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
+                log.warning(
+                    "reconnecting to session %s: %s; next try in %.1fs, giving up in %.0fs (--reconnect-timeout)",
+                    self.session_id[:8], exc.details, delay, deadline - time.monotonic(),
+                )  # fmt: skip
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
                 continue

@@ -46,12 +46,16 @@ class Interrupted(Exception):
         super().__init__(f"interrupted at step {step} of {total}; {then}")
 
 
-def predict_all(session, data: Encoded, batch_size: int, device: str) -> np.ndarray:
+def predict_all(
+    session, data: Encoded, batch_size: int, device: str, tick: Optional[Callable[[], None]] = None
+) -> np.ndarray:
     """The current model's logits for every example of ``data``, (examples, num_labels)."""
     outputs = []
     for k, start in enumerate(range(0, len(data), batch_size)):
         idx = list(range(start, min(start + batch_size, len(data))))
         outputs.append(session.predict(collate(data, idx).to(device), k).cpu())
+        if tick is not None:
+            tick()
     return torch.cat(outputs).numpy()
 
 
@@ -88,7 +92,7 @@ def train(
         run.base.name, run.task.name, len(run.train_data), run.total, run.per_epoch,
         "local" if cfg.local else f"{cfg.mode} via {cfg.cloud}", f", resuming at step {step}" if cfg.resume else "",
     )  # fmt: skip
-    progress = Progress(run.total, cfg.progress, initial=step)
+    progress = Progress(run.total, cfg.progress, initial=step, per_epoch=run.per_epoch)
     logits = None  # of the newest evaluation
     scalar_log = scalars.open_for_run(cfg.output_dir, cfg.report)  # loss, lr, traffic, evals as CSV
     try:
@@ -99,7 +103,9 @@ def train(
                 loss = session.train_step(step, collate(run.train_data, idx).to(run.device))
                 evals = state.evals
                 if (step + 1) % run.per_epoch == 0 or step + 1 == run.total:
-                    logits = predict_all(session, run.dev_data, cfg.batch_size, run.device)
+                    batches = -(-len(run.dev_data) // cfg.batch_size)
+                    with progress.phase("evaluating", batches) as phase:
+                        logits = predict_all(session, run.dev_data, cfg.batch_size, run.device, phase.tick)
                     result = glue_metrics.compute(
                         run.task.metrics, logits, gold_labels(run.task, run.dev_data)
                     )
@@ -114,7 +120,10 @@ def train(
                 state.losses.append(loss)
                 state.evals, state.steps = evals, step + 1
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total:
-                    session.checkpoint(step + 1, state.record(session, started))  # the cloud first, then here
+                    with progress.phase("checkpointing"):
+                        session.checkpoint(
+                            step + 1, state.record(session, started)
+                        )  # the cloud first, then here
             except Rollback as rb:
                 progress.say(
                     f"the cloud restarted: rolling back from step {step} to its checkpoint at {rb.step}"
@@ -129,7 +138,8 @@ def train(
             )
             if scalar_log is not None:
                 scalar_log.train(step, loss, lr, sent, received)
-            progress.step(loss, sent if not cfg.local else None)
+            link = (sent, received) if not cfg.local else (None, None)
+            progress.step(loss, lr, len(idx), *link)
     except KeyboardInterrupt:
         held = session.checkpoints.steps() if session.checkpoints else []
         raise Interrupted(step, run.total, held[0] if held else None, cfg.output_dir) from None

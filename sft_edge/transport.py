@@ -11,6 +11,7 @@ job (``sft_edge.session``).
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 import time
@@ -85,6 +86,9 @@ class Transport:
     def close(self) -> None:
         pass
 
+
+NOTE_EVERY_S = 10.0  # how often a wait for an answer says that it is still waiting
+log = logging.getLogger("sft_edge")
 
 # Keepalive: ping every 10 s and give up on the connection 10 s after an unanswered ping, so a
 # link that goes silent without a reset is noticed within about 20 s (the daemon permits pings
@@ -186,13 +190,29 @@ class GrpcTransport(Transport):
         self._requests.put(msg)
 
     def _result(self) -> pb.CloudMessage:
-        try:
-            item: Union[pb.CloudMessage, CloudError] = self._replies.get(timeout=self.timeout)
-        except queue.Empty:
-            self._call.cancel()
-            raise CloudError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from the cloud within {self.timeout:.0f}s"
-            ) from None
+        started = time.monotonic()
+        while True:
+            waited = time.monotonic() - started
+            left = None if self.timeout is None else self.timeout - waited
+            if left is not None and left <= 0:
+                self._call.cancel()
+                raise CloudError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from the cloud within {self.timeout:.0f}s"
+                )
+            try:
+                item: Union[pb.CloudMessage, CloudError] = self._replies.get(
+                    timeout=NOTE_EVERY_S if left is None else min(left, NOTE_EVERY_S)
+                )
+                break
+            except queue.Empty:  # a silent link: say what is awaited, every few seconds
+                waited = time.monotonic() - started
+                if waited >= NOTE_EVERY_S - 0.01:
+                    limit = (
+                        ""
+                        if self.timeout is None
+                        else f" of the {self.timeout:.0f}s allowed (--step-timeout)"
+                    )
+                    log.info("waiting for the cloud's answer: %.0fs%s", waited, limit)
         if isinstance(item, CloudError):
             raise item
         return item
