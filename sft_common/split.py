@@ -1,30 +1,31 @@
 """The split model: SVD factorisation of layer l's FFN output, and the edge and cloud halves.
 
-For split layer l of a BERT encoder, with the FFN output linear ``W`` (hidden x intermediate)
-and ``W^T = u · diag(Σ) · v`` truncated to rank R (paper §III-B, Eq. 2-3):
+Written once over the family adapters (``sft_common.families``). For split layer l, with the FFN
+output linear ``W`` (hidden x intermediate) and ``W^T = u · diag(Σ) · v`` truncated to rank R
+(paper §III-B, Eq. 2-3):
 
-- ``EdgeHalf`` (net1): embeddings, layers 0..l-1, layer l's attention and FFN intermediate, then
-  ``u``. Output ``â = h · u``: (batch, seq, R).
-- ``CloudHalf`` (net2): ``Σ``, ``v`` (+ the original bias), layer l's dropout and LayerNorm without
-  the residual add, layers l+1..L-1, pooler, dropout, classifier. Output: logits.
+- ``EdgeHalf`` (net1): embeddings, layers 0..l-1, layer l's attention and FFN input and
+  activation, then ``u``. Output ``â = h · u``: (batch, seq, R).
+- ``CloudHalf`` (net2): ``Σ``, ``v`` (+ the original bias), layer l's dropout and, post-LN, its
+  norm, without the residual add; layers l+1..L-1, the final norm (pre-LN), the head. Output: logits.
 
 Plain split learning (mode "sl") cuts after the whole of layer l: the edge sends the layer's
 output hidden states (batch, seq, hidden) and nothing is factorised.
 
-``SVDOutput`` replaces ``BertOutput`` in place, the way PEFT swaps a target module, so a
-factorised model is still an ordinary Hugging Face model (used in one process by ``--local``
-equivalence tests and the drop-in API); the halves hold references to its submodules.
+``SVDOutput`` replaces the FFN output in place (as PEFT swaps a target module): a factorised model
+is still an ordinary Hugging Face model, and the halves hold references to its submodules.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from transformers import BertForSequenceClassification
 
-from sft_common.models import BaseModel
+from sft_common.families import Family, fill_buffers
+from sft_common.models import BaseModel, family_of
 from sft_common.spec import SplitSpec
 
 
@@ -38,22 +39,32 @@ def svd_factors(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Te
 
 
 class SVDTail(nn.Module):
-    """The cloud's side of the cut: ``Σ``, ``v`` with the original bias, dropout, LayerNorm.
+    """The cloud's side of the cut: ``Σ``, ``v`` with the original bias, dropout, and a post-LN
+    layer's norm (``LayerNorm``; pre-LN: Identity). Input â: (batch, seq, R). Without
+    ``keep_residual`` the norm sees ``â Σ v + b`` alone (the residual input stays on the edge,
+    paper §III-A); a pre-LN layer's output is then ``â Σ v + b`` alone (docs/design.md)."""
 
-    Input â: (batch, seq, R). Without ``keep_residual`` the LayerNorm sees ``â Σ v + b`` alone
-    (the residual input stays on the edge, paper §III-A).
-    """
-
-    def __init__(self, rank: int, hidden: int, eps: float, dropout: float, keep_residual: bool = False):
+    def __init__(
+        self,
+        rank: int,
+        hidden: int,
+        norm: Optional[nn.Module],
+        dropout: Optional[float],
+        keep_residual: bool = False,
+        bias: bool = True,
+    ):
         super().__init__()
         self.sigma = nn.Parameter(torch.ones(rank))  # (R,) singular values
-        self.v = nn.Linear(rank, hidden)  # weight (hidden, R) = v^T; bias = the original bias
-        self.dropout = nn.Dropout(dropout)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.v = nn.Linear(rank, hidden, bias=bias)  # weight (hidden, R) = v^T; bias = the original bias
+        self.dropout = nn.Identity() if dropout is None else nn.Dropout(dropout)
+        self.LayerNorm = nn.Identity() if norm is None else copy.deepcopy(norm)
         self.keep_residual = keep_residual
 
+    def project(self, a_hat: torch.Tensor) -> torch.Tensor:
+        return self.v(a_hat * self.sigma)
+
     def forward(self, a_hat: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.dropout(self.v(a_hat * self.sigma))
+        x = self.dropout(self.project(a_hat))
         if self.keep_residual:
             if residual is None:
                 raise ValueError("keep_residual needs the residual input")
@@ -62,41 +73,80 @@ class SVDTail(nn.Module):
 
 
 class SVDOutput(nn.Module):
-    """Drop-in replacement for ``BertOutput``: ``u`` on the edge, then ``SVDTail`` on the cloud."""
+    """Drop-in for the cut layer's FFN output: ``u`` on the edge, then ``SVDTail`` on the cloud.
+
+    It replaces a ``BertOutput``-like block (called with the residual: dense, dropout, LayerNorm)
+    or, in the other families, the bare linear (called with x alone: the layer adds dropout,
+    residual and norm itself), so a factorised model is still an ordinary Hugging Face model."""
 
     def __init__(self, u: nn.Linear, tail: SVDTail):
         super().__init__()
         self.u = u  # Linear(intermediate, R, bias=False); weight (R, intermediate) = u^T
         self.tail = tail
 
-    @classmethod
-    def from_output(cls, output: Any, rank: int, keep_residual: bool = False) -> SVDOutput:
-        """Factorise a ``BertOutput`` (dense, dropout, LayerNorm) at rank R."""
-        dense = output.dense
-        hidden, inter = dense.weight.shape
-        u, s, v = svd_factors(dense.weight, rank)
-        # Built without initialisation (every value is copied below): random init would draw from
-        # the process-wide RNG and shift the dropout masks of another session's step meanwhile.
-        with torch.device("meta"):
-            down = nn.Linear(inter, rank, bias=False)
-            tail = SVDTail(rank, hidden, output.LayerNorm.eps, output.dropout.p, keep_residual)
-        down.to_empty(device=dense.weight.device)
-        tail.to_empty(device=dense.weight.device)
-        with torch.no_grad():
-            down.weight.copy_(u.t())
-            tail.sigma.copy_(s)
-            tail.v.weight.copy_(v.t())
-            tail.v.bias.copy_(dense.bias)
-            tail.LayerNorm.load_state_dict(output.LayerNorm.state_dict())
-        return cls(down, tail)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, input_tensor: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if input_tensor is None:
+            return self.tail.project(self.u(hidden_states))
         return self.tail(self.u(hidden_states), input_tensor)
 
 
+def _ffn_out(family: Family, layer: Any) -> Tuple[nn.Module, str, Any, Any, Any]:
+    """(parent, attribute, the FFN output linear, its dropout, the norm after it) in a layer."""
+    path, _, attr = family.ffn_out.rpartition(".")
+    parent = layer.get_submodule(path) if path else layer
+    out = getattr(parent, attr)
+    if not family.ffn_block:
+        return (parent, attr, out, *family.after_ffn(layer))
+    return parent, attr, out.dense, out.dropout, out.LayerNorm
+
+
+def _svd_skeleton(family: Family, layer: nn.Module, rank: int, keep_residual: bool = False) -> SVDOutput:
+    """u and the tail for this layer's FFN output, on the meta device (no storage, no draws)."""
+    _, _, linear, dropout, norm = _ffn_out(family, layer)
+    hidden, inter = family.ffn_weight(linear).shape
+    p = None if dropout is None else dropout.p
+    with torch.device("meta"):
+        down = nn.Linear(inter, rank, bias=False)
+        tail = SVDTail(rank, hidden, norm, p, keep_residual, bias=linear.bias is not None)
+    return SVDOutput(down, tail.to("meta"))
+
+
+def _install(family: Family, layer: nn.Module, svd: SVDOutput) -> SVDOutput:
+    parent, attr, *_ = _ffn_out(family, layer)
+    setattr(parent, attr, svd)
+    return svd
+
+
+def _svd_of(family: Family, layer: nn.Module) -> SVDOutput:
+    svd = layer.get_submodule(family.ffn_out)
+    assert isinstance(svd, SVDOutput), f"{family.ffn_out} of the cut layer is not factorised"
+    return svd
+
+
+def factorise_layer(family: Family, layer: nn.Module, rank: int, keep_residual: bool = False) -> SVDOutput:
+    """Factorise a layer's FFN output linear (weights in place) at rank R: its SVDOutput."""
+    _, _, linear, dropout, norm = _ffn_out(family, layer)
+    weight = family.ffn_weight(linear)
+    u, s, v = svd_factors(weight, rank)
+    # Built without initialisation (every value is copied below): random init would draw from
+    # the process-wide RNG and shift the dropout masks of another session's step meanwhile.
+    svd = _svd_skeleton(family, layer, rank, keep_residual).to_empty(device=weight.device)
+    with torch.no_grad():
+        svd.u.weight.copy_(u.t())
+        svd.tail.sigma.copy_(s)
+        svd.tail.v.weight.copy_(v.t())
+        if linear.bias is not None:
+            svd.tail.v.bias.copy_(linear.bias)
+        if norm is not None:
+            svd.tail.LayerNorm.load_state_dict(norm.state_dict())
+    return svd
+
+
 def factor_parameters(module: nn.Module) -> List[nn.Parameter]:
-    """The SVD factors in ``module`` (an edge half, a cloud half or a whole split model): u's
-    weight, Σ and v's weight. Not v's bias (the original dense bias) nor the LayerNorm."""
+    """The SVD factors in ``module`` (a half or a whole split model): u's weight, Σ, v's weight
+    (not v's bias, the original one, nor the norm)."""
     found: Dict[int, nn.Parameter] = {}
     for m in module.modules():
         params: List[Any] = []
@@ -108,37 +158,35 @@ def factor_parameters(module: nn.Module) -> List[nn.Parameter]:
     return list(found.values())
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, seq) 0/1 mask -> (batch, 1, 1, seq) additive mask for eager and SDPA attention."""
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-
 def lengths_to_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Right-padded sequence lengths (batch,) -> boolean mask (batch, seq_len)."""
     return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def _run_layer(layer: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = layer(h, mask)
-    return out[0] if isinstance(out, tuple) else out  # tuple in transformers 4.x, tensor in 5.x
+def _adopt(half: nn.Module, modules: Dict[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        setattr(half, name, module)
 
 
 class EdgeHalf(nn.Module):
-    """net1: embeddings .. layer l's FFN intermediate, then u (SFT); or .. layer l's output (SL)."""
+    """net1: embeddings .. layer l's FFN activation, then u (SFT); or .. layer l's output (SL)."""
 
-    def __init__(self, model: BertForSequenceClassification, spec: SplitSpec):
+    u: nn.Linear
+
+    def __init__(self, model: nn.Module, spec: SplitSpec):
         super().__init__()
-        layers = model.bert.encoder.layer
+        self.family: Family = family_of(model.config)
+        family, layers = self.family, self.family.layers(model)
         self.spec = spec
-        self.embeddings = model.bert.embeddings
+        _adopt(self, family.embeddings(model))
         if spec.mode == "sft":
             cut = layers[spec.split_layer]
             self.layers = nn.ModuleList(layers[: spec.split_layer])
-            self.attention = cut.attention
-            self.intermediate = cut.intermediate
-            self.u = cut.output.u
+            _adopt(self, family.cut_parts(cut))
+            self.u = _svd_of(family, cut).u
         else:
             self.layers = nn.ModuleList(layers[: spec.split_layer + 1])
+        _adopt(self, family.shared(model))
 
     def forward(
         self,
@@ -146,40 +194,42 @@ class EdgeHalf(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the cut activations (batch, seq, width) and, with keep_residual, the residual."""
-        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        mask = additive_mask(attention_mask, h.dtype)
+        """Returns the cut activations (batch, seq, width) and, with keep_residual, the residual.
+        Decoders ignore ``token_type_ids``."""
+        family = self.family
+        h = family.embed(self, input_ids, attention_mask, token_type_ids)
+        ctx = family.context(self, attention_mask, h)
         for layer in self.layers:
-            h = _run_layer(layer, h, mask)
+            h = family.run_layer(layer, h, ctx)
         if self.spec.mode == "sl":
             return h, None
-        attn = self.attention(h, mask)[0]
-        a_hat = self.u(self.intermediate(attn))
-        return a_hat, (attn if self.spec.keep_residual else None)
+        x, residual = family.cut(self, h, ctx)
+        return self.u(x), (residual if self.spec.keep_residual else None)
 
 
 class CloudHalf(nn.Module):
-    """net2: (Σ, v, LayerNorm for SFT), layers l+1.., pooler, dropout, classifier."""
+    """net2: (Σ, v, dropout, norm for SFT), layers l+1.., final norm, head (pooling, classifier)."""
 
-    def __init__(self, model: BertForSequenceClassification, spec: SplitSpec):
+    tail: Optional[SVDTail]
+
+    def __init__(self, model: nn.Module, spec: SplitSpec):
         super().__init__()
-        layers = model.bert.encoder.layer
+        self.family: Family = family_of(model.config)
+        family, layers = self.family, self.family.layers(model)
         self.spec = spec
-        self.tail = layers[spec.split_layer].output.tail if spec.mode == "sft" else None
+        self.tail = _svd_of(family, layers[spec.split_layer]).tail if spec.mode == "sft" else None
         self.layers = nn.ModuleList(layers[spec.split_layer + 1 :])
-        self.pooler = model.bert.pooler
-        self.dropout = model.dropout
-        self.classifier = model.classifier
+        _adopt(self, {**family.final(model), **family.shared(model), **family.head(model)})
 
     def forward(
         self, cut: torch.Tensor, attention_mask: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """cut: (batch, seq, width) activations; attention_mask: (batch, seq). Returns logits."""
-        h = cut if self.tail is None else self.tail(cut, residual)  # type: ignore[misc]
-        mask = additive_mask(attention_mask, h.dtype)
+        h = cut if self.tail is None else self.tail(cut, residual)
+        ctx = self.family.context(self, attention_mask, h)
         for layer in self.layers:
-            h = _run_layer(layer, h, mask)
-        return self.classifier(self.dropout(self.pooler(h)))  # type: ignore[misc]
+            h = self.family.run_layer(layer, h, ctx)
+        return self.family.pool(self, h, attention_mask)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -193,58 +243,57 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # Building models from a BaseModel, loading only the tensors a half needs.
 
 
-def init_head(model: BertForSequenceClassification, seed: int) -> None:
-    """Initialise the task head from ``seed`` alone, so every builder gets the same head."""
+def init_head(model: Any, seed: int) -> None:
+    """Initialise the head's last linear from ``seed`` alone, so every builder gets the same head."""
     g = torch.Generator().manual_seed(seed)
     std = model.config.initializer_range
+    linear = family_of(model.config).head_linear(model)
     with torch.no_grad():
-        w = torch.empty(model.classifier.weight.shape).normal_(0.0, std, generator=g)
-        model.classifier.weight.copy_(w)
-        model.classifier.bias.zero_()
+        w = torch.empty(linear.weight.shape).normal_(0.0, std, generator=g)
+        linear.weight.copy_(w)
+        if linear.bias is not None:
+            linear.bias.zero_()
 
 
-def _skeleton(base: BaseModel, num_labels: int) -> BertForSequenceClassification:
+def _skeleton(base: BaseModel, num_labels: int) -> nn.Module:
     """The model's modules with no storage (meta device): cheap, however large the model."""
     config = base.config.__class__.from_dict(base.config.to_dict())
     config.num_labels = num_labels
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    classifier = base.family.model_class(1)
     with torch.device("meta"):
-        return BertForSequenceClassification(config)
+        return classifier(config)
+
+
+def _tensors(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
 
 
 def _materialise(
     module: nn.Module,
     base: BaseModel,
-    prefix_map: Dict[str, str],
+    model: nn.Module,
     seed: int,
     device: str,
     skip: Tuple[str, ...] = (),
 ) -> None:
-    """Give ``module`` storage on ``device`` and fill it from the base model's tensors.
+    """Give ``module`` (``model`` or a part of it) storage on ``device`` and fill it from the base
+    model's tensors, found by each tensor's name in ``model`` (the family strips its prefix).
 
-    ``prefix_map`` maps prefixes of the module's tensor names to the base model's names; the
-    children named in ``skip`` are already built and left alone. Tensors the checkpoint lacks:
-    the pooler and head come from ``seed``; position / token-type id buffers are recomputed;
-    anything else is an error.
+    The children named in ``skip`` are already built and left alone. Tensors the checkpoint
+    lacks: the head's new tensors come from ``seed``; position / token-type ids and rotary
+    frequencies are recomputed; anything else is an error.
     """
-
-    def base_name(name: str) -> Optional[str]:
-        for ours, theirs in prefix_map.items():
-            if name.startswith(ours):
-                return theirs + name[len(ours) :]
-        return None
-
+    family = base.family
+    names = {id(t): n for n, t in _tensors(model)}
+    sources = {n: family.base_name(names[id(t)]) if id(t) in names else None for n, t in _tensors(module)}
     for child_name, child in module.named_children():
         if child_name not in skip:
             child.to_empty(device=device)
-    own = [
-        (n, t)
-        for n, t in list(module.named_parameters()) + list(module.named_buffers())
-        if n.split(".", 1)[0] not in skip
-    ]
-    sources = {n: base_name(n) for n, _ in own}
+    own = [(n, t) for n, t in _tensors(module) if n.split(".", 1)[0] not in skip]
     tensors = base.load(src for src in sources.values() if src is not None)
     gen = torch.Generator().manual_seed(seed)
+    computed: List[str] = []
     with torch.no_grad():
         for name, tensor in own:
             src = sources[name]
@@ -254,38 +303,36 @@ def _materialise(
                     f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}"
                 )
                 tensor.copy_(value)
-            elif name.endswith("position_ids"):
-                tensor.copy_(torch.arange(tensor.shape[-1]).expand_as(tensor))
-            elif name.endswith("token_type_ids"):
-                tensor.zero_()
-            elif src is not None and src.startswith(("pooler.", "classifier.")):
+            elif name.endswith(("position_ids", "token_type_ids", "inv_freq")):
+                computed.append(name)
+            elif src is not None and src.startswith(family.head_new):
                 if tensor.dim() > 1:
                     tensor.copy_(torch.empty(tensor.shape).normal_(0.0, 0.02, generator=gen))
                 else:
                     tensor.zero_()
             else:
                 raise KeyError(f"{name} ({src}) is missing from the checkpoint of {base.name!r}")
+    fill_buffers(module, computed)
 
 
-def _layer_map(first: int, last: int, ours: str = "layers.") -> Dict[str, str]:
-    return {f"{ours}{i - first}.": f"encoder.layer.{i}." for i in range(first, last)}
+def _validate(base: BaseModel, spec: SplitSpec) -> None:
+    spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
 
 
-def build_full_model(
-    base: BaseModel, num_labels: int, seed: int, device: str = "cpu"
-) -> BertForSequenceClassification:
+def build_full_model(base: BaseModel, num_labels: int, seed: int, device: str = "cpu") -> nn.Module:
     """The whole unsplit model with pretrained weights and the seeded head (``--local``)."""
     model = _skeleton(base, num_labels)
-    _materialise(model, base, {"bert.": "", "classifier.": "classifier."}, seed, device)
+    _materialise(model, base, model, seed, device)
     init_head(model, seed)
     return model
 
 
-def factorise(model: BertForSequenceClassification, spec: SplitSpec) -> BertForSequenceClassification:
-    """Replace layer l's ``BertOutput`` with ``SVDOutput`` in place (SFT); SL changes nothing."""
+def factorise(model: nn.Module, spec: SplitSpec) -> nn.Module:
+    """Replace layer l's FFN output with ``SVDOutput`` in place (SFT); SL changes nothing."""
     if spec.mode == "sft":
-        layer = model.bert.encoder.layer[spec.split_layer]
-        layer.output = SVDOutput.from_output(layer.output, spec.rank, spec.keep_residual)
+        family = family_of(model.config)
+        layer = family.layers(model)[spec.split_layer]
+        _install(family, layer, factorise_layer(family, layer, spec.rank, spec.keep_residual))
     return model
 
 
@@ -293,8 +340,7 @@ def build_split_model(
     base: BaseModel, spec: SplitSpec, num_labels: int, seed: int, device: str = "cpu"
 ) -> Tuple[EdgeHalf, CloudHalf]:
     """Both halves of one factorised model in one process (the reference for split training)."""
-    cfg = base.config
-    spec.validate(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    _validate(base, spec)
     model = factorise(build_full_model(base, num_labels, seed, device), spec)
     return EdgeHalf(model, spec), CloudHalf(model, spec)
 
@@ -303,27 +349,18 @@ def build_edge_half(
     base: BaseModel, spec: SplitSpec, u: Optional[torch.Tensor], device: str = "cpu"
 ) -> EdgeHalf:
     """net1 alone, loading only its own weights; ``u`` (intermediate, R) comes from the cloud."""
-    cfg = base.config
-    spec.validate(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    _validate(base, spec)
     model = _skeleton(base, num_labels=2)  # the head is never materialised on the edge
     if spec.mode == "sft":
-        if u is None or tuple(u.shape) != (cfg.intermediate_size, spec.rank):
-            raise ValueError(f"edge factor u must have shape {(cfg.intermediate_size, spec.rank)}")
-        down = nn.Linear(cfg.intermediate_size, spec.rank, bias=False, device="meta").to_empty(device=device)
-        with torch.no_grad():  # (no random init: see SVDOutput.from_output)
-            down.weight.copy_(u.t())
-        with torch.device("meta"):
-            tail = SVDTail(spec.rank, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
-        model.bert.encoder.layer[spec.split_layer].output = SVDOutput(down, tail)
+        inter = base.intermediate_size
+        if u is None or tuple(u.shape) != (inter, spec.rank):
+            raise ValueError(f"edge factor u must have shape {(inter, spec.rank)}")
+        layer = base.family.layers(model)[spec.split_layer]
+        svd = _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank))  # tail: meta
+        with torch.no_grad():  # (no random init: see factorise_layer)
+            svd.u.to_empty(device=device).weight.copy_(u.t())
     half = EdgeHalf(model, spec)
-    l = spec.split_layer
-    prefixes = {
-        "embeddings.": "embeddings.",
-        **_layer_map(0, l + (spec.mode == "sl")),
-        "attention.": f"encoder.layer.{l}.attention.",
-        "intermediate.": f"encoder.layer.{l}.intermediate.",
-    }
-    _materialise(half, base, prefixes, 0, device, skip=("u",))
+    _materialise(half, base, model, 0, device, skip=("u",))
     return half
 
 
@@ -331,46 +368,32 @@ def build_cloud_half(
     base: BaseModel, spec: SplitSpec, num_labels: int, seed: int, device: str = "cpu"
 ) -> Tuple[CloudHalf, Optional[torch.Tensor]]:
     """net2 alone, plus the edge's factor u (SFT) computed here from the pretrained W."""
-    cfg = base.config
-    spec.validate(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    _validate(base, spec)
     model = _skeleton(base, num_labels)
-    l = spec.split_layer
-    layer = model.bert.encoder.layer[l]
-    prefixes = {
-        **_layer_map(l + 1, cfg.num_hidden_layers),
-        "pooler.": "pooler.",
-        "classifier.": "classifier.",
-    }
     u = None
     if spec.mode == "sft":
-        # The cut layer's BertOutput is materialised alone, factorised, then dropped.
-        _materialise(layer.output, base, {"": f"encoder.layer.{l}.output."}, seed, device)
-        layer.output = SVDOutput.from_output(layer.output, spec.rank)
-        u = layer.output.u.weight.detach().t().contiguous()
+        # The cut layer's FFN output linear (and norm after it) is materialised alone, factorised, dropped.
+        layer = base.family.layers(model)[spec.split_layer]
+        _, _, linear, _, norm = _ffn_out(base.family, layer)
+        _materialise(nn.ModuleList([m for m in (linear, norm) if m is not None]), base, model, seed, device)
+        svd = _install(base.family, layer, factorise_layer(base.family, layer, spec.rank))
+        u = svd.u.weight.detach().t().contiguous()
     half = CloudHalf(model, spec)
-    _materialise(half, base, prefixes, seed, device, skip=("tail",))
+    _materialise(half, base, model, seed, device, skip=("tail",))
     init_head(model, seed)
     return half, u
 
 
 def trained_skeleton(
     config, spec: Optional[SplitSpec], num_labels: int, device: str = "cpu"
-) -> Union[BertForSequenceClassification, Tuple[EdgeHalf, CloudHalf]]:
+) -> Union[nn.Module, Tuple[EdgeHalf, CloudHalf]]:
     """A model of this geometry with uninitialised storage, to load trained weights into: the
     whole model (``spec`` None, a ``--local`` run) or both halves of a split one (an export)."""
     base = BaseModel(name="trained", config=config, fingerprint="", tokenizer_dir="")
     model = _skeleton(base, num_labels)
     if spec is not None and spec.mode == "sft":
-        cfg = base.config
-        with torch.device("meta"):
-            down = nn.Linear(cfg.intermediate_size, spec.rank, bias=False)
-            tail = SVDTail(spec.rank, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
-        model.bert.encoder.layer[spec.split_layer].output = SVDOutput(down, tail)
+        layer = base.family.layers(model)[spec.split_layer]
+        _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank))
     model.to_empty(device=device)
-    with torch.no_grad():  # buffers that no state dict carries
-        for name, buffer in model.named_buffers():
-            if name.endswith("position_ids"):
-                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-            elif name.endswith("token_type_ids"):
-                buffer.zero_()
+    fill_buffers(model)  # buffers that no state dict carries
     return model if spec is None else (EdgeHalf(model, spec), CloudHalf(model, spec))
