@@ -147,3 +147,23 @@ def test_building_halves_draws_nothing_from_the_process_rng(tiny_base, mode):
     _, u = build_cloud_half(tiny_base, spec, 2, seed=3)
     build_edge_half(tiny_base, spec, u)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def _groups(half):
+    """The top-level names of a half's tensors, in order, each once."""
+    names = [n.split(".")[0] for n in half.state_dict()]
+    return [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+
+
+def test_bert_fingerprints_and_tensor_names_do_not_move(tiny_base, minilm_base):
+    """The family adapters left BERT as it was: sessions, checkpoints and exports made before
+    them still match (fingerprints) and load (the halves' tensor names)."""
+    assert tiny_base.fingerprint == "e61a42b0231c407a399a12d212e7397a8a1720e82513f231886f7aad63522cf6"
+    assert minilm_base.fingerprint == "933cd5a30939f0da15b2f8e4a6a064dd32af1c3b66a15b963dda24636bae39ab"
+    edge, cloud = build_split_model(tiny_base, SplitSpec(split_layer=2, rank=8), 2, seed=0)
+    assert _groups(edge) == ["embeddings", "layers", "attention", "intermediate", "u"]
+    assert _groups(cloud) == ["tail", "layers", "pooler", "classifier"]
+    assert list(edge.state_dict())[-1] == "u.weight"
+    assert [n for n in cloud.state_dict() if n.startswith("tail.")] == [
+        "tail.sigma", "tail.v.weight", "tail.v.bias", "tail.LayerNorm.weight", "tail.LayerNorm.bias",
+    ]  # fmt: skip

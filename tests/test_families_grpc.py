@@ -1,0 +1,118 @@
+"""Every family trains split over a real gRPC server as the same model trains in one process."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from helpers import max_diff, params, random_batch, train_in_one_process
+
+from sft_common.models import load_base_model
+from sft_common.spec import SplitSpec
+from sft_common.split import build_split_model
+from sft_edge.config import LinkOptions, OptimConfig
+from sft_edge.session import EdgeSession
+from sft_edge.transport import CloudError, GrpcTransport, open_channel
+
+STEPS = 6
+OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
+PRESETS = [
+    "tiny-roberta",
+    "tiny-distilbert",
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-qwen2",
+]  # BERT: test_equivalence
+
+
+def _batches():
+    return [random_batch(batch=6, seq=14, seed=k) for k in range(STEPS)]
+
+
+def _served(name, registry):
+    """The base model, as both sides resolve it by name. sft_edge/session.py and
+    sft_cloud/session.py still read ``base.config.intermediate_size``, which GPT-2 (n_inner) and
+    DistilBERT (hidden_dim) configs lack: until they read ``base.intermediate_size``, such a config
+    gets the alias here, and the daemon is handed the same object (see the xfail below)."""
+    base = load_base_model(f"random:{name}")
+    if not hasattr(base.config, "intermediate_size"):
+        config = copy.deepcopy(base.config)
+        config.intermediate_size = base.intermediate_size
+        base = dataclasses.replace(base, config=config)
+        registry._bases[base.name] = base
+    return base
+
+
+def _differences(ref, got, optimizer, floor=1e-6):
+    """Max |ref - got| over the elements whose gradient RMS (AdamW's bias-corrected second
+    moment) reaches ``floor``, and over those below it. AdamW divides each gradient by its RMS + eps
+    (1e-8): where the RMS is near eps, the last bits of rounding (~1e-9) move the update by a share
+    of lr. GPT-2's key bias (a gradient of zero in exact arithmetic: softmax ignores a shift) and a
+    Qwen2 embedding element that saw a gradient of 1e-8 differ that way; nothing else does."""
+    signal, noise = 0.0, 0.0
+    for p, q in zip(ref.parameters(), got.parameters()):
+        diff, state = (p - q).detach().abs(), optimizer.state[q]
+        rms = (state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))).sqrt()
+        signal = max(signal, float(diff.masked_fill(rms < floor, 0).max()))
+        noise = max(noise, float(diff.masked_fill(rms >= floor, 0).max()))
+    return signal, noise
+
+
+def _session(address, base, spec):
+    return EdgeSession(
+        base, spec, 2, GrpcTransport(open_channel(address)), OPTIM, batch_size=8, max_seq_len=64,
+        link=LinkOptions(wire_dtype="fp32"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["sft", "sl"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_grpc_split_training_equals_one_process(live_server, name, mode):
+    address, registry = live_server
+    base = _served(name, registry)
+    spec = SplitSpec(split_layer=2, rank=8, mode=mode)
+    backend = _session(address, base, spec)
+    losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
+    session = registry.get(backend.session_id)
+    edge_ref, cloud_ref, ref_losses = train_in_one_process(base, spec, OPTIM, _batches())
+
+    assert session.next_step == STEPS
+    start_edge, start_cloud = build_split_model(base, spec, 2, OPTIM.seed)
+    assert max_diff(params(start_edge), params(backend.net1)) > 1e-4  # the comparison is not vacuous
+    assert max_diff(params(start_cloud), params(session.net2)) > 1e-4
+    # tests/test_equivalence.py's tolerances: 1e-6 on the losses and on the parameters, here on
+    # every element whose gradient is above rounding noise (see _differences). Measured on CPU
+    # (torch 2.13, 6 steps): at most 1.2e-7 there and in the losses, for every family and mode;
+    # up to 9e-6 on the elements whose gradient RMS is below 1e-6.
+    for ref, got, optimizer in (
+        (edge_ref, backend.net1, backend.optimizer),
+        (cloud_ref, session.net2, session.optimizer),
+    ):
+        signal, noise = _differences(ref, got, optimizer)
+        assert signal <= 1e-6 and noise <= 5e-5, (signal, noise)
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    # Evaluation through the daemon gives the one-process model's logits.
+    batch = random_batch(batch=5, seq=11, seed=42)
+    edge_ref.eval(), cloud_ref.eval()
+    with torch.no_grad():
+        cut, _ = edge_ref(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        want = cloud_ref(cut, batch.attention_mask)
+    assert float((backend.predict(batch) - want).abs().max()) <= 1e-5
+    assert backend.close() == STEPS
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=(AttributeError, CloudError),
+    reason="sft_edge/session.py and sft_cloud/session.py read base.config.intermediate_size "
+    "(GPT-2: n_inner, DistilBERT: hidden_dim); when they read base.intermediate_size this passes: "
+    "remove this mark and the alias in _served",
+)
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-distilbert"])
+def test_configs_without_intermediate_size_open_sessions(live_server, name):
+    address, _ = live_server
+    backend = _session(address, load_base_model(f"random:{name}"), SplitSpec(split_layer=2, rank=8))
+    backend.train_step(0, _batches()[0])
+    backend.close()
