@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 10; keep it a few seconds under the orchestrator's own grace period)",
     )  # fmt: skip
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    s.add_argument(
+        "--replica-id", help="this replica's name in the session leases under --checkpoint-dir "
+        "(default <hostname>-<pid>; replicas sharing the folder must differ)",
+    )  # fmt: skip
+    s.add_argument(
+        "--lease-seconds", type=float, default=D.lease_seconds,
+        help="replicas sharing --checkpoint-dir: a session lease not renewed for this long has expired; "
+        f"renewed every third of it (default {D.lease_seconds:g})",
+    )  # fmt: skip
     s.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     s.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
     return parser
@@ -64,6 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         grace_seconds=args.grace_seconds,
         metrics_port=args.metrics_port,
         keep_finished_days=args.keep_finished_days,
+        replica_id=args.replica_id,
+        lease_seconds=args.lease_seconds,
     )
     try:
         cfg.validate()  # before torch and grpc are imported: mistakes are reported at once

@@ -27,6 +27,8 @@ class ServeConfig:
     grace_seconds: float = 10.0  # SIGTERM: finish in-flight steps for at most this long, then checkpoint
     idle_timeout: float = 3600.0  # sessions with no stream this long are checkpointed and evicted
     keep_finished_days: float = 30.0  # finished sessions' net2 is kept this long for its owner (0: not kept)
+    replica_id: Optional[str] = None  # names this replica in the session leases (None: <hostname>-<pid>)
+    lease_seconds: float = 30.0  # a session lease not renewed this long has expired (renewed every third)
 
     def validate(self) -> None:
         """Raise ValueError, naming the flag, for what can be checked before anything is loaded."""
@@ -42,6 +44,14 @@ class ServeConfig:
         ):
             raise ValueError(
                 "--max-sessions must be >= 1, --idle-timeout > 0, --grace-seconds and --keep-finished-days >= 0"
+            )
+        if not 1 <= self.lease_seconds <= 3600:
+            raise ValueError(f"--lease-seconds must be in 1..3600, got {self.lease_seconds:g}")
+        if self.replica_id is not None and not (
+            0 < len(self.replica_id) <= 128 and self.replica_id.isprintable() and "/" not in self.replica_id
+        ):
+            raise ValueError(
+                f"--replica-id must be 1..128 printable characters without '/', got {self.replica_id!r}"
             )
         if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
             raise ValueError("--insecure and TLS flags contradict each other: give one or the other")

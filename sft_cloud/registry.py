@@ -1,4 +1,9 @@
-"""The daemon's sessions: open new ones, re-attach to existing ones, share loaded base models."""
+"""The daemon's sessions: open new ones, re-attach to existing ones, share loaded base models.
+
+With ``--checkpoint-dir`` every session this replica holds has a lease (``sft_cloud.lease``), so
+that replicas sharing the folder never both change a session: an attach for a session held
+elsewhere takes it over (the next epoch, then the newest checkpoint), and a session whose lease
+was taken is dropped here without writing anything."""
 
 from __future__ import annotations
 
@@ -7,11 +12,19 @@ import os
 import secrets
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import grpc
 
 from sft_cloud import finished
+from sft_cloud.lease import (
+    FencedCheckpointDir,
+    Lease,
+    LeaseRecord,
+    SessionMoved,
+    default_replica_id,
+    lease_folder,
+)
 from sft_cloud.session import CloudSession
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
@@ -32,6 +45,8 @@ class SessionRegistry:
         max_seq: int = 512,
         checkpoint_dir: Optional[str] = None,
         idle_timeout: float = 3600.0,
+        replica_id: Optional[str] = None,
+        lease_seconds: float = 30.0,
     ):
         self.device = device
         self.checkpoint_dir = checkpoint_dir  # sessions are restored from here after a restart
@@ -39,7 +54,11 @@ class SessionRegistry:
         self.max_sessions = max_sessions
         self.max_batch = max_batch
         self.max_seq = max_seq
+        self.replica_id = replica_id or default_replica_id()  # names this replica in lease files
+        self.lease_seconds = lease_seconds  # a lease not renewed for this long has expired
         self._sessions: Dict[str, CloudSession] = {}
+        self._leases: Dict[str, Lease] = {}  # of the sessions held, with a checkpoint dir
+        self._takeover = threading.Lock()  # one attach-from-disk at a time: one claim per session
         self._bases: Dict[str, BaseModel] = {}
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()  # see CloudSession._rng
@@ -72,18 +91,25 @@ class SessionRegistry:
             self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir,
         )  # fmt: skip
         _check_fingerprint(msg, session)
+        lease, _ = self._take(session)
         with self._lock:
             if len(self._sessions) >= self.max_sessions:  # lost a race with another open
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
-            self._sessions[session.session_id] = session
+            self._hold(session, lease)
         return session
 
     def attach(self, msg: pb.OpenSession, owner: str) -> CloudSession:
         """An existing session (in memory, or on disk after a restart or an eviction)."""
-        with self._lock:
-            session = self._sessions.get(msg.session_id)
-        if session is None:
-            session = self._from_disk(msg.session_id, owner)
+        with self._takeover:
+            with self._lock:
+                session = self._sessions.get(msg.session_id)
+                lease = self._leases.get(msg.session_id)
+            if session is not None and lease is not None and not lease.held():
+                self._drop(msg.session_id, lease)  # taken over elsewhere: what is held here is stale
+                log.info("session %s: moved to another replica; dropped here", msg.session_id[:8])
+                session = None
+            if session is None:
+                session = self._from_disk(msg.session_id, owner)
         # The same status and message for "no such session" and "not yours": a caller learns
         # nothing about other identities' sessions, not even that an id exists.
         if session is None or not secrets.compare_digest(session.owner.encode(), owner.encode()):
@@ -96,7 +122,9 @@ class SessionRegistry:
         return session
 
     def _from_disk(self, session_id: str, owner: str) -> Optional[CloudSession]:
-        """Rebuild a session from its newest checkpoint (``resume`` may then roll it back to an older one)."""
+        """Take a session over from disk: claim the next epoch of its lease (the replica that held
+        it is fenced from now on), then rebuild it from the newest checkpoint (``resume`` may then
+        roll it back to an older one). Caller holds ``_takeover``."""
         if not self.checkpoint_dir or not session_id or os.sep in session_id or session_id.startswith("."):
             return None
         ckpts = CheckpointDir(os.path.join(self.checkpoint_dir, session_id))
@@ -120,10 +148,72 @@ class SessionRegistry:
             session_id, str(meta["owner"]), config, base, self.device,
             self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir,
         )  # fmt: skip
-        session.restore(newest)
-        log.info("session %s: restored from checkpoint at step %d", session_id[:8], newest)
+        lease, previous = self._take(session)
+        try:
+            newest = ckpts.steps()[0]  # read after the claim: the old holder can write no newer one
+            session.restore(newest)
+        except (OSError, IndexError) as exc:  # a checkpoint pruned meanwhile: the edge tries again
+            raise ProtocolError(grpc.StatusCode.UNAVAILABLE, f"cannot restore the session: {exc}") from None
         with self._lock:
-            return self._sessions.setdefault(session_id, session)
+            self._hold(session, lease)
+        if previous is None:
+            how = "no lease"
+        elif previous.replica == self.replica_id:
+            how = f"epoch {previous.epoch} was this replica's"
+        else:
+            state = "expired" if previous.expired() else "live: it is fenced at its next step or write"
+            how = f"from {previous.replica}, epoch {previous.epoch}, lease {state}"
+        log.info(
+            "session %s: restored from checkpoint at step %d; taken at epoch %d (%s)",
+            session_id[:8], newest, lease.epoch if lease else 0, how,
+        )  # fmt: skip
+        return session
+
+    def _take(self, session: CloudSession) -> Tuple[Optional[Lease], Optional[LeaseRecord]]:
+        """Claim the session's lease (with a checkpoint dir): its steps and checkpoints are fenced
+        by it from now on. Returns the lease and the previous holder's record."""
+        if session.dir is None or self.checkpoint_dir is None:
+            return None, None
+        lease = Lease(
+            lease_folder(self.checkpoint_dir, session.session_id), self.replica_id, self.lease_seconds
+        )
+        previous = lease.acquire()
+        session.ckpts = FencedCheckpointDir(session.dir, lease)
+        session.fence = lease.check
+        return lease, previous
+
+    def _hold(self, session: CloudSession, lease: Optional[Lease]) -> None:
+        """Keep ``session`` (and its lease) in the registry; caller holds ``_lock``."""
+        self._sessions[session.session_id] = session
+        if lease is not None:
+            self._leases[session.session_id] = lease
+
+    def _drop(self, session_id: str, lease: Optional[Lease] = None) -> None:
+        """Forget a session here (``lease``: only if it is still the one held), writing nothing."""
+        with self._lock:
+            if lease is None or self._leases.get(session_id) is lease:
+                self._sessions.pop(session_id, None)
+                self._leases.pop(session_id, None)
+
+    def renew_leases(self) -> List[str]:
+        """Renew the lease of every session held (the serve loop calls this every
+        ``lease_seconds / 3``); drop, writing nothing, those another replica took. Returns their ids."""
+        with self._lock:
+            leases = list(self._leases.items())
+        moved = []
+        for session_id, lease in leases:
+            if not lease.renew():
+                self._drop(session_id, lease)
+                log.info("session %s: taken over by another replica; dropped here", session_id[:8])
+                moved.append(session_id)
+        return moved
+
+    def release_leases(self) -> None:
+        """At shutdown, after the shutdown checkpoints: every lease held says it ran out now."""
+        with self._lock:
+            leases = list(self._leases.values())
+        for lease in leases:
+            lease.release()
 
     def reopen_finished(self, msg: pb.OpenSession, owner: str) -> CloudSession:
         """A closed session of ``owner``, rebuilt from its final weights for inference only."""
@@ -171,20 +261,33 @@ class SessionRegistry:
             with session.lock:
                 if session.attached or now - session.last_active <= self.idle_timeout:
                     continue
-                if session.ckpts is not None:
-                    session.save_checkpoint()
-                with self._lock:
-                    self._sessions.pop(session.session_id, None)
+                note = ""
+                try:
+                    if session.ckpts is not None:
+                        session.save_checkpoint()
+                        note = " (checkpointed)"
+                except SessionMoved:  # another replica holds it now: nothing to keep here
+                    note = " (moved to another replica: not checkpointed)"
+                self.close(session.session_id, evicted=True)
             evicted.append(session.session_id)
             log.info(
-                "session %s: idle for %.0fs, evicted%s", session.session_id[:8], now - session.last_active,
-                " (checkpointed)" if session.ckpts else "",
-            )  # fmt: skip
+                "session %s: idle for %.0fs, evicted%s",
+                session.session_id[:8],
+                now - session.last_active,
+                note,
+            )
         return evicted
 
-    def close(self, session_id: str) -> None:
+    def close(self, session_id: str, evicted: bool = False) -> None:
+        """The session leaves this replica: closed or forgotten (its lease folder goes), or
+        ``evicted`` (its lease is released: the next attach, here or elsewhere, takes it)."""
         with self._lock:
             self._sessions.pop(session_id, None)
+            lease = self._leases.pop(session_id, None)
+        if lease is not None and evicted:
+            lease.release()
+        elif lease is not None:
+            lease.remove()
 
     def get(self, session_id: str) -> CloudSession:
         with self._lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import List, Optional, Tuple
 
@@ -132,6 +133,8 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         max_sessions=cfg.max_sessions,
         checkpoint_dir=cfg.checkpoint_dir,
         idle_timeout=cfg.idle_timeout,
+        replica_id=cfg.replica_id,
+        lease_seconds=cfg.lease_seconds,
     )
     metrics = DaemonMetrics(sessions=registry.__len__)
     if cfg.metrics_port is not None:
@@ -142,24 +145,38 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         "sft-cloud serving on %s:%d (device %s, max %d sessions, %s, %s)", cfg.host, port, device,
         cfg.max_sessions, _tls_mode(cfg), f"tokens from {cfg.auth_token_file}" if cfg.auth_token_file else "no tokens",
     )  # fmt: skip
+    if cfg.checkpoint_dir:
+        log.info(
+            "replica %s: session leases of %.0fs under %s",
+            registry.replica_id,
+            cfg.lease_seconds,
+            cfg.checkpoint_dir,
+        )
     print(f"sft-cloud: listening on {cfg.host}:{port}", flush=True)
     if ready is not None:
         ready.set()
     # Evict idle sessions (checkpointed first when there is a checkpoint dir) while serving, and
-    # delete finished sessions past their retention.
+    # delete finished sessions past their retention; renew the session leases every third of
+    # --lease-seconds (dropping, unwritten, the sessions another replica took over).
     sweep = max(1.0, min(60.0, cfg.idle_timeout / 4))
     retention = cfg.keep_finished_days * 86400
     finished.purge_expired(cfg.checkpoint_dir, retention)
-    while not stop.wait(sweep):
-        registry.evict_idle()
-        finished.purge_expired(cfg.checkpoint_dir, retention)
+    swept = time.monotonic()
+    while not stop.wait(min(sweep, cfg.lease_seconds / 3)):
+        registry.renew_leases()
+        if time.monotonic() - swept >= sweep:
+            registry.evict_idle()
+            finished.purge_expired(cfg.checkpoint_dir, retention)
+            swept = time.monotonic()
     health_servicer.enter_graceful_shutdown()
     if not server.stop(cfg.grace_seconds).wait(cfg.grace_seconds + STOP_MARGIN_S):
         log.error(
             "the gRPC server had not stopped %.0fs after the grace of %.0fs; exiting without it",
             STOP_MARGIN_S, cfg.grace_seconds,
         )  # fmt: skip
+    registry.renew_leases()  # sessions another replica took are not checkpointed here
     checkpoint_sessions(registry)
+    registry.release_leases()
     print("sft-cloud: stopped", flush=True)
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 import torch
@@ -124,6 +124,9 @@ class CloudSession:
         # None: the daemon runs without --checkpoint-dir and keeps no checkpoints.
         self.dir = os.path.join(checkpoint_dir, session_id) if checkpoint_dir else None
         self.ckpts = CheckpointDir(self.dir) if self.dir else None  # the newest 3 are kept
+        # Raises (ABORTED) once another replica took the session over (sft_cloud.lease): before a
+        # step is applied and final.safetensors written; a lease's FencedCheckpointDir checks too.
+        self.fence: Callable[[], None] = lambda: None
         # Dropout draws from the process-wide RNG; seeding it per step and computing under one
         # lock makes each step's randomness a function of (seed, step) alone.
         self._compute_lock = compute_lock or threading.Lock()
@@ -152,6 +155,7 @@ class CloudSession:
         an applied message gets its cached reply. The optimizer steps after the last micro-batch."""
         with self.lock:
             self._check_trainable()
+            self.fence()
             cached = self.replies.get((msg.step, msg.micro))
             if cached is not None:
                 self.replayed += 1
@@ -309,6 +313,7 @@ class CloudSession:
         """At close: net2's trained weights as ``final.safetensors``; step checkpoints are removed."""
         if self.ckpts is None:
             return None
+        self.fence()
         path = os.path.join(self.ckpts.folder, "final.safetensors")
         state = {k: v.detach().cpu().contiguous() for k, v in self.net2.state_dict().items()}
         # Flat string metadata, not a checkpoint's ``sft`` JSON: readers of the final weights take
