@@ -10,7 +10,7 @@ one layer, the cut layer up to the FFN activation, and the head's pooling as the
 
 Adding a family: one subclass (a few attributes and the methods that differ) and its tests
 (tests/sft_common/test_families.py). Layers are called as transformers 5.x calls them; BERT and
-RoBERTa layers also run under 4.x (``layer_output`` takes both return types).
+RoBERTa's also run under 4.40+ (tuples there), the others are refused before 5.0 (``since``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, seq) 0/1 padding mask -> (batch, 1, seq, seq) additive causal-and-padding mask.
-
-    Right padding: every query row sees at least position 0, so no row is all -inf."""
+    """(batch, seq) 0/1 padding mask -> (batch, 1, seq, seq) additive causal-and-padding mask
+    (right padding: every query row sees position 0, so no row is all -inf)."""
     seq = mask.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
     allowed = causal[None, None] & mask[:, None, None, :].bool()
@@ -77,9 +76,15 @@ class Family:
     ffn_block = True  # ffn_out is a block (dense, dropout, LayerNorm) called with the residual
     head_new: Tuple[str, ...] = ("classifier.",)  # head tensors a base checkpoint may lack (seeded)
     decoder = False  # causal attention, no token types, pools the last real token
+    since = (4, 40)  # the oldest transformers whose layers this family calls as written here
 
     def refusal(self, config) -> Optional[str]:
-        """Why this config cannot be split (None: it can)."""
+        """Why this config cannot be split here (None: it can)."""
+        import transformers
+
+        if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < self.since:
+            need = ".".join(map(str, self.since))
+            return f"{self.name} needs transformers >= {need} (installed: {transformers.__version__})"
         return None
 
     def num_layers(self, config) -> int:
@@ -213,7 +218,7 @@ class DistilBert(Family):
     name, model_types, prefix = "DistilBERT", ("distilbert",), "distilbert"
     classes = ("DistilBertModel", "DistilBertForSequenceClassification", "DistilBertConfig")
     ffn_out, ffn_block = "ffn.lin2", False
-    head_new = ("pre_classifier.", "classifier.")
+    head_new, since = ("pre_classifier.", "classifier."), (5, 0)  # 4.x: another attention API
     random_names, random_extra = ("dim", "n_layers", "n_heads", "hidden_dim"), dict(pad_token_id=0)
 
     def intermediate(self, config):
@@ -253,7 +258,7 @@ class Decoder(Family):
     """A pre-LN decoder: causal attention, no token types, a final norm, ``score`` on the last real
     token (its HF class finds it from the pad token id; here from the attention mask)."""
 
-    decoder = True
+    decoder, since = True, (5, 0)  # 4.x: rotary inside attention, GPT-2's mask buffers
     head_new = ("score.",)
 
     def head(self, model):
@@ -379,14 +384,13 @@ class Qwen2(Llama):
         sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
         if sliding or getattr(config, "use_sliding_window", False):
             return "sliding-window attention layers are not supported (use_sliding_window false)"
-        return None
+        return super().refusal(config)
 
 
 FAMILIES: Tuple[Family, ...] = (Bert(), Roberta(), XlmRoberta(), DistilBert(), Gpt2(), Llama(), Qwen2())
 
 
 def find_family(model_type: Optional[str]) -> Optional[Family]:
-    """The family covering ``model_type`` (a config's), or None."""
     return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 

@@ -187,6 +187,7 @@ def _random_model(name: str) -> BaseModel:
     family = find_family(model_type)
     assert family is not None
     config = family.random_config(geometry, vocab=30522)  # the packaged MiniLM tokenizer's vocabulary
+    family_of(config, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = family.model_class(0)(config).state_dict()
