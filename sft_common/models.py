@@ -196,12 +196,14 @@ def _random_model(name: str) -> BaseModel:
     return BaseModel(name, config, digest.hexdigest(), str(packaged_minilm_dir()), random_state=dict(state))
 
 
-# Config entries that do not shape the model's function (left out of non-BERT fingerprints).
-_UNSHAPING = {
-    "transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "id2label",
-    "label2id", "num_labels", "problem_type", "_attn_implementation_autoset", "output_attentions",
-    "output_hidden_states", "return_dict", "use_cache",
-}  # fmt: skip
+# What else shapes a non-BERT model's function (named, not the whole config: a transformers
+# release that adds defaults to to_dict() must not move fingerprints between edge and cloud).
+_SHAPING = (
+    "num_key_value_heads", "head_dim", "activation_function", "activation", "layer_norm_epsilon",
+    "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias",
+    "pad_token_id", "n_inner", "hidden_dim", "sinusoidal_pos_embds", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "use_sliding_window",
+)  # fmt: skip
 
 
 def _canonical_config(config: Any) -> bytes:
@@ -212,7 +214,7 @@ def _canonical_config(config: Any) -> bytes:
     )  # fmt: skip
     shape = {k: getattr(config, k, None) for k in keys}
     if config.model_type != "bert":  # BERT's bytes stay as they were: fingerprints must not move
-        shape["config"] = {k: v for k, v in config.to_dict().items() if k not in _UNSHAPING}
+        shape["family"] = {k: getattr(config, k) for k in _SHAPING if getattr(config, k, None) is not None}
     return json.dumps(shape, sort_keys=True, default=str).encode()
 
 

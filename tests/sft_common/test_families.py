@@ -241,3 +241,18 @@ def test_qwen2_with_sliding_window_layers_is_refused():
     config = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, use_sliding_window=True)
     with pytest.raises(ModelError, match="Qwen2.*sliding-window"):
         build_full_model(BaseModel("q", config, "", ""), 2, 0)
+
+
+def test_fingerprints_hash_what_shapes_the_model_not_the_whole_config():
+    """A transformers release that adds a default to the config must not move a fingerprint
+    between edge and cloud; what changes the function must."""
+    import copy
+
+    from sft_common.models import _canonical_config
+
+    config = _load("tiny-llama").config
+    other = copy.deepcopy(config)
+    other.some_new_default, other.id2label = True, {0: "no", 1: "yes"}
+    assert _canonical_config(other) == _canonical_config(config)
+    other.num_key_value_heads = 4
+    assert _canonical_config(other) != _canonical_config(config)
