@@ -17,6 +17,7 @@ from typing import Callable, Iterable, List, Optional
 
 import grpc
 
+from sft_cloud.config import check_tls_flags
 from sft_common.pem import read_pem
 from sft_common.tokens import bearer_token, read_token_file
 
@@ -28,18 +29,9 @@ def server_credentials(
     insecure: bool, tls_cert: Optional[str], tls_key: Optional[str], tls_client_ca: Optional[str]
 ) -> Optional[grpc.ServerCredentials]:
     """TLS credentials from the PEM files, or None when plaintext was asked for explicitly."""
-    tls_given = any(p is not None for p in (tls_cert, tls_key, tls_client_ca))
-    if insecure:
-        if tls_given:
-            raise ValueError("--insecure and --tls-cert/--tls-key/--tls-client-ca exclude each other")
+    check_tls_flags(insecure, tls_cert, tls_key, tls_client_ca)
+    if insecure or tls_cert is None or tls_key is None:
         return None
-    if tls_cert is None or tls_key is None:
-        if tls_given:
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        raise ValueError(
-            "no TLS material: pass --tls-cert and --tls-key (`make certs` writes development ones "
-            "into certs/dev/), or --insecure to serve plaintext"
-        )
     pair = (read_pem(tls_key, "--tls-key"), read_pem(tls_cert, "--tls-cert"))
     client_ca = read_pem(tls_client_ca, "--tls-client-ca") if tls_client_ca else None
     # With a client CA the handshake itself refuses edges without a certificate it signed.

@@ -53,16 +53,28 @@ class ServeConfig:
             raise ValueError(
                 f"--replica-id must be 1..128 printable characters without '/', got {self.replica_id!r}"
             )
-        if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
-            raise ValueError("--insecure and TLS flags contradict each other: give one or the other")
-        if not self.insecure and not (self.tls_cert and self.tls_key):
-            raise ValueError(
-                "TLS is the default: give --tls-cert and --tls-key (make certs writes development ones), "
-                "or --insecure to serve plaintext"
-            )
+        check_tls_flags(self.insecure, self.tls_cert, self.tls_key, self.tls_client_ca)
         for flag, path in (
             ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
             ("--tls-client-ca", self.tls_client_ca), ("--auth-token-file", self.auth_token_file),
         ):  # fmt: skip
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"{flag} {path}: no such file")
+
+
+def check_tls_flags(
+    insecure: bool, tls_cert: Optional[str], tls_key: Optional[str], tls_client_ca: Optional[str]
+) -> None:
+    """TLS is the default: certificate and key, or --insecure said explicitly; not both."""
+    tls_given = any(p is not None for p in (tls_cert, tls_key, tls_client_ca))
+    if insecure:
+        if tls_given:
+            raise ValueError("--insecure and --tls-cert/--tls-key/--tls-client-ca exclude each other")
+        return
+    if tls_cert is None or tls_key is None:
+        if tls_given:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        raise ValueError(
+            "no TLS material: pass --tls-cert and --tls-key (`make certs` writes development ones "
+            "into certs/dev/), or --insecure to serve plaintext"
+        )

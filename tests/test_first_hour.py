@@ -86,7 +86,7 @@ def test_a_port_in_use_names_the_port_and_the_flag():
     "args, words",
     [
         ([], "--insecure"),
-        (["--insecure", "--tls-cert", "c.pem"], "contradict"),
+        (["--insecure", "--tls-cert", "c.pem"], "exclude each other"),
         (["--tls-cert", "nope.pem", "--tls-key", "nope.key"], "--tls-cert nope.pem: no such file"),
         (["--insecure", "--max-sessions", "0"], "--max-sessions must be >= 1"),
     ],
