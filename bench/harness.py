@@ -52,11 +52,11 @@ def batches(
     return [collate(data, batch_indices(len(data), batch_size, seed, k)) for k in range(n)]
 
 
-def in_process_registry(base: BaseModel):
+def in_process_registry(base: BaseModel, device: str = "cpu"):
     """A SessionRegistry that already holds ``base`` (no second copy of a 110M-parameter model)."""
     from sft_cloud.registry import SessionRegistry
 
-    registry = SessionRegistry(device="cpu")
+    registry = SessionRegistry(device=device)
     registry._bases[base.name] = base
     return registry
 
@@ -79,12 +79,14 @@ class TimedProtocol:
             self.seconds += time.monotonic() - t0
 
 
-def inproc(base: BaseModel, registry=None) -> InProcessTransport:
+def inproc(base: BaseModel, registry=None, device: str = "cpu") -> InProcessTransport:
     """The same messages, serialized and parsed, to a cloud session in this process (no network);
     ``.protocol.seconds``: the cloud's time answering, ``.protocol.session``: the cloud session."""
     from sft_cloud.protocol import StreamProtocol
 
-    return InProcessTransport(TimedProtocol(StreamProtocol(registry or in_process_registry(base), "bench")))
+    return InProcessTransport(
+        TimedProtocol(StreamProtocol(registry or in_process_registry(base, device), "bench"))
+    )
 
 
 def grpc(address: str) -> GrpcTransport:
@@ -95,7 +97,7 @@ SECONDS = ("sft_step_seconds_sum", {"kind": "train"})  # the daemon's time answe
 
 
 @contextlib.contextmanager
-def grpc_server(base: BaseModel) -> Iterator[Tuple[str, Callable[[], float]]]:
+def grpc_server(base: BaseModel, device: str = "cpu") -> Iterator[Tuple[str, Callable[[], float]]]:
     """A real gRPC server on a free localhost port in this process: (address, the seconds it has
     spent answering train steps so far, from its ``sft_step_seconds`` metric)."""
     from sft_cloud.metrics import DaemonMetrics
@@ -103,7 +105,7 @@ def grpc_server(base: BaseModel) -> Iterator[Tuple[str, Callable[[], float]]]:
 
     metrics = DaemonMetrics()
     cfg = ServeConfig(host="127.0.0.1", port=0, insecure=True)
-    server, port, _ = create_server(cfg, in_process_registry(base), metrics)
+    server, port, _ = create_server(cfg, in_process_registry(base, device), metrics)
     try:
         yield f"127.0.0.1:{port}", lambda: metrics.registry.get_sample_value(*SECONDS) or 0.0
     finally:
@@ -112,11 +114,13 @@ def grpc_server(base: BaseModel) -> Iterator[Tuple[str, Callable[[], float]]]:
 
 def split_session(
     base: BaseModel, spec: SplitSpec, transport: Transport, steps: int = 100, batch_size: int = 32,
-    seq: int = 128, link: Optional[LinkOptions] = None,
+    seq: int = 128, link: Optional[LinkOptions] = None, device: str = "cpu",
 ) -> EdgeSession:  # fmt: skip
     """The product's edge session (lr 2e-5, seed 42, SST-2's two labels) over ``transport``."""
     optim = OptimConfig(lr=2e-5, total_steps=steps, seed=42)
-    return EdgeSession(base, spec, 2, transport, optim, batch_size, seq, link or LinkOptions(), "sst2")
+    return EdgeSession(
+        base, spec, 2, transport, optim, batch_size, seq, link or LinkOptions(), "sst2", device
+    )
 
 
 def local_session(base: BaseModel, steps: int) -> LocalSession:

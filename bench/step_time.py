@@ -42,20 +42,22 @@ def run(args: argparse.Namespace) -> List[Dict]:
             cloud: Optional[Callable[[], float]] = None
             transport: Transport
             if v == "inproc":
-                transport = inproc(base)
+                transport = inproc(base, device=args.device)
                 cloud = lambda p=transport.protocol: p.seconds  # noqa: E731
             elif v == "grpc":
-                address, cloud = stack.enter_context(grpc_server(base))
+                address, cloud = stack.enter_context(grpc_server(base, args.device))
                 transport = grpc(address)
             else:  # daemon
-                _, port = stack.enter_context(daemon())
+                _, port = stack.enter_context(daemon(["--device", args.device]))
                 transport = grpc(f"127.0.0.1:{port}")
-            session = split_session(base, spec, transport, total, args.batch_size, args.seq, link)
+            session = split_session(
+                base, spec, transport, total, args.batch_size, args.seq, link, args.device
+            )
             sessions[v] = session, record(transport), cloud
         samples: Dict[str, List[Dict[str, float]]] = {v: [] for v in sessions}
         for k in range(total):
             for v, (session, events, cloud) in sessions.items():
-                parts = timed_step(session, events, k, data[k % len(data)], cloud)
+                parts = timed_step(session, events, k, data[k % len(data)].to(args.device), cloud)
                 if k >= args.warmup:
                     samples[v].append(parts)
                 print(f"  step {k} {v}: {parts['total']:.3f}s", file=sys.stderr, flush=True)
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:bert-base")
+    p.add_argument("--device", default="cpu", help="where both halves run (cuda: edge and cloud on the GPU)")
     p.add_argument("--kind", default="fixed", help="fixed (all --seq long) or sst2")
     p.add_argument("--mode", default="sft")
     p.add_argument("--rank", type=int, default=8)
