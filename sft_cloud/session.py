@@ -43,20 +43,20 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
 def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:
     """Validate a session config against the model and the server's limits."""
     spec = spec_from_config(config)
-    cfg = base.config
     try:
-        spec.validate(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+        spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
     except ValueError as exc:
         raise _invalid(str(exc)) from None
     if config.num_labels < 1 or config.num_labels > 10_000:
         raise _invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
-    if config.wire_dtype not in codec.TORCH_DTYPES:
-        raise _invalid(f"wire dtype {config.wire_dtype} is not one of FLOAT32, FLOAT16, BFLOAT16, INT8")
+    if config.wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
+        names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))
+        raise _invalid(f"wire dtype {config.wire_dtype} is not one of {names}")
     if config.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
         raise _invalid(f"compression {config.compression} is not one of COMPRESSION_NONE, LZ4")
     if not 1 <= config.max_batch_size <= max_batch:
         raise _invalid(f"max_batch_size must be in 1..{max_batch}, got {config.max_batch_size}")
-    seq_cap = min(max_seq, cfg.max_position_embeddings)
+    seq_cap = min(max_seq, base.max_position_embeddings)
     if not 1 <= config.max_seq_len <= seq_cap:
         raise _invalid(f"max_seq_len must be in 1..{seq_cap}, got {config.max_seq_len}")
     if not (math.isfinite(config.lr) and 0 < config.lr < 1):
@@ -96,7 +96,7 @@ class CloudSession:
         self.spec = check_config(config, base, max_batch, max_seq)
         self.device = device
         self.fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels)
-        self.width = self.spec.cut_width(base.config.hidden_size)
+        self.width = self.spec.cut_width(base.hidden_size)
         self.net2, self.edge_factor = build_cloud_half(
             base, self.spec, config.num_labels, config.seed, device=device
         )

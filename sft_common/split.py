@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from sft_common.families import Family, fill_buffers
+from sft_common.families import Decoder, Family, fill_buffers
 from sft_common.models import BaseModel, family_of
 from sft_common.spec import SplitSpec
 
@@ -260,6 +260,8 @@ def _skeleton(base: BaseModel, num_labels: int) -> nn.Module:
     config = base.config.__class__.from_dict(base.config.to_dict())
     config.num_labels = num_labels
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    if isinstance(base.family, Decoder):  # HF pools the last non-pad token; collate pads with 0
+        config.pad_token_id = 0
     classifier = base.family.model_class(1)
     with torch.device("meta"):
         return classifier(config)

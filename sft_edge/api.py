@@ -35,7 +35,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from sft_common.models import DEFAULT_MODEL, BaseModel, load_base_model, packaged_minilm_dir
+from sft_common.models import DEFAULT_MODEL, BaseModel, family_of, load_base_model, packaged_minilm_dir
 from sft_common.spec import SplitSpec
 from sft_common.split import task_loss
 from sft_edge.config import LinkOptions, OptimConfig, TrainConfig
@@ -206,9 +206,9 @@ def wrap(
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
         device = str(params[0].device) if params and params[0].device.type != "meta" else "cpu"
     lr, weight_decay = _hyperparameters(optimizer)
-    layers = base.config.num_hidden_layers
+    layers = base.num_hidden_layers
     spec = SplitSpec(split_layer=layers - 1 if split_layer is None else split_layer, rank=rank, mode=mode)
-    spec.validate(layers, base.config.hidden_size, base.config.intermediate_size)
+    spec.validate(layers, base.hidden_size, base.intermediate_size)
 
     from sft_edge.credentials import secure_link
 
@@ -236,10 +236,11 @@ def _base_model(model: Union[nn.Module, str]) -> BaseModel:
     if isinstance(model, str):
         return load_base_model(model)
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) != "bert":
+    if config is None:
         raise ValueError(
-            "wrap() takes a Hugging Face BERT-family model (config.model_type 'bert') or its name"
+            "wrap() takes a Hugging Face *ForSequenceClassification model, or its checkpoint's name"
         )
+    family_of(config)  # an unsupported family is refused by name, saying which work
     name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")
     if not name:
         raise ValueError("the model does not say which checkpoint it came from; pass its name instead")

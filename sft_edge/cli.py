@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--wire-dtype",
         default=D.wire_dtype,
         choices=WIRE_DTYPES,
-        help="dtype on the wire (int8: one scale per token)",
+        help="dtype on the wire (int8, int4: one scale per token; int4 packs two values a byte)",
     )
     t.add_argument(
         "--compression", default=D.compression, choices=COMPRESSIONS, help="compress tensors on the wire"

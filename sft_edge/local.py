@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from sft_common.checkpoint import CheckpointDir
+from sft_common.families import Decoder
 from sft_common.models import BaseModel
 from sft_common.split import build_full_model, task_loss
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
@@ -40,6 +41,7 @@ class LocalSession:
         self.checkpoints = checkpoints
         self.start_step = start_step
         self.model = build_full_model(base, num_labels, optim.seed, device=device)
+        self.decoder = isinstance(base.family, Decoder)
         self.optimizer = make_optimizer(self.model.parameters(), optim.lr, optim.weight_decay)
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
 
@@ -48,12 +50,9 @@ class LocalSession:
         return self.model
 
     def _logits(self, batch: Batch) -> torch.Tensor:
+        kwargs = {} if self.decoder else {"token_type_ids": batch.token_type_ids}  # GPT-2 would add them
         with autocast(self.device):
-            out = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                token_type_ids=batch.token_type_ids,
-            )
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         return out.logits.float()
 
     def train_step(self, step: int, batch: Batch) -> float:

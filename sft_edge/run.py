@@ -106,12 +106,12 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     device = resolve_device(cfg.device)
     task, train_examples, dev_examples = read_task(cfg)  # the data first: its errors need no model
     base = base or load_base_model(cfg.model)
-    layers = base.config.num_hidden_layers
+    layers = base.num_hidden_layers
     split_layer = layers - 1 if cfg.split_layer is None else cfg.split_layer
     spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
-    spec.validate(layers, base.config.hidden_size, base.config.intermediate_size)
+    spec.validate(layers, base.hidden_size, base.intermediate_size)
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
-    max_len = min(cfg.max_seq_len, base.config.max_position_embeddings)
+    max_len = min(cfg.max_seq_len, base.max_position_embeddings)
     train_data = encode(train_examples[: cfg.max_train_examples], tokenizer, max_len)
     dev_data = encode(dev_examples[: cfg.max_eval_examples], tokenizer, max_len)
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)

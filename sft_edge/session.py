@@ -22,6 +22,7 @@ import torch
 
 from sft_common import codec
 from sft_common.checkpoint import CheckpointDir
+from sft_common.families import Decoder
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec, session_fingerprint
@@ -87,7 +88,7 @@ class EdgeSession:
         link = link or LinkOptions()
         link.validate()
         check_factor_lr(spec.mode, optim.factor_lr)
-        last = base.config.num_hidden_layers - 1
+        last = base.num_hidden_layers - 1
         if link.cls_only and spec.split_layer != last:
             raise ValueError(
                 f"--cls-only needs the cut at the last layer ({last}), not {spec.split_layer}: "
@@ -95,6 +96,7 @@ class EdgeSession:
             )
         self.spec, self.link, self.optim_cfg, self.device = spec, link, optim, device
         self.num_labels = num_labels
+        self.decoder = isinstance(base.family, Decoder)
         self.checkpoints = checkpoints
         self.reconnect_timeout, self.backoff = reconnect_timeout, backoff
         self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
@@ -133,7 +135,7 @@ class EdgeSession:
         self.start_step = self.live_step = opened.next_step
         u = None
         if spec.mode == "sft":
-            shape = (base.config.intermediate_size, spec.rank)
+            shape = (base.intermediate_size, spec.rank)
             u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
         self.net1: EdgeHalf = build_edge_half(base, spec, u, device=device)
         self.optimizer = make_optimizer(
@@ -299,8 +301,13 @@ class EdgeSession:
         say which example each row belongs to (with ``cls_only``: one row per example)."""
         with autocast(self.device):
             a, _ = self.net1(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        if self.link.cls_only:
-            return a[:, 0].float(), [1] * len(batch.lengths)
+        if self.link.cls_only:  # the row the head pools: the first, or a decoder's last real one
+            rows = (
+                torch.tensor(batch.lengths, device=a.device) - 1
+                if self.decoder
+                else torch.zeros_like(a[:, 0, 0], dtype=torch.long)
+            )
+            return a[torch.arange(a.shape[0], device=a.device), rows].float(), [1] * len(batch.lengths)
         return a.float()[batch.attention_mask.bool()], batch.lengths
 
     def _backward(self, step: int, micro: int, packed: torch.Tensor, n: int, examples: int) -> float:

@@ -96,12 +96,14 @@ def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors"), device=device))
         model.eval()
 
+        from sft_common.families import Decoder
+        from sft_common.models import family_of
+
+        types = not isinstance(family_of(config), Decoder)  # GPT-2 would add token-type embeddings
+
         def full(batch, index):
-            return model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                token_type_ids=batch.token_type_ids,
-            ).logits
+            extra = {"token_type_ids": batch.token_type_ids} if types else {}
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra).logits
 
         return TrainedModel(info, tokenizer, full, model, device)
     spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"] or 1), mode=info["mode"])

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-
 import pytest
 import torch
 from helpers import max_diff, params, random_batch, train_in_one_process
@@ -14,7 +11,7 @@ from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model
 from sft_edge.config import LinkOptions, OptimConfig
 from sft_edge.session import EdgeSession
-from sft_edge.transport import CloudError, GrpcTransport, open_channel
+from sft_edge.transport import GrpcTransport, open_channel
 
 STEPS = 6
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
@@ -39,17 +36,8 @@ def _load(name):
 
 
 def _served(name, registry):
-    """The base model, as both sides resolve it by name. sft_edge/session.py and
-    sft_cloud/session.py still read ``base.config.intermediate_size``, which GPT-2 (n_inner) and
-    DistilBERT (hidden_dim) configs lack: until they read ``base.intermediate_size``, such a config
-    gets the alias here, and the daemon is handed the same object (see the xfail below)."""
-    base = _load(name)
-    if not hasattr(base.config, "intermediate_size"):
-        config = copy.deepcopy(base.config)
-        config.intermediate_size = base.intermediate_size
-        base = dataclasses.replace(base, config=config)
-        registry._bases[base.name] = base
-    return base
+    """The base model, as both sides resolve it by name."""
+    return _load(name)
 
 
 def _differences(ref, got, optimizer, floor=1e-6):
@@ -110,13 +98,6 @@ def test_grpc_split_training_equals_one_process(live_server, name, mode):
     assert backend.close() == STEPS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AttributeError, CloudError),
-    reason="sft_edge/session.py and sft_cloud/session.py read base.config.intermediate_size "
-    "(GPT-2: n_inner, DistilBERT: hidden_dim); when they read base.intermediate_size this passes: "
-    "remove this mark and the alias in _served",
-)
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-distilbert"])
 def test_configs_without_intermediate_size_open_sessions(live_server, name):
     address, _ = live_server

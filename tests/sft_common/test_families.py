@@ -256,3 +256,15 @@ def test_fingerprints_hash_what_shapes_the_model_not_the_whole_config():
     assert _canonical_config(other) == _canonical_config(config)
     other.num_key_value_heads = 4
     assert _canonical_config(other) != _canonical_config(config)
+
+
+def test_the_local_baseline_predicts_as_the_split_model(base):
+    """`--local` (the whole Hugging Face classifier, as LocalSession runs it) pools and embeds as
+    the split does: a decoder's last real token of a right-padded batch, no token types."""
+    from sft_edge.config import OptimConfig
+    from sft_edge.local import LocalSession
+
+    batch = random_batch(batch=4, seq=16)
+    local = LocalSession(base, 2, OptimConfig(seed=3))
+    edge, cloud = build_split_model(base, SplitSpec(split_layer=2, rank=32, keep_residual=True), 2, seed=3)
+    torch.testing.assert_close(local.predict(batch), _split_logits(edge, cloud, batch), atol=1e-5, rtol=0)
