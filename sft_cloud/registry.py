@@ -161,7 +161,11 @@ class SessionRegistry:
         elif previous.replica == self.replica_id:
             how = f"epoch {previous.epoch} was this replica's"
         else:
-            state = "expired" if previous.expired() else "live: it is fenced at its next step or write"
+            state = (
+                "expired"
+                if previous.expired()
+                else "live: the holder, if alive, is fenced at its next step or write"
+            )
             how = f"from {previous.replica}, epoch {previous.epoch}, lease {state}"
         log.info(
             "session %s: restored from checkpoint at step %d; taken at epoch %d (%s)",
