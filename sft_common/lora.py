@@ -1,0 +1,91 @@
+"""LoRA on a half of the split model, through PEFT (``--peft lora``).
+
+PEFT's ``inject_adapter_in_model`` puts adapters on the named linear layers of a half (by default
+the family's attention query and value projections); everything else is frozen except the SVD
+factors at the cut (u on the edge; Σ and v on the cloud) and, on the cloud, the task head, which
+stay fully trainable. The adapters' random initialisation is drawn from ``(seed, side)``, so the
+edge, the cloud and a one-process reference build the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from sft_common.training import step_seed
+
+# The attention projections LoRA adapts by default, per model_type (the LoRA paper's q and v).
+DEFAULT_TARGETS: Dict[str, Tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "distilbert": ("q_lin", "v_lin"),
+    "gpt2": ("c_attn",),
+    "llama": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What ``--peft lora --lora-rank --lora-alpha --lora-targets`` ask for."""
+
+    rank: int = 8  # r: the adapters' inner width
+    alpha: float = 16.0  # scaling alpha / r
+    targets: Tuple[str, ...] = ()  # module names to adapt; () = the family's default
+
+    def validate(self) -> None:
+        if self.rank < 1 or not self.alpha > 0:
+            raise ValueError(
+                f"--lora-rank must be >= 1 and --lora-alpha > 0, got {self.rank} and {self.alpha}"
+            )
+
+    def resolved(self, model_type: str) -> LoraSpec:
+        """With the family's default targets filled in."""
+        if self.targets:
+            return self
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"no default --lora-targets for model type {model_type!r}; name them")
+        return LoraSpec(self.rank, self.alpha, DEFAULT_TARGETS[model_type])
+
+    def as_dict(self) -> Dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+
+def apply_lora(half: nn.Module, spec: LoraSpec, seed: int, side: str, keep: List[nn.Parameter]) -> None:
+    """Adapters on ``half`` (in place), its other parameters frozen except ``keep`` (the SVD
+    factors, the head). ``side``: "edge" or "cloud", which seeds the adapters' initialisation."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(seed, f"lora-{side}", 0))
+        inject_adapter_in_model(config, half)
+    kept = {id(p) for p in keep}
+    for name, param in half.named_parameters():
+        param.requires_grad_("lora_" in name or id(param) in kept)
+
+
+def head_parameters(half: nn.Module) -> List[nn.Parameter]:
+    """A cloud half's task head: its children other than the layers, the SVD tail and norms
+    (BERT's pooler and classifier, RoBERTa's classification head, a decoder's score)."""
+    out: List[nn.Parameter] = []
+    for name, child in half.named_children():
+        if name not in ("layers", "tail") and "Norm" not in type(child).__name__:
+            out.extend(child.parameters())
+    return out
+
+
+def trainable_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state a LoRA session owns: its trainable parameters (the frozen base is shared)."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def lora_spec(rank: int, alpha: float, targets: Optional[List[str]]) -> Optional[LoraSpec]:
+    """From protocol fields: None when rank is 0 (full fine-tuning)."""
+    return LoraSpec(rank, alpha, tuple(targets or ())) if rank else None
