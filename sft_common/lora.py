@@ -10,7 +10,7 @@ edge, the cloud and a one-process reference build the same model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -60,9 +60,9 @@ def apply_lora(half: nn.Module, spec: LoraSpec, seed: int, side: str, keep: List
     factors, the head). ``side``: "edge" or "cloud", which seeds the adapters' initialisation."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0
-    )
+    # PEFT types lora_alpha as int; it scales by alpha / r, so a float works the same
+    alpha: Any = spec.alpha
+    config = LoraConfig(r=spec.rank, lora_alpha=alpha, target_modules=list(spec.targets), lora_dropout=0.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_seed(seed, f"lora-{side}", 0))
         inject_adapter_in_model(config, half)
