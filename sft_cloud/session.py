@@ -8,7 +8,6 @@ message is validated completely before anything changes, so a refused message (a
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import time
@@ -17,62 +16,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import grpc
 import torch
 
+from sft_cloud.validation import check_config, invalid
 from sft_common import checkpoint, codec
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
+from sft_common.lora import apply_lora, head_parameters, lora_from_config, share_frozen
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
+from sft_common.spec import session_fingerprint
 from sft_common.split import build_cloud_half, factor_parameters, lengths_to_mask, task_loss
 from sft_common.training import make_optimizer, make_schedule, step_seed
-
-MODES = {pb.SFT: "sft", pb.SL: "sl"}
-
-
-def _invalid(message: str) -> ProtocolError:
-    return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
-    """The split spec a session config asks for; INVALID_ARGUMENT if it is not well formed."""
-    if config.mode not in MODES:
-        raise _invalid(f"mode {config.mode} is not one of SFT, SL")
-    return SplitSpec(split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode])
-
-
-def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:
-    """Validate a session config against the model and the server's limits."""
-    spec = spec_from_config(config)
-    try:
-        spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
-    except ValueError as exc:
-        raise _invalid(str(exc)) from None
-    if config.num_labels < 1 or config.num_labels > 10_000:
-        raise _invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
-    if config.wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
-        names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))
-        raise _invalid(f"wire dtype {config.wire_dtype} is not one of {names}")
-    if config.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
-        raise _invalid(f"compression {config.compression} is not one of COMPRESSION_NONE, LZ4")
-    if not 1 <= config.max_batch_size <= max_batch:
-        raise _invalid(f"max_batch_size must be in 1..{max_batch}, got {config.max_batch_size}")
-    seq_cap = min(max_seq, base.max_position_embeddings)
-    if not 1 <= config.max_seq_len <= seq_cap:
-        raise _invalid(f"max_seq_len must be in 1..{seq_cap}, got {config.max_seq_len}")
-    if not (math.isfinite(config.lr) and 0 < config.lr < 1):
-        raise _invalid(f"lr must be in (0, 1), got {config.lr}")
-    if not (math.isfinite(config.factor_lr) and 0 <= config.factor_lr < 1):
-        raise _invalid(f"factor_lr must be in (0, 1), or 0 for lr; got {config.factor_lr}")
-    if config.factor_lr and config.mode != pb.SFT:
-        raise _invalid("factor_lr is for SFT: plain split learning has no factors")
-    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay < 1):
-        raise _invalid(f"weight_decay must be in [0, 1), got {config.weight_decay}")
-    if config.total_steps < 1 or not 0 <= config.warmup_steps <= config.total_steps:
-        raise _invalid(
-            f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
-            f"got {config.total_steps} and {config.warmup_steps}"
-        )
-    return spec
 
 
 class CloudSession:
@@ -89,17 +42,30 @@ class CloudSession:
         max_batch: int = 256,
         max_seq: int = 512,
         checkpoint_dir: Optional[str] = None,
+        shared_base: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
+        """``shared_base``: with LoRA, the frozen parameters of every session of this model and
+        split (filled by the first; later sessions use its tensors instead of their own copies)."""
         self.session_id = session_id
         self.owner = owner  # the identity that opened it; only it may attach again
         self.config = config
         self.spec = check_config(config, base, max_batch, max_seq)
         self.device = device
-        self.fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels)
+        self.lora = lora_from_config(config, base)
+        lora = self.lora.as_dict() if self.lora else None
+        self.fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels, lora)
         self.width = self.spec.cut_width(base.hidden_size)
         self.net2, self.edge_factor = build_cloud_half(
             base, self.spec, config.num_labels, config.seed, device=device
         )
+        if self.lora is not None:  # adapters; Σ, v and the head trainable; the base frozen, shareable
+            keep = factor_parameters(self.net2) + head_parameters(self.net2)
+            try:
+                apply_lora(self.net2, self.lora, config.seed, "cloud", keep)
+            except ValueError as exc:  # PEFT: no module of that name to adapt
+                raise invalid(f"--lora-targets: {exc}") from None
+            if shared_base is not None:
+                share_frozen(self.net2, shared_base)
         self.optimizer = make_optimizer(
             self.net2.parameters(), config.lr, config.weight_decay,
             factors=factor_parameters(self.net2), factor_lr=config.factor_lr or None,
@@ -172,7 +138,7 @@ class CloudSession:
                 logits = self.net2(self._unpack(x, lengths), self._mask(lengths))
                 loss = task_loss(logits, labels)
                 if not bool(torch.isfinite(loss)):
-                    raise _invalid(
+                    raise invalid(
                         f"step {msg.step} micro-batch {msg.micro}: the loss is not finite; "
                         "nothing was applied"
                     )
@@ -216,20 +182,20 @@ class CloudSession:
         examples = msg.step_examples or n
         limit = self.config.max_batch_size
         if not 1 <= count <= limit or not 1 <= examples <= limit:
-            raise _invalid(
+            raise invalid(
                 f"a step of {examples} examples in {count} micro-batches; the session allows "
                 f"1..{limit} of each"
             )
         if msg.micro >= count:
-            raise _invalid(f"micro-batch {msg.micro} of a step of {count} micro-batches")
+            raise invalid(f"micro-batch {msg.micro} of a step of {count} micro-batches")
         if self._plan is not None and self._plan != (count, examples):
-            raise _invalid(
+            raise invalid(
                 f"micro-batch {msg.micro} says step {msg.step} has {count} micro-batches of "
                 f"{examples} examples; micro-batch 0 said {self._plan[0]} of {self._plan[1]}"
             )
         after = count - msg.micro - 1  # micro-batches still to come, at least one example each
         if self._seen + n + after > examples or (after == 0 and self._seen + n != examples):
-            raise _invalid(
+            raise invalid(
                 f"step {msg.step}: micro-batches 0..{msg.micro} hold {self._seen + n} examples, "
                 f"which cannot add up to step_examples {examples} in {count} micro-batches"
             )
@@ -336,31 +302,29 @@ class CloudSession:
     def _check_lengths(self, lengths_field) -> List[int]:
         lengths = list(lengths_field)
         if not 1 <= len(lengths) <= self.config.max_batch_size:
-            raise _invalid(
+            raise invalid(
                 f"batch of {len(lengths)} examples; the session allows 1..{self.config.max_batch_size}"
             )
         bad = [n for n in lengths if not 1 <= n <= self.config.max_seq_len]
         if bad:
-            raise _invalid(f"sequence length {bad[0]} is outside 1..{self.config.max_seq_len}")
+            raise invalid(f"sequence length {bad[0]} is outside 1..{self.config.max_seq_len}")
         return lengths
 
     def _check_labels(self, msg: pb.TrainStep, batch: int) -> torch.Tensor:
         if self.config.num_labels == 1:
             if len(msg.targets) != batch or len(msg.labels):
-                raise _invalid(
+                raise invalid(
                     f"regression needs {batch} targets and no labels, got {len(msg.targets)} targets"
                 )
             targets = torch.tensor(list(msg.targets), dtype=torch.float32)
             if not bool(torch.isfinite(targets).all()):
-                raise _invalid("targets contain NaN or Inf")
+                raise invalid("targets contain NaN or Inf")
             return targets.to(self.device)
         if len(msg.labels) != batch or len(msg.targets):
-            raise _invalid(
-                f"classification needs {batch} labels and no targets, got {len(msg.labels)} labels"
-            )
+            raise invalid(f"classification needs {batch} labels and no targets, got {len(msg.labels)} labels")
         bad = [y for y in msg.labels if not 0 <= y < self.config.num_labels]
         if bad:
-            raise _invalid(f"label {bad[0]} is outside 0..{self.config.num_labels - 1}")
+            raise invalid(f"label {bad[0]} is outside 0..{self.config.num_labels - 1}")
         return torch.tensor(list(msg.labels), dtype=torch.long, device=self.device)
 
     def _decode_activations(self, tensor: pb.Tensor, lengths: List[int]) -> torch.Tensor:

@@ -86,6 +86,29 @@ def trainable_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def lora_spec(rank: int, alpha: float, targets: Optional[List[str]]) -> Optional[LoraSpec]:
-    """From protocol fields: None when rank is 0 (full fine-tuning)."""
-    return LoraSpec(rank, alpha, tuple(targets or ())) if rank else None
+def lora_from_config(config, base) -> Optional[LoraSpec]:
+    """The LoRA a session config asks for (``lora_rank`` 0: none), checked, targets resolved;
+    ValueError saying what is wrong."""
+    if not config.lora_rank:
+        if config.lora_targets or config.lora_alpha:
+            raise ValueError("lora_targets and lora_alpha need lora_rank >= 1")
+        return None
+    spec = LoraSpec(int(config.lora_rank), float(config.lora_alpha), tuple(config.lora_targets))
+    spec.validate()
+    return spec.resolved(base.config.model_type)
+
+
+def share_frozen(module: nn.Module, shared: Dict[str, nn.Parameter]) -> None:
+    """Make ``module``'s frozen parameters the tensors in ``shared`` (by name), filling it with
+    its own where it has none yet: sessions of one model and split hold one frozen base."""
+    for name, param in list(module.named_parameters()):
+        if param.requires_grad:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        held = shared.setdefault(name, param)
+        if held is not param:
+            assert held.shape == param.shape, (
+                f"{name}: shared {tuple(held.shape)}, this session {tuple(param.shape)}"
+            )
+            setattr(owner, attr, held)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 MODES = ("sft", "sl")
 
@@ -38,13 +39,18 @@ class SplitSpec:
         return self.rank if self.mode == "sft" else hidden
 
 
-def session_fingerprint(base_fingerprint: str, spec: SplitSpec, num_labels: int) -> str:
-    """sha256 over the base model's fingerprint and everything that shapes the two halves."""
+def session_fingerprint(
+    base_fingerprint: str, spec: SplitSpec, num_labels: int, lora: Optional[dict] = None
+) -> str:
+    """sha256 over the base model's fingerprint and everything that shapes the two halves
+    (``lora``: the adapters' rank, alpha and targets; absent for full fine-tuning)."""
     payload: dict = {
         "base": base_fingerprint,
         "spec": asdict(spec),
         "num_labels": num_labels,
     }
+    if lora is not None:
+        payload["lora"] = lora
     if payload["spec"]["mode"] == "sl":
         payload["spec"]["rank"] = 0  # rank does not shape plain split learning
     blob = json.dumps(payload, sort_keys=True).encode()

@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="SFT: learning rate of the SVD factors u, Σ, v, on both sides (default: --lr)",
     )  # fmt: skip
     t.add_argument(
+        "--peft", choices=["lora"], help="train LoRA adapters (PEFT) on both halves, the base frozen"
+    )
+    t.add_argument("--lora-rank", type=int, default=D.lora_rank, help=f"LoRA rank (default {D.lora_rank})")
+    t.add_argument(
+        "--lora-alpha", type=float, default=D.lora_alpha, help=f"LoRA alpha (default {D.lora_alpha:g})"
+    )
+    t.add_argument(
+        "--lora-targets",
+        help="comma-separated module names to adapt (default: the family's attention query, value)",
+    )
+    t.add_argument(
         "--weight-decay",
         type=float,
         default=D.weight_decay,

@@ -89,6 +89,10 @@ class TrainConfig:
     max_eval_examples: Optional[int] = None
     lr: float = OptimConfig.lr
     factor_lr: Optional[float] = OptimConfig.factor_lr
+    peft: Optional[str] = None  # "lora": adapters on both halves (the base frozen); None: full fine-tuning
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: Optional[str] = None  # comma-separated module names; None: the family's attention q, v
     weight_decay: float = OptimConfig.weight_decay
     warmup_ratio: float = 0.0
     max_seq_len: int = 128
@@ -113,6 +117,16 @@ class TrainConfig:
         return LinkOptions(
             self.wire_dtype, self.compression, self.micro_batches, self.pipeline_depth, self.cls_only
         )
+
+    @property
+    def lora(self):
+        """The LoRA asked for (``--peft lora``), or None."""
+        if self.peft != "lora":
+            return None
+        from sft_common.lora import LoraSpec  # torch: only once the arguments are checked
+
+        targets = tuple(t.strip() for t in (self.lora_targets or "").split(",") if t.strip())
+        return LoraSpec(self.lora_rank, self.lora_alpha, targets)
 
     @property
     def columns(self) -> Tuple[str, ...]:
@@ -163,6 +177,12 @@ class TrainConfig:
                 "every micro-batch needs at least one example"
             )
         check_factor_lr("local" if self.local else self.mode, self.factor_lr)
+        if self.peft not in (None, "lora"):
+            raise ValueError(f"--peft must be lora, got {self.peft!r}")
+        if self.peft and (self.lora_rank < 1 or not self.lora_alpha > 0):
+            raise ValueError(
+                f"--lora-rank must be >= 1 and --lora-alpha > 0, got {self.lora_rank} and {self.lora_alpha}"
+            )
         if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.output_dir):
             raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
         if self.resume and not self.output_dir:

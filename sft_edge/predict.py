@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Dict, List, Tuple
 
+from sft_common.proto import sft_pb2 as pb
 from sft_edge.config import Connection, ExportConfig, LinkOptions, OptimConfig, PredictConfig
 from sft_edge.data import DataError
 from sft_edge.trained import RUN_FILE, TrainedModel, load_trained, read_run
@@ -55,7 +56,7 @@ def export(cfg: ExportConfig) -> str:
         raise DataError(f"{cfg.to} exists and is not empty: export into a new folder")
     session = open_finished(cfg.run, info, cfg.connection, "cpu")
     try:
-        weights = session.fetch_weights()
+        weights = fetch_weights(session)
     finally:
         session.close()
     tmp = cfg.to.rstrip("/") + ".partial"
@@ -78,8 +79,33 @@ def forget(run: str, connection: Connection) -> str:
     if info["part"] != "edge":
         raise DataError(f"{run} is not a split run's --output-dir: the daemon keeps nothing of it")
     session = open_finished(run, info, connection, "cpu")
-    session.forget()
+    session.request(pb.EdgeMessage(forget=pb.Forget()))  # the daemon deletes it; the stream ends
+    session.transport.close()
     return str(info["session_id"])
+
+
+def fetch_weights(session) -> bytes:
+    """net2's trained weights (a safetensors file) from a finished session reopened for
+    inference, fetched in chunks and checked against the digest the cloud sends."""
+    import hashlib
+
+    import grpc
+
+    from sft_edge.transport import CloudError
+
+    parts, chunks, index, reply = [], 1, 0, pb.WeightsChunk()
+    while index < chunks:
+        reply = session.request(pb.EdgeMessage(fetch=pb.FetchWeights(chunk=index))).weights
+        if reply.chunk != index:
+            raise CloudError(grpc.StatusCode.INTERNAL, f"asked for chunk {index}, got chunk {reply.chunk}")
+        parts.append(reply.data)
+        chunks, index = reply.chunks, index + 1
+    data = b"".join(parts)
+    if len(data) != reply.size or hashlib.sha256(data).hexdigest() != reply.sha256:
+        raise CloudError(
+            grpc.StatusCode.DATA_LOSS, "the weights fetched do not match the digest the cloud sent"
+        )
+    return data
 
 
 def open_finished(folder: str, info: Dict, connection: Connection, device: str):

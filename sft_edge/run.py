@@ -142,11 +142,14 @@ def open_session(
         state.resumes_live = 0
     if cfg.local:
         start = held[0] if held else 0
-        return LocalSession(run.base, run.task.num_labels, run.optim, run.device, checkpoints, start), state
+        local = LocalSession(
+            run.base, run.task.num_labels, run.optim, run.device, checkpoints, start, cfg.lora
+        )
+        return local, state
     session = EdgeSession(
         run.base, run.spec, run.task.num_labels, connect or grpc_connector(cfg, route), run.optim, cfg.batch_size,
         run.max_len, cfg.link, run.task.name, run.device, checkpoints, state.session_id, held,
-        cfg.reconnect_timeout,
+        cfg.reconnect_timeout, lora=cfg.lora,
     )  # fmt: skip
     state.session_id = session.session_id
     keep_route_key(cfg.output_dir, route)

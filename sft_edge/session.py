@@ -23,6 +23,7 @@ import torch
 from sft_common import codec
 from sft_common.checkpoint import CheckpointDir
 from sft_common.families import Decoder
+from sft_common.lora import LoraSpec, apply_lora
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec, session_fingerprint
@@ -81,6 +82,7 @@ class EdgeSession:
         reconnect_timeout: float = 300.0,
         backoff: Tuple[float, float] = (0.25, 10.0),
         inference_only: bool = False,
+        lora: Optional[LoraSpec] = None,
     ):
         """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``;
         ``start_step`` says where the cloud continues. ``inference_only``: reopen the finished
@@ -101,7 +103,9 @@ class EdgeSession:
         self.reconnect_timeout, self.backoff = reconnect_timeout, backoff
         self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
         self.compression = codec.COMPRESSIONS[link.compression]
-        self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels)
+        self.lora = lora.resolved(base.config.model_type) if lora else None
+        lora_dict = self.lora.as_dict() if self.lora else None
+        self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_dict)
         self.resumes = 0  # re-attachments after broken links
         self._connect = None if isinstance(connect, Transport) else connect
         self.transport: Transport = connect if isinstance(connect, Transport) else connect()
@@ -118,6 +122,9 @@ class EdgeSession:
             total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
             max_seq_len=max_seq_len, task=task, factor_lr=optim.factor_lr or 0.0,
         )  # fmt: skip
+        if self.lora is not None:
+            config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
+            config.lora_targets.extend(self.lora.targets)
         self._open = pb.OpenSession(
             config=config,
             fingerprint=self.fingerprint,
@@ -138,6 +145,8 @@ class EdgeSession:
             shape = (base.intermediate_size, spec.rank)
             u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
         self.net1: EdgeHalf = build_edge_half(base, spec, u, device=device)
+        if self.lora is not None:  # adapters; the base frozen, u trainable
+            apply_lora(self.net1, self.lora, optim.seed, "edge", keep=factor_parameters(self.net1))
         self.optimizer = make_optimizer(
             self.net1.parameters(), optim.lr, optim.weight_decay,
             factors=factor_parameters(self.net1), factor_lr=optim.factor_lr,
@@ -235,7 +244,7 @@ class EdgeSession:
         msg = pb.EvalStep(
             batch=index, activations=codec.encode(packed, self.wire_dtype, self.compression), lengths=lengths
         )
-        reply = self._call(pb.EdgeMessage(eval=msg)).eval
+        reply = self.request(pb.EdgeMessage(eval=msg)).eval
         shape = (len(batch.lengths), self.num_labels)
         return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=shape)
 
@@ -246,7 +255,7 @@ class EdgeSession:
         """Checkpoint after ``step`` steps: the cloud first (it answers once its file is written),
         then this side, with the caller's run record."""
         assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
-        reply = self._call(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
+        reply = self.request(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
         if reply.checkpointed.step != step:
             raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
         self.checkpoints.save_state(step, self.net1, self.optimizer, self.schedule, run=run)
@@ -262,35 +271,9 @@ class EdgeSession:
         self.live_step = step
         return self.checkpoints.load_state(step, self.net1, self.optimizer, self.schedule, self.device)["run"]
 
-    def fetch_weights(self) -> bytes:
-        """net2's trained weights (a safetensors file) from a finished session reopened for
-        inference, fetched in chunks and checked against the digest the cloud sends."""
-        import hashlib
-
-        parts, chunks, index, reply = [], 1, 0, pb.WeightsChunk()
-        while index < chunks:
-            reply = self._call(pb.EdgeMessage(fetch=pb.FetchWeights(chunk=index))).weights
-            if reply.chunk != index:
-                raise CloudError(
-                    grpc.StatusCode.INTERNAL, f"asked for chunk {index}, got chunk {reply.chunk}"
-                )
-            parts.append(reply.data)
-            chunks, index = reply.chunks, index + 1
-        data = b"".join(parts)
-        if len(data) != reply.size or hashlib.sha256(data).hexdigest() != reply.sha256:
-            raise CloudError(
-                grpc.StatusCode.DATA_LOSS, "the weights fetched do not match the digest the cloud sent"
-            )
-        return data
-
-    def forget(self) -> None:
-        """Have the cloud delete everything it keeps of this session; the session ends."""
-        self._call(pb.EdgeMessage(forget=pb.Forget()))
-        self.transport.close()
-
     def close(self) -> int:
         """Close the cloud session; returns the number of steps the cloud applied."""
-        reply = self._call(pb.EdgeMessage(close=pb.CloseSession()))
+        reply = self.request(pb.EdgeMessage(close=pb.CloseSession()))
         self.transport.close()
         return reply.closed.steps
 
@@ -319,7 +302,8 @@ class EdgeSession:
 
     # -- messages, reconnects and re-sends ------------------------------------------------
 
-    def _call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+    def request(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        """One message and its answer (reconnecting and re-sending as needed)."""
         self._submit(msg)
         return self._result()
 

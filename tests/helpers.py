@@ -113,7 +113,7 @@ class AllocationSpy:
         assert all(0 <= n <= cap for n in self.sizes), f"allocation from a claimed size: {self.sizes}"
 
 
-def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1):
+def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lora=None):
     """The reference for split training: the same factorised model, both halves under one
     optimizer and one autograd graph, dropout seeded as each side seeds it. With
     ``micro_batches`` > 1 each micro-batch's mean loss counts by its share of the batch,
@@ -122,6 +122,12 @@ def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1):
     from sft_common.training import make_optimizer, make_schedule, one_process_step
 
     edge, cloud = build_split_model(base, spec, 2, optim.seed)
+    if lora is not None:  # the adapters each side puts on its half, seeded as there
+        from sft_common.lora import apply_lora, head_parameters
+
+        lora = lora.resolved(base.config.model_type)
+        apply_lora(edge, lora, optim.seed, "edge", keep=factor_parameters(edge))
+        apply_lora(cloud, lora, optim.seed, "cloud", keep=factor_parameters(cloud) + head_parameters(cloud))
     factors = factor_parameters(edge) + factor_parameters(cloud)
     opt = make_optimizer(
         list(edge.parameters()) + list(cloud.parameters()),

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import max_diff, params, random_batch, train_in_one_process
 
+from sft_common.lora import LoraSpec
 from sft_common.models import ModelError, load_base_model
 from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model
@@ -55,11 +56,51 @@ def _differences(ref, got, optimizer, floor=1e-6):
     return signal, noise
 
 
-def _session(address, base, spec):
+def _session(address, base, spec, lora=None):
     return EdgeSession(
         base, spec, 2, GrpcTransport(open_channel(address)), OPTIM, batch_size=8, max_seq_len=64,
-        link=LinkOptions(wire_dtype="fp32"),
+        link=LinkOptions(wire_dtype="fp32"), lora=lora,
     )  # fmt: skip
+
+
+class _Trainable:
+    """A module's trainable parameters only (a LoRA half's adapters, factors and head)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def parameters(self):
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-llama"])
+def test_grpc_lora_training_equals_one_process(live_server, name):
+    """--peft lora: adapters on both halves over a real gRPC server end where the same adapters
+    trained in one process end; the frozen base does not move."""
+    address, registry = live_server
+    base = _served(name, registry)
+    spec, lora = SplitSpec(split_layer=2, rank=8), LoraSpec(rank=4, alpha=8.0)
+    backend = _session(address, base, spec, lora)
+    losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
+    session = registry.get(backend.session_id)
+    edge_ref, cloud_ref, ref_losses = train_in_one_process(base, spec, OPTIM, _batches(), lora=lora)
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    start_edge, start_cloud = build_split_model(base, spec, 2, OPTIM.seed)
+    for ref, got, optimizer, start in (
+        (edge_ref, backend.net1, backend.optimizer, start_edge),
+        (cloud_ref, session.net2, session.optimizer, start_cloud),
+    ):
+        signal, noise = _differences(_Trainable(ref), _Trainable(got), optimizer)
+        assert signal <= 1e-6 and noise <= 5e-5, (signal, noise)
+        assert any("lora_B" in n and float(p.detach().abs().max()) > 0 for n, p in got.named_parameters())
+        frozen = {n: p for n, p in got.named_parameters() if not p.requires_grad}
+        start_state = start.state_dict()
+        moved = [n for n, p in frozen.items() if n.replace(".base_layer", "") in start_state
+                 and not torch.equal(p.detach().cpu(), start_state[n.replace(".base_layer", "")])]  # fmt: skip
+        assert not moved, moved
+        compared = [n for n in frozen if n.replace(".base_layer", "") in start_state]
+        assert len(compared) == len(frozen) > 5  # every frozen tensor was compared
+    assert backend.close() == STEPS
 
 
 @pytest.mark.parametrize("mode", ["sft", "sl"])

@@ -141,7 +141,7 @@ def test_without_edge_checkpoints_a_restarted_cloud_cannot_be_rejoined_and_says_
     link = Link(_registry(tiny_base, cloud_dir))
     session = _session(tiny_base, link)
     session.train_step(0, _batches(1)[0])
-    session._call(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=1)))  # the cloud alone checkpoints
+    session.request(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=1)))  # the cloud alone checkpoints
     session.train_step(1, _batches(2)[1])
     link.registry = _registry(tiny_base, cloud_dir)
     link.fail_at[link.sent + 1] = "request"

@@ -1,0 +1,66 @@
+"""What the cloud checks of a session's configuration before it builds anything."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from sft_common import codec
+from sft_common.errors import ProtocolError
+from sft_common.lora import lora_from_config
+from sft_common.models import BaseModel
+from sft_common.proto import sft_pb2 as pb
+from sft_common.spec import SplitSpec
+
+MODES = {pb.SFT: "sft", pb.SL: "sl"}
+
+
+def invalid(message: str) -> ProtocolError:
+    return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
+    """The split spec a session config asks for; INVALID_ARGUMENT if it is not well formed."""
+    if config.mode not in MODES:
+        raise invalid(f"mode {config.mode} is not one of SFT, SL")
+    return SplitSpec(split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode])
+
+
+def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:
+    """Validate a session config against the model and the server's limits."""
+    spec = spec_from_config(config)
+    try:
+        spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    if config.num_labels < 1 or config.num_labels > 10_000:
+        raise invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
+    if config.wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
+        names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))
+        raise invalid(f"wire dtype {config.wire_dtype} is not one of {names}")
+    if config.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
+        raise invalid(f"compression {config.compression} is not one of COMPRESSION_NONE, LZ4")
+    if not 1 <= config.max_batch_size <= max_batch:
+        raise invalid(f"max_batch_size must be in 1..{max_batch}, got {config.max_batch_size}")
+    seq_cap = min(max_seq, base.max_position_embeddings)
+    if not 1 <= config.max_seq_len <= seq_cap:
+        raise invalid(f"max_seq_len must be in 1..{seq_cap}, got {config.max_seq_len}")
+    if not (math.isfinite(config.lr) and 0 < config.lr < 1):
+        raise invalid(f"lr must be in (0, 1), got {config.lr}")
+    if not (math.isfinite(config.factor_lr) and 0 <= config.factor_lr < 1):
+        raise invalid(f"factor_lr must be in (0, 1), or 0 for lr; got {config.factor_lr}")
+    try:
+        lora_from_config(config, base)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    if config.factor_lr and config.mode != pb.SFT:
+        raise invalid("factor_lr is for SFT: plain split learning has no factors")
+    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay < 1):
+        raise invalid(f"weight_decay must be in [0, 1), got {config.weight_decay}")
+    if config.total_steps < 1 or not 0 <= config.warmup_steps <= config.total_steps:
+        raise invalid(
+            f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
+            f"got {config.total_steps} and {config.warmup_steps}"
+        )
+    return spec
