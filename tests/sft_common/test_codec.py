@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import lz4.block
 import pytest
 import torch
+from helpers import AllocationSpy
 
 from sft_common import codec
 from sft_common.errors import ProtocolError
@@ -123,3 +126,150 @@ def test_decode_makes_no_extra_copy_of_fp32(monkeypatch):
     monkeypatch.setattr("builtins.bytearray", lambda *a: pytest.fail("decode copied the payload"))
     x = torch.randn(16, 8)
     assert torch.equal(codec.decode(codec.encode(x), name="x"), x)
+
+
+# -- int4: packed, two values a byte, one float32 scale per row ----------------------------------
+
+
+def _int4_rows(shape):
+    """(rows, values a row) as the int4 layout counts them: dim 0 is the row for rank >= 2."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, (torch.Size(shape).numel() // rows if rows else 0)
+
+
+@pytest.mark.parametrize("shape", [(50, 8), (37, 7), (6, 1), (3, 4, 5), (9,), (8,), ()])
+@pytest.mark.parametrize("compression", [pb.COMPRESSION_NONE, pb.LZ4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_int4_round_trip_within_half_a_step_per_row(shape, compression, seed):
+    """Even and odd row lengths, 1-D and scalars: every value within scale / 2 of the input, every
+    decoded value within +-7 scale, all-zero rows exactly zero, rows * ceil(row_len / 2) bytes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    rows, row_len = _int4_rows(shape)
+    if len(shape) >= 2:
+        x = x * torch.logspace(-9, 2, rows)[(...,) + (None,) * (len(shape) - 1)]  # rows of any magnitude
+        x[rows // 2] = 0.0  # an all-zero row (padding-like) stays exactly zero
+    msg = pb.Tensor.FromString(codec.encode(x, pb.INT4, compression).SerializeToString())
+    assert list(msg.shape) == list(shape) and len(msg.scales) == rows
+    nbytes = rows * ((row_len + 1) // 2)
+    raw = lz4.block.decompress(msg.data, uncompressed_size=nbytes) if msg.compression == pb.LZ4 else msg.data
+    assert len(raw) == nbytes
+    y = codec.decode(msg, name="x", dtype=pb.INT4, shape=shape, compression=compression)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    scale = torch.tensor(list(msg.scales)).reshape(rows, 1)
+    xr, yr = x.reshape(rows, row_len), y.reshape(rows, row_len)
+    torch.testing.assert_close(scale, xr.abs().amax(dim=1, keepdim=True) / 7, rtol=1e-6, atol=0)
+    assert bool(((yr - xr).abs() <= scale / 2 * (1 + 1e-5)).all())
+    assert bool((yr.abs() <= 7 * scale * (1 + 1e-6)).all())
+    if len(shape) >= 2:
+        assert torch.equal(y[rows // 2], torch.zeros(shape[1:])) and msg.scales[rows // 2] == 0.0
+
+
+def test_int4_layout_low_nibble_first_and_rows_padded_to_a_byte():
+    """nibble = q + 8, low nibble first; an odd row ends in the padding nibble 8; rows start on
+    byte boundaries. 3 values a row: 2 bytes a row."""
+    x = torch.tensor([[7.0, -7.0, 0.0], [0.0, 0.0, 0.0], [-1.0, 0.5, 1.0]])
+    msg = codec.encode(x, pb.INT4)
+    # row 0: scale 1, q = 7, -7, 0 -> nibbles 15, 1, 8 (+ pad 8); row 1: all zero, scale 0;
+    # row 2: scale 1/7, q = -7, 3.5 -> 4 (round half to even), 7 -> nibbles 1, 12, 15 (+ pad 8)
+    assert msg.data == bytes([0x1F, 0x88, 0x88, 0x88, 0xC1, 0x8F])
+    assert list(msg.scales) == pytest.approx([1.0, 0.0, 1 / 7])
+    y = codec.decode(msg, name="x", dtype=pb.INT4, shape=(3, 3))
+    torch.testing.assert_close(y, torch.tensor([[7.0, -7.0, 0.0], [0.0, 0.0, 0.0], [-1.0, 4 / 7, 1.0]]))
+
+
+@pytest.mark.parametrize("wire", sorted(codec.SUPPORTED_WIRE_DTYPES))
+def test_empty_tensors_in_every_wire_dtype(wire):
+    """No payload: it travels raw even in an lz4 session (lz4 cannot encode 0 bytes)."""
+    for shape in ((0, 8), (4, 0), (0,), (2, 0, 3)):
+        msg = codec.encode(torch.zeros(shape), wire, pb.LZ4)
+        assert msg.data == b"" and msg.compression == pb.COMPRESSION_NONE
+        assert len(msg.scales) == (_int4_rows(shape)[0] if wire in codec.ROW_SCALED else 0)
+        y = codec.decode(msg, name="x", dtype=wire, shape=shape, compression=pb.LZ4)
+        assert y.shape == shape and y.dtype == torch.float32
+
+
+def test_int4_lz4_only_where_it_shrinks():
+    dense = codec.encode(torch.randn(64, 8), pb.INT4, pb.LZ4)
+    assert dense.compression == pb.COMPRESSION_NONE and len(dense.data) == 64 * 4
+    sparse = torch.zeros(128, 64)
+    sparse[0] = torch.randn(64)  # the last-layer gradient: zero except at [CLS]
+    packed = codec.encode(sparse, pb.INT4, pb.LZ4)
+    assert packed.compression == pb.LZ4 and len(packed.data) < 128 * 32 / 10
+    y = codec.decode(packed, name="g", dtype=pb.INT4, shape=(128, 64), compression=pb.LZ4)
+    assert torch.equal(y[1:], torch.zeros(127, 64))
+
+
+def test_int4_non_finite_input_is_refused_by_the_receiver():
+    """Like int8, the encoder does not raise: a row with NaN or Inf gets a non-finite scale (its
+    nibbles are 8), and the decoder refuses the tensor."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        msg = codec.encode(torch.tensor([[1.0, 2.0, 3.0], [1.0, bad, 3.0]]), pb.INT4)
+        assert math.isfinite(msg.scales[0]) and not math.isfinite(msg.scales[1])
+        assert msg.data[2:] == b"\x88\x88"
+        _refused(msg, "row scales must be finite and non-negative", dtype=pb.INT4)
+
+
+def test_int4_refusals_say_what_was_wrong():
+    good = codec.encode(torch.randn(2, 3), pb.INT4)  # 2 rows x 2 bytes
+    assert len(good.data) == 4
+
+    def bad(**change):
+        msg = pb.Tensor()
+        msg.CopyFrom(good)
+        for key, value in change.items():
+            if key in ("scales", "shape"):
+                msg.ClearField(key)
+                getattr(msg, key).extend(value)
+            else:
+                setattr(msg, key, value)
+        return msg
+
+    _refused(bad(scales=[1.0]), "1 row scales for shape \\[2, 3\\], expected 2")
+    _refused(bad(scales=[1.0, 1.0, 1.0]), "3 row scales for shape \\[2, 3\\], expected 2")
+    for scales in ([1.0, -1.0], [-1e-30, 1.0], [float("nan"), 1.0], [1.0, float("inf")]):
+        _refused(bad(scales=scales), "row scales must be finite and non-negative")
+    _refused(bad(data=good.data[:-1]), "3 bytes of data, shape \\[2, 3\\] in int4 needs 2 rows x 2 bytes = 4")
+    _refused(bad(data=good.data + b"\x88"), "5 bytes of data")
+    _refused(bad(data=b"\x88\x88" * 3, shape=[3, 3]), "2 row scales for shape \\[3, 3\\], expected 3")
+    _refused(bad(data=bytes([0x80, 0x88, 0x88, 0x88])), "a 0 nibble \\(-8\\)")  # low nibble 0
+    _refused(bad(data=bytes([0x88, 0x88, 0x08, 0x88])), "a 0 nibble \\(-8\\)")  # high nibble 0
+    _refused(bad(data=bytes([0x88, 0x88, 0x88, 0x08])), "a 0 nibble \\(-8\\)")  # the padding nibble
+    _refused(bad(data=bytes([0x88, 0x98, 0x88, 0x88])), "padding nibble is not 8")
+    _refused(bad(data=b"\x01garbage", compression=pb.LZ4), "lz4 payload does not decompress to 4 bytes")
+    _refused(good, "dtype INT4, the session uses INT8", dtype=pb.INT8)
+    _refused(codec.encode(torch.randn(2, 3), pb.INT8), "dtype INT8, the session uses INT4", dtype=pb.INT4)
+    _refused(good, "over the limit of 3", max_bytes=3)  # the cap counts packed bytes: 4
+    codec.decode(good, name="x", max_bytes=4)
+
+
+@pytest.mark.parametrize(
+    "shape, scales, data, compression, match",
+    [
+        ([1 << 30, 1 << 30], [], b"", pb.LZ4, "over the limit of 4096"),
+        ([1, 1 << 40], [1.0], b"\x88", pb.COMPRESSION_NONE, "over the limit of 4096"),
+        ([0, 1 << 31, 1 << 31], [], b"", pb.COMPRESSION_NONE, "dimensions span"),  # 0s count as 1
+        ([64, 64], [1.0] * 63, b"\x00garbage", pb.LZ4, "63 row scales"),
+        ([64, 64], [1.0] * 63 + [float("nan")], b"\x00garbage", pb.LZ4, "row scales must be finite"),
+        ([64, 64], [1.0] * 64, b"\x88" * 100, pb.COMPRESSION_NONE, "100 bytes of data"),
+        ([64, 64], [1.0] * 64, b"\x01garbage", pb.LZ4, "does not decompress to 2048 bytes"),
+        ([64, 63], [1.0] * 64, b"\x00" * 2048, pb.COMPRESSION_NONE, "a 0 nibble"),
+    ],
+)
+def test_int4_checks_before_allocating(shape, scales, data, compression, match):
+    """Shape, cap, scale count and values are checked from the message alone; what lz4 and torch
+    are then asked for is never more than the cap (the packed size of the claimed shape)."""
+    msg = pb.Tensor(dtype=pb.INT4, shape=shape, scales=scales, data=data, compression=compression)
+    with AllocationSpy() as spy, pytest.raises(ProtocolError, match=match):
+        codec.decode(msg, name="x", dtype=pb.INT4, shape=[None] * len(shape), max_bytes=4096)
+    spy.assert_bounded(4096)
+    if "scales" in match:
+        assert spy.sizes == []  # refused before lz4 was asked for anything
+
+
+def test_int4_allocation_spy_watches_a_valid_message():
+    msg = codec.encode(torch.randn(64, 63), pb.INT4, pb.LZ4)
+    msg.data, msg.compression = lz4.block.compress(msg.data, store_size=False), pb.LZ4
+    with AllocationSpy() as spy:
+        codec.decode(msg, name="x", dtype=pb.INT4, shape=(64, 63), max_bytes=4096)
+    assert spy.sizes == [64 * 32, 64 * 32]  # lz4's output, then torch's view of it
