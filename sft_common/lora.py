@@ -63,9 +63,14 @@ def apply_lora(half: nn.Module, spec: LoraSpec, seed: int, side: str, keep: List
     # PEFT types lora_alpha as int; it scales by alpha / r, so a float works the same
     alpha: Any = spec.alpha
     config = LoraConfig(r=spec.rank, lora_alpha=alpha, target_modules=list(spec.targets), lora_dropout=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(step_seed(seed, f"lora-{side}", 0))
-        inject_adapter_in_model(config, half)
+    # A cloud half cut at the last layer holds no attention: nothing to adapt there, only the
+    # factors and the head train (the edge, which holds layer l's attention, checks the names).
+    if any(name.rsplit(".", 1)[-1] in spec.targets for name, _ in half.named_modules()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step_seed(seed, f"lora-{side}", 0))
+            inject_adapter_in_model(config, half)
+    elif side != "cloud":
+        raise ValueError(f"no module named {', '.join(spec.targets)} to adapt (see --lora-targets)")
     kept = {id(p) for p in keep}
     for name, param in half.named_parameters():
         param.requires_grad_("lora_" in name or id(param) in kept)
