@@ -145,3 +145,18 @@ def test_configs_without_intermediate_size_open_sessions(live_server, name):
     backend = _session(address, _load(name), SplitSpec(split_layer=2, rank=8))
     backend.train_step(0, _batches()[0])
     backend.close()
+
+
+def test_lora_sessions_on_one_daemon_share_the_frozen_base(live_server, tiny_base):
+    """Two LoRA sessions of one model and split hold the same frozen tensors, not copies; their
+    adapters, factors and heads are their own."""
+    address, registry = live_server
+    spec, lora = SplitSpec(split_layer=1, rank=8), LoraSpec(rank=4, alpha=8.0)
+    a, b = (_session(address, tiny_base, spec, lora) for _ in range(2))
+    net_a, net_b = (dict(registry.get(s.session_id).net2.named_parameters()) for s in (a, b))
+    frozen = [n for n, p in net_a.items() if not p.requires_grad]
+    assert frozen and all(net_a[n] is net_b[n] for n in frozen)
+    assert all(net_a[n] is not net_b[n] for n, p in net_a.items() if p.requires_grad)
+    a.train_step(0, _batches()[0])
+    assert all(torch.equal(net_a[n], net_b[n]) for n in frozen)  # a step moves nothing shared
+    a.close(), b.close()
