@@ -9,8 +9,7 @@ output linear ``W`` (hidden x intermediate) and ``W^T = u · diag(Σ) · v`` tru
 - ``CloudHalf`` (net2): ``Σ``, ``v`` (+ the original bias), layer l's dropout and, post-LN, its
   norm, without the residual add; layers l+1..L-1, the final norm (pre-LN), the head. Output: logits.
 
-Plain split learning (mode "sl") cuts after the whole of layer l: the edge sends the layer's
-output hidden states (batch, seq, hidden) and nothing is factorised.
+Plain split learning (mode "sl") cuts after layer l: its hidden states cross, nothing is factorised.
 
 ``SVDOutput`` replaces the FFN output in place (as PEFT swaps a target module): a factorised model
 is still an ordinary Hugging Face model, and the halves hold references to its submodules.
