@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import grpc
+import torch
 
 from sft_cloud import finished
 from sft_cloud.lease import (
@@ -60,6 +62,8 @@ class SessionRegistry:
         self._leases: Dict[str, Lease] = {}  # of the sessions held, with a checkpoint dir
         self._takeover = threading.Lock()  # one attach-from-disk at a time: one claim per session
         self._bases: Dict[str, BaseModel] = {}
+        # LoRA sessions of one model and split share its frozen parameters (sft_common.lora)
+        self._frozen: Dict[Tuple, Dict[str, torch.nn.Parameter]] = {}
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()  # see CloudSession._rng
 
@@ -88,14 +92,18 @@ class SessionRegistry:
         base = self._base(msg.config.model)
         session = CloudSession(
             secrets.token_urlsafe(24), owner, msg.config, base, self.device,
-            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir,
+            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir, self._shared(msg.config, base),
         )  # fmt: skip
         _check_fingerprint(msg, session)
         lease, _ = self._take(session)
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:  # lost a race with another open
-                raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
-            self._hold(session, lease)
+            full = len(self._sessions) >= self.max_sessions  # lost a race with another open
+            if not full:
+                self._hold(session, lease)
+        if full:
+            if lease is not None:
+                lease.remove()
+            raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
         return session
 
     def attach(self, msg: pb.OpenSession, owner: str) -> CloudSession:
@@ -146,7 +154,7 @@ class SessionRegistry:
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
         session = CloudSession(
             session_id, str(meta["owner"]), config, base, self.device,
-            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir,
+            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir, self._shared(config, base),
         )  # fmt: skip
         lease, previous = self._take(session)
         try:
@@ -250,6 +258,8 @@ class SessionRegistry:
         """Delete what the daemon keeps of ``session`` (its owner asked)."""
         self.close(session.session_id)
         finished.forget(self.checkpoint_dir, session.session_id)
+        if self.checkpoint_dir:  # a lease left by an eviction: whoever holds it finds it gone
+            shutil.rmtree(lease_folder(self.checkpoint_dir, session.session_id), ignore_errors=True)
 
     def evict_idle(self, now: Optional[float] = None) -> List[str]:
         """Checkpoint (when there is a checkpoint dir) and drop sessions idle past the timeout."""
@@ -296,6 +306,14 @@ class SessionRegistry:
     def get(self, session_id: str) -> CloudSession:
         with self._lock:
             return self._sessions[session_id]
+
+    def _shared(self, config: pb.SessionConfig, base: BaseModel) -> Optional[Dict[str, torch.nn.Parameter]]:
+        """The frozen parameters LoRA sessions of this model and split share (None: full fine-tuning)."""
+        if not config.lora_rank:
+            return None
+        key = (base.fingerprint, config.mode, config.split_layer, config.rank, config.num_labels)
+        with self._lock:
+            return self._frozen.setdefault(key, {})
 
     def _base(self, name: str) -> BaseModel:
         with self._lock:
