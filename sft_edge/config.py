@@ -37,7 +37,7 @@ class OptimConfig:
 class LinkOptions:
     """How a split step crosses the link."""
 
-    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16 | int8
+    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4
     compression: str = "none"  # none | lz4
     micro_batches: int = 1  # > 1: each step as that many pipelined micro-batches
     pipeline_depth: int = 2  # micro-batches in flight at once
