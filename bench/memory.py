@@ -1,14 +1,11 @@
 """Edge memory: a training process's peak resident set, the split edge against `--local`, by split layer.
 
 Every run is its own process (``--child``): ``--local`` trains the whole model, each split run
-net1 against an ``sft-cloud serve`` daemon on loopback. At the end of each phase of each step
-(forward, the optimizer's step pre- and post-hooks, the step's end) the child reads ``VmHWM``
-(the peak since the last mark) and ``VmRSS`` and restarts the peak. Training memory is the peak
-above the resident size before the model was loaded (Python, torch, transformers). The table
-sets it against the share moved to the cloud, counted exactly on the same batch by
-``bench.memory_accounting``. ``--phases``: the peak of every phase of every step; run it as-is
-and with ``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc then returns every block over 1 MiB when it
-is freed, so the resident size follows the live tensors) to tell allocator slack from tensors.
+net1 against an ``sft-cloud serve`` daemon on loopback. Training memory is the peak (``VmHWM``,
+restarted at the end of each phase of each step) above the resident size before the model was
+loaded; the table sets it against the bytes ``bench.memory_accounting`` counts on the same batch.
+``--phases``: the peak of every phase of every step (docs/benchmarks.md §5: run it also with
+``MALLOC_MMAP_THRESHOLD_=1048576`` to tell allocator slack from tensors).
 Usage: python -m bench.memory [--layers 0 2 4 5]
        python -m bench.memory --phases --layers 0 4 --steps 6 --warmup 0
 """
@@ -108,7 +105,8 @@ def rss_row(run: Dict, counted: int, local: Optional[Dict] = None, summary: Opti
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_workload_args(p, kind="fixed", steps=2, warmup=1)
+    add_workload_args(p, kind="fixed", warmup=1)
+    p.add_argument("--steps", type=int, default=2, help="timed steps")
     p.add_argument("--layers", nargs="+", type=int, default=[0, 2, 4, 5])
     p.add_argument("--mode", default="sft")
     p.add_argument("--phases", action="store_true", help="the peak of every phase of every step")

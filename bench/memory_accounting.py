@@ -1,17 +1,14 @@
 """Exact training memory of one step, by module: what `--local` holds, and what each split half holds.
 
-Counted from the real tensors of one step on one batch, through the product's own code
-(``LocalSession``; ``EdgeSession`` over an in-process transport to a real ``CloudSession``):
+Counted from the real tensors of one step on one batch, through the product's own code:
 ``params`` (every parameter), ``grads`` (every ``.grad`` as the optimizer steps; the word
 embedding's is dense), ``adam`` (AdamW's state after the step), ``saved`` (the storages autograd
 keeps for backward, seen by a ``saved_tensors_hooks`` pack hook, counted once per storage and
 charged to the innermost module running; parameters, buffers and the batch are left out, and ops
 outside any module, such as the packing of the cut and the loss, go to ``(outside)``). Modules
-are named as in the unsplit model on every side (``embeddings``, ``layer.3.attention``,
-``layer.3.output.u``, ``pooler``, ``classifier``), so the cloud half's bytes are what moved off
-the edge. The wire copies are read from the messages as they cross. Transient buffers
-(activation gradients, the optimizer's temporaries) and allocator slack are not counted: they
-are what a resident-size peak adds.
+are named as in the unsplit model on every side (``canonical``), so the cloud half's bytes are
+what moved off the edge. Transient buffers (activation gradients, the optimizer's temporaries)
+and allocator slack are not counted: they are what a resident-size peak adds.
 """
 
 from __future__ import annotations
@@ -56,18 +53,15 @@ def canonical(side: str, name: str, split_layer: int = 0) -> str:
 class Recorder:
     """Counts one training step's parameter, gradient, AdamW-state and saved-activation bytes."""
 
-    def __init__(self) -> None:
-        self.groups: Groups = defaultdict(lambda: dict.fromkeys(KINDS, 0))
-        self.side = "local"  # whose ops run outside any watched module
+    def __init__(self, side: str = "local") -> None:
+        self.groups: Dict[Tuple[str, str], Dict[str, int]] = defaultdict(lambda: dict.fromkeys(KINDS, 0))
+        self.side = side  # whose ops run outside any watched module
         self.wire: Dict[str, int] = defaultdict(int)
         self._stack: List[Tuple[str, str]] = []
         self._seen: Set[int] = set()
         self._exclude: Set[int] = set()
         self._names: Dict[int, Tuple[str, str]] = {}  # id(param) -> (side, group)
         self._handles: List[Any] = []
-
-    def key(self, side: str, group: str) -> str:
-        return f"{side}:{group}"
 
     def watch(self, root: nn.Module, side: str, split_layer: int = 0) -> None:
         """Charge ``root``'s parameters and the activations saved inside it to ``side``."""
@@ -77,35 +71,34 @@ class Recorder:
             self._handles.append(module.register_forward_hook(self._pop))
             for p in module.parameters(recurse=False):
                 self._names[id(p)] = (side, group)
-                self.groups[self.key(side, group)]["params"] += p.numel() * p.element_size()
+                self.groups[side, group]["params"] += p.numel() * p.element_size()
                 self._exclude.add(p.untyped_storage().data_ptr())
             for b in module.buffers(recurse=False):
                 self._exclude.add(b.untyped_storage().data_ptr())
 
-    def exclude(self, batch: Any) -> None:
-        """The batch's storages exist whatever the split: never counted as activations."""
+    def train_step(self, session: Any, batch: Any, optimizers: List[torch.optim.Optimizer]) -> None:
+        """``session``'s step 0 on ``batch``, counted; then the hooks are removed."""
+        # The batch's storages exist whatever the split: never counted as activations.
         for t in (batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.labels):
             self._exclude.add(t.untyped_storage().data_ptr())
+        self._handles += [opt.register_step_pre_hook(self._count_grads) for opt in optimizers]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                session.train_step(0, batch)
+            for opt in optimizers:  # AdamW's state after its step: every tensor it keeps per parameter
+                for p, state in opt.state.items():
+                    adam = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+                    self.groups[self._names[id(p)]]["adam"] += adam
+        finally:
+            for h in self._handles:
+                h.remove()
 
-    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def _count_grads(self, opt: torch.optim.Optimizer, *_: Any) -> None:
         """Gradients as the optimizer sees them, before it steps."""
-
-        def before_step(opt: torch.optim.Optimizer, *_: Any) -> None:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        side, g = self._names[id(p)]
-                        self.groups[self.key(side, g)]["grads"] += p.grad.numel() * p.grad.element_size()
-
-        self._handles.append(optimizer.register_step_pre_hook(before_step))
-
-    def count_adam(self, optimizer: torch.optim.Optimizer) -> None:
-        """AdamW's state after its step: every tensor it keeps per parameter."""
-        for p, state in optimizer.state.items():
-            side, g = self._names[id(p)]
-            for value in state.values():
-                if torch.is_tensor(value):
-                    self.groups[self.key(side, g)]["adam"] += value.numel() * value.element_size()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.groups[self._names[id(p)]]["grads"] += p.grad.numel() * p.grad.element_size()
 
     def _push(self, side: str, group: str) -> Callable:
         def hook(module: nn.Module, args: Any) -> None:
@@ -125,23 +118,11 @@ class Recorder:
         if ptr and ptr not in self._exclude and ptr not in self._seen:
             self._seen.add(ptr)
             side, group = self._stack[-1] if self._stack else (self.side, OUTSIDE)
-            self.groups[self.key(side, group)]["saved"] += storage.nbytes()
+            self.groups[side, group]["saved"] += storage.nbytes()
         return t
 
-    def saving(self) -> Any:
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def by_side(self) -> Dict[str, Groups]:
-        out: Dict[str, Groups] = defaultdict(dict)
-        for key, kinds in self.groups.items():
-            side, group = key.split(":", 1)
-            out[side][group] = dict(kinds)
-        return dict(out)
+    def groups_of(self, side: str) -> Groups:
+        return {group: dict(kinds) for (s, group), kinds in self.groups.items() if s == side}
 
 
 def account_local(base: Any, batch: Any) -> Groups:
@@ -151,24 +132,15 @@ def account_local(base: Any, batch: Any) -> Groups:
     session = local_session(base, 2)
     rec = Recorder()
     rec.watch(session.model, "local")
-    rec.exclude(batch)
-    rec.watch_optimizer(session.optimizer)
-    try:
-        with rec.saving():
-            session.train_step(0, batch)
-        rec.count_adam(session.optimizer)
-    finally:
-        rec.close()
-    return rec.by_side()["local"]
+    rec.train_step(session, batch, [session.optimizer])
+    return rec.groups_of("local")
 
 
 def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[str, Any]:
     """One split training step through the product (``EdgeSession`` and a ``CloudSession`` in
-    this process, the messages serialized both ways): ``{"edge": groups, "cloud": groups,
-    "wire": {...}}``. ``wire``: the edge's encoded activation payload, its decoded gradient, the
-    cloud's decoded activations and encoded gradient, and the serialized messages of the step,
-    read from the messages as they cross (a transport listener, which also tells whose turn it
-    is: the cloud's from the train step sent to its answer)."""
+    this process, the messages serialized both ways): ``{"edge": groups, "cloud": groups, "wire":
+    {...}}``, ``wire`` being the codec's bytes at each end and the messages', read as they cross
+    (by a listener that also tells whose turn it is: the cloud's from the step sent to its answer)."""
     from bench.harness import inproc, split_session
     from sft_edge.config import LinkOptions
 
@@ -176,13 +148,9 @@ def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[
     link = LinkOptions(wire_dtype=wire)
     session = split_session(base, spec, transport, 2, len(batch.lengths), batch.input_ids.shape[1], link)
     cloud = transport.protocol.session
-    rec = Recorder()
-    rec.side = "edge"
+    rec = Recorder(side="edge")
     rec.watch(session.net1, "edge", spec.split_layer)
     rec.watch(cloud.net2, "cloud", spec.split_layer)
-    rec.exclude(batch)
-    rec.watch_optimizer(session.optimizer)
-    rec.watch_optimizer(cloud.optimizer)
 
     def crossed(direction: str, msg: Any, at: float) -> None:
         if msg.WhichOneof("kind") != "train":
@@ -197,15 +165,10 @@ def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[
 
     transport.listeners.append(crossed)
     try:
-        with rec.saving():
-            session.train_step(0, batch)
-        rec.count_adam(session.optimizer)
-        rec.count_adam(cloud.optimizer)
+        rec.train_step(session, batch, [session.optimizer, cloud.optimizer])
     finally:
-        rec.close()
         session.close()
-    sides = rec.by_side()
-    return {"edge": sides.get("edge", {}), "cloud": sides.get("cloud", {}), "wire": dict(rec.wire)}
+    return {"edge": rec.groups_of("edge"), "cloud": rec.groups_of("cloud"), "wire": dict(rec.wire)}
 
 
 def total(groups: Groups, kinds: Tuple[str, ...] = KINDS) -> int:
@@ -218,12 +181,9 @@ def by_kind(groups: Groups) -> Dict[str, int]:
 
 def split_summary(local: Groups, split: Dict[str, Any], split_layer: int) -> Dict[str, Any]:
     """What moved to the cloud, what the edge keeps and what it holds that local did not (bytes).
-
-    ``moved_share``: the cloud half's counted bytes over local's; ``edge_saved_share``: one minus
-    the edge's (net1 and its wire copies) over local's. They differ by what the SVD cut removes
-    (layer l's dense FFN output with its gradient and moments) less what the edge newly holds
-    (``edge_new``: u's state, the packing of the cut, the wire copies). u keeps its input for
-    backward, but local's dense kept the same tensor."""
+    ``moved_share`` and ``edge_saved_share`` differ by what the SVD cut removes (layer l's dense FFN
+    output with its gradient and moments) less what the edge newly holds (``edge_new``; u keeps
+    its input for backward, but local's dense kept the same tensor)."""
     edge, cloud, wire = split["edge"], split["cloud"], split["wire"]
     l = split_layer
     local_total, cloud_total, edge_total = total(local), total(cloud), total(edge)

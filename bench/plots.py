@@ -3,53 +3,46 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from bench.common import RESULTS, ROOT
+from bench.common import RESULTS, ROOT, read_json
 
 
 def _load(folder: str, name: str) -> Optional[Dict]:
     path = os.path.join(folder, name + ".json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.isfile(path) else None
 
 
-def traffic(plt, data: Dict, out: str) -> None:
+def traffic(plt, data: Dict) -> None:
     rows = [r for r in data["rows"] if r["compression"] == "none"]
     models = sorted({(r["model"], r["batches"]) for r in rows})
     wires = ["fp32", "fp16", "bf16", "int8"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    _, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, (model, kind) in zip(axes[0], models):
         sub = [r for r in rows if r["model"] == model and r["batches"] == kind]
-        labels = ["SL"] + [f"SFT R={r}" for r in sorted({r["rank"] for r in sub if r["mode"] == "sft"})]
+        ranks = sorted({r["rank"] for r in sub if r["mode"] == "sft"})
+        configs = [("sl", None)] + [("sft", k) for k in ranks]
+        labels = ["SL"] + [f"SFT R={k}" for k in ranks]
         width = 0.8 / len(wires)
         for i, w in enumerate(wires):
-            vals = []
-            for label in labels:
-                mode, rank = ("sl", None) if label == "SL" else ("sft", int(label.split("=")[1]))
-                match = [r for r in sub if r["mode"] == mode and r["rank"] == rank and r["wire"] == w]
-                vals.append(match[0]["total_per_step"] if match else 0)
+            total = {(r["mode"], r["rank"]): r["total_per_step"] for r in sub if r["wire"] == w}
+            vals = [total.get(c, 0) for c in configs]
             ax.bar([x + i * width for x in range(len(labels))], vals, width, label=w)
         ax.set_yscale("log")
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=20)
         ax.set_ylabel("bytes per step (both directions)")
         ax.set_title(f"{model}, {kind} batches")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
 
 
-def step_time(plt, results: List[Dict], out: str) -> None:
+def step_time(plt, results: List[Dict]) -> None:
     """Each part of the step (median), per variant, on a log scale: seconds of compute next to
     the milliseconds that the transport adds."""
     parts = ["total", "edge_compute", "cloud_compute", "transfer", "transfer_and_cloud", "edge_encode",
              "edge_decode", "cloud_decode", "cloud_encode"]  # fmt: skip
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    _, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, data in zip(axes[0], results):
         rows = data["rows"]
         height = 0.8 / len(rows)
@@ -63,14 +56,12 @@ def step_time(plt, results: List[Dict], out: str) -> None:
         a = data["args"]
         ax.set_title(f"{a['model']} {a['mode']}" + (f" R={a['rank']}" if a["mode"] == "sft" else ""))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
 
 
-def link(plt, data: Dict, out: str) -> None:
+def link(plt, data: Dict) -> None:
     """Left: measured step and its floor. Right: the step minus edge compute (what the link and
     the cloud add), which does not move with the load other processes put on the edge's CPU."""
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    _, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     local = [r for r in data["rows"] if r["mode"] == "local"][0]["step_s"]
     for i, mode in enumerate(dict.fromkeys(r["mode"] for r in data["rows"] if r["mode"] != "local")):
         rows = sorted((r for r in data["rows"] if r["mode"] == mode), key=lambda r: r["rate_mbit"])
@@ -86,13 +77,11 @@ def link(plt, data: Dict, out: str) -> None:
     ax.set_ylabel("seconds per step")
     ax2.set_yscale("log")
     ax2.set_ylabel("step minus edge compute (s)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
 
 
-def memory(plt, data: Dict, out: str) -> None:
+def memory(plt, data: Dict) -> None:
     rows = data["rows"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    _, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [r["run"] if r["split_layer"] == "-" else f"edge l={r['split_layer']}" for r in rows]
     ax.bar(labels, [r["idle_mib"] for r in rows], label="before the model (runtime)", color="C7")
     ax.bar(labels, [r["train_mib"] for r in rows], bottom=[r["idle_mib"] for r in rows], label="training")
@@ -110,16 +99,14 @@ def memory(plt, data: Dict, out: str) -> None:
     ax2.set_xlabel("split layer l")
     ax2.set_ylabel("% of local training memory")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
 
 
-def overlap(plt, data: Dict, out: str) -> None:
+def overlap(plt, data: Dict) -> None:
     """Per link and cut: the step split into the edge's own work and its wait for answers, for
     whole steps and for each (micro-batches, depth)."""
     rows = data["rows"]
     groups = list(dict.fromkeys((r["rate_mbit"], r["mode"], r["split_layer"]) for r in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.8), sharey=True, squeeze=False)
+    _, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.8), sharey=True, squeeze=False)
     for ax, (rate, mode, layer) in zip(axes[0], groups):
         sel = [r for r in rows if (r["rate_mbit"], r["mode"], r["split_layer"]) == (rate, mode, layer)]
         labels, busy = [f"K{r['micro']} d{r['depth']}" for r in sel], [r["edge_busy_s"] for r in sel]
@@ -129,8 +116,6 @@ def overlap(plt, data: Dict, out: str) -> None:
         ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     axes[0][0].set_ylabel("seconds a step")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
 
 
 def main() -> int:
@@ -153,7 +138,9 @@ def main() -> int:
     ]  # fmt: skip
     for png, draw, data in plots:
         if data:
-            draw(plt, data, os.path.join(args.out, png))
+            draw(plt, data)
+            plt.tight_layout()
+            plt.savefig(os.path.join(args.out, png), dpi=110)
             made.append(png)
     plt.close("all")
     print("wrote " + ", ".join(os.path.join(args.out, x) for x in made) if made else "no results to plot")

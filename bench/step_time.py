@@ -6,8 +6,7 @@ round-robin so that load from other processes hits every variant alike):
 - ``grpc``: a gRPC stream over loopback TCP to a server in this process (the cloud's parts visible);
 - ``daemon``: a gRPC stream to an ``sft-cloud serve`` process (the deployment; cloud time is
   inside ``transfer_and_cloud``).
-Parts: ``bench.harness.timed_step``. Medians over ``--reps`` steps after ``--warmup`` steps. Usage:
-python -m bench.step_time [--model random:bert-base] [--mode sft] [--rank 8] [--reps 5]
+Parts: ``bench.harness.timed_step``; medians over ``--reps`` steps after ``--warmup`` steps.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import contextlib
 import sys
 from typing import Callable, Dict, List, Optional
 
-from bench.common import daemon, median, save, table
+from bench.common import add_workload_args, daemon, median, save, table
 from bench.harness import batches, grpc, grpc_server, inproc, record, split_session, timed_step
 from sft_common.models import load_base_model
 from sft_common.spec import SplitSpec
@@ -77,22 +76,14 @@ def run(args: argparse.Namespace) -> List[Dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:bert-base")
+    add_workload_args(p, model="random:bert-base", kind="fixed", warmup=1)
     p.add_argument("--device", default="cpu", help="where both halves run (cuda: edge and cloud on the GPU)")
-    p.add_argument("--kind", default="fixed", help="fixed (all --seq long) or sst2")
     p.add_argument("--mode", default="sft")
-    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--split-layer", type=int)
-    p.add_argument("--wire", default="fp32")
     p.add_argument("--compression", default="none")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", type=int, default=2, help="distinct batches cycled through")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed steps")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--name", default=None, help="results/<name>.json (default step_time_<mode>)")
-    p.add_argument("--out-dir")
     args = p.parse_args()
     rows = run(args)
     print(table(rows, ["variant", "steps", *[c for c in PARTS if any(c in r for r in rows)], "vs_inproc"]))

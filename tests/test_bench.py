@@ -52,7 +52,7 @@ def test_step_time_breakdown_runs(tmp_path):
 
     args = argparse.Namespace(model="random:tiny", kind="fixed", mode="sft", rank=4, split_layer=None,
                               wire="fp32", compression="none", batch_size=2, seq=8, batches=1, warmup=0,
-                              reps=1, variants=["inproc", "grpc"])  # fmt: skip
+                              reps=1, variants=["inproc", "grpc"], device="cpu")  # fmt: skip
     rows = step_time.run(args)
     assert [r["variant"] for r in rows] == ["inproc", "grpc"]
     for r in rows:
