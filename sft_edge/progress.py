@@ -55,10 +55,10 @@ class Progress:
             )
 
     @contextlib.contextmanager
-    def phase(self, name: str, batches: int = 0) -> Iterator[Phase]:
-        """Evaluating, checkpointing: announced, with a bar of ``batches`` on a terminal, and kept
-        out of the training rate."""
-        self.say(f"{name} after step {self.step_no}")
+    def phase(self, name: str, after: int, batches: int = 0) -> Iterator[Phase]:
+        """Evaluating, checkpointing (after ``after`` steps): announced, with a bar of ``batches``
+        on a terminal, and kept out of the training rate."""
+        self.say(f"{name} after step {after}")
         bar = None
         if self.bar is not None and batches:
             from tqdm import tqdm

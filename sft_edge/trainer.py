@@ -104,7 +104,7 @@ def train(
                 evals = state.evals
                 if (step + 1) % run.per_epoch == 0 or step + 1 == run.total:
                     batches = -(-len(run.dev_data) // cfg.batch_size)
-                    with progress.phase("evaluating", batches) as phase:
+                    with progress.phase("evaluating", step + 1, batches) as phase:
                         logits = predict_all(session, run.dev_data, cfg.batch_size, run.device, phase.tick)
                     result = glue_metrics.compute(
                         run.task.metrics, logits, gold_labels(run.task, run.dev_data)
@@ -120,7 +120,7 @@ def train(
                 state.losses.append(loss)
                 state.evals, state.steps = evals, step + 1
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total:
-                    with progress.phase("checkpointing"):
+                    with progress.phase("checkpointing", step + 1):
                         session.checkpoint(
                             step + 1, state.record(session, started)
                         )  # the cloud first, then here
