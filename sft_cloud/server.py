@@ -20,24 +20,13 @@ from sft_cloud.metrics import DaemonMetrics
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.servicer import SplitTrainerServicer, StreamDecodingInterceptor
 from sft_common.proto import sft_pb2_grpc as pb_grpc
+from sft_common.training import resolve_device
 
 log = logging.getLogger("sft_cloud")
 SERVICE_NAME = "sft.v1.SplitTrainer"
 # SIGTERM: gRPC cancels the calls still open when the grace ends; a server that still has not
 # stopped this long after that is given up on (the shutdown checkpoint is written all the same).
 STOP_MARGIN_S = 2.0
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return device
 
 
 def server_options(cfg: ServeConfig) -> list:

@@ -99,17 +99,6 @@ def read_meta(path: str) -> Dict:
     return json.loads(header["sft"])
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Atomic: a temporary file beside ``path``, then a rename over it (readers never see half)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 _STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
 
 

@@ -105,6 +105,17 @@ def seeded(seed: int, side: str, step: int, micro: int = 0) -> Iterator[None]:
     yield
 
 
+def resolve_device(device: str) -> str:
+    """``--device``: auto picks CUDA where torch sees it; cuda without a CUDA device is refused."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
 def autocast(device: str) -> contextlib.AbstractContextManager:
     """Mixed precision where it helps: bf16 autocast on GPUs that have it, else full precision."""
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():

@@ -10,6 +10,7 @@ import os
 import secrets
 from typing import Callable, Optional, Tuple, Union
 
+from sft_common.atomic import replaced
 from sft_edge import credentials
 from sft_edge.config import Connection, TrainConfig
 from sft_edge.transport import Transport, connector
@@ -32,12 +33,8 @@ def route_key(run_dir: Optional[str]) -> str:
 def keep_route_key(run_dir: Optional[str], key: str) -> None:
     if not run_dir or os.path.isfile(os.path.join(run_dir, ROUTE_FILE)):
         return
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, ROUTE_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with replaced(os.path.join(run_dir, ROUTE_FILE)) as f:
         f.write(key + "\n")
-    os.replace(tmp, path)
 
 
 def grpc_connector(cfg: Union[TrainConfig, Connection], route: str) -> Callable[[], Transport]:

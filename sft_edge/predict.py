@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Dict, List, Tuple
 
+from sft_common.atomic import replaced
 from sft_common.proto import sft_pb2 as pb
 from sft_edge.config import Connection, ExportConfig, LinkOptions, OptimConfig, PredictConfig
 from sft_edge.data import DataError
@@ -31,7 +32,7 @@ def predict(cfg: PredictConfig) -> int:
         raise DataError(f"{cfg.output}: write predictions to a .csv or .jsonl file")
     info = read_run(cfg.run)
     texts = read_inputs(cfg.input, info.get("text_columns") or ["text"])
-    from sft_edge.run import resolve_device
+    from sft_common.training import resolve_device
 
     device = resolve_device(cfg.device)
     if info["part"] == "edge":
@@ -157,9 +158,7 @@ def read_inputs(path: str, columns: List[str]) -> List[Tuple[str, ...]]:
 def write_predictions(path: str, texts, columns: List[str], rows: List[Dict], labels) -> None:
     """CSV: the text columns, ``prediction`` and ``probability_<label>`` each; JSON Lines: the
     text columns, ``prediction`` and ``probabilities`` ({label: p})."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with replaced(path, newline="") as f:
         if path.lower().endswith(".jsonl"):
             for text, row in zip(texts, rows):
                 f.write(json.dumps({**dict(zip(columns, text)), **row}, ensure_ascii=False) + "\n")
@@ -170,4 +169,3 @@ def write_predictions(path: str, texts, columns: List[str], rows: List[Dict], la
             for text, row in zip(texts, rows):
                 p = row.get("probabilities", {})
                 writer.writerow([*text, row["prediction"], *(p[name] for name in labels or [])])
-    os.replace(tmp, path)

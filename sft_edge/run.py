@@ -10,11 +10,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import torch
-
 from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel, load_base_model
 from sft_common.spec import SplitSpec
+from sft_common.training import resolve_device
 from sft_edge.config import OptimConfig, TrainConfig
 from sft_edge.data import Encoded, Example, encode, load_examples, steps_per_epoch
 from sft_edge.files import FileSpec, load_file_task
@@ -71,14 +70,6 @@ class RunState:
         record["bytes_received"] += session.bytes_received
         record["seconds_before"] += time.time() - started
         return record
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
 
 
 def read_task(cfg: TrainConfig) -> Tuple[Task, List[Example], List[Example]]:

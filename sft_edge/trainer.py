@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
-from sft_common.checkpoint import write_json
+from sft_common.atomic import write_json
 from sft_common.models import BaseModel
 from sft_edge import glue_metrics, scalars
 from sft_edge.config import TrainConfig
@@ -94,6 +94,7 @@ def train(
     )  # fmt: skip
     progress = Progress(run.total, cfg.progress, initial=step, per_epoch=run.per_epoch)
     logits = None  # of the newest evaluation
+    gold = gold_labels(run.task, run.dev_data)
     scalar_log = scalars.open_for_run(cfg.output_dir, cfg.report)  # loss, lr, traffic, evals as CSV
     try:
         while step < run.total:
@@ -106,9 +107,7 @@ def train(
                     batches = -(-len(run.dev_data) // cfg.batch_size)
                     with progress.phase("evaluating", step + 1, batches) as phase:
                         logits = predict_all(session, run.dev_data, cfg.batch_size, run.device, phase.tick)
-                    result = glue_metrics.compute(
-                        run.task.metrics, logits, gold_labels(run.task, run.dev_data)
-                    )
+                    result = glue_metrics.compute(run.task.metrics, logits, gold)
                     evals = evals + [
                         {"step": step + 1, "epoch": round((step + 1) / run.per_epoch, 3), **result}
                     ]
@@ -150,7 +149,6 @@ def train(
     cloud_steps = session.close()
     report = _report(cfg, run, state, session, cloud_steps, time.time() - started)
     if run.task.name == "custom" and run.task.labels is not None and logits is not None:
-        gold = gold_labels(run.task, run.dev_data)
         report["per_class"] = glue_metrics.per_class(logits, gold, run.task.labels)
     if cfg.output_dir:
         _save(cfg, run, session, report)
