@@ -21,6 +21,7 @@ import grpc
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sft_common import checkpoint
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
 
@@ -56,7 +57,7 @@ def read_final(checkpoint_dir: str, session_id: str, owner: str) -> Tuple[dict, 
 
 def load_weights(session, path: str) -> None:
     """net2's trained weights into a freshly built session, now for inference only."""
-    session.net2.load_state_dict(load_file(path, device=session.device), strict=True)
+    checkpoint.load_owned(session.net2, load_file(path, device=session.device))
     session.net2.eval()
     session.inference_only = True
     session.final_path = path

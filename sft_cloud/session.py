@@ -281,7 +281,7 @@ class CloudSession:
             return None
         self.fence()
         path = os.path.join(self.ckpts.folder, "final.safetensors")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net2.state_dict().items()}
+        state = checkpoint.owned_state(self.net2)  # with LoRA: adapters, Σ, v, head; not the base
         # Flat string metadata, not a checkpoint's ``sft`` JSON: readers of the final weights take
         # step and fingerprint straight from the header.
         meta = {"step": str(self.next_step), "fingerprint": self.fingerprint, "replayed": str(self.replayed)}

@@ -11,18 +11,46 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
+def _frozen(module: torch.nn.Module) -> Set[str]:
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def owned_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """What a module's checkpoint and final weights hold: its state dict less its frozen
+    parameters. With LoRA those are the pretrained base (shared by every session of the model on
+    a daemon, and rebuilt from the model by name); a fully fine-tuned module freezes nothing, so
+    this is its whole state dict."""
+    frozen = _frozen(module)
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k not in frozen}
+
+
+def load_owned(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load what ``owned_state`` saved into a module built the same way (its frozen parameters
+    from the base model); ValueError naming the tensors when the two do not match."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    absent = sorted(set(missing) - _frozen(module))
+    if absent or unexpected:
+        raise ValueError(
+            "the saved weights do not fit this model: "
+            + "; ".join(f"{what}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
+                        for what, names in (("missing", absent), ("unexpected", sorted(unexpected))) if names)
+            + " (was it trained with other --peft / --lora-* flags, split or model?)"
+        )  # fmt: skip
+
+
 def pack(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any
 ) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """Everything a bit-exact resume needs, as (tensors, JSON-able metadata)."""
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    """Everything a bit-exact resume needs, as (tensors, JSON-able metadata); the module's
+    frozen parameters are not saved (``owned_state``)."""
+    tensors = {f"model/{k}": v for k, v in owned_state(module).items()}
     opt = optimizer.state_dict()
     scalars: Dict[str, Dict[str, Any]] = {}
     for idx, state in opt["state"].items():
@@ -51,7 +79,7 @@ def unpack(
             "resume with the --factor-lr of the run that wrote it (given or left out alike)"
         )
     model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-    module.load_state_dict(model_state, strict=True)
+    load_owned(module, model_state)
     state: Dict[int, Dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):

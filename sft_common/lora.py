@@ -54,6 +54,10 @@ class LoraSpec:
     def as_dict(self) -> Dict:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
 
+    @classmethod
+    def from_dict(cls, d: Dict) -> LoraSpec:
+        return cls(int(d["rank"]), float(d["alpha"]), tuple(d["targets"]))
+
 
 def apply_lora(half: nn.Module, spec: LoraSpec, seed: int, side: str, keep: List[nn.Parameter]) -> None:
     """Adapters on ``half`` (in place), its other parameters frozen except ``keep`` (the SVD
@@ -84,11 +88,6 @@ def head_parameters(half: nn.Module) -> List[nn.Parameter]:
         if name not in ("layers", "tail") and "Norm" not in type(child).__name__:
             out.extend(child.parameters())
     return out
-
-
-def trainable_state(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state a LoRA session owns: its trainable parameters (the frozen base is shared)."""
-    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
 
 
 def lora_from_config(config, base) -> Optional[LoraSpec]:

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from sft_common.checkpoint import CheckpointDir
+from sft_common.checkpoint import CheckpointDir, owned_state
 from sft_common.families import Decoder
 from sft_common.lora import LoraSpec, apply_lora
 from sft_common.models import BaseModel
@@ -76,7 +76,8 @@ class LocalSession:
         return self._logits(batch)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.model.state_dict()
+        """The trained state: with LoRA the adapters and the head, not the frozen base."""
+        return owned_state(self.model)
 
     def checkpoint(self, step: int, run: Dict) -> None:
         """Nothing to agree on with a cloud: the whole model's state goes to disk."""

@@ -113,6 +113,8 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     """The run's finished cloud session, reopened for inference, with net1's trained weights."""
     from safetensors.torch import load_file
 
+    from sft_common.checkpoint import load_owned
+    from sft_common.lora import LoraSpec
     from sft_common.models import load_base_model
     from sft_common.spec import SplitSpec
     from sft_edge.link import grpc_connector, route_key
@@ -123,12 +125,13 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     base = load_base_model(info["model"])
     spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"])
     link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])
+    lora = LoraSpec.from_dict(info["lora"]) if info.get("lora") else None
     session = EdgeSession(
         base, spec, int(info["num_labels"]), grpc_connector(connection, route_key(folder)), OptimConfig(seed=int(info["seed"])),
         batch_size=int(info["batch_size"]), max_seq_len=int(info["max_seq_len"]), link=link, device=device,
-        session_id=info["session_id"], inference_only=True,
+        session_id=info["session_id"], inference_only=True, lora=lora,
     )  # fmt: skip
-    session.net1.load_state_dict(load_file(os.path.join(folder, "edge.safetensors"), device=device))
+    load_owned(session.net1, load_file(os.path.join(folder, "edge.safetensors"), device=device))
     return session
 
 

@@ -21,7 +21,7 @@ import grpc
 import torch
 
 from sft_common import codec
-from sft_common.checkpoint import CheckpointDir
+from sft_common.checkpoint import CheckpointDir, owned_state
 from sft_common.families import Decoder
 from sft_common.lora import LoraSpec, apply_lora
 from sft_common.models import BaseModel
@@ -249,7 +249,8 @@ class EdgeSession:
         return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=shape)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.net1.state_dict()
+        """net1's trained state: with LoRA its adapters and u, not the frozen base."""
+        return owned_state(self.net1)
 
     def checkpoint(self, step: int, run: Dict) -> None:
         """Checkpoint after ``step`` steps: the cloud first (it answers once its file is written),

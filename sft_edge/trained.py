@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from sft_common.checkpoint import load_owned
 from sft_common.spec import SplitSpec
 from sft_edge.data import DataError, Example, collate, encode
 
@@ -90,11 +91,18 @@ def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
     config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     num_labels = int(info["num_labels"])
-    if info["part"] == "full":
-        model = trained_skeleton(config, None, num_labels, device)
-        assert isinstance(model, nn.Module)
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors"), device=device))
-        model.eval()
+    spec = None
+    if info["part"] != "full":
+        spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"] or 1), mode=info["mode"])
+    if info.get("lora"):  # the weights hold the adapters, factors and head: the base by name
+        built = _with_lora(info, spec, num_labels, device)
+    else:
+        built = trained_skeleton(config, spec, num_labels, device)
+    weights = [load_file(os.path.join(folder, name), device=device) for name in _weight_files(info)]
+    for module, state in zip(built if isinstance(built, tuple) else (built,), weights):
+        load_owned(module, state)
+    if isinstance(built, nn.Module):
+        model = built.eval()
 
         from sft_common.families import Decoder
         from sft_common.models import family_of
@@ -106,10 +114,7 @@ def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
             return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra).logits
 
         return TrainedModel(info, tokenizer, full, model, device)
-    spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"] or 1), mode=info["mode"])
-    edge, cloud = trained_skeleton(config, spec, num_labels, device)  # type: ignore[misc]
-    edge.load_state_dict(load_file(os.path.join(folder, "edge.safetensors"), device=device))
-    cloud.load_state_dict(load_file(os.path.join(folder, "cloud.safetensors"), device=device))
+    edge, cloud = built
     halves = nn.ModuleDict({"edge": edge, "cloud": cloud}).eval()
 
     def split(batch, index):
@@ -117,3 +122,32 @@ def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
         return cloud(cut, batch.attention_mask)
 
     return TrainedModel(info, tokenizer, split, halves, device)
+
+
+def _weight_files(info: Dict) -> List[str]:
+    return ["model.safetensors"] if info["part"] == "full" else ["edge.safetensors", "cloud.safetensors"]
+
+
+def _with_lora(info: Dict, spec: Optional[SplitSpec], num_labels: int, device: str):
+    """The pretrained model by name (its fingerprint checked against the run's) with the run's
+    adapters on it, the way training built it: the whole model, or both halves."""
+    from sft_common.lora import LoraSpec, apply_lora, head_parameters
+    from sft_common.models import load_base_model
+    from sft_common.split import build_full_model, build_split_model, factor_parameters
+
+    base = load_base_model(info["model"])
+    if info.get("base_fingerprint") not in (None, base.fingerprint):
+        raise DataError(
+            f"{info['model']} here is not the model this run was trained from (fingerprint "
+            f"{base.fingerprint[:12]}, the run's {str(info['base_fingerprint'])[:12]}): its LoRA weights need that base"
+        )
+    lora, seed = LoraSpec.from_dict(info["lora"]), int(info["seed"])
+    if spec is None:
+        model = build_full_model(base, num_labels, seed, device=device)
+        head = [p for m in base.family.head(model).values() for p in m.parameters()]
+        apply_lora(model, lora, seed, "local", keep=head)
+        return model
+    edge, cloud = build_split_model(base, spec, num_labels, seed, device=device)
+    apply_lora(edge, lora, seed, "edge", keep=factor_parameters(edge))
+    apply_lora(cloud, lora, seed, "cloud", keep=factor_parameters(cloud) + head_parameters(cloud))
+    return edge, cloud

@@ -227,6 +227,9 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
         "wire_dtype": cfg.wire_dtype,
         "compression": cfg.compression,
         "seed": cfg.seed,
+        # LoRA: the weights hold only what training owns; the base comes from "model", checked
+        "lora": cfg.lora.resolved(run.base.config.model_type).as_dict() if cfg.lora else None,
+        "base_fingerprint": run.base.fingerprint,
         "session_id": report["session_id"],
         "steps": report["steps"],
         "metrics": report["metrics"],

@@ -141,3 +141,71 @@ def test_a_reopened_session_refuses_training_steps(tmp_path, daemon):
     with pytest.raises(CloudError, match="inference only") as caught:
         session.train_step(report["steps"], random_batch(batch=4, seq=8))
     assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _frozen_names(module):
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def test_a_lora_run_keeps_only_what_it_owns_and_predicts_everywhere(tmp_path, daemon):
+    """--peft lora: the edge's checkpoints, its weights, the cloud's final weights and the export
+    hold the adapters, the factors and the head, no tensor of the frozen base; predict through
+    the daemon, after export (the base rebuilt by name) and from a --local LoRA run all agree
+    with the evaluation at the end of training."""
+    from safetensors import safe_open
+
+    from sft_common.lora import LoraSpec, apply_lora, head_parameters
+    from sft_common.models import load_base_model
+    from sft_common.spec import SplitSpec
+    from sft_common.split import build_split_model, factor_parameters
+
+    address, _ = daemon
+    report = _train(tmp_path, address, peft="lora", lora_rank=4, checkpoint_every=3)
+    run, dev, conn = tmp_path / "run", str(tmp_path / "dev.csv"), Connection(cloud=address, insecure=True)
+    info = json.loads((run / "sft_edge.json").read_text())
+    assert info["lora"] == {"rank": 4, "alpha": 16.0, "targets": ["query", "value"]}
+
+    base = load_base_model("random:tiny")
+    edge, cloud = build_split_model(base, SplitSpec(split_layer=info["split_layer"], rank=8), 2, 0)
+    lora = LoraSpec.from_dict(info["lora"])
+    apply_lora(edge, lora, 0, "edge", keep=factor_parameters(edge))
+    apply_lora(cloud, lora, 0, "cloud", keep=factor_parameters(cloud) + head_parameters(cloud))
+
+    def keys(path, prefix=""):
+        with safe_open(str(path), framework="pt") as f:
+            return {k[len(prefix) :] for k in f.keys() if k.startswith(prefix)}
+
+    final = tmp_path / "cloud" / report["session_id"] / "final.safetensors"
+    checkpoints = sorted((run / "checkpoints").glob("step-*.safetensors"))
+    assert checkpoints, "the edge wrote no checkpoint"
+    for path, module, prefix in [
+        (run / "edge.safetensors", edge, ""),
+        (checkpoints[-1], edge, "model/"),
+        (final, cloud, ""),
+    ]:
+        saved = keys(path, prefix)
+        assert saved and not saved & _frozen_names(module), path  # no frozen base tensor
+        assert saved == set(module.state_dict()) - _frozen_names(module), path
+        assert any("lora_A" in k for k in saved) or module is cloud
+
+    assert predict.predict(PredictConfig(str(run), dev, str(tmp_path / "remote.csv"), conn)) == 12
+    remote = _read(str(tmp_path / "remote.csv"))
+    gold = [row["verdict"] for row in _read(dev)]
+    assert sum(r["prediction"] == g for r, g in zip(remote, gold)) / 12 == pytest.approx(
+        report["metrics"]["accuracy"]
+    )
+    predict.export(ExportConfig(str(run), str(tmp_path / "export"), conn))
+    assert keys(tmp_path / "export" / "cloud.safetensors") == keys(final)
+    local = load_trained(str(tmp_path / "export")).predict([r["opinion"] for r in remote])
+    for a, b in zip(local, remote):
+        assert a["prediction"] == b["prediction"]
+        assert a["probabilities"]["good"] == pytest.approx(float(b["probability_good"]), abs=1e-5)
+
+    local_report = _train(
+        tmp_path, "unused:1", local=True, peft="lora", lora_rank=4, output_dir=str(tmp_path / "lrun")
+    )
+    preds = load_trained(str(tmp_path / "lrun")).predict([r["opinion"] for r in remote])
+    accuracy = sum(p["prediction"] == g for p, g in zip(preds, gold)) / 12
+    assert accuracy == pytest.approx(local_report["metrics"]["accuracy"])
+    saved = keys(tmp_path / "lrun" / "model.safetensors")
+    assert saved and all("lora_" in k or k.startswith(("bert.pooler.", "classifier.")) for k in saved), saved

@@ -14,6 +14,7 @@ from helpers import params, random_batch
 from sft_cloud.protocol import StreamProtocol
 from sft_cloud.registry import SessionRegistry
 from sft_common.checkpoint import CheckpointDir
+from sft_common.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec
 from sft_edge.config import LinkOptions, OptimConfig
@@ -113,11 +114,14 @@ def test_a_lost_evaluation_answer_is_asked_again(tiny_base):
     assert session.resumes == 1 and registry.get(session.session_id).next_step == 1
 
 
-def test_the_cloud_restarted_from_a_checkpoint_rolls_the_edge_back(tiny_base, tmp_path):
+@pytest.mark.parametrize("lora", [None, LoraSpec(rank=4, alpha=8.0)], ids=["full", "lora"])
+def test_the_cloud_restarted_from_a_checkpoint_rolls_the_edge_back(tiny_base, tmp_path, lora):
+    """Both sides restore their checkpoint of step 2 (with LoRA: the adapters, factors and head
+    over a base rebuilt from the model) and end where an uninterrupted run ends."""
     cloud_dir = str(tmp_path / "cloud")
     link = Link(_registry(tiny_base, cloud_dir))
     edge_ckpts = CheckpointDir(str(tmp_path / "edge"))
-    session = _session(tiny_base, link, checkpoints=edge_ckpts)
+    session = _session(tiny_base, link, checkpoints=edge_ckpts, lora=lora)
     batches = _batches(3)
     session.train_step(0, batches[0])
     session.train_step(1, batches[1])
@@ -133,7 +137,15 @@ def test_the_cloud_restarted_from_a_checkpoint_rolls_the_edge_back(tiny_base, tm
     assert caught.value.step == 2 and caught.value.run == {"note": "after two steps"}
     assert _equal(params(session.net1), at_checkpoint)  # the edge loaded its own checkpoint of step 2
     session.train_step(2, batches[2])  # and continues from there
-    assert link.registry.get(session.session_id).next_step == 3
+    restored = link.registry.get(session.session_id)
+    assert restored.next_step == 3
+
+    ref_link = Link(_registry(tiny_base))
+    ref = _session(tiny_base, ref_link, lora=lora)
+    for k, b in enumerate(batches):
+        ref.train_step(k, b)
+    assert _equal(params(session.net1), params(ref.net1))
+    assert _equal(params(restored.net2), params(ref_link.registry.get(ref.session_id).net2))
 
 
 def test_without_edge_checkpoints_a_restarted_cloud_cannot_be_rejoined_and_says_why(tiny_base, tmp_path):
