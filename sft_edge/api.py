@@ -35,6 +35,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from sft_common.lora import LoraSpec
 from sft_common.models import DEFAULT_MODEL, BaseModel, family_of, load_base_model, packaged_minilm_dir
 from sft_common.spec import SplitSpec
 from sft_common.split import task_loss
@@ -194,11 +195,16 @@ def wrap(
 ) -> Tuple[SplitModel, SplitOptimizer]:
     """Turn (model, optimizer) into split training with a cloud session at ``cloud`` (HOST:PORT).
 
-    ``model``: a Hugging Face BERT ``*ForSequenceClassification`` (its checkpoint name or folder
-    is what the cloud loads), or that name itself. ``optimizer``: where lr and weight decay come
+    ``model``: a Hugging Face ``*ForSequenceClassification`` of a supported family (its
+    checkpoint name or folder is what the cloud loads), that name itself, or such a model wrapped
+    by PEFT's ``get_peft_model`` with a ``LoraConfig``: both halves then train LoRA adapters of
+    its rank, alpha and target modules on a frozen base (``--peft lora``). ``optimizer``: where lr and weight decay come
     from (AdamW defaults of the GLUE recipe when None); ``factor_lr``: the SVD factors' own
     learning rate (sft-edge's ``--factor-lr``). The connection flags are sft-edge's.
     """
+    lora = _peft_lora(model) if isinstance(model, nn.Module) else None
+    if lora is not None:
+        model = model.get_base_model()  # type: ignore[union-attr,operator]
     base = _base_model(model)
     if num_labels is None:
         num_labels = getattr(getattr(model, "config", None), "num_labels", None) or 2
@@ -218,17 +224,59 @@ def wrap(
     link = LinkOptions(wire_dtype=wire_dtype, compression=compression)
     try:
         session = EdgeSession(
-            base, spec, num_labels, transport, optim, max_batch_size, max_seq_len, link, device=device
+            base,
+            spec,
+            num_labels,
+            transport,
+            optim,
+            max_batch_size,
+            max_seq_len,
+            link,
+            device=device,
+            lora=lora,
         )
     except BaseException:
         transport.close()  # the channel is ours: do not leave it open behind a refused wrap
         raise
     log.info(
-        "split training of %s via %s: %s at layer %d, rank %d; net1 on %s",
-        base.name, cloud, mode, spec.split_layer, rank, device,
+        "split training of %s via %s: %s at layer %d, rank %d%s; net1 on %s",
+        base.name, cloud, mode, spec.split_layer, rank, f", LoRA rank {lora.rank}" if lora else "", device,
     )  # fmt: skip
     model = SplitModel(session)
     return model, SplitOptimizer(session, model)
+
+
+def _peft_lora(model: nn.Module) -> Optional[LoraSpec]:
+    """The LoRA of a PEFT-wrapped model (``get_peft_model(model, LoraConfig(...))``), or None.
+
+    Both halves then train adapters of that rank, alpha and targets (``--peft lora``), starting
+    from sft's seeded initialisation (B = 0, as PEFT's: the same function at the start); the
+    head trains fully, as PEFT's ``task_type="SEQ_CLS"`` makes it. What the split cannot honour
+    is refused by name."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    active = getattr(model, "active_adapter", "default")
+    config = configs[active if isinstance(active, str) else active[0]]
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind != "LORA" or len(configs) > 1:
+        raise ValueError(f"wrap() takes one LoRA adapter; this model has {kind} ({', '.join(configs)})")
+    unsupported = {
+        "lora_dropout": config.lora_dropout, "bias": config.bias != "none", "use_dora": config.use_dora,
+        "use_rslora": config.use_rslora, "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+        "layers_to_transform": config.layers_to_transform,
+    }  # fmt: skip
+    named = [k for k, v in unsupported.items() if v]
+    if named or not isinstance(config.target_modules, (set, list, tuple)):
+        raise ValueError(
+            "split LoRA supports plain adapters on named modules (LoraConfig(r, lora_alpha, target_modules=[...]));"
+            f" not {', '.join(named) or 'a target_modules pattern'}"
+        )
+    if any("lora_B" in n and p.detach().abs().max() > 0 for n, p in model.named_parameters()):
+        raise ValueError(
+            "the adapters are already trained: wrap() starts LoRA afresh (merge_and_unload() first)"
+        )
+    return LoraSpec(int(config.r), float(config.lora_alpha), tuple(sorted(config.target_modules)))
 
 
 def _base_model(model: Union[nn.Module, str]) -> BaseModel:

@@ -72,6 +72,59 @@ def test_wrapped_loop_matches_the_split_session(live_server, factor_lr):
     assert model.close() == 3
 
 
+@pytest.mark.parametrize("name", ["random:tiny", "random:tiny-llama"])
+def test_a_peft_lora_model_trains_as_the_lora_session(live_server, name):
+    """A model wrapped by PEFT's get_peft_model(LoraConfig) trains LoRA on both halves: three
+    steps of the unchanged loop equal EdgeSession.train_step with the same LoraSpec, an encoder
+    and a decoder family alike."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from sft_common.lora import LoraSpec
+
+    address, _ = live_server
+    base = load_base_model(name)
+    targets = ["query", "value"] if base.config.model_type == "bert" else ["q_proj", "v_proj"]
+    optim = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=3, seed=7)
+    batches = _batches(3)
+    ref = EdgeSession(
+        base, SplitSpec(split_layer=2, rank=4), 2, GrpcTransport(open_channel(address)), optim,
+        batch_size=4, max_seq_len=16, lora=LoraSpec(4, 8.0, tuple(sorted(targets))),
+    )  # fmt: skip
+    ref_losses = [ref.train_step(k, b) for k, b in enumerate(batches)]
+    ref.close()
+
+    hf = AutoModelForSequenceClassification.from_config(base.config)
+    hf.config._name_or_path = name  # what from_pretrained(name) records: the name the cloud resolves
+    peft_model = get_peft_model(
+        hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="SEQ_CLS")
+    )
+    optimizer = torch.optim.AdamW(peft_model.parameters(), lr=1e-3, weight_decay=0.0)
+    model, optimizer = sft.wrap(
+        peft_model, optimizer, cloud=address, total_steps=3, seed=7, split_layer=2, rank=4,
+        max_batch_size=4, max_seq_len=16, insecure=True,
+    )  # fmt: skip
+    assert any("lora_A" in n for n, p in model.net1.named_parameters() if p.requires_grad)
+    model.train()
+    losses = []
+    for b in batches:
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    assert max_diff(params(model.net1), params(ref.net1)) < 1e-6
+    model.close()
+
+    dora = get_peft_model(
+        AutoModelForSequenceClassification.from_config(base.config),
+        LoraConfig(r=4, target_modules=targets, use_dora=True, lora_dropout=0.1),
+    )
+    with pytest.raises(ValueError, match="not lora_dropout, use_dora"):
+        sft.wrap(dora, None, cloud=address, total_steps=1, insecure=True)
+
+
 def test_factor_lr_without_factors_is_refused(live_server):
     address, _ = live_server
     with pytest.raises(ValueError, match="--factor-lr needs --mode sft"):
