@@ -1,17 +1,18 @@
 """How far the factorised model starts from the pretrained one, before any training.
 
-For every split layer and rank, cut the packaged MiniLM as SFT does (SVD of layer l's FFN output at
-rank R, residual dropped) and compare its top-layer hidden states with the unsplit model's on dev
-sentences: cosine similarity of the [CLS] vector and of the mean-pooled tokens. The same with the
-residual kept separates the two losses: rank truncation alone vs dropping the residual.
+For every split layer and rank, cut the model as SFT does (SVD of layer l's FFN output at rank R,
+residual dropped) and compare its top-layer hidden states with the unsplit model's on dev
+sentences: cosine similarity of the pooled vector (an encoder's [CLS], a decoder's last real
+token: what the head reads) and of the mean-pooled tokens. The same with the residual kept
+separates the two losses: rank truncation alone vs dropping the residual.
 
     python -m bench.studies.sft_init_gap --task sst2 --examples 128
+    python -m bench.studies.sft_init_gap --model smollm2-135m-instruct --layers 0 7 15 22 29 --ranks 8 32 576
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import sys
 from typing import List, Optional, Sequence
@@ -21,13 +22,23 @@ import torch
 from bench.common import GLUE_DIR
 from sft_common.models import load_base_model
 from sft_common.spec import SplitSpec
-from sft_common.split import build_full_model, factorise
+from sft_common.split import build_split_model
 from sft_edge.data import collate, encode, load_examples
 from sft_edge.tasks import get_task
 
 
-def top_states(model, batch) -> torch.Tensor:
-    return model.bert(batch.input_ids, batch.attention_mask, batch.token_type_ids).last_hidden_state
+def top_states(base, spec: SplitSpec, batch) -> torch.Tensor:
+    """The last hidden states (after a pre-LN model's final norm), as the head sees them, of the
+    model split by ``spec`` (built as the product builds it; an SL split is the unsplit model)."""
+    edge, cloud = build_split_model(base, spec, 2, 0)
+    family = base.family
+    cut, residual = edge.eval()(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    h = cut if cloud.tail is None else cloud.eval().tail(cut, residual)
+    ctx = family.context(cloud, batch.attention_mask, h)
+    for layer in cloud.layers:
+        h = family.run_layer(layer, h, ctx)
+    norm = getattr(cloud, "norm", None)  # a pre-LN family's final norm (Family.final); none in BERT
+    return h if norm is None else norm(h)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,6 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--examples", type=int, default=128)
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 384])
+    p.add_argument("--layers", type=int, nargs="+", help="split layers (default: every layer)")
     args = p.parse_args(argv)
 
     torch.set_grad_enabled(False)
@@ -48,21 +60,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = encode(load_examples(task, "dev", args.data_dir, args.examples), tok, 128)
     batch = collate(data, list(range(len(data))))
     mask = batch.attention_mask.unsqueeze(-1).float()
-    ref_model = build_full_model(base, task.num_labels, 0).eval()
-    ref = top_states(ref_model, batch)
+    decoder = base.family.decoder
+    ref = top_states(base, SplitSpec(split_layer=base.num_hidden_layers - 1, mode="sl"), batch)
+    # the pooled token: [CLS] (encoders) or each example's last real one (decoders)
+    at = batch.attention_mask.sum(1) - 1 if decoder else torch.zeros(len(data), dtype=torch.long)
+    rows = torch.arange(len(data))
 
     def sims(h: torch.Tensor) -> List[float]:
-        cls = torch.nn.functional.cosine_similarity(h[:, 0], ref[:, 0], dim=-1).mean().item()
+        cls = torch.nn.functional.cosine_similarity(h[rows, at], ref[rows, at], dim=-1).mean().item()
         mean_h = (h * mask).sum(1) / mask.sum(1)
         mean_r = (ref * mask).sum(1) / mask.sum(1)
         return [cls, torch.nn.functional.cosine_similarity(mean_h, mean_r, dim=-1).mean().item()]
 
     print(f"{args.task} dev, first {len(data)} examples: cosine(split, unsplit) of top-layer states at init")
-    print("| split layer | rank | residual | CLS cosine | mean-pool cosine |\n|---|---|---|---|---|")
-    layers = range(base.config.num_hidden_layers)
+    print("| split layer | rank | residual | pooled cosine | mean-pool cosine |\n|---|---|---|---|---|")
+    layers = args.layers or range(base.num_hidden_layers)
     for layer, rank, keep in itertools.product(layers, args.ranks, (False, True)):
         spec = SplitSpec(split_layer=layer, rank=rank, mode="sft", keep_residual=keep)
-        c, m = sims(top_states(factorise(copy.deepcopy(ref_model), spec).eval(), batch))
+        c, m = sims(top_states(base, spec, batch))
         print(f"| {layer} | {rank} | {'kept' if keep else 'dropped'} | {c:.3f} | {m:.3f} |", flush=True)
     return 0
 
