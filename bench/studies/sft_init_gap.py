@@ -32,8 +32,9 @@ def top_states(base, spec: SplitSpec, batch) -> torch.Tensor:
     model split by ``spec`` (built as the product builds it; an SL split is the unsplit model)."""
     edge, cloud = build_split_model(base, spec, 2, 0)
     family = base.family
-    cut, residual = edge.eval()(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-    h = cut if cloud.tail is None else cloud.eval().tail(cut, residual)
+    edge.eval(), cloud.eval()
+    cut, residual = edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    h = cut if cloud.tail is None else cloud.tail(cut, residual)
     ctx = family.context(cloud, batch.attention_mask, h)
     for layer in cloud.layers:
         h = family.run_layer(layer, h, ctx)
