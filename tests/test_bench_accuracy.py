@@ -62,6 +62,51 @@ def test_plan_commands_and_table():
     ]
 
 
+def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
+    acc = _bench()
+    assert acc.Run("sst2", "sft-r24-l0-flr2e-4-int4", 1).mode_flags()[-4:] == [
+        *("--factor-lr", "2e-4", "--wire-dtype", "int4")
+    ]
+    prices = {
+        c: acc.bytes_per_token(c)
+        for c in ("sft-r8", "sft-r8-fp16", "sft-r12-int8", "sft-r24-int4", "sl", "local")
+    }
+    assert prices == {
+        "sft-r8": 32,
+        "sft-r8-fp16": 16,
+        "sft-r12-int8": 16,
+        "sft-r24-int4": 16,
+        "sl": 1536,
+        "local": None,
+    }
+    plan = acc.plan_runs("frontier", sst2_steps=200)
+    assert [r.name for r in plan[:3]] == [
+        "sst2-local-m200-s42",
+        "mrpc-local-e1-s42",
+        "sst2-sft-r8-l0-fp16-m200-s42",
+    ]
+    assert {acc.split_layer(r.config) for r in plan} == {None, 0, 2, 4, 5}
+
+    def rec(task, cfg, a, budget="m200"):
+        return {
+            "task": task,
+            "config": cfg,
+            "budget": budget,
+            "seed": 42,
+            "report": {"metrics": {"accuracy": a}},
+        }
+
+    records = [rec("sst2", "local", 0.80), rec("mrpc", "local", 0.70, "e1")]
+    records += [rec("sst2", "sft-r8-l0-fp16", 0.70), rec("mrpc", "sft-r8-l0-fp16", 0.66, "e1")]
+    records += [rec("sst2", "sft-r24-l0-int4", 0.76), rec("mrpc", "sft-r24-l0-int4", 0.65, "e1")]  # best mean
+    records += [rec("sst2", "sft-r64-l0-int4", 0.80), rec("mrpc", "sft-r64-l0-int4", 0.70, "e1")]  # 36 bytes
+    records += [rec("sst2", "sft-r12-l0-int8", 0.79)]  # one task only: not comparable
+    text, best = acc.frontier(records)
+    assert "| 0 | sft-r24-l0-int4 | 16 | -5.00 (1) | -4.00 (1) | -4.50 |" in text
+    assert best == [{"split_layer": 0, "flags": ["--mode", "sft", "--rank", "24", "--split-layer", "0", "--wire-dtype", "int4"],
+                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.5, "tasks": ["mrpc e1", "sst2 m200"]}]  # fmt: skip
+
+
 def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, capsys):
     acc = _bench()
     assert acc.Run("mrpc", "sft-r384", 1).mode_flags() == ["--mode", "sft", "--rank", "384"]
