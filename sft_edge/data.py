@@ -35,7 +35,7 @@ class Batch:
     token_type_ids: torch.Tensor  # (batch, seq) int64
     attention_mask: torch.Tensor  # (batch, seq) int64, 1 for real tokens
     lengths: List[int]  # real tokens per example
-    labels: torch.Tensor  # (batch,) int64, or float32 for regression
+    labels: torch.Tensor  # (batch,) int64 or float32 (regression); causal LM: (batch, seq) int64
 
     def to(self, device: str) -> Batch:
         return Batch(
@@ -45,7 +45,7 @@ class Batch:
 
     def split(self, parts: int) -> List[Batch]:
         """``parts`` micro-batches of consecutive examples (sizes differ by at most one; never
-        more parts than examples), each trimmed to its own longest sequence."""
+        more parts than examples), each trimmed to its own longest sequence (token labels too)."""
         n = len(self.lengths)
         parts = max(1, min(parts, n))
         if parts == 1:
@@ -54,13 +54,14 @@ class Batch:
         for k in range(parts):
             stop = start + n // parts + (1 if k < n % parts else 0)
             width = max(self.lengths[start:stop])
+            labels = self.labels[start:stop]
             out.append(
                 Batch(
                     self.input_ids[start:stop, :width],
                     self.token_type_ids[start:stop, :width],
                     self.attention_mask[start:stop, :width],
                     self.lengths[start:stop],
-                    self.labels[start:stop],
+                    labels[:, :width] if labels.dim() == 2 else labels,
                 )  # fmt: skip
             )
             start = stop

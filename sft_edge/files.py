@@ -69,7 +69,7 @@ def read_rows(path: str, columns: Sequence[str]) -> List[Tuple[Dict, int]]:
     if fmt == "csv":
         lines = _check_delimited(path, columns)
     elif fmt == "json":
-        lines = _check_text(path)
+        lines = check_text(path)
     table = _load(path, fmt)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
@@ -102,7 +102,7 @@ def _format(path: str) -> str:
     return FORMATS[ext]
 
 
-def _check_text(path: str) -> List[int]:
+def check_text(path: str) -> List[int]:
     """UTF-8 throughout (the line and column of the first bad byte otherwise); the numbers of
     the lines that hold something (JSON Lines: one row each)."""
     lines = []
@@ -124,7 +124,7 @@ def _check_text(path: str) -> List[int]:
 
 def _check_delimited(path: str, columns: Sequence[str]) -> List[int]:
     """Every row has the header's number of fields; returns each row's first line number."""
-    _check_text(path)
+    check_text(path)
     csv.field_size_limit(sys.maxsize)
     tsv = path.lower().endswith(".tsv")
     with open(path, encoding="utf-8-sig", newline="") as f:
