@@ -110,6 +110,30 @@ def test_each_side_holds_only_its_own_layers(tiny_base):
         assert all(t.device.type == "cpu" for t in part.state_dict().values())
 
 
+def test_each_side_reads_only_its_own_base_tensors(tiny_base, monkeypatch):
+    """l1 = 0, l2 = 2: the edge never reads W1 or W2, the cloud no embeddings, layer 3 or head."""
+    read = []
+    load = tiny_base.load
+
+    def spy(names):
+        names = list(names)
+        read.extend(names)
+        return load(names)
+
+    monkeypatch.setattr(tiny_base, "load", spy)
+    spec = UShapeSpec(0, rank=8, tail_layers=1)
+    _, factors = build_ushape_cloud(tiny_base, spec)
+    cloud, read[:] = set(read), []
+    build_ushape_edge(tiny_base, spec, 2, seed=0, factors=factors)
+    edge = set(read)
+    assert {"encoder.layer.0.output.dense.weight", "encoder.layer.2.output.dense.weight"} <= cloud
+    assert not any(n.startswith(("embeddings.", "encoder.layer.3.", "pooler.")) for n in cloud)
+    assert not {"encoder.layer.0.output.dense.weight", "encoder.layer.2.output.dense.weight"} & edge
+    assert "encoder.layer.2.output.dense.bias" in edge and "encoder.layer.2.output.LayerNorm.weight" in edge
+    assert {"embeddings.word_embeddings.weight", "encoder.layer.3.output.dense.weight"} <= edge
+    assert not any(n.startswith("encoder.layer.1.") for n in edge)
+
+
 def test_building_the_parts_draws_nothing_from_the_process_rng(tiny_base):
     spec = UShapeSpec(1, rank=8)
     state = torch.get_rng_state()
