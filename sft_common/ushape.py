@@ -85,13 +85,12 @@ class UShapeSpec:
                 f"split layer {self.split_layer} is out of range: the model has {num_layers} layers "
                 f"(valid: 0..{num_layers - 1})"
             )
-        second = self.second_layer(num_layers)
-        if self.split_layer >= second:
+        if self.split_layer >= self.second_layer(num_layers):
             raise ValueError(
-                f"split layer {self.split_layer} with {self.tail_layers} tail layers leaves the cloud no "
-                f"layer of its own: the model has {num_layers} layers and the cloud's last one, layer "
-                f"{second}, holds the second cut, so split layer + 1 < {num_layers} - tail layers "
-                f"(split layer <= {second - 1})"
+                f"split layer {self.split_layer} and {self.tail_layers} tail layers leave the cloud no "
+                f"layer: of the model's {num_layers} layers the edge runs up to layer {self.split_layer} "
+                f"and the last {self.tail_layers}, and the cloud needs at least one between them "
+                f"(split layer + 1 < {num_layers} - tail layers)"
             )
 
     def cuts(self, num_layers: int) -> Tuple[SplitSpec, SplitSpec]:

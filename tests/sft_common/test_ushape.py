@@ -146,9 +146,12 @@ def test_building_the_parts_draws_nothing_from_the_process_rng(tiny_base):
     "spec, message",
     [
         (UShapeSpec(0, tail_layers=0), "tail layers must be >= 1"),
-        (UShapeSpec(2, tail_layers=1), "leaves the cloud no layer of its own"),
-        (UShapeSpec(1, tail_layers=2), r"split layer <= 0"),
-        (UShapeSpec(0, tail_layers=3), "leaves the cloud no layer"),
+        (UShapeSpec(2, tail_layers=1), "split layer 2 and 1 tail layers leave the cloud no layer"),
+        (
+            UShapeSpec(1, tail_layers=2),
+            r"the cloud needs at least one between them \(split layer \+ 1 < 4 - tail",
+        ),
+        (UShapeSpec(0, tail_layers=3), "the edge runs up to layer 0 and the last 3"),
         (UShapeSpec(4), "split layer 4 is out of range"),
         (UShapeSpec(-1), "out of range"),
         (UShapeSpec(0, rank=0), "rank 0 is out of range"),
