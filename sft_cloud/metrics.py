@@ -45,7 +45,7 @@ class DaemonMetrics:
 
     def observe(self, kind: str, bytes_in: int, bytes_out: int, seconds: float) -> None:
         self.messages.labels(kind).inc()
-        if kind == "train":
+        if kind in ("train", "gradient_up"):  # a two-part step, or a U-shaped step's last phase
             self.steps.inc()
         self.bytes_in.inc(bytes_in)
         self.bytes_out.inc(bytes_out)

@@ -8,6 +8,7 @@ from typing import Optional
 import grpc
 
 from sft_cloud import finished
+from sft_cloud.middle import MiddleSession
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.session import CloudSession
 from sft_common.errors import ProtocolError
@@ -66,6 +67,16 @@ class StreamProtocol:
         assert self.session is not None
         if kind == "train":
             return pb.CloudMessage(train=self.session.train(msg.train))
+        if kind in ("forward_up", "gradient_up"):
+            session = self.session
+            if not isinstance(session, MiddleSession):
+                raise ProtocolError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{kind} is for label-private sessions (the U-shape); this one is a two-part split",
+                )
+            if kind == "forward_up":
+                return pb.CloudMessage(forward_down=session.forward_up(msg.forward_up))
+            return pb.CloudMessage(gradient_down=session.gradient_up(msg.gradient_up))
         if kind == "checkpoint":
             return pb.CloudMessage(checkpointed=self.session.checkpoint(msg.checkpoint))
         if kind == "eval":
@@ -95,7 +106,9 @@ class StreamProtocol:
         if msg.inference_only:
             return  # the registry logs a reopening for inference
         if not msg.session_id:
-            mode = "sft" if c.mode == pb.SFT else "sl"
+            mode = ("sft" if c.mode == pb.SFT else "sl") + (
+                f" label-private (U-shape, {c.tail_layers} tail layers)" if c.label_private else ""
+            )
             self._log(
                 "opened: %s, %s at layer %d, rank %d, %d labels",
                 c.model,

@@ -27,6 +27,7 @@ from sft_cloud.lease import (
     default_replica_id,
     lease_folder,
 )
+from sft_cloud.middle import MiddleSession
 from sft_cloud.session import CloudSession
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
@@ -90,7 +91,7 @@ class SessionRegistry:
                     f"{self.max_sessions}); try again later",
                 )
         base = self._base(msg.config.model)
-        session = CloudSession(
+        session = _session_class(msg.config)(
             secrets.token_urlsafe(24), owner, msg.config, base, self.device,
             self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir, self._shared(msg.config, base),
         )  # fmt: skip
@@ -152,7 +153,7 @@ class SessionRegistry:
                 return self._sessions[session_id]
             if len(self._sessions) >= self.max_sessions:
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
-        session = CloudSession(
+        session = _session_class(config)(
             session_id, str(meta["owner"]), config, base, self.device,
             self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir, self._shared(config, base),
         )  # fmt: skip
@@ -242,7 +243,7 @@ class SessionRegistry:
             )
         meta, path = finished.read_final(self.checkpoint_dir, msg.session_id, owner)
         config = pb.SessionConfig.FromString(bytes.fromhex(meta["config"]))
-        session = CloudSession(
+        session = _session_class(config)(
             msg.session_id, owner, config, self._base(config.model), self.device,
             self._compute_lock, self.max_batch, self.max_seq, None,
         )  # fmt: skip
@@ -311,7 +312,9 @@ class SessionRegistry:
         """The frozen parameters LoRA sessions of this model and split share (None: full fine-tuning)."""
         if not config.lora_rank:
             return None
-        key = (base.fingerprint, config.mode, config.split_layer, config.rank, config.num_labels)
+        # a U's middle (label_private) freezes other tensors than a two-part net2
+        key = (base.fingerprint, config.mode, config.split_layer, config.rank, config.num_labels,
+               config.label_private, config.tail_layers)  # fmt: skip
         with self._lock:
             return self._frozen.setdefault(key, {})
 
@@ -330,6 +333,11 @@ class SessionRegistry:
             ) from None
         with self._lock:
             return self._bases.setdefault(name, base)
+
+
+def _session_class(config: pb.SessionConfig) -> type:
+    """A label-private config's session holds the U's middle; any other the two-part net2."""
+    return MiddleSession if config.label_private else CloudSession
 
 
 def _check_fingerprint(msg: pb.OpenSession, session: CloudSession) -> None:

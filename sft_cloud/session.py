@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 import torch
@@ -30,6 +30,8 @@ from sft_common.training import make_optimizer, make_schedule, step_seed
 
 class CloudSession:
     """net2 of one edge's run, with its optimizer; applies each training step exactly once."""
+
+    net2: torch.nn.Module  # a CloudHalf; a MiddleSession's: the U's middle
 
     def __init__(
         self,
@@ -53,22 +55,22 @@ class CloudSession:
         self.device = device
         self.lora = lora_from_config(config, base)
         lora = self.lora.as_dict() if self.lora else None
-        self.fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels, lora)
-        self.width = self.spec.cut_width(base.hidden_size)
-        self.net2, self.edge_factor = build_cloud_half(
-            base, self.spec, config.num_labels, config.seed, device=device
+        tail_layers = config.tail_layers if config.label_private else None  # the U-shape's
+        self.fingerprint = session_fingerprint(
+            base.fingerprint, self.spec, config.num_labels, lora, tail_layers
         )
+        self.width = self.spec.cut_width(base.hidden_size)
+        factors = self._build(base, device)
         if self.lora is not None:  # adapters; Σ, v and the head trainable; the base frozen, shareable
-            keep = factor_parameters(self.net2) + head_parameters(self.net2)
             try:
-                apply_lora(self.net2, self.lora, config.seed, "cloud", keep)
+                self._adapt(factors)
             except ValueError as exc:  # PEFT: no module of that name to adapt
                 raise invalid(f"--lora-targets: {exc}") from None
             if shared_base is not None:
                 share_frozen(self.net2, shared_base)
         self.optimizer = make_optimizer(
             self.net2.parameters(), config.lr, config.weight_decay,
-            factors=factor_parameters(self.net2), factor_lr=config.factor_lr or None,
+            factors=factors, factor_lr=config.factor_lr or None,
         )  # fmt: skip
         self.schedule = make_schedule(self.optimizer, config.warmup_steps, config.total_steps)
         self.next_step = 0
@@ -77,7 +79,7 @@ class CloudSession:
         self._seen = 0  # examples of next_step applied so far
         # Replies to every applied (step, micro) of the step in progress and of the last completed
         # step: a message the edge re-sends after a broken link is answered from here.
-        self.replies: Dict[Tuple[int, int], pb.TrainReply] = {}
+        self.replies: Dict[Tuple[int, int], Any] = {}  # MiddleSession: (step, phase)
         self.completed: Optional[int] = None  # the last completed step whose replies are all cached
         self.last_reply: Optional[pb.TrainReply] = None  # the most recent reply (tests, metrics)
         self.replayed = 0  # retried messages answered from the cache instead of applied again
@@ -96,6 +98,18 @@ class CloudSession:
         # Dropout draws from the process-wide RNG; seeding it per step and computing under one
         # lock makes each step's randomness a function of (seed, step) alone.
         self._compute_lock = compute_lock or threading.Lock()
+
+    def _build(self, base: BaseModel, device: str) -> List[torch.nn.Parameter]:
+        """net2 and the edge's factor (``MiddleSession``: the U's middle); returns its SVD factors."""
+        self.net2, self.edge_factor = build_cloud_half(
+            base, self.spec, self.config.num_labels, self.config.seed, device=device
+        )
+        return factor_parameters(self.net2)
+
+    def _adapt(self, factors: List[torch.nn.Parameter]) -> None:
+        """LoRA on net2: adapters; Σ, v and the head stay trainable."""
+        assert self.lora is not None
+        apply_lora(self.net2, self.lora, self.config.seed, "cloud", factors + head_parameters(self.net2))
 
     # -- messages -------------------------------------------------------------------------
 

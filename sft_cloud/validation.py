@@ -12,6 +12,7 @@ from sft_common.lora import lora_from_config
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec
+from sft_common.ushape import UShapeSpec
 
 MODES = {pb.SFT: "sft", pb.SL: "sl"}
 
@@ -27,14 +28,30 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
     return SplitSpec(split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode])
 
 
+def ushape_from_config(config: pb.SessionConfig) -> UShapeSpec:
+    """The U a label-private session config asks for (``spec_from_config`` checks the mode)."""
+    mode = spec_from_config(config).mode
+    return UShapeSpec(config.split_layer, config.rank, config.tail_layers, mode)
+
+
 def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:
-    """Validate a session config against the model and the server's limits."""
+    """Validate a session config against the model and the server's limits. Returns the (first)
+    cut; a label-private config is checked as a U (``ushape_from_config``) too."""
     spec = spec_from_config(config)
     try:
         spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
+        if config.label_private:
+            ushape_from_config(config).validate(base.num_hidden_layers)
     except ValueError as exc:
-        raise invalid(str(exc)) from None
-    if config.num_labels < 1 or config.num_labels > 10_000:
+        raise invalid(("label_private: " if config.label_private else "") + str(exc)) from None
+    if config.label_private and config.num_labels != 0:
+        raise invalid(
+            f"label_private: num_labels must be 0, got {config.num_labels}: the head is on the edge "
+            "and the cloud is told nothing about the labels"
+        )
+    if not config.label_private and config.tail_layers:
+        raise invalid(f"tail_layers {config.tail_layers} needs label_private (the U-shaped split)")
+    if not config.label_private and not 1 <= config.num_labels <= 10_000:
         raise invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
     if config.wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
         names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))

@@ -40,10 +40,16 @@ class SplitSpec:
 
 
 def session_fingerprint(
-    base_fingerprint: str, spec: SplitSpec, num_labels: int, lora: Optional[dict] = None
+    base_fingerprint: str,
+    spec: SplitSpec,
+    num_labels: int,
+    lora: Optional[dict] = None,
+    tail_layers: Optional[int] = None,
 ) -> str:
     """sha256 over the base model's fingerprint and everything that shapes the two halves
-    (``lora``: the adapters' rank, alpha and targets; absent for full fine-tuning)."""
+    (``lora``: the adapters' rank, alpha and targets; absent for full fine-tuning). ``tail_layers``:
+    a label-private (U-shaped) session with that many tail layers; None: the two-part split, whose
+    fingerprint is unchanged."""
     payload: dict = {
         "base": base_fingerprint,
         "spec": asdict(spec),
@@ -51,6 +57,9 @@ def session_fingerprint(
     }
     if lora is not None:
         payload["lora"] = lora
+    if tail_layers is not None:
+        payload["label_private"] = True
+        payload["tail_layers"] = tail_layers
     if payload["spec"]["mode"] == "sl":
         payload["spec"]["rank"] = 0  # rank does not shape plain split learning
     blob = json.dumps(payload, sort_keys=True).encode()

@@ -7,14 +7,14 @@ closes. When the link breaks it reconnects with backoff, re-attaches offering th
 continue from (the live step first, then its checkpoints) and re-sends the messages of the step
 in flight from the first micro-batch: the cloud answers those it had applied from its cache, so
 nothing is applied twice. If the cloud can only continue from an earlier checkpoint (it
-restarted), the session loads its own checkpoint of that step and raises ``Rollback``.
+restarted), the session loads its own checkpoint of that step and raises ``Rollback``. That
+machinery is ``sft_edge.client.SessionClient``, shared with the U-shape's ``UShapeSession``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import time
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -29,25 +29,17 @@ from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.split import EdgeHalf, build_edge_half, factor_parameters
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
+from sft_edge.client import Rollback, SessionClient
 from sft_edge.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.data import Batch
-from sft_edge.transport import RETRYABLE, CloudError, Transport
+from sft_edge.transport import CloudError, Transport
+
+__all__ = ["EdgeSession", "Rollback"]
 
 log = logging.getLogger("sft_edge")
 
 
-class Rollback(Exception):
-    """The cloud re-attached the session at an earlier step (it restarted from a checkpoint).
-    The session has loaded its own checkpoint of ``step``; ``run`` is the run record saved with
-    it, so the caller continues from there."""
-
-    def __init__(self, step: int, run: Dict):
-        super().__init__(f"the cloud resumed the session at step {step}")
-        self.step = step
-        self.run = run
-
-
-class EdgeSession:
+class EdgeSession(SessionClient):
     """net1 here; net2 in a cloud session reached through a transport.
 
     ``connect``: a zero-argument factory of fresh transports (``transport.connector``), so the
@@ -100,20 +92,11 @@ class EdgeSession:
         self.num_labels = num_labels
         self.decoder = isinstance(base.family, Decoder)
         self.checkpoints = checkpoints
-        self.reconnect_timeout, self.backoff = reconnect_timeout, backoff
         self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
         self.compression = codec.COMPRESSIONS[link.compression]
         self.lora = lora.resolved(base.config.model_type) if lora else None
         lora_dict = self.lora.as_dict() if self.lora else None
         self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_dict)
-        self.resumes = 0  # re-attachments after broken links
-        self._connect = None if isinstance(connect, Transport) else connect
-        self.transport: Transport = connect if isinstance(connect, Transport) else connect()
-        self._traffic = [0, 0]  # bytes of the streams before the current one
-        self._log: List[pb.EdgeMessage] = []  # messages of the step in flight
-        self._answered = 0  # of those, how many answers the caller has had
-        self._skip = 0  # answers to re-sent messages the caller already had
-        self.live_step = 0  # the step in flight (or next): what a re-attachment offers first
 
         config = pb.SessionConfig(
             model=base.name, mode=pb.SFT if spec.mode == "sft" else pb.SL, split_layer=spec.split_layer,
@@ -125,21 +108,14 @@ class EdgeSession:
         if self.lora is not None:
             config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
             config.lora_targets.extend(self.lora.targets)
-        self._open = pb.OpenSession(
+        open_msg = pb.OpenSession(
             config=config,
             fingerprint=self.fingerprint,
             session_id=session_id,
             resume_steps=list(resume_steps),
             inference_only=inference_only,
         )
-        self.transport.submit(pb.EdgeMessage(open=self._open))
-        opened = self.transport.result().opened
-        if opened.fingerprint != self.fingerprint:
-            raise CloudError(
-                grpc.StatusCode.FAILED_PRECONDITION, "the cloud answered with another fingerprint"
-            )
-        self._open.session_id = self.session_id = opened.session_id
-        self.start_step = self.live_step = opened.next_step
+        opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         u = None
         if spec.mode == "sft":
             shape = (base.intermediate_size, spec.rank)
@@ -158,15 +134,6 @@ class EdgeSession:
     @property
     def module(self) -> torch.nn.Module:
         return self.net1
-
-    @property
-    def bytes_sent(self) -> int:
-        """Serialized bytes sent over every stream of this session, re-sent ones included."""
-        return self._traffic[0] + self.transport.bytes_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self._traffic[1] + self.transport.bytes_received
 
     def train_step(self, step: int, batch: Batch) -> float:
         """One step: net1 forward, the cut across the link, the gradient back, net1 backward and
@@ -272,12 +239,6 @@ class EdgeSession:
         self.live_step = step
         return self.checkpoints.load_state(step, self.net1, self.optimizer, self.schedule, self.device)["run"]
 
-    def close(self) -> int:
-        """Close the cloud session; returns the number of steps the cloud applied."""
-        reply = self.request(pb.EdgeMessage(close=pb.CloseSession()))
-        self.transport.close()
-        return reply.closed.steps
-
     # -- the cut --------------------------------------------------------------------------
 
     def _cut(self, batch: Batch) -> Tuple[torch.Tensor, List[int]]:
@@ -300,82 +261,3 @@ class EdgeSession:
         grad, loss = self.receive_gradient(step, packed, micro)
         packed.backward(grad)
         return loss * (n / examples)
-
-    # -- messages, reconnects and re-sends ------------------------------------------------
-
-    def request(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
-        """One message and its answer (reconnecting and re-sending as needed)."""
-        self._submit(msg)
-        return self._result()
-
-    def _submit(self, msg: pb.EdgeMessage) -> None:
-        self._log.append(msg)
-        self.transport.submit(msg)
-
-    def _result(self) -> pb.CloudMessage:
-        """The answer to the oldest message in flight, reconnecting and re-sending as needed."""
-        while True:
-            try:
-                reply = self.transport.result()
-            except CloudError as exc:
-                if exc.code not in RETRYABLE or self._connect is None:
-                    raise
-                log.warning("link to the cloud failed (%s): reconnecting", exc)
-                self._reattach()
-                for msg in self._log:
-                    self.transport.submit(msg)  # every byte counts: re-sent ones cross the link too
-                self._skip = self._answered
-                continue
-            if self._skip:
-                self._skip -= 1
-                continue
-            msg = self._log[self._answered]
-            self._answered += 1
-            if _ends_step(msg):  # both sides are past it: nothing to re-send any more
-                del self._log[: self._answered]
-                self._answered = 0
-            return reply
-
-    def _reattach(self) -> None:
-        assert self._connect is not None
-        deadline = time.monotonic() + self.reconnect_timeout
-        delay = self.backoff[0]
-        while True:
-            self._retire_transport()
-            steps = [self.live_step] + (self.checkpoints.steps() if self.checkpoints else [])
-            attach = pb.OpenSession()
-            attach.CopyFrom(self._open)
-            attach.resume_steps[:] = steps
-            try:
-                self.transport = self._connect()
-                self.transport.submit(pb.EdgeMessage(open=attach))
-                opened = self.transport.result().opened
-            except CloudError as exc:
-                if exc.code not in RETRYABLE or time.monotonic() + delay > deadline:
-                    raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
-                log.warning(
-                    "reconnecting to session %s: %s; next try in %.1fs, giving up in %.0fs (--reconnect-timeout)",
-                    self.session_id[:8], exc.details, delay, deadline - time.monotonic(),
-                )  # fmt: skip
-                time.sleep(delay)
-                delay = min(delay * 2, self.backoff[1])
-                continue
-            self.resumes += 1
-            log.warning("re-attached to session %s at step %d", self.session_id[:8], opened.next_step)
-            if opened.next_step != steps[0]:
-                self._log, self._answered = [], 0  # the loop starts over from a checkpoint
-                raise Rollback(opened.next_step, self.restore(opened.next_step))
-            return
-
-    def _retire_transport(self) -> None:
-        self.transport.close()
-        self._traffic[0] += self.transport.bytes_sent
-        self._traffic[1] += self.transport.bytes_received
-        self.transport.bytes_sent = self.transport.bytes_received = 0
-
-
-def _ends_step(msg: pb.EdgeMessage) -> bool:
-    """Whether the answer to ``msg`` completes the step in flight (or it is no training step)."""
-    if msg.WhichOneof("kind") != "train":
-        return True
-    return msg.train.micro >= msg.train.micro_count - 1

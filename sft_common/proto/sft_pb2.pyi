@@ -54,7 +54,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., scale: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets")
+    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class SessionConfig(_message.Message):
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: Mode
     split_layer: int
@@ -93,7 +95,9 @@ class SessionConfig(_message.Message):
     lora_rank: int
     lora_alpha: float
     lora_targets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ...) -> None: ...
+    label_private: bool
+    tail_layers: int
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only")
@@ -110,20 +114,24 @@ class OpenSession(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., inference_only: bool = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro")
+    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro", "tail_sigma", "tail_v")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
     NEXT_MICRO_FIELD_NUMBER: _ClassVar[int]
+    TAIL_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    TAIL_V_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     edge_factor: Tensor
     next_step: int
     restored: bool
     next_micro: int
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ...) -> None: ...
+    tail_sigma: Tensor
+    tail_v: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ..., tail_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., tail_v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainStep(_message.Message):
     __slots__ = ("step", "activations", "lengths", "labels", "targets", "micro", "micro_count", "step_examples")
@@ -168,12 +176,48 @@ class EvalStep(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EvalReply(_message.Message):
-    __slots__ = ("batch", "logits")
+    __slots__ = ("batch", "logits", "activations")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     batch: int
     logits: Tensor
-    def __init__(self, batch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    activations: Tensor
+    def __init__(self, batch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ForwardUp(_message.Message):
+    __slots__ = ("step", "activations", "lengths")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    activations: Tensor
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ForwardDown(_message.Message):
+    __slots__ = ("step", "activations")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    activations: Tensor
+    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GradientUp(_message.Message):
+    __slots__ = ("step", "grad")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    grad: Tensor
+    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GradientDown(_message.Message):
+    __slots__ = ("step", "grad")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    grad: Tensor
+    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("step",)
@@ -228,7 +272,7 @@ class SessionClosed(_message.Message):
     def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget")
+    __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget", "forward_up", "gradient_up")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +280,8 @@ class EdgeMessage(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
     FORGET_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_UP_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_UP_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     train: TrainStep
     eval: EvalStep
@@ -243,10 +289,12 @@ class EdgeMessage(_message.Message):
     checkpoint: Checkpoint
     fetch: FetchWeights
     forget: Forget
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., fetch: _Optional[_Union[FetchWeights, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ...) -> None: ...
+    forward_up: ForwardUp
+    gradient_up: GradientUp
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., fetch: _Optional[_Union[FetchWeights, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ..., forward_up: _Optional[_Union[ForwardUp, _Mapping]] = ..., gradient_up: _Optional[_Union[GradientUp, _Mapping]] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("opened", "train", "eval", "closed", "checkpointed", "weights", "forgotten")
+    __slots__ = ("opened", "train", "eval", "closed", "checkpointed", "weights", "forgotten", "forward_down", "gradient_down")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +302,8 @@ class CloudMessage(_message.Message):
     CHECKPOINTED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_DOWN_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_DOWN_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     train: TrainReply
     eval: EvalReply
@@ -261,4 +311,6 @@ class CloudMessage(_message.Message):
     checkpointed: CheckpointDone
     weights: WeightsChunk
     forgotten: Forgotten
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., forgotten: _Optional[_Union[Forgotten, _Mapping]] = ...) -> None: ...
+    forward_down: ForwardDown
+    gradient_down: GradientDown
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., forgotten: _Optional[_Union[Forgotten, _Mapping]] = ..., forward_down: _Optional[_Union[ForwardDown, _Mapping]] = ..., gradient_down: _Optional[_Union[GradientDown, _Mapping]] = ...) -> None: ...
