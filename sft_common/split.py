@@ -309,8 +309,8 @@ def _materialise(
             elif src is not None and src.startswith(family.head_new):
                 if tensor.dim() > 1:
                     tensor.copy_(torch.empty(tensor.shape).normal_(0.0, 0.02, generator=gen))
-                else:
-                    tensor.zero_()
+                else:  # biases 0, a norm's scale 1 (ModernBERT's head)
+                    tensor.fill_(float(src.lower().endswith("norm.weight")))
             else:
                 raise KeyError(f"{name} ({src}) is missing from the checkpoint of {base.name!r}")
     fill_buffers(module, computed)
@@ -343,7 +343,7 @@ def build_split_model(
     """Both halves of one factorised model in one process (the reference for split training)."""
     _validate(base, spec)
     model = factorise(build_full_model(base, num_labels, seed, device), spec)
-    return EdgeHalf(model, spec), CloudHalf(model, spec)
+    return base.family.untie(EdgeHalf(model, spec), CloudHalf(model, spec), model)
 
 
 def build_edge_half(
@@ -397,4 +397,4 @@ def trained_skeleton(
         _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank))
     model.to_empty(device=device)
     fill_buffers(model)  # buffers that no state dict carries
-    return model if spec is None else (EdgeHalf(model, spec), CloudHalf(model, spec))
+    return model if spec is None else base.family.untie(EdgeHalf(model, spec), CloudHalf(model, spec), model)

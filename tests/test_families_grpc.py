@@ -19,6 +19,9 @@ OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, 
 PRESETS = [
     "tiny-roberta",
     "tiny-distilbert",
+    "tiny-deberta-v2",
+    "tiny-modernbert",
+    "tiny-modernbert-mean",
     "tiny-gpt2",
     "tiny-llama",
     "tiny-qwen2",
@@ -73,13 +76,19 @@ class _Trainable:
         return [p for p in self.module.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-llama"])
+# The attention projections adapted; () = the family's default (sft_common.lora.DEFAULT_TARGETS,
+# which has no entry for DeBERTa-v2 and ModernBERT yet).
+LORA_TARGETS = {"tiny-deberta-v2": ("query_proj", "value_proj"), "tiny-modernbert": ("Wqkv",)}
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-llama", "tiny-deberta-v2", "tiny-modernbert"])
 def test_grpc_lora_training_equals_one_process(live_server, name):
     """--peft lora: adapters on both halves over a real gRPC server end where the same adapters
     trained in one process end; the frozen base does not move."""
     address, registry = live_server
     base = _served(name, registry)
-    spec, lora = SplitSpec(split_layer=2, rank=8), LoraSpec(rank=4, alpha=8.0)
+    lora = LoraSpec(rank=4, alpha=8.0, targets=LORA_TARGETS.get(name, ()))
+    spec = SplitSpec(split_layer=2, rank=8)
     backend = _session(address, base, spec, lora)
     losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
     session = registry.get(backend.session_id)

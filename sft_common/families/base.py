@@ -10,12 +10,15 @@ HF class does (encoders: their own heads; decoders: the last real token, from th
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import copy
+from typing import Any, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
 
 Modules = Dict[str, nn.Module]
+E = TypeVar("E", bound=nn.Module)
+C = TypeVar("C", bound=nn.Module)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,8 +52,9 @@ def fill_buffers(module: nn.Module, names: Optional[List[str]] = None) -> None:
                 buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
             elif name.endswith("token_type_ids"):
                 buffer.zero_()
-        for m in module.modules():
-            if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "config"):
+        for m in module.modules():  # "inv_freq", or ModernBERT's "<layer type>_inv_freq"
+            rotary = any(key.endswith("inv_freq") for key, _ in m.named_buffers(recurse=False))
+            if rotary and hasattr(m, "config"):
                 fresh = type(m)(m.config)  # deterministic: no random draws
                 for key, value in fresh.named_buffers(recurse=False):
                     getattr(m, key).copy_(value)
@@ -72,15 +76,24 @@ class Family:
     head_new: Tuple[str, ...] = ("classifier.",)  # head tensors a base checkpoint may lack (seeded)
     decoder = False  # causal attention, no token types, pools the last real token
     since = (4, 40)  # the oldest transformers whose layers this family calls as written here
+    shaping: Tuple[str, ...] = ()  # config entries that shape its function, fingerprinted
+
+    def too_old(self) -> Optional[str]:
+        """Why the installed transformers cannot run this family (None: it can): older than
+        ``since``, or without its classes. Asked before any of them is touched."""
+        import transformers
+
+        installed = transformers.__version__
+        old = tuple(int(x) for x in installed.split(".")[:2]) < self.since
+        if old or not all(hasattr(transformers, c) for c in self.classes):
+            return (
+                f"{self.name} needs transformers >= {'.'.join(map(str, self.since))} (installed: {installed})"
+            )
+        return None
 
     def refusal(self, config) -> Optional[str]:
         """Why this config cannot be split here (None: it can)."""
-        import transformers
-
-        if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < self.since:
-            need = ".".join(map(str, self.since))
-            return f"{self.name} needs transformers >= {need} (installed: {transformers.__version__})"
-        return None
+        return self.too_old()
 
     def num_layers(self, config) -> int:
         return int(config.num_hidden_layers)
@@ -111,8 +124,18 @@ class Family:
         return {"embeddings": getattr(model, self.prefix).embeddings}
 
     def shared(self, model: Any) -> Modules:
-        """Parameter-free modules both halves run (rotary embeddings)."""
+        """Modules both halves run: rotary embeddings (no parameters), DeBERTa's relative-position
+        embeddings (parameters: each half trains its own copy, see ``untie``)."""
         return {}
+
+    def untie(self, edge: E, cloud: C, model: Any) -> Tuple[E, C]:
+        """Two halves built in one process from the same ``model``: the cloud's half gets its own
+        copy of the shared modules with parameters, as a separately built cloud half has. One
+        process then trains what the two sides train, and each half's state dict loads into its own."""
+        for name, module in self.shared(model).items():
+            if next(module.parameters(), None) is not None:
+                setattr(cloud, name, copy.deepcopy(module))
+        return edge, cloud
 
     def final(self, model: Any) -> Modules:
         """The norm after the last layer (pre-LN families)."""

@@ -25,6 +25,9 @@ PRESETS = [
     "tiny-roberta",
     "tiny-xlm-roberta",
     "tiny-distilbert",
+    "tiny-deberta-v2",
+    "tiny-modernbert",
+    "tiny-modernbert-mean",  # ModernBERT pooling the mean of the real tokens instead of [CLS]
     "tiny-gpt2",
     "tiny-llama",
     "tiny-qwen2",
@@ -159,6 +162,14 @@ def test_each_half_holds_only_its_own_weights(base):
     )
 
 
+def test_no_parameter_is_held_by_both_halves(base):
+    """Built in one process (the reference) or as an export loads them, the cloud's half owns its
+    copy of what both run (DeBERTa's relative embeddings), as a separately built half does."""
+    spec = SplitSpec(split_layer=2, rank=8)
+    for edge, cloud in (build_split_model(base, spec, 2, seed=0), trained_skeleton(base.config, spec, 2)):
+        assert not {id(p) for p in edge.parameters()} & {id(p) for p in cloud.parameters()}
+
+
 def test_building_halves_draws_nothing_from_the_process_rng(base):
     state = torch.get_rng_state()
     _, u = build_cloud_half(base, SplitSpec(split_layer=2, rank=8), 2, seed=3)
@@ -209,6 +220,51 @@ def test_families_are_refused_on_a_transformers_too_old_for_them():
     )
     assert Family().refusal(None) is None
 
+    class Gone(Family):  # a transformers without the family's classes, whatever its version
+        name, classes = "Gone", ("GoneModel", "GoneForSequenceClassification", "GoneConfig")
+
+    assert Gone().refusal(None) == f"Gone needs transformers >= 4.40 (installed: {transformers.__version__})"
+
+
+@pytest.mark.parametrize(
+    ("preset", "model_type", "version", "message"),
+    [
+        ("tiny-deberta-v2", "deberta-v2", "4.46.3", "DeBERTa-v2 needs transformers >= 4.47"),
+        ("tiny-modernbert", "modernbert", "5.0.0", "ModernBERT needs transformers >= 5.1"),
+    ],
+)
+def test_new_families_are_refused_by_name_on_an_older_transformers(
+    monkeypatch, tmp_path, preset, model_type, version, message
+):
+    """Before its config class or AutoConfig is asked (ModernBERT's classes arrived in 4.48, its
+    padded 5.1 layers in 5.1; transformers 4.40.2 itself refuses both, checked by hand)."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    want = rf"\({message.split()[0]}\) cannot be split: {message} \(installed: {version}\)"
+    with pytest.raises(ModelError, match=want):
+        load_base_model(f"random:{preset}")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ModelError, match=want):
+        load_base_model(str(tmp_path))
+
+
+def test_deberta_v2_with_the_convolution_after_layer_0_is_refused():
+    from transformers import DebertaV2Config
+
+    from sft_common.models import BaseModel
+
+    config = DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, conv_kernel_size=3)
+    with pytest.raises(ModelError, match="DeBERTa-v2.*convolution after layer 0"):
+        build_full_model(BaseModel("d", config, "", ""), 2, 0)
+
+
+def test_modernbert_head_norm_starts_at_one_as_hugging_face_initialises_it():
+    """A base checkpoint lacks the classifier's head (dense, act, norm): its norm scale starts at
+    1, not 0 (which would silence the head), its dense from the seed."""
+    model = build_full_model(_load("tiny-modernbert"), 2, seed=1)
+    assert torch.equal(model.head.norm.weight, torch.ones(32)) and model.head.dense.weight.std() > 0.01
+
 
 def test_gpt2_without_n_inner_is_four_times_wider():
     _load("tiny-gpt2")
@@ -256,6 +312,15 @@ def test_fingerprints_hash_what_shapes_the_model_not_the_whole_config():
     assert _canonical_config(other) == _canonical_config(config)
     other.num_key_value_heads = 4
     assert _canonical_config(other) != _canonical_config(config)
+    # DeBERTa-v2 and ModernBERT add what shapes theirs (Family.shaping)
+    for preset, key, value in (
+        ("tiny-deberta-v2", "position_buckets", 16),
+        ("tiny-modernbert", "local_attention", 8),
+    ):
+        config = _load(preset).config
+        other = copy.deepcopy(config)
+        setattr(other, key, value)
+        assert _canonical_config(other) != _canonical_config(config)
 
 
 def test_the_local_baseline_predicts_as_the_split_model(base):
