@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with the cut at the last layer: send only each example's [CLS] row, the only one the "
         "classifier reads (exact; about sequence-length times less traffic)",
     )  # fmt: skip
+    t.add_argument(
+        "--label-private", action="store_true",
+        help="the U-shaped split: the last --tail-layers layers, the head and the loss run here too, so "
+        "no label leaves the device; the cloud runs the middle (default --split-layer: 0)",
+    )  # fmt: skip
+    t.add_argument(
+        "--tail-layers", type=int, default=D.tail_layers,
+        help=f"--label-private: whole layers the edge runs after the cloud's part (default {D.tail_layers})",
+    )  # fmt: skip
     t.add_argument("--epochs", type=float, default=D.epochs, help=f"training epochs (default {D.epochs:g})")
     t.add_argument("--max-steps", type=int, help="train exactly this many steps (overrides --epochs)")
     t.add_argument("--max-train-examples", type=int, help="use only the first N training examples")

@@ -83,6 +83,8 @@ class TrainConfig:
     micro_batches: int = LinkOptions.micro_batches
     pipeline_depth: int = LinkOptions.pipeline_depth
     cls_only: bool = LinkOptions.cls_only
+    label_private: bool = False  # the U-shape: the last layers, the head and the loss stay here too
+    tail_layers: int = 1  # --label-private: whole layers the edge runs after the cloud's middle
     epochs: float = 3.0
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     max_train_examples: Optional[int] = None
@@ -175,6 +177,17 @@ class TrainConfig:
             raise ValueError(
                 f"--micro-batches {self.micro_batches} is more than --batch-size {self.batch_size}: "
                 "every micro-batch needs at least one example"
+            )
+        if self.tail_layers < 1:
+            raise ValueError(
+                f"--tail-layers must be >= 1, got {self.tail_layers}: the edge runs at least the last layer"
+            )
+        if self.tail_layers != 1 and not self.label_private:
+            raise ValueError("--tail-layers goes with --label-private (the U-shaped split)")
+        if self.label_private and (self.local or self.micro_batches > 1 or self.cls_only):
+            raise ValueError(
+                "--label-private is a split with the cloud that sends each step whole: it does not go with "
+                "--local, --micro-batches or --cls-only"
             )
         check_factor_lr("local" if self.local else self.mode, self.factor_lr)
         if self.peft not in (None, "lora"):

@@ -14,7 +14,7 @@ import csv
 import json
 import os
 import shutil
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 from sft_common.atomic import replaced
 from sft_common.proto import sft_pb2 as pb
@@ -38,7 +38,7 @@ def predict(cfg: PredictConfig) -> int:
     if info["part"] == "edge":
         session = open_finished(cfg.run, info, cfg.connection, device)
         try:
-            model = TrainedModel(info, _tokenizer(cfg.run, info), session.predict, session.net1, device)
+            model = TrainedModel(info, _tokenizer(cfg.run, info), session.predict, session.module, device)
             rows = model.predict(texts, batch_size=min(cfg.batch_size, int(info.get("batch_size") or 32)))
         finally:
             session.close()
@@ -53,6 +53,11 @@ def export(cfg: ExportConfig) -> str:
     info = read_run(cfg.run)
     if info["part"] != "edge":
         raise DataError(f"{cfg.run} is not a split run's --output-dir (it holds {info['part']!r} weights)")
+    if info.get("label_private"):
+        raise DataError(
+            f"{cfg.run} is a label-private (U-shaped) run: export is not done for it yet (the folder "
+            "would need the cloud's middle between the edge's head and tail); predict through the daemon"
+        )
     if os.path.exists(cfg.to) and os.listdir(cfg.to):
         raise DataError(f"{cfg.to} exists and is not empty: export into a new folder")
     session = open_finished(cfg.run, info, cfg.connection, "cpu")
@@ -117,8 +122,10 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     from sft_common.lora import LoraSpec
     from sft_common.models import load_base_model
     from sft_common.spec import SplitSpec
+    from sft_common.ushape import UShapeSpec
     from sft_edge.link import grpc_connector, route_key
     from sft_edge.session import EdgeSession
+    from sft_edge.ushape_session import UShapeSession
 
     if not info.get("session_id"):
         raise DataError(f"{folder}: {RUN_FILE} names no cloud session")
@@ -126,12 +133,18 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"])
     link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])
     lora = LoraSpec.from_dict(info["lora"]) if info.get("lora") else None
-    session = EdgeSession(
-        base, spec, int(info["num_labels"]), grpc_connector(connection, route_key(folder)), OptimConfig(seed=int(info["seed"])),
+    kw = dict(
         batch_size=int(info["batch_size"]), max_seq_len=int(info["max_seq_len"]), link=link, device=device,
         session_id=info["session_id"], inference_only=True, lora=lora,
     )  # fmt: skip
-    load_owned(session.net1, load_file(os.path.join(folder, "edge.safetensors"), device=device))
+    connect, optim = grpc_connector(connection, route_key(folder)), OptimConfig(seed=int(info["seed"]))
+    session: Union[EdgeSession, UShapeSession]
+    if info.get("label_private"):  # the U: the edge's head and tail, the daemon's middle between them
+        ushape = UShapeSpec(spec.split_layer, spec.rank, int(info["tail_layers"]), spec.mode)
+        session = UShapeSession(base, ushape, int(info["num_labels"]), connect, optim, **kw)  # type: ignore[arg-type]
+    else:
+        session = EdgeSession(base, spec, int(info["num_labels"]), connect, optim, **kw)  # type: ignore[arg-type]
+    load_owned(session.module, load_file(os.path.join(folder, "edge.safetensors"), device=device))
     return session
 
 

@@ -14,6 +14,7 @@ from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel, load_base_model
 from sft_common.spec import SplitSpec
 from sft_common.training import resolve_device
+from sft_common.ushape import UShapeSpec
 from sft_edge.config import OptimConfig, TrainConfig
 from sft_edge.data import Encoded, Example, encode, load_examples, steps_per_epoch
 from sft_edge.files import FileSpec, load_file_task
@@ -22,6 +23,7 @@ from sft_edge.local import LocalSession
 from sft_edge.session import EdgeSession
 from sft_edge.tasks import Task, get_task
 from sft_edge.transport import Transport
+from sft_edge.ushape_session import UShapeSession
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Run:
     per_epoch: int  # steps per epoch
     total: int  # steps of the whole run
     optim: OptimConfig
+    ushape: Optional[UShapeSpec] = None  # --label-private: the U (spec is then its first cut)
 
 
 @dataclass
@@ -98,9 +101,14 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     task, train_examples, dev_examples = read_task(cfg)  # the data first: its errors need no model
     base = base or load_base_model(cfg.model)
     layers = base.num_hidden_layers
-    split_layer = layers - 1 if cfg.split_layer is None else cfg.split_layer
+    # The default cut: the last layer; for the U, the first (the edge's least work on both ends).
+    split_layer = (0 if cfg.label_private else layers - 1) if cfg.split_layer is None else cfg.split_layer
     spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
     spec.validate(layers, base.hidden_size, base.intermediate_size)
+    ushape = None
+    if cfg.label_private:
+        ushape = UShapeSpec(split_layer, cfg.rank, cfg.tail_layers, cfg.mode)
+        ushape.validate(layers)
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     max_len = min(cfg.max_seq_len, base.max_position_embeddings)
     train_data = encode(train_examples[: cfg.max_train_examples], tokenizer, max_len)
@@ -113,12 +121,12 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     optim = OptimConfig(
         cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed, cfg.factor_lr
     )
-    return Run(task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim)
+    return Run(task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim, ushape)
 
 
 def open_session(
     cfg: TrainConfig, run: Run, connect: Optional[Callable[[], Transport]] = None, route: str = ""
-) -> Tuple[Union[EdgeSession, LocalSession], RunState]:
+) -> Tuple[Union[EdgeSession, UShapeSession, LocalSession], RunState]:
     """The session to train through, and the run state to continue (fresh, or from the newest
     checkpoint with ``--resume``: the session then starts at the step both sides hold)."""
     checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
@@ -137,11 +145,15 @@ def open_session(
             run.base, run.task.num_labels, run.optim, run.device, checkpoints, start, cfg.lora
         )
         return local, state
-    session = EdgeSession(
-        run.base, run.spec, run.task.num_labels, connect or grpc_connector(cfg, route), run.optim, cfg.batch_size,
-        run.max_len, cfg.link, run.task.name, run.device, checkpoints, state.session_id, held,
-        cfg.reconnect_timeout, lora=cfg.lora,
+    args = (
+        run.task.num_labels, connect or grpc_connector(cfg, route), run.optim, cfg.batch_size, run.max_len,
+        cfg.link, run.task.name, run.device, checkpoints, state.session_id, held, cfg.reconnect_timeout,
     )  # fmt: skip
+    session: Union[EdgeSession, UShapeSession]
+    if run.ushape is not None:  # --label-private
+        session = UShapeSession(run.base, run.ushape, *args, lora=cfg.lora)
+    else:
+        session = EdgeSession(run.base, run.spec, *args, lora=cfg.lora)
     state.session_id = session.session_id
     keep_route_key(cfg.output_dir, route)
     return session, state

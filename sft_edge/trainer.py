@@ -29,10 +29,11 @@ from sft_edge.session import EdgeSession, Rollback
 from sft_edge.tasks import Task
 from sft_edge.trained import RUN_FILE
 from sft_edge.transport import Transport
+from sft_edge.ushape_session import UShapeSession
 
 __all__ = ["TrainConfig", "RunState", "Interrupted", "train", "evaluate"]
 log = logging.getLogger("sft_edge")
-Session = Union[EdgeSession, LocalSession]
+Session = Union[EdgeSession, UShapeSession, LocalSession]
 
 
 class Interrupted(Exception):
@@ -90,7 +91,7 @@ def train(
     log.info(
         "training %s on %s: %d examples, %d steps (%d per epoch), %s%s",
         run.base.name, run.task.name, len(run.train_data), run.total, run.per_epoch,
-        "local" if cfg.local else f"{cfg.mode} via {cfg.cloud}", f", resuming at step {step}" if cfg.resume else "",
+        "local" if cfg.local else f"{cfg.mode}{' label-private' if cfg.label_private else ''} via {cfg.cloud}", f", resuming at step {step}" if cfg.resume else "",
     )  # fmt: skip
     progress = Progress(run.total, cfg.progress, initial=step, per_epoch=run.per_epoch)
     logits = None  # of the newest evaluation
@@ -168,6 +169,8 @@ def _report(
         "model": run.base.name,
         "mode": cfg.mode if split else "local",
         "split_layer": run.spec.split_layer if split else None,
+        "label_private": cfg.label_private,  # the U-shape: head, tail and loss on the edge
+        "tail_layers": cfg.tail_layers if cfg.label_private else None,
         "rank": cfg.rank if (split and cfg.mode == "sft") else None,
         "wire_dtype": cfg.wire_dtype if split else None,
         "compression": cfg.compression if split else None,
@@ -216,6 +219,8 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
         "model": report["model"],
         "mode": report["mode"],
         "split_layer": run.spec.split_layer,
+        "label_private": cfg.label_private,  # the U-shape: the weights hold head.* and tail.*
+        "tail_layers": cfg.tail_layers if cfg.label_private else None,
         "rank": cfg.rank,
         "num_labels": run.task.num_labels,
         "task": run.task.name,
