@@ -26,8 +26,8 @@ class ModernBert(Family):
     padded, with additive masks through the eager/SDPA attention (never the unpadded flash path:
     the cut needs (batch, seq) activations). final_norm, then the head pools per
     ``classifier_pooling`` ([CLS] or the mean over real tokens): head (dense, act, norm), drop,
-    classifier. No token types. transformers 5.1+: 4.48-5.0 ran these layers unpadded, with
-    rotary inside the attention."""
+    classifier. No token types. transformers 5.1+: in 4.48-5.0 these layers took other arguments
+    (a separate sliding-window mask, the unpadded path's cu_seqlens)."""
 
     name, model_types, prefix = "ModernBERT", ("modernbert",), "model"
     classes = ("ModernBertModel", "ModernBertForSequenceClassification", "ModernBertConfig")
