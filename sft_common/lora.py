@@ -26,6 +26,8 @@ DEFAULT_TARGETS: Dict[str, Tuple[str, ...]] = {
     "gpt2": ("c_attn",),
     "llama": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "modernbert": ("Wqkv",),  # query, key and value in one projection
 }
 
 
@@ -81,13 +83,10 @@ def apply_lora(half: nn.Module, spec: LoraSpec, seed: int, side: str, keep: List
 
 
 def head_parameters(half: nn.Module) -> List[nn.Parameter]:
-    """A cloud half's task head: its children other than the layers, the SVD tail and norms
-    (BERT's pooler and classifier, RoBERTa's classification head, a decoder's score)."""
-    out: List[nn.Parameter] = []
-    for name, child in half.named_children():
-        if name not in ("layers", "tail") and "Norm" not in type(child).__name__:
-            out.extend(child.parameters())
-    return out
+    """A cloud half's task head (``Family.head``: BERT's pooler and classifier, RoBERTa's
+    classification head, a decoder's score), which LoRA leaves fully trainable."""
+    names: Tuple[str, ...] = getattr(half, "head_names")
+    return [p for name in names for p in getattr(half, name).parameters()]
 
 
 def lora_from_config(config, base) -> Optional[LoraSpec]:

@@ -1,8 +1,7 @@
 """The split model: SVD factorisation of layer l's FFN output, and the edge and cloud halves.
 
-Written once over the family adapters (``sft_common.families``). For split layer l, with the FFN
-output linear ``W`` (hidden x intermediate) and ``W^T = u · diag(Σ) · v`` truncated to rank R
-(paper §III-B, Eq. 2-3):
+Written once over the family adapters (``sft_common.families``). For split layer l, with the FFN output
+linear ``W`` (hidden x intermediate) and ``W^T = u · diag(Σ) · v`` truncated to rank R (paper §III-B, Eq. 2-3):
 
 - ``EdgeHalf`` (net1): embeddings, layers 0..l-1, layer l's attention and FFN input and
   activation, then ``u``. Output ``â = h · u``: (batch, seq, R).
@@ -218,6 +217,7 @@ class CloudHalf(nn.Module):
         self.spec = spec
         self.tail = _svd_of(family, layers[spec.split_layer]).tail if spec.mode == "sft" else None
         self.layers = nn.ModuleList(layers[spec.split_layer + 1 :])
+        self.head_names = tuple(family.head(model))  # what LoRA leaves trainable (lora.head_parameters)
         _adopt(self, {**family.final(model), **family.shared(model), **family.head(model)})
 
     def forward(

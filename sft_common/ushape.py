@@ -167,6 +167,11 @@ def lora_part(part: nn.Module, which: str, spec: LoraSpec, seed: int) -> None:
 
 def _validate(base: BaseModel, spec: UShapeSpec) -> Tuple[SplitSpec, SplitSpec]:
     spec.validate(base.num_hidden_layers)
+    if getattr(base.config, "relative_attention", False):  # DeBERTa-v2 (Family.shared with weights)
+        raise ValueError(
+            f"the U-shape does not support {base.family.name} yet: its relative-position embeddings serve "
+            "every layer, so the edge's two parts and the cloud's middle would each need their own copy"
+        )
     cuts = spec.cuts(base.num_hidden_layers)
     for cut in cuts:
         cut.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)

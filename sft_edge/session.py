@@ -88,6 +88,10 @@ class EdgeSession(SessionClient):
                 f"--cls-only needs the cut at the last layer ({last}), not {spec.split_layer}: "
                 "the layers above the cut read every token"
             )
+        if link.cls_only and getattr(base.config, "classifier_pooling", "cls") == "mean":
+            raise ValueError(
+                "--cls-only sends one row an example, but this model's head pools the mean of every token"
+            )
         self.spec, self.link, self.optim_cfg, self.device = spec, link, optim, device
         self.num_labels = num_labels
         self.decoder = isinstance(base.family, Decoder)

@@ -18,6 +18,8 @@ PRESETS = [
     "random:tiny-distilbert",
     "random:tiny-gpt2",
     "random:tiny-llama",
+    "random:tiny-deberta-v2",
+    "random:tiny-modernbert",
 ]
 
 
@@ -47,6 +49,7 @@ def test_wrapping_leaves_the_output_unchanged_and_trains_only_adapters_factors_a
     torch.testing.assert_close(_logits(edge, cloud, batch), before, atol=1e-6, rtol=0)  # B starts at zero
     trainable = {n for half in (edge, cloud) for n, p in half.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    assert not any("rel_" in n for n in trainable)  # DeBERTa's relative positions are the frozen base's
     factors = {id(p) for p in factor_parameters(edge) + factor_parameters(cloud)}
     head = {id(p) for p in head_parameters(cloud)}
     for half in (edge, cloud):

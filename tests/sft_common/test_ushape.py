@@ -255,3 +255,9 @@ def test_gradients_passed_by_hand_train_what_one_backward_trains(name, lora):
             torch.testing.assert_close(p, ref_params[n], atol=1e-6, rtol=0, msg=n)
         moved = [n for n, p in got.named_parameters() if n in start and not torch.equal(p, start[n])]
         assert moved and all(n in moved for n, p in got.named_parameters() if p.requires_grad and n in start)
+
+
+def test_deberta_is_refused_by_name():
+    """Its relative-position embeddings serve every layer: three parts would each train a copy."""
+    with pytest.raises(ValueError, match="U-shape does not support DeBERTa-v2"):
+        build_ushape_model(load_base_model("random:tiny-deberta-v2"), UShapeSpec(0), 2, seed=3)

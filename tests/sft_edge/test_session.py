@@ -194,3 +194,12 @@ def test_cls_only_needs_the_last_layer(tiny_base):
     link = LinkOptions(cls_only=True)
     with pytest.raises(ValueError, match="--cls-only needs the cut at the last layer"):
         EdgeSession(tiny_base, SPEC, 2, Link(_registry(tiny_base)), OPTIM, 8, 64, link=link)
+
+
+def test_cls_only_is_refused_for_a_mean_pooling_head():
+    from sft_common.models import load_base_model
+
+    base = load_base_model("random:tiny-modernbert-mean")
+    spec = SplitSpec(split_layer=base.num_hidden_layers - 1, rank=8)
+    with pytest.raises(ValueError, match="pools the mean of every token"):
+        EdgeSession(base, spec, 2, Link(_registry(base)), OPTIM, 8, 64, link=LinkOptions(cls_only=True))
