@@ -82,11 +82,10 @@ def apply_lora(half: nn.Module, spec: LoraSpec, seed: int, side: str, keep: List
         param.requires_grad_("lora_" in name or id(param) in kept)
 
 
-def head_parameters(half: nn.Module) -> List[nn.Parameter]:
+def head_parameters(half: Any) -> List[nn.Parameter]:
     """A cloud half's task head (``Family.head``: BERT's pooler and classifier, RoBERTa's
     classification head, a decoder's score), which LoRA leaves fully trainable."""
-    names: Tuple[str, ...] = getattr(half, "head_names")
-    return [p for name in names for p in getattr(half, name).parameters()]
+    return [p for name in half.head_names for p in getattr(half, name).parameters()]
 
 
 def lora_from_config(config, base) -> Optional[LoraSpec]:
