@@ -214,7 +214,7 @@ def decode(
         if not bool(torch.isfinite(row_scales).all()) or bool((row_scales < 0).any()):
             raise refuse("row scales must be finite and non-negative")
     elif len(msg.scales):
-        raise refuse(f"row scales are for INT8 only (or INT4), the tensor is {pb.DType.Name(msg.dtype)}")
+        raise refuse(f"row scales are for INT8 and INT4 only, the tensor is {pb.DType.Name(msg.dtype)}")
     data = msg.data  # protobuf hands out a fresh bytes object on every access
     if msg.compression == pb.LZ4:
         try:

@@ -127,7 +127,7 @@ def hostile(draw, next_step: int) -> Case:
         return msg, INVALID, "activations: invalid scale"
     if kind == "row_scales":
         t.scales.extend(draw(st.lists(st.floats(width=32), min_size=1, max_size=8)))
-        return msg, INVALID, "activations: row scales are for INT8 only"
+        return msg, INVALID, "activations: row scales are for INT8 and INT4 only"
     if kind == "label_count":
         n = draw(st.integers(0, 3 * MAX_BATCH).filter(lambda n: n != batch))
         step.ClearField("labels")
@@ -250,16 +250,17 @@ def test_replay_of_the_last_step_gets_the_cached_reply_and_changes_nothing(proto
     shape=st.lists(st.integers(0, 2**62), min_size=1, max_size=4),
     data=st.binary(max_size=64),
     compression=st.sampled_from([pb.COMPRESSION_NONE, pb.LZ4]),
-    dtype=st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.INT8]),
+    dtype=st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.INT8, pb.INT4]),
 )
 @example(shape=[0, 3_036_988_439, 3_037_012_561], data=b"", compression=0, dtype=1)  # torch overflowed
 def test_codec_checks_a_claimed_size_before_allocating(shape, data, compression, dtype):
     """With no expected shape (only a byte cap), the claimed size is checked before lz4 or torch
     allocate anything: a tiny message cannot make the decoder reserve terabytes. (Found here: an
     empty shape with huge other dimensions made torch raise instead of a clear refusal.)"""
-    itemsize = torch.empty((), dtype=codec.TORCH_DTYPES[dtype]).element_size()
+    # INT4 packs two values a byte (each row padded to a whole byte): half the count is a lower bound
+    itemsize = 0.5 if dtype == pb.INT4 else torch.empty((), dtype=codec.TORCH_DTYPES[dtype]).element_size()
     claimed = math.prod(max(d, 1) for d in shape) * itemsize  # a 0 counts as 1 (strides)
-    scales = [1.0] * min(shape[0] if len(shape) > 1 else 1, 4) if dtype == pb.INT8 else []
+    scales = [1.0] * min(shape[0] if len(shape) > 1 else 1, 4) if dtype in codec.ROW_SCALED else []
     msg = pb.Tensor(dtype=dtype, shape=shape, data=data, compression=compression, scales=scales)
     with AllocationSpy() as spy:
         try:

@@ -83,7 +83,7 @@ def test_refusals_say_what_was_wrong():
     _refused(q, "row scales must be finite and non-negative")
     q = pb.Tensor(dtype=pb.INT8, shape=[2, 3], data=b"\1" * 6, scales=[1.0, -1.0])
     _refused(q, "row scales must be finite and non-negative")
-    _refused(pb.Tensor(dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4, scales=[1.0]), "for INT8 only")
+    _refused(pb.Tensor(dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4, scales=[1.0]), "for INT8 and INT4 only")
 
 
 def test_huge_claimed_shape_is_refused_before_allocation(monkeypatch):
