@@ -1,5 +1,6 @@
 """Crashes of real processes: `kill -9` of the daemon (then a restart) or of the edge (then
-`--resume`) end with weights and metrics bit-identical to an uninterrupted run."""
+`--resume`) end with weights and metrics bit-identical to an uninterrupted run, for the two-part
+split and for the U-shape (`--label-private`: the edge's head and tail, the daemon's middle)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from daemon import ROOT, start_daemon, stop_daemon
 from safetensors.torch import load_file
 
 STEPS, EVERY = 60, 10
+# The split under test: extra `sft-edge train` flags. The U's daemon dies in whichever of the four
+# phases the step is in. Its edge's kill -9 is slow (`make test-all`): the U's `--resume` is in the
+# default suite in process (tests/sft_edge/test_label_private.py), its daemon's kill -9 here.
+U = ("--label-private",)
+SHAPES = [pytest.param((), id="two-part"), pytest.param(U, id="ushape")]
+SHAPES_U_SLOW = [SHAPES[0], pytest.param(U, id="ushape", marks=pytest.mark.slow)]
 
 
 def _edge_cmd(port, glue_dir, out, *extra):
@@ -43,10 +51,11 @@ def _wait_for(pattern, timeout=120):
     raise AssertionError(f"nothing matched {pattern} within {timeout}s")
 
 
-def _compare(ckpt_dir, ref_dir, run_dir):
+def _compare(ckpt_dir, ref_dir, run_dir, shape):
     ref = json.loads((ref_dir / "report.json").read_text())
     run = json.loads((run_dir / "report.json").read_text())
     assert run["steps"] == ref["steps"] == STEPS and run["resumes"] >= 1 and ref["resumes"] == 0
+    assert run["label_private"] is ref["label_private"] is ("--label-private" in shape)
     assert run["metrics"] == ref["metrics"] and run["eval_history"] == ref["eval_history"]
     for name in ("edge.safetensors",):
         a, b = load_file(ref_dir / name), load_file(run_dir / name)
@@ -57,13 +66,14 @@ def _compare(ckpt_dir, ref_dir, run_dir):
     return run
 
 
-def test_cloud_killed_and_restarted(glue_dir, tmp_path):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cloud_killed_and_restarted(glue_dir, tmp_path, shape):
     ckpt = str(tmp_path / "cloud")
     proc, port = start_daemon(["--insecure", "--checkpoint-dir", ckpt])
     try:
-        _run(_edge_cmd(port, glue_dir, tmp_path / "ref"))
+        _run(_edge_cmd(port, glue_dir, tmp_path / "ref", *shape))
         before = set(os.listdir(ckpt))
-        edge = subprocess.Popen(_edge_cmd(port, glue_dir, tmp_path / "run"), cwd=ROOT,
+        edge = subprocess.Popen(_edge_cmd(port, glue_dir, tmp_path / "run", *shape), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         # Kill the daemon once this session has its first checkpoint, mid-run.
         found = _wait_for(os.path.join(ckpt, "*", f"step-{EVERY:09d}.safetensors"))
@@ -74,23 +84,24 @@ def test_cloud_killed_and_restarted(glue_dir, tmp_path):
         output, _ = edge.communicate(timeout=240)
         assert edge.returncode == 0, output[-3000:]
         assert "re-attached to session" in output
-        _compare(ckpt, tmp_path / "ref", tmp_path / "run")
+        _compare(ckpt, tmp_path / "ref", tmp_path / "run", shape)
     finally:
         stop_daemon(proc)
 
 
-def test_edge_killed_and_resumed(glue_dir, tmp_path):
+@pytest.mark.parametrize("shape", SHAPES_U_SLOW)
+def test_edge_killed_and_resumed(glue_dir, tmp_path, shape):
     ckpt = str(tmp_path / "cloud")
     proc, port = start_daemon(["--insecure", "--checkpoint-dir", ckpt])
     try:
-        _run(_edge_cmd(port, glue_dir, tmp_path / "ref"))
-        edge = subprocess.Popen(_edge_cmd(port, glue_dir, tmp_path / "run"), cwd=ROOT,
+        _run(_edge_cmd(port, glue_dir, tmp_path / "ref", *shape))
+        edge = subprocess.Popen(_edge_cmd(port, glue_dir, tmp_path / "run", *shape), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         _wait_for(str(tmp_path / "run" / "checkpoints" / f"step-{2 * EVERY:09d}.safetensors"))
         edge.send_signal(signal.SIGKILL)
         edge.wait()
-        _run(_edge_cmd(port, glue_dir, tmp_path / "run", "--resume"))
-        run = _compare(ckpt, tmp_path / "ref", tmp_path / "run")
+        _run(_edge_cmd(port, glue_dir, tmp_path / "run", *shape, "--resume"))
+        run = _compare(ckpt, tmp_path / "ref", tmp_path / "run", shape)
         assert run["resumes"] == 1
     finally:
         stop_daemon(proc)
