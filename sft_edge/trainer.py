@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from sft_edge import glue_metrics, scalars
 from sft_edge.config import TrainConfig
 from sft_edge.data import Encoded, batch_indices, collate
 from sft_edge.link import connect_to_cloud
+from sft_edge.lm_data import LMEncoded
+from sft_edge.lm_run import evaluate_lm
 from sft_edge.local import LocalSession
 from sft_edge.progress import Progress
 from sft_edge.run import Run, RunState, open_session, prepare
@@ -95,20 +97,20 @@ def train(
     )  # fmt: skip
     progress = Progress(run.total, cfg.progress, initial=step, per_epoch=run.per_epoch)
     logits = None  # of the newest evaluation
-    gold = gold_labels(run.task, run.dev_data)
+    # --problem causal-lm: dev loss and perplexity, no classes
+    gold = None if isinstance(run.dev_data, LMEncoded) else gold_labels(run.task, run.dev_data)
     scalar_log = scalars.open_for_run(cfg.output_dir, cfg.report)  # loss, lr, traffic, evals as CSV
     try:
         while step < run.total:
             try:
                 lr = session.optimizer.param_groups[0]["lr"]  # the LR this step uses
                 idx = batch_indices(len(run.train_data), cfg.batch_size, cfg.seed, step)
-                loss = session.train_step(step, collate(run.train_data, idx).to(run.device))
+                loss = session.train_step(step, run.batch(run.train_data, idx).to(run.device))
                 evals = state.evals
                 if (step + 1) % run.per_epoch == 0 or step + 1 == run.total:
                     batches = -(-len(run.dev_data) // cfg.batch_size)
                     with progress.phase("evaluating", step + 1, batches) as phase:
-                        logits = predict_all(session, run.dev_data, cfg.batch_size, run.device, phase.tick)
-                    result = glue_metrics.compute(run.task.metrics, logits, gold)
+                        result, logits = _dev_metrics(session, run, cfg.batch_size, gold, phase.tick)
                     evals = evals + [
                         {"step": step + 1, "epoch": round((step + 1) / run.per_epoch, 3), **result}
                     ]
@@ -149,13 +151,25 @@ def train(
             scalar_log.close()
     cloud_steps = session.close()
     report = _report(cfg, run, state, session, cloud_steps, time.time() - started)
-    if run.task.name == "custom" and run.task.labels is not None and logits is not None:
+    if run.task.name == "custom" and run.task.labels is not None and logits is not None and gold is not None:
         report["per_class"] = glue_metrics.per_class(logits, gold, run.task.labels)
     if cfg.output_dir:
         _save(cfg, run, session, report)
     if cfg.report:
         write_json(cfg.report, report)
     return report
+
+
+def _dev_metrics(
+    session, run: Run, batch_size: int, gold: Optional[np.ndarray], tick: Callable[[], None]
+) -> Tuple[Dict[str, float], Optional[np.ndarray]]:
+    """The dev metrics of the current model, and its logits (None for a causal LM: its metrics
+    are the dev loss and perplexity)."""
+    if isinstance(run.dev_data, LMEncoded):
+        return evaluate_lm(session, run.dev_data, batch_size, run.device, tick), None
+    assert gold is not None
+    logits = predict_all(session, run.dev_data, batch_size, run.device, tick)
+    return glue_metrics.compute(run.task.metrics, logits, gold), logits
 
 
 def _report(
@@ -209,7 +223,9 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in session.state_dict().items()}
     save_file(tensors, os.path.join(cfg.output_dir, name))
     config = run.base.config.__class__.from_dict(run.base.config.to_dict())
-    config.num_labels = run.task.num_labels
+    lm = run.lm_shape is not None
+    if not lm:  # a causal LM keeps its config: the LM head is the vocabulary's
+        config.num_labels = run.task.num_labels
     config.save_pretrained(cfg.output_dir)
     AutoTokenizer.from_pretrained(run.base.tokenizer_dir).save_pretrained(cfg.output_dir)
     meta = {
@@ -222,7 +238,9 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
         "label_private": cfg.label_private,  # the U-shape: the weights hold head.* and tail.*
         "tail_layers": cfg.tail_layers if cfg.label_private else None,
         "rank": cfg.rank,
-        "num_labels": run.task.num_labels,
+        "problem": "causal-lm" if lm else "classification" if run.task.labels is not None else "regression",
+        "lm_shape": run.lm_shape,  # causal LM: the rows' shape (generate templates chat runs' prompts)
+        "num_labels": 0 if lm else run.task.num_labels,
         "task": run.task.name,
         "labels": report["labels"],  # names, in id order; None: regression
         "text_columns": list(run.task.tsv_columns),

@@ -26,9 +26,11 @@ from sft_common.spec import SplitSpec, session_fingerprint
 from sft_common.split import task_loss
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.ushape import EdgeFactors, UShapeSpec, build_ushape_edge, lora_part, part_factors
+from sft_common.ushape_lm import build_ushape_lm_edge
 from sft_edge.client import SessionClient
 from sft_edge.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.data import Batch
+from sft_edge.lm_data import lm_loss
 from sft_edge.transport import CloudError, Transport
 
 HEAD_SIDE, TAIL_SIDE = "edge", "edge-tail"  # dropout seeds of the head's and the tail's forward
@@ -39,6 +41,8 @@ class UShapeSession(SessionClient):
 
     Arguments as ``EdgeSession``'s, with ``spec`` a ``UShapeSpec`` (first cut, rank, tail layers,
     mode). ``num_labels`` stays here: the cloud is told 0. Each step goes whole (no micro-batches).
+    ``causal_lm``: the tail ends in the model's LM head (``sft_common.ushape_lm``; ``num_labels``
+    unused) and the loss is the shifted next-token cross-entropy on the labelled tokens.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class UShapeSession(SessionClient):
         backoff: Tuple[float, float] = (0.25, 10.0),
         inference_only: bool = False,
         lora: Optional[LoraSpec] = None,
+        causal_lm: bool = False,
     ):
         link = link or LinkOptions()
         link.validate()
@@ -95,7 +100,12 @@ class UShapeSession(SessionClient):
         )  # fmt: skip
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         factors = self._factors(base, opened) if spec.mode == "sft" else None
-        self.head, self.tail = build_ushape_edge(base, spec, num_labels, optim.seed, factors, device)
+        self.causal_lm = causal_lm  # the tail ends in the LM head; the loss is lm_data's shifted one
+        self.tail: nn.Module
+        if causal_lm:
+            self.head, self.tail = build_ushape_lm_edge(base, spec, optim.seed, factors, device)
+        else:
+            self.head, self.tail = build_ushape_edge(base, spec, num_labels, optim.seed, factors, device)
         if self.lora is not None:  # adapters; the factors and the task head trainable; the base frozen
             lora_part(self.head, "head", self.lora, optim.seed)
             lora_part(self.tail, "tail", self.lora, optim.seed)
@@ -139,7 +149,7 @@ class UShapeSession(SessionClient):
         second.requires_grad_(True)
         with seeded(self.optim_cfg.seed, TAIL_SIDE, step), autocast(self.device):
             logits = self.tail(second, batch.attention_mask)
-        loss = task_loss(logits.float(), batch.labels)
+        loss = (lm_loss if self.causal_lm else task_loss)(logits.float(), batch.labels)
         loss.backward()
         assert second.grad is not None
         grad_up = pb.GradientUp(step=step, grad=self._encode(second.grad[mask]))
@@ -154,7 +164,8 @@ class UShapeSession(SessionClient):
 
     @torch.no_grad()
     def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
-        """The logits of ``batch`` (batch, num_labels) from the current model; changes nothing."""
+        """The logits of ``batch`` from the current model, (batch, num_labels) or, for a causal LM,
+        (batch, seq, vocab); changes nothing."""
         self.net.eval()
         mask = batch.attention_mask.bool()
         with autocast(self.device):
