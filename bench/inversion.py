@@ -21,17 +21,14 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from bench.common import GLUE_DIR, save, table
-from bench.harness import inproc, record
-from bench.traffic import capture_step
+from bench.traffic import capture_step, capture_u_step
 from sft_common import codec
 from sft_common.models import load_base_model
 from sft_common.spec import SplitSpec
 from sft_common.split import build_split_model
 from sft_common.ushape import UShapeSpec
-from sft_edge.config import OptimConfig
 from sft_edge.data import Encoded, Example, collate, encode, load_examples
 from sft_edge.tasks import get_task
-from sft_edge.ushape_session import UShapeSession
 
 
 def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[Example]:
@@ -139,10 +136,7 @@ def label_leakage(base, private: Encoded, seq: int) -> List[Dict]:
     starts = range(0, min(len(private), 128) // 32 * 32, 32)
     for batch in (collate(private, range(k, k + 32)) for k in starts):
         sent += capture_step(base, SplitSpec(base.num_hidden_layers - 1, 8, "sft"), batch, seq)[0].labels
-        events = record(transport := inproc(base))
-        u = UShapeSession(base, UShapeSpec(0, 8), 2, transport, OptimConfig(total_steps=1, seed=42), 32, seq)
-        u.train_step(0, batch)
-        up = next(m.gradient_up for d, m, _ in events if d == "sent" and m.HasField("gradient_up"))
+        up = capture_u_step(base, UShapeSpec(0, 8), batch, seq)[0][2].gradient_up  # up, down, gradient up
         grads += [rows.sum(0) for rows in codec.decode(up.grad, name="grad").split(batch.lengths)]
         y += batch.labels.tolist()
     g, labels = torch.stack(grads), torch.tensor(y)
