@@ -28,6 +28,19 @@ def _batches(n):
     return [random_batch(batch=4, seq=10, seed=k) for k in range(n)]
 
 
+def _unchanged_loop(model, optimizer, batches):
+    """The user's training loop, as the drop-in API leaves it; returns the losses."""
+    model.train()
+    losses = []
+    for b in batches:
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("factor_lr", [None, 1e-2])
 def test_wrapped_loop_matches_the_split_session(live_server, factor_lr):
     """Three steps of `loss = model(...).loss; loss.backward(); optimizer.step()` give net1 the
@@ -53,14 +66,7 @@ def test_wrapped_loop_matches_the_split_session(live_server, factor_lr):
         rank=4, max_batch_size=4, max_seq_len=16, insecure=True, factor_lr=factor_lr,
     )  # fmt: skip
     assert len(optimizer.session.optimizer.param_groups) == (1 if factor_lr is None else 2)
-    model.train()
-    losses = []
-    for b in batches:
-        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = _unchanged_loop(model, optimizer, batches)
     assert losses == pytest.approx(ref_losses, abs=1e-6)
     assert max_diff(params(model.net1), params(ref.net1)) < 1e-6
     assert model.bytes_sent > 0 and model.bytes_received > 0
@@ -105,14 +111,7 @@ def test_a_peft_lora_model_trains_as_the_lora_session(live_server, name):
         max_batch_size=4, max_seq_len=16, insecure=True,
     )  # fmt: skip
     assert any("lora_A" in n for n, p in model.net1.named_parameters() if p.requires_grad)
-    model.train()
-    losses = []
-    for b in batches:
-        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = _unchanged_loop(model, optimizer, batches)
     assert losses == pytest.approx(ref_losses, abs=1e-6)
     assert max_diff(params(model.net1), params(ref.net1)) < 1e-6
     model.close()
