@@ -88,6 +88,24 @@ def head_parameters(half: Any) -> List[nn.Parameter]:
     return [p for name in half.head_names for p in getattr(half, name).parameters()]
 
 
+def lora_on_model(model: Any, spec: LoraSpec, seed: int) -> None:
+    """The whole model with adapters (``--local``, and loading its weights); its head stays trainable."""
+    from sft_common.models import family_of
+
+    head = [p for m in family_of(model.config).head(model).values() for p in m.parameters()]
+    apply_lora(model, spec.resolved(model.config.model_type), seed, "local", keep=head)
+
+
+def lora_on_halves(edge: nn.Module, cloud: nn.Module, spec: LoraSpec, seed: int) -> None:
+    """Both halves in one process with the adapters each side gives its own (the reference split
+    training is compared with, and loading an export): u on the edge, Σ, v and the head on the cloud
+    stay trainable."""
+    from sft_common.split import factor_parameters
+
+    apply_lora(edge, spec, seed, "edge", keep=factor_parameters(edge))
+    apply_lora(cloud, spec, seed, "cloud", keep=factor_parameters(cloud) + head_parameters(cloud))
+
+
 def lora_from_config(config, base) -> Optional[LoraSpec]:
     """The LoRA a session config asks for (``lora_rank`` 0: none), checked, targets resolved;
     ValueError saying what is wrong."""

@@ -12,7 +12,7 @@ import torch
 
 from sft_common.checkpoint import CheckpointDir, owned_state
 from sft_common.families import Decoder
-from sft_common.lora import LoraSpec, apply_lora
+from sft_common.lora import LoraSpec, lora_on_model
 from sft_common.models import BaseModel
 from sft_common.split import build_full_model, task_loss
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
@@ -44,8 +44,7 @@ class LocalSession:
         self.start_step = start_step
         self.model = build_full_model(base, num_labels, optim.seed, device=device)
         if lora is not None:  # the same adapters on the whole model; its head stays trainable
-            head = [p for m in base.family.head(self.model).values() for p in m.parameters()]
-            apply_lora(self.model, lora.resolved(base.config.model_type), optim.seed, "local", keep=head)
+            lora_on_model(self.model, lora, optim.seed)
         self.decoder = isinstance(base.family, Decoder)
         self.optimizer = make_optimizer(self.model.parameters(), optim.lr, optim.weight_decay)
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)

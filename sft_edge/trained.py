@@ -131,9 +131,9 @@ def _weight_files(info: Dict) -> List[str]:
 def _with_lora(info: Dict, spec: Optional[SplitSpec], num_labels: int, device: str):
     """The pretrained model by name (its fingerprint checked against the run's) with the run's
     adapters on it, the way training built it: the whole model, or both halves."""
-    from sft_common.lora import LoraSpec, apply_lora, head_parameters
+    from sft_common.lora import LoraSpec, lora_on_halves, lora_on_model
     from sft_common.models import load_base_model
-    from sft_common.split import build_full_model, build_split_model, factor_parameters
+    from sft_common.split import build_full_model, build_split_model
 
     base = load_base_model(info["model"])
     if info.get("base_fingerprint") not in (None, base.fingerprint):
@@ -144,10 +144,8 @@ def _with_lora(info: Dict, spec: Optional[SplitSpec], num_labels: int, device: s
     lora, seed = LoraSpec.from_dict(info["lora"]), int(info["seed"])
     if spec is None:
         model = build_full_model(base, num_labels, seed, device=device)
-        head = [p for m in base.family.head(model).values() for p in m.parameters()]
-        apply_lora(model, lora, seed, "local", keep=head)
+        lora_on_model(model, lora, seed)
         return model
     edge, cloud = build_split_model(base, spec, num_labels, seed, device=device)
-    apply_lora(edge, lora, seed, "edge", keep=factor_parameters(edge))
-    apply_lora(cloud, lora, seed, "cloud", keep=factor_parameters(cloud) + head_parameters(cloud))
+    lora_on_halves(edge, cloud, lora, seed)
     return edge, cloud

@@ -123,11 +123,9 @@ def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lor
 
     edge, cloud = build_split_model(base, spec, 2, optim.seed)
     if lora is not None:  # the adapters each side puts on its half, seeded as there
-        from sft_common.lora import apply_lora, head_parameters
+        from sft_common.lora import lora_on_halves
 
-        lora = lora.resolved(base.config.model_type)
-        apply_lora(edge, lora, optim.seed, "edge", keep=factor_parameters(edge))
-        apply_lora(cloud, lora, optim.seed, "cloud", keep=factor_parameters(cloud) + head_parameters(cloud))
+        lora_on_halves(edge, cloud, lora.resolved(base.config.model_type), optim.seed)
     factors = factor_parameters(edge) + factor_parameters(cloud)
     opt = make_optimizer(
         list(edge.parameters()) + list(cloud.parameters()),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common.lora import LoraSpec, apply_lora, head_parameters
+from sft_common.lora import LoraSpec, head_parameters, lora_on_halves
 from sft_common.models import load_base_model
 from sft_common.spec import SplitSpec
 from sft_common.split import build_cloud_half, build_edge_half, build_split_model, factor_parameters
@@ -27,9 +27,7 @@ LORA = LoraSpec(rank=4, alpha=8.0)
 
 
 def _lora(edge, cloud, base, spec=LORA, seed=3):
-    spec = spec.resolved(base.config.model_type)
-    apply_lora(edge, spec, seed, "edge", keep=factor_parameters(edge))
-    apply_lora(cloud, spec, seed, "cloud", keep=factor_parameters(cloud) + head_parameters(cloud))
+    lora_on_halves(edge, cloud, spec.resolved(base.config.model_type), seed)
 
 
 def _logits(edge, cloud, batch):
