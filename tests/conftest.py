@@ -52,3 +52,26 @@ def live_server():
     server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
     yield f"127.0.0.1:{port}", registry
     server.stop(0).wait()
+
+
+@pytest.fixture
+def recorded(tmp_path, monkeypatch):
+    """(address, registry, messages): a daemon keeping finished sessions, and every (EdgeMessage,
+    CloudMessage) pair it answered (what the cloud was handed, for the link-content tests)."""
+    from sft_cloud.protocol import StreamProtocol
+    from sft_cloud.registry import SessionRegistry
+    from sft_cloud.server import ServeConfig, create_server
+
+    messages = []
+    handle = StreamProtocol.handle
+
+    def record(self, msg):
+        reply = handle(self, msg)
+        messages.append((msg, reply))
+        return reply
+
+    monkeypatch.setattr(StreamProtocol, "handle", record)
+    registry = SessionRegistry(checkpoint_dir=str(tmp_path / "cloud"))
+    server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
+    yield f"127.0.0.1:{port}", registry, messages
+    server.stop(0).wait()

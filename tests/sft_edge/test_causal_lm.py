@@ -13,9 +13,6 @@ import json
 import pytest
 import torch
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
 from sft_edge import cli, predict
 from sft_edge.config import Connection, GenerateConfig, PredictConfig
 from sft_edge.data import DataError
@@ -23,25 +20,6 @@ from sft_edge.data import DataError
 WORDS = ["red", "green", "blue", "apple", "river", "stone", "light", "house"]
 # What an EdgeMessage may set (leaf fields), besides the open message's session config.
 ALLOWED = {"step", "batch", "lengths", "dtype", "shape", "data", "compression", "scale", "scales"}
-
-
-@pytest.fixture
-def recorded(tmp_path, monkeypatch):
-    """(address, registry, messages): a daemon keeping finished sessions, and every (EdgeMessage,
-    CloudMessage) pair it answered."""
-    messages = []
-    handle = StreamProtocol.handle
-
-    def record(self, msg):
-        reply = handle(self, msg)
-        messages.append((msg, reply))
-        return reply
-
-    monkeypatch.setattr(StreamProtocol, "handle", record)
-    registry = SessionRegistry(checkpoint_dir=str(tmp_path / "cloud"))
-    server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
-    yield f"127.0.0.1:{port}", registry, messages
-    server.stop(0).wait()
 
 
 def _rows(path, n, offset=0):

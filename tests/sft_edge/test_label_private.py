@@ -12,34 +12,12 @@ import json
 import pytest
 import torch
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
 from sft_common.proto import sft_pb2 as pb
 from sft_edge import cli, predict
 from sft_edge.config import Connection, ExportConfig, PredictConfig, TrainConfig
 from sft_edge.data import DataError
 
 WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
-
-
-@pytest.fixture
-def recorded(tmp_path, monkeypatch):
-    """(address, registry, messages): a daemon keeping finished sessions, and every (EdgeMessage,
-    CloudMessage) pair it answered."""
-    messages = []
-    handle = StreamProtocol.handle
-
-    def record(self, msg):
-        reply = handle(self, msg)
-        messages.append((msg, reply))
-        return reply
-
-    monkeypatch.setattr(StreamProtocol, "handle", record)
-    registry = SessionRegistry(checkpoint_dir=str(tmp_path / "cloud"))
-    server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
-    yield f"127.0.0.1:{port}", registry, messages
-    server.stop(0).wait()
 
 
 def _reviews(path, n, offset=0):
