@@ -5,9 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 MODES = ("sft", "sl")
+PLAIN, ACTIVATION_AWARE = "plain", "activation-aware"
+INITS = (PLAIN, ACTIVATION_AWARE)  # how the SFT factors start (--svd-init)
+# Which linear of the cut layer's FFN is factorised (docs/design.md, "The two cuts"): the output
+# (the paper's §III, the default) or the input (the paper's released code).
+FFN_OUTPUT, FFN_INPUT = "ffn-output", "ffn-input"
+FACTORISATIONS = (FFN_OUTPUT, FFN_INPUT)
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,10 @@ class SplitSpec:
     rank: int = 8  # SFT rank R of the factorised FFN output (ignored for "sl")
     mode: str = "sft"  # "sft": rank-R activations cross the link; "sl": full hidden states
     keep_residual: bool = False  # in-process only: keep layer l's residual (exactness tests)
+    # SFT factors' start: "plain" SVD of W (the cloud's), or "activation-aware" (whitened by the
+    # device's FFN activations, computed on the edge: sft_common.whiten). Builders make plain ones.
+    init: str = PLAIN
+    factorise: str = FFN_OUTPUT  # SFT: the cut layer's FFN output linear is factorised, or its input
 
     def validate(self, num_layers: int, hidden: int, intermediate: int) -> None:
         """Raise ValueError with a user-facing message when the spec does not fit the model."""
@@ -28,15 +38,46 @@ class SplitSpec:
                 f"split layer {self.split_layer} is out of range: the model has {num_layers} layers "
                 f"(valid: 0..{num_layers - 1})"
             )
-        if self.mode == "sft" and not 1 <= self.rank <= min(hidden, intermediate):
+        if self.init not in INITS or (self.init != PLAIN and self.mode != "sft"):
+            raise ValueError(
+                f"init must be one of {INITS}, and {ACTIVATION_AWARE!r} needs mode 'sft' (SL has no "
+                f"factors); got {self.init!r} with mode {self.mode!r}"
+            )
+        if self.factorise not in FACTORISATIONS:
+            raise ValueError(f"factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}")
+        if self.factorise == FFN_INPUT:
+            self._validate_input_cut(hidden)
+        elif self.mode == "sft" and not 1 <= self.rank <= min(hidden, intermediate):
             raise ValueError(
                 f"rank {self.rank} is out of range: the FFN output of this model is "
                 f"{hidden}x{intermediate}, so 1 <= R <= {min(hidden, intermediate)}"
             )
 
+    def _validate_input_cut(self, hidden: int) -> None:
+        """--factorise ffn-input: an SFT cut, its bottleneck at most as wide as the residual stream."""
+        if self.mode != "sft":
+            raise ValueError(
+                "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states "
+                "and factorises nothing"
+            )
+        if self.keep_residual:
+            raise ValueError("keep_residual is for the FFN-output cut: at the FFN input the residual crosses")
+        if self.init != PLAIN:
+            raise ValueError(f"--factorise ffn-input starts from the plain SVD, not {self.init!r}")
+        if not 1 <= self.rank <= hidden:
+            raise ValueError(
+                f"rank {self.rank} is out of range: the FFN-input cut's bottleneck reads the "
+                f"{hidden}-wide residual stream, so 1 <= R <= {hidden}"
+            )
+
     def cut_width(self, hidden: int) -> int:
         """Width of one token's activation at the cut: R for SFT, hidden for plain SL."""
         return self.rank if self.mode == "sft" else hidden
+
+    def edge_factor_shape(self, hidden: int, intermediate: int) -> Tuple[int, int]:
+        """The factor the cloud sends the edge (SFT): u (intermediate, R) for the FFN-output cut,
+        Aᵀ (hidden, R) for the FFN-input cut."""
+        return (hidden if self.factorise == FFN_INPUT else intermediate, self.rank)
 
 
 def session_fingerprint(
@@ -60,6 +101,10 @@ def session_fingerprint(
     if tail_layers is not None:
         payload["label_private"] = True
         payload["tail_layers"] = tail_layers
+    if payload["spec"]["init"] == PLAIN:
+        del payload["spec"]["init"]  # the default: fingerprints from before --svd-init are unchanged
+    if payload["spec"]["factorise"] == FFN_OUTPUT:
+        del payload["spec"]["factorise"]  # the default: fingerprints from before --factorise unchanged
     if payload["spec"]["mode"] == "sl":
         payload["spec"]["rank"] = 0  # rank does not shape plain split learning
     blob = json.dumps(payload, sort_keys=True).encode()

@@ -25,6 +25,11 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_UNSPECIFIED: _ClassVar[Mode]
     SFT: _ClassVar[Mode]
     SL: _ClassVar[Mode]
+
+class SvdInit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SVD_INIT_PLAIN: _ClassVar[SvdInit]
+    SVD_INIT_ACTIVATION_AWARE: _ClassVar[SvdInit]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -36,6 +41,8 @@ LZ4: Compression
 MODE_UNSPECIFIED: Mode
 SFT: Mode
 SL: Mode
+SVD_INIT_PLAIN: SvdInit
+SVD_INIT_ACTIVATION_AWARE: SvdInit
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "compression", "scale", "scales")
@@ -54,7 +61,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., scale: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers")
+    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers", "svd_init")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +83,7 @@ class SessionConfig(_message.Message):
     LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
     LABEL_PRIVATE_FIELD_NUMBER: _ClassVar[int]
     TAIL_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SVD_INIT_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: Mode
     split_layer: int
@@ -97,21 +105,26 @@ class SessionConfig(_message.Message):
     lora_targets: _containers.RepeatedScalarFieldContainer[str]
     label_private: bool
     tail_layers: int
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ...) -> None: ...
+    svd_init: SvdInit
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ..., svd_init: _Optional[_Union[SvdInit, str]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only")
+    __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only", "cloud_sigma", "cloud_v")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEPS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_V_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     fingerprint: str
     session_id: str
     resume_steps: _containers.RepeatedScalarFieldContainer[int]
     inference_only: bool
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., inference_only: bool = ...) -> None: ...
+    cloud_sigma: Tensor
+    cloud_v: Tensor
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., inference_only: bool = ..., cloud_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro", "tail_sigma", "tail_v")
