@@ -9,6 +9,7 @@ linear ``W`` (hidden x intermediate) and ``W^T = u · diag(Σ) · v`` truncated 
   norm, without the residual add; layers l+1..L-1, the final norm (pre-LN), the head. Output: logits.
 
 Plain split learning (mode "sl") cuts after layer l: its hidden states cross, nothing is factorised.
+``--factorise ffn-input`` cuts at layer l's FFN input instead (``sft_common.input_cut``).
 
 ``SVDOutput`` replaces the FFN output in place (as PEFT swaps a target module): a factorised model
 is still an ordinary Hugging Face model, and the halves hold references to its submodules.
@@ -22,9 +23,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from sft_common.families import Decoder, Family, fill_buffers
+from sft_common import input_cut
+from sft_common.families import Family, fill_buffers
+from sft_common.loading import _materialise, _skeleton, init_head
+from sft_common.loading import _tensors as _tensors  # re-exported (the U-shape's builders)
 from sft_common.models import BaseModel, family_of
-from sft_common.spec import SplitSpec
+from sft_common.spec import FFN_INPUT, SplitSpec
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,13 +95,7 @@ class SVDOutput(nn.Module):
 
 
 def _ffn_out(family: Family, layer: Any) -> Tuple[nn.Module, str, Any, Any, Any]:
-    """(parent, attribute, the FFN output linear, its dropout, the norm after it) in a layer."""
-    path, _, attr = family.ffn_out.rpartition(".")
-    parent = layer.get_submodule(path) if path else layer
-    out = getattr(parent, attr)
-    if not family.ffn_block:
-        return (parent, attr, out, *family.after_ffn(layer))
-    return parent, attr, out.dense, out.dropout, out.LayerNorm
+    return family.ffn_output(layer)
 
 
 def _svd_skeleton(family: Family, layer: nn.Module, rank: int, keep_residual: bool = False) -> SVDOutput:
@@ -144,7 +142,7 @@ def factorise_layer(family: Family, layer: nn.Module, rank: int, keep_residual: 
 
 def factor_parameters(module: nn.Module) -> List[nn.Parameter]:
     """The SVD factors in ``module`` (a half or a whole split model): u's weight, Σ, v's weight
-    (not v's bias, the original one, nor the norm)."""
+    (not v's bias, the original one, nor the norm); the FFN-input cut's A and B."""
     found: Dict[int, nn.Parameter] = {}
     for m in module.modules():
         params: List[Any] = []
@@ -152,6 +150,8 @@ def factor_parameters(module: nn.Module) -> List[nn.Parameter]:
             params = [m.u.weight]
         elif isinstance(m, SVDTail):
             params = [m.sigma, m.v.weight]
+        elif isinstance(m, input_cut.Factor):
+            params = [m.weight]
         found.update((id(p), p) for p in params)
     return list(found.values())
 
@@ -167,9 +167,11 @@ def _adopt(half: nn.Module, modules: Dict[str, nn.Module]) -> None:
 
 
 class EdgeHalf(nn.Module):
-    """net1: embeddings .. layer l's FFN activation, then u (SFT); or .. layer l's output (SL)."""
+    """net1: embeddings .. layer l's FFN activation, then u (SFT); or .. layer l's output (SL);
+    or, cut at the FFN input, .. layer l's attention part, then A."""
 
     u: nn.Linear
+    a: nn.Linear
 
     def __init__(self, model: nn.Module, spec: SplitSpec):
         super().__init__()
@@ -180,8 +182,11 @@ class EdgeHalf(nn.Module):
         if spec.mode == "sft":
             cut = layers[spec.split_layer]
             self.layers = nn.ModuleList(layers[: spec.split_layer])
-            _adopt(self, family.cut_parts(cut))
-            self.u = _svd_of(family, cut).u
+            if spec.factorise == FFN_INPUT:
+                _adopt(self, {**family.attend_parts(cut), "a": input_cut.input_cut_of(cut).a})
+            else:
+                _adopt(self, family.cut_parts(cut))
+                self.u = _svd_of(family, cut).u
         else:
             self.layers = nn.ModuleList(layers[: spec.split_layer + 1])
         _adopt(self, family.shared(model))
@@ -201,21 +206,28 @@ class EdgeHalf(nn.Module):
             h = family.run_layer(layer, h, ctx)
         if self.spec.mode == "sl":
             return h, None
+        if self.spec.factorise == FFN_INPUT:  # the residual crosses inside the R values
+            return self.a(family.attend(self, h, ctx)), None
         x, residual = family.cut(self, h, ctx)
         return self.u(x), (residual if self.spec.keep_residual else None)
 
 
 class CloudHalf(nn.Module):
-    """net2: (Σ, v, dropout, norm for SFT), layers l+1.., final norm, head (pooling, classifier)."""
+    """net2: (Σ, v, dropout, norm for SFT; B and the rest of layer l at the FFN input), layers
+    l+1.., final norm, head (pooling, classifier)."""
 
-    tail: Optional[SVDTail]
+    tail: Optional[Union[SVDTail, input_cut.InputTail]]
 
     def __init__(self, model: nn.Module, spec: SplitSpec):
         super().__init__()
         self.family: Family = family_of(model.config)
         family, layers = self.family, self.family.layers(model)
         self.spec = spec
-        self.tail = _svd_of(family, layers[spec.split_layer]).tail if spec.mode == "sft" else None
+        self.tail = None
+        if spec.mode == "sft":
+            cut = layers[spec.split_layer]
+            inputs = spec.factorise == FFN_INPUT
+            self.tail = input_cut.InputTail(family, cut) if inputs else _svd_of(family, cut).tail
         self.layers = nn.ModuleList(layers[spec.split_layer + 1 :])
         self.head_names = tuple(family.head(model))  # what LoRA leaves trainable (lora.head_parameters)
         _adopt(self, {**family.final(model), **family.shared(model), **family.head(model)})
@@ -242,80 +254,6 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # Building models from a BaseModel, loading only the tensors a half needs.
 
 
-def init_head(model: Any, seed: int) -> None:
-    """Initialise the head's last linear from ``seed`` alone, so every builder gets the same head."""
-    g = torch.Generator().manual_seed(seed)
-    std = model.config.initializer_range
-    linear = family_of(model.config).head_linear(model)
-    with torch.no_grad():
-        w = torch.empty(linear.weight.shape).normal_(0.0, std, generator=g)
-        linear.weight.copy_(w)
-        if linear.bias is not None:
-            linear.bias.zero_()
-
-
-def _skeleton(base: BaseModel, num_labels: int) -> nn.Module:
-    """The model's modules with no storage (meta device): cheap, however large the model."""
-    config = base.config.__class__.from_dict(base.config.to_dict())
-    config.num_labels = num_labels
-    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    if isinstance(base.family, Decoder):  # HF pools the last non-pad token; collate pads with 0
-        config.pad_token_id = 0
-    classifier = base.family.model_class(1)
-    with torch.device("meta"):
-        return classifier(config)
-
-
-def _tensors(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
-    return list(module.named_parameters()) + list(module.named_buffers())
-
-
-def _materialise(
-    module: nn.Module,
-    base: BaseModel,
-    model: nn.Module,
-    seed: int,
-    device: str,
-    skip: Tuple[str, ...] = (),
-) -> None:
-    """Give ``module`` (``model`` or a part of it) storage on ``device`` and fill it from the base
-    model's tensors, found by each tensor's name in ``model`` (the family strips its prefix).
-
-    The children named in ``skip`` are already built and left alone. Tensors the checkpoint
-    lacks: the head's new tensors come from ``seed``; position / token-type ids and rotary
-    frequencies are recomputed; anything else is an error.
-    """
-    family = base.family
-    names = {id(t): n for n, t in _tensors(model)}
-    sources = {n: family.base_name(names[id(t)]) if id(t) in names else None for n, t in _tensors(module)}
-    for child_name, child in module.named_children():
-        if child_name not in skip:
-            child.to_empty(device=device)
-    own = [(n, t) for n, t in _tensors(module) if n.split(".", 1)[0] not in skip]
-    tensors = base.load(src for src in sources.values() if src is not None)
-    gen = torch.Generator().manual_seed(seed)
-    computed: List[str] = []
-    with torch.no_grad():
-        for name, tensor in own:
-            src = sources[name]
-            if src is not None and src in tensors:
-                value = tensors[src]
-                assert value.shape == tensor.shape, (
-                    f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}"
-                )
-                tensor.copy_(value)
-            elif name.endswith(("position_ids", "token_type_ids", "inv_freq")):
-                computed.append(name)
-            elif src is not None and src.startswith(family.head_new):
-                if tensor.dim() > 1:
-                    tensor.copy_(torch.empty(tensor.shape).normal_(0.0, 0.02, generator=gen))
-                else:  # biases 0, a norm's scale 1 (ModernBERT's head)
-                    tensor.fill_(float(src.lower().endswith("norm.weight")))
-            else:
-                raise KeyError(f"{name} ({src}) is missing from the checkpoint of {base.name!r}")
-    fill_buffers(module, computed)
-
-
 def _validate(base: BaseModel, spec: SplitSpec) -> None:
     spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
 
@@ -329,12 +267,23 @@ def build_full_model(base: BaseModel, num_labels: int, seed: int, device: str = 
 
 
 def factorise(model: nn.Module, spec: SplitSpec) -> nn.Module:
-    """Replace layer l's FFN output with ``SVDOutput`` in place (SFT); SL changes nothing."""
+    """Replace layer l's FFN output with ``SVDOutput`` in place (SFT), or install the FFN-input
+    cut's A and B on it; SL changes nothing."""
     if spec.mode == "sft":
         family = family_of(model.config)
         layer = family.layers(model)[spec.split_layer]
-        _install(family, layer, factorise_layer(family, layer, spec.rank, spec.keep_residual))
+        if spec.factorise == FFN_INPUT:
+            input_cut.factorise_input(family, layer, spec.rank)
+        else:
+            _install(family, layer, factorise_layer(family, layer, spec.rank, spec.keep_residual))
     return model
+
+
+def _cut_skeleton(base: BaseModel, layer: nn.Module, spec: SplitSpec) -> nn.Linear:
+    """The cut's factors installed on ``layer`` on the meta device; returns the edge's (u or A)."""
+    if spec.factorise == FFN_INPUT:
+        return input_cut.skeleton(layer, base.hidden_size, spec.rank).a
+    return _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank)).u
 
 
 def build_split_model(
@@ -349,19 +298,19 @@ def build_split_model(
 def build_edge_half(
     base: BaseModel, spec: SplitSpec, u: Optional[torch.Tensor], device: str = "cpu"
 ) -> EdgeHalf:
-    """net1 alone, loading only its own weights; ``u`` (intermediate, R) comes from the cloud."""
+    """net1 alone, loading only its own weights; ``u`` (intermediate, R) comes from the cloud
+    (the FFN-input cut: Aᵀ, (hidden, R))."""
     _validate(base, spec)
     model = _skeleton(base, num_labels=2)  # the head is never materialised on the edge
     if spec.mode == "sft":
-        inter = base.intermediate_size
-        if u is None or tuple(u.shape) != (inter, spec.rank):
-            raise ValueError(f"edge factor u must have shape {(inter, spec.rank)}")
-        layer = base.family.layers(model)[spec.split_layer]
-        svd = _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank))  # tail: meta
+        shape = spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
+        if u is None or tuple(u.shape) != shape:
+            raise ValueError(f"edge factor u must have shape {shape}")
+        down = _cut_skeleton(base, base.family.layers(model)[spec.split_layer], spec)  # the rest: meta
         with torch.no_grad():  # (no random init: see factorise_layer)
-            svd.u.to_empty(device=device).weight.copy_(u.t())
+            down.to_empty(device=device).weight.copy_(u.t())
     half = EdgeHalf(model, spec)
-    _materialise(half, base, model, 0, device, skip=("u",))
+    _materialise(half, base, model, 0, device, skip=("u", "a"))
     return half
 
 
@@ -372,7 +321,11 @@ def build_cloud_half(
     _validate(base, spec)
     model = _skeleton(base, num_labels)
     u = None
-    if spec.mode == "sft":
+    if spec.mode == "sft" and spec.factorise == FFN_INPUT:  # the layer's FFN first: the SVD reads it
+        layer = base.family.layers(model)[spec.split_layer]
+        _materialise(nn.ModuleList(input_cut.tail_modules(base.family, layer)), base, model, seed, device)
+        u = input_cut.factorise_input(base.family, layer, spec.rank)[1]
+    elif spec.mode == "sft":
         # The cut layer's FFN output linear (and norm after it) is materialised alone, factorised, dropped.
         layer = base.family.layers(model)[spec.split_layer]
         _, _, linear, _, norm = _ffn_out(base.family, layer)
@@ -393,8 +346,7 @@ def trained_skeleton(
     base = BaseModel(name="trained", config=config, fingerprint="", tokenizer_dir="")
     model = _skeleton(base, num_labels)
     if spec is not None and spec.mode == "sft":
-        layer = base.family.layers(model)[spec.split_layer]
-        _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank))
+        _cut_skeleton(base, base.family.layers(model)[spec.split_layer], spec)
     model.to_empty(device=device)
     fill_buffers(model)  # buffers that no state dict carries
     return model if spec is None else base.family.untie(EdgeHalf(model, spec), CloudHalf(model, spec), model)

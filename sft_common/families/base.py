@@ -2,10 +2,12 @@
 
 A family names, on its Hugging Face ``*ForSequenceClassification`` model: the modules below layer
 0 (``embeddings``), the layer list, the cut layer's FFN output linear (``ffn_out``) and the modules
-before it (``cut_parts``: attention, FFN input and activation), its norm placement (post-LN: the
-norm after the FFN output belongs to the cut; pre-LN: none), the final norm, and the head. It runs
-the embeddings, one layer, the cut layer up to the FFN activation, and the head's pooling as the
-HF class does (encoders: their own heads; decoders: the last real token, from the attention mask).
+before it (``cut_parts``: the attention part, ``attend_parts``, then the FFN input and activation,
+``ffn_in_parts``), its norm placement (post-LN: the norm after the FFN output belongs to the cut;
+pre-LN: none), the final norm, and the head. It runs the embeddings, one layer, the cut layer's
+attention part (``attend``: the post-attention residual stream) and FFN input (``ffn_in``), and
+the head's pooling as the HF class does (encoders: their own heads; decoders: the last real
+token, from the attention mask).
 """
 
 from __future__ import annotations
@@ -149,8 +151,30 @@ class Family:
         return list(self.head(model).values())[-1]
 
     def cut_parts(self, layer: Any) -> Modules:
-        """The cut layer's modules the edge runs before the FFN output linear."""
-        return {"attention": layer.attention, "intermediate": layer.intermediate}
+        """The cut layer's modules the edge runs before the FFN output linear (the FFN-output cut)."""
+        return {**self.attend_parts(layer), **self.ffn_in_parts(layer)}
+
+    def attend_parts(self, layer: Any) -> Modules:
+        """The cut layer's attention part, up to the post-attention residual stream r."""
+        return {"attention": layer.attention}
+
+    def ffn_in_parts(self, layer: Any) -> Modules:
+        """The cut layer's FFN input from r: a pre-LN layer's norm, the input linear(s), the activation."""
+        return {"intermediate": layer.intermediate}
+
+    def ffn_in_weight(self, layer: Any) -> torch.Tensor:
+        """The FFN input linear's weight as the layer applies it to r, (out, hidden): gate and up
+        stacked, a Conv1D's transposed, a pre-LN norm's scale multiplied in (``W · diag(γ)``)."""
+        return layer.intermediate.dense.weight
+
+    def ffn_output(self, layer: Any) -> Tuple[nn.Module, str, Any, Any, Any]:
+        """(parent, attribute, the FFN output linear, its dropout, the norm after it) in a layer."""
+        path, _, attr = self.ffn_out.rpartition(".")
+        parent = layer.get_submodule(path) if path else layer
+        out = getattr(parent, attr)
+        if not self.ffn_block:
+            return (parent, attr, out, *self.after_ffn(layer))
+        return parent, attr, out.dense, out.dropout, out.LayerNorm
 
     def after_ffn(self, layer: Any) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
         """(dropout, norm) after a bare FFN output linear (``ffn_block`` False); None: absent."""
@@ -172,8 +196,17 @@ class Family:
 
     def cut(self, half, h, ctx) -> Tuple[torch.Tensor, torch.Tensor]:
         """The cut layer up to the FFN activation: (activations, the residual of the FFN)."""
-        attn = half.attention(h, ctx["mask"])[0]
-        return half.intermediate(attn), attn
+        r = self.attend(half, h, ctx)
+        return self.ffn_in(half, r), r
+
+    def attend(self, half, h: torch.Tensor, ctx: Dict[str, Any]) -> torch.Tensor:
+        """The cut layer's attention part (``attend_parts``, held by ``half``): the residual stream
+        r the FFN reads and adds to (post-LN: after the attention block's norm)."""
+        return half.attention(h, ctx["mask"])[0]
+
+    def ffn_in(self, parts, r: torch.Tensor) -> torch.Tensor:
+        """The FFN input and activation (``ffn_in_parts``, held by ``parts``) applied to r."""
+        return parts.intermediate(r)
 
     def pool(self, half, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return half.classifier(h)

@@ -67,9 +67,8 @@ class DebertaV2(Family):
     def run_layer(self, layer, h, ctx):
         return layer_output(layer(h, ctx["mask"], rel_embeddings=ctx["rel"]))
 
-    def cut(self, half, h, ctx):
-        attn = layer_output(half.attention(h, ctx["mask"], rel_embeddings=ctx["rel"]))
-        return half.intermediate(attn), attn
+    def attend(self, half, h, ctx):
+        return layer_output(half.attention(h, ctx["mask"], rel_embeddings=ctx["rel"]))
 
     def pool(self, half, h: torch.Tensor, attention_mask):
         return half.classifier(half.dropout(half.pooler(h)))

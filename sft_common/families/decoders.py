@@ -47,14 +47,14 @@ class Gpt2(Decoder):
     def final(self, model):
         return {"norm": model.transformer.ln_f}
 
-    def cut_parts(self, layer):
-        return {
-            "ln_1": layer.ln_1,
-            "attn": layer.attn,
-            "ln_2": layer.ln_2,
-            "c_fc": layer.mlp.c_fc,
-            "act": layer.mlp.act,
-        }
+    def attend_parts(self, layer):
+        return {"ln_1": layer.ln_1, "attn": layer.attn}
+
+    def ffn_in_parts(self, layer):
+        return {"ln_2": layer.ln_2, "c_fc": layer.mlp.c_fc, "act": layer.mlp.act}
+
+    def ffn_in_weight(self, layer):
+        return layer.mlp.c_fc.weight.t() * layer.ln_2.weight  # Conv1D keeps (in, out)
 
     def after_ffn(self, layer):
         return layer.mlp.dropout, None
@@ -69,9 +69,11 @@ class Gpt2(Decoder):
     def run_layer(self, layer, h, ctx):
         return layer_output(layer(h, attention_mask=ctx["mask"]))
 
-    def cut(self, half, h, ctx):
-        residual = h + half.attn(half.ln_1(h), attention_mask=ctx["mask"])[0]
-        return half.act(half.c_fc(half.ln_2(residual))), residual
+    def attend(self, half, h, ctx):
+        return h + half.attn(half.ln_1(h), attention_mask=ctx["mask"])[0]
+
+    def ffn_in(self, parts, r):
+        return parts.act(parts.c_fc(parts.ln_2(r)))
 
 
 class Llama(Decoder):
@@ -96,12 +98,18 @@ class Llama(Decoder):
     def final(self, model):
         return {"norm": model.model.norm}
 
-    def cut_parts(self, layer):
+    def attend_parts(self, layer):
+        return {"input_layernorm": layer.input_layernorm, "self_attn": layer.self_attn}
+
+    def ffn_in_parts(self, layer):
         return {
-            "input_layernorm": layer.input_layernorm, "self_attn": layer.self_attn,
             "post_attention_layernorm": layer.post_attention_layernorm,
             "gate_proj": layer.mlp.gate_proj, "up_proj": layer.mlp.up_proj, "act_fn": layer.mlp.act_fn,
         }  # fmt: skip
+
+    def ffn_in_weight(self, layer):
+        mlp = layer.mlp  # gate and up both read the normed r: one (2 x intermediate, hidden) input
+        return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * layer.post_attention_layernorm.weight
 
     def embed(self, half, input_ids, attention_mask, token_type_ids):
         return half.embed_tokens(input_ids)
@@ -117,14 +125,16 @@ class Llama(Decoder):
         )
         return layer_output(out)
 
-    def cut(self, half, h, ctx):
+    def attend(self, half, h, ctx):
         attn = half.self_attn(
             hidden_states=half.input_layernorm(h), attention_mask=ctx["mask"],
             position_ids=ctx["positions"], position_embeddings=ctx["rotary"],
         )[0]  # fmt: skip
-        residual = h + attn
-        x = half.post_attention_layernorm(residual)
-        return half.act_fn(half.gate_proj(x)) * half.up_proj(x), residual
+        return h + attn
+
+    def ffn_in(self, parts, r):
+        x = parts.post_attention_layernorm(r)
+        return parts.act_fn(parts.gate_proj(x)) * parts.up_proj(x)
 
 
 class Qwen2(Llama):

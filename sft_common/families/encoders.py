@@ -74,11 +74,14 @@ class DistilBert(Family):
             "classifier": model.classifier,
         }
 
-    def cut_parts(self, layer):
-        return {
-            "attention": layer.attention, "sa_layer_norm": layer.sa_layer_norm,
-            "lin1": layer.ffn.lin1, "activation": layer.ffn.activation,
-        }  # fmt: skip
+    def attend_parts(self, layer):
+        return {"attention": layer.attention, "sa_layer_norm": layer.sa_layer_norm}
+
+    def ffn_in_parts(self, layer):
+        return {"lin1": layer.ffn.lin1, "activation": layer.ffn.activation}
+
+    def ffn_in_weight(self, layer):
+        return layer.ffn.lin1.weight
 
     def after_ffn(self, layer):
         return layer.ffn.dropout, layer.output_layer_norm
@@ -86,9 +89,11 @@ class DistilBert(Family):
     def embed(self, half, input_ids, attention_mask, token_type_ids):
         return half.embeddings(input_ids)
 
-    def cut(self, half, h, ctx):
-        attn = half.sa_layer_norm(half.attention(h, attention_mask=ctx["mask"])[0] + h)
-        return half.activation(half.lin1(attn)), attn
+    def attend(self, half, h, ctx):
+        return half.sa_layer_norm(half.attention(h, attention_mask=ctx["mask"])[0] + h)
+
+    def ffn_in(self, parts, r):
+        return parts.activation(parts.lin1(r))
 
     def pool(self, half, h, attention_mask):
         return half.classifier(half.dropout(torch.relu(half.pre_classifier(h[:, 0]))))

@@ -60,11 +60,15 @@ class ModernBert(Family):
     def head(self, model):
         return {"head": model.head, "drop": model.drop, "classifier": model.classifier}
 
-    def cut_parts(self, layer):
-        return {
-            "attn_norm": layer.attn_norm, "attn": layer.attn, "mlp_norm": layer.mlp_norm,
-            "Wi": layer.mlp.Wi, "act": layer.mlp.act, "mlp_drop": layer.mlp.drop,
-        }  # fmt: skip
+    def attend_parts(self, layer):
+        return {"attn_norm": layer.attn_norm, "attn": layer.attn}
+
+    def ffn_in_parts(self, layer):
+        mlp = layer.mlp
+        return {"mlp_norm": layer.mlp_norm, "Wi": mlp.Wi, "act": mlp.act, "mlp_drop": mlp.drop}
+
+    def ffn_in_weight(self, layer):
+        return layer.mlp.Wi.weight * layer.mlp_norm.weight  # input and gate halves, both from r
 
     def embed(self, half, input_ids, attention_mask, token_type_ids):
         return half.embeddings(input_ids=input_ids)
@@ -85,14 +89,16 @@ class ModernBert(Family):
         out = layer(h, attention_mask=ctx["masks"][kind], position_embeddings=ctx["rotary"][kind])
         return layer_output(out)
 
-    def cut(self, half, h, ctx):
+    def attend(self, half, h, ctx):
         kind = half.attn.config.layer_types[half.attn.layer_idx]
         attn = half.attn(
             half.attn_norm(h), position_embeddings=ctx["rotary"][kind], attention_mask=ctx["masks"][kind]
         )[0]
-        residual = h + attn
-        x, gate = half.Wi(half.mlp_norm(residual)).chunk(2, dim=-1)
-        return half.mlp_drop(half.act(x) * gate), residual
+        return h + attn
+
+    def ffn_in(self, parts, r):
+        x, gate = parts.Wi(parts.mlp_norm(r)).chunk(2, dim=-1)
+        return parts.mlp_drop(parts.act(x) * gate)
 
     def pool(self, half, h, attention_mask):
         h = half.norm(h)
