@@ -100,6 +100,10 @@ def train(
     # --problem causal-lm: dev loss and perplexity, no classes
     gold = None if isinstance(run.dev_data, LMEncoded) else gold_labels(run.task, run.dev_data)
     scalar_log = scalars.open_for_run(cfg.output_dir, cfg.report)  # loss, lr, traffic, evals as CSV
+    if gold is None and step == 0 and not cfg.resume:  # causal LM: the untrained model's perplexity
+        state.evals = [_eval_entry(session, run, cfg.batch_size, gold, progress, 0)[0]]
+        if scalar_log is not None:
+            scalar_log.eval(0, state.evals[0])
     try:
         while step < run.total:
             try:
@@ -108,17 +112,10 @@ def train(
                 loss = session.train_step(step, run.batch(run.train_data, idx).to(run.device))
                 evals = state.evals
                 if (step + 1) % run.per_epoch == 0 or step + 1 == run.total:
-                    batches = -(-len(run.dev_data) // cfg.batch_size)
-                    with progress.phase("evaluating", step + 1, batches) as phase:
-                        result, logits = _dev_metrics(session, run, cfg.batch_size, gold, phase.tick)
-                    evals = evals + [
-                        {"step": step + 1, "epoch": round((step + 1) / run.per_epoch, 3), **result}
-                    ]
-                    progress.say(
-                        f"eval after step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-                    )
+                    entry, logits = _eval_entry(session, run, cfg.batch_size, gold, progress, step + 1)
+                    evals = evals + [entry]
                     if scalar_log is not None:
-                        scalar_log.eval(step + 1, result)
+                        scalar_log.eval(step + 1, entry)
                 state.losses.append(loss)
                 state.evals, state.steps = evals, step + 1
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total:
@@ -158,6 +155,17 @@ def train(
     if cfg.report:
         write_json(cfg.report, report)
     return report
+
+
+def _eval_entry(
+    session, run: Run, batch_size: int, gold: Optional[np.ndarray], progress: Progress, done: int
+) -> Tuple[Dict[str, float], Optional[np.ndarray]]:
+    """The eval_history entry after ``done`` steps (shown as progress), and the dev logits."""
+    batches = -(-len(run.dev_data) // batch_size)
+    with progress.phase("evaluating", done, batches) as phase:
+        result, logits = _dev_metrics(session, run, batch_size, gold, phase.tick)
+    progress.say(f"eval after step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return {"step": done, "epoch": round(done / run.per_epoch, 3), **result}, logits
 
 
 def _dev_metrics(
@@ -238,6 +246,7 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
         "label_private": cfg.label_private,  # the U-shape: the weights hold head.* and tail.*
         "tail_layers": cfg.tail_layers if cfg.label_private else None,
         "rank": cfg.rank,
+        "svd_init": cfg.svd_init,  # the fingerprint covers it (predict and export reopen the session)
         "problem": "causal-lm" if lm else "classification" if run.task.labels is not None else "regression",
         "lm_shape": run.lm_shape,  # causal LM: the rows' shape (generate templates chat runs' prompts)
         "num_labels": 0 if lm else run.task.num_labels,
