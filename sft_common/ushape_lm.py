@@ -23,12 +23,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sft_common.families import fill_buffers
 from sft_common.models import BaseModel
 from sft_common.spec import SplitSpec
 from sft_common.split import (
     CloudHalf,
+    _install,
     _materialise,
     _skeleton,
+    _svd_skeleton,
     build_edge_half,
     build_full_model,
     factorise,
@@ -37,6 +40,7 @@ from sft_common.ushape import (
     CloudMiddle,
     EdgeFactors,
     EdgeHead,
+    EdgeTail,
     UShapeSpec,
     _load_second_tail,
     _validate,
@@ -96,16 +100,17 @@ class LMTail(CloudHalf):
         return self.lm_head(self.norm(h))
 
 
-def input_embedding(head: EdgeHead, vocab: int) -> nn.Embedding:
-    """The token embedding among the head part's modules (Llama's embed_tokens, GPT-2's wte)."""
+def input_embedding(head: nn.Module, vocab: int) -> nn.Embedding:
+    """The token embedding among ``head``'s modules (Llama's embed_tokens, GPT-2's wte)."""
     for module in head.modules():
         if isinstance(module, nn.Embedding) and module.num_embeddings == vocab:
             return module
     raise ValueError(f"no token embedding of {vocab} rows in the edge's head part")
 
 
-def lm_head_for(base: BaseModel, head: EdgeHead, seed: int, device: str = "cpu") -> nn.Module:
-    """The model's LM head: tied to ``head``'s token embedding, or its own (checkpoint or seed)."""
+def lm_head_for(base: BaseModel, head: nn.Module, seed: int, device: str = "cpu") -> nn.Module:
+    """The model's LM head: tied to the token embedding in ``head`` (the U's head part, or the
+    whole model), or its own (checkpoint or seed)."""
     config = base.config
     embedding = input_embedding(head, int(config.vocab_size))
     if getattr(config, "tie_word_embeddings", False):
@@ -151,3 +156,60 @@ def build_ushape_lm_edge(
     tail = LMTail(model, second, lm_head_for(base, head, seed, device))
     _materialise(tail, base, model, seed, device, skip=("tail", "lm_head"))
     return head, tail
+
+
+def build_causal_lm(base: BaseModel, seed: int, device: str = "cpu") -> nn.Module:
+    """The whole unsplit causal LM (``--local --problem causal-lm``): Hugging Face's
+    ``*ForCausalLM`` with the base's weights and the LM head the U's tail gets (``lm_head_for``:
+    tied, so one tensor as in the U, the checkpoint's, or drawn from ``seed``). Its ``logits``
+    are (batch, seq, vocab)."""
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(base)
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    _materialise(model, base, model, seed, device, skip=("lm_head",))
+    model.lm_head = lm_head_for(base, model, seed, device)
+    return model
+
+
+def trained_causal_lm(config, device: str = "cpu") -> nn.Module:
+    """``build_causal_lm``'s model with uninitialised storage, to load a ``--local`` run's
+    trained weights into (no base model needed)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to_empty(device=device)
+    fill_buffers(model)
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head = TiedLMHead(input_embedding(model, int(config.vocab_size)))
+    return model
+
+
+def trained_ushape(
+    config, spec: UShapeSpec, num_labels: int, device: str = "cpu"
+) -> Tuple[EdgeHead, CloudMiddle, nn.Module]:
+    """The U's three parts with uninitialised storage, to load a run's trained weights into (an
+    export: no base model needed): the tail ends in the LM head for ``num_labels`` 0 (a causal
+    LM; tied where the config ties it), else in the task head (``EdgeTail``)."""
+    base = BaseModel(name="trained", config=config, fingerprint="", tokenizer_dir="")
+    model = _skeleton(base, max(num_labels, 1))
+    first, second = spec.cuts(base.num_hidden_layers)
+    if spec.mode == "sft":
+        for cut in (first, second):
+            layer = base.family.layers(model)[cut.split_layer]
+            _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank))
+    model.to_empty(device=device)
+    fill_buffers(model)  # buffers that no state dict carries
+    head = EdgeHead(model, first)
+    if num_labels:
+        return head, CloudMiddle(model, spec), EdgeTail(model, second)
+    lm_head: nn.Module
+    if getattr(config, "tie_word_embeddings", False):
+        lm_head = TiedLMHead(input_embedding(head, int(config.vocab_size)))
+    else:  # loaded from the run's weights (or, under LoRA, the base's)
+        lm_head = nn.Linear(base.hidden_size, int(config.vocab_size), bias=False, device="meta")
+        lm_head.to_empty(device=device)
+    return head, CloudMiddle(model, spec), LMTail(model, second, lm_head)

@@ -206,7 +206,7 @@ class TrainConfig:
         self.check_paths()
 
     def _check_causal_lm(self) -> None:
-        """--problem causal-lm: a JSON Lines --train-file, and always the U (--label-private)."""
+        """--problem causal-lm: a JSON Lines --train-file, and the U (--label-private) or --local."""
         if self.train_file is None:
             raise ValueError("--problem causal-lm trains on your own --train-file (JSON Lines), not a --task")
         if self.text_columns or self.label_column:
@@ -214,11 +214,12 @@ class TrainConfig:
                 "--problem causal-lm takes no --text-columns or --label-column: its rows name their fields "
                 "(text; prompt and completion; or messages)"
             )
-        if not self.label_private:
+        if not self.label_private and not self.local:
             raise ValueError(
                 "--problem causal-lm needs --label-private: in the two-part split the cloud holds the head "
                 "and computes the loss, so it would be sent the labels, which for a language model are the "
-                "text itself (every next token); the U-shape keeps the LM head and the loss here"
+                "text itself (every next token); the U-shape keeps the LM head and the loss here "
+                "(or train the whole model here with --local)"
             )
 
     def check_paths(self) -> None:

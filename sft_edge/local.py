@@ -1,5 +1,8 @@
 """The whole unsplit model in this process (``--local``): the baseline split training is compared with.
 
+A classifier, or (``--problem causal-lm``) Hugging Face's causal LM with the loss on the
+labelled tokens, the U's loss (``sft_common.ushape_lm.build_causal_lm``).
+
 ``LocalSession`` offers what ``EdgeSession`` offers the trainer (train_step, predict, checkpoint,
 restore, close, traffic counters), so one loop drives both.
 """
@@ -12,12 +15,13 @@ import torch
 
 from sft_common.checkpoint import CheckpointDir, owned_state
 from sft_common.families import Decoder
-from sft_common.lora import LoraSpec, lora_on_model
+from sft_common.lora import LoraSpec, apply_lora, lora_on_model
 from sft_common.models import BaseModel
 from sft_common.split import build_full_model, task_loss
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.config import OptimConfig
 from sft_edge.data import Batch
+from sft_edge.lm_data import lm_loss
 
 
 class LocalSession:
@@ -37,14 +41,14 @@ class LocalSession:
         checkpoints: Optional[CheckpointDir] = None,
         start_step: int = 0,
         lora: Optional[LoraSpec] = None,
+        causal_lm: bool = False,
     ):
         self.optim_cfg = optim
         self.device = device
         self.checkpoints = checkpoints
         self.start_step = start_step
-        self.model = build_full_model(base, num_labels, optim.seed, device=device)
-        if lora is not None:  # the same adapters on the whole model; its head stays trainable
-            lora_on_model(self.model, lora, optim.seed)
+        self.model = build_local_model(base, num_labels, optim.seed, device, lora, causal_lm)
+        self.loss = lm_loss if causal_lm else task_loss  # causal LM: next-token loss on the labelled tokens
         self.decoder = isinstance(base.family, Decoder)
         self.optimizer = make_optimizer(self.model.parameters(), optim.lr, optim.weight_decay)
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
@@ -62,7 +66,7 @@ class LocalSession:
     def train_step(self, step: int, batch: Batch) -> float:
         self.model.train()
         with seeded(self.optim_cfg.seed, "local", step):
-            loss = task_loss(self._logits(batch), batch.labels)
+            loss = self.loss(self._logits(batch), batch.labels)
         loss.backward()
         self.optimizer.step()
         self.schedule.step()
@@ -91,3 +95,23 @@ class LocalSession:
 
     def close(self) -> Optional[int]:
         return None
+
+
+def build_local_model(
+    base: BaseModel, num_labels: int, seed: int, device: str = "cpu", lora: Optional[LoraSpec] = None,
+    causal_lm: bool = False,
+) -> torch.nn.Module:  # fmt: skip
+    """The whole model ``--local`` trains (and a ``--local`` run's folder loads into): the
+    classifier with its seeded head, or the causal LM; with LoRA, the adapters on it, the
+    classifier's head trainable, the LM head frozen (as on the U's tail)."""
+    if not causal_lm:
+        model = build_full_model(base, num_labels, seed, device=device)
+        if lora is not None:  # the same adapters on the whole model; its head stays trainable
+            lora_on_model(model, lora, seed)
+        return model
+    from sft_common.ushape_lm import build_causal_lm
+
+    model = build_causal_lm(base, seed, device)
+    if lora is not None:
+        apply_lora(model, lora.resolved(base.config.model_type), seed, "local", keep=[])
+    return model

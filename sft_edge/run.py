@@ -174,8 +174,9 @@ def open_session(
     if cfg.local:
         start = held[0] if held else 0
         local = LocalSession(
-            run.base, run.task.num_labels, run.optim, run.device, checkpoints, start, cfg.lora
-        )
+            run.base, run.task.num_labels, run.optim, run.device, checkpoints, start, cfg.lora,
+            causal_lm=run.lm_shape is not None,
+        )  # fmt: skip
         return local, state
     args = (
         run.task.num_labels, connect or grpc_connector(cfg, route), run.optim, cfg.batch_size, run.max_len,
