@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
     for name, what in (
         ("predict", "predict a file's examples with a trained model (through its daemon, or an export here)"),
-        ("export", "fetch net2 from the daemon: a folder that predicts with no daemon"),
+        ("export", "fetch net2 (the U's middle) from the daemon: a folder that predicts or generates alone"),
         ("forget", "have the daemon delete what it keeps of a finished run"),
     ):
         c = sub.add_parser(name, help=what)
@@ -176,10 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     g = sub.add_parser(
         "generate",
-        help="text from a --problem causal-lm run, through its daemon (no KV cache: each new token "
-        "reruns the whole sequence through the U)",
+        help="text from a --problem causal-lm run, through its daemon, or here from an export or a "
+        "--local run (no KV cache: each new token reruns the whole sequence)",
     )
-    g.add_argument("--run", required=True, help="a --problem causal-lm run's --output-dir")
+    g.add_argument(
+        "--run",
+        required=True,
+        help="a causal-LM run's --output-dir (through its daemon), its export, or a --local run's",
+    )
     g.add_argument("--prompt", required=True, help="the text to continue (a chat run: the user's message)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default 32)")
     g.add_argument(

@@ -288,9 +288,10 @@ class PredictConfig:
 
 @dataclass
 class GenerateConfig:
-    """`sft-edge generate`: text from a causal-LM run, through the daemon that keeps its middle."""
+    """`sft-edge generate`: text from a causal-LM run, through the daemon that keeps its middle,
+    or here (an export of the run, or a --local run)."""
 
-    run: str  # a --problem causal-lm run's --output-dir
+    run: str  # a --problem causal-lm run's --output-dir, its export, or a --local run's --output-dir
     prompt: str
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy (deterministic); > 0: sampled from softmax(logits / T)
@@ -306,7 +307,8 @@ class GenerateConfig:
 
 @dataclass
 class ExportConfig:
-    """`sft-edge export`: a split run and net2 from its daemon, as one folder that predicts alone."""
+    """`sft-edge export`: a split run and net2 (the U's middle) from its daemon, as one folder that
+    predicts (a causal LM: generates) alone."""
 
     run: str
     to: str

@@ -1,12 +1,14 @@
-"""`sft-edge generate`: text from a causal-LM run, through the daemon that keeps its middle.
+"""`sft-edge generate`: text from a causal-LM run, through the daemon that keeps its middle, or here.
 
-The run's ``--output-dir`` holds the edge's head and LM tail; its daemon keeps the middle. The
+A U-shaped run's ``--output-dir`` holds the edge's head and LM tail; its daemon keeps the middle. The
 finished session is reopened for inference only (as ``sft-edge predict`` does for label-private
 runs) and each new token is one evaluation through the U: the head here, the middle on the cloud,
 the tail and the LM head here. There is no KV cache: each token recomputes the whole sequence
 (simple and exactly the trained model's function; it costs a forward over n tokens per token, and
 sends the cloud n rows of rank R each time). The cloud sees what it sees in training: activations
-at the two cuts and a length, never a token id.
+at the two cuts and a length, never a token id. An export of such a run (``sft-edge export``:
+the middle fetched once) or a ``--local`` run's folder generates in this process, no daemon:
+the same function, so the same greedy tokens.
 
 The prompt is fed as training fed a row's start: chat runs' through the tokenizer's chat template
 (one user message and the generation prompt), other runs' as plain text after the BOS the
@@ -73,6 +75,47 @@ def decode(
     return new
 
 
+def local_lm(folder: str, info: Dict, device: str = "cpu") -> Callable[[Batch], torch.Tensor]:
+    """The logits (batch, seq, vocab) of the causal LM in ``folder``, all in this process: an
+    exported U-shaped run (head, middle, LM tail) or a ``--local`` run (the whole model)."""
+    from safetensors.torch import load_file
+
+    from sft_common.checkpoint import load_owned
+    from sft_edge.trained import base_of, load_ushape
+
+    if info["part"] == "ushape":
+        head, middle, tail = load_ushape(folder, info, device)
+
+        @torch.no_grad()
+        def through(batch: Batch) -> torch.Tensor:
+            cut, _ = head(batch.input_ids, batch.attention_mask)
+            return tail(middle(cut, batch.attention_mask)[0], batch.attention_mask)
+
+        return through
+    if info["part"] != "full":
+        raise DataError(f"{folder} holds {info['part']!r} weights, not a causal LM")
+    if info.get("lora"):  # the base by name, the run's adapters on it
+        from sft_common.lora import LoraSpec
+        from sft_edge.local import build_local_model
+
+        lora = LoraSpec.from_dict(info["lora"])
+        model = build_local_model(base_of(info), 0, int(info["seed"]), device, lora, causal_lm=True)
+    else:
+        from transformers import AutoConfig
+
+        from sft_common.ushape_lm import trained_causal_lm
+
+        model = trained_causal_lm(AutoConfig.from_pretrained(folder), device)
+    load_owned(model, load_file(f"{folder}/{info['weights']}", device=device))
+    model.eval()
+
+    @torch.no_grad()
+    def whole(batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    return whole
+
+
 def generate(cfg: GenerateConfig) -> Dict:
     """The completion of ``cfg.prompt`` by the run's model: its text, tokens and why it stopped."""
     from transformers import AutoTokenizer
@@ -84,10 +127,6 @@ def generate(cfg: GenerateConfig) -> Dict:
     info = read_run(cfg.run)
     if info.get("problem") != "causal-lm":
         raise DataError(f"{cfg.run} is not a causal-LM run (--problem causal-lm): it classifies; use predict")
-    if info.get("part") != "edge":
-        raise DataError(
-            f"{cfg.run}: generate reads a causal-LM run's --output-dir (its daemon holds the middle)"
-        )
     tokenizer = AutoTokenizer.from_pretrained(cfg.run)
     chat = info.get("lm_shape") == "chat" and not cfg.raw
     ids = prompt_ids(tokenizer, cfg.prompt, chat)
@@ -98,14 +137,15 @@ def generate(cfg: GenerateConfig) -> Dict:
             "and needs room for one new token"
         )
     device = resolve_device(cfg.device)
-    session = open_finished(cfg.run, info, cfg.connection, device)
-    try:
-        new = decode(
-            session.predict, ids, cfg.max_new_tokens, max_len, cfg.temperature, cfg.seed,
-            tokenizer.eos_token_id, device,
-        )  # fmt: skip
-    finally:
-        session.close()
+    args = (ids, cfg.max_new_tokens, max_len, cfg.temperature, cfg.seed, tokenizer.eos_token_id, device)
+    if info["part"] != "edge":  # an export, or a --local run: the whole model here, no daemon
+        new = decode(local_lm(cfg.run, info, device), *args)
+    else:
+        session = open_finished(cfg.run, info, cfg.connection, device)
+        try:
+            new = decode(session.predict, *args)
+        finally:
+            session.close()
     stopped = "eos" if new and new[-1] == tokenizer.eos_token_id else (
         "max_new_tokens" if len(new) == cfg.max_new_tokens else "max_seq_len"
     )  # fmt: skip

@@ -2,8 +2,9 @@
 
 A split run's ``--output-dir`` holds net1; net2 stays with the daemon that trained it (under its
 ``--checkpoint-dir``). ``predict`` reopens that finished session for inference only; ``export``
-fetches net2 (in chunks, checked by a digest) and writes a folder that predicts with no daemon
-(``sft_edge.trained.load_trained``); ``forget`` has the daemon delete what it keeps. Inputs are
+fetches net2 (a U-shaped run's middle; in chunks, checked by a digest) and writes a folder that
+predicts (or generates) with no daemon (``sft_edge.trained.load_trained``, ``sft_edge.generate``);
+``forget`` has the daemon delete what it keeps. Inputs are
 the training file formats or ``.txt`` (one example a line; a sentence pair separated by a tab);
 outputs ``.csv`` or ``.jsonl``, one row per example with its ``prediction`` and probabilities.
 """
@@ -53,15 +54,16 @@ def predict(cfg: PredictConfig) -> int:
 
 
 def export(cfg: ExportConfig) -> str:
-    """``cfg.to``: both halves, the config, the tokenizer and the label names of a split run."""
+    """``cfg.to``: both halves (a U-shaped run: the edge's head and tail, and the daemon's
+    middle), the config, the tokenizer and the label names of a split run.
+
+    The factorised cuts stay factorised (u, Σ, v as trained): the split model has no residual
+    around them, so multiplying the factors back into a dense linear would not make the folder a
+    stock Hugging Face model; ``load_trained`` and ``sft-edge generate`` build it from the run's
+    own modules instead."""
     info = read_run(cfg.run)
     if info["part"] != "edge":
         raise DataError(f"{cfg.run} is not a split run's --output-dir (it holds {info['part']!r} weights)")
-    if info.get("label_private"):
-        raise DataError(
-            f"{cfg.run} is a label-private (U-shaped) run: export is not done for it yet (the folder "
-            "would need the cloud's middle between the edge's head and tail); predict through the daemon"
-        )
     if os.path.exists(cfg.to) and os.listdir(cfg.to):
         raise DataError(f"{cfg.to} exists and is not empty: export into a new folder")
     session = open_finished(cfg.run, info, cfg.connection, "cpu")
@@ -74,7 +76,8 @@ def export(cfg: ExportConfig) -> str:
     shutil.copytree(cfg.run, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "*.png", "route-key"))
     with open(os.path.join(tmp, "cloud.safetensors"), "wb") as f:
         f.write(weights)
-    info.update(part="split", weights=["edge.safetensors", "cloud.safetensors"])
+    part = "ushape" if info.get("label_private") else "split"  # cloud.safetensors: the middle, or net2
+    info.update(part=part, weights=["edge.safetensors", "cloud.safetensors"])
     with open(os.path.join(tmp, RUN_FILE), "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     if os.path.isdir(cfg.to):

@@ -1,9 +1,9 @@
 """A model to use once training ends: ``load_trained(DIR)`` and its ``predict(texts)``.
 
-``DIR`` is a folder ``sft-edge export`` wrote (both halves of a split run) or the
-``--output-dir`` of a ``--local`` run (the whole model): both hold ``sft_edge.json`` (what was
-trained, the label names), ``config.json``, the tokenizer and safetensors weights, and predict
-with no daemon. A split run's own ``--output-dir`` holds only net1: it predicts through the
+``DIR`` is a folder ``sft-edge export`` wrote (both halves of a split run, or the three parts
+of a U-shaped one) or the ``--output-dir`` of a ``--local`` run (the whole model): each holds
+``sft_edge.json`` (what was trained, the label names), ``config.json``, the tokenizer and
+safetensors weights, and predicts with no daemon (a causal LM's generates: ``sft_edge.generate``). A split run's own ``--output-dir`` holds only net1: it predicts through the
 daemon that keeps net2 (``sft_edge.predict``).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors.torch import load_file
@@ -88,8 +88,19 @@ def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
             f"{folder} holds only the edge half of a split run: predict through the daemon "
             "(sft-edge predict --run DIR --cloud HOST:PORT), or `sft-edge export` it first"
         )
-    config = AutoConfig.from_pretrained(folder)
+    if info.get("problem") == "causal-lm":
+        raise DataError(f"{folder} holds a causal LM: it generates text (sft-edge generate --run DIR)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if info["part"] == "ushape":  # the U's three parts, run one after the other here
+        head, middle, tail = load_ushape(folder, info, device)
+
+        def through(batch, index):
+            cut, _ = head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            return tail(middle(cut, batch.attention_mask)[0], batch.attention_mask)
+
+        parts = nn.ModuleDict({"head": head, "middle": middle, "tail": tail})
+        return TrainedModel(info, tokenizer, through, parts, device)
+    config = AutoConfig.from_pretrained(folder)
     num_labels = int(info["num_labels"])
     spec = None
     if info["part"] != "full":
@@ -124,16 +135,48 @@ def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
     return TrainedModel(info, tokenizer, split, halves, device)
 
 
+def load_ushape(folder: str, info: Dict, device: str = "cpu") -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """The head, middle and tail of an exported U-shaped run (``part`` "ushape"), loaded and in
+    eval mode: built from the config alone, or, under LoRA, from the base model by name with the
+    run's adapters on each part the way training put them. A causal LM's tail ends in its LM head
+    (``num_labels`` 0). The SFT cuts stay factorised (see ``sft_edge.predict.export``)."""
+    from transformers import AutoConfig
+
+    from sft_common.ushape import UShapeSpec, build_ushape_model, lora_part
+    from sft_common.ushape_lm import build_ushape_lm_model, trained_ushape
+
+    spec = UShapeSpec(int(info["split_layer"]), int(info["rank"]), int(info["tail_layers"]), info["mode"])
+    num_labels, seed = int(info["num_labels"]), int(info["seed"])
+    parts: Tuple[nn.Module, nn.Module, nn.Module]
+    if info.get("lora"):
+        from sft_common.lora import LoraSpec
+
+        base, lora = base_of(info), LoraSpec.from_dict(info["lora"])
+        if num_labels:
+            parts = build_ushape_model(base, spec, num_labels, seed, device)
+        else:
+            parts = build_ushape_lm_model(base, spec, seed, device)
+        for which, part in zip(("head", "middle", "tail"), parts):
+            lora_part(part, which, lora, seed)
+    else:
+        parts = trained_ushape(AutoConfig.from_pretrained(folder), spec, num_labels, device)
+    head, middle, tail = parts
+    edge, cloud = (load_file(os.path.join(folder, name), device=device) for name in _weight_files(info))
+    load_owned(nn.ModuleDict({"head": head, "tail": tail}), edge)  # as the edge saved them
+    load_owned(middle, cloud)  # as the daemon saved its middle
+    for part in parts:
+        part.eval()
+    return head, middle, tail
+
+
 def _weight_files(info: Dict) -> List[str]:
     return ["model.safetensors"] if info["part"] == "full" else ["edge.safetensors", "cloud.safetensors"]
 
 
-def _with_lora(info: Dict, spec: Optional[SplitSpec], num_labels: int, device: str):
-    """The pretrained model by name (its fingerprint checked against the run's) with the run's
-    adapters on it, the way training built it: the whole model, or both halves."""
-    from sft_common.lora import LoraSpec, lora_on_halves, lora_on_model
+def base_of(info: Dict):
+    """The pretrained model a run names, checked to be the one it was trained from (its LoRA
+    weights need that base)."""
     from sft_common.models import load_base_model
-    from sft_common.split import build_full_model, build_split_model
 
     base = load_base_model(info["model"])
     if info.get("base_fingerprint") not in (None, base.fingerprint):
@@ -141,6 +184,16 @@ def _with_lora(info: Dict, spec: Optional[SplitSpec], num_labels: int, device: s
             f"{info['model']} here is not the model this run was trained from (fingerprint "
             f"{base.fingerprint[:12]}, the run's {str(info['base_fingerprint'])[:12]}): its LoRA weights need that base"
         )
+    return base
+
+
+def _with_lora(info: Dict, spec: Optional[SplitSpec], num_labels: int, device: str):
+    """The pretrained model by name (its fingerprint checked against the run's) with the run's
+    adapters on it, the way training built it: the whole model, or both halves."""
+    from sft_common.lora import LoraSpec, lora_on_halves, lora_on_model
+    from sft_common.split import build_full_model, build_split_model
+
+    base = base_of(info)
     lora, seed = LoraSpec.from_dict(info["lora"]), int(info["seed"])
     if spec is None:
         model = build_full_model(base, num_labels, seed, device=device)

@@ -15,7 +15,7 @@ import torch
 from sft_common.proto import sft_pb2 as pb
 from sft_edge import cli, predict
 from sft_edge.config import Connection, ExportConfig, PredictConfig, TrainConfig
-from sft_edge.data import DataError
+from sft_edge.trained import load_trained
 
 WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
 
@@ -70,8 +70,12 @@ def test_train_label_private_end_to_end_sends_no_label(tmp_path, recorded, capsy
     gold = [r["verdict"] for r in csv.DictReader(open(dev, newline=""))]
     accuracy = sum(r["prediction"] == g for r, g in zip(rows, gold)) / len(gold)
     assert accuracy == pytest.approx(report["metrics"]["accuracy"])
-    with pytest.raises(DataError, match="label-private .* export is not done"):
-        predict.export(ExportConfig(run, str(tmp_path / "export"), conn))
+    # export: the daemon's middle fetched once; the three parts then predict here, as evaluated
+    predict.export(ExportConfig(run, str(tmp_path / "export"), conn))
+    here = load_trained(str(tmp_path / "export")).predict([(r["opinion"],) for r in rows])
+    assert [h["prediction"] for h in here] == [r["prediction"] for r in rows]
+    for h, r in zip(here, rows):
+        assert h["probabilities"]["good"] == pytest.approx(float(r["probability_good"]), abs=1e-5)
     assert len(registry) == 0
 
 

@@ -1,0 +1,151 @@
+"""A causal LM with no daemon: `--local` training, and the export of a U-shaped run.
+
+`sft-edge train --local --problem causal-lm` trains Hugging Face's causal LM in one process (the
+baseline the U is compared with); its step-0 evaluation is the unsplit base model, which at full
+rank with the residuals kept is also the U's function. `sft-edge export` of a U causal-LM run
+fetches the daemon's middle once; the folder then generates here, the same greedy tokens as
+through the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from sft_edge import cli, predict
+from sft_edge.config import Connection, ExportConfig, GenerateConfig
+from sft_edge.data import DataError
+from sft_edge.generate import generate
+
+WORDS = ["red", "green", "blue", "apple", "river", "stone", "light", "house"]
+PROMPT = "red green blue"
+
+
+def _rows(path, n, offset=0):
+    """Prompt/completion rows: the completion repeats the prompt's words in reverse."""
+    with open(path, "w") as f:
+        for k in range(offset, offset + n):
+            words = [WORDS[(k + j) % len(WORDS)] for j in range(3)]
+            f.write(json.dumps({"prompt": " ".join(words), "completion": " ".join(reversed(words))}) + "\n")
+    return str(path)
+
+
+def _train(tmp_path, *extra, model="random:tiny-llama", steps=6):
+    run = str(tmp_path / "run")
+    argv = [
+        "train", "--problem", "causal-lm", "--train-file", _rows(tmp_path / "train.jsonl", 24),
+        "--dev-file", _rows(tmp_path / "dev.jsonl", 6, 100), "--model", model, "--batch-size", "4",
+        "--max-steps", str(steps), "--lr", "1e-3", "--no-progress", "--output-dir", run,
+        "--report", str(tmp_path / "r.json"), *extra,
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    return run, json.loads((tmp_path / "r.json").read_text())
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_local_causal_lm_learns_reports_perplexity_and_its_folder_generates(tmp_path, lora):
+    """The dev loss falls from the base model's (step 0) and the saved folder gives back the
+    final evaluation (1e-5) and generates with no daemon."""
+    from transformers import AutoTokenizer
+
+    from sft_edge.generate import local_lm
+    from sft_edge.lm_data import collate_lm, lm_loss_sum, load_lm_file
+    from sft_edge.trained import read_run
+
+    run, report = _train(tmp_path, "--local", *(["--peft", "lora"] if lora else []), steps=12)
+    history = report["eval_history"]
+    assert [e["step"] for e in history] == [0, 6, 12] and report["mode"] == "local"
+    assert history[-1]["loss"] < history[0]["loss"] and report["train_loss_last"] < report["train_loss_first"]
+    assert report["metrics"]["perplexity"] == pytest.approx(
+        torch.tensor(report["metrics"]["loss"]).exp().item(), rel=1e-6
+    )
+    assert report["bytes_sent"] == report["bytes_received"] == 0
+    info = read_run(run)
+    assert (info["part"], info["problem"], info["num_labels"]) == ("full", "causal-lm", 0)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(run, "model.safetensors"))
+    assert any("lora_" in k for k in saved) == lora and ("lm_head.weight" in saved) != lora
+
+    logits_of = local_lm(run, info)
+    data = load_lm_file(str(tmp_path / "dev.jsonl"), AutoTokenizer.from_pretrained(run), 128)
+    batch = collate_lm(data, range(len(data)))
+    summed, count = lm_loss_sum(logits_of(batch).float(), batch.labels)
+    assert float(summed) / count == pytest.approx(report["metrics"]["loss"], abs=1e-5)
+    out = generate(GenerateConfig(run, PROMPT, max_new_tokens=4))  # no daemon, no connection
+    assert len(out["tokens"]) == 4 and out["stopped"] == "max_new_tokens"
+
+
+def test_the_local_causal_lm_is_the_u_at_full_rank_with_residuals_kept():
+    """Step 0: --local's model gives the logits of the U's three parts at full rank with both
+    residuals kept (1e-4), for an untied (Llama) and a tied (GPT-2) LM head."""
+    from sft_common.models import load_base_model
+    from sft_common.ushape import UShapeSpec
+    from sft_common.ushape_lm import TiedLMHead, build_causal_lm, build_ushape_lm_model
+    from sft_edge.lm_data import IGNORE, LMEncoded, collate_lm
+
+    batch = collate_lm(
+        LMEncoded([[1100, 1200, 1300, 1400, 1500], [1600, 1700, 1800]], [[IGNORE] * 5, [IGNORE] * 3]), [0, 1]
+    )
+    for name in ("random:tiny-llama", "random:tiny-gpt2"):
+        base = load_base_model(name)
+        model = build_causal_lm(base, seed=3).eval()
+        assert isinstance(model.lm_head, TiedLMHead) == bool(base.config.tie_word_embeddings)
+        spec = UShapeSpec(split_layer=0, rank=base.hidden_size, tail_layers=1, keep_residual=True)
+        head, middle, tail = (p.eval() for p in build_ushape_lm_model(base, spec, seed=3))
+        with torch.no_grad():
+            cut, residual = head(batch.input_ids, batch.attention_mask)
+            second, residual2 = middle(cut, batch.attention_mask, residual)
+            ours = tail(second, batch.attention_mask, residual2)
+            whole = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        mask = batch.attention_mask.bool()
+        assert float((ours[mask] - whole[mask]).abs().max()) <= 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "model, lora",
+    [("random:tiny-llama", False), ("random:tiny-llama", True), ("random:tiny-gpt2", False)],
+    ids=["llama-untied", "llama-untied-lora", "gpt2-tied"],
+)
+def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(tmp_path, recorded, model, lora):
+    """The export holds the edge's head and LM tail and the daemon's middle (as it kept it, the
+    factors factorised); greedy tokens with no daemon = greedy tokens through the daemon."""
+    from safetensors.torch import load_file
+
+    address, registry, _ = recorded
+    extra = ["--label-private", "--cloud", address, "--insecure", *(["--peft", "lora"] if lora else [])]
+    run, report = _train(tmp_path, *extra, model=model)
+    assert report["eval_history"][0]["step"] == 0  # the U's function before training, factorised
+    conn = Connection(cloud=address, insecure=True)
+    remote = generate(GenerateConfig(run, PROMPT, max_new_tokens=6, connection=conn))
+    out = str(tmp_path / "export")
+    predict.export(ExportConfig(run, out, conn))
+    final = f"{registry.checkpoint_dir}/{report['session_id']}/final.safetensors"
+    assert load_file(f"{out}/cloud.safetensors").keys() == load_file(final).keys()
+    assert any(k.endswith("u.weight") for k in load_file(f"{out}/cloud.safetensors"))  # u2: factorised
+    info = json.loads(open(f"{out}/sft_edge.json").read())
+    assert info["part"] == "ushape" and info["weights"] == ["edge.safetensors", "cloud.safetensors"]
+    here = generate(GenerateConfig(out, PROMPT, max_new_tokens=6))  # no connection: no daemon
+    assert here["tokens"] == remote["tokens"] and len(here["tokens"]) == 6
+    with pytest.raises(DataError, match="holds a causal LM: it generates text"):
+        from sft_edge.trained import load_trained
+
+        load_trained(out)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--local", "--label-private"], "--label-private is a split with the cloud"),
+        (["--local", "--micro-batches", "2"], "--local has no link"),
+        (["--local", "--text-columns", "x", "--label-column", "y"], "takes no --text-columns"),
+        (["--local", "--factor-lr", "1e-3"], "--factor-lr needs --mode sft"),
+    ],
+)
+def test_local_causal_lm_refuses_nonsense_at_once(tmp_path, capsys, extra, message):
+    argv = ["train", "--problem", "causal-lm", "--train-file", _rows(tmp_path / "t.jsonl", 4), *extra]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
