@@ -314,7 +314,7 @@ class SessionRegistry:
             return None
         # a U's middle (label_private) freezes other tensors than a two-part net2
         key = (base.fingerprint, config.mode, config.split_layer, config.rank, config.num_labels,
-               config.label_private, config.tail_layers)  # fmt: skip
+               config.label_private, config.tail_layers, config.factorise)  # fmt: skip
         with self._lock:
             return self._frozen.setdefault(key, {})
 

@@ -11,10 +11,11 @@ from sft_common.errors import ProtocolError
 from sft_common.lora import lora_from_config
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec
+from sft_common.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec
 from sft_common.ushape import UShapeSpec
 
 MODES = {pb.SFT: "sft", pb.SL: "sl"}
+FACTORISE = {pb.FFN_OUTPUT: FFN_OUTPUT, pb.FFN_INPUT: FFN_INPUT}
 
 
 def invalid(message: str) -> ProtocolError:
@@ -25,7 +26,12 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
     """The split spec a session config asks for; INVALID_ARGUMENT if it is not well formed."""
     if config.mode not in MODES:
         raise invalid(f"mode {config.mode} is not one of SFT, SL")
-    return SplitSpec(split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode])
+    if config.factorise not in FACTORISE:
+        raise invalid(f"factorise {config.factorise} is not one of FFN_OUTPUT, FFN_INPUT")
+    return SplitSpec(
+        split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode],
+        factorise=FACTORISE[config.factorise],
+    )  # fmt: skip
 
 
 def ushape_from_config(config: pb.SessionConfig) -> UShapeSpec:
@@ -73,6 +79,10 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
         raise invalid(str(exc)) from None
     if config.factor_lr and config.mode != pb.SFT:
         raise invalid("factor_lr is for SFT: plain split learning has no factors")
+    if config.label_private and config.factorise != pb.FFN_OUTPUT:
+        raise invalid(
+            "label_private: the U-shape factorises the FFN output; factorise FFN_INPUT is two-part only"
+        )
     if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay < 1):
         raise invalid(f"weight_decay must be in [0, 1), got {config.weight_decay}")
     if config.total_steps < 1 or not 0 <= config.warmup_steps <= config.total_steps:

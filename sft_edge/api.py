@@ -192,6 +192,7 @@ def wrap(
     tls_key: Optional[str] = None,
     auth_token_file: Optional[str] = None,
     device: Optional[str] = None,
+    factorise: str = TrainConfig.factorise,
 ) -> Tuple[SplitModel, SplitOptimizer]:
     """Turn (model, optimizer) into split training with a cloud session at ``cloud`` (HOST:PORT).
 
@@ -200,7 +201,8 @@ def wrap(
     by PEFT's ``get_peft_model`` with a ``LoraConfig``: both halves then train LoRA adapters of
     its rank, alpha and target modules on a frozen base (``--peft lora``). ``optimizer``: where lr and weight decay come
     from (AdamW defaults of the GLUE recipe when None); ``factor_lr``: the SVD factors' own
-    learning rate (sft-edge's ``--factor-lr``). The connection flags are sft-edge's.
+    learning rate (sft-edge's ``--factor-lr``); ``factorise``: sft-edge's ``--factorise``. The
+    connection flags are sft-edge's.
     """
     lora = _peft_lora(model) if isinstance(model, nn.Module) else None
     if lora is not None:
@@ -213,7 +215,8 @@ def wrap(
         device = str(params[0].device) if params and params[0].device.type != "meta" else "cpu"
     lr, weight_decay = _hyperparameters(optimizer)
     layers = base.num_hidden_layers
-    spec = SplitSpec(split_layer=layers - 1 if split_layer is None else split_layer, rank=rank, mode=mode)
+    split_layer = layers - 1 if split_layer is None else split_layer
+    spec = SplitSpec(split_layer=split_layer, rank=rank, mode=mode, factorise=factorise)
     spec.validate(layers, base.hidden_size, base.intermediate_size)
 
     from sft_edge.credentials import secure_link

@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from sft_common.logs import FORMATS, setup_logging
-from sft_common.spec import MODES
+from sft_common.spec import FACTORISATIONS, MODES
 from sft_edge.config import COMPRESSIONS, PROBLEMS, WIRE_DTYPES
 from sft_edge.config import TrainConfig as D  # every default lives there
 
@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--mode", default=D.mode, choices=MODES, help="sft (rank-R cut) or sl (plain split learning)"
     )
+    t.add_argument(
+        "--factorise", default=D.factorise, choices=FACTORISATIONS,
+        help="SFT: the cut layer's FFN linear that is factorised: ffn-output (default; the paper's cut: "
+        "the edge keeps the residual) or ffn-input (the paper's code's: the edge sends A·r, the "
+        "post-attention residual stream through a rank-R bottleneck; not with --label-private)",
+    )  # fmt: skip
     t.add_argument(
         "--wire-dtype",
         default=D.wire_dtype,

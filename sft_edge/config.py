@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from sft_common.spec import MODES
+from sft_common.spec import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES
 from sft_edge.tasks import get_task
 
 # The packaged pretrained MiniLM-L6 (sft_common.models resolves it; a test checks they agree).
@@ -78,6 +78,7 @@ class TrainConfig:
     split_layer: Optional[int] = None  # None: the last layer
     rank: int = 8
     mode: str = "sft"  # sft | sl
+    factorise: str = FFN_OUTPUT  # sft: ffn-output (the paper's cut) | ffn-input (sft_common.input_cut)
     wire_dtype: str = LinkOptions.wire_dtype
     compression: str = LinkOptions.compression
     batch_size: int = 32
@@ -192,6 +193,7 @@ class TrainConfig:
                 "--label-private is a split with the cloud that sends each step whole: it does not go with "
                 "--local, --micro-batches or --cls-only"
             )
+        self._check_factorise()
         check_factor_lr("local" if self.local else self.mode, self.factor_lr)
         if self.peft not in (None, "lora"):
             raise ValueError(f"--peft must be lora, got {self.peft!r}")
@@ -204,6 +206,25 @@ class TrainConfig:
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs the --output-dir of the run to continue")
         self.check_paths()
+
+    def _check_factorise(self) -> None:
+        """--factorise ffn-input: an SFT cut of the two-part split (--local has no cut: it takes any)."""
+        if self.factorise not in FACTORISATIONS:
+            raise ValueError(
+                f"--factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}"
+            )
+        if self.factorise != FFN_INPUT or self.local:
+            return
+        if self.mode != "sft":
+            raise ValueError(
+                "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states and "
+                "factorises nothing"
+            )
+        if self.label_private:
+            raise ValueError(
+                "--factorise ffn-input does not go with --label-private: the U-shape factorises the FFN "
+                "output at both its cuts"
+            )
 
     def _check_causal_lm(self) -> None:
         """--problem causal-lm: a JSON Lines --train-file, and the U (--label-private) or --local."""

@@ -128,7 +128,7 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     from sft_common.checkpoint import load_owned
     from sft_common.lora import LoraSpec
     from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
+    from sft_common.spec import FFN_OUTPUT, SplitSpec
     from sft_common.ushape import UShapeSpec
     from sft_edge.link import grpc_connector, route_key
     from sft_edge.session import EdgeSession
@@ -137,7 +137,10 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     if not info.get("session_id"):
         raise DataError(f"{folder}: {RUN_FILE} names no cloud session")
     base = load_base_model(info["model"])
-    spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"])
+    spec = SplitSpec(
+        split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"],
+        factorise=info.get("factorise") or FFN_OUTPUT,  # runs from before --factorise: the output
+    )  # fmt: skip
     link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])
     lora = LoraSpec.from_dict(info["lora"]) if info.get("lora") else None
     kw = dict(

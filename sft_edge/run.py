@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel, load_base_model
-from sft_common.spec import SplitSpec
+from sft_common.spec import FFN_OUTPUT, SplitSpec
 from sft_common.training import resolve_device
 from sft_common.ushape import UShapeSpec
 from sft_edge.config import CAUSAL_LM, OptimConfig, TrainConfig
@@ -124,7 +124,8 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     layers = base.num_hidden_layers
     # The default cut: the last layer; for the U, the first (the edge's least work on both ends).
     split_layer = (0 if cfg.label_private else layers - 1) if cfg.split_layer is None else cfg.split_layer
-    spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode)
+    factorise = FFN_OUTPUT if cfg.local else cfg.factorise  # --local has no cut to factorise
+    spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode, factorise=factorise)
     spec.validate(layers, base.hidden_size, base.intermediate_size)
     ushape = None
     if cfg.label_private:

@@ -26,7 +26,7 @@ from sft_common.families import Decoder
 from sft_common.lora import LoraSpec, apply_lora
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
+from sft_common.spec import FFN_INPUT, SplitSpec, session_fingerprint
 from sft_common.split import EdgeHalf, build_edge_half, factor_parameters
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.client import Rollback, SessionClient
@@ -112,6 +112,7 @@ class EdgeSession(SessionClient):
         if self.lora is not None:
             config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
             config.lora_targets.extend(self.lora.targets)
+        config.factorise = pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT
         open_msg = pb.OpenSession(
             config=config,
             fingerprint=self.fingerprint,
@@ -122,7 +123,7 @@ class EdgeSession(SessionClient):
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         u = None
         if spec.mode == "sft":
-            shape = (base.intermediate_size, spec.rank)
+            shape = spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
             u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
         self.net1: EdgeHalf = build_edge_half(base, spec, u, device=device)
         if self.lora is not None:  # adapters; the base frozen, u trainable

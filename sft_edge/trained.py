@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sft_common.checkpoint import load_owned
-from sft_common.spec import SplitSpec
+from sft_common.spec import FFN_OUTPUT, SplitSpec
 from sft_edge.data import DataError, Example, collate, encode
 
 RUN_FILE = "sft_edge.json"
@@ -104,7 +104,8 @@ def load_trained(folder: str, device: str = "cpu") -> TrainedModel:
     num_labels = int(info["num_labels"])
     spec = None
     if info["part"] != "full":
-        spec = SplitSpec(split_layer=int(info["split_layer"]), rank=int(info["rank"] or 1), mode=info["mode"])
+        factorise = info.get("factorise") or FFN_OUTPUT  # runs from before --factorise: the output
+        spec = SplitSpec(int(info["split_layer"]), int(info["rank"] or 1), info["mode"], factorise=factorise)
     if info.get("lora"):  # the weights hold the adapters, factors and head: the base by name
         built = _with_lora(info, spec, num_labels, device)
     else:

@@ -194,6 +194,7 @@ def _report(
         "label_private": cfg.label_private,  # the U-shape: head, tail and loss on the edge
         "tail_layers": cfg.tail_layers if cfg.label_private else None,
         "rank": cfg.rank if (split and cfg.mode == "sft") else None,
+        "factorise": run.spec.factorise if (split and cfg.mode == "sft") else None,
         "wire_dtype": cfg.wire_dtype if split else None,
         "compression": cfg.compression if split else None,
         "steps": state.steps,
@@ -247,6 +248,7 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
         "tail_layers": cfg.tail_layers if cfg.label_private else None,
         "rank": cfg.rank,
         "svd_init": cfg.svd_init,  # the fingerprint covers it (predict and export reopen the session)
+        "factorise": run.spec.factorise,  # the FFN linear cut: predict and export rebuild its halves
         "problem": "causal-lm" if lm else "classification" if run.task.labels is not None else "regression",
         "lm_shape": run.lm_shape,  # causal LM: the rows' shape (generate templates chat runs' prompts)
         "num_labels": 0 if lm else run.task.num_labels,
