@@ -29,6 +29,7 @@ from sft_cloud.lease import (
 )
 from sft_cloud.middle import MiddleSession
 from sft_cloud.session import CloudSession
+from sft_cloud.validation import given_factors
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
 from sft_common.models import BaseModel, ModelError, load_base_model
@@ -79,6 +80,7 @@ class SessionRegistry:
 
     def open(self, msg: pb.OpenSession, owner: str) -> CloudSession:
         """A new session (empty ``session_id``) or an existing one, checked against ``msg``."""
+        cloud_factors = given_factors(msg)  # activation-aware init: only with a new session's open
         if msg.inference_only:
             return self.reopen_finished(msg, owner)
         if msg.session_id:
@@ -94,6 +96,7 @@ class SessionRegistry:
         session = _session_class(msg.config)(
             secrets.token_urlsafe(24), owner, msg.config, base, self.device,
             self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir, self._shared(msg.config, base),
+            cloud_factors=cloud_factors,
         )  # fmt: skip
         _check_fingerprint(msg, session)
         lease, _ = self._take(session)

@@ -16,15 +16,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import grpc
 import torch
 
-from sft_cloud.validation import check_config, invalid
+from sft_cloud.validation import check_config, decode_factors, invalid
 from sft_common import checkpoint, codec
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
 from sft_common.lora import apply_lora, head_parameters, lora_from_config, share_frozen
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import session_fingerprint
-from sft_common.split import build_cloud_half, factor_parameters, lengths_to_mask, task_loss
+from sft_common.spec import PLAIN, session_fingerprint
+from sft_common.split import SVDTail, build_cloud_half, factor_parameters, lengths_to_mask, task_loss
 from sft_common.training import make_optimizer, make_schedule, step_seed
 
 
@@ -32,6 +32,7 @@ class CloudSession:
     """net2 of one edge's run, with its optimizer; applies each training step exactly once."""
 
     net2: torch.nn.Module  # a CloudHalf; a MiddleSession's: the U's middle
+    edge_factor: Optional[torch.Tensor]  # u for the edge (SessionOpened.edge_factor); None: none sent
 
     def __init__(
         self,
@@ -45,9 +46,12 @@ class CloudSession:
         max_seq: int = 512,
         checkpoint_dir: Optional[str] = None,
         shared_base: Optional[Dict[str, torch.nn.Parameter]] = None,
+        cloud_factors: Optional[Tuple[pb.Tensor, pb.Tensor]] = None,
     ):
         """``shared_base``: with LoRA, the frozen parameters of every session of this model and
-        split (filled by the first; later sessions use its tensors instead of their own copies)."""
+        split (filled by the first; later sessions use its tensors instead of their own copies).
+        ``cloud_factors``: Σ and v as the edge computed them (a new activation-aware session; checked
+        by ``validation.given_factors``), used instead of this side's SVD."""
         self.session_id = session_id
         self.owner = owner  # the identity that opened it; only it may attach again
         self.config = config
@@ -60,7 +64,20 @@ class CloudSession:
             base.fingerprint, self.spec, config.num_labels, lora, tail_layers
         )
         self.width = self.spec.cut_width(base.hidden_size)
+        given = None
+        if cloud_factors is not None:
+            if self.spec.init == PLAIN:
+                raise invalid("cloud_sigma and cloud_v come with activation-aware init only")
+            given = decode_factors(cloud_factors, self.spec.rank, base.hidden_size)
         factors = self._build(base, device)
+        if self.spec.init != PLAIN:  # the edge computed u: the cloud's would be the plain SVD's
+            self.edge_factor = None
+        if given is not None:  # (without: rebuilt from a checkpoint, which restores Σ and v)
+            tail = getattr(self.net2, "tail", None)
+            assert isinstance(tail, SVDTail), "activation-aware init needs an SFT cut"
+            with torch.no_grad():
+                tail.sigma.copy_(given[0])
+                tail.v.weight.copy_(given[1].t())
         if self.lora is not None:  # adapters; Σ, v and the head trainable; the base frozen, shareable
             try:
                 self._adapt(factors)

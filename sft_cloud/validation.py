@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import grpc
+import torch
 
 from sft_common import codec
 from sft_common.errors import ProtocolError
 from sft_common.lora import lora_from_config
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec
+from sft_common.spec import ACTIVATION_AWARE, FFN_INPUT, FFN_OUTPUT, PLAIN, SplitSpec
 from sft_common.ushape import UShapeSpec
 
 MODES = {pb.SFT: "sft", pb.SL: "sl"}
 FACTORISE = {pb.FFN_OUTPUT: FFN_OUTPUT, pb.FFN_INPUT: FFN_INPUT}
+INITS = {pb.SVD_INIT_PLAIN: PLAIN, pb.SVD_INIT_ACTIVATION_AWARE: ACTIVATION_AWARE}
 
 
 def invalid(message: str) -> ProtocolError:
@@ -28,8 +31,10 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
         raise invalid(f"mode {config.mode} is not one of SFT, SL")
     if config.factorise not in FACTORISE:
         raise invalid(f"factorise {config.factorise} is not one of FFN_OUTPUT, FFN_INPUT")
+    if config.svd_init not in INITS:
+        raise invalid(f"svd_init {config.svd_init} is not one of SVD_INIT_PLAIN, SVD_INIT_ACTIVATION_AWARE")
     return SplitSpec(
-        split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode],
+        split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode], init=INITS[config.svd_init],
         factorise=FACTORISE[config.factorise],
     )  # fmt: skip
 
@@ -44,6 +49,8 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
     """Validate a session config against the model and the server's limits. Returns the (first)
     cut; a label-private config is checked as a U (``ushape_from_config``) too."""
     spec = spec_from_config(config)
+    if config.label_private and config.svd_init != pb.SVD_INIT_PLAIN:
+        raise invalid("label_private: activation-aware init is for the two-part split only")
     try:
         spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
         if config.label_private:
@@ -91,3 +98,35 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
             f"got {config.total_steps} and {config.warmup_steps}"
         )
     return spec
+
+
+def given_factors(msg: pb.OpenSession) -> Optional[Tuple[pb.Tensor, pb.Tensor]]:
+    """The cloud's factors an open carries (activation-aware init), checked for presence: both
+    or neither; only with the open of a new session, and always there when its config asks for
+    activation-aware init (a re-attach or a reopen keeps the session's own)."""
+    has = msg.HasField("cloud_sigma"), msg.HasField("cloud_v")
+    new = not msg.session_id and not msg.inference_only
+    aware = msg.config.svd_init == pb.SVD_INIT_ACTIVATION_AWARE
+    if any(has) and not new:
+        raise invalid(
+            "cloud_sigma and cloud_v come with the open of a new session only: this session has its own"
+        )
+    if new and any(has) != aware:
+        raise invalid(
+            "svd_init ACTIVATION_AWARE and the edge's factors (cloud_sigma, cloud_v) go together: "
+            + ("the open carries none" if aware else "this session's init is the plain SVD")
+        )
+    if any(has) and not all(has):
+        raise invalid("activation-aware init needs both cloud_sigma and cloud_v")
+    return (msg.cloud_sigma, msg.cloud_v) if all(has) else None
+
+
+def decode_factors(
+    tensors: Tuple[pb.Tensor, pb.Tensor], rank: int, hidden: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Σ (rank,) and v (rank, hidden), or INVALID_ARGUMENT saying what is wrong: not fp32, another
+    shape, NaN or Inf (``codec.decode`` checks each, the size before allocating)."""
+    cap = 4 * rank * hidden
+    sigma = codec.decode(tensors[0], name="cloud_sigma", dtype=pb.FLOAT32, shape=(rank,), max_bytes=cap)
+    v = codec.decode(tensors[1], name="cloud_v", dtype=pb.FLOAT32, shape=(rank, hidden), max_bytes=cap)
+    return sigma, v

@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from sft_common.logs import FORMATS, setup_logging
-from sft_common.spec import FACTORISATIONS, MODES
+from sft_common.spec import FACTORISATIONS, INITS, MODES
 from sft_edge.config import COMPRESSIONS, PROBLEMS, WIRE_DTYPES
 from sft_edge.config import TrainConfig as D  # every default lives there
 
@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--factor-lr", type=float, default=D.factor_lr,
         help="SFT: learning rate of the SVD factors u, Σ, v, on both sides (default: --lr)",
+    )  # fmt: skip
+    t.add_argument(
+        "--svd-init", default=D.svd_init, choices=INITS,
+        help="SFT: how the factors start: plain (default: the cloud's SVD of W) or activation-aware "
+        "(whitened by this device's FFN activations on --calibration-batches training batches, computed "
+        "here; the cloud gets Σ and v, which reveal second-order statistics of those activations: docs/privacy.md)",
+    )  # fmt: skip
+    t.add_argument(
+        "--calibration-batches", type=int, default=D.calibration_batches,
+        help=f"--svd-init activation-aware: training batches for the statistics (default {D.calibration_batches})",
     )  # fmt: skip
     t.add_argument(
         "--peft", choices=["lora"], help="train LoRA adapters (PEFT) on both halves, the base frozen"

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from sft_common.spec import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES
+from sft_common.spec import ACTIVATION_AWARE, FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, INITS, MODES, PLAIN
 from sft_edge.tasks import get_task
 
 # The packaged pretrained MiniLM-L6 (sft_common.models resolves it; a test checks they agree).
@@ -87,6 +87,8 @@ class TrainConfig:
     cls_only: bool = LinkOptions.cls_only
     label_private: bool = False  # the U-shape: the last layers, the head and the loss stay here too
     tail_layers: int = 1  # --label-private: whole layers the edge runs after the cloud's middle
+    svd_init: str = PLAIN  # plain | activation-aware: factors whitened by this device's FFN activations
+    calibration_batches: int = 8  # activation-aware: training batches (seeded order) for the statistics
     epochs: float = 3.0
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     max_train_examples: Optional[int] = None
@@ -195,6 +197,7 @@ class TrainConfig:
             )
         self._check_factorise()
         check_factor_lr("local" if self.local else self.mode, self.factor_lr)
+        self._check_svd_init()
         if self.peft not in (None, "lora"):
             raise ValueError(f"--peft must be lora, got {self.peft!r}")
         if self.peft and (self.lora_rank < 1 or not self.lora_alpha > 0):
@@ -206,6 +209,27 @@ class TrainConfig:
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs the --output-dir of the run to continue")
         self.check_paths()
+
+    def _check_svd_init(self) -> None:
+        """--svd-init activation-aware: SFT factors of the two-part split to initialise."""
+        if self.svd_init not in INITS:
+            raise ValueError(f"--svd-init must be one of {', '.join(INITS)}, got {self.svd_init!r}")
+        if self.svd_init == PLAIN:
+            if self.calibration_batches != TrainConfig.calibration_batches:
+                raise ValueError("--calibration-batches goes with --svd-init activation-aware")
+            return
+        if self.calibration_batches < 1:
+            raise ValueError(f"--calibration-batches must be >= 1, got {self.calibration_batches}")
+        why = (
+            "--local trains the unsplit model" if self.local
+            else "--mode sl factorises nothing" if self.mode != "sft"
+            else "--label-private (the U) starts both cuts from the plain SVD" if self.label_private
+            else None
+        )  # fmt: skip
+        if why:
+            raise ValueError(
+                f"--svd-init {ACTIVATION_AWARE} initialises the SFT factors of the two-part split: {why}"
+            )
 
     def _check_factorise(self) -> None:
         """--factorise ffn-input: an SFT cut of the two-part split (--local has no cut: it takes any)."""

@@ -137,8 +137,9 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     if not info.get("session_id"):
         raise DataError(f"{folder}: {RUN_FILE} names no cloud session")
     base = load_base_model(info["model"])
+    init = info.get("svd_init", "plain")  # runs from before --svd-init: plain
     spec = SplitSpec(
-        split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"],
+        split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"], init=init,
         factorise=info.get("factorise") or FFN_OUTPUT,  # runs from before --factorise: the output
     )  # fmt: skip
     link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from sft_common.checkpoint import CheckpointDir
 from sft_common.models import BaseModel, load_base_model
@@ -16,7 +16,16 @@ from sft_common.spec import FFN_OUTPUT, SplitSpec
 from sft_common.training import resolve_device
 from sft_common.ushape import UShapeSpec
 from sft_edge.config import CAUSAL_LM, OptimConfig, TrainConfig
-from sft_edge.data import Batch, Encoded, Example, collate, encode, load_examples, steps_per_epoch
+from sft_edge.data import (
+    Batch,
+    Encoded,
+    Example,
+    batch_indices,
+    collate,
+    encode,
+    load_examples,
+    steps_per_epoch,
+)
 from sft_edge.files import FileSpec, load_file_task
 from sft_edge.link import grpc_connector, keep_route_key, route_key
 from sft_edge.lm_data import LMEncoded, collate_lm, encode_lm
@@ -125,7 +134,9 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     # The default cut: the last layer; for the U, the first (the edge's least work on both ends).
     split_layer = (0 if cfg.label_private else layers - 1) if cfg.split_layer is None else cfg.split_layer
     factorise = FFN_OUTPUT if cfg.local else cfg.factorise  # --local has no cut to factorise
-    spec = SplitSpec(split_layer=split_layer, rank=cfg.rank, mode=cfg.mode, factorise=factorise)
+    spec = SplitSpec(
+        split_layer=split_layer, rank=cfg.rank, mode=cfg.mode, init=cfg.svd_init, factorise=factorise
+    )
     spec.validate(layers, base.hidden_size, base.intermediate_size)
     ushape = None
     if cfg.label_private:
@@ -189,7 +200,16 @@ def open_session(
             run.base, run.ushape, *args, lora=cfg.lora, causal_lm=run.lm_shape is not None
         )
     else:
-        session = EdgeSession(run.base, run.spec, *args, lora=cfg.lora)
+        session = EdgeSession(
+            run.base, run.spec, *args, lora=cfg.lora, calibration=calibration_batches(cfg, run)
+        )
     state.session_id = session.session_id
     keep_route_key(cfg.output_dir, route)
     return session, state
+
+
+def calibration_batches(cfg: TrainConfig, run: Run) -> Iterator[Batch]:
+    """--svd-init activation-aware: the first ``--calibration-batches`` training batches, in the
+    run's seeded order (those of steps 0, 1, ...), made as they are read."""
+    for k in range(cfg.calibration_batches):
+        yield run.batch(run.train_data, batch_indices(len(run.train_data), cfg.batch_size, cfg.seed, k))

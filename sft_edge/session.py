@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import torch
@@ -26,7 +26,7 @@ from sft_common.families import Decoder
 from sft_common.lora import LoraSpec, apply_lora
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import FFN_INPUT, SplitSpec, session_fingerprint
+from sft_common.spec import FFN_INPUT, PLAIN, SplitSpec, session_fingerprint
 from sft_common.split import EdgeHalf, build_edge_half, factor_parameters
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.client import Rollback, SessionClient
@@ -75,10 +75,14 @@ class EdgeSession(SessionClient):
         backoff: Tuple[float, float] = (0.25, 10.0),
         inference_only: bool = False,
         lora: Optional[LoraSpec] = None,
+        calibration: Optional[Iterable[Batch]] = None,
     ):
         """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``;
         ``start_step`` says where the cloud continues. ``inference_only``: reopen the finished
-        session ``session_id`` to predict, export or forget (no step can change it)."""
+        session ``session_id`` to predict, export or forget (no step can change it).
+        ``calibration``: the batches a new session with ``spec.init`` activation-aware computes
+        its factors from (``sft_edge.calibrate``); re-attached, u comes from this side's
+        checkpoint (``restore``, or the run's weights for inference) and is NaN until then."""
         link = link or LinkOptions()
         link.validate()
         check_factor_lr(spec.mode, optim.factor_lr)
@@ -113,6 +117,7 @@ class EdgeSession(SessionClient):
             config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
             config.lora_targets.extend(self.lora.targets)
         config.factorise = pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT
+        config.svd_init = pb.SVD_INIT_PLAIN if spec.init == PLAIN else pb.SVD_INIT_ACTIVATION_AWARE
         open_msg = pb.OpenSession(
             config=config,
             fingerprint=self.fingerprint,
@@ -120,12 +125,24 @@ class EdgeSession(SessionClient):
             resume_steps=list(resume_steps),
             inference_only=inference_only,
         )
+        net1 = None
+        if spec.init != PLAIN and not session_id:  # the factors from this device's activations
+            if calibration is None:
+                raise ValueError("activation-aware init needs calibration batches to open a session")
+            from sft_edge.calibrate import calibrated_edge_half
+
+            net1, sigma, v = calibrated_edge_half(base, spec, calibration, device)
+            open_msg.cloud_sigma.CopyFrom(codec.encode(sigma, pb.FLOAT32))
+            open_msg.cloud_v.CopyFrom(codec.encode(v, pb.FLOAT32))
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
-        u = None
-        if spec.mode == "sft":
-            shape = spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
+        self._open.ClearField("cloud_sigma")  # a re-attach sends none: the session keeps its own
+        self._open.ClearField("cloud_v")
+        u, shape = None, spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
+        if spec.mode == "sft" and spec.init == PLAIN:
             u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
-        self.net1: EdgeHalf = build_edge_half(base, spec, u, device=device)
+        elif spec.mode == "sft":
+            u = torch.full(shape, float("nan"))  # until restored (unless calibrated above)
+        self.net1: EdgeHalf = net1 if net1 is not None else build_edge_half(base, spec, u, device=device)
         if self.lora is not None:  # adapters; the base frozen, u trainable
             apply_lora(self.net1, self.lora, optim.seed, "edge", keep=factor_parameters(self.net1))
         self.optimizer = make_optimizer(

@@ -113,15 +113,18 @@ class AllocationSpy:
         assert all(0 <= n <= cap for n in self.sizes), f"allocation from a claimed size: {self.sizes}"
 
 
-def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lora=None):
+def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lora=None, init=None):
     """The reference for split training: the same factorised model, both halves under one
     optimizer and one autograd graph, dropout seeded as each side seeds it. With
     ``micro_batches`` > 1 each micro-batch's mean loss counts by its share of the batch,
-    gradients accumulate and the update comes once a step. Returns (edge, cloud, losses)."""
+    gradients accumulate and the update comes once a step. ``init(edge, cloud)``: sets other
+    starting factors than the plain SVD's (activation-aware). Returns (edge, cloud, losses)."""
     from sft_common.split import build_split_model, factor_parameters
     from sft_common.training import make_optimizer, make_schedule, one_process_step
 
     edge, cloud = build_split_model(base, spec, 2, optim.seed)
+    if init is not None:
+        init(edge, cloud)
     if lora is not None:  # the adapters each side puts on its half, seeded as there
         from sft_common.lora import lora_on_halves
 
