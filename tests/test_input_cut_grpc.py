@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import grpc
 import pytest
@@ -56,15 +57,18 @@ def test_grpc_training_equals_one_process(live_server, name, lora):
     edge_ref, cloud_ref, ref_losses = train_in_one_process(base, SPEC, OPTIM, _batches(), lora=adapters)
 
     assert session.next_step == STEPS and session.width == 8
+    # measured (CPU, torch 2.13): losses within 6e-8, parameters within 1.2e-7 (BERT, Llama, ±LoRA)
     assert losses == pytest.approx(ref_losses, abs=1e-6)
     assert _max_diff(edge_ref, backend.net1) <= 1e-6 and _max_diff(cloud_ref, session.net2) <= 1e-6
-    # the factors trained on both sides (not vacuous), and they are what --factor-lr would reach
+    # A and B trained on both sides: the comparison is not vacuous
     assert float((backend.net1.a.weight.detach() - start_a).abs().max()) > 1e-4
     assert float((session.net2.tail.b.weight.detach() - start_b).abs().max()) > 1e-4
     if lora:
-        assert any("lora_B" in n and float(p.detach().abs().max()) > 0 for n, p in backend.net1.named_parameters())
+        assert any(
+            "lora_B" in n and float(p.detach().abs().max()) > 0 for n, p in backend.net1.named_parameters()
+        )
         assert backend.net1.a.weight.requires_grad and session.net2.tail.b.weight.requires_grad
-        assert not any(p.requires_grad for n, p in backend.net1.named_parameters() if "self_attn.o_proj" in n)
+        assert any(not p.requires_grad for p in backend.net1.parameters())  # the base, frozen
     batch = random_batch(batch=5, seq=11, seed=42)
     edge_ref.eval(), cloud_ref.eval()
     with torch.no_grad():
@@ -82,7 +86,10 @@ def test_factor_lr_reaches_a_and_b(live_server, tiny_base):
         tiny_base, SPEC, 2, GrpcTransport(open_channel(address)), optim, batch_size=8, max_seq_len=64
     )
     session = registry.get(backend.session_id)
-    for opt, factor in ((backend.optimizer, backend.net1.a.weight), (session.optimizer, session.net2.tail.b.weight)):
+    for opt, factor in (
+        (backend.optimizer, backend.net1.a.weight),
+        (session.optimizer, session.net2.tail.b.weight),
+    ):
         group = next(g for g in opt.param_groups if any(p is factor for p in g["params"]))
         assert group["initial_lr"] == pytest.approx(1e-2) and len(group["params"]) == 1  # A alone; B alone
     backend.close()
@@ -106,7 +113,10 @@ def test_the_daemon_fingerprints_ffn_input_apart(live_server, tiny_base):
 @pytest.mark.parametrize(
     "config, message",
     [
-        (dict(label_private=True, num_labels=0, tail_layers=1), "label_private: the U-shape factorises the FFN output"),
+        (
+            dict(label_private=True, num_labels=0, tail_layers=1),
+            "label_private: the U-shape factorises the FFN output",
+        ),
         (dict(mode=pb.SL), "--factorise ffn-input needs --mode sft"),
         (dict(rank=33), "rank 33 is out of range: the FFN-input cut's bottleneck reads the 32-wide"),
     ],
@@ -115,7 +125,9 @@ def test_the_daemon_refuses_what_the_input_cut_does_not_fit(live_server, config,
     address, _ = live_server
     config = session_config(split_layer=1, factorise=pb.FFN_INPUT, **config)
     with pytest.raises(CloudError, match=message) as info:
-        GrpcTransport(open_channel(address)).call(pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint="x")))
+        GrpcTransport(open_channel(address)).call(
+            pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint="x"))
+        )
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -138,3 +150,71 @@ def test_the_edge_refuses_a_factor_of_the_wrong_shape(tiny_base):
 
     with pytest.raises(ValueError, match=r"edge factor u must have shape \(32, 8\)"):
         build_edge_half(tiny_base, SPEC, torch.zeros(64, 8))
+
+
+def _reviews(path, n, offset=0):
+    words = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
+    rows = ["opinion,verdict"]
+    for k in range(offset, offset + n):
+        label = "good" if k % 2 else "bad"
+        rows.append(f"a {words[label][k % 4]} film {words[label][(k + 1) % 4]} acting,{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
+    """sft-edge train --factorise ffn-input end to end: every step sends R values a token; Ctrl-C
+    at step 4 and --resume end bit-identical to an uninterrupted run; predict through the daemon,
+    export and load_trained (the export's skeleton is the input cut's) give the final evaluation."""
+    from safetensors.torch import load_file
+
+    from sft_edge import predict
+    from sft_edge.config import Connection, ExportConfig, PredictConfig
+    from sft_edge.trained import load_trained
+    from sft_edge.trainer import Interrupted, train
+
+    address, registry, messages = recorded
+    dev = _reviews(tmp_path / "dev.csv", 12, 100)
+    values = dict(
+        train_file=_reviews(tmp_path / "train.csv", 40), dev_file=dev, text_columns="opinion",
+        label_column="verdict", cloud=address, insecure=True, model="random:tiny", batch_size=8,
+        max_steps=6, lr=1e-3, split_layer=1, factorise="ffn-input", checkpoint_every=3, progress=False,
+    )  # fmt: skip
+    whole = train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
+    steps = [m.train for m, _ in messages if m.HasField("train")]
+    assert len(steps) == 6 and all(list(s.activations.shape) == [sum(s.lengths), 8] for s in steps)
+    assert whole["factorise"] == "ffn-input"
+
+    step = EdgeSession.train_step
+
+    def stop_at_4(self, k, batch):
+        if k == 4:
+            raise KeyboardInterrupt
+        return step(self, k, batch)
+
+    monkeypatch.setattr(EdgeSession, "train_step", stop_at_4)
+    with pytest.raises(Interrupted, match="interrupted at step 4"):
+        train(TrainConfig(output_dir=str(tmp_path / "cut"), **values))
+    monkeypatch.setattr(EdgeSession, "train_step", step)
+    resumed = train(TrainConfig(output_dir=str(tmp_path / "cut"), resume=True, **values))
+    assert resumed["eval_history"] == whole["eval_history"] and resumed["resumes"] == 1
+    edge_a, edge_b = (load_file(str(tmp_path / n / "edge.safetensors")) for n in ("whole", "cut"))
+    assert "a.weight" in edge_a and edge_a.keys() == edge_b.keys()
+    assert all(torch.equal(edge_a[k], edge_b[k]) for k in edge_a)
+    cloud_a, cloud_b = (
+        load_file(f"{registry.checkpoint_dir}/{r['session_id']}/final.safetensors") for r in (whole, resumed)
+    )
+    assert "tail.b.weight" in cloud_a and all(torch.equal(cloud_a[k], cloud_b[k]) for k in cloud_a)
+
+    run, conn = str(tmp_path / "whole"), Connection(cloud=address, insecure=True)
+    assert predict.predict(PredictConfig(run, dev, str(tmp_path / "remote.jsonl"), conn)) == 12
+    remote = [json.loads(line) for line in (tmp_path / "remote.jsonl").read_text().splitlines()]
+    gold = [line.rsplit(",", 1)[1] for line in (tmp_path / "dev.csv").read_text().splitlines()[1:]]
+    accuracy = sum(r["prediction"] == g for r, g in zip(remote, gold)) / 12
+    assert accuracy == pytest.approx(whole["metrics"]["accuracy"])
+    predict.export(ExportConfig(run, str(tmp_path / "export"), conn))
+    texts = [line.rsplit(",", 1)[0] for line in (tmp_path / "dev.csv").read_text().splitlines()[1:]]
+    local = load_trained(str(tmp_path / "export")).predict(texts)
+    for a, b in zip(local, remote):
+        assert a["prediction"] == b["prediction"]
+        assert a["probabilities"]["good"] == pytest.approx(b["probabilities"]["good"], abs=1e-5)

@@ -141,7 +141,8 @@ def test_each_half_holds_its_own_part_of_the_cut_layer(base):
     assert not attend & tail and not edge_top & {"tail", "u"}
     assert not {id(p) for p in edge.parameters()} & {id(p) for p in cloud.parameters()}
     edge_factors, cloud_factors = factor_parameters(edge), factor_parameters(cloud)
-    assert [p.shape for p in edge_factors] == [(8, HIDDEN)] and [p.shape for p in cloud_factors] == [(HIDDEN, 8)]
+    assert [p.shape for p in edge_factors] == [(8, HIDDEN)]
+    assert [p.shape for p in cloud_factors] == [(HIDDEN, 8)]
     assert edge_factors[0] is edge.a.weight and cloud_factors[0] is cloud.tail.b.weight
 
 
