@@ -53,9 +53,12 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sft-r32": ["--mode", "sft", "--rank", "32"],
     "sl": ["--mode", "sl"],
 }
-# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-<wire dtype>], e.g.
-# sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4.
-SFT_NAME = re.compile(r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fp16|bf16|int8|int4))?")
+# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-<wire dtype>],
+# e.g. sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4;
+# -fin: --factorise ffn-input (the FFN-input cut, sft-r8-l0-fin-int8), R values a token as the other.
+SFT_NAME = re.compile(
+    r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fin))?(?:-(fp16|bf16|int8|int4))?"
+)
 # Bytes per token of the cut activations on the wire, by dtype: (per element, per token: the row scale).
 WIRE_BYTES = {"fp32": (4.0, 0), "fp16": (2.0, 0), "bf16": (2.0, 0), "int8": (1.0, 4), "int4": (0.5, 4)}
 FRONTIER_LAYERS = (0, 2, 4, 5)
@@ -98,12 +101,13 @@ class Run:
         if not m:
             raise ValueError(
                 f"unknown configuration {self.config!r} (known: {', '.join(CONFIGS)}, "
-                "or sft-r<R>[-l<split layer>][-flr<factor lr>])"
+                "or sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-<wire dtype>])"
             )
-        rank, layer, factor_lr, dtype = m.groups()
+        rank, layer, factor_lr, input_cut, dtype = m.groups()
         flags = ["--mode", "sft", "--rank", rank]
         flags += ["--split-layer", layer] if layer is not None else []
         flags += ["--factor-lr", factor_lr] if factor_lr is not None else []
+        flags += ["--factorise", "ffn-input"] if input_cut is not None else []
         return flags + (["--wire-dtype", dtype] if dtype is not None else [])
 
 
@@ -112,7 +116,7 @@ def bytes_per_token(config: str, hidden: int = 384) -> Optional[float]:
     if config == "local":
         return None
     m = SFT_NAME.fullmatch(config)
-    width, dtype = (int(m.group(1)), m.group(4) or "fp32") if m else (hidden, "fp32")
+    width, dtype = (int(m.group(1)), m.group(5) or "fp32") if m else (hidden, "fp32")  # R values, either cut
     per_element, per_token = WIRE_BYTES[dtype]
     return width * per_element + per_token
 

@@ -79,6 +79,7 @@ def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
         "sl": 1536,
         "local": None,
     }
+    assert acc.bytes_per_token("sft-r8-l0-fin-int8") == 12  # the FFN-input cut: R values a token too
     plan = acc.plan_runs("frontier", sst2_steps=200)
     assert [r.name for r in plan[:3]] == [
         "sst2-local-m200-s42",
@@ -113,8 +114,16 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
     assert acc.Run("mrpc", "sft-r8-l3-flr1e-3", 1).mode_flags() == [
         *("--mode", "sft", "--rank", "8", "--split-layer", "3", "--factor-lr", "1e-3")
     ]
+    want = "--mode sft --rank 8 --split-layer 0 --factorise ffn-input --wire-dtype int8".split()
+    assert acc.Run("mrpc", "sft-r8-l0-fin-int8", 1).mode_flags() == want
+    assert acc.Run("mrpc", "sft-r16-flr1e-3-fin", 1).mode_flags()[-4:] == [
+        *("--factor-lr", "1e-3", "--factorise", "ffn-input")
+    ]
+    assert acc.split_layer("sft-r8-l0-fin-int8") == 0
     with pytest.raises(ValueError, match="sft-r<R>"):
         acc.Run("mrpc", "sft-r8-flr", 1).mode_flags()
+    with pytest.raises(ValueError, match=r"\[-fin\]"):
+        acc.Run("mrpc", "sft-r8-int8-fin", 1).mode_flags()  # -fin comes before the wire dtype
     args = [
         "--tasks",
         "mrpc",
