@@ -136,6 +136,7 @@ def test_the_daemon_refuses_what_the_input_cut_does_not_fit(live_server, config,
     [
         (dict(label_private=True), "--factorise ffn-input does not go with --label-private"),
         (dict(mode="sl"), "--factorise ffn-input needs --mode sft"),
+        (dict(svd_init="activation-aware"), "starts from the plain SVD of the FFN input"),
         (dict(factorise="ffn-middle"), "--factorise must be one of ffn-output, ffn-input"),
     ],
 )
@@ -218,3 +219,13 @@ def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
     for a, b in zip(local, remote):
         assert a["prediction"] == b["prediction"]
         assert a["probabilities"]["good"] == pytest.approx(b["probabilities"]["good"], abs=1e-5)
+
+
+def test_the_cli_refuses_in_one_line(capsys):
+    """`sft-edge train --factorise ffn-input --label-private`: one error line, exit code 2."""
+    from sft_edge.cli import main
+
+    assert main(["train", "--task", "sst2", "--factorise", "ffn-input", "--label-private"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sft-edge: error: --factorise ffn-input does not go with --label-private")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
