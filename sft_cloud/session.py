@@ -20,6 +20,7 @@ from sft_cloud.validation import check_config, decode_factors, invalid
 from sft_common import checkpoint, codec
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
+from sft_common.input_cut import InputTail
 from sft_common.lora import apply_lora, head_parameters, lora_from_config, share_frozen
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
@@ -64,20 +65,12 @@ class CloudSession:
             base.fingerprint, self.spec, config.num_labels, lora, tail_layers
         )
         self.width = self.spec.cut_width(base.hidden_size)
-        given = None
-        if cloud_factors is not None:
-            if self.spec.init == PLAIN:
-                raise invalid("cloud_sigma and cloud_v come with activation-aware init only")
-            given = decode_factors(cloud_factors, self.spec.rank, base.hidden_size)
+        given = None if cloud_factors is None else decode_factors(cloud_factors, self.spec, base.hidden_size)
         factors = self._build(base, device)
         if self.spec.init != PLAIN:  # the edge computed u: the cloud's would be the plain SVD's
             self.edge_factor = None
-        if given is not None:  # (without: rebuilt from a checkpoint, which restores Σ and v)
-            tail = getattr(self.net2, "tail", None)
-            assert isinstance(tail, SVDTail), "activation-aware init needs an SFT cut"
-            with torch.no_grad():
-                tail.sigma.copy_(given[0])
-                tail.v.weight.copy_(given[1].t())
+        if given is not None:  # (without: rebuilt from a checkpoint, which restores them)
+            self._use_factors(*given)
         if self.lora is not None:  # adapters; Σ, v and the head trainable; the base frozen, shareable
             try:
                 self._adapt(factors)
@@ -122,6 +115,17 @@ class CloudSession:
             base, self.spec, self.config.num_labels, self.config.seed, device=device
         )
         return factor_parameters(self.net2)
+
+    @torch.no_grad()
+    def _use_factors(self, sigma: Optional[torch.Tensor], v: torch.Tensor) -> None:
+        """The edge's activation-aware factors: Σ and v (R, hidden), or B = vᵀ at the FFN input."""
+        tail = getattr(self.net2, "tail", None)
+        if isinstance(tail, SVDTail) and sigma is not None:
+            tail.sigma.copy_(sigma)
+            tail.v.weight.copy_(v.t())
+        else:
+            assert isinstance(tail, InputTail) and sigma is None, "activation-aware init needs an SFT cut"
+            tail.b.weight.copy_(v.t())
 
     def _adapt(self, factors: List[torch.nn.Parameter]) -> None:
         """LoRA on net2: adapters; Σ, v and the head stay trainable."""

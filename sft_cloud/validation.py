@@ -100,33 +100,46 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
     return spec
 
 
-def given_factors(msg: pb.OpenSession) -> Optional[Tuple[pb.Tensor, pb.Tensor]]:
-    """The cloud's factors an open carries (activation-aware init), checked for presence: both
-    or neither; only with the open of a new session, and always there when its config asks for
-    activation-aware init (a re-attach or a reopen keeps the session's own)."""
-    has = msg.HasField("cloud_sigma"), msg.HasField("cloud_v")
+def given_factors(msg: pb.OpenSession) -> Optional[Tuple[Optional[pb.Tensor], pb.Tensor]]:
+    """The cloud's factors an open carries (activation-aware init), checked for presence: only
+    with the open of a new session, and always there when its config asks for activation-aware
+    init (a re-attach or a reopen keeps the session's own); Σ and v at the FFN output, v = Bᵀ
+    alone at the FFN input. Returns (Σ or None, v), or None."""
+    has_sigma, has_v = msg.HasField("cloud_sigma"), msg.HasField("cloud_v")
     new = not msg.session_id and not msg.inference_only
     aware = msg.config.svd_init == pb.SVD_INIT_ACTIVATION_AWARE
-    if any(has) and not new:
+    if (has_sigma or has_v) and not new:
         raise invalid(
             "cloud_sigma and cloud_v come with the open of a new session only: this session has its own"
         )
-    if new and any(has) != aware:
+    if new and (has_sigma or has_v) != aware:
         raise invalid(
             "svd_init ACTIVATION_AWARE and the edge's factors (cloud_sigma, cloud_v) go together: "
             + ("the open carries none" if aware else "this session's init is the plain SVD")
         )
-    if any(has) and not all(has):
-        raise invalid("activation-aware init needs both cloud_sigma and cloud_v")
-    return (msg.cloud_sigma, msg.cloud_v) if all(has) else None
+    if not (new and aware):
+        return None
+    needs_sigma = msg.config.factorise != pb.FFN_INPUT
+    if not has_v or has_sigma != needs_sigma:
+        raise invalid(
+            "activation-aware init at the FFN output needs both cloud_sigma and cloud_v"
+            if needs_sigma
+            else "activation-aware init at the FFN input takes cloud_v (Bᵀ) alone, no cloud_sigma"
+        )
+    return (msg.cloud_sigma if has_sigma else None), msg.cloud_v
 
 
 def decode_factors(
-    tensors: Tuple[pb.Tensor, pb.Tensor], rank: int, hidden: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Σ (rank,) and v (rank, hidden), or INVALID_ARGUMENT saying what is wrong: not fp32, another
-    shape, NaN or Inf (``codec.decode`` checks each, the size before allocating)."""
+    tensors: Tuple[Optional[pb.Tensor], pb.Tensor], spec: SplitSpec, hidden: int
+) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Σ (rank,) or None, and v (rank, hidden), or INVALID_ARGUMENT saying what is wrong: a plain
+    init, not fp32, another shape, NaN or Inf (``codec.decode`` checks those, sizes first)."""
+    if spec.init == PLAIN:
+        raise invalid("cloud_sigma and cloud_v come with activation-aware init only")
+    rank = spec.rank
     cap = 4 * rank * hidden
-    sigma = codec.decode(tensors[0], name="cloud_sigma", dtype=pb.FLOAT32, shape=(rank,), max_bytes=cap)
+    sigma = None
+    if tensors[0] is not None:
+        sigma = codec.decode(tensors[0], name="cloud_sigma", dtype=pb.FLOAT32, shape=(rank,), max_bytes=cap)
     v = codec.decode(tensors[1], name="cloud_v", dtype=pb.FLOAT32, shape=(rank, hidden), max_bytes=cap)
     return sigma, v

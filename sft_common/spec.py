@@ -62,8 +62,6 @@ class SplitSpec:
             )
         if self.keep_residual:
             raise ValueError("keep_residual is for the FFN-output cut: at the FFN input the residual crosses")
-        if self.init != PLAIN:
-            raise ValueError(f"--factorise ffn-input starts from the plain SVD, not {self.init!r}")
         if not 1 <= self.rank <= hidden:
             raise ValueError(
                 f"rank {self.rank} is out of range: the FFN-input cut's bottleneck reads the "

@@ -11,6 +11,9 @@ Returned in ``split.svd_factors``' convention, ``Ŵᵀ = u · diag(Σ) · v``: `
 and ``Ŵ = P_R P_Rᵀ W``: ``P_R`` and ``Σ_R²`` are the top-R eigenvectors and eigenvalues of the
 output's second moment ``W (C + εI) Wᵀ`` (what that tells the cloud: docs/privacy.md).
 
+The FFN-input cut (``--factorise ffn-input``) takes ``principal_directions`` instead: the top-R
+eigenvectors of the residual stream's second moment, ``A = V_Rᵀ`` and ``B = V_R``.
+
 Pure functions of tensors, in float64 on the CPU; float32 results.
 """
 
@@ -75,6 +78,16 @@ def whitened_factors(
     p, sigma, qh = torch.linalg.svd(w @ s, full_matrices=False)
     u = torch.linalg.solve_triangular(s.t(), qh[:rank].t(), upper=True)  # S⁻ᵀ Q_R
     return u.float().contiguous(), sigma[:rank].float().contiguous(), p[:, :rank].t().float().contiguous()
+
+
+def principal_directions(cov: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-R eigenvectors of a second moment (dim, dim), as columns (dim, R), largest first:
+    the rank-R projection ``V_R V_Rᵀ`` minimising ``E||r − V_R V_Rᵀ r||²`` (PCA, uncentred)."""
+    if not 1 <= rank <= cov.shape[0]:
+        raise ValueError(f"rank {rank} is outside 1..{cov.shape[0]}")
+    c = cov.to("cpu", torch.float64)
+    _, vectors = torch.linalg.eigh((c + c.t()) / 2)  # ascending eigenvalues
+    return vectors[:, -rank:].flip(1).float().contiguous()
 
 
 def activation_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:

@@ -1,25 +1,31 @@
 """The edge's calibration pass for ``--svd-init activation-aware``: net1 on a few training batches up
-to the cut layer's FFN activation g, the second moment of g, and the whitened factors it gives.
+to what enters its factor, that input's second moment, and the factors it gives.
 
-The statistics come from the device's data, so they are computed here and never sent: the cloud
-gets Σ_R and v (``OpenSession.cloud_sigma``, ``cloud_v``), the edge keeps u (``sft_common.whiten``
-for the math; docs/privacy.md for what Σ_R and v reveal).
+- The FFN-output cut: g, the cut layer's FFN activation (the input of ``u``); whitened factors of
+  the FFN output weight W (``sft_common.whiten.whitened_factors``). The edge keeps u; the cloud is
+  sent Σ_R (``OpenSession.cloud_sigma``) and v (``cloud_v``, (R, hidden)).
+- The FFN-input cut (``--factorise ffn-input``): r, the post-attention residual stream (the input
+  of ``A``); its top-R principal directions V_R (``principal_directions``): A = V_Rᵀ here, B = V_R
+  on the cloud, sent as ``cloud_v`` = V_Rᵀ (R, hidden), with no Σ.
+
+The statistics come from the device's data, so they are computed here and never sent; what the
+factors reveal of them: docs/privacy.md.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from sft_common.models import BaseModel
-from sft_common.spec import SplitSpec
+from sft_common.spec import FFN_INPUT, SplitSpec
 
 # The meta-device builders (no storage, no random draws), as build_cloud_half uses them.
 from sft_common.split import EdgeHalf, _ffn_out, _materialise, _skeleton, build_edge_half
-from sft_common.whiten import SecondMoment, whitened_factors
+from sft_common.whiten import SecondMoment, principal_directions, whitened_factors
 from sft_edge.data import Batch
 
 log = logging.getLogger("sft_edge")
@@ -34,13 +40,19 @@ def ffn_output_weight(base: BaseModel, spec: SplitSpec) -> torch.Tensor:
     return base.family.ffn_weight(linear).detach()
 
 
+def _factor(net1: EdgeHalf) -> nn.Linear:
+    """The edge's factor: ``u`` (FFN-output cut) or ``A`` (FFN-input cut)."""
+    return net1.a if net1.spec.factorise == FFN_INPUT else net1.u
+
+
 @torch.no_grad()
-def activation_moment(net1: EdgeHalf, batches: Iterable[Batch], device: str) -> SecondMoment:
-    """E[g gᵀ] (float64) of the FFN activation g that enters net1's ``u``, over the real tokens of
-    ``batches``, in eval mode (no dropout)."""
+def input_moment(net1: EdgeHalf, batches: Iterable[Batch], device: str) -> SecondMoment:
+    """E[x xᵀ] (float64) of what enters net1's factor (g, or r at the FFN-input cut), over the
+    real tokens of ``batches``, in eval mode (no dropout)."""
     seen: List[torch.Tensor] = []
-    hook = net1.u.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
-    moment = SecondMoment(net1.u.in_features)
+    factor = _factor(net1)
+    hook = factor.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    moment = SecondMoment(factor.in_features)
     was_training = net1.training
     net1.eval()
     try:
@@ -57,16 +69,23 @@ def activation_moment(net1: EdgeHalf, batches: Iterable[Batch], device: str) -> 
 
 def calibrated_edge_half(
     base: BaseModel, spec: SplitSpec, batches: Iterable[Batch], device: str = "cpu"
-) -> Tuple[EdgeHalf, torch.Tensor, torch.Tensor]:
-    """net1 with its activation-aware u, and the cloud's factors Σ (R,) and v (R, hidden)."""
-    placeholder = torch.zeros(base.intermediate_size, spec.rank)  # g does not depend on u
-    net1 = build_edge_half(base, spec, placeholder, device=device)
-    moment = activation_moment(net1, batches, device)
-    u, sigma, v = whitened_factors(ffn_output_weight(base, spec), moment.matrix(), spec.rank)
+) -> Tuple[EdgeHalf, Optional[torch.Tensor], torch.Tensor]:
+    """net1 with its activation-aware factor, and the cloud's: Σ (R,) and v (R, hidden) for the
+    FFN-output cut; None and V_Rᵀ (R, hidden) for the FFN-input cut."""
+    shape = spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
+    net1 = build_edge_half(base, spec, torch.zeros(shape), device=device)  # what enters it is all we need
+    moment = input_moment(net1, batches, device)
+    sigma: Optional[torch.Tensor] = None
+    if spec.factorise == FFN_INPUT:
+        v = principal_directions(moment.matrix(), spec.rank).t().contiguous()
+        edge = v  # A = V_Rᵀ
+    else:
+        u, sigma, v = whitened_factors(ffn_output_weight(base, spec), moment.matrix(), spec.rank)
+        edge = u.t()
     with torch.no_grad():
-        net1.u.weight.copy_(u.t())
+        _factor(net1).weight.copy_(edge)
     log.info(
-        "activation-aware init: %d calibration tokens at layer %d, rank %d (Σ %.3g .. %.3g)",
-        moment.count, spec.split_layer, spec.rank, float(sigma[0]), float(sigma[-1]),
+        "activation-aware init: %d calibration tokens at layer %d (%s), rank %d",
+        moment.count, spec.split_layer, spec.factorise, spec.rank,
     )  # fmt: skip
     return net1, sigma, v

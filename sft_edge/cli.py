@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument(
         "--svd-init", default=D.svd_init, choices=INITS,
-        help="SFT: how the factors start: plain (default: the cloud's SVD of W) or activation-aware "
-        "(whitened by this device's FFN activations on --calibration-batches training batches, computed "
-        "here; the cloud gets Σ and v, which reveal second-order statistics of those activations: docs/privacy.md)",
+        help="SFT: how the factors start: plain (default: the cloud's SVD) or activation-aware (from "
+        "this device's activations on --calibration-batches training batches, computed here: the FFN "
+        "output whitened by the FFN activations, or with --factorise ffn-input the residual stream's "
+        "principal directions; what the cloud is sent reveals second-order statistics of them: docs/privacy.md)",
     )  # fmt: skip
     t.add_argument(
         "--calibration-batches", type=int, default=D.calibration_batches,

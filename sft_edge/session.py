@@ -132,7 +132,8 @@ class EdgeSession(SessionClient):
             from sft_edge.calibrate import calibrated_edge_half
 
             net1, sigma, v = calibrated_edge_half(base, spec, calibration, device)
-            open_msg.cloud_sigma.CopyFrom(codec.encode(sigma, pb.FLOAT32))
+            if sigma is not None:  # (the FFN-input cut sends B alone)
+                open_msg.cloud_sigma.CopyFrom(codec.encode(sigma, pb.FLOAT32))
             open_msg.cloud_v.CopyFrom(codec.encode(v, pb.FLOAT32))
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         self._open.ClearField("cloud_sigma")  # a re-attach sends none: the session keeps its own

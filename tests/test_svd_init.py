@@ -5,6 +5,7 @@ factors are refused before anything exists, and resuming never calibrates again.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import grpc
@@ -18,8 +19,8 @@ from sft_common import codec
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import ACTIVATION_AWARE, SplitSpec, session_fingerprint
-from sft_common.split import svd_factors
+from sft_common.spec import ACTIVATION_AWARE, FFN_INPUT, FFN_OUTPUT, SplitSpec, session_fingerprint
+from sft_common.split import build_split_model, svd_factors
 from sft_edge import calibrate, cli, predict
 from sft_edge.config import Connection, LinkOptions, OptimConfig, PredictConfig, TrainConfig
 from sft_edge.session import EdgeSession, Rollback
@@ -40,9 +41,9 @@ def _calibration():
     return [random_batch(batch=6, seq=14, seed=100 + k) for k in range(4)]
 
 
-def _edge(base, connect, **kw) -> EdgeSession:
+def _edge(base, connect, spec=SPEC, **kw) -> EdgeSession:
     return EdgeSession(
-        base, SPEC, 2, connect, OPTIM, batch_size=8, max_seq_len=64, link=LinkOptions(wire_dtype="fp32"),
+        base, spec, 2, connect, OPTIM, batch_size=8, max_seq_len=64, link=LinkOptions(wire_dtype="fp32"),
         calibration=_calibration(), **kw,
     )  # fmt: skip
 
@@ -55,33 +56,49 @@ def test_the_plain_fingerprint_is_unchanged_and_activation_aware_has_its_own():
         SplitSpec(3, 8, mode="sl", init=ACTIVATION_AWARE).validate(4, 32, 64)
 
 
-def test_activation_aware_over_grpc_equals_one_process_with_the_same_factors(live_server, tiny_base):
+@pytest.mark.parametrize("factorise", [FFN_OUTPUT, FFN_INPUT])
+def test_activation_aware_over_grpc_equals_one_process_with_the_same_factors(
+    live_server, tiny_base, factorise
+):
     address, registry = live_server
-    _, sigma, v = calibrate.calibrated_edge_half(tiny_base, SPEC, _calibration())  # again, independently
-    edge = _edge(tiny_base, GrpcTransport(open_channel(address)))
+    spec = dataclasses.replace(SPEC, factorise=factorise)
+    _, sigma, v = calibrate.calibrated_edge_half(tiny_base, spec, _calibration())  # again, independently
+    edge = _edge(tiny_base, GrpcTransport(open_channel(address)), spec)
     session = registry.get(edge.session_id)
-    # at step 0 the cloud's tail holds exactly the edge's Σ and v, and it sent no u of its own
-    assert torch.equal(session.net2.tail.sigma.detach(), sigma)
-    assert torch.equal(session.net2.tail.v.weight.detach(), v.t())
+    # at step 0 the cloud's tail holds exactly the edge's factors, and it sent no factor of its own
     assert session.edge_factor is None and session.spec.init == ACTIVATION_AWARE
-    u = edge.net1.u.weight.detach().t().clone()
-    w = calibrate.ffn_output_weight(tiny_base, SPEC)
-    assert torch.allclose(u.t(), torch.diag(1 / sigma) @ v @ w, atol=1e-4)  # uᵀ = Σ⁻¹ v W
-    plain_u, plain_sigma, _ = svd_factors(w, 8)
-    assert float((sigma - plain_sigma).abs().max()) > 1e-2  # not the plain SVD (the test is not vacuous)
+    tail = session.net2.tail
+    if factorise == FFN_OUTPUT:
+        assert torch.equal(tail.sigma.detach(), sigma) and torch.equal(tail.v.weight.detach(), v.t())
+        start = edge.net1.u.weight.detach().clone()
+        w = calibrate.ffn_output_weight(tiny_base, spec)
+        assert torch.allclose(start, torch.diag(1 / sigma) @ v @ w, atol=1e-4)  # uᵀ = Σ⁻¹ v W
+        plain = svd_factors(w, 8)[1]
+        assert float((sigma - plain).abs().max()) > 1e-2  # not the plain SVD (the test is not vacuous)
+    else:  # B = V_R, A = V_Rᵀ: the top-R principal directions of the residual stream r
+        assert sigma is None and torch.equal(tail.b.weight.detach(), v.t())
+        start = edge.net1.a.weight.detach().clone()
+        assert torch.equal(start, v) and torch.allclose(v @ v.t(), torch.eye(8), atol=1e-5)
+        plain = build_split_model(tiny_base, dataclasses.replace(spec, init="plain"), 2, 0)[0].a.weight
+        assert float((plain.detach().abs() - v.abs()).abs().max()) > 1e-2  # not the plain SVD's V_R
 
     losses = [edge.train_step(k, b) for k, b in enumerate(_batches())]
 
     def same_factors(e, c):
         with torch.no_grad():
-            e.u.weight.copy_(u.t())
-            c.tail.sigma.copy_(sigma)
-            c.tail.v.weight.copy_(v.t())
+            if factorise == FFN_OUTPUT:
+                e.u.weight.copy_(start)
+                c.tail.sigma.copy_(sigma)
+                c.tail.v.weight.copy_(v.t())
+            else:
+                e.a.weight.copy_(start)
+                c.tail.b.weight.copy_(v.t())
 
     edge_ref, cloud_ref, ref_losses = train_in_one_process(
-        tiny_base, SPEC, OPTIM, _batches(), init=same_factors
+        tiny_base, spec, OPTIM, _batches(), init=same_factors
     )
-    assert max_diff([u.t()], [edge.net1.u.weight.detach()]) > 1e-4  # u trained
+    trained = edge.net1.a.weight if factorise == FFN_INPUT else edge.net1.u.weight
+    assert max_diff([start], [trained.detach()]) > 1e-4  # the edge's factor trained
     assert max_diff(params(edge_ref), params(edge.net1)) <= 1e-6
     assert max_diff(params(cloud_ref), params(session.net2)) <= 1e-6
     assert losses == pytest.approx(ref_losses, abs=1e-6)
@@ -117,6 +134,11 @@ NAN_V[3, 5] = float("nan")
         (dict(cloud_sigma=codec.encode(torch.full((8,), float("inf")))), "cloud_sigma: contains NaN or Inf"),
         (dict(cloud_v=codec.encode(torch.ones(8, 32), pb.FLOAT16)), "cloud_v: dtype FLOAT16"),
         (dict(cloud_v=None), "needs both cloud_sigma and cloud_v"),
+        (dict(cloud_sigma=None), "needs both cloud_sigma and cloud_v"),
+        (
+            dict(config=session_config(svd_init=pb.SVD_INIT_ACTIVATION_AWARE, factorise=pb.FFN_INPUT)),
+            "cloud_v \\(Bᵀ\\) alone",
+        ),
         (dict(cloud_sigma=None, cloud_v=None), "the open carries none"),
         (dict(config=session_config()), "this session's init is the plain SVD"),
         (dict(session_id="some-session"), "with the open of a new session only"),
@@ -172,13 +194,17 @@ def _registry(base, folder=None):
     return registry
 
 
-def test_a_restarted_cloud_resumes_from_its_checkpoint_and_nothing_is_calibrated_again(tiny_base, tmp_path):
+@pytest.mark.parametrize("factorise", [FFN_OUTPUT, FFN_INPUT])
+def test_a_restarted_cloud_resumes_from_its_checkpoint_and_nothing_is_calibrated_again(
+    tiny_base, tmp_path, factorise
+):
     """The daemon restarts (only its checkpoint of step 2 left): the edge re-attaches without
     factors, both sides restore Σ, v and u from their checkpoints, and the run ends where an
     uninterrupted one ends."""
     cloud_dir = str(tmp_path / "cloud")
     link = _Link(_registry(tiny_base, cloud_dir))
-    edge = _edge(tiny_base, link, checkpoints=CheckpointDir(str(tmp_path / "edge")))
+    spec = dataclasses.replace(SPEC, factorise=factorise)
+    edge = _edge(tiny_base, link, spec, checkpoints=CheckpointDir(str(tmp_path / "edge")))
     batches = _batches()
     for k in range(3):
         if k == 2:
@@ -190,12 +216,14 @@ def test_a_restarted_cloud_resumes_from_its_checkpoint_and_nothing_is_calibrated
     assert caught.value.step == 2
     for k in range(2, STEPS):
         edge.train_step(k, batches[k])
-    assert link.opens[0].HasField("cloud_v") and link.opens[0].HasField("cloud_sigma")
+    assert link.opens[0].HasField("cloud_v") and link.opens[0].HasField("cloud_sigma") == (
+        factorise == FFN_OUTPUT
+    )
     assert len(link.opens) == 2 and not link.opens[1].HasField("cloud_sigma")  # the re-attach: none
     assert not link.opens[1].HasField("cloud_v") and link.opens[1].session_id == edge.session_id
 
     ref_link = _Link(_registry(tiny_base))
-    ref = _edge(tiny_base, ref_link)
+    ref = _edge(tiny_base, ref_link, spec)
     for k, b in enumerate(batches):
         ref.train_step(k, b)
     assert all(torch.equal(a, b) for a, b in zip(params(edge.net1), params(ref.net1)))

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from sft_common.split import svd_factors
-from sft_common.whiten import SecondMoment, activation_error, whitened_factors, whitening
+from sft_common.whiten import (
+    SecondMoment,
+    activation_error,
+    principal_directions,
+    whitened_factors,
+    whitening,
+)
 
 OUT, IN = 16, 40
 
@@ -91,3 +97,20 @@ def test_bad_arguments_are_refused():
         whitened_factors(w, cov, 17)
     with pytest.raises(ValueError, match="not finite"):
         whitening(torch.full((3, 3), float("nan")))
+
+
+def test_principal_directions_reconstruct_the_inputs_best():
+    """The FFN-input cut's A = V_Rᵀ, B = V_R: the top-R eigenvectors of E[r rᵀ], orthonormal, and
+    no rank-R projection onto other orthonormal directions (here: random ones) reconstructs r better."""
+    rows = _correlated()
+    cov = _moment(rows)
+    for rank in (1, 4, 8):
+        v = principal_directions(cov, rank)
+        assert v.shape == (IN, rank) and torch.allclose(v.t() @ v, torch.eye(rank), atol=1e-5)
+        error = activation_error(torch.eye(IN), v @ v.t(), cov)  # E||r − V Vᵀ r||²
+        other = torch.linalg.qr(torch.randn(IN, rank, generator=torch.Generator().manual_seed(rank)))[0]
+        assert error < activation_error(torch.eye(IN), other @ other.t(), cov)
+        eigenvalues = torch.linalg.eigvalsh(cov)  # ascending: the error is the sum of the rest
+        assert error == pytest.approx(float(eigenvalues[: IN - rank].sum()), rel=1e-4)
+    with pytest.raises(ValueError, match="rank 41 is outside 1..40"):
+        principal_directions(cov, 41)
