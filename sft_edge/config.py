@@ -249,10 +249,6 @@ class TrainConfig:
                 "--factorise ffn-input does not go with --label-private: the U-shape factorises the FFN "
                 "output at both its cuts"
             )
-        if self.svd_init != PLAIN:
-            raise ValueError(
-                f"--factorise ffn-input starts from the plain SVD of the FFN input, not --svd-init {self.svd_init}"
-            )
 
     def _check_causal_lm(self) -> None:
         """--problem causal-lm: a JSON Lines --train-file, and the U (--label-private) or --local."""

@@ -136,7 +136,6 @@ def test_the_daemon_refuses_what_the_input_cut_does_not_fit(live_server, config,
     [
         (dict(label_private=True), "--factorise ffn-input does not go with --label-private"),
         (dict(mode="sl"), "--factorise ffn-input needs --mode sft"),
-        (dict(svd_init="activation-aware"), "starts from the plain SVD of the FFN input"),
         (dict(factorise="ffn-middle"), "--factorise must be one of ffn-output, ffn-input"),
     ],
 )
