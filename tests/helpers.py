@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List
+import csv
+from typing import Any, Dict, List
 
 import lz4.block
 import torch
@@ -144,3 +145,41 @@ def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lor
         for k, batch in enumerate(batches)
     ]
     return edge, cloud, losses
+
+
+REVIEW_WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
+
+
+def write_reviews(path, n: int, offset: int = 0) -> str:
+    """A CSV of ``n`` short reviews with column names of our own ("opinion", "verdict") and string
+    labels ("good" / "bad", alternating); ``offset`` gives other sentences (a dev set)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["opinion", "verdict"])
+        for k in range(offset, offset + n):
+            label = "good" if k % 2 else "bad"
+            words = REVIEW_WORDS[label]
+            w.writerow([f"a {words[k % 4]} film, {words[(k + 1) % 4]} acting", label])
+    return str(path)
+
+
+def interrupt_then_resume(monkeypatch, session_class, values: Dict[str, Any], output_dir, at: int = 4):
+    """Ctrl-C during step ``at`` of ``train(TrainConfig(output_dir, **values))`` (``session_class``'s
+    train_step raises KeyboardInterrupt), then ``--resume`` in the same folder: the resumed report."""
+    import pytest
+
+    from sft_edge.config import TrainConfig
+    from sft_edge.trainer import Interrupted, train
+
+    step = session_class.train_step
+
+    def stop(self, k, batch):
+        if k == at:
+            raise KeyboardInterrupt
+        return step(self, k, batch)
+
+    monkeypatch.setattr(session_class, "train_step", stop)
+    with pytest.raises(Interrupted, match=f"interrupted at step {at}"):
+        train(TrainConfig(output_dir=str(output_dir), **values))
+    monkeypatch.setattr(session_class, "train_step", step)
+    return train(TrainConfig(output_dir=str(output_dir), resume=True, **values))

@@ -9,7 +9,7 @@ import json
 import grpc
 import pytest
 import torch
-from helpers import random_batch, session_config, train_in_one_process
+from helpers import interrupt_then_resume, random_batch, session_config, train_in_one_process, write_reviews
 
 from sft_common.lora import LoraSpec
 from sft_common.models import load_base_model
@@ -152,16 +152,6 @@ def test_the_edge_refuses_a_factor_of_the_wrong_shape(tiny_base):
         build_edge_half(tiny_base, SPEC, torch.zeros(64, 8))
 
 
-def _reviews(path, n, offset=0):
-    words = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
-    rows = ["opinion,verdict"]
-    for k in range(offset, offset + n):
-        label = "good" if k % 2 else "bad"
-        rows.append(f"a {words[label][k % 4]} film {words[label][(k + 1) % 4]} acting,{label}")
-    path.write_text("\n".join(rows) + "\n")
-    return str(path)
-
-
 def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
     """sft-edge train --factorise ffn-input end to end: every step sends R values a token; Ctrl-C
     at step 4 and --resume end bit-identical to an uninterrupted run; predict through the daemon,
@@ -171,12 +161,12 @@ def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
     from sft_edge import predict
     from sft_edge.config import Connection, ExportConfig, PredictConfig
     from sft_edge.trained import load_trained
-    from sft_edge.trainer import Interrupted, train
+    from sft_edge.trainer import train
 
     address, registry, messages = recorded
-    dev = _reviews(tmp_path / "dev.csv", 12, 100)
+    dev = write_reviews(tmp_path / "dev.csv", 12, 100)
     values = dict(
-        train_file=_reviews(tmp_path / "train.csv", 40), dev_file=dev, text_columns="opinion",
+        train_file=write_reviews(tmp_path / "train.csv", 40), dev_file=dev, text_columns="opinion",
         label_column="verdict", cloud=address, insecure=True, model="random:tiny", batch_size=8,
         max_steps=6, lr=1e-3, split_layer=1, factorise="ffn-input", checkpoint_every=3, progress=False,
     )  # fmt: skip
@@ -185,18 +175,7 @@ def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
     assert len(steps) == 6 and all(list(s.activations.shape) == [sum(s.lengths), 8] for s in steps)
     assert whole["factorise"] == "ffn-input"
 
-    step = EdgeSession.train_step
-
-    def stop_at_4(self, k, batch):
-        if k == 4:
-            raise KeyboardInterrupt
-        return step(self, k, batch)
-
-    monkeypatch.setattr(EdgeSession, "train_step", stop_at_4)
-    with pytest.raises(Interrupted, match="interrupted at step 4"):
-        train(TrainConfig(output_dir=str(tmp_path / "cut"), **values))
-    monkeypatch.setattr(EdgeSession, "train_step", step)
-    resumed = train(TrainConfig(output_dir=str(tmp_path / "cut"), resume=True, **values))
+    resumed = interrupt_then_resume(monkeypatch, EdgeSession, values, tmp_path / "cut")
     assert resumed["eval_history"] == whole["eval_history"] and resumed["resumes"] == 1
     edge_a, edge_b = (load_file(str(tmp_path / n / "edge.safetensors")) for n in ("whole", "cut"))
     assert "a.weight" in edge_a and edge_a.keys() == edge_b.keys()
@@ -217,7 +196,10 @@ def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
     local = load_trained(str(tmp_path / "export")).predict(texts)
     for a, b in zip(local, remote):
         assert a["prediction"] == b["prediction"]
-        assert a["probabilities"]["good"] == pytest.approx(b["probabilities"]["good"], abs=1e-5)
+        # fp32 either way, summed in another order (padded batch here, packed rows there); measured
+        # up to 1.9e-5 with these sentences: at the FFN-input cut the R values carry the residual
+        # stream, whose magnitude is the hidden state's, not the FFN activation's.
+        assert a["probabilities"]["good"] == pytest.approx(b["probabilities"]["good"], abs=5e-5)
 
 
 def test_the_cli_refuses_in_one_line(capsys):

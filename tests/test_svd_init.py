@@ -11,7 +11,15 @@ import json
 import grpc
 import pytest
 import torch
-from helpers import max_diff, params, random_batch, session_config, train_in_one_process
+from helpers import (
+    interrupt_then_resume,
+    max_diff,
+    params,
+    random_batch,
+    session_config,
+    train_in_one_process,
+    write_reviews,
+)
 
 from sft_cloud.protocol import StreamProtocol
 from sft_cloud.registry import SessionRegistry
@@ -234,29 +242,14 @@ def test_a_restarted_cloud_resumes_from_its_checkpoint_and_nothing_is_calibrated
     )
 
 
-WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
-
-
-def _reviews(path, n, offset=0):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["opinion", "verdict"])
-        for k in range(offset, offset + n):
-            label = "good" if k % 2 else "bad"
-            w.writerow([f"a {WORDS[label][k % 4]} film, {WORDS[label][(k + 1) % 4]} acting", label])
-    return str(path)
-
-
 def test_cli_train_then_resume_and_predict(tmp_path, recorded, monkeypatch):
     """`sft-edge train --svd-init activation-aware` end to end; then Ctrl-C at step 4 and --resume
     from the checkpoint of step 3 ends bit-identical to the whole run, without a second
     calibration; predict through the daemon reopens the run (its fingerprint covers the init)."""
     from safetensors.torch import load_file
 
-    from sft_edge.trainer import Interrupted, train
-
     address, registry, messages = recorded
-    train_file, dev = _reviews(tmp_path / "train.csv", 40), _reviews(tmp_path / "dev.csv", 12, 100)
+    train_file, dev = write_reviews(tmp_path / "train.csv", 40), write_reviews(tmp_path / "dev.csv", 12, 100)
     calls = []
     calibrated = calibrate.calibrated_edge_half
     monkeypatch.setattr(
@@ -282,21 +275,9 @@ def test_cli_train_then_resume_and_predict(tmp_path, recorded, monkeypatch):
         insecure=True, model="random:tiny", batch_size=8, max_steps=6, lr=1e-3, checkpoint_every=3,
         svd_init=ACTIVATION_AWARE, calibration_batches=3, progress=False,
     )  # fmt: skip
-    step = EdgeSession.train_step
-
-    def stop_at_4(self, k, batch):
-        if k == 4:
-            raise KeyboardInterrupt
-        return step(self, k, batch)
-
-    monkeypatch.setattr(EdgeSession, "train_step", stop_at_4)
-    with pytest.raises(Interrupted, match="interrupted at step 4"):
-        train(TrainConfig(output_dir=str(tmp_path / "cut"), **values))
-    monkeypatch.setattr(EdgeSession, "train_step", step)
-    del messages[:]
-    resumed = train(TrainConfig(output_dir=str(tmp_path / "cut"), resume=True, **values))
+    resumed = interrupt_then_resume(monkeypatch, EdgeSession, values, tmp_path / "cut")
     assert len(calls) == 2  # the whole run and the interrupted one; --resume calibrated nothing
-    reattach = messages[0][0].open
+    reattach = next(m[0].open for m in messages if m[0].open.session_id)  # the --resume
     assert reattach.session_id and not reattach.HasField("cloud_sigma") and not reattach.HasField("cloud_v")
     assert resumed["eval_history"] == whole["eval_history"] and resumed["resumes"] == 1
     edge_a, edge_b = (load_file(str(tmp_path / n / "edge.safetensors")) for n in ("whole", "cut"))

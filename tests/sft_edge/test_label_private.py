@@ -11,30 +11,19 @@ import json
 
 import pytest
 import torch
+from helpers import interrupt_then_resume, write_reviews
 
 from sft_common.proto import sft_pb2 as pb
 from sft_edge import cli, predict
 from sft_edge.config import Connection, ExportConfig, PredictConfig, TrainConfig
 from sft_edge.trained import load_trained
 
-WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
-
-
-def _reviews(path, n, offset=0):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["opinion", "verdict"])
-        for k in range(offset, offset + n):
-            label = "good" if k % 2 else "bad"
-            w.writerow([f"a {WORDS[label][k % 4]} film, {WORDS[label][(k + 1) % 4]} acting", label])
-    return str(path)
-
 
 def test_train_label_private_end_to_end_sends_no_label(tmp_path, recorded, capsys):
     address, registry, messages = recorded
-    run, dev = str(tmp_path / "run"), _reviews(tmp_path / "dev.csv", 12, 100)
+    run, dev = str(tmp_path / "run"), write_reviews(tmp_path / "dev.csv", 12, 100)
     argv = [
-        "train", "--train-file", _reviews(tmp_path / "train.csv", 40), "--dev-file", dev,
+        "train", "--train-file", write_reviews(tmp_path / "train.csv", 40), "--dev-file", dev,
         "--text-columns", "opinion", "--label-column", "verdict", "--cloud", address, "--insecure",
         "--model", "random:tiny", "--batch-size", "8", "--max-steps", "6", "--lr", "1e-3",
         "--label-private", "--tail-layers", "2", "--output-dir", run, "--report", str(tmp_path / "r.json"),
@@ -98,7 +87,7 @@ def test_a_u_that_leaves_the_cloud_no_layer_is_refused_before_training(tmp_path)
     from sft_edge.run import prepare
 
     cfg = TrainConfig(
-        train_file=_reviews(tmp_path / "t.csv", 20), text_columns="opinion", label_column="verdict",
+        train_file=write_reviews(tmp_path / "t.csv", 20), text_columns="opinion", label_column="verdict",
         model="random:tiny", label_private=True, split_layer=1, tail_layers=2,
     )  # fmt: skip
     with pytest.raises(ValueError, match="leave the cloud no layer"):
@@ -111,28 +100,17 @@ def test_an_edge_restart_with_resume_ends_as_an_uninterrupted_run(tmp_path, reco
     phases from its cache, and both sides end bit-identical to a run that was never stopped."""
     from safetensors.torch import load_file
 
-    from sft_edge.trainer import Interrupted, train
+    from sft_edge.trainer import train
     from sft_edge.ushape_session import UShapeSession
 
     address, registry, _ = recorded
     values = dict(
-        train_file=_reviews(tmp_path / "train.csv", 40), dev_file=_reviews(tmp_path / "dev.csv", 12, 100),
+        train_file=write_reviews(tmp_path / "train.csv", 40), dev_file=write_reviews(tmp_path / "dev.csv", 12, 100),
         text_columns="opinion", label_column="verdict", cloud=address, insecure=True, model="random:tiny",
         batch_size=8, max_steps=6, lr=1e-3, label_private=True, checkpoint_every=3, progress=False,
     )  # fmt: skip
     whole = train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
-    step = UShapeSession.train_step
-
-    def stop_at_4(self, k, batch):
-        if k == 4:
-            raise KeyboardInterrupt
-        return step(self, k, batch)
-
-    monkeypatch.setattr(UShapeSession, "train_step", stop_at_4)
-    with pytest.raises(Interrupted, match="interrupted at step 4"):
-        train(TrainConfig(output_dir=str(tmp_path / "cut"), **values))
-    monkeypatch.setattr(UShapeSession, "train_step", step)
-    resumed = train(TrainConfig(output_dir=str(tmp_path / "cut"), resume=True, **values))
+    resumed = interrupt_then_resume(monkeypatch, UShapeSession, values, tmp_path / "cut")
     assert resumed["eval_history"] == whole["eval_history"] and resumed["resumes"] == 1
     for name in ("whole", "cut"):
         assert (tmp_path / name / "edge.safetensors").is_file()

@@ -8,6 +8,7 @@ import os
 
 import grpc
 import pytest
+from helpers import write_reviews
 
 from sft_cloud.registry import SessionRegistry
 from sft_cloud.server import ServeConfig, create_server
@@ -16,8 +17,6 @@ from sft_edge.config import Connection, ExportConfig, PredictConfig
 from sft_edge.trained import load_trained
 from sft_edge.trainer import TrainConfig, train
 from sft_edge.transport import CloudError
-
-WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"]}
 
 
 @pytest.fixture
@@ -29,20 +28,9 @@ def daemon(tmp_path):
     server.stop(0).wait()
 
 
-def _reviews(path, n, offset=0):
-    """A CSV with column names of our own and string labels."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["opinion", "verdict"])
-        for k in range(offset, offset + n):
-            label = "good" if k % 2 else "bad"
-            w.writerow([f"a {WORDS[label][k % 4]} film, {WORDS[label][(k + 1) % 4]} acting", label])
-    return str(path)
-
-
 def _train(tmp_path, cloud, **kw):
     values = dict(
-        train_file=_reviews(tmp_path / "train.csv", 40), dev_file=_reviews(tmp_path / "dev.csv", 12, 100),
+        train_file=write_reviews(tmp_path / "train.csv", 40), dev_file=write_reviews(tmp_path / "dev.csv", 12, 100),
         text_columns="opinion", label_column="verdict", cloud=cloud, insecure=True, model="random:tiny",
         batch_size=8, max_steps=6, lr=1e-3, output_dir=str(tmp_path / "run"), progress=False,
     )  # fmt: skip
