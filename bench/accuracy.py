@@ -354,6 +354,9 @@ def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Di
     lines = ["| split layer | config | bytes/token | " + " | ".join(f"Δ {c} (n)" for c in columns) + " | mean Δ |",
              "|---|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
     best: Dict[int, Tuple[float, str]] = {}
+    layer_tasks: Dict[int, set] = {}  # the tasks run at each layer: a best point must have run them all
+    for (layer, _), by in deltas.items():
+        layer_tasks.setdefault(layer, set()).update(by)
     for (layer, cfg), by in sorted(
         deltas.items(), key=lambda kv: (kv[0][0], bytes_per_token(kv[0][1]) or 0, kv[0][1])
     ):
@@ -361,10 +364,10 @@ def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Di
         mean = statistics.mean(statistics.mean(v) for v in by.values())
         b = bytes_per_token(cfg) or 0.0
         lines.append(f"| {layer} | {cfg} | {b:g} | " + " | ".join(cells) + f" | {mean:+.2f} |")
-        if b <= max_bytes and len(by) == len(columns) and mean > best.get(layer, (-1e9, ""))[0]:
+        if b <= max_bytes and set(by) == layer_tasks[layer] and mean > best.get(layer, (-1e9, ""))[0]:
             best[layer] = (mean, cfg)
     chosen = [{"split_layer": layer, "flags": Run("sst2", cfg, 0).mode_flags(), "bytes_per_token": bytes_per_token(cfg),
-               "mean_delta_vs_local": round(mean, 2), "tasks": columns} for layer, (mean, cfg) in sorted(best.items())]  # fmt: skip
+               "mean_delta_vs_local": round(mean, 2), "tasks": sorted(layer_tasks[layer])} for layer, (mean, cfg) in sorted(best.items())]  # fmt: skip
     return "\n".join(lines) + "\n", chosen
 
 

@@ -102,11 +102,14 @@ def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
     records += [rec("sst2", "sft-r8-l0-fp16", 0.70), rec("mrpc", "sft-r8-l0-fp16", 0.66, "e1")]
     records += [rec("sst2", "sft-r24-l0-int4", 0.76), rec("mrpc", "sft-r24-l0-int4", 0.65, "e1")]  # best mean
     records += [rec("sst2", "sft-r64-l0-int4", 0.80), rec("mrpc", "sft-r64-l0-int4", 0.70, "e1")]  # 36 bytes
-    records += [rec("sst2", "sft-r12-l0-int8", 0.79)]  # one task only: not comparable
+    records += [rec("sst2", "sft-r12-l0-int8", 0.79)]  # one of layer 0's two tasks only: not comparable
+    records += [rec("sst2", "sft-r8-l2-fin-fp16", 0.78)]  # layer 2 ran SST-2 alone: its best on that task
     text, best = acc.frontier(records)
     assert "| 0 | sft-r24-l0-int4 | 16 | -5.00 (1) | -4.00 (1) | -4.50 |" in text
     assert best == [{"split_layer": 0, "flags": ["--mode", "sft", "--rank", "24", "--split-layer", "0", "--wire-dtype", "int4"],
-                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.5, "tasks": ["mrpc e1", "sst2 m200"]}]  # fmt: skip
+                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.5, "tasks": ["mrpc e1", "sst2 m200"]},
+                    {"split_layer": 2, "flags": ["--mode", "sft", "--rank", "8", "--split-layer", "2", "--factorise", "ffn-input", "--wire-dtype", "fp16"],
+                     "bytes_per_token": 16.0, "mean_delta_vs_local": -2.0, "tasks": ["sst2 m200"]}]  # fmt: skip
 
 
 def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, capsys):
