@@ -1,0 +1,46 @@
+# Issue 16: SmolLM2-135M-Instruct + LoRA as a causal LM on MRPC paraphrases, the U-shaped split through
+# a real daemon against --local at the same budget (docs/accuracy.md). Run in this order, one at a time,
+# from the repository root on the 2-core CPU (2026-11-26) beside other benchmarks at nice 12.
+export OMP_NUM_THREADS=1
+python -m bench.common --mrpc-paraphrases /tmp/smolmrpc   # {"train": 2473, "dev": 200}
+COMMON="--problem causal-lm --train-file /tmp/smolmrpc/train.jsonl --dev-file /tmp/smolmrpc/dev.jsonl \
+  --model smollm2-135m-instruct --peft lora --max-steps 80 --batch-size 8 --max-seq-len 96 --lr 5e-4 --seed 42 --no-progress"
+
+# 1. the U (first cut at layer 0, one tail layer, rank 8, fp32): paraphrase-u-lora-r8-m80-s42.json
+nice -n 10 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51127 --checkpoint-dir /tmp/smolu/cloud &
+/usr/bin/time -v nice -n 10 python -m sft_edge.cli train $COMMON --label-private --cloud 127.0.0.1:51127 --insecure \
+  --output-dir /tmp/smolu/run --report /tmp/smolu/u-report.json
+# the dev prompt's trailing newline kept (command substitution would strip it)
+PROMPT="$(python -c "import json;print(json.loads(open('/tmp/smolmrpc/dev.jsonl').readline())['prompt'], end='')"; echo x)"
+PROMPT="${PROMPT%x}"
+python -m sft_edge.cli export --run /tmp/smolu/run --to /tmp/smolu/export --cloud 127.0.0.1:51127 --insecure
+kill %1   # the daemon: the export generates without it
+python -m sft_edge.cli generate --run /tmp/smolu/export --prompt "$PROMPT" --max-new-tokens 32 --json
+
+# 2. --local at the same budget: paraphrase-local-lora-m80-s42.json (its step 0 is the base model)
+/usr/bin/time -v nice -n 10 python -m sft_edge.cli train $COMMON --local --output-dir /tmp/smolu/local \
+  --report /tmp/smolu/local-report.json
+python -m sft_edge.cli generate --run /tmp/smolu/local --prompt "$PROMPT" --max-new-tokens 32 --json
+
+# 3. the U with the SVD factors at 10x the learning rate: paraphrase-u-lora-r8-flr5e-3-m80-s42.json
+nice -n 10 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 45527 --checkpoint-dir /tmp/smolu/cloud2 &
+/usr/bin/time -v nice -n 10 python -m sft_edge.cli train $COMMON --label-private --factor-lr 5e-3 \
+  --cloud 127.0.0.1:45527 --insecure --output-dir /tmp/smolu/run2 --report /tmp/smolu/u2-report.json
+python -m sft_edge.cli generate --run /tmp/smolu/run2 --prompt "$PROMPT" --max-new-tokens 32 --json \
+  --cloud 127.0.0.1:45527 --insecure
+
+# the base model's greedy completion (no run folder holds it): build_causal_lm + generate.decode
+python - <<'PY'
+import json, torch
+from transformers import AutoTokenizer
+from sft_common.models import load_base_model
+from sft_common.ushape_lm import build_causal_lm
+from sft_edge.generate import decode, prompt_ids
+prompt = json.loads(open("/tmp/smolmrpc/dev.jsonl").readline())["prompt"]
+base = load_base_model("smollm2-135m-instruct")
+model, tok = build_causal_lm(base, 42).eval(), AutoTokenizer.from_pretrained(base.tokenizer_dir)
+with torch.no_grad():
+    new = decode(lambda b: model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits,
+                 prompt_ids(tok, prompt, chat=False), 32, 96, eos=tok.eos_token_id)
+print(tok.decode(new, skip_special_tokens=True))
+PY
