@@ -18,6 +18,13 @@ input, and at full rank the three parts reproduce the unsplit model.
 Who holds what: the cloud reads the base weights of layers l1..l2 (it computes both SVDs) and
 sends the edge ``EdgeFactors``: u1 for the head, Σ2 and v2 for the tail. The edge reads the rest
 of the base weights itself, the original bias and norm of l2's FFN output included.
+
+With ``factorise`` "ffn-input" both cuts are FFN-input cuts (``sft_common.input_cut``): the head
+ends with l1's attention part and A1; the middle starts with B1 and the rest of l1 and ends with
+l2's attention part and A2; the tail starts with B2 and the rest of l2. The residual crosses inside
+the R values at both cuts, so at R = hidden the U is the unsplit model exactly (no keep_residual).
+The cloud computes both SVDs and sends the edge A1ᵀ (hidden, R) and B2ᵀ (R, hidden); the edge reads
+l2's FFN (and, pre-LN, its norm) itself.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from torch import nn
 from sft_common.families import Family
 from sft_common.lora import LoraSpec, apply_lora, head_parameters
 from sft_common.models import BaseModel, family_of
-from sft_common.spec import MODES, SplitSpec
+from sft_common import input_cut
+from sft_common.spec import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES, SplitSpec
 from sft_common.split import (
     CloudHalf,
     EdgeHalf,
@@ -67,6 +75,7 @@ class UShapeSpec:
     tail_layers: int = 1  # N: whole layers the edge runs after the second cut
     mode: str = "sft"  # "sft": rank-R activations cross at both cuts; "sl": full hidden states
     keep_residual: bool = False  # in-process only: keep both cut layers' residuals (exactness tests)
+    factorise: str = FFN_OUTPUT  # SFT: both cuts at the FFN output linear, or both at the FFN input
 
     def second_layer(self, num_layers: int) -> int:
         """l2 = L - N - 1: the cloud's last layer, whose FFN output is the second cut."""
@@ -76,6 +85,8 @@ class UShapeSpec:
         """Raise ValueError with a user-facing message when the U does not fit an L-layer model."""
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.factorise not in FACTORISATIONS:
+            raise ValueError(f"factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}")
         if self.tail_layers < 1:
             raise ValueError(
                 f"tail layers must be >= 1, got {self.tail_layers}: the edge runs at least the last layer"
@@ -97,26 +108,29 @@ class UShapeSpec:
         """The two cuts as two-part splits: at l1 (edge head | cloud) and at l2 (cloud | edge tail)."""
         second = self.second_layer(num_layers)
         return (
-            SplitSpec(self.split_layer, self.rank, self.mode, self.keep_residual),
-            SplitSpec(second, self.rank, self.mode, self.keep_residual),
+            SplitSpec(self.split_layer, self.rank, self.mode, self.keep_residual, factorise=self.factorise),
+            SplitSpec(second, self.rank, self.mode, self.keep_residual, factorise=self.factorise),
         )
 
 
 @dataclass
 class EdgeFactors:
-    """What the cloud sends the edge at open (SFT; fp32): the factors of both cuts the edge runs."""
+    """What the cloud sends the edge at open (SFT; fp32): the factors of both cuts the edge runs.
+    At the FFN input: u = A1ᵀ (hidden, R), no Σ2, v = B2ᵀ (R, hidden)."""
 
     u: torch.Tensor  # (intermediate, R): the first cut's u1, for the head
-    sigma: torch.Tensor  # (R,): the second cut's Σ2, for the tail
+    sigma: Optional[torch.Tensor]  # (R,): the second cut's Σ2, for the tail (None at the FFN input)
     v: torch.Tensor  # (R, hidden): the second cut's v2, for the tail (v2's bias the edge reads itself)
 
 
 class CloudMiddle(nn.Module):
     """The cloud's part: (Σ1, v1, dropout, norm for SFT), layers l1+1..l2-1, layer l2 up to its
-    FFN activation, u2; SL: layers l1+1..l2 whole."""
+    FFN activation, u2; SL: layers l1+1..l2 whole. At the FFN input: B1 and the rest of l1, the
+    layers between, l2's attention part and A2 (``a``)."""
 
     tail: Optional[nn.Module]
     u: Optional[nn.Linear]
+    a: Optional[nn.Linear]
 
     def __init__(self, model: nn.Module, spec: UShapeSpec):
         super().__init__()
@@ -124,7 +138,13 @@ class CloudMiddle(nn.Module):
         family, layers = self.family, self.family.layers(model)
         self.spec = spec
         first, second = spec.split_layer, spec.second_layer(len(layers))
-        if spec.mode == "sft":
+        self.a = None
+        if spec.mode == "sft" and spec.factorise == FFN_INPUT:
+            self.tail = input_cut.InputTail(family, layers[first])
+            self.layers = nn.ModuleList(layers[first + 1 : second])
+            _adopt(self, family.attend_parts(layers[second]))
+            self.u, self.a = None, input_cut.input_cut_of(layers[second]).a
+        elif spec.mode == "sft":
             self.tail = _svd_of(family, layers[first]).tail
             self.layers = nn.ModuleList(layers[first + 1 : second])
             _adopt(self, family.cut_parts(layers[second]))
@@ -144,6 +164,8 @@ class CloudMiddle(nn.Module):
         ctx = family.context(self, attention_mask, h)
         for layer in self.layers:
             h = family.run_layer(layer, h, ctx)
+        if self.a is not None:  # the residual crosses inside the R values
+            return self.a(family.attend(self, h, ctx)), None
         if self.u is None:
             return h, None
         x, second_residual = family.cut(self, h, ctx)
@@ -195,7 +217,9 @@ def build_ushape_cloud(
     _validate(base, spec)
     model = _skeleton(base, num_labels=2)  # the head is never materialised on the cloud
     factors = None
-    if spec.mode == "sft":
+    if spec.mode == "sft" and spec.factorise == FFN_INPUT:
+        factors = _input_factors(base, model, spec, device)
+    elif spec.mode == "sft":
         layers = base.family.layers(model)
         svds = []
         for index in (spec.split_layer, spec.second_layer(len(layers))):
@@ -212,8 +236,19 @@ def build_ushape_cloud(
             v=second.tail.v.weight.detach().t().contiguous(),
         )
     middle = CloudMiddle(model, spec)
-    _materialise(middle, base, model, 0, device, skip=("tail", "u"))
+    _materialise(middle, base, model, 0, device, skip=("tail", "u", "a"))
     return middle, factors
+
+
+def _input_factors(base: BaseModel, model: nn.Module, spec: UShapeSpec, device: str) -> EdgeFactors:
+    """Both FFN-input cuts installed on the cloud's ``model`` (each layer's FFN materialised first:
+    the SVD reads W·diag(γ)); returns what the edge is sent: A1ᵀ = V1 and B2ᵀ = V2ᵀ."""
+    family, layers = base.family, base.family.layers(model)
+    vs = []
+    for index in (spec.split_layer, spec.second_layer(len(layers))):
+        _materialise(nn.ModuleList(input_cut.tail_modules(family, layers[index])), base, model, 0, device)
+        vs.append(input_cut.factorise_input(family, layers[index], spec.rank)[1])
+    return EdgeFactors(u=vs[0], sigma=None, v=vs[1].t().contiguous())
 
 
 def build_ushape_edge(
@@ -243,8 +278,19 @@ def _load_second_tail(
     base: BaseModel, model: nn.Module, cut: SplitSpec, factors: EdgeFactors, device: str
 ) -> None:
     """Install l2's factorised FFN output in ``model`` with the tail built: Σ2 and v2 from the
-    cloud, v2's bias and the post-LN norm read from the base weights (u2 stays on meta)."""
+    cloud, v2's bias and the post-LN norm read from the base weights (u2 stays on meta). At the
+    FFN input: B2 from the cloud, l2's FFN (and a pre-LN norm) from the base weights (A2 on meta)."""
     hidden, rank = base.hidden_size, cut.rank
+    if cut.factorise == FFN_INPUT:
+        if factors.sigma is not None or tuple(factors.v.shape) != (rank, hidden):
+            raise ValueError(f"edge factor B2ᵀ must have shape {(rank, hidden)}, with no Σ2")
+        layer = base.family.layers(model)[cut.split_layer]
+        _materialise(nn.ModuleList(input_cut.tail_modules(base.family, layer)), base, model, 0, device)
+        b = input_cut.skeleton(layer, hidden, rank).b.to_empty(device=device)
+        with torch.no_grad():
+            b.weight.copy_(factors.v.t())
+        return
+    assert factors.sigma is not None
     if tuple(factors.sigma.shape) != (rank,) or tuple(factors.v.shape) != (rank, hidden):
         raise ValueError(f"edge factors Σ2, v2 must have shapes {(rank,)} and {(rank, hidden)}")
     family, layer = base.family, base.family.layers(model)[cut.split_layer]

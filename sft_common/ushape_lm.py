@@ -28,10 +28,9 @@ from sft_common.models import BaseModel
 from sft_common.spec import SplitSpec
 from sft_common.split import (
     CloudHalf,
-    _install,
+    _cut_skeleton,
     _materialise,
     _skeleton,
-    _svd_skeleton,
     build_edge_half,
     build_full_model,
     factorise,
@@ -198,9 +197,8 @@ def trained_ushape(
     model = _skeleton(base, max(num_labels, 1))
     first, second = spec.cuts(base.num_hidden_layers)
     if spec.mode == "sft":
-        for cut in (first, second):
-            layer = base.family.layers(model)[cut.split_layer]
-            _install(base.family, layer, _svd_skeleton(base.family, layer, spec.rank))
+        for cut in (first, second):  # u or A on the edge's side, the rest: all on meta until to_empty
+            _cut_skeleton(base, base.family.layers(model)[cut.split_layer], cut)
     model.to_empty(device=device)
     fill_buffers(model)  # buffers that no state dict carries
     head = EdgeHead(model, first)

@@ -61,6 +61,16 @@ def test_full_rank_with_residuals_equals_unsplit(base, first, tail_layers):
     torch.testing.assert_close(out, _logits_unsplit(base, batch), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("first, tail_layers", CUTS)
+def test_ffn_input_at_full_rank_equals_unsplit_without_residuals(base, first, tail_layers):
+    """At the FFN input the residual crosses inside the R values: at R = hidden, B A = I at both
+    cuts and the U is the unsplit model, with nothing kept aside."""
+    spec = UShapeSpec(first, rank=base.hidden_size, tail_layers=tail_layers, factorise="ffn-input")
+    batch = random_batch(batch=4, seq=16)
+    out = _logits(build_ushape_model(base, spec, 2, seed=3), batch)
+    torch.testing.assert_close(out, _logits_unsplit(base, batch), atol=1e-5, rtol=0)
+
+
 def test_plain_split_learning_equals_unsplit(base):
     batch = random_batch(batch=3, seq=10)
     parts = build_ushape_model(base, UShapeSpec(1, mode="sl"), 2, seed=3)
@@ -74,9 +84,9 @@ def test_low_rank_without_residuals_changes_the_output(base):
     assert not torch.allclose(out, _logits_unsplit(base, batch), atol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["sft", "sl"])
-def test_parts_built_on_each_side_equal_the_in_process_parts(base, mode):
-    spec = UShapeSpec(0, rank=4, tail_layers=2, mode=mode)
+@pytest.mark.parametrize("mode, factorise", [("sft", "ffn-output"), ("sl", "ffn-output"), ("sft", "ffn-input")])
+def test_parts_built_on_each_side_equal_the_in_process_parts(base, mode, factorise):
+    spec = UShapeSpec(0, rank=4, tail_layers=2, mode=mode, factorise=factorise)
     reference = build_ushape_model(base, spec, 3, seed=11)
     middle, factors = build_ushape_cloud(base, spec)
     head, tail = build_ushape_edge(base, spec, 3, seed=11, factors=factors)
