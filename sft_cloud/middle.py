@@ -1,7 +1,8 @@
 """The cloud's part of a label-private (U-shaped) session: the middle, driven by four phases.
 
 ``MiddleSession`` is a ``CloudSession`` whose net2 is the U's middle (``sft_common.ushape``): Σ1,
-v1, the layers between the cuts and the second cut's u2. It never holds a head, a label or a loss.
+v1, the layers between the cuts and the second cut's u2 (at the FFN input: B1 and the rest of l1,
+the layers between, l2's attention part and A2). It never holds a head, a label or a loss.
 A step is two exchanges: ``forward_up`` (â1 in, â2 out: the middle's forward, whose autograd graph
 is kept for the step) and ``gradient_up`` (∂loss/∂â2 in, ∂loss/∂â1 out: the backward and the
 update). Each phase of step k is applied exactly once; a repeat of either phase of the step in
@@ -48,8 +49,9 @@ class MiddleSession(CloudSession):
         opened = super().opened(at)
         opened.next_step, opened.next_micro = self.next_step if at is None else at, 0
         factors: Optional[EdgeFactors] = self.factors
-        if factors is not None:
-            opened.tail_sigma.CopyFrom(codec.encode(factors.sigma, pb.FLOAT32))
+        if factors is not None:  # at the FFN input: B2ᵀ in tail_v, no tail_sigma
+            if factors.sigma is not None:
+                opened.tail_sigma.CopyFrom(codec.encode(factors.sigma, pb.FLOAT32))
             opened.tail_v.CopyFrom(codec.encode(factors.v, pb.FLOAT32))
         return opened
 

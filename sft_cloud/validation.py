@@ -40,9 +40,10 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
 
 
 def ushape_from_config(config: pb.SessionConfig) -> UShapeSpec:
-    """The U a label-private session config asks for (``spec_from_config`` checks the mode)."""
-    mode = spec_from_config(config).mode
-    return UShapeSpec(config.split_layer, config.rank, config.tail_layers, mode)
+    """The U a label-private session config asks for (``spec_from_config`` checks the mode and
+    the factorisation, which both cuts share)."""
+    spec = spec_from_config(config)
+    return UShapeSpec(config.split_layer, config.rank, config.tail_layers, spec.mode, factorise=spec.factorise)
 
 
 def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:
@@ -86,10 +87,6 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
         raise invalid(str(exc)) from None
     if config.factor_lr and config.mode != pb.SFT:
         raise invalid("factor_lr is for SFT: plain split learning has no factors")
-    if config.label_private and config.factorise != pb.FFN_OUTPUT:
-        raise invalid(
-            "label_private: the U-shape factorises the FFN output; factorise FFN_INPUT is two-part only"
-        )
     if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay < 1):
         raise invalid(f"weight_decay must be in [0, 1), got {config.weight_decay}")
     if config.total_steps < 1 or not 0 <= config.warmup_steps <= config.total_steps:

@@ -232,7 +232,8 @@ class TrainConfig:
             )
 
     def _check_factorise(self) -> None:
-        """--factorise ffn-input: an SFT cut of the two-part split (--local has no cut: it takes any)."""
+        """--factorise ffn-input: an SFT cut, of the two-part split or at both cuts of the U (--local
+        has no cut: it takes any)."""
         if self.factorise not in FACTORISATIONS:
             raise ValueError(
                 f"--factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}"
@@ -243,11 +244,6 @@ class TrainConfig:
             raise ValueError(
                 "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states and "
                 "factorises nothing"
-            )
-        if self.label_private:
-            raise ValueError(
-                "--factorise ffn-input does not go with --label-private: the U-shape factorises the FFN "
-                "output at both its cuts"
             )
 
     def _check_causal_lm(self) -> None:

@@ -151,7 +151,9 @@ def open_finished(folder: str, info: Dict, connection: Connection, device: str):
     connect, optim = grpc_connector(connection, route_key(folder)), OptimConfig(seed=int(info["seed"]))
     session: Union[EdgeSession, UShapeSession]
     if info.get("label_private"):  # the U: the edge's head and tail, the daemon's middle between them
-        ushape = UShapeSpec(spec.split_layer, spec.rank, int(info["tail_layers"]), spec.mode)
+        ushape = UShapeSpec(
+            spec.split_layer, spec.rank, int(info["tail_layers"]), spec.mode, factorise=spec.factorise
+        )
         lm = info.get("problem") == "causal-lm"  # the tail ends in the LM head
         session = UShapeSession(base, ushape, int(info["num_labels"]), connect, optim, causal_lm=lm, **kw)  # type: ignore[arg-type]
     else:

@@ -140,7 +140,7 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     spec.validate(layers, base.hidden_size, base.intermediate_size)
     ushape = None
     if cfg.label_private:
-        ushape = UShapeSpec(split_layer, cfg.rank, cfg.tail_layers, cfg.mode)
+        ushape = UShapeSpec(split_layer, cfg.rank, cfg.tail_layers, cfg.mode, factorise=factorise)
         ushape.validate(layers)
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     max_len = min(cfg.max_seq_len, base.max_position_embeddings)

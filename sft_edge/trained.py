@@ -146,7 +146,10 @@ def load_ushape(folder: str, info: Dict, device: str = "cpu") -> Tuple[nn.Module
     from sft_common.ushape import UShapeSpec, build_ushape_model, lora_part
     from sft_common.ushape_lm import build_ushape_lm_model, trained_ushape
 
-    spec = UShapeSpec(int(info["split_layer"]), int(info["rank"]), int(info["tail_layers"]), info["mode"])
+    spec = UShapeSpec(
+        int(info["split_layer"]), int(info["rank"]), int(info["tail_layers"]), info["mode"],
+        factorise=info.get("factorise") or FFN_OUTPUT,  # runs from before --factorise: the output
+    )  # fmt: skip
     num_labels, seed = int(info["num_labels"]), int(info["seed"])
     parts: Tuple[nn.Module, nn.Module, nn.Module]
     if info.get("lora"):

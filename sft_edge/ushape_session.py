@@ -22,7 +22,7 @@ from sft_common.checkpoint import CheckpointDir, owned_state
 from sft_common.lora import LoraSpec
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
+from sft_common.spec import FFN_INPUT, SplitSpec, session_fingerprint
 from sft_common.split import task_loss
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.ushape import EdgeFactors, UShapeSpec, build_ushape_edge, lora_part, part_factors
@@ -80,7 +80,7 @@ class UShapeSession(SessionClient):
         self.compression = codec.COMPRESSIONS[link.compression]
         self.width = spec.rank if spec.mode == "sft" else base.hidden_size
         self.lora = lora.resolved(base.config.model_type) if lora else None
-        first = SplitSpec(spec.split_layer, spec.rank, spec.mode)
+        first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         lora_dict = self.lora.as_dict() if self.lora else None
         self.fingerprint = session_fingerprint(base.fingerprint, first, 0, lora_dict, spec.tail_layers)
         config = pb.SessionConfig(
@@ -90,6 +90,7 @@ class UShapeSession(SessionClient):
             total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
             max_seq_len=max_seq_len, task=task, factor_lr=optim.factor_lr or 0.0,
             label_private=True, tail_layers=spec.tail_layers,
+            factorise=pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT,
         )  # fmt: skip
         if self.lora is not None:
             config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
@@ -117,8 +118,17 @@ class UShapeSession(SessionClient):
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
 
     def _factors(self, base: BaseModel, opened: pb.SessionOpened) -> EdgeFactors:
-        """u1, Σ2 and v2 from the cloud's answer, checked before anything is allocated."""
+        """u1, Σ2 and v2 from the cloud's answer, checked before anything is allocated; at the FFN
+        input A1ᵀ (hidden, R) in edge_factor and B2ᵀ (R, hidden) in tail_v, no Σ2."""
         rank, hidden = self.spec.rank, base.hidden_size
+        if self.spec.factorise == FFN_INPUT:
+            if opened.HasField("tail_sigma"):
+                raise CloudError(grpc.StatusCode.INTERNAL, "the FFN-input U has no Σ2, but the cloud sent one")
+            return EdgeFactors(
+                u=codec.decode(opened.edge_factor, name="edge factor A1ᵀ", dtype=pb.FLOAT32, shape=(hidden, rank)),
+                sigma=None,
+                v=codec.decode(opened.tail_v, name="tail factor B2ᵀ", dtype=pb.FLOAT32, shape=(rank, hidden)),
+            )  # fmt: skip
         return EdgeFactors(
             u=codec.decode(opened.edge_factor, name="edge factor u1", dtype=pb.FLOAT32,
                            shape=(base.intermediate_size, rank)),

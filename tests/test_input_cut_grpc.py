@@ -113,10 +113,6 @@ def test_the_daemon_fingerprints_ffn_input_apart(live_server, tiny_base):
 @pytest.mark.parametrize(
     "config, message",
     [
-        (
-            dict(label_private=True, num_labels=0, tail_layers=1),
-            "label_private: the U-shape factorises the FFN output",
-        ),
         (dict(mode=pb.SL), "--factorise ffn-input needs --mode sft"),
         (dict(rank=33), "rank 33 is out of range: the FFN-input cut's bottleneck reads the 32-wide"),
     ],
@@ -134,7 +130,7 @@ def test_the_daemon_refuses_what_the_input_cut_does_not_fit(live_server, config,
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (dict(label_private=True), "--factorise ffn-input does not go with --label-private"),
+        (dict(label_private=True, svd_init="activation-aware"), "the U\\) starts both cuts from the plain SVD"),
         (dict(mode="sl"), "--factorise ffn-input needs --mode sft"),
         (dict(factorise="ffn-middle"), "--factorise must be one of ffn-output, ffn-input"),
     ],
@@ -203,10 +199,10 @@ def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
 
 
 def test_the_cli_refuses_in_one_line(capsys):
-    """`sft-edge train --factorise ffn-input --label-private`: one error line, exit code 2."""
+    """`sft-edge train --factorise ffn-input --mode sl`: one error line, exit code 2."""
     from sft_edge.cli import main
 
-    assert main(["train", "--task", "sst2", "--factorise", "ffn-input", "--label-private"]) == 2
+    assert main(["train", "--task", "sst2", "--factorise", "ffn-input", "--mode", "sl"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sft-edge: error: --factorise ffn-input does not go with --label-private")
+    assert err.startswith("sft-edge: error: --factorise ffn-input needs --mode sft")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -27,6 +27,7 @@ from sft_edge.ushape_session import UShapeSession
 STEPS = 5
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
 SPEC = UShapeSpec(split_layer=0, rank=8, tail_layers=1)
+INPUT_SPEC = UShapeSpec(split_layer=0, rank=8, tail_layers=1, factorise="ffn-input")  # both cuts at the FFN input
 
 
 def _batches():
@@ -84,19 +85,22 @@ def assert_parts_equal(ref, got, atol=1e-6):
         torch.testing.assert_close(p.detach(), ref_params[n].detach(), atol=atol, rtol=0, msg=n)
 
 
+@pytest.mark.parametrize("spec", [SPEC, INPUT_SPEC], ids=["ffn-output", "ffn-input"])
 @pytest.mark.parametrize("lora", [None, LoraSpec(rank=4, alpha=8.0)], ids=["full", "lora"])
 @pytest.mark.parametrize("name", ["random:tiny", "random:tiny-llama"])
-def test_grpc_ushape_training_equals_one_process(live_server, name, lora):
+def test_grpc_ushape_training_equals_one_process(live_server, name, lora, spec):
     """5 steps (BERT: dropout on): the same losses and parameters of all three parts within 1e-6;
-    the daemon computed no loss and holds no head; evaluation gives the reference's logits."""
+    the daemon computed no loss and holds no head; evaluation gives the reference's logits. At
+    the FFN input the cloud sent A1ᵀ and B2ᵀ, no Σ2."""
     address, registry = live_server
     base = load_base_model(name)
-    edge = _session(address, base, lora=lora)
+    edge = _session(address, base, spec, lora=lora)
     losses = [edge.train_step(k, b) for k, b in enumerate(_batches())]
     cloud = registry.get(edge.session_id)
-    head, middle, tail, ref_losses = train_u_in_one_process(base, SPEC, OPTIM, _batches(), lora)
+    assert cloud.opened().HasField("tail_sigma") == (spec.factorise == "ffn-output")
+    head, middle, tail, ref_losses = train_u_in_one_process(base, spec, OPTIM, _batches(), lora)
     assert losses == pytest.approx(ref_losses, abs=1e-6)
-    start = build_ushape_model(base, SPEC, 2, OPTIM.seed)
+    start = build_ushape_model(base, spec, 2, OPTIM.seed)
     for ref, got, before in (
         (head, edge.head, start[0]),
         (middle, cloud.net2, start[1]),
