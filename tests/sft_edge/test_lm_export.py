@@ -105,18 +105,39 @@ def test_the_local_causal_lm_is_the_u_at_full_rank_with_residuals_kept():
         assert float((ours[mask] - whole[mask]).abs().max()) <= 1e-4, name
 
 
+def test_the_ffn_input_u_at_full_rank_starts_at_the_local_perplexity(tmp_path, recorded):
+    """`--label-private --factorise ffn-input --rank <hidden>` through the daemon: no residual is
+    kept aside, yet step 0's dev perplexity is --local's (the unsplit base model's)."""
+    address, _, _ = recorded
+    (tmp_path / "local").mkdir()
+    (tmp_path / "u").mkdir()
+    local = _train(tmp_path / "local", "--local", steps=2)[1]
+    hidden = "32"  # random:tiny-llama's hidden size
+    extra = ["--label-private", "--factorise", "ffn-input", "--rank", hidden, "--cloud", address, "--insecure"]
+    u = _train(tmp_path / "u", *extra, steps=2)[1]
+    assert u["eval_history"][0]["step"] == local["eval_history"][0]["step"] == 0
+    assert u["eval_history"][0]["loss"] == pytest.approx(local["eval_history"][0]["loss"], abs=1e-5)
+    assert u["eval_history"][0]["perplexity"] == pytest.approx(local["eval_history"][0]["perplexity"], rel=1e-5)
+
+
 @pytest.mark.parametrize(
-    "model, lora",
-    [("random:tiny-llama", False), ("random:tiny-llama", True), ("random:tiny-gpt2", False)],
-    ids=["llama-untied", "llama-untied-lora", "gpt2-tied"],
+    "model, lora, factorise",
+    [
+        ("random:tiny-llama", False, "ffn-output"),
+        ("random:tiny-llama", True, "ffn-output"),
+        ("random:tiny-gpt2", False, "ffn-output"),
+        ("random:tiny-llama", True, "ffn-input"),
+    ],
+    ids=["llama-untied", "llama-untied-lora", "gpt2-tied", "llama-ffn-input-lora"],
 )
-def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(tmp_path, recorded, model, lora):
+def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(tmp_path, recorded, model, lora, factorise):
     """The export holds the edge's head and LM tail and the daemon's middle (as it kept it, the
     factors factorised); greedy tokens with no daemon = greedy tokens through the daemon."""
     from safetensors.torch import load_file
 
     address, registry, _ = recorded
     extra = ["--label-private", "--cloud", address, "--insecure", *(["--peft", "lora"] if lora else [])]
+    extra += ["--factorise", factorise]
     run, report = _train(tmp_path, *extra, model=model)
     assert report["eval_history"][0]["step"] == 0  # the U's function before training, factorised
     conn = Connection(cloud=address, insecure=True)
@@ -125,7 +146,8 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(tmp_path, 
     predict.export(ExportConfig(run, out, conn))
     final = f"{registry.checkpoint_dir}/{report['session_id']}/final.safetensors"
     assert load_file(f"{out}/cloud.safetensors").keys() == load_file(final).keys()
-    assert any(k.endswith("u.weight") for k in load_file(f"{out}/cloud.safetensors"))  # u2: factorised
+    factor = "u.weight" if factorise == "ffn-output" else "a.weight"  # u2 or A2: factorised
+    assert any(k.endswith(factor) for k in load_file(f"{out}/cloud.safetensors"))
     info = json.loads(open(f"{out}/sft_edge.json").read())
     assert info["part"] == "ushape" and info["weights"] == ["edge.safetensors", "cloud.safetensors"]
     here = generate(GenerateConfig(out, PROMPT, max_new_tokens=6))  # no connection: no daemon
