@@ -43,7 +43,9 @@ def ushape_from_config(config: pb.SessionConfig) -> UShapeSpec:
     """The U a label-private session config asks for (``spec_from_config`` checks the mode and
     the factorisation, which both cuts share)."""
     spec = spec_from_config(config)
-    return UShapeSpec(config.split_layer, config.rank, config.tail_layers, spec.mode, factorise=spec.factorise)
+    return UShapeSpec(
+        config.split_layer, config.rank, config.tail_layers, spec.mode, factorise=spec.factorise
+    )
 
 
 def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:

@@ -35,10 +35,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from sft_common import input_cut
 from sft_common.families import Family
 from sft_common.lora import LoraSpec, apply_lora, head_parameters
 from sft_common.models import BaseModel, family_of
-from sft_common import input_cut
 from sft_common.spec import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES, SplitSpec
 from sft_common.split import (
     CloudHalf,

@@ -123,7 +123,9 @@ class UShapeSession(SessionClient):
         rank, hidden = self.spec.rank, base.hidden_size
         if self.spec.factorise == FFN_INPUT:
             if opened.HasField("tail_sigma"):
-                raise CloudError(grpc.StatusCode.INTERNAL, "the FFN-input U has no Σ2, but the cloud sent one")
+                raise CloudError(
+                    grpc.StatusCode.INTERNAL, "the FFN-input U has no Σ2, but the cloud sent one"
+                )
             return EdgeFactors(
                 u=codec.decode(opened.edge_factor, name="edge factor A1ᵀ", dtype=pb.FLOAT32, shape=(hidden, rank)),
                 sigma=None,

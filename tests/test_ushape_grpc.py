@@ -27,7 +27,7 @@ from sft_edge.ushape_session import UShapeSession
 STEPS = 5
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
 SPEC = UShapeSpec(split_layer=0, rank=8, tail_layers=1)
-INPUT_SPEC = UShapeSpec(split_layer=0, rank=8, tail_layers=1, factorise="ffn-input")  # both cuts at the FFN input
+INPUT_SPEC = UShapeSpec(split_layer=0, rank=8, tail_layers=1, factorise="ffn-input")
 
 
 def _batches():

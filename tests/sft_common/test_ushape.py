@@ -84,7 +84,9 @@ def test_low_rank_without_residuals_changes_the_output(base):
     assert not torch.allclose(out, _logits_unsplit(base, batch), atol=1e-3)
 
 
-@pytest.mark.parametrize("mode, factorise", [("sft", "ffn-output"), ("sl", "ffn-output"), ("sft", "ffn-input")])
+@pytest.mark.parametrize(
+    "mode, factorise", [("sft", "ffn-output"), ("sl", "ffn-output"), ("sft", "ffn-input")]
+)
 def test_parts_built_on_each_side_equal_the_in_process_parts(base, mode, factorise):
     spec = UShapeSpec(0, rank=4, tail_layers=2, mode=mode, factorise=factorise)
     reference = build_ushape_model(base, spec, 3, seed=11)

@@ -113,11 +113,22 @@ def test_the_ffn_input_u_at_full_rank_starts_at_the_local_perplexity(tmp_path, r
     (tmp_path / "u").mkdir()
     local = _train(tmp_path / "local", "--local", steps=2)[1]
     hidden = "32"  # random:tiny-llama's hidden size
-    extra = ["--label-private", "--factorise", "ffn-input", "--rank", hidden, "--cloud", address, "--insecure"]
+    extra = [
+        "--label-private",
+        "--factorise",
+        "ffn-input",
+        "--rank",
+        hidden,
+        "--cloud",
+        address,
+        "--insecure",
+    ]
     u = _train(tmp_path / "u", *extra, steps=2)[1]
     assert u["eval_history"][0]["step"] == local["eval_history"][0]["step"] == 0
     assert u["eval_history"][0]["loss"] == pytest.approx(local["eval_history"][0]["loss"], abs=1e-5)
-    assert u["eval_history"][0]["perplexity"] == pytest.approx(local["eval_history"][0]["perplexity"], rel=1e-5)
+    assert u["eval_history"][0]["perplexity"] == pytest.approx(
+        local["eval_history"][0]["perplexity"], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,7 +141,9 @@ def test_the_ffn_input_u_at_full_rank_starts_at_the_local_perplexity(tmp_path, r
     ],
     ids=["llama-untied", "llama-untied-lora", "gpt2-tied", "llama-ffn-input-lora"],
 )
-def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(tmp_path, recorded, model, lora, factorise):
+def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
+    tmp_path, recorded, model, lora, factorise
+):
     """The export holds the edge's head and LM tail and the daemon's middle (as it kept it, the
     factors factorised); greedy tokens with no daemon = greedy tokens through the daemon."""
     from safetensors.torch import load_file
