@@ -44,3 +44,21 @@ with torch.no_grad():
                  prompt_ids(tok, prompt, chat=False), 32, 96, eos=tok.eos_token_id)
 print(tok.decode(new, skip_special_tokens=True))
 PY
+
+# 4. The U with both cuts at the FFN input (--factorise ffn-input: the residual rides through the
+# bottleneck, nothing is dropped) at R=576 (SmolLM2's hidden: lossless at step 0, SL's bytes) and
+# R=64, the two IN PARALLEL (two daemons, two edges) on the 2-core CPU beside other benchmarks, at
+# nice 5, 2026-11-26: paraphrase-u-ffn-input-lora-r576-m80-s42.json, paraphrase-u-ffn-input-lora-r64-m80-s42.json
+# (the reports; /tmp/smolin/r$R/run/scalars.csv holds the per-step training loss).
+ffn_input_u() {  # usage: ffn_input_u RANK PORT
+  R=$1; PORT=$2; D=/tmp/smolin/r$R
+  nice -n 5 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port $PORT --checkpoint-dir $D/cloud &
+  DPID=$!
+  sleep 20
+  /usr/bin/time -v nice -n 5 python -m sft_edge.cli train $COMMON --label-private --factorise ffn-input --rank $R \
+    --cloud 127.0.0.1:$PORT --insecure --output-dir $D/run --report $D/report.json
+  kill $DPID
+}
+ffn_input_u 576 36741 > /tmp/smolin/576.out 2>&1 &
+ffn_input_u 64 49859 > /tmp/smolin/64.out 2>&1 &
+wait
