@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from typing import Any, Dict, List
 
 import lz4.block
@@ -183,3 +184,25 @@ def interrupt_then_resume(monkeypatch, session_class, values: Dict[str, Any], ou
         train(TrainConfig(output_dir=str(output_dir), **values))
     monkeypatch.setattr(session_class, "train_step", step)
     return train(TrainConfig(output_dir=str(output_dir), resume=True, **values))
+
+
+LM_WORDS = ["red", "green", "blue", "apple", "river", "stone", "light", "house"]
+
+
+def write_completion_rows(path, n: int, offset: int = 0) -> str:
+    """A JSONL of ``n`` prompt/completion rows: the completion repeats the prompt's words in reverse."""
+    with open(path, "w") as f:
+        for k in range(offset, offset + n):
+            words = [LM_WORDS[(k + j) % len(LM_WORDS)] for j in range(3)]
+            f.write(json.dumps({"prompt": " ".join(words), "completion": " ".join(reversed(words))}) + "\n")
+    return str(path)
+
+
+def assert_predicts_as(backend, edge_ref, cloud_ref, tolerance: float = 1e-5) -> None:
+    """Evaluation through the daemon (``backend.predict``) gives the one-process halves' logits."""
+    batch = random_batch(batch=5, seq=11, seed=42)
+    edge_ref.eval(), cloud_ref.eval()
+    with torch.no_grad():
+        cut, _ = edge_ref(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        want = cloud_ref(cut, batch.attention_mask)
+    assert float((backend.predict(batch) - want).abs().max()) <= tolerance

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_diff, params, random_batch, train_in_one_process
+from helpers import assert_predicts_as, max_diff, params, random_batch, train_in_one_process
 
 from sft_common.lora import LoraSpec
 from sft_common.models import ModelError, load_base_model
@@ -139,12 +139,7 @@ def test_grpc_split_training_equals_one_process(live_server, name, mode):
         assert signal <= 1e-6 and noise <= 5e-5, (signal, noise)
     assert losses == pytest.approx(ref_losses, abs=1e-6)
     # Evaluation through the daemon gives the one-process model's logits.
-    batch = random_batch(batch=5, seq=11, seed=42)
-    edge_ref.eval(), cloud_ref.eval()
-    with torch.no_grad():
-        cut, _ = edge_ref(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        want = cloud_ref(cut, batch.attention_mask)
-    assert float((backend.predict(batch) - want).abs().max()) <= 1e-5
+    assert_predicts_as(backend, edge_ref, cloud_ref)
     assert backend.close() == STEPS
 
 

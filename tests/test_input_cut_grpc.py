@@ -9,7 +9,14 @@ import json
 import grpc
 import pytest
 import torch
-from helpers import interrupt_then_resume, random_batch, session_config, train_in_one_process, write_reviews
+from helpers import (
+    assert_predicts_as,
+    interrupt_then_resume,
+    random_batch,
+    session_config,
+    train_in_one_process,
+    write_reviews,
+)
 
 from sft_common.lora import LoraSpec
 from sft_common.models import load_base_model
@@ -69,12 +76,7 @@ def test_grpc_training_equals_one_process(live_server, name, lora):
         )
         assert backend.net1.a.weight.requires_grad and session.net2.tail.b.weight.requires_grad
         assert any(not p.requires_grad for p in backend.net1.parameters())  # the base, frozen
-    batch = random_batch(batch=5, seq=11, seed=42)
-    edge_ref.eval(), cloud_ref.eval()
-    with torch.no_grad():
-        cut, _ = edge_ref(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        want = cloud_ref(cut, batch.attention_mask)
-    assert float((backend.predict(batch) - want).abs().max()) <= 1e-5
+    assert_predicts_as(backend, edge_ref, cloud_ref)
     assert backend.close() == STEPS
 
 

@@ -12,23 +12,14 @@ import json
 
 import pytest
 import torch
+from helpers import write_completion_rows
 
 from sft_edge import cli, predict
 from sft_edge.config import Connection, GenerateConfig, PredictConfig
 from sft_edge.data import DataError
 
-WORDS = ["red", "green", "blue", "apple", "river", "stone", "light", "house"]
 # What an EdgeMessage may set (leaf fields), besides the open message's session config.
 ALLOWED = {"step", "batch", "lengths", "dtype", "shape", "data", "compression", "scale", "scales"}
-
-
-def _rows(path, n, offset=0):
-    """Prompt/completion rows: the completion repeats the prompt's words in reverse."""
-    with open(path, "w") as f:
-        for k in range(offset, offset + n):
-            words = [WORDS[(k + j) % len(WORDS)] for j in range(3)]
-            f.write(json.dumps({"prompt": " ".join(words), "completion": " ".join(reversed(words))}) + "\n")
-    return str(path)
 
 
 def _leaves(msg, prefix=""):
@@ -44,7 +35,7 @@ def _leaves(msg, prefix=""):
 
 def _argv(tmp_path, address, *extra):
     return [
-        "train", "--problem", "causal-lm", "--train-file", _rows(tmp_path / "train.jsonl", 24),
+        "train", "--problem", "causal-lm", "--train-file", write_completion_rows(tmp_path / "train.jsonl", 24),
         "--cloud", address, "--insecure", "--model", "random:tiny-llama", "--batch-size", "4",
         "--max-steps", "6", "--lr", "1e-3", "--no-progress", *extra,
     ]  # fmt: skip
@@ -60,7 +51,7 @@ def test_causal_lm_trains_through_the_daemon_sends_no_token_and_generates(tmp_pa
     from sft_edge.generate import decode, generate, prompt_ids
 
     address, registry, messages = recorded
-    run, dev = str(tmp_path / "run"), _rows(tmp_path / "dev.jsonl", 6, 100)
+    run, dev = str(tmp_path / "run"), write_completion_rows(tmp_path / "dev.jsonl", 6, 100)
     argv = _argv(tmp_path, address, "--dev-file", dev, "--label-private", "--output-dir", run,
                  "--report", str(tmp_path / "r.json"), "--checkpoint-every", "3")  # fmt: skip
     assert cli.main(argv) == 0
@@ -136,7 +127,7 @@ def test_causal_lm_holds_out_a_dev_share_and_refuses_an_encoder_by_name(tmp_path
     from sft_edge.run import prepare
 
     cfg = TrainConfig(
-        problem="causal-lm", train_file=_rows(tmp_path / "t.jsonl", 24), model="random:tiny-llama",
+        problem="causal-lm", train_file=write_completion_rows(tmp_path / "t.jsonl", 24), model="random:tiny-llama",
         label_private=True, dev_share=0.25,
     )  # fmt: skip
     run = prepare(cfg)

@@ -14,30 +14,21 @@ import os
 
 import pytest
 import torch
+from helpers import write_completion_rows
 
 from sft_edge import cli, predict
 from sft_edge.config import Connection, ExportConfig, GenerateConfig
 from sft_edge.data import DataError
 from sft_edge.generate import generate
 
-WORDS = ["red", "green", "blue", "apple", "river", "stone", "light", "house"]
 PROMPT = "red green blue"
-
-
-def _rows(path, n, offset=0):
-    """Prompt/completion rows: the completion repeats the prompt's words in reverse."""
-    with open(path, "w") as f:
-        for k in range(offset, offset + n):
-            words = [WORDS[(k + j) % len(WORDS)] for j in range(3)]
-            f.write(json.dumps({"prompt": " ".join(words), "completion": " ".join(reversed(words))}) + "\n")
-    return str(path)
 
 
 def _train(tmp_path, *extra, model="random:tiny-llama", steps=6):
     run = str(tmp_path / "run")
     argv = [
-        "train", "--problem", "causal-lm", "--train-file", _rows(tmp_path / "train.jsonl", 24),
-        "--dev-file", _rows(tmp_path / "dev.jsonl", 6, 100), "--model", model, "--batch-size", "4",
+        "train", "--problem", "causal-lm", "--train-file", write_completion_rows(tmp_path / "train.jsonl", 24),
+        "--dev-file", write_completion_rows(tmp_path / "dev.jsonl", 6, 100), "--model", model, "--batch-size", "4",
         "--max-steps", str(steps), "--lr", "1e-3", "--no-progress", "--output-dir", run,
         "--report", str(tmp_path / "r.json"), *extra,
     ]  # fmt: skip
@@ -181,6 +172,13 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
     ],
 )
 def test_local_causal_lm_refuses_nonsense_at_once(tmp_path, capsys, extra, message):
-    argv = ["train", "--problem", "causal-lm", "--train-file", _rows(tmp_path / "t.jsonl", 4), *extra]
+    argv = [
+        "train",
+        "--problem",
+        "causal-lm",
+        "--train-file",
+        write_completion_rows(tmp_path / "t.jsonl", 4),
+        *extra,
+    ]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
