@@ -439,8 +439,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 Run("rte", cfg, 0).mode_flags()  # an unknown name fails here, before anything runs
             except ValueError as e:
                 p.error(str(e))
+        # one the plan does not hold gets the plan's budget for each task (the frontier's MRPC epoch)
+        budgets = {r.task: r for r in planned}
         tasks = shapes.get(cfg) or {
-            t: Run(t, cfg, 0, sst2_steps if t == "sst2" else None)
+            t: dataclasses.replace(budgets[t], config=cfg) if t in budgets else Run(t, cfg, 0)
             for t in args.tasks or ["rte", "mrpc", "sst2"]
         }
         for task, shape in tasks.items():

@@ -176,6 +176,13 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
     assert capsys.readouterr().out.split() == ["todo", "sst2-sl-m200-s43", "todo", "sst2-sl-m200-s44"]
     assert acc.main(["--plan", "cpu", "--configs", "sft-r8", "--results", str(tmp_path), "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == ["todo", "sst2-sft-r8-m200-s42", "todo", "sst2-sft-r8-m200-s43"]
+    # One the plan does not hold gets the plan's budget for each task: the frontier's MRPC epoch.
+    args = ["--plan", "frontier", "--configs", "sft-r24-l0-fin-int4", "--results", str(tmp_path), "--dry-run"]
+    assert acc.main(args + ["--tasks", "mrpc", "sst2", "rte"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "todo", "mrpc-sft-r24-l0-fin-int4-e1-s42", "todo", "sst2-sft-r24-l0-fin-int4-m200-s42",
+        "todo", "rte-sft-r24-l0-fin-int4-e3-s42",
+    ]  # fmt: skip
     with pytest.raises(SystemExit):  # a name that says no configuration: refused before anything runs
         acc.main(["--configs", "sft-rank8", "--dry-run", "--results", str(tmp_path)])
 
