@@ -5,12 +5,16 @@ product's edge half (``build_split_model``, eval mode) on public sentences and t
 each token's cut activation to a vector scored against the model's word embeddings: it decodes over
 the whole vocabulary. Scored on the device's sentences, over real tokens other than special ones
 ([CLS], [SEP]): top-1 token recovery, and sentences recovered whole. Then the labels (``label_leakage``).
+With ``--factorise ffn-input`` or ``--svd-init activation-aware`` it attacks that cut instead (SFT rows
+only; SL is the same). The activation-aware edge is calibrated on the device's own training sentences,
+as ``sft-edge train`` does; the cloud knows it exactly all the same (uᵀ = Σ_R⁻¹ v W; A = Bᵀ).
 Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -24,9 +28,10 @@ from bench.common import GLUE_DIR, save, table
 from bench.traffic import capture_step, capture_u_step
 from sft_common import codec
 from sft_common.models import load_base_model
-from sft_common.spec import SplitSpec
+from sft_common.spec import ACTIVATION_AWARE, FACTORISATIONS, FFN_OUTPUT, INITS, PLAIN, SplitSpec
 from sft_common.split import build_split_model
 from sft_common.ushape import UShapeSpec
+from sft_edge.calibrate import calibrated_edge_half
 from sft_edge.data import Encoded, Example, collate, encode, load_examples
 from sft_edge.tasks import get_task
 
@@ -112,20 +117,35 @@ def run(args: argparse.Namespace) -> Dict:
     baseline = {"token": tok.convert_ids_to_tokens(top), "token_recovery": sum(s.count(top) for s in scored)
                 / sum(map(len, scored)), "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored)}  # fmt: skip
     n = base.num_hidden_layers
+    variant = (args.factorise, args.svd_init) != (FFN_OUTPUT, PLAIN)  # SFT rows only: SL is the same
+    calibration = calibration_batches(args, tok) if args.svd_init == ACTIVATION_AWARE else []
+    suffix = "".join(f" {x}" for x in (args.factorise, args.svd_init) if x not in (FFN_OUTPUT, PLAIN))
     rows = []
     for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
-        for mode, rank in [("sl", 0)] + [("sft", r) for r in args.ranks]:
+        for mode, rank in [("sl", 0)] * (not variant) + [("sft", r) for r in args.ranks]:
             t0 = time.process_time()
-            edge, _ = build_split_model(base, SplitSpec(layer, rank or 8, mode), 2, args.seed)
+            spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
+            edge, _ = build_split_model(base, spec, 2, args.seed)
+            if rank and args.svd_init == ACTIVATION_AWARE:  # the device's net1, calibrated as it does
+                edge = calibrated_edge_half(base, dataclasses.replace(spec, init=ACTIVATION_AWARE), calibration)[0]
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
             acts = cut_activations(edge.eval(), data)
             tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
-            rows.append({"mode": f"SFT R={rank}" if rank else "SL", "layer": layer, "width": acts[0].shape[1],
+            rows.append({"mode": f"SFT R={rank}{suffix}" if rank else "SL", "layer": layer, "width": acts[0].shape[1],
                          "tokens": round(tokens, 4), "sentences": round(whole, 4),
                          "cpu_s": round(time.process_time() - t0, 1)})  # fmt: skip
             print(rows[-1], file=sys.stderr, flush=True)
+    labels = [] if variant else label_leakage(base, private, args.seq)
     return {"model": args.model, "public": len(public), "private": len(private), "baseline": baseline,
-            "rows": rows, "labels": label_leakage(base, private, args.seq), "args": vars(args)}  # fmt: skip
+            "rows": rows, "labels": labels, "args": vars(args)}  # fmt: skip
+
+
+def calibration_batches(args: argparse.Namespace, tok) -> List:
+    """The device's first ``--calibration-batches`` batches of 32 of its own task's training split
+    (``--private``'s task), shuffled with the seed: what ``sft-edge train`` calibrates on."""
+    task = args.private.partition(":")[0]
+    data = encode(sentences([f"{task}:train"], args.data_dir, 32 * args.calibration_batches, args.seed), tok, 128)
+    return [collate(data, range(k, min(k + 32, len(data)))) for k in range(0, len(data), 32)]
 
 
 def label_leakage(base, private: Encoded, seq: int) -> List[Dict]:
@@ -161,14 +181,19 @@ def main(argv=None) -> int:
     p.add_argument("--negatives", type=int, default=1024, help="random vocabulary rows in each softmax")
     p.add_argument("--seq", type=int, default=64, help="tokens kept of a sentence")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--factorise", choices=FACTORISATIONS, default=FFN_OUTPUT, help="the SFT cut attacked")
+    p.add_argument("--svd-init", choices=INITS, default=PLAIN, help="how its factors start")
+    p.add_argument("--calibration-batches", type=int, default=8, help="activation-aware: batches of 32")
     p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--out-dir", help="write the results here instead of bench/results")
     args = p.parse_args(argv)
     result = run(args)
     print(table(result["rows"], ["mode", "layer", "width", "tokens", "sentences", "cpu_s"]))
     print(f"baseline, the most frequent public token everywhere: {result['baseline']}")
-    print(table(result["labels"], ["split", "label_ids_sent", "labels_recovered", "how"]))
+    if result["labels"]:
+        print(table(result["labels"], ["split", "label_ids_sent", "labels_recovered", "how"]))
     name = "inversion_" + args.model.replace(":", "_").replace("/", "_")
+    name += "".join(f"_{x}" for x in (args.factorise, args.svd_init) if x not in (FFN_OUTPUT, PLAIN))
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
 

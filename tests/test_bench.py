@@ -255,3 +255,22 @@ def test_inversion_attacker_reads_back_what_full_width_sl_sends(glue_dir, tmp_pa
     two, u = result["labels"]  # 64 examples: two batches of 32
     assert (two["label_ids_sent"], two["labels_recovered"], u["label_ids_sent"]) == (1.0, 1.0, 0.0)
     assert u["labels_recovered"] > 0.9  # measured 1.0: the U's gradient up gives them away
+
+
+@pytest.mark.parametrize("init", ["plain", "activation-aware"])
+def test_inversion_of_the_ffn_input_cut_at_full_width_reads_back_like_sl(glue_dir, tmp_path, init):
+    """The FFN-input cut at R = hidden sends the residual stream through an invertible A (plain: the
+    SVD's, activation-aware: the device's principal directions, calibrated on its training batches):
+    the attacker reads it back as it reads SL. Variant runs have SFT rows only and their own file."""
+    from bench import inversion
+
+    args = ["--model", "random:tiny", "--layers", "0", "--ranks", "32", "--public", "sst2:dev", "--private",
+            "sst2:dev", "--sentences", "64", "64", "--epochs", "40", "--lr", "3e-3", "--data-dir", glue_dir,
+            "--out-dir", str(tmp_path), "--factorise", "ffn-input", "--svd-init", init, "--calibration-batches", "2"]  # fmt: skip
+    assert inversion.main(args) == 0
+    name = "inversion_random_tiny_ffn-input" + ("_activation-aware" if init != "plain" else "")
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    (row,) = result["rows"]
+    assert row["mode"] == "SFT R=32 ffn-input" + (" activation-aware" if init != "plain" else "")
+    assert row["width"] == 32 and result["labels"] == []
+    assert row["tokens"] > 0.6 > 6 * result["baseline"]["token_recovery"]  # as SL's 0.84
