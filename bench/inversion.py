@@ -127,7 +127,9 @@ def run(args: argparse.Namespace) -> Dict:
             spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
             edge, _ = build_split_model(base, spec, 2, args.seed)
             if rank and args.svd_init == ACTIVATION_AWARE:  # the device's net1, calibrated as it does
-                edge = calibrated_edge_half(base, dataclasses.replace(spec, init=ACTIVATION_AWARE), calibration)[0]
+                edge = calibrated_edge_half(
+                    base, dataclasses.replace(spec, init=ACTIVATION_AWARE), calibration
+                )[0]
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
             acts = cut_activations(edge.eval(), data)
             tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
@@ -144,7 +146,9 @@ def calibration_batches(args: argparse.Namespace, tok) -> List:
     """The device's first ``--calibration-batches`` batches of 32 of its own task's training split
     (``--private``'s task), shuffled with the seed: what ``sft-edge train`` calibrates on."""
     task = args.private.partition(":")[0]
-    data = encode(sentences([f"{task}:train"], args.data_dir, 32 * args.calibration_batches, args.seed), tok, 128)
+    data = encode(
+        sentences([f"{task}:train"], args.data_dir, 32 * args.calibration_batches, args.seed), tok, 128
+    )
     return [collate(data, range(k, min(k + 32, len(data)))) for k in range(0, len(data), 32)]
 
 
