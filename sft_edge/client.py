@@ -6,7 +6,7 @@ that after a broken link it reconnects with backoff, re-attaches offering the st
 continue from (the live step first, then its checkpoints) and re-sends them; the cloud answers
 those it had applied from its cache. If the cloud can only continue from an earlier checkpoint
 (it restarted), the session loads its own checkpoint of that step (``restore``, which the
-subclass defines) and raises ``Rollback``.
+``checkpoint`` saves) and raises ``Rollback``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import grpc
+import torch
 
 from sft_common.checkpoint import CheckpointDir
 from sft_common.proto import sft_pb2 as pb
@@ -40,6 +41,10 @@ class SessionClient:
 
     checkpoints: Optional[CheckpointDir]
     fingerprint: str
+    # set by the subclass: what trains its ``module`` (the state this side checkpoints)
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    device: str
 
     def _open_session(
         self,
@@ -72,9 +77,32 @@ class SessionClient:
         self.start_step = self.live_step = opened.next_step
         return opened
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """This side's trained module (net1; the U's two edge parts as one)."""
+        raise NotImplementedError
+
+    def checkpoint(self, step: int, run: Dict) -> None:
+        """Checkpoint after ``step`` steps: the cloud first (it answers once its file is written),
+        then this side's ``module``, optimizer and schedule, with the caller's run record."""
+        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
+        reply = self.request(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
+        if reply.checkpointed.step != step:
+            raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
+        self.checkpoints.save_state(step, self.module, self.optimizer, self.schedule, run=run)
+
     def restore(self, step: int) -> Dict:
         """Load this side's checkpoint of ``step``; returns the run record saved with it."""
-        raise NotImplementedError
+        if self.checkpoints is None:
+            raise CloudError(
+                grpc.StatusCode.DATA_LOSS,
+                f"the cloud can only continue from its checkpoint at step {step}, and this run keeps "
+                "no checkpoints (--output-dir with --checkpoint-every)",
+            )
+        self.live_step = step
+        return self.checkpoints.load_state(step, self.module, self.optimizer, self.schedule, self.device)[
+            "run"
+        ]
 
     @property
     def bytes_sent(self) -> int:

@@ -242,26 +242,6 @@ class EdgeSession(SessionClient):
         """net1's trained state: with LoRA its adapters and u, not the frozen base."""
         return owned_state(self.net1)
 
-    def checkpoint(self, step: int, run: Dict) -> None:
-        """Checkpoint after ``step`` steps: the cloud first (it answers once its file is written),
-        then this side, with the caller's run record."""
-        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
-        reply = self.request(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
-        if reply.checkpointed.step != step:
-            raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
-        self.checkpoints.save_state(step, self.net1, self.optimizer, self.schedule, run=run)
-
-    def restore(self, step: int) -> Dict:
-        """Load this side's checkpoint of ``step``; returns the run record saved with it."""
-        if self.checkpoints is None:
-            raise CloudError(
-                grpc.StatusCode.DATA_LOSS,
-                f"the cloud can only continue from its checkpoint at step {step}, and this run keeps "
-                "no checkpoints (--output-dir with --checkpoint-every)",
-            )
-        self.live_step = step
-        return self.checkpoints.load_state(step, self.net1, self.optimizer, self.schedule, self.device)["run"]
-
     # -- the cut --------------------------------------------------------------------------
 
     def _cut(self, batch: Batch) -> Tuple[torch.Tensor, List[int]]:

@@ -193,24 +193,6 @@ class UShapeSession(SessionClient):
         """Both edge parts' trained state (``head.*``, ``tail.*``): with LoRA, not the frozen base."""
         return owned_state(self.net)
 
-    def checkpoint(self, step: int, run: Dict) -> None:
-        """Checkpoint after ``step`` steps: the cloud first, then both edge parts here."""
-        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
-        reply = self.request(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
-        if reply.checkpointed.step != step:
-            raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
-        self.checkpoints.save_state(step, self.net, self.optimizer, self.schedule, run=run)
-
-    def restore(self, step: int) -> Dict:
-        if self.checkpoints is None:
-            raise CloudError(
-                grpc.StatusCode.DATA_LOSS,
-                f"the cloud can only continue from its checkpoint at step {step}, and this run keeps "
-                "no checkpoints (--output-dir with --checkpoint-every)",
-            )
-        self.live_step = step
-        return self.checkpoints.load_state(step, self.net, self.optimizer, self.schedule, self.device)["run"]
-
     # -- the cuts -------------------------------------------------------------------------
 
     def _answer(self, kind: str, step: int) -> pb.CloudMessage:
