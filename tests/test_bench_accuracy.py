@@ -84,7 +84,7 @@ def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
     plan = acc.plan_runs("frontier", sst2_steps=200)
     assert [r.name for r in plan[:3]] == [
         "sst2-local-m200-s42",
-        "mrpc-local-e1-s42",
+        "mrpc-local-e3-s42",
         "sst2-sft-r8-l0-fp16-m200-s42",
     ]
     assert {acc.split_layer(r.config) for r in plan} == {None, 0, 2, 4, 5}
@@ -176,11 +176,11 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
     assert capsys.readouterr().out.split() == ["todo", "sst2-sl-m200-s43", "todo", "sst2-sl-m200-s44"]
     assert acc.main(["--plan", "cpu", "--configs", "sft-r8", "--results", str(tmp_path), "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == ["todo", "sst2-sft-r8-m200-s42", "todo", "sst2-sft-r8-m200-s43"]
-    # One the plan does not hold gets the plan's budget for each task: the frontier's MRPC epoch.
+    # One the plan does not hold gets the plan's budget for each task: the frontier's 200 SST-2 steps.
     args = ["--plan", "frontier", "--configs", "sft-r24-l0-fin-int4", "--results", str(tmp_path), "--dry-run"]
     assert acc.main(args + ["--tasks", "mrpc", "sst2", "rte"]) == 0
     assert capsys.readouterr().out.split() == [
-        "todo", "mrpc-sft-r24-l0-fin-int4-e1-s42", "todo", "sst2-sft-r24-l0-fin-int4-m200-s42",
+        "todo", "mrpc-sft-r24-l0-fin-int4-e3-s42", "todo", "sst2-sft-r24-l0-fin-int4-m200-s42",
         "todo", "rte-sft-r24-l0-fin-int4-e3-s42",
     ]  # fmt: skip
     with pytest.raises(SystemExit):  # a name that says no configuration: refused before anything runs
