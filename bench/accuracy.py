@@ -11,6 +11,7 @@ split layer, the configuration of at most 16 bytes per token closest to --local 
     python bench/accuracy.py --plan quick          # RTE/MRPC full recipe, SST-2 400 steps, sweep, 3 seeds
     python bench/accuracy.py --plan full           # the whole recipe, 3 seeds (days on 2 CPU cores)
     python bench/accuracy.py --plan frontier       # accuracy against bytes per token at layers 0, 2, 4, 5
+    python bench/accuracy.py --plan frontier --confirm 43 44  # then each layer's best point at 2 more seeds
     python bench/accuracy.py --table               # only rebuild the table from saved results
     python bench/accuracy.py --plan quick --dry-run
 
@@ -354,9 +355,12 @@ def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Di
     lines = ["| split layer | config | bytes/token | " + " | ".join(f"Δ {c} (n)" for c in columns) + " | mean Δ |",
              "|---|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
     best: Dict[int, Tuple[float, str]] = {}
-    layer_tasks: Dict[int, set] = {}  # the tasks run at each layer: a best point must have run them all
-    for (layer, _), by in deltas.items():
-        layer_tasks.setdefault(layer, set()).update(by)
+    layer_tasks: Dict[
+        int, set
+    ] = {}  # the tasks run at each layer within the bytes: a best point ran them all
+    for (layer, cfg), by in deltas.items():
+        if (bytes_per_token(cfg) or 0.0) <= max_bytes:
+            layer_tasks.setdefault(layer, set()).update(by)
     for (layer, cfg), by in sorted(
         deltas.items(), key=lambda kv: (kv[0][0], bytes_per_token(kv[0][1]) or 0, kv[0][1])
     ):
@@ -366,7 +370,7 @@ def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Di
         lines.append(f"| {layer} | {cfg} | {b:g} | " + " | ".join(cells) + f" | {mean:+.2f} |")
         if b <= max_bytes and set(by) == layer_tasks[layer] and mean > best.get(layer, (-1e9, ""))[0]:
             best[layer] = (mean, cfg)
-    chosen = [{"split_layer": layer, "flags": Run("sst2", cfg, 0).mode_flags(), "bytes_per_token": bytes_per_token(cfg),
+    chosen = [{"split_layer": layer, "config": cfg, "flags": Run("sst2", cfg, 0).mode_flags(), "bytes_per_token": bytes_per_token(cfg),
                "mean_delta_vs_local": round(mean, 2), "tasks": sorted(layer_tasks[layer])} for layer, (mean, cfg) in sorted(best.items())]  # fmt: skip
     return "\n".join(lines) + "\n", chosen
 
@@ -390,6 +394,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", choices=["cpu", "quick", "full", "frontier"], default="quick")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 42 43 44)")
+    p.add_argument("--confirm", type=int, nargs="+", metavar="SEED",
+                   help="instead of the plan, the frontier's confirmation: each layer's best point so far "
+                   "(best.json) and --local at these seeds, on the tasks and budgets it was chosen on")  # fmt: skip
     p.add_argument(
         "--sst2-steps",
         type=int,
@@ -453,6 +460,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if run.name not in have:
                     runs.append(run)
                     have.add(run.name)
+    if args.confirm:
+        runs = []
+    for entry in frontier(load_results(results))[1] if args.confirm else []:
+        for cfg in ("local", entry["config"]):
+            for task, budget in (t.split() for t in entry["tasks"]):
+                size = {"max_steps": int(budget[1:])} if budget[0] == "m" else {"epochs": int(budget[1:])}
+                for seed in args.confirm:
+                    run = Run(task, cfg, seed, extra=extra, **size)  # type: ignore[arg-type]
+                    if run.name not in have:
+                        runs.append(run)
+                        have.add(run.name)
     done = 0
     for run in runs:
         exists = os.path.exists(os.path.join(results, run.name + ".json"))

@@ -104,12 +104,41 @@ def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
     records += [rec("sst2", "sft-r64-l0-int4", 0.80), rec("mrpc", "sft-r64-l0-int4", 0.70, "e1")]  # 36 bytes
     records += [rec("sst2", "sft-r12-l0-int8", 0.79)]  # one of layer 0's two tasks only: not comparable
     records += [rec("sst2", "sft-r8-l2-fin-fp16", 0.78)]  # layer 2 ran SST-2 alone: its best on that task
+    records += [
+        rec("mrpc", "sft-r8-l2", 0.70, "e1")
+    ]  # 32 bytes: MRPC at layer 2 asks nothing of a 16-byte point
     text, best = acc.frontier(records)
     assert "| 0 | sft-r24-l0-int4 | 16 | -5.00 (1) | -4.00 (1) | -4.50 |" in text
-    assert best == [{"split_layer": 0, "flags": ["--mode", "sft", "--rank", "24", "--split-layer", "0", "--wire-dtype", "int4"],
+    assert best == [{"split_layer": 0, "config": "sft-r24-l0-int4", "flags": ["--mode", "sft", "--rank", "24", "--split-layer", "0", "--wire-dtype", "int4"],
                      "bytes_per_token": 16.0, "mean_delta_vs_local": -4.5, "tasks": ["mrpc e1", "sst2 m200"]},
-                    {"split_layer": 2, "flags": ["--mode", "sft", "--rank", "8", "--split-layer", "2", "--factorise", "ffn-input", "--wire-dtype", "fp16"],
+                    {"split_layer": 2, "config": "sft-r8-l2-fin-fp16", "flags": ["--mode", "sft", "--rank", "8", "--split-layer", "2", "--factorise", "ffn-input", "--wire-dtype", "fp16"],
                      "bytes_per_token": 16.0, "mean_delta_vs_local": -2.0, "tasks": ["sst2 m200"]}]  # fmt: skip
+
+
+def test_the_frontier_confirms_each_layers_best_point_at_more_seeds(tmp_path, capsys):
+    """--confirm SEED...: instead of the prune, best.json's point at each layer and --local, at
+    those seeds, on the tasks and budgets it was chosen on; finished runs are not repeated."""
+    acc = _bench()
+
+    def save(task, cfg, a, budget, seed=42):
+        record = {"name": f"{task}-{cfg}-{budget}-s{seed}", "task": task, "config": cfg, "budget": budget,
+                  "seed": seed, "report": {"metrics": {"accuracy": a}}}  # fmt: skip
+        (tmp_path / f"{record['name']}.json").write_text(json.dumps(record))
+
+    save("sst2", "local", 0.80, "m200")
+    save("mrpc", "local", 0.74, "e3")
+    save("sst2", "sft-r12-l0-int8", 0.70, "m200")
+    save("mrpc", "sft-r12-l0-int8", 0.70, "e3")
+    save("sst2", "sft-r8-l0-fp16", 0.75, "m200")  # better on SST-2, but MRPC not run: not a best point
+    save("sst2", "sft-r8-l5-fp16", 0.79, "m200")
+    save("sst2", "local", 0.81, "m200", seed=43)  # already done: listed as done
+    args = ["--plan", "frontier", "--confirm", "43", "--results", str(tmp_path), "--dry-run"]
+    assert acc.main(args) == 0
+    assert capsys.readouterr().out.split() == [
+        "todo", "mrpc-local-e3-s43", "done", "sst2-local-m200-s43",
+        "todo", "mrpc-sft-r12-l0-int8-e3-s43", "todo", "sst2-sft-r12-l0-int8-m200-s43",
+        "todo", "sst2-sft-r8-l5-fp16-m200-s43",
+    ]  # fmt: skip
 
 
 def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, capsys):
