@@ -29,6 +29,9 @@ from sft_common.whiten import SecondMoment, principal_directions, whitened_facto
 from sft_edge.data import Batch
 
 log = logging.getLogger("sft_edge")
+# Below this many calibration tokens per rank the top-R directions sent to the cloud are those of a
+# handful of activations (with n <= R tokens, exactly their span): warned about, not refused.
+FEW_TOKENS_PER_RANK = 32
 
 
 def ffn_output_weight(base: BaseModel, spec: SplitSpec) -> torch.Tensor:
@@ -88,4 +91,11 @@ def calibrated_edge_half(
         "activation-aware init: %d calibration tokens at layer %d (%s), rank %d",
         moment.count, spec.split_layer, spec.factorise, spec.rank,
     )  # fmt: skip
+    if moment.count < FEW_TOKENS_PER_RANK * spec.rank:
+        log.warning(
+            "only %d calibration tokens for rank %d: the factors sent to the cloud come close to "
+            "spanning these examples' own activations (docs/privacy.md); use more "
+            "--calibration-batches (at least %d tokens)",
+            moment.count, spec.rank, FEW_TOKENS_PER_RANK * spec.rank,
+        )  # fmt: skip
     return net1, sigma, v

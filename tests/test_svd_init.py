@@ -314,3 +314,18 @@ def test_flags_that_cannot_go_with_activation_aware_init_are_refused(flags, mess
     values.update(flags)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**values).validate()
+
+
+def test_a_calibration_of_few_tokens_for_its_rank_is_warned_about(tiny_base, caplog):
+    """With n calibration tokens the factors' directions come from those n activations alone (for
+    n <= R, exactly their span): below 32 tokens a rank the edge says so; the default's are far above."""
+    few = [random_batch(batch=2, seq=5, seed=1)]  # at most 10 real tokens for rank 8
+    with caplog.at_level("WARNING", logger="sft_edge"):
+        calibrate.calibrated_edge_half(tiny_base, SPEC, few)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "calibration tokens for rank 8" in warning and "--calibration-batches" in warning
+    caplog.clear()
+    many = [random_batch(batch=8, seq=40, seed=k) for k in range(2)]
+    with caplog.at_level("WARNING", logger="sft_edge"):
+        calibrate.calibrated_edge_half(tiny_base, SPEC, many)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
