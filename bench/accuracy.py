@@ -464,7 +464,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = []
     for entry in frontier(load_results(results))[1] if args.confirm else []:
         for cfg in ("local", entry["config"]):
-            for task, budget in (t.split() for t in entry["tasks"]):
+            for task, budget in (
+                t.split() for t in entry["tasks"] if not args.tasks or t.split()[0] in args.tasks
+            ):
                 size = {"max_steps": int(budget[1:])} if budget[0] == "m" else {"epochs": int(budget[1:])}
                 for seed in args.confirm:
                     run = Run(task, cfg, seed, extra=extra, **size)  # type: ignore[arg-type]

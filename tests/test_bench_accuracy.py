@@ -139,6 +139,10 @@ def test_the_frontier_confirms_each_layers_best_point_at_more_seeds(tmp_path, ca
         "todo", "mrpc-sft-r12-l0-int8-e3-s43", "todo", "sst2-sft-r12-l0-int8-m200-s43",
         "todo", "sst2-sft-r8-l5-fp16-m200-s43",
     ]  # fmt: skip
+    assert acc.main(args + ["--tasks", "sst2"]) == 0  # the confirmation of one task
+    assert capsys.readouterr().out.split() == [
+        "done", "sst2-local-m200-s43", "todo", "sst2-sft-r12-l0-int8-m200-s43", "todo", "sst2-sft-r8-l5-fp16-m200-s43",
+    ]  # fmt: skip
 
 
 def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, capsys):
