@@ -337,41 +337,50 @@ def split_layer(config: str, layers: int = 6) -> Optional[int]:
 def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Dict]]:
     """Markdown: accuracy against bytes per token, per split layer, as points against --local at
     the same task, budget and seed; and per layer the configuration at most ``max_bytes`` per token
-    with the best mean difference over the tasks it ran on (every task of the layer's runs)."""
+    that ran every task run there within the bytes and is best on the seeds they all share (the
+    prune's: a point confirmed at more seeds is not ranked on seeds the others lack), with its mean
+    difference over all its seeds."""
     local = {
         (r["task"], r["budget"], r["seed"]): r["report"]["metrics"]["accuracy"]
         for r in records
         if r["config"] == "local"
     }
-    deltas: Dict[Tuple[int, str], Dict[str, List[float]]] = {}
+    deltas: Dict[Tuple[int, str], Dict[str, Dict[int, float]]] = {}  # (layer, config) -> task -> seed -> Δ
     for r in records:
         key = (r["task"], r["budget"], r["seed"])
         layer = split_layer(r["config"])
         if layer is None or key not in local or not SFT_NAME.fullmatch(r["config"]):
             continue
         d = 100 * (r["report"]["metrics"]["accuracy"] - local[key])
-        deltas.setdefault((layer, r["config"]), {}).setdefault(f"{r['task']} {r['budget']}", []).append(d)
+        deltas.setdefault((layer, r["config"]), {}).setdefault(f"{r['task']} {r['budget']}", {})[
+            r["seed"]
+        ] = d
     columns = sorted({c for v in deltas.values() for c in v})
     lines = ["| split layer | config | bytes/token | " + " | ".join(f"Δ {c} (n)" for c in columns) + " | mean Δ |",
              "|---|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
-    best: Dict[int, Tuple[float, str]] = {}
-    layer_tasks: Dict[
-        int, set
-    ] = {}  # the tasks run at each layer within the bytes: a best point ran them all
-    for (layer, cfg), by in deltas.items():
-        if (bytes_per_token(cfg) or 0.0) <= max_bytes:
-            layer_tasks.setdefault(layer, set()).update(by)
+    mean = {k: statistics.mean(statistics.mean(v.values()) for v in by.values()) for k, by in deltas.items()}
     for (layer, cfg), by in sorted(
         deltas.items(), key=lambda kv: (kv[0][0], bytes_per_token(kv[0][1]) or 0, kv[0][1])
     ):
-        cells = [f"{statistics.mean(by[c]):+.2f} ({len(by[c])})" if c in by else "" for c in columns]
-        mean = statistics.mean(statistics.mean(v) for v in by.values())
-        b = bytes_per_token(cfg) or 0.0
-        lines.append(f"| {layer} | {cfg} | {b:g} | " + " | ".join(cells) + f" | {mean:+.2f} |")
-        if b <= max_bytes and set(by) == layer_tasks[layer] and mean > best.get(layer, (-1e9, ""))[0]:
-            best[layer] = (mean, cfg)
-    chosen = [{"split_layer": layer, "config": cfg, "flags": Run("sst2", cfg, 0).mode_flags(), "bytes_per_token": bytes_per_token(cfg),
-               "mean_delta_vs_local": round(mean, 2), "tasks": sorted(layer_tasks[layer])} for layer, (mean, cfg) in sorted(best.items())]  # fmt: skip
+        cells = [f"{statistics.mean(by[c].values()):+.2f} ({len(by[c])})" if c in by else "" for c in columns]
+        lines.append(f"| {layer} | {cfg} | {bytes_per_token(cfg) or 0:g} | " + " | ".join(cells) + f" | {mean[layer, cfg]:+.2f} |")  # fmt: skip
+    chosen = []
+    for layer in sorted({layer for layer, _ in deltas}):
+        cheap = {
+            cfg: by
+            for (l, cfg), by in deltas.items()
+            if l == layer and (bytes_per_token(cfg) or 0) <= max_bytes
+        }
+        tasks = set().union(*cheap.values()) if cheap else set()
+        eligible = {cfg: by for cfg, by in cheap.items() if set(by) == tasks}
+        if not eligible:
+            continue
+        shared = {t: set.intersection(*(set(by[t]) for by in eligible.values())) for t in tasks}
+        score = {c: statistics.mean(statistics.mean(by[t][s] for s in shared[t]) for t in tasks) for c, by in eligible.items()}  # fmt: skip
+        cfg = max(sorted(eligible), key=score.__getitem__)
+        chosen.append({"split_layer": layer, "config": cfg, "flags": Run("sst2", cfg, 0).mode_flags(),
+                       "bytes_per_token": bytes_per_token(cfg), "mean_delta_vs_local": round(mean[layer, cfg], 2),
+                       "tasks": sorted(tasks), "seeds": {t: sorted(eligible[cfg][t]) for t in sorted(tasks)}})  # fmt: skip
     return "\n".join(lines) + "\n", chosen
 
 

@@ -89,30 +89,39 @@ def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
     ]
     assert {acc.split_layer(r.config) for r in plan} == {None, 0, 2, 4, 5}
 
-    def rec(task, cfg, a, budget="m200"):
+    def rec(task, cfg, a, budget="m200", seed=42):
         return {
             "task": task,
             "config": cfg,
             "budget": budget,
-            "seed": 42,
+            "seed": seed,
             "report": {"metrics": {"accuracy": a}},
         }
 
-    records = [rec("sst2", "local", 0.80), rec("mrpc", "local", 0.70, "e1")]
+    records = [
+        rec("sst2", "local", 0.80),
+        rec("mrpc", "local", 0.70, "e1"),
+        rec("sst2", "local", 0.80, seed=43),
+    ]
     records += [rec("sst2", "sft-r8-l0-fp16", 0.70), rec("mrpc", "sft-r8-l0-fp16", 0.66, "e1")]
     records += [rec("sst2", "sft-r24-l0-int4", 0.76), rec("mrpc", "sft-r24-l0-int4", 0.65, "e1")]  # best mean
     records += [rec("sst2", "sft-r64-l0-int4", 0.80), rec("mrpc", "sft-r64-l0-int4", 0.70, "e1")]  # 36 bytes
     records += [rec("sst2", "sft-r12-l0-int8", 0.79)]  # one of layer 0's two tasks only: not comparable
-    records += [rec("sst2", "sft-r8-l2-fin-fp16", 0.78)]  # layer 2 ran SST-2 alone: its best on that task
+    # Layer 2 ran SST-2 alone. The prune's best (seed 42) was confirmed at seed 43 and fell there; it
+    # stays the best point, because another is not ranked on a seed it has not run.
+    records += [rec("sst2", "sft-r8-l2-fin-fp16", 0.78), rec("sst2", "sft-r8-l2-fin-fp16", 0.74, seed=43)]
+    records += [rec("sst2", "sft-r12-l2-int8", 0.77)]
     records += [
         rec("mrpc", "sft-r8-l2", 0.70, "e1")
     ]  # 32 bytes: MRPC at layer 2 asks nothing of a 16-byte point
     text, best = acc.frontier(records)
     assert "| 0 | sft-r24-l0-int4 | 16 | -5.00 (1) | -4.00 (1) | -4.50 |" in text
+    assert "| 2 | sft-r8-l2-fin-fp16 | 16 | | -4.00 (2) | -4.00 |" in text.replace("|  |", "| |")
     assert best == [{"split_layer": 0, "config": "sft-r24-l0-int4", "flags": ["--mode", "sft", "--rank", "24", "--split-layer", "0", "--wire-dtype", "int4"],
-                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.5, "tasks": ["mrpc e1", "sst2 m200"]},
+                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.5, "tasks": ["mrpc e1", "sst2 m200"],
+                     "seeds": {"mrpc e1": [42], "sst2 m200": [42]}},
                     {"split_layer": 2, "config": "sft-r8-l2-fin-fp16", "flags": ["--mode", "sft", "--rank", "8", "--split-layer", "2", "--factorise", "ffn-input", "--wire-dtype", "fp16"],
-                     "bytes_per_token": 16.0, "mean_delta_vs_local": -2.0, "tasks": ["sst2 m200"]}]  # fmt: skip
+                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.0, "tasks": ["sst2 m200"], "seeds": {"sst2 m200": [42, 43]}}]  # fmt: skip
 
 
 def test_the_frontier_confirms_each_layers_best_point_at_more_seeds(tmp_path, capsys):
