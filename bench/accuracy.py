@@ -399,6 +399,25 @@ def write_tables(results: str) -> str:
     return text
 
 
+def confirm_runs(
+    best: List[Dict], seeds: Sequence[int], tasks: Optional[Sequence[str]], extra: Tuple[str, ...]
+) -> List[Run]:
+    """The frontier's confirmation: each ``best`` point (``frontier``'s) and --local at ``seeds``,
+    on the tasks (of ``tasks``, if given) and budgets (``Run.budget``'s m<steps>/e<epochs>) it was
+    chosen on; --local once however many layers ask for it."""
+    runs: Dict[str, Run] = {}
+    for entry in best:
+        for cfg in ("local", entry["config"]):
+            for task, budget in (t.split() for t in entry["tasks"]):
+                if tasks and task not in tasks:
+                    continue
+                size = {"max_steps": int(budget[1:])} if budget[0] == "m" else {"epochs": int(budget[1:])}
+                for seed in seeds:
+                    run = Run(task, cfg, seed, extra=extra, **size)  # type: ignore[arg-type]
+                    runs.setdefault(run.name, run)
+    return list(runs.values())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", choices=["cpu", "quick", "full", "frontier"], default="quick")
@@ -447,6 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in planned:
         shapes.setdefault(r.config, {}).setdefault(r.task, r)
     have = {r.name for r in runs}
+    budgets = {r.task: r for r in planned}  # one the plan does not hold gets its budget for each task
     for cfg in args.configs or []:
         if cfg in shapes and not args.seeds:
             continue  # the plan's seeds
@@ -455,8 +475,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 Run("rte", cfg, 0).mode_flags()  # an unknown name fails here, before anything runs
             except ValueError as e:
                 p.error(str(e))
-        # one the plan does not hold gets the plan's budget for each task (the frontier's MRPC epoch)
-        budgets = {r.task: r for r in planned}
         tasks = shapes.get(cfg) or {
             t: dataclasses.replace(budgets[t], config=cfg) if t in budgets else Run(t, cfg, 0)
             for t in args.tasks or ["rte", "mrpc", "sst2"]
@@ -469,19 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if run.name not in have:
                     runs.append(run)
                     have.add(run.name)
-    if args.confirm:
-        runs = []
-    for entry in frontier(load_results(results))[1] if args.confirm else []:
-        for cfg in ("local", entry["config"]):
-            for task, budget in (
-                t.split() for t in entry["tasks"] if not args.tasks or t.split()[0] in args.tasks
-            ):
-                size = {"max_steps": int(budget[1:])} if budget[0] == "m" else {"epochs": int(budget[1:])}
-                for seed in args.confirm:
-                    run = Run(task, cfg, seed, extra=extra, **size)  # type: ignore[arg-type]
-                    if run.name not in have:
-                        runs.append(run)
-                        have.add(run.name)
+    if args.confirm:  # instead of the plan
+        runs = confirm_runs(frontier(load_results(results))[1], args.confirm, args.tasks, extra)
     done = 0
     for run in runs:
         exists = os.path.exists(os.path.join(results, run.name + ".json"))
