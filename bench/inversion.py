@@ -117,19 +117,20 @@ def run(args: argparse.Namespace) -> Dict:
     baseline = {"token": tok.convert_ids_to_tokens(top), "token_recovery": sum(s.count(top) for s in scored)
                 / sum(map(len, scored)), "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored)}  # fmt: skip
     n = base.num_hidden_layers
-    variant = (args.factorise, args.svd_init) != (FFN_OUTPUT, PLAIN)  # SFT rows only: SL is the same
+    variant = variant_names(args)  # SFT rows only: SL is the same
     calibration = calibration_batches(args, tok) if args.svd_init == ACTIVATION_AWARE else []
-    suffix = "".join(f" {x}" for x in (args.factorise, args.svd_init) if x not in (FFN_OUTPUT, PLAIN))
+    suffix = "".join(f" {x}" for x in variant)
     rows = []
     for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
         for mode, rank in [("sl", 0)] * (not variant) + [("sft", r) for r in args.ranks]:
             t0 = time.process_time()
             spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
-            edge, _ = build_split_model(base, spec, 2, args.seed)
             if rank and args.svd_init == ACTIVATION_AWARE:  # the device's net1, calibrated as it does
                 edge = calibrated_edge_half(
                     base, dataclasses.replace(spec, init=ACTIVATION_AWARE), calibration
                 )[0]
+            else:
+                edge = build_split_model(base, spec, 2, args.seed)[0]
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
             acts = cut_activations(edge.eval(), data)
             tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
@@ -140,6 +141,11 @@ def run(args: argparse.Namespace) -> Dict:
     labels = [] if variant else label_leakage(base, private, args.seq)
     return {"model": args.model, "public": len(public), "private": len(private), "baseline": baseline,
             "rows": rows, "labels": labels, "args": vars(args)}  # fmt: skip
+
+
+def variant_names(args: argparse.Namespace) -> List[str]:
+    """The non-default cut options attacked (``--factorise``, ``--svd-init``): none for the default cut."""
+    return [x for x in (args.factorise, args.svd_init) if x not in (FFN_OUTPUT, PLAIN)]
 
 
 def calibration_batches(args: argparse.Namespace, tok) -> List:
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
     if result["labels"]:
         print(table(result["labels"], ["split", "label_ids_sent", "labels_recovered", "how"]))
     name = "inversion_" + args.model.replace(":", "_").replace("/", "_")
-    name += "".join(f"_{x}" for x in (args.factorise, args.svd_init) if x not in (FFN_OUTPUT, PLAIN))
+    name += "".join(f"_{x}" for x in variant_names(args))
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
 
