@@ -236,11 +236,17 @@ class CloudHalf(nn.Module):
         self, cut: torch.Tensor, attention_mask: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """cut: (batch, seq, width) activations; attention_mask: (batch, seq). Returns logits."""
+        return self.family.pool(self, self.hidden(cut, attention_mask, residual), attention_mask)
+
+    def hidden(
+        self, cut: torch.Tensor, attention_mask: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The last layer's hidden states (batch, seq, hidden), before the final norm and head."""
         h = cut if self.tail is None else self.tail(cut, residual)
         ctx = self.family.context(self, attention_mask, h)
         for layer in self.layers:
             h = self.family.run_layer(layer, h, ctx)
-        return self.family.pool(self, h, attention_mask)
+        return h
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -92,11 +92,7 @@ class LMTail(CloudHalf):
     def forward(
         self, cut: torch.Tensor, attention_mask: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        h = cut if self.tail is None else self.tail(cut, residual)
-        ctx = self.family.context(self, attention_mask, h)
-        for layer in self.layers:
-            h = self.family.run_layer(layer, h, ctx)
-        return self.lm_head(self.norm(h))
+        return self.lm_head(self.norm(self.hidden(cut, attention_mask, residual)))
 
 
 def input_embedding(head: nn.Module, vocab: int) -> nn.Embedding:
