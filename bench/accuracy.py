@@ -28,6 +28,7 @@ import dataclasses
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -418,6 +419,10 @@ def confirm_runs(
     return list(runs.values())
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", choices=["cpu", "quick", "full", "frontier"], default="quick")
@@ -446,6 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     results = os.path.abspath(args.results)
+    # Every run's edge and daemon are in sessions of their own (niced), out of reach of a signal to
+    # this process's group: on SIGTERM unwind as on Ctrl-C, which kills the edge and stops the daemon.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if args.table:
         print(write_tables(results))
         return 0

@@ -285,3 +285,53 @@ def test_niced_runs_go_in_a_session_of_their_own_whose_group_is_niced():
         if os.access("/proc/self/autogroup", os.W_OK):
             assert group.endswith("nice 7")
     assert _bench().niced(0) == []
+
+
+def _children(pid: int) -> list:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_terminated_bench_takes_its_edge_and_daemon_with_it(glue_dir, tmp_path):
+    """The runs are niced in sessions of their own, so a SIGTERM to the bench alone must stop them."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "bench/accuracy.py", "--tasks", "rte", "--configs", "sft-r8", "--seeds", "7",
+           "--model", "random:tiny", "--data-dir", glue_dir, "--results", str(tmp_path / "results"),
+           "--nice", "1", "--extra", "--max-steps 100000 --max-train-examples 16 --max-eval-examples 16 "
+           "--batch-size 8 --max-seq-len 32"]  # fmt: skip
+    bench = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "accuracy-logs" / "rte-sft-r8-e3-s7.log"
+    deadline = time.time() + 120
+    while not (log.exists() and " training " in log.read_text()):
+        assert bench.poll() is None and time.time() < deadline, "the run did not start"
+        time.sleep(0.2)
+    kids = _children(bench.pid)
+    try:
+        assert len(kids) == 2  # the daemon and the edge
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 30
+        while any(_alive(pid) for pid in kids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in kids)
+    finally:  # what a failure left behind
+        for pid in filter(_alive, kids):
+            os.kill(pid, signal.SIGKILL)
+    assert not (tmp_path / "results" / "rte-sft-r8-e3-s7.json").exists()
