@@ -28,7 +28,6 @@ import dataclasses
 import math
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 if __package__ in (None, ""):  # run as a file (python bench/accuracy.py): the repository root is the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import GLUE_DIR, RESULTS, ROOT, daemon, niced, read_json, threads_env  # noqa: E402
+from bench.common import GLUE_DIR, RESULTS, ROOT, daemon, exit_on_signals, niced, read_json, threads_env  # noqa: E402
 from sft_common.atomic import write_json  # noqa: E402
 
 DEFAULT_RESULTS = os.path.join(RESULTS, "accuracy")
@@ -419,10 +418,6 @@ def confirm_runs(
     return list(runs.values())
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", choices=["cpu", "quick", "full", "frontier"], default="quick")
@@ -450,10 +445,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--table", action="store_true", help="only rebuild RESULTS/table.md")
     args = p.parse_args(argv)
 
-    results = os.path.abspath(args.results)
     # Every run's edge and daemon are in sessions of their own (niced), out of reach of a signal to
-    # this process's group: on SIGTERM unwind as on Ctrl-C, which kills the edge and stops the daemon.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    # this process's group: on SIGTERM or Ctrl-C unwind, which kills the edge and stops the daemon.
+    with exit_on_signals():
+        return _run(p, args)
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    results = os.path.abspath(args.results)
     if args.table:
         print(write_tables(results))
         return 0

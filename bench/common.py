@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,26 @@ from sft_cloud import launch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 GLUE_DIR = os.environ.get("GLUE_DIR", os.path.join(ROOT, "..", "shared", "data", "glue"))
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """For the block, SIGTERM and SIGINT raise ``SystemExit(128 + signum)``: the stack unwinds, so
+    ``finally`` blocks and context managers stop what the benchmark started (children in sessions
+    of their own, network namespaces) and the status says which signal ended it. The previous
+    handlers are back after the block."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def machine() -> Dict[str, object]:

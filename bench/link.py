@@ -18,7 +18,6 @@ import contextlib
 import json
 import pathlib
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,16 @@ import time
 import urllib.request
 from typing import Dict, Iterator, List, Optional
 
-from bench.common import add_workload_args, daemon, median, run_child, save, table, threads_env
+from bench.common import (
+    add_workload_args,
+    daemon,
+    exit_on_signals,
+    median,
+    run_child,
+    save,
+    table,
+    threads_env,
+)
 
 CLOUD_NS, EDGE_NS = "sftb-cloud", "sftb-edge"
 CLOUD_IF, EDGE_IF = "sftb-c", "sftb-e"
@@ -94,27 +102,21 @@ def tcp_rtt(host: str, port: int, n: int = 15) -> float:
 @contextlib.contextmanager
 def namespaces() -> Iterator[None]:
     """The two namespaces, joined by the veth pair and up, for the block; deleted however it ends."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def on_signal(signum, frame):  # turn SIGTERM into an exception so `finally` runs
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for s in previous:
-        signal.signal(s, on_signal)
-    try:
-        teardown()
-        for ns in (CLOUD_NS, EDGE_NS):
-            sh("ip", "netns", "add", ns)
-        sh(*f"ip link add {CLOUD_IF} netns {CLOUD_NS} type veth peer name {EDGE_IF} netns {EDGE_NS}".split())
-        for ns, ifname, ip in ((CLOUD_NS, CLOUD_IF, CLOUD_IP), (EDGE_NS, EDGE_IF, EDGE_IP)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
-            sh("ip", "-n", ns, "link", "set", ifname, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield
-    finally:
-        teardown()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    with exit_on_signals():
+        try:
+            teardown()
+            for ns in (CLOUD_NS, EDGE_NS):
+                sh("ip", "netns", "add", ns)
+            sh(
+                *f"ip link add {CLOUD_IF} netns {CLOUD_NS} type veth peer name {EDGE_IF} netns {EDGE_NS}".split()
+            )
+            for ns, ifname, ip in ((CLOUD_NS, CLOUD_IF, CLOUD_IP), (EDGE_NS, EDGE_IF, EDGE_IP)):
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
+                sh("ip", "-n", ns, "link", "set", ifname, "up")
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            yield
+        finally:
+            teardown()
 
 
 def cloud_seconds() -> float:

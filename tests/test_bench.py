@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,36 @@ def test_link_namespaces_are_shaped_and_removed():
         assert link.CLOUD_NS in names and link.EDGE_NS in names
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert link.CLOUD_NS not in names and link.EDGE_NS not in names
+
+
+@pytest.mark.skipif(not _can_make_netns(), reason="needs root, ip and tc (network namespaces)")
+def test_link_namespaces_are_removed_on_sigterm():
+    """A SIGTERM inside the block unwinds it: the namespaces go, the status is 128 + SIGTERM."""
+    from bench import link
+
+    code = (
+        "import os, signal\n"
+        "from bench import link\n"
+        "with link.namespaces():\n"
+        "    print('up', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "up" in done.stdout
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert link.CLOUD_NS not in names and link.EDGE_NS not in names
+
+
+def test_exit_on_signals_restores_the_previous_handlers():
+    from bench.common import exit_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, exit_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.slow
