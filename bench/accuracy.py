@@ -54,14 +54,16 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sft-r32": ["--mode", "sft", "--rank", "32"],
     "sl": ["--mode", "sl"],
 }
-# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-aw][-<wire dtype>],
+# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-aw|-ra][-<wire dtype>],
 # e.g. sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4;
 # -fin: --factorise ffn-input (the FFN-input cut, sft-r8-l0-fin-int8), R values a token as the other;
-# -aw: --svd-init activation-aware (sft-r8-l0-aw-int8; the same bytes a token). Order: -fin, -aw, dtype.
+# -aw: --svd-init activation-aware (sft-r8-l0-aw-int8; the same bytes a token); -ra: --svd-init
+# residual-aware (FFN-output cut only: sft-r24-l0-ra-int4). Order: -fin, -aw or -ra, dtype.
 SFT_NAME = re.compile(
-    r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fin))?(?:-(aw))?"
+    r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fin))?(?:-(aw|ra))?"
     r"(?:-(?P<dtype>fp16|bf16|int8|int4))?"
 )
+INITS = {"aw": "activation-aware", "ra": "residual-aware"}  # the name's -aw, -ra: --svd-init
 # Bytes per token of the cut activations on the wire, by dtype: (per element, per token: the row scale).
 WIRE_BYTES = {"fp32": (4.0, 0), "fp16": (2.0, 0), "bf16": (2.0, 0), "int8": (1.0, 4), "int4": (0.5, 4)}
 FRONTIER_LAYERS = (0, 2, 4, 5)
@@ -104,14 +106,14 @@ class Run:
         if not m:
             raise ValueError(
                 f"unknown configuration {self.config!r} (known: {', '.join(CONFIGS)}, "
-                "or sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-aw][-<wire dtype>])"
+                "or sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-aw|-ra][-<wire dtype>])"
             )
         rank, layer, factor_lr, input_cut, aware, dtype = m.groups()
         flags = ["--mode", "sft", "--rank", rank]
         flags += ["--split-layer", layer] if layer is not None else []
         flags += ["--factor-lr", factor_lr] if factor_lr is not None else []
         flags += ["--factorise", "ffn-input"] if input_cut is not None else []
-        flags += ["--svd-init", "activation-aware"] if aware is not None else []
+        flags += ["--svd-init", INITS[aware]] if aware is not None else []
         return flags + (["--wire-dtype", dtype] if dtype is not None else [])
 
 

@@ -51,7 +51,7 @@ class CloudSession:
     ):
         """``shared_base``: with LoRA, the frozen parameters of every session of this model and
         split (filled by the first; later sessions use its tensors instead of their own copies).
-        ``cloud_factors``: Σ and v as the edge computed them (a new activation-aware session; checked
+        ``cloud_factors``: Σ and v as the edge computed them (a new calibrated session; checked
         by ``validation.given_factors``), used instead of this side's SVD."""
         self.session_id = session_id
         self.owner = owner  # the identity that opened it; only it may attach again
@@ -118,7 +118,7 @@ class CloudSession:
 
     @torch.no_grad()
     def _use_factors(self, sigma: Optional[torch.Tensor], v: torch.Tensor) -> None:
-        """The edge's activation-aware factors: Σ and v (R, hidden), or B = vᵀ at the FFN input."""
+        """The edge's calibrated factors: Σ and v (R, hidden), or B = vᵀ at the FFN input."""
         tail = getattr(self.net2, "tail", None)
         if isinstance(tail, SVDTail) and sigma is not None:
             tail.sigma.copy_(sigma)

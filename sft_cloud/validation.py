@@ -13,12 +13,16 @@ from sft_common.errors import ProtocolError
 from sft_common.lora import lora_from_config
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import ACTIVATION_AWARE, FFN_INPUT, FFN_OUTPUT, PLAIN, SplitSpec
+from sft_common.spec import ACTIVATION_AWARE, FFN_INPUT, FFN_OUTPUT, PLAIN, RESIDUAL_AWARE, SplitSpec
 from sft_common.ushape import UShapeSpec
 
 MODES = {pb.SFT: "sft", pb.SL: "sl"}
 FACTORISE = {pb.FFN_OUTPUT: FFN_OUTPUT, pb.FFN_INPUT: FFN_INPUT}
-INITS = {pb.SVD_INIT_PLAIN: PLAIN, pb.SVD_INIT_ACTIVATION_AWARE: ACTIVATION_AWARE}
+INITS = {
+    pb.SVD_INIT_PLAIN: PLAIN,
+    pb.SVD_INIT_ACTIVATION_AWARE: ACTIVATION_AWARE,
+    pb.SVD_INIT_RESIDUAL_AWARE: RESIDUAL_AWARE,
+}
 
 
 def invalid(message: str) -> ProtocolError:
@@ -32,7 +36,10 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
     if config.factorise not in FACTORISE:
         raise invalid(f"factorise {config.factorise} is not one of FFN_OUTPUT, FFN_INPUT")
     if config.svd_init not in INITS:
-        raise invalid(f"svd_init {config.svd_init} is not one of SVD_INIT_PLAIN, SVD_INIT_ACTIVATION_AWARE")
+        raise invalid(
+            f"svd_init {config.svd_init} is not one of SVD_INIT_PLAIN, SVD_INIT_ACTIVATION_AWARE, "
+            "SVD_INIT_RESIDUAL_AWARE"
+        )
     return SplitSpec(
         split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode], init=INITS[config.svd_init],
         factorise=FACTORISE[config.factorise],
@@ -53,7 +60,7 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
     cut; a label-private config is checked as a U (``ushape_from_config``) too."""
     spec = spec_from_config(config)
     if config.label_private and config.svd_init != pb.SVD_INIT_PLAIN:
-        raise invalid("label_private: activation-aware init is for the two-part split only")
+        raise invalid("label_private: the calibrated inits are for the two-part split only")
     try:
         spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
         if config.label_private:
@@ -100,20 +107,21 @@ def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_
 
 
 def given_factors(msg: pb.OpenSession) -> Optional[Tuple[Optional[pb.Tensor], pb.Tensor]]:
-    """The cloud's factors an open carries (activation-aware init), checked for presence: only
-    with the open of a new session, and always there when its config asks for activation-aware
+    """The cloud's factors an open carries (activation- or residual-aware init), checked for
+    presence: only with the open of a new session, and always there when its config asks for such an
     init (a re-attach or a reopen keeps the session's own); Σ and v at the FFN output, v = Bᵀ
     alone at the FFN input. Returns (Σ or None, v), or None."""
     has_sigma, has_v = msg.HasField("cloud_sigma"), msg.HasField("cloud_v")
     new = not msg.session_id and not msg.inference_only
-    aware = msg.config.svd_init == pb.SVD_INIT_ACTIVATION_AWARE
+    aware = msg.config.svd_init != pb.SVD_INIT_PLAIN
     if (has_sigma or has_v) and not new:
         raise invalid(
             "cloud_sigma and cloud_v come with the open of a new session only: this session has its own"
         )
     if new and (has_sigma or has_v) != aware:
         raise invalid(
-            "svd_init ACTIVATION_AWARE and the edge's factors (cloud_sigma, cloud_v) go together: "
+            "a calibrated svd_init (ACTIVATION_AWARE, RESIDUAL_AWARE) and the edge's factors "
+            "(cloud_sigma, cloud_v) go together: "
             + ("the open carries none" if aware else "this session's init is the plain SVD")
         )
     if not (new and aware):
@@ -121,9 +129,9 @@ def given_factors(msg: pb.OpenSession) -> Optional[Tuple[Optional[pb.Tensor], pb
     needs_sigma = msg.config.factorise != pb.FFN_INPUT
     if not has_v or has_sigma != needs_sigma:
         raise invalid(
-            "activation-aware init at the FFN output needs both cloud_sigma and cloud_v"
+            "a calibrated init at the FFN output needs both cloud_sigma and cloud_v"
             if needs_sigma
-            else "activation-aware init at the FFN input takes cloud_v (Bᵀ) alone, no cloud_sigma"
+            else "a calibrated init at the FFN input takes cloud_v (Bᵀ) alone, no cloud_sigma"
         )
     return (msg.cloud_sigma if has_sigma else None), msg.cloud_v
 
@@ -134,7 +142,7 @@ def decode_factors(
     """Σ (rank,) or None, and v (rank, hidden), or INVALID_ARGUMENT saying what is wrong: a plain
     init, not fp32, another shape, NaN or Inf (``codec.decode`` checks those, sizes first)."""
     if spec.init == PLAIN:
-        raise invalid("cloud_sigma and cloud_v come with activation-aware init only")
+        raise invalid("cloud_sigma and cloud_v come with a calibrated init only (not the plain SVD)")
     rank = spec.rank
     cap = 4 * rank * hidden
     sigma = None

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 MODES = ("sft", "sl")
-PLAIN, ACTIVATION_AWARE = "plain", "activation-aware"
-INITS = (PLAIN, ACTIVATION_AWARE)  # how the SFT factors start (--svd-init)
+PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE = "plain", "activation-aware", "residual-aware"
+INITS = (PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE)  # how the SFT factors start (--svd-init)
 # Which linear of the cut layer's FFN is factorised (docs/design.md, "The two cuts"): the output
 # (the paper's §III, the default) or the input (the paper's released code).
 FFN_OUTPUT, FFN_INPUT = "ffn-output", "ffn-input"
@@ -24,8 +24,9 @@ class SplitSpec:
     rank: int = 8  # SFT rank R of the factorised FFN output (ignored for "sl")
     mode: str = "sft"  # "sft": rank-R activations cross the link; "sl": full hidden states
     keep_residual: bool = False  # in-process only: keep layer l's residual (exactness tests)
-    # SFT factors' start: "plain" SVD of W (the cloud's), or "activation-aware" (whitened by the
-    # device's FFN activations, computed on the edge: sft_common.whiten). Builders make plain ones.
+    # SFT factors' start: "plain" SVD of W (the cloud's), "activation-aware" (whitened by the
+    # device's FFN activations) or "residual-aware" (fitting the layer's output, residual included),
+    # both computed on the edge (sft_common.whiten). Builders make plain ones.
     init: str = PLAIN
     factorise: str = FFN_OUTPUT  # SFT: the cut layer's FFN output linear is factorised, or its input
 
@@ -40,11 +41,16 @@ class SplitSpec:
             )
         if self.init not in INITS or (self.init != PLAIN and self.mode != "sft"):
             raise ValueError(
-                f"init must be one of {INITS}, and {ACTIVATION_AWARE!r} needs mode 'sft' (SL has no "
+                f"init must be one of {INITS}, and all but {PLAIN!r} need mode 'sft' (SL has no "
                 f"factors); got {self.init!r} with mode {self.mode!r}"
             )
         if self.factorise not in FACTORISATIONS:
             raise ValueError(f"factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}")
+        if self.init == RESIDUAL_AWARE and self.factorise != FFN_OUTPUT:
+            raise ValueError(
+                f"init {RESIDUAL_AWARE!r} fits the residual the FFN-output cut drops; the FFN-input cut "
+                "carries it already (use 'activation-aware' there)"
+            )
         if self.factorise == FFN_INPUT:
             self._validate_input_cut(hidden)
         elif self.mode == "sft" and not 1 <= self.rank <= min(hidden, intermediate):

@@ -199,17 +199,36 @@ class EdgeHalf(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the cut activations (batch, seq, width) and, with keep_residual, the residual.
         Decoders ignore ``token_type_ids``."""
+        h, ctx = self._below_cut(input_ids, attention_mask, token_type_ids)
+        if self.spec.mode == "sl":
+            return h, None
+        if self.spec.factorise == FFN_INPUT:  # the residual crosses inside the R values
+            return self.a(self.family.attend(self, h, ctx)), None
+        x, residual = self.family.cut(self, h, ctx)
+        return self.u(x), (residual if self.spec.keep_residual else None)
+
+    def cut_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The FFN-output cut's two inputs: the FFN activation g (what ``u`` reads) and the residual
+        r the layer adds its FFN output to (what the cut drops), each (batch, seq, width)."""
+        if self.spec.mode != "sft" or self.spec.factorise == FFN_INPUT:
+            raise ValueError("cut_inputs: an SFT cut at the FFN output only")
+        return self.family.cut(self, *self._below_cut(input_ids, attention_mask, token_type_ids))
+
+    def _below_cut(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Embeddings and the whole layers below the cut: the hidden states and the layers' context."""
         family = self.family
         h = family.embed(self, input_ids, attention_mask, token_type_ids)
         ctx = family.context(self, attention_mask, h)
         for layer in self.layers:
             h = family.run_layer(layer, h, ctx)
-        if self.spec.mode == "sl":
-            return h, None
-        if self.spec.factorise == FFN_INPUT:  # the residual crosses inside the R values
-            return self.a(family.attend(self, h, ctx)), None
-        x, residual = family.cut(self, h, ctx)
-        return self.u(x), (residual if self.spec.keep_residual else None)
+        return h, ctx
 
 
 class CloudHalf(nn.Module):

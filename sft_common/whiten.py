@@ -11,6 +11,9 @@ Returned in ``split.svd_factors``' convention, ``Ŵᵀ = u · diag(Σ) · v``: `
 and ``Ŵ = P_R P_Rᵀ W``: ``P_R`` and ``Σ_R²`` are the top-R eigenvectors and eigenvalues of the
 output's second moment ``W (C + εI) Wᵀ`` (what that tells the cloud: docs/privacy.md).
 
+``--svd-init residual-aware`` fits the cut layer's whole output instead, the residual the cut drops
+included (``residual_aware_factors``: a reduced-rank regression, whitened the same way).
+
 The FFN-input cut (``--factorise ffn-input``) takes ``principal_directions`` instead: the top-R
 eigenvectors of the residual stream's second moment, ``A = V_Rᵀ`` and ``B = V_R``.
 
@@ -25,6 +28,31 @@ from typing import Tuple
 import torch
 
 REL_EPS = 1e-6  # ε relative to the mean variance: C + εI is positive definite however C degenerates
+# The regression's ridge (relative, as REL_EPS): C⁻¹ multiplies the residual statistics, so the
+# directions g hardly varies in are damped rather than amplified (1e-4 and 1e-2 fit MiniLM alike).
+RIDGE = 1e-4
+
+
+class CrossMoment:
+    """The running mean of ``r gᵀ`` over row pairs (float64): ``add`` (n, left), (n, right)."""
+
+    def __init__(self, left: int, right: int):
+        self.total = torch.zeros(left, right, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        a = left.detach().reshape(-1, self.total.shape[0]).to("cpu", torch.float64)
+        b = right.detach().reshape(-1, self.total.shape[1]).to("cpu", torch.float64)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"{a.shape[0]} left rows against {b.shape[0]} right rows")
+        self.total.addmm_(a.t(), b)
+        self.count += a.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        """``E[r gᵀ]`` (left, right)."""
+        if self.count == 0:
+            raise ValueError("no calibration rows: the moment of nothing is undefined")
+        return self.total / self.count
 
 
 class SecondMoment:
@@ -78,6 +106,27 @@ def whitened_factors(
     p, sigma, qh = torch.linalg.svd(w @ s, full_matrices=False)
     u = torch.linalg.solve_triangular(s.t(), qh[:rank].t(), upper=True)  # S⁻ᵀ Q_R
     return u.float().contiguous(), sigma[:rank].float().contiguous(), p[:, :rank].t().float().contiguous()
+
+
+def residual_aware_factors(
+    weight: torch.Tensor, cross: torch.Tensor, cov: torch.Tensor, rank: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-R factors predicting the cut layer's whole output ``y = r + W g`` (the residual r the
+    cut drops included) from its FFN activation g alone: the reduced-rank regression of y on g.
+
+    ``cross = E[r gᵀ]`` (out, in), ``cov = E[g gᵀ]`` (in, in). The least-squares map is
+    ``W* = W + E[r gᵀ] C⁻¹`` (C with the ridge of ``RIDGE``); since ``W* g`` is y's projection on g,
+    ``E||y − Ŵ g||² = E||y − W* g||² + E||W* g − Ŵ g||²``, and ``whitened_factors(W*, C, R)``
+    minimises the second term: the best rank-R predictor. Same convention as ``whitened_factors``."""
+    w = weight.detach().to("cpu", torch.float64)
+    out, inp = w.shape
+    if tuple(cross.shape) != (out, inp):
+        raise ValueError(f"residual statistics {tuple(cross.shape)} do not fit a weight of {out}x{inp}")
+    if tuple(cov.shape) != (inp, inp):
+        raise ValueError(f"input statistics {tuple(cov.shape)} do not fit a weight of {out}x{inp}")
+    s = whitening(cov, RIDGE)
+    fit = torch.cholesky_solve(cross.to("cpu", torch.float64).t(), s).t()  # E[r gᵀ] C⁻¹
+    return whitened_factors(w + fit, cov, rank)
 
 
 def principal_directions(cov: torch.Tensor, rank: int) -> torch.Tensor:

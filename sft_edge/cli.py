@@ -102,14 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument(
         "--svd-init", default=D.svd_init, choices=INITS,
-        help="SFT: how the factors start: plain (default: the cloud's SVD) or activation-aware (from "
-        "this device's activations on --calibration-batches training batches, computed here: the FFN "
-        "output whitened by the FFN activations, or with --factorise ffn-input the residual stream's "
-        "principal directions; what the cloud is sent reveals second-order statistics of them: docs/privacy.md)",
+        help="SFT: how the factors start: plain (default: the cloud's SVD), activation-aware or "
+        "residual-aware (both from this device's activations on --calibration-batches training "
+        "batches, computed here; activation-aware: the FFN output whitened by the FFN activations, or "
+        "with --factorise ffn-input the residual stream's principal directions; residual-aware: the "
+        "best rank-R fit of the cut layer's whole output, the residual the cut drops included; what "
+        "the cloud is sent reveals second-order statistics of them: docs/privacy.md)",
     )  # fmt: skip
     t.add_argument(
         "--calibration-batches", type=int, default=D.calibration_batches,
-        help=f"--svd-init activation-aware: training batches for the statistics (default {D.calibration_batches})",
+        help=f"--svd-init activation-aware or residual-aware: training batches for the statistics (default {D.calibration_batches})",
     )  # fmt: skip
     t.add_argument(
         "--peft", choices=["lora"], help="train LoRA adapters (PEFT) on both halves, the base frozen"

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from sft_common.spec import ACTIVATION_AWARE, FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, INITS, MODES, PLAIN
+from sft_common.spec import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, INITS, MODES, PLAIN, RESIDUAL_AWARE
 from sft_edge.tasks import get_task
 
 # The packaged pretrained MiniLM-L6 (sft_common.models resolves it; a test checks they agree).
@@ -211,12 +211,15 @@ class TrainConfig:
         self.check_paths()
 
     def _check_svd_init(self) -> None:
-        """--svd-init activation-aware: SFT factors of the two-part split to initialise."""
+        """--svd-init activation-aware or residual-aware: SFT factors of the two-part split to
+        initialise (residual-aware: at the FFN output)."""
         if self.svd_init not in INITS:
             raise ValueError(f"--svd-init must be one of {', '.join(INITS)}, got {self.svd_init!r}")
         if self.svd_init == PLAIN:
             if self.calibration_batches != TrainConfig.calibration_batches:
-                raise ValueError("--calibration-batches goes with --svd-init activation-aware")
+                raise ValueError(
+                    "--calibration-batches goes with --svd-init activation-aware or residual-aware"
+                )
             return
         if self.calibration_batches < 1:
             raise ValueError(f"--calibration-batches must be >= 1, got {self.calibration_batches}")
@@ -224,11 +227,14 @@ class TrainConfig:
             "--local trains the unsplit model" if self.local
             else "--mode sl factorises nothing" if self.mode != "sft"
             else "--label-private (the U) starts both cuts from the plain SVD" if self.label_private
+            else "--factorise ffn-input carries the residual already (use activation-aware)"
+            if self.svd_init == RESIDUAL_AWARE and self.factorise == FFN_INPUT
             else None
         )  # fmt: skip
         if why:
             raise ValueError(
-                f"--svd-init {ACTIVATION_AWARE} initialises the SFT factors of the two-part split: {why}"
+                f"--svd-init {self.svd_init} initialises the SFT factors of the two-part split at the "
+                f"FFN output: {why}"
             )
 
     def _check_factorise(self) -> None:

@@ -209,7 +209,7 @@ def open_session(
 
 
 def calibration_batches(cfg: TrainConfig, run: Run) -> Iterator[Batch]:
-    """--svd-init activation-aware: the first ``--calibration-batches`` training batches, in the
-    run's seeded order (those of steps 0, 1, ...), made as they are read."""
+    """--svd-init activation-aware or residual-aware: the first ``--calibration-batches`` training
+    batches, in the run's seeded order (those of steps 0, 1, ...), made as they are read."""
     for k in range(cfg.calibration_batches):
         yield run.batch(run.train_data, batch_indices(len(run.train_data), cfg.batch_size, cfg.seed, k))

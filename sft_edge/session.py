@@ -26,13 +26,20 @@ from sft_common.families import Decoder
 from sft_common.lora import LoraSpec, apply_lora
 from sft_common.models import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import FFN_INPUT, PLAIN, SplitSpec, session_fingerprint
+from sft_common.spec import ACTIVATION_AWARE, FFN_INPUT, PLAIN, RESIDUAL_AWARE, SplitSpec, session_fingerprint
 from sft_common.split import EdgeHalf, build_edge_half, factor_parameters
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.client import Rollback, SessionClient
 from sft_edge.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.data import Batch
 from sft_edge.transport import CloudError, Transport
+
+# --svd-init on the wire: the cloud takes the factors of either calibrated init alike (Σ and v)
+SVD_INITS = {
+    PLAIN: pb.SVD_INIT_PLAIN,
+    ACTIVATION_AWARE: pb.SVD_INIT_ACTIVATION_AWARE,
+    RESIDUAL_AWARE: pb.SVD_INIT_RESIDUAL_AWARE,
+}
 
 __all__ = ["EdgeSession", "Rollback"]
 
@@ -80,7 +87,7 @@ class EdgeSession(SessionClient):
         """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``;
         ``start_step`` says where the cloud continues. ``inference_only``: reopen the finished
         session ``session_id`` to predict, export or forget (no step can change it).
-        ``calibration``: the batches a new session with ``spec.init`` activation-aware computes
+        ``calibration``: the batches a new session with ``spec.init`` not plain computes
         its factors from (``sft_edge.calibrate``); re-attached, u comes from this side's
         checkpoint (``restore``, or the run's weights for inference) and is NaN until then."""
         link = link or LinkOptions()
@@ -117,7 +124,7 @@ class EdgeSession(SessionClient):
             config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
             config.lora_targets.extend(self.lora.targets)
         config.factorise = pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT
-        config.svd_init = pb.SVD_INIT_PLAIN if spec.init == PLAIN else pb.SVD_INIT_ACTIVATION_AWARE
+        config.svd_init = SVD_INITS[spec.init]
         open_msg = pb.OpenSession(
             config=config,
             fingerprint=self.fingerprint,
@@ -128,7 +135,7 @@ class EdgeSession(SessionClient):
         net1 = None
         if spec.init != PLAIN and not session_id:  # the factors from this device's activations
             if calibration is None:
-                raise ValueError("activation-aware init needs calibration batches to open a session")
+                raise ValueError(f"{spec.init} init needs calibration batches to open a session")
             from sft_edge.calibrate import calibrated_edge_half
 
             net1, sigma, v = calibrated_edge_half(base, spec, calibration, device)

@@ -175,9 +175,14 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
     assert acc.Run("mrpc", "sft-r8-fin-aw", 1).mode_flags()[-4:] == [
         *("--factorise", "ffn-input", "--svd-init", "activation-aware")
     ]
+    assert acc.Run("sst2", "sft-r24-l1-flr1e-3-ra-int4", 1).mode_flags() == [
+        *("--mode", "sft", "--rank", "24", "--split-layer", "1", "--factor-lr", "1e-3"),
+        *("--svd-init", "residual-aware", "--wire-dtype", "int4"),
+    ]
+    assert acc.bytes_per_token("sft-r24-l1-ra-int4") == 16
     assert acc.split_layer("sft-r8-l0-aw-int8") == 0
     for wrong in ("sft-r8-aw-fin", "sft-r8-int8-aw"):  # -fin, then -aw, then the wire dtype
-        with pytest.raises(ValueError, match=r"\[-fin\]\[-aw\]"):
+        with pytest.raises(ValueError, match=r"\[-fin\]\[-aw\|-ra\]"):
             acc.Run("mrpc", wrong, 1).mode_flags()
     args = [
         "--tasks",

@@ -27,7 +27,14 @@ from sft_common import codec
 from sft_common.checkpoint import CheckpointDir
 from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import ACTIVATION_AWARE, FFN_INPUT, FFN_OUTPUT, SplitSpec, session_fingerprint
+from sft_common.spec import (
+    ACTIVATION_AWARE,
+    FFN_INPUT,
+    FFN_OUTPUT,
+    RESIDUAL_AWARE,
+    SplitSpec,
+    session_fingerprint,
+)
 from sft_common.split import build_split_model, svd_factors
 from sft_edge import calibrate, cli, predict
 from sft_edge.config import Connection, LinkOptions, OptimConfig, PredictConfig, TrainConfig
@@ -56,31 +63,66 @@ def _edge(base, connect, spec=SPEC, **kw) -> EdgeSession:
     )  # fmt: skip
 
 
-def test_the_plain_fingerprint_is_unchanged_and_activation_aware_has_its_own():
+def test_the_plain_fingerprint_is_unchanged_and_each_calibrated_init_has_its_own():
     plain = SplitSpec(split_layer=3, rank=8)
     assert session_fingerprint("base-fp", plain, 2) == PLAIN_FINGERPRINT
-    assert session_fingerprint("base-fp", SplitSpec(3, 8, init=ACTIVATION_AWARE), 2) != PLAIN_FINGERPRINT
-    with pytest.raises(ValueError, match="needs mode 'sft'"):
+    prints = {
+        session_fingerprint("base-fp", SplitSpec(3, 8, init=i), 2) for i in (ACTIVATION_AWARE, RESIDUAL_AWARE)
+    }
+    assert len(prints) == 2 and PLAIN_FINGERPRINT not in prints
+    with pytest.raises(ValueError, match="need mode 'sft'"):
         SplitSpec(3, 8, mode="sl", init=ACTIVATION_AWARE).validate(4, 32, 64)
+    with pytest.raises(ValueError, match="the FFN-input cut carries it already"):
+        SplitSpec(3, 8, init=RESIDUAL_AWARE, factorise=FFN_INPUT).validate(4, 32, 64)
 
 
-@pytest.mark.parametrize("factorise", [FFN_OUTPUT, FFN_INPUT])
-def test_activation_aware_over_grpc_equals_one_process_with_the_same_factors(
-    live_server, tiny_base, factorise
+def test_the_residual_aware_cut_starts_closer_to_the_unsplit_layer_output(tiny_base):
+    """What the init is for: on the calibration tokens the factorised layer's output before its
+    norm, Ŵ g, is nearer the unsplit one, r + W g, than with the activation-aware factors (which fit
+    W g alone and drop r, as the cut does)."""
+    errors = {}
+    for init in (ACTIVATION_AWARE, RESIDUAL_AWARE):
+        spec = dataclasses.replace(SPEC, init=init)
+        net1, sigma, v = calibrate.calibrated_edge_half(tiny_base, spec, _calibration())
+        w = calibrate.ffn_output_weight(tiny_base, spec)
+        total = count = 0.0
+        with torch.no_grad():
+            for b in _calibration():
+                g, r = net1.cut_inputs(b.input_ids, b.attention_mask, b.token_type_ids)
+                real = b.attention_mask.bool()
+                y = r[real] + g[real] @ w.t()
+                y_hat = (net1.u(g[real]) * sigma) @ v
+                total += float(((y - y_hat) ** 2).sum())
+                count += float((y**2).sum())
+        errors[init] = total / count
+    assert errors[RESIDUAL_AWARE] < 0.5 * errors[ACTIVATION_AWARE], errors
+    input_cut = build_split_model(tiny_base, dataclasses.replace(SPEC, factorise=FFN_INPUT), 2, 0)[0]
+    b = _calibration()[0]
+    with pytest.raises(ValueError, match="at the FFN output only"):
+        input_cut.cut_inputs(b.input_ids, b.attention_mask, b.token_type_ids)
+
+
+@pytest.mark.parametrize(
+    "init, factorise",
+    [(ACTIVATION_AWARE, FFN_OUTPUT), (ACTIVATION_AWARE, FFN_INPUT), (RESIDUAL_AWARE, FFN_OUTPUT)],
+)
+def test_a_calibrated_init_over_grpc_equals_one_process_with_the_same_factors(
+    live_server, tiny_base, init, factorise
 ):
     address, registry = live_server
-    spec = dataclasses.replace(SPEC, factorise=factorise)
+    spec = dataclasses.replace(SPEC, init=init, factorise=factorise)
     _, sigma, v = calibrate.calibrated_edge_half(tiny_base, spec, _calibration())  # again, independently
     edge = _edge(tiny_base, GrpcTransport(open_channel(address)), spec)
     session = registry.get(edge.session_id)
     # at step 0 the cloud's tail holds exactly the edge's factors, and it sent no factor of its own
-    assert session.edge_factor is None and session.spec.init == ACTIVATION_AWARE
+    assert session.edge_factor is None and session.spec.init == init
     tail = session.net2.tail
     if factorise == FFN_OUTPUT:
         assert torch.equal(tail.sigma.detach(), sigma) and torch.equal(tail.v.weight.detach(), v.t())
         start = edge.net1.u.weight.detach().clone()
         w = calibrate.ffn_output_weight(tiny_base, spec)
-        assert torch.allclose(start, torch.diag(1 / sigma) @ v @ w, atol=1e-4)  # uᵀ = Σ⁻¹ v W
+        whitened = torch.allclose(start, torch.diag(1 / sigma) @ v @ w, atol=1e-4)  # uᵀ = Σ⁻¹ v W
+        assert whitened == (init == ACTIVATION_AWARE)  # residual-aware: uᵀ = Σ⁻¹ v (W + E[r gᵀ] C⁻¹)
         plain = svd_factors(w, 8)[1]
         assert float((sigma - plain).abs().max()) > 1e-2  # not the plain SVD (the test is not vacuous)
     else:  # B = V_R, A = V_Rᵀ: the top-R principal directions of the residual stream r
@@ -150,14 +192,22 @@ NAN_V[3, 5] = float("nan")
         (dict(cloud_sigma=None, cloud_v=None), "the open carries none"),
         (dict(config=session_config()), "this session's init is the plain SVD"),
         (dict(session_id="some-session"), "with the open of a new session only"),
-        (dict(config=session_config(svd_init=pb.SVD_INIT_ACTIVATION_AWARE, mode=pb.SL)), "needs mode 'sft'"),
+        (dict(config=session_config(svd_init=pb.SVD_INIT_ACTIVATION_AWARE, mode=pb.SL)), "need mode 'sft'"),
+        (
+            dict(
+                config=session_config(svd_init=pb.SVD_INIT_RESIDUAL_AWARE, factorise=pb.FFN_INPUT),
+                cloud_sigma=None,
+            ),
+            "the FFN-input cut carries it already",
+        ),
+        (dict(config=session_config(svd_init=7)), "svd_init 7 is not one of"),
         (
             dict(
                 config=session_config(
                     svd_init=pb.SVD_INIT_ACTIVATION_AWARE, label_private=True, tail_layers=1, num_labels=0
                 )
             ),
-            "label_private: activation-aware init is for the two-part split only",
+            "label_private: the calibrated inits are for the two-part split only",
         ),
     ],
 )
@@ -305,7 +355,11 @@ def test_cli_train_then_resume_and_predict(tmp_path, recorded, monkeypatch):
         (dict(local=True), "--local trains the unsplit model"),
         (dict(label_private=True), "--label-private (the U) starts both cuts from the plain SVD"),
         (dict(calibration_batches=0), "--calibration-batches must be >= 1"),
-        (dict(svd_init="whitened"), "--svd-init must be one of plain, activation-aware"),
+        (dict(svd_init="whitened"), "--svd-init must be one of plain, activation-aware, residual-aware"),
+        (
+            dict(svd_init=RESIDUAL_AWARE, factorise=FFN_INPUT),
+            "--factorise ffn-input carries the residual already (use activation-aware)",
+        ),
         (dict(svd_init="plain", calibration_batches=4), "--calibration-batches goes with --svd-init"),
     ],
 )

@@ -30,6 +30,7 @@ class SvdInit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SVD_INIT_PLAIN: _ClassVar[SvdInit]
     SVD_INIT_ACTIVATION_AWARE: _ClassVar[SvdInit]
+    SVD_INIT_RESIDUAL_AWARE: _ClassVar[SvdInit]
 
 class Factorise(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,6 +49,7 @@ SFT: Mode
 SL: Mode
 SVD_INIT_PLAIN: SvdInit
 SVD_INIT_ACTIVATION_AWARE: SvdInit
+SVD_INIT_RESIDUAL_AWARE: SvdInit
 FFN_OUTPUT: Factorise
 FFN_INPUT: Factorise
 
