@@ -5,9 +5,11 @@ product's edge half (``build_split_model``, eval mode) on public sentences and t
 each token's cut activation to a vector scored against the model's word embeddings: it decodes over
 the whole vocabulary. Scored on the device's sentences, over real tokens other than special ones
 ([CLS], [SEP]): top-1 token recovery, and sentences recovered whole. Then the labels (``label_leakage``).
-With ``--factorise ffn-input`` or ``--svd-init activation-aware`` it attacks that cut instead (SFT rows
-only; SL is the same). The activation-aware edge is calibrated on the device's own training sentences,
-as ``sft-edge train`` does; the cloud knows it exactly all the same (uᵀ = Σ_R⁻¹ v W; A = Bᵀ).
+With ``--factorise ffn-input`` or ``--svd-init activation-aware`` (or ``residual-aware``) it attacks
+that cut instead (SFT rows only; SL is the same). The calibrated edge is calibrated on the device's own
+training sentences, as ``sft-edge train`` does; the cloud knows the activation-aware one exactly all the
+same (uᵀ = Σ_R⁻¹ v W; A = Bᵀ). The residual-aware u also depends on the device's E[r gᵀ], which the
+cloud is not sent: the attacker is handed the device's edge all the same (an upper bound).
 Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5]
 """
 
@@ -28,7 +30,7 @@ from bench.common import GLUE_DIR, save, table
 from bench.traffic import capture_step, capture_u_step
 from sft_common import codec
 from sft_common.models import load_base_model
-from sft_common.spec import ACTIVATION_AWARE, FACTORISATIONS, FFN_OUTPUT, INITS, PLAIN, SplitSpec
+from sft_common.spec import FACTORISATIONS, FFN_OUTPUT, INITS, PLAIN, SplitSpec
 from sft_common.split import build_split_model
 from sft_common.ushape import UShapeSpec
 from sft_edge.calibrate import calibrated_edge_half
@@ -118,17 +120,17 @@ def run(args: argparse.Namespace) -> Dict:
                 / sum(map(len, scored)), "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored)}  # fmt: skip
     n = base.num_hidden_layers
     variant = variant_names(args)  # SFT rows only: SL is the same
-    calibration = calibration_batches(args, tok) if args.svd_init == ACTIVATION_AWARE else []
+    calibration = calibration_batches(args, tok) if args.svd_init != PLAIN else []
     suffix = "".join(f" {x}" for x in variant)
     rows = []
     for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
         for mode, rank in [("sl", 0)] * (not variant) + [("sft", r) for r in args.ranks]:
             t0 = time.process_time()
             spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
-            if rank and args.svd_init == ACTIVATION_AWARE:  # the device's net1, calibrated as it does
-                edge = calibrated_edge_half(
-                    base, dataclasses.replace(spec, init=ACTIVATION_AWARE), calibration
-                )[0]
+            if rank and args.svd_init != PLAIN:  # the device's net1, calibrated as it does
+                edge = calibrated_edge_half(base, dataclasses.replace(spec, init=args.svd_init), calibration)[
+                    0
+                ]
             else:
                 edge = build_split_model(base, spec, 2, args.seed)[0]
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
@@ -193,7 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--factorise", choices=FACTORISATIONS, default=FFN_OUTPUT, help="the SFT cut attacked")
     p.add_argument("--svd-init", choices=INITS, default=PLAIN, help="how its factors start")
-    p.add_argument("--calibration-batches", type=int, default=8, help="activation-aware: batches of 32")
+    p.add_argument(
+        "--calibration-batches", type=int, default=8, help="a calibrated --svd-init: batches of 32"
+    )
     p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--out-dir", help="write the results here instead of bench/results")
     args = p.parse_args(argv)
