@@ -28,7 +28,7 @@ from sft_common.families import Family, fill_buffers
 from sft_common.loading import _materialise, _skeleton, init_head
 from sft_common.loading import _tensors as _tensors  # re-exported (the U-shape's builders)
 from sft_common.models import BaseModel, family_of
-from sft_common.spec import FFN_INPUT, SplitSpec
+from sft_common.spec import FFN_INPUT, RESIDUAL_AWARE, SplitSpec
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,6 +247,9 @@ class CloudHalf(nn.Module):
             cut = layers[spec.split_layer]
             inputs = spec.factorise == FFN_INPUT
             self.tail = input_cut.InputTail(family, cut) if inputs else _svd_of(family, cut).tail
+            if spec.init == RESIDUAL_AWARE and isinstance(self.tail, SVDTail):
+                # â Σ v stands for the residual as well, which the unsplit layer never drops out
+                self.tail.dropout = nn.Identity()
         self.layers = nn.ModuleList(layers[spec.split_layer + 1 :])
         self.head_names = tuple(family.head(model))  # what LoRA leaves trainable (lora.head_parameters)
         _adopt(self, {**family.final(model), **family.shared(model), **family.head(model)})

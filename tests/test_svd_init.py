@@ -96,6 +96,10 @@ def test_the_residual_aware_cut_starts_closer_to_the_unsplit_layer_output(tiny_b
                 count += float((y**2).sum())
         errors[init] = total / count
     assert errors[RESIDUAL_AWARE] < 0.5 * errors[ACTIVATION_AWARE], errors
+    # â Σ v stands for the residual too, which the unsplit layer never drops out: no dropout there
+    tails = {i: build_split_model(tiny_base, dataclasses.replace(SPEC, init=i), 2, 0)[1].tail for i in errors}
+    assert isinstance(tails[ACTIVATION_AWARE].dropout, torch.nn.Dropout)
+    assert isinstance(tails[RESIDUAL_AWARE].dropout, torch.nn.Identity)
     input_cut = build_split_model(tiny_base, dataclasses.replace(SPEC, factorise=FFN_INPUT), 2, 0)[0]
     b = _calibration()[0]
     with pytest.raises(ValueError, match="at the FFN output only"):
