@@ -233,8 +233,8 @@ class TrainConfig:
         )  # fmt: skip
         if why:
             raise ValueError(
-                f"--svd-init {self.svd_init} initialises the SFT factors of the two-part split at the "
-                f"FFN output: {why}"
+                f"--svd-init {self.svd_init} initialises the SFT factors of the two-part split"
+                f"{' at the FFN output' if self.svd_init == RESIDUAL_AWARE else ''}: {why}"
             )
 
     def _check_factorise(self) -> None:
