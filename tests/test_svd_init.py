@@ -256,16 +256,19 @@ def _registry(base, folder=None):
     return registry
 
 
-@pytest.mark.parametrize("factorise", [FFN_OUTPUT, FFN_INPUT])
+@pytest.mark.parametrize(
+    "init, factorise",
+    [(ACTIVATION_AWARE, FFN_OUTPUT), (ACTIVATION_AWARE, FFN_INPUT), (RESIDUAL_AWARE, FFN_OUTPUT)],
+)
 def test_a_restarted_cloud_resumes_from_its_checkpoint_and_nothing_is_calibrated_again(
-    tiny_base, tmp_path, factorise
+    tiny_base, tmp_path, init, factorise
 ):
     """The daemon restarts (only its checkpoint of step 2 left): the edge re-attaches without
     factors, both sides restore Σ, v and u from their checkpoints, and the run ends where an
     uninterrupted one ends."""
     cloud_dir = str(tmp_path / "cloud")
     link = _Link(_registry(tiny_base, cloud_dir))
-    spec = dataclasses.replace(SPEC, factorise=factorise)
+    spec = dataclasses.replace(SPEC, init=init, factorise=factorise)
     edge = _edge(tiny_base, link, spec, checkpoints=CheckpointDir(str(tmp_path / "edge")))
     batches = _batches()
     for k in range(3):
@@ -290,6 +293,9 @@ def test_a_restarted_cloud_resumes_from_its_checkpoint_and_nothing_is_calibrated
         ref.train_step(k, b)
     assert all(torch.equal(a, b) for a, b in zip(params(edge.net1), params(ref.net1)))
     restored = link.registry.get(edge.session_id).net2
+    # rebuilt from the checkpoint's config: the residual-aware tail keeps no dropout
+    if factorise == FFN_OUTPUT:
+        assert isinstance(restored.tail.dropout, torch.nn.Identity) == (init == RESIDUAL_AWARE)
     assert all(
         torch.equal(a, b)
         for a, b in zip(params(restored), params(ref_link.registry.get(ref.session_id).net2))
