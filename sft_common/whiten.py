@@ -23,7 +23,7 @@ Pure functions of tensors, in float64 on the CPU; float32 results.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -40,9 +40,10 @@ class CrossMoment:
         self.total = torch.zeros(left, right, dtype=torch.float64)
         self.count = 0
 
-    def add(self, left: torch.Tensor, right: torch.Tensor) -> None:
+    def add(self, left: torch.Tensor, right: Optional[torch.Tensor] = None) -> None:
+        """``right`` None: the left rows against themselves (a second moment), converted once."""
         a = left.detach().reshape(-1, self.total.shape[0]).to("cpu", torch.float64)
-        b = right.detach().reshape(-1, self.total.shape[1]).to("cpu", torch.float64)
+        b = a if right is None else right.detach().reshape(-1, self.total.shape[1]).to("cpu", torch.float64)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"{a.shape[0]} left rows against {b.shape[0]} right rows")
         self.total.addmm_(a.t(), b)
@@ -60,19 +61,18 @@ class SecondMoment:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self.total = torch.zeros(dim, dim, dtype=torch.float64)
-        self.count = 0
+        self._outer = CrossMoment(dim, dim)
+
+    @property
+    def count(self) -> int:
+        return self._outer.count
 
     def add(self, rows: torch.Tensor) -> None:
-        r = rows.detach().reshape(-1, self.dim).to("cpu", torch.float64)
-        self.total.addmm_(r.t(), r)
-        self.count += r.shape[0]
+        self._outer.add(rows)
 
     def matrix(self) -> torch.Tensor:
         """``E[g gᵀ]`` (dim, dim), symmetric."""
-        if self.count == 0:
-            raise ValueError("no calibration rows: the second moment of nothing is undefined")
-        c = self.total / self.count
+        c = self._outer.matrix()
         return (c + c.t()) / 2
 
 
