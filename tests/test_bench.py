@@ -275,19 +275,7 @@ def test_factor_motion_trains_the_residual_ablation_run_and_reads_adam(glue_dir,
     common += ["--batch-size", "8", "--lr", "1e-3", "--out-dir", str(tmp_path)]
     assert residual_ablation.main(common + ["--epochs", "1", "--split-layer", "1"]) == 0
     ablation = json.loads((tmp_path / "residual_mrpc_r8_dropped_s42.json").read_text())
-    motion_args = [
-        "--layers",
-        "1",
-        "--rank",
-        "8",
-        "--steps",
-        "6",
-        "--every",
-        "6",
-        "--factor-lrs",
-        "1e-3",
-        "1e-2",
-    ]
+    motion_args = "--layers 1 --rank 8 --steps 6 --every 6 --factor-lrs 1e-3 1e-2".split()
     assert factor_motion.main(common + motion_args) == 0
     same, faster = json.loads((tmp_path / "factor_motion_mrpc.json").read_text())["rows"]
     assert same["loss"] == pytest.approx(ablation["train_loss_per_epoch"][0], abs=1e-4)

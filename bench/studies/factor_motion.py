@@ -43,9 +43,9 @@ def steadiness(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Param
     """Mean of Adam's bias-corrected |m̂| / (√v̂ + ε) over the group's elements that have had a
     gradient (the embedding rows of tokens no batch held have none and would only dilute it)."""
     total, count = 0.0, 0
+    mine = {id(p) for p in params}
     for group in optimizer.param_groups:
         (beta1, beta2), eps = group["betas"], group["eps"]
-        mine = {id(p) for p in params}
         for p in group["params"]:
             state = optimizer.state.get(p)
             if id(p) not in mine or not state:
