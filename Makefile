@@ -64,7 +64,7 @@ compose-config:
 # 127.0.0.1 and the compose service name `cloud`, a client certificate, tokens. Not for production.
 # Kept if already there; CERTS_ARGS=--force makes new ones.
 certs:
-	$(PYTHON) -m sft_common.certs --out certs/dev $(CERTS_ARGS)
+	$(PYTHON) -m sft_common.security.certs --out certs/dev $(CERTS_ARGS)
 
 # Trains on the repository's own examples/data/*.csv: needs neither ../shared nor the network.
 demo:

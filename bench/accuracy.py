@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a file (python bench/accuracy.py): the r
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import GLUE_DIR, RESULTS, ROOT, daemon, exit_on_signals, niced, read_json, threads_env  # noqa: E402
-from sft_common.atomic import write_json  # noqa: E402
+from sft_common.storage.atomic import write_json  # noqa: E402
 
 DEFAULT_RESULTS = os.path.join(RESULTS, "accuracy")
 

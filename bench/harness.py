@@ -14,15 +14,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from bench.common import GLUE_DIR
-from sft_common import codec
-from sft_common.models import BaseModel
+from sft_common.models.base_model import BaseModel
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.data import Batch, batch_indices, collate
-from sft_edge.local import LocalSession
-from sft_edge.session import EdgeSession
-from sft_edge.transport import GrpcTransport, InProcessTransport, Transport, open_channel
+from sft_common.topology.spec import SplitSpec
+from sft_common.wire import codec
+from sft_edge.data.glue import Batch, batch_indices, collate
+from sft_edge.link.transport import GrpcTransport, InProcessTransport, Transport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.local import LocalSession
+from sft_edge.sessions.two_part import EdgeSession
 
 
 def batches(
@@ -42,8 +42,8 @@ def batches(
         raise ValueError(f"batches are 'fixed' or 'sst2', not {kind!r}")
     from transformers import AutoTokenizer
 
-    from sft_edge.data import encode, load_examples
-    from sft_edge.tasks import get_task
+    from sft_edge.data.glue import encode, load_examples
+    from sft_edge.data.tasks import get_task
 
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     data = encode(load_examples(get_task("sst2"), "train", data_dir), tokenizer, seq)
@@ -52,7 +52,7 @@ def batches(
 
 def in_process_registry(base: BaseModel, device: str = "cpu"):
     """A SessionRegistry that already holds ``base`` (no second copy of a 110M-parameter model)."""
-    from sft_cloud.registry import SessionRegistry
+    from sft_cloud.sessions.registry import SessionRegistry
 
     registry = SessionRegistry(device=device)
     registry._bases[base.name] = base
@@ -80,7 +80,7 @@ class TimedProtocol:
 def inproc(base: BaseModel, registry=None, device: str = "cpu") -> InProcessTransport:
     """The same messages, serialized and parsed, to a cloud session in this process (no network);
     ``.protocol.seconds``: the cloud's time answering, ``.protocol.session``: the cloud session."""
-    from sft_cloud.protocol import StreamProtocol
+    from sft_cloud.daemon.protocol import StreamProtocol
 
     return InProcessTransport(
         TimedProtocol(StreamProtocol(registry or in_process_registry(base, device), "bench"))
@@ -98,8 +98,8 @@ SECONDS = ("sft_step_seconds_sum", {"kind": "train"})  # the daemon's time answe
 def grpc_server(base: BaseModel, device: str = "cpu") -> Iterator[Tuple[str, Callable[[], float]]]:
     """A real gRPC server on a free localhost port in this process: (address, the seconds it has
     spent answering train steps so far, from its ``sft_step_seconds`` metric)."""
-    from sft_cloud.metrics import DaemonMetrics
-    from sft_cloud.server import ServeConfig, create_server
+    from sft_cloud.daemon.metrics import DaemonMetrics
+    from sft_cloud.daemon.server import ServeConfig, create_server
 
     metrics = DaemonMetrics()
     cfg = ServeConfig(host="127.0.0.1", port=0, insecure=True)

@@ -28,14 +28,14 @@ from transformers import AutoTokenizer
 
 from bench.common import GLUE_DIR, save, table
 from bench.traffic import capture_step, capture_u_step
-from sft_common import codec
-from sft_common.models import load_base_model
-from sft_common.spec import FACTORISATIONS, FFN_OUTPUT, INITS, PLAIN, SplitSpec
-from sft_common.split import build_split_model
-from sft_common.ushape import UShapeSpec
-from sft_edge.calibrate import calibrated_edge_half
-from sft_edge.data import Encoded, Example, collate, encode, load_examples
-from sft_edge.tasks import get_task
+from sft_common.models.base_model import load_base_model
+from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, INITS, PLAIN, SplitSpec
+from sft_common.topology.two_part import build_split_model
+from sft_common.topology.ushape import UShapeSpec
+from sft_common.wire import codec
+from sft_edge.data.glue import Encoded, Example, collate, encode, load_examples
+from sft_edge.data.tasks import get_task
+from sft_edge.runs.calibrate import calibrated_edge_half
 
 
 def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[Example]:

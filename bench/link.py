@@ -131,9 +131,9 @@ def edge(args: argparse.Namespace) -> List[Dict]:
     import torch
 
     from bench.harness import Watched, batches, grpc, local_session, split_session, time_steps
-    from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
-    from sft_edge.config import LinkOptions
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.spec import SplitSpec
+    from sft_edge.runs.config import LinkOptions
 
     torch.manual_seed(0)
     base = load_base_model(args.model)

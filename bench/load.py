@@ -32,15 +32,15 @@ import torch  # noqa: E402
 
 from bench.common import daemon, median, percentile, proc_status, save  # noqa: E402
 from bench.harness import Watched  # noqa: E402
-from sft_common import codec  # noqa: E402
-from sft_common.models import BaseModel, load_base_model  # noqa: E402
+from sft_common.models.base_model import BaseModel, load_base_model  # noqa: E402
 from sft_common.proto import sft_pb2 as pb  # noqa: E402
 from sft_common.proto import sft_pb2_grpc as pb_grpc  # noqa: E402
-from sft_common.spec import SplitSpec, session_fingerprint  # noqa: E402
-from sft_edge.config import OptimConfig  # noqa: E402
-from sft_edge.data import Batch  # noqa: E402
-from sft_edge.session import EdgeSession  # noqa: E402
-from sft_edge.transport import GrpcTransport, open_channel  # noqa: E402
+from sft_common.topology.spec import SplitSpec, session_fingerprint  # noqa: E402
+from sft_common.wire import codec
+from sft_edge.data.glue import Batch  # noqa: E402
+from sft_edge.link.transport import GrpcTransport, open_channel  # noqa: E402
+from sft_edge.runs.config import OptimConfig  # noqa: E402
+from sft_edge.sessions.two_part import EdgeSession  # noqa: E402
 
 WAYS = ("clean+step", "clean", "abrupt+step", "abrupt+retry")
 

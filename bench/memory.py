@@ -29,8 +29,8 @@ def child(args: argparse.Namespace) -> Dict:
     """One process: build the model, train ``warmup + steps`` steps; the peak of each phase of each
     step in MiB above ``idle_mib`` (the resident size before the model), and the median step time."""
     from bench.harness import batches, grpc, inproc, local_session, split_session
-    from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.spec import SplitSpec
 
     idle = proc_status()["VmRSS"] / 1024
     base = load_base_model(args.model)
@@ -74,8 +74,8 @@ def accounting(args: argparse.Namespace) -> Dict:
     """The counted bytes of one local step and of one split step per layer, on the benchmark's
     first batch (every batch of ``--kind fixed`` has the same shapes)."""
     from bench.harness import batches
-    from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.spec import SplitSpec
 
     base = load_base_model(args.model)
     batch = batches(base, args.kind, 1, batch_size=args.batch_size, seq=args.seq)[0]

@@ -142,7 +142,7 @@ def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[
     {...}}``, ``wire`` being the codec's bytes at each end and the messages', read as they cross
     (by a listener that also tells whose turn it is: the cloud's from the step sent to its answer)."""
     from bench.harness import inproc, split_session
-    from sft_edge.config import LinkOptions
+    from sft_edge.runs.config import LinkOptions
 
     transport = inproc(base)
     link = LinkOptions(wire_dtype=wire)

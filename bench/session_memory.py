@@ -19,10 +19,10 @@ from bench.common import proc_status, run_child, save, table
 def child(args: argparse.Namespace) -> Dict:
     import torch
 
-    from sft_cloud.session import CloudSession
-    from sft_common import codec
-    from sft_common.models import load_base_model
+    from sft_cloud.sessions.two_part import CloudSession
+    from sft_common.models.base_model import load_base_model
     from sft_common.proto import sft_pb2 as pb
+    from sft_common.wire import codec
 
     base = load_base_model(args.model)
     layer = args.split_layer if args.split_layer is not None else base.num_hidden_layers - 1
@@ -60,7 +60,7 @@ def main() -> int:
     if args.mode:
         print(__import__("json").dumps(child(args)))
         return 0
-    from sft_common.models import load_base_model
+    from sft_common.models.base_model import load_base_model
 
     base = load_base_model(args.model)
     base_mib = _size_mib(base)

@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, Optional
 
 from bench.common import add_workload_args, daemon, median, save, table
 from bench.harness import batches, grpc, grpc_server, inproc, record, split_session, timed_step
-from sft_common.models import load_base_model
-from sft_common.spec import SplitSpec
-from sft_edge.config import LinkOptions
-from sft_edge.transport import Transport
+from sft_common.models.base_model import load_base_model
+from sft_common.topology.spec import SplitSpec
+from sft_edge.link.transport import Transport
+from sft_edge.runs.config import LinkOptions
 
 VARIANTS = ("inproc", "grpc", "daemon")
 PARTS = ["total", "edge_compute", "edge_encode", "transfer", "cloud_decode", "cloud_compute", "cloud_encode",

@@ -19,13 +19,13 @@ import torch
 
 from bench.common import save, table
 from bench.harness import batches, inproc, record, split_session
-from sft_common import codec
-from sft_common.models import load_base_model
+from sft_common.models.base_model import load_base_model
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec
-from sft_common.ushape import UShapeSpec
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.ushape_session import UShapeSession
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.ushape import UShapeSpec
+from sft_common.wire import codec
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.ushape import UShapeSession
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}  # int4: two values a byte
 

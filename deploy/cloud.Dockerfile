@@ -18,7 +18,7 @@ COPY deploy/constraints/cloud.txt ./constraints.txt
 # Keep the base image's CUDA torch: pin it to what is installed, everything else to constraints.txt.
 RUN python -c "import torch; print('torch==' + torch.__version__)" >> constraints.txt \
     && pip install -c constraints.txt . \
-    && python -c "import sft_cloud.server, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && python -c "import sft_cloud.daemon.server, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # Non-root. Group 0 owns the writable paths, so `user: "<uid>:0"` (e.g. the host user that owns
 # the mounted private keys) works as well as the default uid.

@@ -22,7 +22,7 @@ COPY deploy/constraints/edge-py38.txt ./constraints.txt
 RUN python3 -c "import torch; print('torch==' + torch.__version__)" >> constraints.txt \
     && python3 -m pip install --upgrade pip \
     && python3 -m pip install -c constraints.txt . \
-    && python3 -c "import sft_edge.trainer, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    && python3 -c "import sft_edge.runs.trainer, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 RUN useradd --uid 10001 --gid 0 --no-create-home --shell /usr/sbin/nologin sft \
     && mkdir -p /var/lib/sft/runs /run/sft/certs \

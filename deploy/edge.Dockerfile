@@ -23,7 +23,7 @@ COPY deploy/constraints/cloud.txt ./constraints.txt
 RUN if [ -n "$TORCH" ]; then pip install --index-url "$TORCH_INDEX" "$TORCH"; fi \
     && python -c "import torch; print('torch==' + torch.__version__)" >> constraints.txt \
     && pip install -c constraints.txt . \
-    && python -c "import sft_edge.trainer, torch; print('torch', torch.__version__)"
+    && python -c "import sft_edge.runs.trainer, torch; print('torch', torch.__version__)"
 
 RUN useradd --uid 10001 --gid 0 --no-create-home --shell /usr/sbin/nologin sft \
     && mkdir -p /var/lib/sft/runs /run/sft/certs \

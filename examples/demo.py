@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from sft_cloud.launch import start_daemon, stop_daemon
+from sft_cloud.daemon.launch import start_daemon, stop_daemon
 
 
 def main() -> int:

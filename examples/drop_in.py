@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import sft_edge.api as sft  # +++ SFT
-from sft_common.models import packaged_minilm_dir
+from sft_common.models.base_model import packaged_minilm_dir
 
 
 def sst2(data_dir: str, split: str, limit: int):

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 import sft_edge.api as sft
-from sft_common.models import packaged_minilm_dir
+from sft_common.models.base_model import packaged_minilm_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

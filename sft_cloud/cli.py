@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from sft_cloud.config import ServeConfig
+from sft_cloud.daemon.config import ServeConfig
 from sft_common.logs import FORMATS, setup_logging
 
 D = ServeConfig  # every default lives there
@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     try:
         cfg.validate()  # before torch and grpc are imported: mistakes are reported at once
-        from sft_cloud.server import serve
+        from sft_cloud.daemon.server import serve
 
         serve(cfg)
     except (ValueError, OSError) as exc:

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from sft_common.split import task_loss
+from sft_common.topology.two_part import task_loss
 
 
 def make_optimizer(

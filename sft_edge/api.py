@@ -35,15 +35,21 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from sft_common.lora import LoraSpec
-from sft_common.models import DEFAULT_MODEL, BaseModel, family_of, load_base_model, packaged_minilm_dir
-from sft_common.spec import SplitSpec
-from sft_common.split import task_loss
-from sft_edge.config import LinkOptions, OptimConfig, TrainConfig
-from sft_edge.data import Batch
-from sft_edge.link import ROUTE_HEADER, route_key
-from sft_edge.session import EdgeSession
-from sft_edge.transport import connector
+from sft_common.models.base_model import (
+    DEFAULT_MODEL,
+    BaseModel,
+    family_of,
+    load_base_model,
+    packaged_minilm_dir,
+)
+from sft_common.models.lora import LoraSpec
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import task_loss
+from sft_edge.data.glue import Batch
+from sft_edge.link.connect import ROUTE_HEADER, route_key
+from sft_edge.link.transport import connector
+from sft_edge.runs.config import LinkOptions, OptimConfig, TrainConfig
+from sft_edge.sessions.two_part import EdgeSession
 
 log = logging.getLogger("sft_edge")
 
@@ -219,7 +225,7 @@ def wrap(
     spec = SplitSpec(split_layer=split_layer, rank=rank, mode=mode, factorise=factorise)
     spec.validate(layers, base.hidden_size, base.intermediate_size)
 
-    from sft_edge.credentials import secure_link
+    from sft_edge.link.credentials import secure_link
 
     creds, metadata = secure_link(cloud, insecure, tls_ca, tls_cert, tls_key, auth_token_file)
     transport = connector(cloud, creds, [*metadata, (ROUTE_HEADER, route_key(None))])()

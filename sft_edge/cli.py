@@ -8,9 +8,9 @@ import sys
 from typing import List, Optional
 
 from sft_common.logs import FORMATS, setup_logging
-from sft_common.spec import FACTORISATIONS, INITS, MODES
-from sft_edge.config import COMPRESSIONS, PROBLEMS, WIRE_DTYPES
-from sft_edge.config import TrainConfig as D  # every default lives there
+from sft_common.topology.spec import FACTORISATIONS, INITS, MODES
+from sft_edge.runs.config import COMPRESSIONS, PROBLEMS, WIRE_DTYPES
+from sft_edge.runs.config import TrainConfig as D  # every default lives there
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,10 +245,10 @@ def _connection_flags(parser: argparse.ArgumentParser, cloud: bool) -> None:
 
 def after_training(args: argparse.Namespace) -> int:
     """predict, generate, export, forget: a finished run, through its daemon or here."""
-    from sft_common.models import ModelError
-    from sft_edge import predict
-    from sft_edge.config import Connection, ExportConfig, GenerateConfig, PredictConfig
-    from sft_edge.transport import CloudError
+    from sft_common.models.base_model import ModelError
+    from sft_edge.finished import predict
+    from sft_edge.link.transport import CloudError
+    from sft_edge.runs.config import Connection, ExportConfig, GenerateConfig, PredictConfig
 
     conn = Connection(
         args.cloud, args.insecure, args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file
@@ -260,7 +260,7 @@ def after_training(args: argparse.Namespace) -> int:
             )
             print(json.dumps({"predictions": n, "output": args.output}))
         elif args.command == "generate":
-            from sft_edge.generate import generate
+            from sft_edge.finished.generate import generate
 
             out = generate(
                 GenerateConfig(
@@ -280,7 +280,7 @@ def after_training(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
-    from sft_edge.plot import plot_run
+    from sft_edge.runs.plot import plot_run
 
     try:
         print(plot_run(args.run, args.out, args.title))
@@ -313,16 +313,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _train(cfg: D) -> int:
-    from sft_edge.link import connect_to_cloud
-    from sft_edge.transport import CloudError
+    from sft_edge.link.connect import connect_to_cloud
+    from sft_edge.link.transport import CloudError
 
     try:
         connect, route = connect_to_cloud(cfg)  # grpc only: a wrong address is reported before torch loads
     except (ValueError, CloudError, OSError) as exc:
         return _error(exc)
-    from sft_common.models import ModelError
-    from sft_edge.data import DataError
-    from sft_edge.trainer import Interrupted, train
+    from sft_common.models.base_model import ModelError
+    from sft_edge.data.glue import DataError
+    from sft_edge.runs.trainer import Interrupted, train
 
     try:
         report = train(cfg, connect, route=route)

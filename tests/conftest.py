@@ -23,14 +23,14 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tiny_base():
-    from sft_common.models import load_base_model
+    from sft_common.models.base_model import load_base_model
 
     return load_base_model("random:tiny")
 
 
 @pytest.fixture(scope="session")
 def minilm_base():
-    from sft_common.models import load_base_model
+    from sft_common.models.base_model import load_base_model
 
     return load_base_model()
 
@@ -45,8 +45,8 @@ def glue_dir() -> str:
 @pytest.fixture
 def live_server():
     """A real daemon (insecure) on a free localhost port; yields (address, registry)."""
-    from sft_cloud.registry import SessionRegistry
-    from sft_cloud.server import ServeConfig, create_server
+    from sft_cloud.daemon.server import ServeConfig, create_server
+    from sft_cloud.sessions.registry import SessionRegistry
 
     registry = SessionRegistry(device="cpu", max_sessions=8)
     server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
@@ -58,9 +58,9 @@ def live_server():
 def recorded(tmp_path, monkeypatch):
     """(address, registry, messages): a daemon keeping finished sessions, and every (EdgeMessage,
     CloudMessage) pair it answered (what the cloud was handed, for the link-content tests)."""
-    from sft_cloud.protocol import StreamProtocol
-    from sft_cloud.registry import SessionRegistry
-    from sft_cloud.server import ServeConfig, create_server
+    from sft_cloud.daemon.protocol import StreamProtocol
+    from sft_cloud.daemon.server import ServeConfig, create_server
+    from sft_cloud.sessions.registry import SessionRegistry
 
     messages = []
     handle = StreamProtocol.handle

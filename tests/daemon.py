@@ -6,7 +6,7 @@ import os
 import subprocess
 from typing import List, Optional, Tuple
 
-from sft_cloud import launch
+from sft_cloud.daemon import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import lz4.block
 import torch
 
 from sft_common.proto import sft_pb2 as pb
-from sft_edge.data import Batch
+from sft_edge.data.glue import Batch
 
 
 def random_batch(batch: int = 4, seq: int = 12, num_labels: int = 2, seed: int = 0) -> Batch:
@@ -55,8 +55,8 @@ def session_config(
 
 def open_stream(registry, base, owner="edge-a", **kw):
     """A stream protocol on ``registry`` with a session opened for ``session_config(**kw)``."""
-    from sft_cloud.protocol import StreamProtocol
-    from sft_common.spec import SplitSpec, session_fingerprint
+    from sft_cloud.daemon.protocol import StreamProtocol
+    from sft_common.topology.spec import SplitSpec, session_fingerprint
 
     config = session_config(**kw)
     spec = SplitSpec(
@@ -70,8 +70,7 @@ def open_stream(registry, base, owner="edge-a", **kw):
 
 def train_message(k, lengths=(5, 3), width=8, labels=(0, 1), dtype=pb.FLOAT32, **kw):
     """A TrainStep of step ``k`` with random activations."""
-    from sft_common import codec
-
+    from sft_common.wire import codec
     acts = codec.encode(torch.randn(sum(lengths), width), dtype)
     return pb.EdgeMessage(
         train=pb.TrainStep(step=k, activations=acts, lengths=list(lengths), labels=list(labels), **kw)
@@ -121,14 +120,14 @@ def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lor
     ``micro_batches`` > 1 each micro-batch's mean loss counts by its share of the batch,
     gradients accumulate and the update comes once a step. ``init(edge, cloud)``: sets other
     starting factors than the plain SVD's (activation-aware). Returns (edge, cloud, losses)."""
-    from sft_common.split import build_split_model, factor_parameters
+    from sft_common.topology.two_part import build_split_model, factor_parameters
     from sft_common.training import make_optimizer, make_schedule, one_process_step
 
     edge, cloud = build_split_model(base, spec, 2, optim.seed)
     if init is not None:
         init(edge, cloud)
     if lora is not None:  # the adapters each side puts on its half, seeded as there
-        from sft_common.lora import lora_on_halves
+        from sft_common.models.lora import lora_on_halves
 
         lora_on_halves(edge, cloud, lora.resolved(base.config.model_type), optim.seed)
     factors = factor_parameters(edge) + factor_parameters(cloud)
@@ -169,8 +168,8 @@ def interrupt_then_resume(monkeypatch, session_class, values: Dict[str, Any], ou
     train_step raises KeyboardInterrupt), then ``--resume`` in the same folder: the resumed report."""
     import pytest
 
-    from sft_edge.config import TrainConfig
-    from sft_edge.trainer import Interrupted, train
+    from sft_edge.runs.config import TrainConfig
+    from sft_edge.runs.trainer import Interrupted, train
 
     step = session_class.train_step
 

@@ -10,7 +10,7 @@ from google.protobuf import __version__ as protobuf_version
 
 from sft_common.proto import sft_pb2 as pb
 from sft_common.proto import sft_pb2_grpc as pb_grpc
-from sft_edge.transport import GrpcTransport, open_channel
+from sft_edge.link.transport import GrpcTransport, open_channel
 
 
 class Echo(pb_grpc.SplitTrainerServicer):

@@ -38,8 +38,8 @@ def test_traffic_label_private_sends_both_cuts_each_way(tmp_path):
     import torch
 
     from bench import traffic
-    from sft_common import codec
     from sft_common.proto import sft_pb2 as pb
+    from sft_common.wire import codec
 
     argv = ["--models", "random:tiny", "--kinds", "fixed", "--ranks", "4", "--wires", "fp32", "fp16",
             "--compressions", "none", "--batch-size", "4", "--seq", "16", "--label-private", "--out-dir", str(tmp_path)]  # fmt: skip
@@ -68,8 +68,8 @@ def test_traffic_cheap_capture_matches_a_full_training_step():
     """The benchmark's forward-only capture sends exactly the messages a full step sends."""
     from bench import traffic
     from bench.harness import batches
-    from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.spec import SplitSpec
 
     base = load_base_model("random:tiny")
     batch = batches(base, "fixed", 1, batch_size=3, seq=10)[0]
@@ -97,9 +97,9 @@ def test_memory_accounting_adds_up():
     """The per-module counts add up to the real tensors; the moved share falls as the cut moves up."""
     from bench import memory_accounting as acc
     from bench.harness import batches
-    from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
-    from sft_common.split import build_full_model, build_split_model
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.spec import SplitSpec
+    from sft_common.topology.two_part import build_full_model, build_split_model
 
     base = load_base_model("random:tiny")
     batch = batches(base, "fixed", 1, batch_size=2, seq=8)[0]
@@ -239,9 +239,9 @@ def test_residual_ablation_without_the_residual_is_the_split_run(glue_dir, tmp_p
     difference between its two variants."""
     from bench.harness import inproc
     from bench.studies import residual_ablation
-    from sft_common.models import load_base_model
-    from sft_edge.config import TrainConfig
-    from sft_edge.trainer import train
+    from sft_common.models.base_model import load_base_model
+    from sft_edge.runs.config import TrainConfig
+    from sft_edge.runs.trainer import train
 
     common = ["--model", "random:tiny", "--task", "mrpc", "--data-dir", glue_dir, "--max-examples", "48"]
     common += ["--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out-dir", str(tmp_path)]

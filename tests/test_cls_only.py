@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 from helpers import max_diff, params, random_batch
 
-from sft_common.spec import SplitSpec
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.session import EdgeSession
-from sft_edge.transport import GrpcTransport, open_channel
+from sft_common.topology.spec import SplitSpec
+from sft_edge.link.transport import GrpcTransport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.two_part import EdgeSession
 
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)
 

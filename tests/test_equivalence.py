@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from helpers import max_diff, params, random_batch, train_in_one_process
 
-from sft_common.spec import SplitSpec
-from sft_common.split import build_split_model
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.session import EdgeSession
-from sft_edge.transport import GrpcTransport, open_channel
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import build_split_model
+from sft_edge.link.transport import GrpcTransport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.two_part import EdgeSession
 
 STEPS = 6
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
@@ -85,7 +85,7 @@ def test_factor_lr_over_grpc_equals_one_process_and_moves_only_the_factors_faste
     still equals one optimizer over the whole model with the same two groups."""
     import dataclasses
 
-    from sft_common.split import factor_parameters
+    from sft_common.topology.two_part import factor_parameters
 
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8)

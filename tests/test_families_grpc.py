@@ -6,13 +6,13 @@ import pytest
 import torch
 from helpers import assert_predicts_as, max_diff, params, random_batch, train_in_one_process
 
-from sft_common.lora import LoraSpec
-from sft_common.models import ModelError, load_base_model
-from sft_common.spec import SplitSpec
-from sft_common.split import build_split_model
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.session import EdgeSession
-from sft_edge.transport import GrpcTransport, open_channel
+from sft_common.models.base_model import ModelError, load_base_model
+from sft_common.models.lora import LoraSpec
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import build_split_model
+from sft_edge.link.transport import GrpcTransport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.two_part import EdgeSession
 
 STEPS = 6
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
@@ -76,7 +76,7 @@ class _Trainable:
         return [p for p in self.module.parameters() if p.requires_grad]
 
 
-# The attention projections adapted; () = the family's default (sft_common.lora.DEFAULT_TARGETS,
+# The attention projections adapted; () = the family's default (sft_common.models.lora.DEFAULT_TARGETS,
 # which has no entry for DeBERTa-v2 and ModernBERT yet).
 LORA_TARGETS = {"tiny-deberta-v2": ("query_proj", "value_proj"), "tiny-modernbert": ("Wqkv",)}
 

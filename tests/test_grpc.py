@@ -8,12 +8,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import random_batch, session_config
 
-from sft_common import codec
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
-from sft_edge.config import OptimConfig
-from sft_edge.session import EdgeSession
-from sft_edge.transport import CloudError, GrpcTransport, open_channel
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.wire import codec
+from sft_edge.link.transport import CloudError, GrpcTransport, open_channel
+from sft_edge.runs.config import OptimConfig
+from sft_edge.sessions.two_part import EdgeSession
 
 
 def test_health_service_reports_serving(live_server):

@@ -18,13 +18,13 @@ from helpers import (
     write_reviews,
 )
 
-from sft_common.lora import LoraSpec
-from sft_common.models import load_base_model
+from sft_common.models.base_model import load_base_model
+from sft_common.models.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
-from sft_edge.config import LinkOptions, OptimConfig, TrainConfig
-from sft_edge.session import EdgeSession
-from sft_edge.transport import CloudError, GrpcTransport, open_channel
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_edge.link.transport import CloudError, GrpcTransport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig, TrainConfig
+from sft_edge.sessions.two_part import EdgeSession
 
 STEPS = 6
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
@@ -147,7 +147,7 @@ def test_the_edge_refuses_before_anything_loads(flags, message):
 
 
 def test_the_edge_refuses_a_factor_of_the_wrong_shape(tiny_base):
-    from sft_common.split import build_edge_half
+    from sft_common.topology.two_part import build_edge_half
 
     with pytest.raises(ValueError, match=r"edge factor u must have shape \(32, 8\)"):
         build_edge_half(tiny_base, SPEC, torch.zeros(64, 8))
@@ -159,10 +159,10 @@ def test_a_run_resumes_predicts_and_exports(tmp_path, recorded, monkeypatch):
     export and load_trained (the export's skeleton is the input cut's) give the final evaluation."""
     from safetensors.torch import load_file
 
-    from sft_edge import predict
-    from sft_edge.config import Connection, ExportConfig, PredictConfig
-    from sft_edge.trained import load_trained
-    from sft_edge.trainer import train
+    from sft_edge.finished import predict
+    from sft_edge.finished.trained import load_trained
+    from sft_edge.runs.config import Connection, ExportConfig, PredictConfig
+    from sft_edge.runs.trainer import train
 
     address, registry, messages = recorded
     dev = write_reviews(tmp_path / "dev.csv", 12, 100)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from sft_cloud.cli import build_parser as cloud_parser
-from sft_cloud.config import ServeConfig
-from sft_cloud.server import STOP_MARGIN_S
+from sft_cloud.daemon.config import ServeConfig
+from sft_cloud.daemon.server import STOP_MARGIN_S
 from sft_edge.cli import build_parser as edge_parser
 
 yaml = pytest.importorskip("yaml")
@@ -119,7 +119,7 @@ def test_service_budget_and_ingress_reach_the_daemon_by_its_routing_key():
 
 
 def test_the_edge_sends_the_header_the_proxies_hash_on():
-    from sft_edge.link import ROUTE_HEADER
+    from sft_edge.link.connect import ROUTE_HEADER
 
     conf = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
     variable = "$http_" + ROUTE_HEADER.replace("-", "_")

@@ -10,8 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load import mismatches, run_many  # noqa: E402
-from sft_cloud.registry import SessionRegistry  # noqa: E402
-from sft_cloud.server import ServeConfig, create_server  # noqa: E402
+from sft_cloud.daemon.server import ServeConfig, create_server  # noqa: E402
+from sft_cloud.sessions.registry import SessionRegistry  # noqa: E402
 
 
 @pytest.fixture

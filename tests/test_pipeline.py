@@ -13,12 +13,12 @@ from proxy import TcpProxy
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sft_common.spec import SplitSpec
-from sft_common.split import build_split_model
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.session import EdgeSession
-from sft_edge.trainer import TrainConfig, train
-from sft_edge.transport import GrpcTransport, open_channel
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import build_split_model
+from sft_edge.link.transport import GrpcTransport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.runs.trainer import TrainConfig, train
+from sft_edge.sessions.two_part import EdgeSession
 
 STEPS = 4
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)

@@ -2,7 +2,7 @@
 owner killed mid-run, a split brain refused, runs spread by the routing key, a restarted
 replica rejoining. Runs end bitwise equal to an uninterrupted run.
 
-The edge trains in this process (``sft_edge.trainer.train``); daemons and nginx are real
+The edge trains in this process (``sft_edge.runs.trainer.train``); daemons and nginx are real
 processes on 127.0.0.1. Skipped where nginx is not installed (``apt-get install nginx-light``).
 """
 
@@ -26,11 +26,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft_cloud.lease import lease_folder, read_record
-from sft_common.checkpoint import CheckpointDir
+from sft_cloud.daemon.lease import lease_folder, read_record
 from sft_common.proto import sft_pb2 as pb
-from sft_edge.trainer import TrainConfig, train
-from sft_edge.transport import GrpcTransport, open_channel
+from sft_common.storage.checkpoint import CheckpointDir
+from sft_edge.link.transport import GrpcTransport, open_channel
+from sft_edge.runs.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
@@ -220,7 +220,7 @@ def _warm(port: int, base) -> None:
     """Open and close a session directly on a replica: it has loaded random:tiny afterwards."""
     from helpers import session_config
 
-    from sft_common.spec import SplitSpec, session_fingerprint
+    from sft_common.topology.spec import SplitSpec, session_fingerprint
 
     fingerprint = session_fingerprint(base.fingerprint, SplitSpec(split_layer=3, rank=8), 2)
     stream = GrpcTransport(open_channel(f"127.0.0.1:{port}"), owns_channel=True)
@@ -353,7 +353,7 @@ def test_a_split_brain_is_refused(cluster, reference, glue_dir, tmp_path):
 def _short_run(data: Path, cloud: str, out: Path, key: str) -> str:
     """A 2-step run on a 16-line CSV whose streams carry routing key ``key``; its session id."""
     out.mkdir(parents=True)
-    (out / "route-key").write_text(key + "\n")  # what the run folder keeps: see sft_edge.link
+    (out / "route-key").write_text(key + "\n")  # what the run folder keeps: see sft_edge.link.connect
     cfg = TrainConfig(
         train_file=str(data), dev_file=str(data), text_columns="text", label_column="label",
         cloud=cloud, model="random:tiny", batch_size=4, max_steps=2, insecure=True, progress=False,

@@ -8,9 +8,9 @@ from proxy import TcpProxy
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
-from sft_edge.trainer import TrainConfig, train
+from sft_cloud.daemon.server import ServeConfig, create_server
+from sft_cloud.sessions.registry import SessionRegistry
+from sft_edge.runs.trainer import TrainConfig, train
 
 
 @pytest.fixture

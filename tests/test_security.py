@@ -19,15 +19,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import session_config
 
-from sft_cloud import auth
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
-from sft_common import certs
+from sft_cloud.daemon import auth
+from sft_cloud.daemon.server import ServeConfig, create_server
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
-from sft_common.tokens import TokenError, bearer_token, read_token_file
-from sft_edge import credentials
-from sft_edge.transport import CloudError, GrpcTransport, open_channel
+from sft_common.security import certs
+from sft_common.security.tokens import TokenError, bearer_token, read_token_file
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_edge.link import credentials
+from sft_edge.link.transport import CloudError, GrpcTransport, open_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_A = "device-a-" + "a" * 32

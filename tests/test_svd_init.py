@@ -21,13 +21,11 @@ from helpers import (
     write_reviews,
 )
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_common import codec
-from sft_common.checkpoint import CheckpointDir
-from sft_common.errors import ProtocolError
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import (
+from sft_common.storage.checkpoint import CheckpointDir
+from sft_common.topology.spec import (
     ACTIVATION_AWARE,
     FFN_INPUT,
     FFN_OUTPUT,
@@ -35,11 +33,15 @@ from sft_common.spec import (
     SplitSpec,
     session_fingerprint,
 )
-from sft_common.split import build_split_model, svd_factors
-from sft_edge import calibrate, cli, predict
-from sft_edge.config import Connection, LinkOptions, OptimConfig, PredictConfig, TrainConfig
-from sft_edge.session import EdgeSession, Rollback
-from sft_edge.transport import CloudError, GrpcTransport, InProcessTransport, open_channel
+from sft_common.topology.two_part import build_split_model, svd_factors
+from sft_common.wire import codec
+from sft_common.wire.errors import ProtocolError
+from sft_edge import cli
+from sft_edge.finished import predict
+from sft_edge.link.transport import CloudError, GrpcTransport, InProcessTransport, open_channel
+from sft_edge.runs import calibrate
+from sft_edge.runs.config import Connection, LinkOptions, OptimConfig, PredictConfig, TrainConfig
+from sft_edge.sessions.two_part import EdgeSession, Rollback
 
 STEPS = 6
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)

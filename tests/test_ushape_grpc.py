@@ -13,16 +13,16 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common.lora import LoraSpec
-from sft_common.models import load_base_model
+from sft_common.models.base_model import load_base_model
+from sft_common.models.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
-from sft_common.split import task_loss
+from sft_common.topology.two_part import task_loss
+from sft_common.topology.ushape import UShapeSpec, build_ushape_model, lora_part, part_factors
 from sft_common.training import make_optimizer, make_schedule, step_seed
-from sft_common.ushape import UShapeSpec, build_ushape_model, lora_part, part_factors
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.session import EdgeSession
-from sft_edge.transport import CloudError, GrpcTransport, open_channel
-from sft_edge.ushape_session import UShapeSession
+from sft_edge.link.transport import CloudError, GrpcTransport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.two_part import EdgeSession
+from sft_edge.sessions.ushape import UShapeSession
 
 STEPS = 5
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)
@@ -168,7 +168,7 @@ def test_bad_u_configs_are_refused_with_invalid_argument(live_server, tiny_base,
 def test_each_protocol_refuses_the_others_step(live_server, tiny_base):
     """A two-part session refuses forward_up; a label-private one refuses a TrainStep."""
     address, _ = live_server
-    from sft_common.spec import SplitSpec
+    from sft_common.topology.spec import SplitSpec
 
     two_part = EdgeSession(tiny_base, SplitSpec(2, 8), 2, GrpcTransport(open_channel(address)), OPTIM, 8, 64)
     with pytest.raises(CloudError, match="forward_up is for label-private sessions") as caught:

@@ -17,16 +17,16 @@ import pytest
 import torch
 from torch import nn
 
-from sft_common.lora import LoraSpec
-from sft_common.models import load_base_model
+from sft_common.models.base_model import load_base_model
+from sft_common.models.lora import LoraSpec
+from sft_common.topology.ushape import UShapeSpec, lora_part, part_factors
+from sft_common.topology.ushape_lm import TiedLMHead, build_ushape_lm_model
 from sft_common.training import make_optimizer, make_schedule, step_seed
-from sft_common.ushape import UShapeSpec, lora_part, part_factors
-from sft_common.ushape_lm import TiedLMHead, build_ushape_lm_model
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.generate import decode
-from sft_edge.lm_data import IGNORE, LMEncoded, collate_lm, lm_loss
-from sft_edge.transport import GrpcTransport, open_channel
-from sft_edge.ushape_session import UShapeSession
+from sft_edge.data.lm import IGNORE, LMEncoded, collate_lm, lm_loss
+from sft_edge.finished.generate import decode
+from sft_edge.link.transport import GrpcTransport, open_channel
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.ushape import UShapeSession
 
 STEPS = 5
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, seed=5)

@@ -24,12 +24,12 @@ from typing import Dict, List, Sequence
 import torch
 
 from bench.common import GLUE_DIR, save, table
-from sft_common.models import load_base_model
-from sft_common.spec import SplitSpec
-from sft_common.split import build_split_model, factor_parameters
+from sft_common.models.base_model import load_base_model
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import build_split_model, factor_parameters
 from sft_common.training import make_optimizer, make_schedule, one_process_step
-from sft_edge.data import batch_indices, collate, encode, load_examples
-from sft_edge.tasks import get_task
+from sft_edge.data.glue import batch_indices, collate, encode, load_examples
+from sft_edge.data.tasks import get_task
 
 
 def drift(params: Sequence[torch.nn.Parameter], start: Sequence[torch.Tensor]) -> float:

@@ -19,13 +19,13 @@ from typing import Dict, List
 import torch
 
 from bench.common import GLUE_DIR, save
-from sft_common.models import load_base_model
-from sft_common.spec import SplitSpec
-from sft_common.split import build_split_model, factor_parameters
+from sft_common.models.base_model import load_base_model
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import build_split_model, factor_parameters
 from sft_common.training import make_optimizer, make_schedule, one_process_step
-from sft_edge.data import batch_indices, collate, encode, load_examples, steps_per_epoch
-from sft_edge.tasks import get_task
-from sft_edge.trainer import evaluate
+from sft_edge.data.glue import batch_indices, collate, encode, load_examples, steps_per_epoch
+from sft_edge.data.tasks import get_task
+from sft_edge.runs.trainer import evaluate
 
 
 class _OneProcess:

@@ -23,12 +23,12 @@ from typing import List, Optional, Sequence
 import torch
 
 from bench.common import GLUE_DIR
-from sft_common.models import load_base_model
-from sft_common.spec import PLAIN, RESIDUAL_AWARE, SplitSpec
-from sft_common.split import SVDTail, build_split_model
-from sft_edge.calibrate import calibrated_edge_half
-from sft_edge.data import Batch, collate, encode, load_examples
-from sft_edge.tasks import get_task
+from sft_common.models.base_model import load_base_model
+from sft_common.topology.spec import PLAIN, RESIDUAL_AWARE, SplitSpec
+from sft_common.topology.two_part import SVDTail, build_split_model
+from sft_edge.data.glue import Batch, collate, encode, load_examples
+from sft_edge.data.tasks import get_task
+from sft_edge.runs.calibrate import calibrated_edge_half
 
 
 def top_states(base, spec: SplitSpec, batch, calibration: Sequence[Batch] = ()) -> torch.Tensor:

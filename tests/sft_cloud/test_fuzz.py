@@ -16,13 +16,13 @@ from helpers import AllocationSpy, max_diff, params, session_config
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_common import codec
-from sft_common.errors import ProtocolError
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
-from sft_edge.transport import CloudError, GrpcTransport, open_channel
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.wire import codec
+from sft_common.wire.errors import ProtocolError
+from sft_edge.link.transport import CloudError, GrpcTransport, open_channel
 
 WIDTH = 8  # rank 8 at the cut of random:tiny
 MAX_BATCH, MAX_SEQ = 8, 64  # helpers.session_config

@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from sft_cloud import healthcheck
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
+from sft_cloud.daemon.server import ServeConfig, create_server
+from sft_cloud.sessions.registry import SessionRegistry
 
 
 def test_plaintext_daemon_is_healthy(live_server, capsys):
@@ -27,7 +27,7 @@ def test_nothing_listening_is_unhealthy(capsys):
 
 def test_tls_daemon_with_tokens_is_healthy_from_the_environment(tmp_path, monkeypatch):
     pytest.importorskip("cryptography")
-    from sft_common.certs import write_dev_certs
+    from sft_common.security.certs import write_dev_certs
 
     pki = write_dev_certs(str(tmp_path / "certs"))
     cfg = ServeConfig(

@@ -14,13 +14,13 @@ from helpers import max_diff, params
 from helpers import open_stream as _open
 from helpers import train_message as _step
 
-from sft_cloud import lease as lease_mod
-from sft_cloud.config import ServeConfig
-from sft_cloud.lease import FencedCheckpointDir, Lease, SessionMoved, lease_folder, read_record
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_common.errors import ProtocolError
+from sft_cloud.daemon import lease as lease_mod
+from sft_cloud.daemon.config import ServeConfig
+from sft_cloud.daemon.lease import FencedCheckpointDir, Lease, SessionMoved, lease_folder, read_record
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
+from sft_common.wire.errors import ProtocolError
 
 
 class Clock:
@@ -41,7 +41,7 @@ def test_epochs_increase_and_only_the_newest_holder_holds(tmp_path):
     assert read_record(str(tmp_path)).replica == "b"  # type: ignore[union-attr]
     with pytest.raises(SessionMoved, match=r"session moved to another replica \(b, epoch 2\)") as info:
         a.check()
-    assert info.value.code == grpc.StatusCode.ABORTED  # the edge retries it (sft_edge.transport.RETRYABLE)
+    assert info.value.code == grpc.StatusCode.ABORTED  # the edge retries it (sft_edge.link.transport.RETRYABLE)
     assert a.acquire().replica == "b" and a.epoch == 3 and a.held() and not b.held()  # type: ignore[union-attr]
     assert sorted(os.listdir(tmp_path)) == [
         "epoch-000000001",

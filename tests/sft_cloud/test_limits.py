@@ -12,12 +12,12 @@ import pytest
 import torch
 from helpers import AllocationSpy, params, session_config
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_common import codec
-from sft_common.errors import ProtocolError
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.wire import codec
+from sft_common.wire.errors import ProtocolError
 
 
 def _open_msg(base, **kw) -> pb.EdgeMessage:

@@ -14,14 +14,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import session_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from sft_cloud.metrics import DaemonMetrics
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
-from sft_common import codec
+from sft_cloud.daemon.metrics import DaemonMetrics
+from sft_cloud.daemon.server import ServeConfig, create_server
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.logs import setup_logging
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
-from sft_edge.transport import CloudError, GrpcTransport, open_channel
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.wire import codec
+from sft_edge.link.transport import CloudError, GrpcTransport, open_channel
 
 
 @pytest.fixture

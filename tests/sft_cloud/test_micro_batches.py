@@ -11,9 +11,9 @@ from helpers import train_message as _step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sft_cloud.registry import SessionRegistry
-from sft_common.errors import ProtocolError
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
+from sft_common.wire.errors import ProtocolError
 
 
 def _micro(step, micro, lengths, labels, count=2, examples=3, **kw):

@@ -11,11 +11,11 @@ from helpers import max_diff, params, session_config
 from helpers import open_stream as _open
 from helpers import train_message as _step
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_common import codec
-from sft_common.errors import ProtocolError
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
+from sft_common.wire import codec
+from sft_common.wire.errors import ProtocolError
 
 
 @pytest.fixture

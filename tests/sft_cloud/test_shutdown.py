@@ -19,9 +19,10 @@ import grpc
 import pytest
 import torch
 
-from sft_cloud import cli, launch
+from sft_cloud import cli
+from sft_cloud.daemon import launch
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
+from sft_common.topology.spec import SplitSpec, session_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = "/sft.v1.SplitTrainer/Train"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sft_common import checkpoint
+from sft_common.storage import checkpoint
 from sft_common.training import make_optimizer, make_schedule
 
 

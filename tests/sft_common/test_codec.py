@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import AllocationSpy
 
-from sft_common import codec
-from sft_common.errors import ProtocolError
 from sft_common.proto import sft_pb2 as pb
+from sft_common.wire import codec
+from sft_common.wire.errors import ProtocolError
 
 
 @pytest.mark.parametrize("wire", [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16])

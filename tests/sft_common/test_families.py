@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common.families import FAMILIES
-from sft_common.models import RANDOM_PRESETS, ModelError, load_base_model, packaged_minilm_dir
-from sft_common.spec import SplitSpec
-from sft_common.split import (
+from sft_common.models.base_model import RANDOM_PRESETS, ModelError, load_base_model, packaged_minilm_dir
+from sft_common.models.families import FAMILIES
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import (
     build_cloud_half,
     build_edge_half,
     build_full_model,
@@ -210,7 +210,7 @@ def test_a_saved_classifier_folder_loads_with_its_prefix_stripped(tmp_path, pres
 def test_families_are_refused_on_a_transformers_too_old_for_them():
     import transformers
 
-    from sft_common.families import Family
+    from sft_common.models.families import Family
 
     class Future(Family):
         name, since = "Future", (99, 0)
@@ -252,7 +252,7 @@ def test_new_families_are_refused_by_name_on_an_older_transformers(
 def test_deberta_v2_with_the_convolution_after_layer_0_is_refused():
     from transformers import DebertaV2Config
 
-    from sft_common.models import BaseModel
+    from sft_common.models.base_model import BaseModel
 
     config = DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, conv_kernel_size=3)
     with pytest.raises(ModelError, match="DeBERTa-v2.*convolution after layer 0"):
@@ -270,7 +270,7 @@ def test_gpt2_without_n_inner_is_four_times_wider():
     _load("tiny-gpt2")
     from transformers import GPT2Config
 
-    from sft_common.models import BaseModel
+    from sft_common.models.base_model import BaseModel
 
     base = BaseModel("x", GPT2Config(n_embd=32, n_layer=2, n_head=4), "", "")
     assert (base.intermediate_size, base.hidden_size, base.num_hidden_layers) == (128, 32, 2)
@@ -292,7 +292,7 @@ def test_qwen2_with_sliding_window_layers_is_refused():
     _load("tiny-qwen2")
     from transformers import Qwen2Config
 
-    from sft_common.models import BaseModel
+    from sft_common.models.base_model import BaseModel
 
     config = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, use_sliding_window=True)
     with pytest.raises(ModelError, match="Qwen2.*sliding-window"):
@@ -304,7 +304,7 @@ def test_fingerprints_hash_what_shapes_the_model_not_the_whole_config():
     between edge and cloud; what changes the function must."""
     import copy
 
-    from sft_common.models import _canonical_config
+    from sft_common.models.base_model import _canonical_config
 
     config = _load("tiny-llama").config
     other = copy.deepcopy(config)
@@ -326,8 +326,8 @@ def test_fingerprints_hash_what_shapes_the_model_not_the_whole_config():
 def test_the_local_baseline_predicts_as_the_split_model(base):
     """`--local` (the whole Hugging Face classifier, as LocalSession runs it) pools and embeds as
     the split does: a decoder's last real token of a right-padded batch, no token types."""
-    from sft_edge.config import OptimConfig
-    from sft_edge.local import LocalSession
+    from sft_edge.runs.config import OptimConfig
+    from sft_edge.sessions.local import LocalSession
 
     batch = random_batch(batch=4, seq=16)
     local = LocalSession(base, 2, OptimConfig(seed=3))

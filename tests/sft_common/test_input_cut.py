@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common import input_cut
-from sft_common.models import ModelError, load_base_model
-from sft_common.spec import SplitSpec, session_fingerprint
-from sft_common.split import (
+from sft_common.cuts import input_cut
+from sft_common.models.base_model import ModelError, load_base_model
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.topology.two_part import (
     build_cloud_half,
     build_edge_half,
     build_full_model,

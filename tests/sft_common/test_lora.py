@@ -7,10 +7,15 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common.lora import LoraSpec, head_parameters, lora_on_halves
-from sft_common.models import load_base_model
-from sft_common.spec import SplitSpec
-from sft_common.split import build_cloud_half, build_edge_half, build_split_model, factor_parameters
+from sft_common.models.base_model import load_base_model
+from sft_common.models.lora import LoraSpec, head_parameters, lora_on_halves
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import (
+    build_cloud_half,
+    build_edge_half,
+    build_split_model,
+    factor_parameters,
+)
 
 PRESETS = [
     "random:tiny",

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.skipif(
 def test_smollm2_split_at_full_rank_equals_the_unsplit_model():
     from transformers import AutoTokenizer
 
-    from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
-    from sft_common.split import build_full_model, build_split_model
-    from sft_edge.data import Example, collate, encode
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.spec import SplitSpec
+    from sft_common.topology.two_part import build_full_model, build_split_model
+    from sft_edge.data.glue import Example, collate, encode
 
     base = load_base_model("smollm2-135m-instruct")
     assert (base.num_hidden_layers, base.hidden_size, base.intermediate_size) == (30, 576, 1536)

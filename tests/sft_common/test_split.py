@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common.spec import SplitSpec
-from sft_common.split import (
+from sft_common.topology.spec import SplitSpec
+from sft_common.topology.two_part import (
     build_cloud_half,
     build_edge_half,
     build_full_model,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import random_batch
 
-from sft_common.lora import LoraSpec, head_parameters
-from sft_common.models import load_base_model
-from sft_common.split import build_full_model, task_loss
-from sft_common.ushape import (
+from sft_common.models.base_model import load_base_model
+from sft_common.models.lora import LoraSpec, head_parameters
+from sft_common.topology.two_part import build_full_model, task_loss
+from sft_common.topology.ushape import (
     EdgeFactors,
     UShapeSpec,
     build_ushape_cloud,

@@ -1,4 +1,4 @@
-"""Activation-aware factors (sft_common/whiten.py): never worse than the plain SVD on the inputs they
+"""Activation-aware factors (sft_common/cuts/whiten.py): never worse than the plain SVD on the inputs they
 were computed from, exact at full rank, finite however degenerate the statistics. Residual-aware
 factors: the best rank-R predictor of the layer's whole output r + W g from g."""
 
@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sft_common.split import svd_factors
-from sft_common.whiten import (
+from sft_common.cuts.whiten import (
     CrossMoment,
     SecondMoment,
     activation_error,
@@ -17,6 +16,7 @@ from sft_common.whiten import (
     whitened_factors,
     whitening,
 )
+from sft_common.topology.two_part import svd_factors
 
 OUT, IN = 16, 40
 

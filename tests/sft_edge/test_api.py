@@ -17,11 +17,11 @@ from daemon import ROOT, start_daemon, stop_daemon
 from helpers import max_diff, params, random_batch
 
 import sft_edge.api as sft
-from sft_common.models import load_base_model
-from sft_common.spec import SplitSpec
-from sft_edge.config import OptimConfig
-from sft_edge.session import EdgeSession
-from sft_edge.transport import GrpcTransport, open_channel
+from sft_common.models.base_model import load_base_model
+from sft_common.topology.spec import SplitSpec
+from sft_edge.link.transport import GrpcTransport, open_channel
+from sft_edge.runs.config import OptimConfig
+from sft_edge.sessions.two_part import EdgeSession
 
 
 def _batches(n):
@@ -86,7 +86,7 @@ def test_a_peft_lora_model_trains_as_the_lora_session(live_server, name):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from sft_common.lora import LoraSpec
+    from sft_common.models.lora import LoraSpec
 
     address, _ = live_server
     base = load_base_model(name)
@@ -147,7 +147,7 @@ def tiny_checkpoint(tmp_path_factory):
     """A small BERT checkpoint folder, as `save_pretrained` writes it, with MiniLM's tokenizer."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from sft_common.models import packaged_minilm_dir
+    from sft_common.models.base_model import packaged_minilm_dir
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(

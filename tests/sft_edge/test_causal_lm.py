@@ -14,9 +14,10 @@ import pytest
 import torch
 from helpers import write_completion_rows
 
-from sft_edge import cli, predict
-from sft_edge.config import Connection, GenerateConfig, PredictConfig
-from sft_edge.data import DataError
+from sft_edge import cli
+from sft_edge.data.glue import DataError
+from sft_edge.finished import predict
+from sft_edge.runs.config import Connection, GenerateConfig, PredictConfig
 
 # What an EdgeMessage may set (leaf fields), besides the open message's session config.
 ALLOWED = {"step", "batch", "lengths", "dtype", "shape", "data", "compression", "scale", "scales"}
@@ -44,11 +45,11 @@ def _argv(tmp_path, address, *extra):
 def test_causal_lm_trains_through_the_daemon_sends_no_token_and_generates(tmp_path, recorded, capsys):
     from safetensors.torch import load_file
 
-    from sft_common.checkpoint import load_owned
-    from sft_common.models import load_base_model
-    from sft_common.ushape import UShapeSpec
-    from sft_common.ushape_lm import build_ushape_lm_model
-    from sft_edge.generate import decode, generate, prompt_ids
+    from sft_common.models.base_model import load_base_model
+    from sft_common.storage.checkpoint import load_owned
+    from sft_common.topology.ushape import UShapeSpec
+    from sft_common.topology.ushape_lm import build_ushape_lm_model
+    from sft_edge.finished.generate import decode, generate, prompt_ids
 
     address, registry, messages = recorded
     run, dev = str(tmp_path / "run"), write_completion_rows(tmp_path / "dev.jsonl", 6, 100)
@@ -123,8 +124,8 @@ def test_causal_lm_flag_refusals(tmp_path, capsys, extra, message):
 
 
 def test_causal_lm_holds_out_a_dev_share_and_refuses_an_encoder_by_name(tmp_path):
-    from sft_edge.config import TrainConfig
-    from sft_edge.run import prepare
+    from sft_edge.runs.config import TrainConfig
+    from sft_edge.runs.setup import prepare
 
     cfg = TrainConfig(
         problem="causal-lm", train_file=write_completion_rows(tmp_path / "t.jsonl", 24), model="random:tiny-llama",

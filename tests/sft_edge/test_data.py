@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from sft_edge.data import DataError, batch_indices, collate, encode, load_examples, steps_per_epoch
-from sft_edge.tasks import TASKS, get_task
+from sft_edge.data.glue import DataError, batch_indices, collate, encode, load_examples, steps_per_epoch
+from sft_edge.data.tasks import TASKS, get_task
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from sft_edge.data import DataError
-from sft_edge.files import FileSpec, load_file_task
-from sft_edge.trainer import TrainConfig, train
+from sft_edge.data.files import FileSpec, load_file_task
+from sft_edge.data.glue import DataError
+from sft_edge.runs.trainer import TrainConfig, train
 
 ROWS = [
     ("a fine film", "pos"),

@@ -1,4 +1,4 @@
-"""sft_edge.generate without a daemon: the prompt's tokens are those training fed, and decoding.
+"""sft_edge.finished.generate without a daemon: the prompt's tokens are those training fed, and decoding.
 
 Through the daemon: tests/sft_edge/test_causal_lm.py and tests/test_ushape_lm_grpc.py.
 """
@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from sft_common.models import packaged_minilm_dir
-from sft_edge.generate import decode, prompt_ids
-from sft_edge.lm_data import IGNORE, load_lm_file
+from sft_common.models.base_model import packaged_minilm_dir
+from sft_edge.data.lm import IGNORE, load_lm_file
+from sft_edge.finished.generate import decode, prompt_ids
 
 # A chat template in the ChatML pattern over the MiniLM vocabulary: [SEP] ends a turn.
 TEMPLATE = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sft_edge import glue_metrics as metrics
+from sft_edge.data import metrics
 
 
 def test_against_scipy():

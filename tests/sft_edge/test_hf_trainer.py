@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 import sft_edge.api as sft
-from sft_common.models import load_base_model
+from sft_common.models.base_model import load_base_model
 
 
 def _data(n, seed):

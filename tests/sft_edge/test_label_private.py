@@ -14,9 +14,10 @@ import torch
 from helpers import interrupt_then_resume, write_reviews
 
 from sft_common.proto import sft_pb2 as pb
-from sft_edge import cli, predict
-from sft_edge.config import Connection, ExportConfig, PredictConfig, TrainConfig
-from sft_edge.trained import load_trained
+from sft_edge import cli
+from sft_edge.finished import predict
+from sft_edge.finished.trained import load_trained
+from sft_edge.runs.config import Connection, ExportConfig, PredictConfig, TrainConfig
 
 
 def test_train_label_private_end_to_end_sends_no_label(tmp_path, recorded, capsys):
@@ -84,7 +85,7 @@ def test_bad_label_private_flags_are_refused_at_once(tmp_path, capsys, extra, me
 
 
 def test_a_u_that_leaves_the_cloud_no_layer_is_refused_before_training(tmp_path):
-    from sft_edge.run import prepare
+    from sft_edge.runs.setup import prepare
 
     cfg = TrainConfig(
         train_file=write_reviews(tmp_path / "t.csv", 20), text_columns="opinion", label_column="verdict",
@@ -100,8 +101,8 @@ def test_an_edge_restart_with_resume_ends_as_an_uninterrupted_run(tmp_path, reco
     phases from its cache, and both sides end bit-identical to a run that was never stopped."""
     from safetensors.torch import load_file
 
-    from sft_edge.trainer import train
-    from sft_edge.ushape_session import UShapeSession
+    from sft_edge.runs.trainer import train
+    from sft_edge.sessions.ushape import UShapeSession
 
     address, registry, _ = recorded
     values = dict(

@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
-from sft_common.models import packaged_minilm_dir
-from sft_edge.data import DataError
-from sft_edge.lm_data import (
+from sft_common.models.base_model import packaged_minilm_dir
+from sft_edge.data.glue import DataError
+from sft_edge.data.lm import (
     IGNORE,
     collate_lm,
     encode_lm,

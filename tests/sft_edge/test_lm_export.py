@@ -16,10 +16,11 @@ import pytest
 import torch
 from helpers import write_completion_rows
 
-from sft_edge import cli, predict
-from sft_edge.config import Connection, ExportConfig, GenerateConfig
-from sft_edge.data import DataError
-from sft_edge.generate import generate
+from sft_edge import cli
+from sft_edge.data.glue import DataError
+from sft_edge.finished import predict
+from sft_edge.finished.generate import generate
+from sft_edge.runs.config import Connection, ExportConfig, GenerateConfig
 
 PROMPT = "red green blue"
 
@@ -42,9 +43,9 @@ def test_local_causal_lm_learns_reports_perplexity_and_its_folder_generates(tmp_
     final evaluation (1e-5) and generates with no daemon."""
     from transformers import AutoTokenizer
 
-    from sft_edge.generate import local_lm
-    from sft_edge.lm_data import collate_lm, lm_loss_sum, load_lm_file
-    from sft_edge.trained import read_run
+    from sft_edge.data.lm import collate_lm, lm_loss_sum, load_lm_file
+    from sft_edge.finished.generate import local_lm
+    from sft_edge.finished.trained import read_run
 
     run, report = _train(tmp_path, "--local", *(["--peft", "lora"] if lora else []), steps=12)
     history = report["eval_history"]
@@ -73,10 +74,10 @@ def test_local_causal_lm_learns_reports_perplexity_and_its_folder_generates(tmp_
 def test_the_local_causal_lm_is_the_u_at_full_rank_with_residuals_kept():
     """Step 0: --local's model gives the logits of the U's three parts at full rank with both
     residuals kept (1e-4), for an untied (Llama) and a tied (GPT-2) LM head."""
-    from sft_common.models import load_base_model
-    from sft_common.ushape import UShapeSpec
-    from sft_common.ushape_lm import TiedLMHead, build_causal_lm, build_ushape_lm_model
-    from sft_edge.lm_data import IGNORE, LMEncoded, collate_lm
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.ushape import UShapeSpec
+    from sft_common.topology.ushape_lm import TiedLMHead, build_causal_lm, build_ushape_lm_model
+    from sft_edge.data.lm import IGNORE, LMEncoded, collate_lm
 
     batch = collate_lm(
         LMEncoded([[1100, 1200, 1300, 1400, 1500], [1600, 1700, 1800]], [[IGNORE] * 5, [IGNORE] * 3]), [0, 1]
@@ -157,7 +158,7 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
     here = generate(GenerateConfig(out, PROMPT, max_new_tokens=6))  # no connection: no daemon
     assert here["tokens"] == remote["tokens"] and len(here["tokens"]) == 6
     with pytest.raises(DataError, match="holds a causal LM: it generates text"):
-        from sft_edge.trained import load_trained
+        from sft_edge.finished.trained import load_trained
 
         load_trained(out)
 

@@ -10,13 +10,13 @@ import grpc
 import pytest
 from helpers import write_reviews
 
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
-from sft_edge import predict
-from sft_edge.config import Connection, ExportConfig, PredictConfig
-from sft_edge.trained import load_trained
-from sft_edge.trainer import TrainConfig, train
-from sft_edge.transport import CloudError
+from sft_cloud.daemon.server import ServeConfig, create_server
+from sft_cloud.sessions.registry import SessionRegistry
+from sft_edge.finished import predict
+from sft_edge.finished.trained import load_trained
+from sft_edge.link.transport import CloudError
+from sft_edge.runs.config import Connection, ExportConfig, PredictConfig
+from sft_edge.runs.trainer import TrainConfig, train
 
 
 @pytest.fixture
@@ -142,10 +142,10 @@ def test_a_lora_run_keeps_only_what_it_owns_and_predicts_everywhere(tmp_path, da
     with the evaluation at the end of training."""
     from safetensors import safe_open
 
-    from sft_common.lora import LoraSpec, apply_lora, head_parameters
-    from sft_common.models import load_base_model
-    from sft_common.spec import SplitSpec
-    from sft_common.split import build_split_model, factor_parameters
+    from sft_common.models.base_model import load_base_model
+    from sft_common.models.lora import LoraSpec, apply_lora, head_parameters
+    from sft_common.topology.spec import SplitSpec
+    from sft_common.topology.two_part import build_split_model, factor_parameters
 
     address, _ = daemon
     report = _train(tmp_path, address, peft="lora", lora_rank=4, checkpoint_every=3)

@@ -8,11 +8,11 @@ from concurrent import futures
 import grpc
 import pytest
 
-from sft_cloud.registry import SessionRegistry
-from sft_cloud.server import ServeConfig, create_server
-from sft_edge import predict
-from sft_edge.config import Connection, PredictConfig
-from sft_edge.trainer import TrainConfig, train
+from sft_cloud.daemon.server import ServeConfig, create_server
+from sft_cloud.sessions.registry import SessionRegistry
+from sft_edge.finished import predict
+from sft_edge.runs.config import Connection, PredictConfig
+from sft_edge.runs.trainer import TrainConfig, train
 
 
 class RecordingProxy:
@@ -69,7 +69,7 @@ def test_one_key_per_run_kept_in_its_folder_for_predict(tmp_path, proxied, glue_
 
 
 def test_the_key_survives_a_restart_of_the_edge(tmp_path):
-    from sft_edge.link import keep_route_key, route_key
+    from sft_edge.link.connect import keep_route_key, route_key
 
     first = route_key(str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # nothing written before a session opens

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from sft_edge import scalars
 from sft_edge.cli import main as edge_main
+from sft_edge.runs import scalars
 
 
 def test_scalars_path_rules(tmp_path):
@@ -59,7 +59,7 @@ def test_plot_refuses_a_file_without_losses(tmp_path, capsys):
 
 
 def test_a_split_run_writes_its_scalars_beside_the_weights(live_server, glue_dir, tmp_path):
-    from sft_edge.trainer import TrainConfig, train
+    from sft_edge.runs.trainer import TrainConfig, train
 
     address, _ = live_server
     out = tmp_path / "run"

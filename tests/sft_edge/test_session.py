@@ -11,15 +11,15 @@ import pytest
 import torch
 from helpers import params, random_batch
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_common.checkpoint import CheckpointDir
-from sft_common.lora import LoraSpec
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
+from sft_common.models.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec
-from sft_edge.config import LinkOptions, OptimConfig
-from sft_edge.session import EdgeSession, Rollback
-from sft_edge.transport import CloudError, InProcessTransport
+from sft_common.storage.checkpoint import CheckpointDir
+from sft_common.topology.spec import SplitSpec
+from sft_edge.link.transport import CloudError, InProcessTransport
+from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.sessions.two_part import EdgeSession, Rollback
 
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)
 SPEC = SplitSpec(split_layer=2, rank=8)
@@ -197,7 +197,7 @@ def test_cls_only_needs_the_last_layer(tiny_base):
 
 
 def test_cls_only_is_refused_for_a_mean_pooling_head():
-    from sft_common.models import load_base_model
+    from sft_common.models.base_model import load_base_model
 
     base = load_base_model("random:tiny-modernbert-mean")
     spec = SplitSpec(split_layer=base.num_hidden_layers - 1, rank=8)

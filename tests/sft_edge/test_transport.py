@@ -7,11 +7,11 @@ import grpc
 import pytest
 from helpers import session_config
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
-from sft_common.spec import SplitSpec, session_fingerprint
-from sft_edge.transport import CloudError, GrpcTransport, InProcessTransport, connector, open_channel
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_edge.link.transport import CloudError, GrpcTransport, InProcessTransport, connector, open_channel
 
 
 def _open(base, **kw) -> pb.EdgeMessage:

@@ -12,18 +12,18 @@ import pytest
 import torch
 from helpers import params, random_batch
 
-from sft_cloud.protocol import StreamProtocol
-from sft_cloud.registry import SessionRegistry
-from sft_common import codec
-from sft_common.checkpoint import CheckpointDir
-from sft_common.errors import ProtocolError
-from sft_common.lora import LoraSpec
+from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.sessions.registry import SessionRegistry
+from sft_common.models.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
-from sft_common.ushape import UShapeSpec
-from sft_edge.client import Rollback
-from sft_edge.config import OptimConfig
-from sft_edge.transport import CloudError, InProcessTransport
-from sft_edge.ushape_session import UShapeSession
+from sft_common.storage.checkpoint import CheckpointDir
+from sft_common.topology.ushape import UShapeSpec
+from sft_common.wire import codec
+from sft_common.wire.errors import ProtocolError
+from sft_edge.link.transport import CloudError, InProcessTransport
+from sft_edge.runs.config import OptimConfig
+from sft_edge.sessions.client import Rollback
+from sft_edge.sessions.ushape import UShapeSession
 
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, seed=5)
 SPEC = UShapeSpec(split_layer=0, rank=8, tail_layers=1)

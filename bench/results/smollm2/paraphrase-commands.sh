@@ -33,9 +33,9 @@ python -m sft_edge.cli generate --run /tmp/smolu/run2 --prompt "$PROMPT" --max-n
 python - <<'PY'
 import json, torch
 from transformers import AutoTokenizer
-from sft_common.models import load_base_model
-from sft_common.ushape_lm import build_causal_lm
-from sft_edge.generate import decode, prompt_ids
+from sft_common.models.base_model import load_base_model
+from sft_common.topology.ushape_lm import build_causal_lm
+from sft_edge.finished.generate import decode, prompt_ids
 prompt = json.loads(open("/tmp/smolmrpc/dev.jsonl").readline())["prompt"]
 base = load_base_model("smollm2-135m-instruct")
 model, tok = build_causal_lm(base, 42).eval(), AutoTokenizer.from_pretrained(base.tokenizer_dir)

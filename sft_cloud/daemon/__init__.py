@@ -1,0 +1,1 @@
+"""The daemon: server factory, servicer, stream protocol, auth, leases, metrics, launch."""

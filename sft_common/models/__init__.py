@@ -1,0 +1,1 @@
+"""Base models: names to weights, meta-device loading, the packaged SmolLM2, LoRA, families."""

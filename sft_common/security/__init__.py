@@ -1,0 +1,1 @@
+"""Trust between the halves: development certificates, PEM files, bearer tokens."""

@@ -1,0 +1,115 @@
+"""The split configuration both halves agree on, and the fingerprint that proves they do."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+MODES = ("sft", "sl")
+PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE = "plain", "activation-aware", "residual-aware"
+INITS = (PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE)  # how the SFT factors start (--svd-init)
+# Which linear of the cut layer's FFN is factorised (docs/design.md, "The two cuts"): the output
+# (the paper's §III, the default) or the input (the paper's released code).
+FFN_OUTPUT, FFN_INPUT = "ffn-output", "ffn-input"
+FACTORISATIONS = (FFN_OUTPUT, FFN_INPUT)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Where and how a model is cut between the edge and the cloud."""
+
+    split_layer: int  # 0-based index of the layer whose FFN output is cut
+    rank: int = 8  # SFT rank R of the factorised FFN output (ignored for "sl")
+    mode: str = "sft"  # "sft": rank-R activations cross the link; "sl": full hidden states
+    keep_residual: bool = False  # in-process only: keep layer l's residual (exactness tests)
+    # SFT factors' start: "plain" SVD of W (the cloud's), "activation-aware" (whitened by the
+    # device's FFN activations) or "residual-aware" (fitting the layer's output, residual included),
+    # both computed on the edge (sft_common.cuts.whiten). Builders make plain ones.
+    init: str = PLAIN
+    factorise: str = FFN_OUTPUT  # SFT: the cut layer's FFN output linear is factorised, or its input
+
+    def validate(self, num_layers: int, hidden: int, intermediate: int) -> None:
+        """Raise ValueError with a user-facing message when the spec does not fit the model."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 <= self.split_layer < num_layers:
+            raise ValueError(
+                f"split layer {self.split_layer} is out of range: the model has {num_layers} layers "
+                f"(valid: 0..{num_layers - 1})"
+            )
+        if self.init not in INITS or (self.init != PLAIN and self.mode != "sft"):
+            raise ValueError(
+                f"init must be one of {INITS}, and all but {PLAIN!r} need mode 'sft' (SL has no "
+                f"factors); got {self.init!r} with mode {self.mode!r}"
+            )
+        if self.factorise not in FACTORISATIONS:
+            raise ValueError(f"factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}")
+        if self.init == RESIDUAL_AWARE and self.factorise != FFN_OUTPUT:
+            raise ValueError(
+                f"init {RESIDUAL_AWARE!r} fits the residual the FFN-output cut drops; the FFN-input cut "
+                "carries it already (use 'activation-aware' there)"
+            )
+        if self.factorise == FFN_INPUT:
+            self._validate_input_cut(hidden)
+        elif self.mode == "sft" and not 1 <= self.rank <= min(hidden, intermediate):
+            raise ValueError(
+                f"rank {self.rank} is out of range: the FFN output of this model is "
+                f"{hidden}x{intermediate}, so 1 <= R <= {min(hidden, intermediate)}"
+            )
+
+    def _validate_input_cut(self, hidden: int) -> None:
+        """--factorise ffn-input: an SFT cut, its bottleneck at most as wide as the residual stream."""
+        if self.mode != "sft":
+            raise ValueError(
+                "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states "
+                "and factorises nothing"
+            )
+        if self.keep_residual:
+            raise ValueError("keep_residual is for the FFN-output cut: at the FFN input the residual crosses")
+        if not 1 <= self.rank <= hidden:
+            raise ValueError(
+                f"rank {self.rank} is out of range: the FFN-input cut's bottleneck reads the "
+                f"{hidden}-wide residual stream, so 1 <= R <= {hidden}"
+            )
+
+    def cut_width(self, hidden: int) -> int:
+        """Width of one token's activation at the cut: R for SFT, hidden for plain SL."""
+        return self.rank if self.mode == "sft" else hidden
+
+    def edge_factor_shape(self, hidden: int, intermediate: int) -> Tuple[int, int]:
+        """The factor the cloud sends the edge (SFT): u (intermediate, R) for the FFN-output cut,
+        Aᵀ (hidden, R) for the FFN-input cut."""
+        return (hidden if self.factorise == FFN_INPUT else intermediate, self.rank)
+
+
+def session_fingerprint(
+    base_fingerprint: str,
+    spec: SplitSpec,
+    num_labels: int,
+    lora: Optional[dict] = None,
+    tail_layers: Optional[int] = None,
+) -> str:
+    """sha256 over the base model's fingerprint and everything that shapes the two halves
+    (``lora``: the adapters' rank, alpha and targets; absent for full fine-tuning). ``tail_layers``:
+    a label-private (U-shaped) session with that many tail layers; None: the two-part split, whose
+    fingerprint is unchanged."""
+    payload: dict = {
+        "base": base_fingerprint,
+        "spec": asdict(spec),
+        "num_labels": num_labels,
+    }
+    if lora is not None:
+        payload["lora"] = lora
+    if tail_layers is not None:
+        payload["label_private"] = True
+        payload["tail_layers"] = tail_layers
+    if payload["spec"]["init"] == PLAIN:
+        del payload["spec"]["init"]  # the default: fingerprints from before --svd-init are unchanged
+    if payload["spec"]["factorise"] == FFN_OUTPUT:
+        del payload["spec"]["factorise"]  # the default: fingerprints from before --factorise unchanged
+    if payload["spec"]["mode"] == "sl":
+        payload["spec"]["rank"] = 0  # rank does not shape plain split learning
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()

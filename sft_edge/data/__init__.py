@@ -1,0 +1,1 @@
+"""Data on the edge: GLUE tasks, the device's own files, causal-LM rows, metrics."""

@@ -1,0 +1,1 @@
+"""Using a finished run: load_trained, predict, export, forget, generate."""

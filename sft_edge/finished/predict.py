@@ -1,0 +1,201 @@
+"""After training: `sft-edge predict`, `export` and `forget`.
+
+A split run's ``--output-dir`` holds net1; net2 stays with the daemon that trained it (under its
+``--checkpoint-dir``). ``predict`` reopens that finished session for inference only; ``export``
+fetches net2 (a U-shaped run's middle; in chunks, checked by a digest) and writes a folder that
+predicts (or generates) with no daemon (``sft_edge.finished.trained.load_trained``, ``sft_edge.finished.generate``);
+``forget`` has the daemon delete what it keeps. Inputs are
+the training file formats or ``.txt`` (one example a line; a sentence pair separated by a tab);
+outputs ``.csv`` or ``.jsonl``, one row per example with its ``prediction`` and probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from typing import Dict, List, Tuple, Union
+
+from sft_common.proto import sft_pb2 as pb
+from sft_common.storage.atomic import replaced
+from sft_edge.data.glue import DataError
+from sft_edge.finished.trained import RUN_FILE, TrainedModel, load_trained, read_run
+from sft_edge.runs.config import Connection, ExportConfig, LinkOptions, OptimConfig, PredictConfig
+
+OUTPUTS = (".csv", ".jsonl")
+
+
+def predict(cfg: PredictConfig) -> int:
+    """Write one prediction per input example to ``cfg.output``; returns how many."""
+    ext = os.path.splitext(cfg.output)[1].lower()
+    if ext not in OUTPUTS:
+        raise DataError(f"{cfg.output}: write predictions to a .csv or .jsonl file")
+    info = read_run(cfg.run)
+    if info.get("problem") == "causal-lm":
+        raise DataError(
+            f"{cfg.run} is a causal-LM run: it generates text (sft-edge generate), it does not classify"
+        )
+    texts = read_inputs(cfg.input, info.get("text_columns") or ["text"])
+    from sft_common.training import resolve_device
+
+    device = resolve_device(cfg.device)
+    if info["part"] == "edge":
+        session = open_finished(cfg.run, info, cfg.connection, device)
+        try:
+            model = TrainedModel(info, _tokenizer(cfg.run, info), session.predict, session.module, device)
+            rows = model.predict(texts, batch_size=min(cfg.batch_size, int(info.get("batch_size") or 32)))
+        finally:
+            session.close()
+    else:
+        rows = load_trained(cfg.run, device).predict(texts, cfg.batch_size)
+    write_predictions(cfg.output, texts, info.get("text_columns") or ["text"], rows, info.get("labels"))
+    return len(rows)
+
+
+def export(cfg: ExportConfig) -> str:
+    """``cfg.to``: both halves (a U-shaped run: the edge's head and tail, and the daemon's
+    middle), the config, the tokenizer and the label names of a split run.
+
+    The factorised cuts stay factorised (u, Σ, v as trained): the split model has no residual
+    around them, so multiplying the factors back into a dense linear would not make the folder a
+    stock Hugging Face model; ``load_trained`` and ``sft-edge generate`` build it from the run's
+    own modules instead."""
+    info = read_run(cfg.run)
+    if info["part"] != "edge":
+        raise DataError(f"{cfg.run} is not a split run's --output-dir (it holds {info['part']!r} weights)")
+    if os.path.exists(cfg.to) and os.listdir(cfg.to):
+        raise DataError(f"{cfg.to} exists and is not empty: export into a new folder")
+    session = open_finished(cfg.run, info, cfg.connection, "cpu")
+    try:
+        weights = fetch_weights(session)
+    finally:
+        session.close()
+    tmp = cfg.to.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cfg.run, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "*.png", "route-key"))
+    with open(os.path.join(tmp, "cloud.safetensors"), "wb") as f:
+        f.write(weights)
+    part = "ushape" if info.get("label_private") else "split"  # cloud.safetensors: the middle, or net2
+    info.update(part=part, weights=["edge.safetensors", "cloud.safetensors"])
+    with open(os.path.join(tmp, RUN_FILE), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    if os.path.isdir(cfg.to):
+        os.rmdir(cfg.to)
+    os.replace(tmp, cfg.to)  # the folder appears whole or not at all
+    return cfg.to
+
+
+def forget(run: str, connection: Connection) -> str:
+    """Have the daemon delete the finished session of ``run``; returns its id."""
+    info = read_run(run)
+    if info["part"] != "edge":
+        raise DataError(f"{run} is not a split run's --output-dir: the daemon keeps nothing of it")
+    session = open_finished(run, info, connection, "cpu")
+    session.request(pb.EdgeMessage(forget=pb.Forget()))  # the daemon deletes it; the stream ends
+    session.transport.close()
+    return str(info["session_id"])
+
+
+def fetch_weights(session) -> bytes:
+    """net2's trained weights (a safetensors file) from a finished session reopened for
+    inference, fetched in chunks and checked against the digest the cloud sends."""
+    import hashlib
+
+    import grpc
+
+    from sft_edge.link.transport import CloudError
+
+    parts, chunks, index, reply = [], 1, 0, pb.WeightsChunk()
+    while index < chunks:
+        reply = session.request(pb.EdgeMessage(fetch=pb.FetchWeights(chunk=index))).weights
+        if reply.chunk != index:
+            raise CloudError(grpc.StatusCode.INTERNAL, f"asked for chunk {index}, got chunk {reply.chunk}")
+        parts.append(reply.data)
+        chunks, index = reply.chunks, index + 1
+    data = b"".join(parts)
+    if len(data) != reply.size or hashlib.sha256(data).hexdigest() != reply.sha256:
+        raise CloudError(
+            grpc.StatusCode.DATA_LOSS, "the weights fetched do not match the digest the cloud sent"
+        )
+    return data
+
+
+def open_finished(folder: str, info: Dict, connection: Connection, device: str):
+    """The run's finished cloud session, reopened for inference, with net1's trained weights."""
+    from safetensors.torch import load_file
+
+    from sft_common.models.base_model import load_base_model
+    from sft_common.models.lora import LoraSpec
+    from sft_common.storage.checkpoint import load_owned
+    from sft_common.topology.spec import FFN_OUTPUT, SplitSpec
+    from sft_common.topology.ushape import UShapeSpec
+    from sft_edge.link.connect import grpc_connector, route_key
+    from sft_edge.sessions.two_part import EdgeSession
+    from sft_edge.sessions.ushape import UShapeSession
+
+    if not info.get("session_id"):
+        raise DataError(f"{folder}: {RUN_FILE} names no cloud session")
+    base = load_base_model(info["model"])
+    init = info.get("svd_init", "plain")  # runs from before --svd-init: plain
+    spec = SplitSpec(
+        split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"], init=init,
+        factorise=info.get("factorise") or FFN_OUTPUT,  # runs from before --factorise: the output
+    )  # fmt: skip
+    link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])
+    lora = LoraSpec.from_dict(info["lora"]) if info.get("lora") else None
+    kw = dict(
+        batch_size=int(info["batch_size"]), max_seq_len=int(info["max_seq_len"]), link=link, device=device,
+        session_id=info["session_id"], inference_only=True, lora=lora,
+    )  # fmt: skip
+    connect, optim = grpc_connector(connection, route_key(folder)), OptimConfig(seed=int(info["seed"]))
+    session: Union[EdgeSession, UShapeSession]
+    if info.get("label_private"):  # the U: the edge's head and tail, the daemon's middle between them
+        ushape = UShapeSpec(
+            spec.split_layer, spec.rank, int(info["tail_layers"]), spec.mode, factorise=spec.factorise
+        )
+        lm = info.get("problem") == "causal-lm"  # the tail ends in the LM head
+        session = UShapeSession(base, ushape, int(info["num_labels"]), connect, optim, causal_lm=lm, **kw)  # type: ignore[arg-type]
+    else:
+        session = EdgeSession(base, spec, int(info["num_labels"]), connect, optim, **kw)  # type: ignore[arg-type]
+    load_owned(session.module, load_file(os.path.join(folder, "edge.safetensors"), device=device))
+    return session
+
+
+def _tokenizer(folder: str, info: Dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def read_inputs(path: str, columns: List[str]) -> List[Tuple[str, ...]]:
+    """The examples of an input file: its text columns, or the lines of a ``.txt`` file."""
+    if path.lower().endswith(".txt"):
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        texts = [tuple(line.split("\t")) for line in lines]
+        for n, t in enumerate(texts, start=1):
+            if len(t) != len(columns):
+                raise DataError(f"{path}:{n}: {len(t)} tab-separated texts; this model reads {len(columns)}")
+        return texts
+    from sft_edge.data.files import read_rows
+
+    return [tuple(str(row[c]) for c in columns) for row, _ in read_rows(path, columns)]
+
+
+def write_predictions(path: str, texts, columns: List[str], rows: List[Dict], labels) -> None:
+    """CSV: the text columns, ``prediction`` and ``probability_<label>`` each; JSON Lines: the
+    text columns, ``prediction`` and ``probabilities`` ({label: p})."""
+    with replaced(path, newline="") as f:
+        if path.lower().endswith(".jsonl"):
+            for text, row in zip(texts, rows):
+                f.write(json.dumps({**dict(zip(columns, text)), **row}, ensure_ascii=False) + "\n")
+        else:
+            probs = [f"probability_{name}" for name in labels or []]
+            writer = csv.writer(f)
+            writer.writerow([*columns, "prediction", *probs])
+            for text, row in zip(texts, rows):
+                p = row.get("probabilities", {})
+                writer.writerow([*text, row["prediction"], *(p[name] for name in labels or [])])

