@@ -233,66 +233,6 @@ def test_memory_benchmark_end_to_end(tmp_path):
     assert [r["run"] for r in runs] == ["local", "edge l=0"] and all(len(r["steps"]) == 2 for r in runs)
 
 
-def test_residual_ablation_without_the_residual_is_the_split_run(glue_dir, tmp_path):
-    """bench.studies.residual_ablation trains in one process; without --keep-residual it must be the
-    very run `sft-edge train` makes through a cloud session, so that the residual is the only
-    difference between its two variants."""
-    from bench.harness import inproc
-    from bench.studies import residual_ablation
-    from sft_common.models.base_model import load_base_model
-    from sft_edge.runs.config import TrainConfig
-    from sft_edge.runs.trainer import train
-
-    common = ["--model", "random:tiny", "--task", "mrpc", "--data-dir", glue_dir, "--max-examples", "48"]
-    common += ["--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out-dir", str(tmp_path)]
-    for extra in ([], ["--keep-residual"]):
-        assert residual_ablation.main(common + extra) == 0
-    dropped = json.loads((tmp_path / "residual_mrpc_r8_dropped_s42.json").read_text())
-    kept = json.loads((tmp_path / "residual_mrpc_r8_kept_s42.json").read_text())
-
-    base = load_base_model("random:tiny")
-    cfg = TrainConfig(
-        task="mrpc", cloud="in-process", model="random:tiny", data_dir=glue_dir, batch_size=8, epochs=2,
-        max_train_examples=48, lr=1e-3, progress=False,
-    )  # fmt: skip
-    report = train(cfg, lambda: inproc(base), base=base)
-    assert [e["accuracy"] for e in report["eval_history"]] == [e["accuracy"] for e in dropped["eval_history"]]
-    assert report["train_loss_last"] == pytest.approx(dropped["train_loss_last"], abs=1e-5)
-    assert kept["train_loss_last"] != pytest.approx(
-        dropped["train_loss_last"], abs=1e-3
-    )  # the residual counts
-
-
-def test_factor_motion_trains_the_residual_ablation_run_and_reads_adam(glue_dir, tmp_path):
-    """bench.studies.factor_motion takes the very steps of the one-process SFT run (its loss over an
-    epoch is residual_ablation's), a higher factor lr moves only the factors further, and its
-    steadiness is Adam's |m̂|/(√v̂+ε): 1 after one step wherever there was a gradient."""
-    import torch
-
-    from bench.studies import factor_motion, residual_ablation
-
-    common = ["--model", "random:tiny", "--task", "mrpc", "--data-dir", glue_dir, "--max-examples", "48"]
-    common += ["--batch-size", "8", "--lr", "1e-3", "--out-dir", str(tmp_path)]
-    assert residual_ablation.main(common + ["--epochs", "1", "--split-layer", "1"]) == 0
-    ablation = json.loads((tmp_path / "residual_mrpc_r8_dropped_s42.json").read_text())
-    motion_args = "--layers 1 --rank 8 --steps 6 --every 6 --factor-lrs 1e-3 1e-2".split()
-    assert factor_motion.main(common + motion_args) == 0
-    same, faster = json.loads((tmp_path / "factor_motion_mrpc.json").read_text())["rows"]
-    assert same["loss"] == pytest.approx(ablation["train_loss_per_epoch"][0], abs=1e-4)
-    for factor in ("u", "Σ", "v"):
-        assert faster[f"{factor} drift"] > 3 * same[f"{factor} drift"] > 0
-        assert 0 < same[f"{factor} steady"] <= 1
-    assert faster["net2 drift"] == pytest.approx(same["net2 drift"], rel=0.5)
-
-    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.0)
-    start = [w.detach().clone()]
-    (w[:2] * torch.tensor([0.5, -4.0])).sum().backward()  # no gradient for the third element
-    opt.step()
-    assert factor_motion.steadiness(opt, [w]) == pytest.approx(1.0, abs=1e-6)
-    assert factor_motion.drift([w], start) == pytest.approx((2 * 0.1**2) ** 0.5 / 14**0.5, rel=1e-4)
-
-
 def test_inversion_attacker_reads_back_what_full_width_sl_sends(glue_dir, tmp_path):
     """bench.inversion on a tiny random model, the attacker trained on the very sentences it decodes
     (an upper bound): full-width SL at layer 0 is read back far beyond the most frequent token, so the
