@@ -178,29 +178,3 @@ def reset_peak() -> None:
     """Restart this process's VmHWM from its resident size now (Linux >= 4.0; kept where refused)."""
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def mrpc_paraphrases(out_dir: str, dev_rows: int = 200, glue_dir: str = GLUE_DIR) -> Dict[str, int]:
-    """MRPC's paraphrase pairs (label 1) as causal-LM rows, {"prompt": "Paraphrase: <s1>\\n",
-    "completion": "<s2>"}: train.jsonl from train.tsv, dev.jsonl from the first ``dev_rows`` of dev.tsv."""
-    import csv
-
-    counts = {}
-    for split, limit in (("train", None), ("dev", dev_rows)):
-        with open(os.path.join(glue_dir, "MRPC", f"{split}.tsv"), encoding="utf-8-sig") as f:
-            rows = [
-                r for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r["Quality"] == "1"
-            ]
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as out:
-            for r in rows[:limit]:
-                row = {"prompt": f"Paraphrase: {r['#1 String']}\n", "completion": r["#2 String"]}
-                out.write(json.dumps(row) + "\n")
-        counts[split] = len(rows[:limit])
-    return counts
-
-
-if __name__ == "__main__":  # python -m bench.common --mrpc-paraphrases DIR
-    parser = argparse.ArgumentParser(description="MRPC paraphrase pairs as prompt/completion JSONL")
-    parser.add_argument("--mrpc-paraphrases", metavar="DIR", required=True)
-    print(json.dumps(mrpc_paraphrases(parser.parse_args().mrpc_paraphrases)))

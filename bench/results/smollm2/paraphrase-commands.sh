@@ -3,6 +3,7 @@
 # from the repository root on the 2-core CPU (2026-11-26) beside other benchmarks at nice 12.
 export OMP_NUM_THREADS=1
 python -m bench.common --mrpc-paraphrases /tmp/smolmrpc   # {"train": 2473, "dev": 200}
+# (bench.common.mrpc_paraphrases is retired: git show bdaffb8:bench/common.py)
 COMMON="--problem causal-lm --train-file /tmp/smolmrpc/train.jsonl --dev-file /tmp/smolmrpc/dev.jsonl \
   --model smollm2-135m-instruct --peft lora --max-steps 80 --batch-size 8 --max-seq-len 96 --lr 5e-4 --seed 42 --no-progress"
 
