@@ -70,8 +70,14 @@ FRONTIER_LAYERS = (0, 2, 4, 5)
 # The frontier's prune stage at each split layer: 16 bytes per token three ways (the paper's R=8 in
 # fp16; int8 and packed int4 buy rank 12 and 24 for the same bytes), int4 with --factor-lr, 8 bytes
 # per token, and rank 64 in int4 (36 bytes) for the top of the curve.
-FRONTIER = ("sft-r8-l{L}-fp16", "sft-r12-l{L}-int8", "sft-r24-l{L}-int4", "sft-r24-l{L}-flr2e-4-int4",
-            "sft-r8-l{L}-int4", "sft-r64-l{L}-int4")  # fmt: skip
+FRONTIER = (
+    "sft-r8-l{L}-fp16",
+    "sft-r12-l{L}-int8",
+    "sft-r24-l{L}-int4",
+    "sft-r24-l{L}-flr2e-4-int4",
+    "sft-r8-l{L}-int4",
+    "sft-r64-l{L}-int4",
+)
 CONFIG_ORDER = list(CONFIGS)
 RECIPE = {
     "lr": "2e-05",
@@ -215,10 +221,20 @@ def execute(
     report = read_json(report_path)
     # The command as a user would type it, with placeholders for the port and the report.
     typed = edge_command(run, data_dir, model, None if port is None else "$PORT", "REPORT.json")
-    record = {"name": run.name, "task": run.task, "config": run.config, "seed": run.seed, "budget": run.budget,
-              "command": " ".join(["sft-edge", *typed[3:]]), "wall_seconds": round(wall, 1),
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nice": nice, "threads": threads,
-              "git_head": _git_head(), "report": report}  # fmt: skip
+    record = {
+        "name": run.name,
+        "task": run.task,
+        "config": run.config,
+        "seed": run.seed,
+        "budget": run.budget,
+        "command": " ".join(["sft-edge", *typed[3:]]),
+        "wall_seconds": round(wall, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "nice": nice,
+        "threads": threads,
+        "git_head": _git_head(),
+        "report": report,
+    }
     write_json(os.path.join(results, run.name + ".json"), record)
     return record
 
@@ -227,7 +243,9 @@ def _git_head() -> str:
     """The commit the run used, with "+dirty" when the product code had uncommitted edits."""
     try:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "sft_common", "sft_edge", "sft_cloud"], cwd=ROOT)  # fmt: skip
+        dirty = subprocess.call(
+            ["git", "diff", "--quiet", "HEAD", "--", "sft_common", "sft_edge", "sft_cloud"], cwd=ROOT
+        )
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -358,14 +376,20 @@ def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Di
             r["seed"]
         ] = d
     columns = sorted({c for v in deltas.values() for c in v})
-    lines = ["| split layer | config | bytes/token | " + " | ".join(f"Δ {c} (n)" for c in columns) + " | mean Δ |",
-             "|---|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
+    lines = [
+        "| split layer | config | bytes/token | " + " | ".join(f"Δ {c} (n)" for c in columns) + " | mean Δ |",
+        "|---|---|---|" + "---|" * (len(columns) + 1),
+    ]
     mean = {k: statistics.mean(statistics.mean(v.values()) for v in by.values()) for k, by in deltas.items()}
     for (layer, cfg), by in sorted(
         deltas.items(), key=lambda kv: (kv[0][0], bytes_per_token(kv[0][1]) or 0, kv[0][1])
     ):
         cells = [f"{statistics.mean(by[c].values()):+.2f} ({len(by[c])})" if c in by else "" for c in columns]
-        lines.append(f"| {layer} | {cfg} | {bytes_per_token(cfg) or 0:g} | " + " | ".join(cells) + f" | {mean[layer, cfg]:+.2f} |")  # fmt: skip
+        lines.append(
+            f"| {layer} | {cfg} | {bytes_per_token(cfg) or 0:g} | "
+            + " | ".join(cells)
+            + f" | {mean[layer, cfg]:+.2f} |"
+        )
     chosen = []
     for layer in sorted({layer for layer, _ in deltas}):
         cheap = {
@@ -378,11 +402,22 @@ def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Di
         if not eligible:
             continue
         shared = {t: set.intersection(*(set(by[t]) for by in eligible.values())) for t in tasks}
-        score = {c: statistics.mean(statistics.mean(by[t][s] for s in shared[t]) for t in tasks) for c, by in eligible.items()}  # fmt: skip
+        score = {
+            c: statistics.mean(statistics.mean(by[t][s] for s in shared[t]) for t in tasks)
+            for c, by in eligible.items()
+        }
         cfg = max(sorted(eligible), key=score.__getitem__)
-        chosen.append({"split_layer": layer, "config": cfg, "flags": Run("sst2", cfg, 0).mode_flags(),
-                       "bytes_per_token": bytes_per_token(cfg), "mean_delta_vs_local": round(mean[layer, cfg], 2),
-                       "tasks": sorted(tasks), "seeds": {t: sorted(eligible[cfg][t]) for t in sorted(tasks)}})  # fmt: skip
+        chosen.append(
+            {
+                "split_layer": layer,
+                "config": cfg,
+                "flags": Run("sst2", cfg, 0).mode_flags(),
+                "bytes_per_token": bytes_per_token(cfg),
+                "mean_delta_vs_local": round(mean[layer, cfg], 2),
+                "tasks": sorted(tasks),
+                "seeds": {t: sorted(eligible[cfg][t]) for t in sorted(tasks)},
+            }
+        )
     return "\n".join(lines) + "\n", chosen
 
 
@@ -424,9 +459,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", choices=["cpu", "quick", "full", "frontier"], default="quick")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 42 43 44)")
-    p.add_argument("--confirm", type=int, nargs="+", metavar="SEED",
-                   help="instead of the plan, the frontier's confirmation: each layer's best point so far "
-                   "(best.json) and --local at these seeds, on the tasks and budgets it was chosen on")  # fmt: skip
+    p.add_argument(
+        "--confirm",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="instead of the plan, the frontier's confirmation: each layer's best point so far "
+        "(best.json) and --local at these seeds, on the tasks and budgets it was chosen on",
+    )
     p.add_argument(
         "--sst2-steps",
         type=int,

@@ -142,9 +142,11 @@ def niced(nice: int) -> List[str]:
 
 @contextlib.contextmanager
 def daemon(
-    extra: Sequence[str] = (), host: str = "127.0.0.1", prefix: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
     env: Optional[Dict[str, str]] = None,
-) -> Iterator[Tuple[subprocess.Popen, int]]:  # fmt: skip
+) -> Iterator[Tuple[subprocess.Popen, int]]:
     """`sft-cloud serve --insecure` as its own process on a free port for the block: (process, port).
     ``prefix`` wraps the command (``ip netns exec NAME``, ``niced(19)``). Stopped however the block ends;
     what it printed is then in the process's ``output`` attribute."""

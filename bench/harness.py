@@ -26,9 +26,14 @@ from sft_edge.sessions.two_part import EdgeSession
 
 
 def batches(
-    base: BaseModel, kind: str, n: int, batch_size: int = 32, seq: int = 128, seed: int = 42,
+    base: BaseModel,
+    kind: str,
+    n: int,
+    batch_size: int = 32,
+    seq: int = 128,
+    seed: int = 42,
     data_dir: str = GLUE_DIR,
-) -> List[Batch]:  # fmt: skip
+) -> List[Batch]:
     """``n`` training batches: ``fixed`` (random ids, all ``seq`` long) or ``sst2`` (real data)."""
     if kind == "fixed":
         g = torch.Generator().manual_seed(seed)
@@ -111,9 +116,15 @@ def grpc_server(base: BaseModel, device: str = "cpu") -> Iterator[Tuple[str, Cal
 
 
 def split_session(
-    base: BaseModel, spec: SplitSpec, transport: Transport, steps: int = 100, batch_size: int = 32,
-    seq: int = 128, link: Optional[LinkOptions] = None, device: str = "cpu",
-) -> EdgeSession:  # fmt: skip
+    base: BaseModel,
+    spec: SplitSpec,
+    transport: Transport,
+    steps: int = 100,
+    batch_size: int = 32,
+    seq: int = 128,
+    link: Optional[LinkOptions] = None,
+    device: str = "cpu",
+) -> EdgeSession:
     """The product's edge session (lr 2e-5, seed 42, SST-2's two labels) over ``transport``."""
     optim = OptimConfig(lr=2e-5, total_steps=steps, seed=42)
     return EdgeSession(

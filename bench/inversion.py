@@ -66,8 +66,14 @@ class Decoder(nn.Module):
         super().__init__()
         self.mean, self.std = acts.mean(0), acts.std(0) + 1e-6
         self.emb = emb.detach() / emb.norm(dim=1).mean().item()
-        self.net = nn.Sequential(nn.Linear(acts.shape[1], hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.LayerNorm(hidden), nn.Linear(hidden, emb.shape[1]))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Linear(acts.shape[1], hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.LayerNorm(hidden),
+            nn.Linear(hidden, emb.shape[1]),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
@@ -109,15 +115,23 @@ def run(args: argparse.Namespace) -> Dict:
     torch.set_num_threads(1)  # two threads stall on a loaded 2-core machine (docs/benchmarks.md)
     base = load_base_model(args.model)
     tok = AutoTokenizer.from_pretrained(base.tokenizer_dir)
-    public, private = (encode(sentences(src, args.data_dir, n, args.seed), tok, args.seq)
-                       for src, n in zip((args.public, [args.private]), args.sentences))  # fmt: skip
-    data = Encoded(public.input_ids + private.input_ids, public.token_type_ids + private.token_type_ids,
-                   public.labels + private.labels)  # fmt: skip
+    public, private = (
+        encode(sentences(src, args.data_dir, n, args.seed), tok, args.seq)
+        for src, n in zip((args.public, [args.private]), args.sentences)
+    )
+    data = Encoded(
+        public.input_ids + private.input_ids,
+        public.token_type_ids + private.token_type_ids,
+        public.labels + private.labels,
+    )
     special, specials = torch.tensor(sorted(tok.all_special_ids)), set(tok.all_special_ids)
     top = Counter(t for ids in public.input_ids for t in ids if t not in specials).most_common(1)[0][0]
     scored = [[t for t in ids if t not in specials] for ids in private.input_ids]
-    baseline = {"token": tok.convert_ids_to_tokens(top), "token_recovery": sum(s.count(top) for s in scored)
-                / sum(map(len, scored)), "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored)}  # fmt: skip
+    baseline = {
+        "token": tok.convert_ids_to_tokens(top),
+        "token_recovery": sum(s.count(top) for s in scored) / sum(map(len, scored)),
+        "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored),
+    }
     n = base.num_hidden_layers
     variant = variant_names(args)  # SFT rows only: SL is the same
     calibration = calibration_batches(args, tok) if args.svd_init != PLAIN else []
@@ -136,13 +150,27 @@ def run(args: argparse.Namespace) -> Dict:
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
             acts = cut_activations(edge.eval(), data)
             tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
-            rows.append({"mode": f"SFT R={rank}{suffix}" if rank else "SL", "layer": layer, "width": acts[0].shape[1],
-                         "tokens": round(tokens, 4), "sentences": round(whole, 4),
-                         "cpu_s": round(time.process_time() - t0, 1)})  # fmt: skip
+            rows.append(
+                {
+                    "mode": f"SFT R={rank}{suffix}" if rank else "SL",
+                    "layer": layer,
+                    "width": acts[0].shape[1],
+                    "tokens": round(tokens, 4),
+                    "sentences": round(whole, 4),
+                    "cpu_s": round(time.process_time() - t0, 1),
+                }
+            )
             print(rows[-1], file=sys.stderr, flush=True)
     labels = [] if variant else label_leakage(base, private, args.seq)
-    return {"model": args.model, "public": len(public), "private": len(private), "baseline": baseline,
-            "rows": rows, "labels": labels, "args": vars(args)}  # fmt: skip
+    return {
+        "model": args.model,
+        "public": len(public),
+        "private": len(private),
+        "baseline": baseline,
+        "rows": rows,
+        "labels": labels,
+        "args": vars(args),
+    }
 
 
 def variant_names(args: argparse.Namespace) -> List[str]:
@@ -174,9 +202,15 @@ def label_leakage(base, private: Encoded, seq: int) -> List[Dict]:
     g, labels = torch.stack(grads), torch.tensor(y)
     right = float(((g @ torch.linalg.svd(g, full_matrices=False).Vh[0] > 0).long() == labels).float().mean())
     two = float((torch.tensor(sent) == labels).float().mean())
-    return [{"split": "two-part", "label_ids_sent": two, "labels_recovered": two, "how": "TrainStep.labels"},
-            {"split": "U-shape (--label-private)", "label_ids_sent": 0.0, "labels_recovered": max(right, 1 - right),
-             "how": "sign of the gradient up on its top singular vector, up to one bit (which side is which)"}]  # fmt: skip
+    return [
+        {"split": "two-part", "label_ids_sent": two, "labels_recovered": two, "how": "TrainStep.labels"},
+        {
+            "split": "U-shape (--label-private)",
+            "label_ids_sent": 0.0,
+            "labels_recovered": max(right, 1 - right),
+            "how": "sign of the gradient up on its top singular vector, up to one bit (which side is which)",
+        },
+    ]
 
 
 def main(argv=None) -> int:

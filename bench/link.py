@@ -42,10 +42,21 @@ CLOUD_IP, EDGE_IP = "192.0.2.1", "192.0.2.2"  # TEST-NET-1 (RFC 5737): routes no
 EXEC_CLOUD, EXEC_EDGE = ["ip", "netns", "exec", CLOUD_NS], ["ip", "netns", "exec", EDGE_NS]
 METRICS_PORT = 9100  # the daemon's /metrics, in its own namespace
 DEFAULTS = {
-    "link": {"rates": [1000, 100, 10], "configs": ["local", "sl", "sft"], "micro": [1], "depths": [1], "steps": 10},
-    "overlap": {"rates": [100, 10], "configs": ["sl:5", "sft:5", "sft:2"], "micro": [1, 2, 4], "depths": [1, 2],
-                "steps": 6},
-}  # fmt: skip
+    "link": {
+        "rates": [1000, 100, 10],
+        "configs": ["local", "sl", "sft"],
+        "micro": [1],
+        "depths": [1],
+        "steps": 10,
+    },
+    "overlap": {
+        "rates": [100, 10],
+        "configs": ["sl:5", "sft:5", "sft:2"],
+        "micro": [1, 2, 4],
+        "depths": [1, 2],
+        "steps": 6,
+    },
+}
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -143,8 +154,15 @@ def edge(args: argparse.Namespace) -> List[Dict]:
     rows = []
     if "local" in args.configs:
         times = time_steps(local_session(base, n), data, args.warmup)
-        rows.append({"config": "local", "mode": "local", "rate_mbit": "-", "step_s": median(times),
-                     "all_step_s": times})  # fmt: skip
+        rows.append(
+            {
+                "config": "local",
+                "mode": "local",
+                "rate_mbit": "-",
+                "step_s": median(times),
+                "all_step_s": times,
+            }
+        )
     host, port = args.cloud.rsplit(":", 1)
     for rate in args.rates:
         shape(rate)
@@ -165,15 +183,29 @@ def edge(args: argparse.Namespace) -> List[Dict]:
                 msg_bytes = transport.bytes_sent + transport.bytes_received - bytes0
                 wait = sum(transport.waits[-args.steps * micro :]) / args.steps
                 session.close()
-                row = {"config": config, "mode": mode, "split_layer": spec.split_layer, "rate_mbit": rate,
-                       "micro": micro, "depth": depth, "step_s": median(times), "all_step_s": times,
-                       "edge_wait_s": wait, "edge_busy_s": median(times) - wait, "rtt_s": rtt,
-                       "cloud_s": (cloud1 - cloud0) / args.steps, "tokens_per_step": tokens,
-                       "msg_bytes_per_step": msg_bytes / args.steps,
-                       **{f"if_{k}_per_step": (if1[k] - if0[k]) / args.steps for k in if1}}  # fmt: skip
+                row = {
+                    "config": config,
+                    "mode": mode,
+                    "split_layer": spec.split_layer,
+                    "rate_mbit": rate,
+                    "micro": micro,
+                    "depth": depth,
+                    "step_s": median(times),
+                    "all_step_s": times,
+                    "edge_wait_s": wait,
+                    "edge_busy_s": median(times) - wait,
+                    "rtt_s": rtt,
+                    "cloud_s": (cloud1 - cloud0) / args.steps,
+                    "tokens_per_step": tokens,
+                    "msg_bytes_per_step": msg_bytes / args.steps,
+                    **{f"if_{k}_per_step": (if1[k] - if0[k]) / args.steps for k in if1},
+                }
                 rows.append(row)
-                print(f"  {rate} Mbit/s {config} micro {micro} depth {depth}: {row['step_s']:.3f} s/step",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"  {rate} Mbit/s {config} micro {micro} depth {depth}: {row['step_s']:.3f} s/step",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return rows
 
 
@@ -187,12 +219,23 @@ def link_table(rows: List[Dict]) -> List[Dict]:
         rate_bps = r["rate_mbit"] * 1e6 / 8
         wire_bytes = r["if_tx_bytes_per_step"] + r["if_rx_bytes_per_step"]
         floor = r["edge_busy_s"] + r["cloud_s"] + wire_bytes / rate_bps + r["rtt_s"]
-        out.append({"mode": r["mode"], "rate_mbit": r["rate_mbit"], "step_s": r["step_s"], "floor_s": floor,
-                    "vs_floor": r["step_s"] / floor, "edge_s": r["edge_busy_s"], "cloud_s": r["cloud_s"],
-                    "wire_s": wire_bytes / rate_bps, "rtt_ms": r["rtt_s"] * 1e3,
-                    "msg_bytes_per_step": r["msg_bytes_per_step"], "if_bytes_per_step": wire_bytes,
-                    "if_over_msg": wire_bytes / r["msg_bytes_per_step"],
-                    "vs_local": r["step_s"] / local if local else None})  # fmt: skip
+        out.append(
+            {
+                "mode": r["mode"],
+                "rate_mbit": r["rate_mbit"],
+                "step_s": r["step_s"],
+                "floor_s": floor,
+                "vs_floor": r["step_s"] / floor,
+                "edge_s": r["edge_busy_s"],
+                "cloud_s": r["cloud_s"],
+                "wire_s": wire_bytes / rate_bps,
+                "rtt_ms": r["rtt_s"] * 1e3,
+                "msg_bytes_per_step": r["msg_bytes_per_step"],
+                "if_bytes_per_step": wire_bytes,
+                "if_over_msg": wire_bytes / r["msg_bytes_per_step"],
+                "vs_local": r["step_s"] / local if local else None,
+            }
+        )
     return out
 
 
@@ -228,13 +271,46 @@ def main(argv: Optional[List[str]] = None) -> int:
             base = whole.get((r["rate_mbit"], r["config"]))
             r["speedup"] = base / r["step_s"] if base else None
             r["bytes_per_step"] = r["msg_bytes_per_step"]
-        print(table(rows, ["rate_mbit", "mode", "split_layer", "micro", "depth", "step_s", "speedup", "edge_busy_s",
-                           "edge_wait_s", "bytes_per_step"]))  # fmt: skip
+        print(
+            table(
+                rows,
+                [
+                    "rate_mbit",
+                    "mode",
+                    "split_layer",
+                    "micro",
+                    "depth",
+                    "step_s",
+                    "speedup",
+                    "edge_busy_s",
+                    "edge_wait_s",
+                    "bytes_per_step",
+                ],
+            )
+        )
         payload = {"rows": rows, "args": vars(args), "threads_per_side": 1}
     else:
         link_rows = link_table(rows)
-        print(table(link_rows, ["mode", "rate_mbit", "step_s", "floor_s", "vs_floor", "edge_s", "cloud_s", "wire_s",
-                                "rtt_ms", "msg_bytes_per_step", "if_bytes_per_step", "if_over_msg", "vs_local"]))  # fmt: skip
+        print(
+            table(
+                link_rows,
+                [
+                    "mode",
+                    "rate_mbit",
+                    "step_s",
+                    "floor_s",
+                    "vs_floor",
+                    "edge_s",
+                    "cloud_s",
+                    "wire_s",
+                    "rtt_ms",
+                    "msg_bytes_per_step",
+                    "if_bytes_per_step",
+                    "if_over_msg",
+                    "vs_local",
+                ],
+            )
+        )
         print(f"netem delay available: {netem}")
         payload = {"rows": link_rows, "raw": rows, "netem": netem, "args": vars(args)}
     print(f"wrote {save(args.name or what, payload, args.out_dir)}")

@@ -56,9 +56,15 @@ def batch_for(seed: int, step: int, batch: int, seq: int) -> Batch:
 
 
 def run_edge(
-    address: str, base: BaseModel, seed: int, steps: int, lock: threading.Lock, batch: int = 8, seq: int = 16,
+    address: str,
+    base: BaseModel,
+    seed: int,
+    steps: int,
+    lock: threading.Lock,
+    batch: int = 8,
+    seq: int = 16,
     start: Optional[threading.Barrier] = None,
-) -> Dict:  # fmt: skip
+) -> Dict:
     """One edge session of ``steps`` train steps (tiny SFT split at layer 3, rank 8), then close."""
     if start is not None:
         start.wait()
@@ -71,7 +77,12 @@ def run_edge(
             session.train_step(step, batch_for(seed, step, batch, seq))
         cloud_steps = session.close()
         edge = {k: v.detach().clone() for k, v in session.state_dict().items()}
-    return {"session_id": session.session_id, "edge": edge, "cloud_steps": cloud_steps, "latencies": transport.waits}  # fmt: skip
+    return {
+        "session_id": session.session_id,
+        "edge": edge,
+        "cloud_steps": cloud_steps,
+        "latencies": transport.waits,
+    }
 
 
 def run_many(
@@ -95,7 +106,9 @@ def mismatches(checkpoint_dir: str, solo: List[Dict], together: List[Dict]) -> L
 
     bad = []
     for i, (a, b) in enumerate(zip(solo, together)):
-        ca, cb = (load_file(os.path.join(checkpoint_dir, r["session_id"], "final.safetensors")) for r in (a, b))  # fmt: skip
+        ca, cb = (
+            load_file(os.path.join(checkpoint_dir, r["session_id"], "final.safetensors")) for r in (a, b)
+        )
         same_edge, same_cloud = same(a["edge"], b["edge"]), same(ca, cb)
         if not (same_edge and same_cloud and a["cloud_steps"] == b["cloud_steps"]):
             say = {True: "same", False: "DIFFERS"}
@@ -129,7 +142,12 @@ def load(args: argparse.Namespace) -> Dict:
     base = load_base_model("random:tiny")
     seeds = [1000 + i for i in range(args.sessions)]
     lock = threading.Lock()
-    out: Dict = {"sessions": args.sessions, "steps_per_session": args.steps, "batch": args.batch, "seq": args.seq}  # fmt: skip
+    out: Dict = {
+        "sessions": args.sessions,
+        "steps_per_session": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--device", "cpu", "--checkpoint-dir", tmp, "--max-sessions", str(max(64, args.sessions))]
         with daemon(extra) as (proc, port):
@@ -163,12 +181,15 @@ def load(args: argparse.Namespace) -> Dict:
         "latency_ms": {**ms(lat, 50, 99), "max": round(1000 * max(lat), 2)},
         "solo_latency_ms": ms(solo_lat, 50, 99) if solo_lat else None,
         "daemon": {
-            "rss_mb_before": mb(before["VmRSS"]), "rss_mb_after_solo_runs": mb(after_solo["VmRSS"]),
-            "rss_mb_peak": mb(sampler.peak["VmRSS"]), "rss_mb_after": mb(after["VmRSS"]),
-            "threads_before": before["Threads"], "threads_peak": sampler.peak["Threads"],
+            "rss_mb_before": mb(before["VmRSS"]),
+            "rss_mb_after_solo_runs": mb(after_solo["VmRSS"]),
+            "rss_mb_peak": mb(sampler.peak["VmRSS"]),
+            "rss_mb_after": mb(after["VmRSS"]),
+            "threads_before": before["Threads"],
+            "threads_peak": sampler.peak["Threads"],
             "threads_after": after["Threads"],
         },
-    }  # fmt: skip
+    }
 
 
 # -- reconnects ---------------------------------------------------------------------------------
@@ -177,10 +198,21 @@ def load(args: argparse.Namespace) -> Dict:
 def open_request(base: BaseModel) -> pb.OpenSession:
     """A new tiny SFT session (split layer 3, rank 8) with room for many steps."""
     config = pb.SessionConfig(
-        model=base.name, mode=pb.SFT, split_layer=3, rank=8, num_labels=2, wire_dtype=pb.FLOAT32,
-        lr=1e-3, weight_decay=0.01, warmup_steps=0, total_steps=100_000, seed=1, max_batch_size=8,
-        max_seq_len=64, task="reconnects",
-    )  # fmt: skip
+        model=base.name,
+        mode=pb.SFT,
+        split_layer=3,
+        rank=8,
+        num_labels=2,
+        wire_dtype=pb.FLOAT32,
+        lr=1e-3,
+        weight_decay=0.01,
+        warmup_steps=0,
+        total_steps=100_000,
+        seed=1,
+        max_batch_size=8,
+        max_seq_len=64,
+        task="reconnects",
+    )
     fp = session_fingerprint(base.fingerprint, SplitSpec(split_layer=3, rank=8), 2)
     return pb.OpenSession(config=config, fingerprint=fp)
 
@@ -267,17 +299,29 @@ def reconnects(args: argparse.Namespace) -> Dict:
             if i % args.every == 0:
                 time.sleep(0.5)  # let the daemon finish tearing down the last stream
                 s = proc_status(proc.pid)
-                rows.append({"reconnects": i, "rss_mb": mb(s["VmRSS"]), "threads": s["Threads"],
-                             "steps": r.next_step, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                rows.append(
+                    {
+                        "reconnects": i,
+                        "rss_mb": mb(s["VmRSS"]),
+                        "threads": s["Threads"],
+                        "steps": r.next_step,
+                        "seconds": round(time.perf_counter() - t0, 1),
+                    }
+                )
                 print("  ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
         cloud_steps = r.close()
     print(f"cloud applied {cloud_steps} steps")
     return {
-        "reconnects": args.reconnects, "ways": list(WAYS), "cloud_steps": cloud_steps,
-        "daemon_before_session": {"rss_mb": mb(before["VmRSS"]), "threads": before["Threads"]}, "rows": rows,
-        "rss_mb_growth_after_first_row": round(rows[-1]["rss_mb"] - rows[1]["rss_mb"], 1) if len(rows) > 2 else None,
+        "reconnects": args.reconnects,
+        "ways": list(WAYS),
+        "cloud_steps": cloud_steps,
+        "daemon_before_session": {"rss_mb": mb(before["VmRSS"]), "threads": before["Threads"]},
+        "rows": rows,
+        "rss_mb_growth_after_first_row": round(rows[-1]["rss_mb"] - rows[1]["rss_mb"], 1)
+        if len(rows) > 2
+        else None,
         "threads_spread": max(x["threads"] for x in rows) - min(x["threads"] for x in rows),
-    }  # fmt: skip
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -65,9 +65,13 @@ def child(args: argparse.Namespace) -> Dict:
         times.append(time.perf_counter() - t0)
         mark("rest")
     session.close()
-    return {"run": "local" if args.split_layer is None else f"edge l={args.split_layer}", "idle_mib": idle,
-            "steps": steps, "peak_mib": max(s[p] for s in steps for p in PHASES),
-            "step_s": median(times[args.warmup :] or times)}  # fmt: skip
+    return {
+        "run": "local" if args.split_layer is None else f"edge l={args.split_layer}",
+        "idle_mib": idle,
+        "steps": steps,
+        "peak_mib": max(s[p] for s in steps for p in PHASES),
+        "step_s": median(times[args.warmup :] or times),
+    }
 
 
 def accounting(args: argparse.Namespace) -> Dict:
@@ -91,13 +95,23 @@ def accounting(args: argparse.Namespace) -> Dict:
 def rss_row(run: Dict, counted: int, local: Optional[Dict] = None, summary: Optional[Dict] = None) -> Dict:
     """A run's peak against its counted bytes (and, for the edge, against local and the moved share)."""
     train = max(run["peak_mib"], run["steps"][0]["built"])
-    row = {"run": "local" if local is None else f"edge ({run['mode']})", "split_layer": run["split_layer"],
-           "peak_mib": run["idle_mib"] + train, "idle_mib": run["idle_mib"], "train_mib": train,
-           "counted_mib": acc.mib(counted), "uncounted_mib": train - acc.mib(counted)}  # fmt: skip
+    row = {
+        "run": "local" if local is None else f"edge ({run['mode']})",
+        "split_layer": run["split_layer"],
+        "peak_mib": run["idle_mib"] + train,
+        "idle_mib": run["idle_mib"],
+        "train_mib": train,
+        "counted_mib": acc.mib(counted),
+        "uncounted_mib": train - acc.mib(counted),
+    }
     if local is not None and summary is not None:
-        row.update(moved_mib=acc.mib(summary["moved_bytes"]), saved_share=1 - train / local["train_mib"],
-                   moved_share=summary["moved_share"], counted_saved_share=summary["edge_saved_share"],
-                   peak_vs_local=row["peak_mib"] / local["peak_mib"])  # fmt: skip
+        row.update(
+            moved_mib=acc.mib(summary["moved_bytes"]),
+            saved_share=1 - train / local["train_mib"],
+            moved_share=summary["moved_share"],
+            counted_saved_share=summary["edge_saved_share"],
+            peak_vs_local=row["peak_mib"] / local["peak_mib"],
+        )
         row["bar_rss"] = "met" if row["saved_share"] >= row["moved_share"] else "missed"
         row["bar_counted"] = "met" if row["counted_saved_share"] >= row["moved_share"] else "missed"
     return row
@@ -117,7 +131,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     def run(layer: Optional[int], cloud: Optional[str] = None) -> Dict:
-        out = run_child("bench.memory", ["--child", json.dumps({**vars(args), "split_layer": layer, "cloud": cloud})])  # fmt: skip
+        out = run_child(
+            "bench.memory", ["--child", json.dumps({**vars(args), "split_layer": layer, "cloud": cloud})]
+        )
         print(f"{out['run']}: peak {out['peak_mib']:.0f} MiB above idle", file=sys.stderr, flush=True)
         return {**out, "mode": args.mode, "split_layer": "-" if layer is None else layer}
 
@@ -137,8 +153,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         for r in runs[1:]:
             s = counted["layers"][r["split_layer"]]["summary"]
             rows.append(rss_row(r, s["edge_bytes"], local, s))
-        print(table(rows, ["run", "split_layer", "peak_mib", "idle_mib", "train_mib", "counted_mib", "uncounted_mib",
-                           "moved_mib", "saved_share", "moved_share", "bar_rss", "counted_saved_share", "bar_counted"]))  # fmt: skip
+        print(
+            table(
+                rows,
+                [
+                    "run",
+                    "split_layer",
+                    "peak_mib",
+                    "idle_mib",
+                    "train_mib",
+                    "counted_mib",
+                    "uncounted_mib",
+                    "moved_mib",
+                    "saved_share",
+                    "moved_share",
+                    "bar_rss",
+                    "counted_saved_share",
+                    "bar_counted",
+                ],
+            )
+        )
         payload = {"rows": rows, "counted": counted}
     name = args.name or ("memory_phases" if args.phases else "memory")
     print(f"wrote {save(name, {**payload, 'malloc_env': malloc, 'args': vars(args)}, args.out_dir)}")

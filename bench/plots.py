@@ -40,8 +40,17 @@ def traffic(plt, data: Dict) -> None:
 def step_time(plt, results: List[Dict]) -> None:
     """Each part of the step (median), per variant, on a log scale: seconds of compute next to
     the milliseconds that the transport adds."""
-    parts = ["total", "edge_compute", "cloud_compute", "transfer", "transfer_and_cloud", "edge_encode",
-             "edge_decode", "cloud_decode", "cloud_encode"]  # fmt: skip
+    parts = [
+        "total",
+        "edge_compute",
+        "cloud_compute",
+        "transfer",
+        "transfer_and_cloud",
+        "edge_encode",
+        "edge_decode",
+        "cloud_decode",
+        "cloud_encode",
+    ]
     _, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, data in zip(axes[0], results):
         rows = data["rows"]
@@ -67,8 +76,20 @@ def link(plt, data: Dict) -> None:
         rows = sorted((r for r in data["rows"] if r["mode"] == mode), key=lambda r: r["rate_mbit"])
         rates = [r["rate_mbit"] for r in rows]
         for a, edge in ((ax, 0), (ax2, 1)):  # the right plot less the edge's compute
-            a.plot(rates, [r["step_s"] - edge * r["edge_s"] for r in rows], "o-", color=f"C{i}", label=f"{mode} measured")  # fmt: skip
-            a.plot(rates, [r["floor_s"] - edge * r["edge_s"] for r in rows], "x--", color=f"C{i}", label=f"{mode} floor")  # fmt: skip
+            a.plot(
+                rates,
+                [r["step_s"] - edge * r["edge_s"] for r in rows],
+                "o-",
+                color=f"C{i}",
+                label=f"{mode} measured",
+            )
+            a.plot(
+                rates,
+                [r["floor_s"] - edge * r["edge_s"] for r in rows],
+                "x--",
+                color=f"C{i}",
+                label=f"{mode} floor",
+            )
     ax.axhline(local, color="k", linestyle=":", label="local (edge alone)")
     for a in (ax, ax2):
         a.set_xscale("log")
@@ -85,16 +106,25 @@ def memory(plt, data: Dict) -> None:
     labels = [r["run"] if r["split_layer"] == "-" else f"edge l={r['split_layer']}" for r in rows]
     ax.bar(labels, [r["idle_mib"] for r in rows], label="before the model (runtime)", color="C7")
     ax.bar(labels, [r["train_mib"] for r in rows], bottom=[r["idle_mib"] for r in rows], label="training")
-    ax.scatter(labels, [r["idle_mib"] + r["counted_mib"] for r in rows], marker="_", s=900, color="k",
-               label="runtime + counted tensors", zorder=3)  # fmt: skip
+    ax.scatter(
+        labels,
+        [r["idle_mib"] + r["counted_mib"] for r in rows],
+        marker="_",
+        s=900,
+        color="k",
+        label="runtime + counted tensors",
+        zorder=3,
+    )
     ax.set_ylabel("peak RSS (MiB)")
     ax.set_ylim(0, 1.3 * max(r["peak_mib"] for r in rows))  # room for the legend
     ax.legend(fontsize=8, loc="upper left")
     edges = [r for r in rows if r["split_layer"] != "-"]
     xs = [str(r["split_layer"]) for r in edges]
-    for key, style, label in (("moved_share", "k--o", "moved to the cloud (counted)"),
-                              ("saved_share", "C1-o", "edge saves (peak RSS)"),
-                              ("counted_saved_share", "C2-s", "edge saves (counted)")):  # fmt: skip
+    for key, style, label in (
+        ("moved_share", "k--o", "moved to the cloud (counted)"),
+        ("saved_share", "C1-o", "edge saves (peak RSS)"),
+        ("counted_saved_share", "C2-s", "edge saves (counted)"),
+    ):
         ax2.plot(xs, [100 * r[key] for r in edges], style, label=label)
     ax2.set_xlabel("split layer l")
     ax2.set_ylabel("% of local training memory")
@@ -132,10 +162,12 @@ def main() -> int:
     made = []
     steps = [d for d in (_load(args.results, "step_time_sft"), _load(args.results, "step_time_sl")) if d]
     plots: List[Tuple[str, Callable[..., None], Any]] = [
-        ("traffic.png", traffic, _load(args.results, "traffic")), ("step_time.png", step_time, steps),
-        ("link.png", link, _load(args.results, "link")), ("overlap.png", overlap, _load(args.results, "overlap")),
+        ("traffic.png", traffic, _load(args.results, "traffic")),
+        ("step_time.png", step_time, steps),
+        ("link.png", link, _load(args.results, "link")),
+        ("overlap.png", overlap, _load(args.results, "overlap")),
         ("memory.png", memory, _load(args.results, "memory")),
-    ]  # fmt: skip
+    ]
     for png, draw, data in plots:
         if data:
             draw(plt, data)

@@ -27,10 +27,20 @@ def child(args: argparse.Namespace) -> Dict:
     base = load_base_model(args.model)
     layer = args.split_layer if args.split_layer is not None else base.num_hidden_layers - 1
     config = pb.SessionConfig(
-        model=base.name, mode=pb.SFT, split_layer=layer, rank=8, num_labels=2, wire_dtype=pb.FLOAT32,
-        lr=2e-5, total_steps=10, seed=42, max_batch_size=8, max_seq_len=64,
-        lora_rank=8 if args.mode == "lora" else 0, lora_alpha=16.0 if args.mode == "lora" else 0.0,
-    )  # fmt: skip
+        model=base.name,
+        mode=pb.SFT,
+        split_layer=layer,
+        rank=8,
+        num_labels=2,
+        wire_dtype=pb.FLOAT32,
+        lr=2e-5,
+        total_steps=10,
+        seed=42,
+        max_batch_size=8,
+        max_seq_len=64,
+        lora_rank=8 if args.mode == "lora" else 0,
+        lora_alpha=16.0 if args.mode == "lora" else 0.0,
+    )
     shared: Dict = {}
     gc.collect()
     rss = [proc_status()["VmRSS"]]  # KiB, with the base model loaded
@@ -71,12 +81,18 @@ def main() -> int:
         out = run_child("bench.session_memory", [*extra, "--mode", mode])
         rss = out["rss_kib"]
         per = [(b - a) / 1024 for a, b in zip(rss, rss[1:])]
-        rows.append({
-            "mode": mode, "sessions": args.sessions, "net2 params": out["net2_params"],
-            "trainable": out["trainable_params"], "first session (MiB)": per[0],
-            "each later (MiB, mean)": sum(per[1:]) / max(1, len(per) - 1),
-            "later / base model": sum(per[1:]) / max(1, len(per) - 1) / base_mib, "rss_kib": rss,
-        })  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "sessions": args.sessions,
+                "net2 params": out["net2_params"],
+                "trainable": out["trainable_params"],
+                "first session (MiB)": per[0],
+                "each later (MiB, mean)": sum(per[1:]) / max(1, len(per) - 1),
+                "later / base model": sum(per[1:]) / max(1, len(per) - 1) / base_mib,
+                "rss_kib": rss,
+            }
+        )
     print(f"{args.model}: base model {base_mib:.0f} MiB (float32); RSS of one daemon process per mode")
     print(table(rows, [k for k in rows[0] if k != "rss_kib"]))
     print("wrote", save(args.name, {"base_mib": base_mib, "rows": rows, "args": vars(args)}, args.out_dir))

@@ -80,9 +80,20 @@ def sizes(messages: List[Any], wire: str, compression: str) -> Tuple[int, int]:
     return out[0], out[1]
 
 
-def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer: Optional[int], seq: int,
-            batch_size: int, wires: List[str], compressions: List[str], full_step: bool = False,
-            cls_only: bool = False, label_private: bool = False) -> List[Dict]:  # fmt: skip
+def measure(
+    model: str,
+    kind: str,
+    ranks: List[int],
+    n_batches: int,
+    split_layer: Optional[int],
+    seq: int,
+    batch_size: int,
+    wires: List[str],
+    compressions: List[str],
+    full_step: bool = False,
+    cls_only: bool = False,
+    label_private: bool = False,
+) -> List[Dict]:
     base = load_base_model(model)
     layer = base.config.num_hidden_layers - 1 if split_layer is None else split_layer
     if label_private:  # the U's first cut (default 0) and one tail layer; both cuts cross each way
@@ -110,14 +121,24 @@ def measure(model: str, kind: str, ranks: List[int], n_batches: int, split_layer
                     acc[(wire, comp)] = [a + b for a, b in zip(prev, sizes(msgs, wire, comp))]
         for (wire, comp), (s, r) in acc.items():
             n = len(data)
-            rows.append({
-                "model": model, "shape": "U" if label_private else "two-part", "batches": kind,
-                "split_layer": layer, "mode": mode, "cls_only": cls_only,
-                "rank": rank if mode == "sft" else None, "wire": wire, "compression": comp,
-                "tokens_per_step": tokens / n, "sent_per_step": s / n, "received_per_step": r / n,
-                "total_per_step": (s + r) / n,
-                "analytic_per_direction": (1 + label_private) * tokens / n * width * ITEMSIZE[wire],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "shape": "U" if label_private else "two-part",
+                    "batches": kind,
+                    "split_layer": layer,
+                    "mode": mode,
+                    "cls_only": cls_only,
+                    "rank": rank if mode == "sft" else None,
+                    "wire": wire,
+                    "compression": comp,
+                    "tokens_per_step": tokens / n,
+                    "sent_per_step": s / n,
+                    "received_per_step": r / n,
+                    "total_per_step": (s + r) / n,
+                    "analytic_per_direction": (1 + label_private) * tokens / n * width * ITEMSIZE[wire],
+                }
+            )
         print(f"  {model} {kind} {mode} R={rank}: {len(data)} step(s) measured", file=sys.stderr, flush=True)
     # Ratios against plain split learning on the same batches.
     sl = {(r["wire"], r["compression"]): r["total_per_step"] for r in rows if r["mode"] == "sl"}
@@ -154,10 +175,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         for kind in args.kinds:
             n = args.batches if kind == "fixed" else args.sst2_batches
             for u in [False, True][: 1 + args.label_private]:
-                rows += measure(model, kind, args.ranks, n, args.split_layer, args.seq, args.batch_size,
-                                args.wires, args.compressions, args.full_step, args.cls_only, u)  # fmt: skip
-    cols = ["model", "shape", "batches", "mode", "rank", "wire", "compression", "tokens_per_step", "sent_per_step",
-            "received_per_step", "analytic_per_direction", "vs_sl_fp32", "vs_sl_same_wire", "analytic_vs_sl"]  # fmt: skip
+                rows += measure(
+                    model,
+                    kind,
+                    args.ranks,
+                    n,
+                    args.split_layer,
+                    args.seq,
+                    args.batch_size,
+                    args.wires,
+                    args.compressions,
+                    args.full_step,
+                    args.cls_only,
+                    u,
+                )
+    cols = [
+        "model",
+        "shape",
+        "batches",
+        "mode",
+        "rank",
+        "wire",
+        "compression",
+        "tokens_per_step",
+        "sent_per_step",
+        "received_per_step",
+        "analytic_per_direction",
+        "vs_sl_fp32",
+        "vs_sl_same_wire",
+        "analytic_vs_sl",
+    ]
     print(table(rows, cols))
     print(f"wrote {save(args.name, {'rows': rows, 'args': vars(args)}, args.out_dir)}")
     return 0
