@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from sft_cloud.daemon import launch
 
@@ -91,8 +91,10 @@ def save(name: str, payload: Dict, out_dir: Optional[str] = None) -> str:
     return path
 
 
-def table(rows: Sequence[Dict], columns: Sequence[str]) -> str:
-    """A GitHub-flavoured markdown table of ``rows`` (dicts) in ``columns`` order."""
+def table(rows: Sequence[Dict], columns: Union[str, Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (dicts) in ``columns`` order (a list, or one
+    string of names separated by spaces)."""
+    columns = columns.split() if isinstance(columns, str) else columns
 
     def cell(v: object) -> str:
         if isinstance(v, float):
@@ -123,7 +125,12 @@ def add_workload_args(
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--warmup", type=int, default=warmup, help="steps run first and not timed")
-    p.add_argument("--name", help="results/<name>.json (default: the benchmark's own)")
+    add_output_args(p)
+
+
+def add_output_args(p: argparse.ArgumentParser, name: Optional[str] = None) -> None:
+    """``--name`` (results/<name>.json) and ``--out-dir`` (instead of bench/results)."""
+    p.add_argument("--name", default=name, help="results/<name>.json (default: the benchmark's own)")
     p.add_argument("--out-dir", help="write the results here instead of bench/results")
 
 

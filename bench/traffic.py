@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from bench.common import save, table
+from bench.common import add_output_args, save, table
 from bench.harness import batches, inproc, record, split_session
 from sft_common.models.base_model import load_base_model
 from sft_common.proto import sft_pb2 as pb
@@ -81,26 +81,18 @@ def sizes(messages: List[Any], wire: str, compression: str) -> Tuple[int, int]:
 
 
 def measure(
-    model: str,
-    kind: str,
-    ranks: List[int],
-    n_batches: int,
-    split_layer: Optional[int],
-    seq: int,
-    batch_size: int,
-    wires: List[str],
-    compressions: List[str],
-    full_step: bool = False,
-    cls_only: bool = False,
-    label_private: bool = False,
+    args: argparse.Namespace, model: str, kind: str, n_batches: int, label_private: bool
 ) -> List[Dict]:
+    """Bytes per step of SL and of SFT at each of ``args.ranks``, re-encoded in every wire dtype and
+    compression of ``args``, on ``n_batches`` batches of ``kind``."""
+    split_layer, seq, cls_only = args.split_layer, args.seq, args.cls_only
     base = load_base_model(model)
     layer = base.config.num_hidden_layers - 1 if split_layer is None else split_layer
     if label_private:  # the U's first cut (default 0) and one tail layer; both cuts cross each way
         layer = split_layer or 0
     hidden = base.config.hidden_size
-    data = batches(base, kind, n_batches, batch_size=batch_size, seq=seq)
-    configs = [("sl", hidden)] + [("sft", r) for r in ranks]
+    data = batches(base, kind, n_batches, batch_size=args.batch_size, seq=seq)
+    configs = [("sl", hidden)] + [("sft", r) for r in args.ranks]
     rows: List[Dict] = []
     for mode, rank in configs:
         spec = SplitSpec(split_layer=layer, rank=rank, mode=mode)
@@ -111,12 +103,12 @@ def measure(
             if label_private:
                 msgs, sent, recv = capture_u_step(base, UShapeSpec(layer, rank, 1, mode), batch, seq)
             else:
-                step, reply, sent, recv = capture_step(base, spec, batch, seq, full_step, cls_only)
+                step, reply, sent, recv = capture_step(base, spec, batch, seq, args.full_step, cls_only)
                 msgs = [pb.EdgeMessage(train=step), pb.CloudMessage(train=reply)]
             assert (sent, recv) == sizes(msgs, "fp32", "none"), "re-encoded sizes differ from counted"
             tokens += sum(getattr(msgs[0], msgs[0].WhichOneof("kind")).lengths)  # rows: real tokens or CLS
-            for wire in wires:
-                for comp in compressions:
+            for wire in args.wires:
+                for comp in args.compressions:
                     prev = acc.get((wire, comp), [0, 0])
                     acc[(wire, comp)] = [a + b for a, b in zip(prev, sizes(msgs, wire, comp))]
         for (wire, comp), (s, r) in acc.items():
@@ -164,8 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--full-step", action="store_true", help="run the edge's backward pass too (slower)")
     p.add_argument("--cls-only", action="store_true", help="send only the [CLS] rows (cut at the last layer)")
     p.add_argument("--label-private", action="store_true", help="the U-shaped split too (full steps, slower)")
-    p.add_argument("--name", default="traffic")
-    p.add_argument("--out-dir")
+    add_output_args(p, "traffic")
     args = p.parse_args(argv)
     if args.label_private and args.cls_only:
         p.error("--cls-only is for the two-part split; the U sends every token")
@@ -175,36 +166,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for kind in args.kinds:
             n = args.batches if kind == "fixed" else args.sst2_batches
             for u in [False, True][: 1 + args.label_private]:
-                rows += measure(
-                    model,
-                    kind,
-                    args.ranks,
-                    n,
-                    args.split_layer,
-                    args.seq,
-                    args.batch_size,
-                    args.wires,
-                    args.compressions,
-                    args.full_step,
-                    args.cls_only,
-                    u,
-                )
-    cols = [
-        "model",
-        "shape",
-        "batches",
-        "mode",
-        "rank",
-        "wire",
-        "compression",
-        "tokens_per_step",
-        "sent_per_step",
-        "received_per_step",
-        "analytic_per_direction",
-        "vs_sl_fp32",
-        "vs_sl_same_wire",
-        "analytic_vs_sl",
-    ]
+                rows += measure(args, model, kind, n, u)
+    cols = "model shape batches mode rank wire compression tokens_per_step sent_per_step received_per_step"
+    cols += " analytic_per_direction vs_sl_fp32 vs_sl_same_wire analytic_vs_sl"
     print(table(rows, cols))
     print(f"wrote {save(args.name, {'rows': rows, 'args': vars(args)}, args.out_dir)}")
     return 0

@@ -20,7 +20,9 @@ sys.path.insert(0, str(ROOT))
 def test_traffic_sizes_are_what_the_transport_counts():
     from bench import traffic
 
-    rows = traffic.measure("random:tiny", "fixed", [4], 1, None, 16, 4, ["fp32", "fp16"], ["none", "lz4"])
+    args = argparse.Namespace(ranks=[4], split_layer=None, seq=16, batch_size=4, wires=["fp32", "fp16"],
+                              compressions=["none", "lz4"], full_step=False, cls_only=False)  # fmt: skip
+    rows = traffic.measure(args, "random:tiny", "fixed", 1, False)
     by = {(r["mode"], r["rank"], r["wire"], r["compression"]): r for r in rows}
     sft = by[("sft", 4, "fp32", "none")]
     # 4 x 16 tokens x 4 wide x 4 bytes, plus a few dozen bytes of fields and framing.
