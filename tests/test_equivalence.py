@@ -56,12 +56,20 @@ def test_grpc_split_training_equals_one_process(live_server, tiny_base, mode):
     assert backend.close() == STEPS
 
 
-@pytest.mark.parametrize("wire", ["fp16", "bf16", "int8", "int4"])
-def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
-    """fp16 / bf16 / int8 / int4 on the wire: the same run, within the narrow types' rounding.
+# Max |loss difference| from one-process fp32 training over these 6 steps, measured (CPU, torch
+# 2.13, random:tiny, issue 29): each tolerance is about 5x its own dtype's error, so a regression
+# in one dtype fails even where it stays under a coarser dtype's error.
+WIRE_LOSS_TOLERANCE = {
+    "fp16": 5e-6,  # measured 9.5e-7 (fp16 keeps 11 bits, scaled per tensor into its range)
+    "bf16": 1e-4,  # measured 1.7e-5 (8 bits of mantissa)
+    "int8": 1e-4,  # measured 2.3e-5 (a row's step is amax / 127)
+    "int4": 3e-3,  # measured 6.5e-4 (a row's step is amax / 7: 18x int8's)
+}
 
-    Measured (CPU, torch 2.13, these 6 steps): max |loss difference| 1e-6 (fp16), 1.7e-5 (bf16),
-    2.3e-5 (int8), 6.5e-4 (int4, whose step is 127/7 = 18x int8's): 2e-2 leaves 30x for int4."""
+
+@pytest.mark.parametrize("wire", list(WIRE_LOSS_TOLERANCE))
+def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
+    """fp16 / bf16 / int8 / int4 on the wire: the same run, within that type's own rounding."""
     address, registry = live_server
     spec = SplitSpec(split_layer=2, rank=8)
     backend = EdgeSession(
@@ -76,7 +84,10 @@ def test_narrow_wire_dtypes_stay_close(live_server, tiny_base, wire):
     )
     losses = [backend.train_step(k, b) for k, b in enumerate(_batches())]
     _, _, ref_losses = _train_in_one_process(tiny_base, spec)
-    assert losses == pytest.approx(ref_losses, abs=2e-2)
+    error = max(abs(a - b) for a, b in zip(losses, ref_losses))
+    print(f"{wire}: max |loss difference| {error:.2g}")  # pytest -s shows it
+    assert error > 0  # the narrow type was used: fp32 on the wire gives exactly 0 here
+    assert error <= WIRE_LOSS_TOLERANCE[wire], (wire, error)
     backend.close()
 
 
