@@ -5,18 +5,15 @@ product's edge half (``build_split_model``, eval mode) on public sentences and t
 each token's cut activation to a vector scored against the model's word embeddings: it decodes over
 the whole vocabulary. Scored on the device's sentences, over real tokens other than special ones
 ([CLS], [SEP]): top-1 token recovery, and sentences recovered whole. Then the labels (``label_leakage``).
-With ``--factorise ffn-input`` or ``--svd-init activation-aware`` (or ``residual-aware``) it attacks
-that cut instead (SFT rows only; SL is the same). The calibrated edge is calibrated on the device's own
-training sentences, as ``sft-edge train`` does; the cloud knows the activation-aware one exactly all the
-same (uᵀ = Σ_R⁻¹ v W; A = Bᵀ). The residual-aware u also depends on the device's E[r gᵀ], which the
-cloud is not sent: the attacker is handed the device's edge all the same (an upper bound).
+With ``--factorise ffn-input`` it attacks that cut instead (SFT rows only; SL is the same). The
+``--svd-init`` rows of docs/privacy.md ran at db9e8e2 and 6661108; that option is retired from this
+script (``git show 51eb003:bench/inversion.py`` has it).
 Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections import Counter
@@ -26,16 +23,15 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from bench.common import GLUE_DIR, save, table
+from bench.common import GLUE_DIR, add_output_args, save, table
 from bench.traffic import capture_step, capture_u_step
 from sft_common.models.base_model import load_base_model
-from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, INITS, PLAIN, SplitSpec
+from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, SplitSpec
 from sft_common.topology.two_part import build_split_model
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.wire import codec
 from sft_edge.data.glue import Encoded, Example, collate, encode, load_examples
 from sft_edge.data.tasks import get_task
-from sft_edge.runs.calibrate import calibrated_edge_half
 
 
 def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[Example]:
@@ -133,20 +129,14 @@ def run(args: argparse.Namespace) -> Dict:
         "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored),
     }
     n = base.num_hidden_layers
-    variant = variant_names(args)  # SFT rows only: SL is the same
-    calibration = calibration_batches(args, tok) if args.svd_init != PLAIN else []
-    suffix = "".join(f" {x}" for x in variant)
+    variant = args.factorise != FFN_OUTPUT  # SFT rows only: SL is the same
+    suffix = f" {args.factorise}" if variant else ""
     rows = []
     for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
         for mode, rank in [("sl", 0)] * (not variant) + [("sft", r) for r in args.ranks]:
             t0 = time.process_time()
             spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
-            if rank and args.svd_init != PLAIN:  # the device's net1, calibrated as it does
-                edge = calibrated_edge_half(base, dataclasses.replace(spec, init=args.svd_init), calibration)[
-                    0
-                ]
-            else:
-                edge = build_split_model(base, spec, 2, args.seed)[0]
+            edge = build_split_model(base, spec, 2, args.seed)[0]
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
             acts = cut_activations(edge.eval(), data)
             tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
@@ -171,21 +161,6 @@ def run(args: argparse.Namespace) -> Dict:
         "labels": labels,
         "args": vars(args),
     }
-
-
-def variant_names(args: argparse.Namespace) -> List[str]:
-    """The non-default cut options attacked (``--factorise``, ``--svd-init``): none for the default cut."""
-    return [x for x in (args.factorise, args.svd_init) if x not in (FFN_OUTPUT, PLAIN)]
-
-
-def calibration_batches(args: argparse.Namespace, tok) -> List:
-    """The device's first ``--calibration-batches`` batches of 32 of its own task's training split
-    (``--private``'s task), shuffled with the seed: what ``sft-edge train`` calibrates on."""
-    task = args.private.partition(":")[0]
-    data = encode(
-        sentences([f"{task}:train"], args.data_dir, 32 * args.calibration_batches, args.seed), tok, 128
-    )
-    return [collate(data, range(k, min(k + 32, len(data)))) for k in range(0, len(data), 32)]
 
 
 def label_leakage(base, private: Encoded, seq: int) -> List[Dict]:
@@ -228,20 +203,16 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64, help="tokens kept of a sentence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--factorise", choices=FACTORISATIONS, default=FFN_OUTPUT, help="the SFT cut attacked")
-    p.add_argument("--svd-init", choices=INITS, default=PLAIN, help="how its factors start")
-    p.add_argument(
-        "--calibration-batches", type=int, default=8, help="a calibrated --svd-init: batches of 32"
-    )
     p.add_argument("--data-dir", default=GLUE_DIR)
-    p.add_argument("--out-dir", help="write the results here instead of bench/results")
+    add_output_args(p)
     args = p.parse_args(argv)
     result = run(args)
-    print(table(result["rows"], ["mode", "layer", "width", "tokens", "sentences", "cpu_s"]))
+    print(table(result["rows"], "mode layer width tokens sentences cpu_s"))
     print(f"baseline, the most frequent public token everywhere: {result['baseline']}")
     if result["labels"]:
-        print(table(result["labels"], ["split", "label_ids_sent", "labels_recovered", "how"]))
-    name = "inversion_" + args.model.replace(":", "_").replace("/", "_")
-    name += "".join(f"_{x}" for x in variant_names(args))
+        print(table(result["labels"], "split label_ids_sent labels_recovered how"))
+    cut = f"_{args.factorise}" if args.factorise != FFN_OUTPUT else ""
+    name = args.name or "inversion_" + args.model.replace(":", "_").replace("/", "_") + cut
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
 

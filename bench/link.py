@@ -271,46 +271,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             base = whole.get((r["rate_mbit"], r["config"]))
             r["speedup"] = base / r["step_s"] if base else None
             r["bytes_per_step"] = r["msg_bytes_per_step"]
-        print(
-            table(
-                rows,
-                [
-                    "rate_mbit",
-                    "mode",
-                    "split_layer",
-                    "micro",
-                    "depth",
-                    "step_s",
-                    "speedup",
-                    "edge_busy_s",
-                    "edge_wait_s",
-                    "bytes_per_step",
-                ],
-            )
-        )
+        print(table(rows, "rate_mbit mode split_layer micro depth step_s speedup edge_busy_s edge_wait_s"))
         payload = {"rows": rows, "args": vars(args), "threads_per_side": 1}
     else:
         link_rows = link_table(rows)
-        print(
-            table(
-                link_rows,
-                [
-                    "mode",
-                    "rate_mbit",
-                    "step_s",
-                    "floor_s",
-                    "vs_floor",
-                    "edge_s",
-                    "cloud_s",
-                    "wire_s",
-                    "rtt_ms",
-                    "msg_bytes_per_step",
-                    "if_bytes_per_step",
-                    "if_over_msg",
-                    "vs_local",
-                ],
-            )
-        )
+        columns = "mode rate_mbit step_s floor_s vs_floor edge_s cloud_s wire_s rtt_ms"
+        print(table(link_rows, columns + " msg_bytes_per_step if_bytes_per_step if_over_msg vs_local"))
         print(f"netem delay available: {netem}")
         payload = {"rows": link_rows, "raw": rows, "netem": netem, "args": vars(args)}
     print(f"wrote {save(args.name or what, payload, args.out_dir)}")

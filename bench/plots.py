@@ -40,17 +40,10 @@ def traffic(plt, data: Dict) -> None:
 def step_time(plt, results: List[Dict]) -> None:
     """Each part of the step (median), per variant, on a log scale: seconds of compute next to
     the milliseconds that the transport adds."""
-    parts = [
-        "total",
-        "edge_compute",
-        "cloud_compute",
-        "transfer",
-        "transfer_and_cloud",
-        "edge_encode",
-        "edge_decode",
-        "cloud_decode",
-        "cloud_encode",
-    ]
+    parts = (
+        "total edge_compute cloud_compute transfer transfer_and_cloud edge_encode edge_decode"
+        " cloud_decode cloud_encode"
+    ).split()
     _, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, data in zip(axes[0], results):
         rows = data["rows"]

@@ -24,17 +24,10 @@ from sft_edge.link.transport import Transport
 from sft_edge.runs.config import LinkOptions
 
 VARIANTS = ("inproc", "grpc", "daemon")
-PARTS = [
-    "total",
-    "edge_compute",
-    "edge_encode",
-    "transfer",
-    "cloud_decode",
-    "cloud_compute",
-    "cloud_encode",
-    "edge_decode",
-    "transfer_and_cloud",
-]
+PARTS = (
+    "total edge_compute edge_encode transfer cloud_decode cloud_compute cloud_encode edge_decode"
+    " transfer_and_cloud"
+).split()
 
 
 def run(args: argparse.Namespace) -> List[Dict]:

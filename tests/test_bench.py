@@ -260,44 +260,17 @@ def test_inversion_attacker_reads_back_what_full_width_sl_sends(glue_dir, tmp_pa
     assert u["labels_recovered"] > 0.9  # measured 1.0: the U's gradient up gives them away
 
 
-@pytest.mark.parametrize("init", ["plain", "activation-aware"])
-def test_inversion_of_the_ffn_input_cut_at_full_width_reads_back_like_sl(glue_dir, tmp_path, init):
-    """The FFN-input cut at R = hidden sends the residual stream through an invertible A (plain: the
-    SVD's, activation-aware: the device's principal directions, calibrated on its training batches):
+def test_inversion_of_the_ffn_input_cut_at_full_width_reads_back_like_sl(glue_dir, tmp_path):
+    """The FFN-input cut at R = hidden sends the residual stream through an invertible A (the SVD's):
     the attacker reads it back as it reads SL. Variant runs have SFT rows only and their own file."""
     from bench import inversion
 
     args = ["--model", "random:tiny", "--layers", "0", "--ranks", "32", "--public", "sst2:dev", "--private",
             "sst2:dev", "--sentences", "64", "64", "--epochs", "40", "--lr", "3e-3", "--data-dir", glue_dir,
-            "--out-dir", str(tmp_path), "--factorise", "ffn-input", "--svd-init", init, "--calibration-batches", "2"]  # fmt: skip
+            "--out-dir", str(tmp_path), "--factorise", "ffn-input"]  # fmt: skip
     assert inversion.main(args) == 0
-    name = "inversion_random_tiny_ffn-input" + ("_activation-aware" if init != "plain" else "")
-    result = json.loads((tmp_path / f"{name}.json").read_text())
+    result = json.loads((tmp_path / "inversion_random_tiny_ffn-input.json").read_text())
     (row,) = result["rows"]
-    assert row["mode"] == "SFT R=32 ffn-input" + (" activation-aware" if init != "plain" else "")
+    assert row["mode"] == "SFT R=32 ffn-input"
     assert row["width"] == 32 and result["labels"] == []
     assert row["tokens"] > 0.6 > 6 * result["baseline"]["token_recovery"]  # as SL's 0.84
-
-
-def test_inversion_attacks_the_residual_aware_cut_as_the_device_calibrates_it(
-    glue_dir, tmp_path, monkeypatch
-):
-    """--svd-init residual-aware is attacked through the device's calibrated edge (never a plain one
-    under its name), and its rows and file say so."""
-    from bench import inversion
-
-    calls = []
-    real = inversion.calibrated_edge_half
-
-    def spy(base, spec, batches, *rest):
-        calls.append(spec.init)
-        return real(base, spec, batches, *rest)
-
-    monkeypatch.setattr(inversion, "calibrated_edge_half", spy)
-    args = ["--model", "random:tiny", "--layers", "0", "--ranks", "4", "--public", "sst2:dev", "--private",
-            "sst2:dev", "--sentences", "32", "32", "--epochs", "2", "--data-dir", glue_dir,
-            "--out-dir", str(tmp_path), "--svd-init", "residual-aware", "--calibration-batches", "1"]  # fmt: skip
-    assert inversion.main(args) == 0
-    assert calls == ["residual-aware"]
-    (row,) = json.loads((tmp_path / "inversion_random_tiny_residual-aware.json").read_text())["rows"]
-    assert (row["mode"], row["width"]) == ("SFT R=4 residual-aware", 4)
