@@ -19,7 +19,7 @@ from bench.common import proc_status, run_child, save, table
 def child(args: argparse.Namespace) -> Dict:
     import torch
 
-    from sft_cloud.sessions.two_part import CloudSession
+    from sft_cloud.sessions.two_part import TwoPartSession as CloudSession
     from sft_common.models.base_model import load_base_model
     from sft_common.proto import sft_pb2 as pb
     from sft_common.wire import codec

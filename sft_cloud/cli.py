@@ -27,29 +27,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-dir", help="directory for session checkpoints")
     s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
     s.add_argument(
-        "--keep-finished-days", type=float, default=D.keep_finished_days,
+        "--keep-finished-days",
+        type=float,
+        default=D.keep_finished_days,
         help="keep a finished session's trained net2 (for its owner's predict / export) this many days "
         f"after it closed, with --checkpoint-dir (default {D.keep_finished_days:g}; 0: delete at once)",
-    )  # fmt: skip
+    )
     s.add_argument(
-        "--idle-timeout", type=float, default=3600.0,
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
         help="seconds without a stream after which a session is checkpointed and evicted (default 3600)",
-    )  # fmt: skip
+    )
     s.add_argument(
-        "--grace-seconds", type=float, default=10.0,
+        "--grace-seconds",
+        type=float,
+        default=10.0,
         help="on SIGTERM, let running steps finish for at most this long, then checkpoint and exit "
         "(default 10; keep it a few seconds under the orchestrator's own grace period)",
-    )  # fmt: skip
+    )
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     s.add_argument(
-        "--replica-id", help="this replica's name in the session leases under --checkpoint-dir "
+        "--replica-id",
+        help="this replica's name in the session leases under --checkpoint-dir "
         "(default <hostname>-<pid>; replicas sharing the folder must differ)",
-    )  # fmt: skip
+    )
     s.add_argument(
-        "--lease-seconds", type=float, default=D.lease_seconds,
+        "--lease-seconds",
+        type=float,
+        default=D.lease_seconds,
         help="replicas sharing --checkpoint-dir: a session lease not renewed for this long has expired; "
         f"renewed every third of it (default {D.lease_seconds:g})",
-    )  # fmt: skip
+    )
     s.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     s.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
     return parser

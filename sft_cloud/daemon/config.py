@@ -55,9 +55,11 @@ class ServeConfig:
             )
         check_tls_flags(self.insecure, self.tls_cert, self.tls_key, self.tls_client_ca)
         for flag, path in (
-            ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-            ("--tls-client-ca", self.tls_client_ca), ("--auth-token-file", self.auth_token_file),
-        ):  # fmt: skip
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+            ("--auth-token-file", self.auth_token_file),
+        ):
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"{flag} {path}: no such file")
 

@@ -27,9 +27,11 @@ class DaemonMetrics:
             self.sessions.set_function(sessions)
         self.streams = Gauge("sft_streams", "Train streams open right now", registry=r)
         self.messages = Counter(
-            "sft_messages", "Messages answered, by kind (open, train, eval, checkpoint, close)", ["kind"],
+            "sft_messages",
+            "Messages answered, by kind (open, train, eval, checkpoint, close)",
+            ["kind"],
             registry=r,
-        )  # fmt: skip
+        )
         self.steps = Counter("sft_train_steps", "Train steps answered (retries included)", registry=r)
         self.refused = Counter("sft_refused", "Messages refused, by gRPC status code", ["code"], registry=r)
         self.bytes_in = Counter(
@@ -39,9 +41,12 @@ class DaemonMetrics:
             "sft_sent_bytes", "Serialized bytes of the replies sent to edges", registry=r
         )
         self.latency = Histogram(
-            "sft_step_seconds", "Time to answer one message (decode, forward, backward, encode)", ["kind"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "sft_step_seconds",
+            "Time to answer one message (decode, forward, backward, encode)",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def observe(self, kind: str, bytes_in: int, bytes_out: int, seconds: float) -> None:
         self.messages.labels(kind).inc()

@@ -132,9 +132,14 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         print(f"sft-cloud: metrics on http://{cfg.host}:{metrics_port}/metrics", flush=True)
     server, port, health_servicer = create_server(cfg, registry, metrics)
     log.info(
-        "sft-cloud serving on %s:%d (device %s, max %d sessions, %s, %s)", cfg.host, port, device,
-        cfg.max_sessions, _tls_mode(cfg), f"tokens from {cfg.auth_token_file}" if cfg.auth_token_file else "no tokens",
-    )  # fmt: skip
+        "sft-cloud serving on %s:%d (device %s, max %d sessions, %s, %s)",
+        cfg.host,
+        port,
+        device,
+        cfg.max_sessions,
+        _tls_mode(cfg),
+        f"tokens from {cfg.auth_token_file}" if cfg.auth_token_file else "no tokens",
+    )
     if cfg.checkpoint_dir:
         log.info(
             "replica %s: session leases of %.0fs under %s",
@@ -162,8 +167,9 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
     if not server.stop(cfg.grace_seconds).wait(cfg.grace_seconds + STOP_MARGIN_S):
         log.error(
             "the gRPC server had not stopped %.0fs after the grace of %.0fs; exiting without it",
-            STOP_MARGIN_S, cfg.grace_seconds,
-        )  # fmt: skip
+            STOP_MARGIN_S,
+            cfg.grace_seconds,
+        )
     registry.renew_leases()  # sessions another replica took are not checkpointed here
     checkpoint_sessions(registry)
     registry.release_leases()
@@ -176,20 +182,20 @@ def checkpoint_sessions(registry: SessionRegistry, lock_timeout: float = STOP_MA
     ``lock_timeout`` seconds on (its call outlived the grace) is skipped, and logged."""
     sessions = registry.sessions()
     saved = []
-    for session in sessions:
-        if session.dir is None:
+    for core in (s.core for s in sessions):
+        if core.dir is None:
             continue
-        sid = session.session_id[:8]
-        if not session.lock.acquire(timeout=lock_timeout):
+        sid = core.session_id[:8]
+        if not core.lock.acquire(timeout=lock_timeout):
             log.error("session %s: a step was still running at shutdown; not checkpointed", sid)
             continue
         try:
-            session.save_checkpoint()
+            core.save_checkpoint()
         except Exception:  # one failed write must not cost the other sessions theirs
             log.exception("session %s: shutdown checkpoint failed", sid)
             continue
         finally:
-            session.lock.release()
-        log.info("session %s: checkpointed at step %d for shutdown", sid, session.next_step)
-        saved.append(session.session_id)
+            core.lock.release()
+        log.info("session %s: checkpointed at step %d for shutdown", sid, core.next_step)
+        saved.append(core.session_id)
     return saved

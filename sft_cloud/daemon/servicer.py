@@ -44,7 +44,7 @@ class SplitTrainerServicer(pb_grpc.SplitTrainerServicer):
                     with Timer() as timer:
                         reply = protocol.handle(msg)
                 except ProtocolError as exc:
-                    sid = protocol.session.session_id[:8] if protocol.session else "-"
+                    sid = protocol.session.core.session_id[:8] if protocol.session else "-"
                     log.warning("session %s: refused %s: %s", sid, kind, exc)
                     self.metrics.refuse(exc.code.name, msg.ByteSize())
                     context.abort(exc.code, exc.message)

@@ -21,6 +21,7 @@ import grpc
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sft_cloud.sessions.core import SessionCore
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage import checkpoint
 from sft_common.wire.errors import ProtocolError
@@ -55,28 +56,28 @@ def read_final(checkpoint_dir: str, session_id: str, owner: str) -> Tuple[dict, 
     return meta, path
 
 
-def load_weights(session, path: str) -> None:
+def load_weights(core: SessionCore, path: str) -> None:
     """net2's trained weights into a freshly built session, now for inference only."""
-    checkpoint.load_owned(session.net2, load_file(path, device=session.device))
-    session.net2.eval()
-    session.inference_only = True
-    session.final_path = path
+    checkpoint.load_owned(core.net2, load_file(path, device=core.device))
+    core.net2.eval()
+    core.inference_only = True
+    core.final_path = path
 
 
-def weights_chunk(session, index: int) -> pb.WeightsChunk:
+def weights_chunk(core: SessionCore, index: int) -> pb.WeightsChunk:
     """Chunk ``index`` of the session's final weights file, with the whole file's digest."""
-    path = getattr(session, "final_path", None)
-    if not session.inference_only or path is None:
+    path = core.final_path
+    if not core.inference_only or path is None:
         raise ProtocolError(
             grpc.StatusCode.FAILED_PRECONDITION,
             "weights can be fetched from a finished session only: close it, then reopen it for inference",
         )
-    if getattr(session, "final_digest", None) is None:
+    if core.final_digest is None:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 digest.update(block)
-        session.final_digest = digest.hexdigest()
+        core.final_digest = digest.hexdigest()
     size = os.path.getsize(path)
     chunks = max(1, -(-size // CHUNK_BYTES))
     if not 0 <= index < chunks:
@@ -84,7 +85,7 @@ def weights_chunk(session, index: int) -> pb.WeightsChunk:
     with open(path, "rb") as f:
         f.seek(index * CHUNK_BYTES)
         data = f.read(CHUNK_BYTES)
-    return pb.WeightsChunk(chunk=index, chunks=chunks, data=data, size=size, sha256=session.final_digest)
+    return pb.WeightsChunk(chunk=index, chunks=chunks, data=data, size=size, sha256=core.final_digest)
 
 
 def forget(checkpoint_dir: Optional[str], session_id: str) -> None:

@@ -1,165 +1,230 @@
 """The cloud's part of a label-private (U-shaped) session: the middle, driven by four phases.
 
-``MiddleSession`` is a ``CloudSession`` whose net2 is the U's middle (``sft_common.topology.ushape``): Σ1,
-v1, the layers between the cuts and the second cut's u2 (at the FFN input: B1 and the rest of l1,
-the layers between, l2's attention part and A2). It never holds a head, a label or a loss.
+``MiddleSession`` holds the U's middle (``sft_common.topology.ushape``): Σ1, v1, the layers
+between the cuts and the second cut's u2 (at the FFN input: B1 and the rest of l1, the layers
+between, l2's attention part and A2). It never holds a head, a label or a loss.
 A step is two exchanges: ``forward_up`` (â1 in, â2 out: the middle's forward, whose autograd graph
 is kept for the step) and ``gradient_up`` (∂loss/∂â2 in, ∂loss/∂â1 out: the backward and the
-update). Each phase of step k is applied exactly once; a repeat of either phase of the step in
-progress or of the last completed step is answered from the cache, so the edge's re-send after a
-broken link works as for the two-part ``TrainStep``. Checkpoints, resume, the final weights and
-evaluation are the base class's, over the middle.
+update). Each phase of step k is applied exactly once by the session's ``SessionCore``; a repeat
+of either phase of the step in progress or of the last completed step is answered from its
+cache, so the edge's re-send after a broken link works as for the two-part ``TrainStep``.
+Checkpoints, resume and the final weights are the core's, over the middle.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import threading
+from typing import Dict, Optional, Tuple
 
-import grpc
 import torch
 
-from sft_cloud.sessions.two_part import CloudSession
-from sft_cloud.sessions.validation import invalid, ushape_from_config
+from sft_cloud.sessions.core import FromCore, SessionCore, adapt_lora, not_its_step
+from sft_cloud.sessions.inputs import ActivationInput
+from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
 from sft_common.models.base_model import BaseModel
-from sft_common.models.lora import apply_lora
+from sft_common.models.lora import apply_lora, lora_from_config
 from sft_common.proto import sft_pb2 as pb
-from sft_common.topology.ushape import LORA_SIDES, EdgeFactors, build_ushape_cloud, part_factors
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.topology.ushape import LORA_SIDES, build_ushape_cloud, part_factors
 from sft_common.wire import codec
-from sft_common.wire.errors import ProtocolError
 
 FORWARD, GRADIENT = "forward_up", "gradient_up"
 
 
-class MiddleSession(CloudSession):
+def check_middle(config: pb.SessionConfig, spec: SplitSpec, base: BaseModel) -> None:
+    """A U: both cuts fit the model from the plain SVD, and the cloud is told no labels."""
+    if config.svd_init != pb.SVD_INIT_PLAIN:
+        raise invalid("label_private: the calibrated inits are for the two-part split only")
+    try:
+        spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
+        ushape_from_config(config).validate(base.num_hidden_layers)
+    except ValueError as exc:
+        raise invalid(f"label_private: {exc}") from None
+    if config.num_labels != 0:
+        raise invalid(
+            f"label_private: num_labels must be 0, got {config.num_labels}: the head is on the edge "
+            "and the cloud is told nothing about the labels"
+        )
+
+
+class MiddleSession:
     """The U's middle of one edge's run, with its optimizer; applies each phase exactly once."""
 
-    def _build(self, base: BaseModel, device: str) -> List[torch.nn.Parameter]:
-        self.net2, self.factors = build_ushape_cloud(base, ushape_from_config(self.config), device=device)
+    # What the registry, logs and tests read of the session; its core keeps them.
+    session_id = FromCore()
+    owner = FromCore()
+    fingerprint = FromCore()
+    net2 = FromCore()
+    optimizer = FromCore()
+    next_step = FromCore()
+    replies = FromCore()
+    last_reply = FromCore()
+    replayed = FromCore()
+    attached = FromCore()
+
+    def __init__(
+        self,
+        session_id: str,
+        owner: str,
+        config: pb.SessionConfig,
+        base: BaseModel,
+        device: str = "cpu",
+        compute_lock: Optional[threading.Lock] = None,
+        max_batch: int = 256,
+        max_seq: int = 512,
+        checkpoint_dir: Optional[str] = None,
+        shared_base: Optional[Dict[str, torch.nn.Parameter]] = None,
+        cloud_factors: Optional[Tuple[pb.Tensor, pb.Tensor]] = None,
+    ):
+        """As ``TwoPartSession``'s; ``cloud_factors`` is always None here (a U starts from the
+        plain SVD: ``check_middle``)."""
+        self.config = config
+        self.spec = check_config(config, base, max_batch, max_seq, check_middle)
+        assert cloud_factors is None, "factors come with a calibrated init, which check_middle refuses"
+        self.device = device
+        self.lora = lora_from_config(config, base)
+        self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), device)
+        net2, self.factors = build_ushape_cloud(base, ushape_from_config(config), device=device)
+        # u1 for the edge (SessionOpened.edge_factor); None at the FFN input.
         self.edge_factor = None if self.factors is None else self.factors.u
+        factors = part_factors(net2)
+        if self.lora is not None:  # adapters; the factors trainable; the base frozen, shareable
+            lora = self.lora
+            adapt_lora(
+                net2,
+                lambda: apply_lora(net2, lora, config.seed, LORA_SIDES["middle"], keep=factors),
+                shared_base,
+            )
+        lora_dict = self.lora.as_dict() if self.lora else None
+        fingerprint = session_fingerprint(
+            base.fingerprint, self.spec, config.num_labels, lora_dict, config.tail_layers
+        )
+        self.core = SessionCore(
+            session_id,
+            owner,
+            config,
+            fingerprint,
+            net2,
+            factors,
+            device,
+            compute_lock,
+            checkpoint_dir,
+            rolled_back=self._drop_pending,
+        )
         # The step whose forward is applied and whose gradient is awaited: (step, â1 as received,
         # with its gradient to come; â2 on the middle's graph). One at a time: the graph is bounded.
         self._pending: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
-        return part_factors(self.net2)
 
-    def _adapt(self, factors: List[torch.nn.Parameter]) -> None:
-        assert self.lora is not None
-        apply_lora(self.net2, self.lora, self.config.seed, LORA_SIDES["middle"], keep=factors)
+    @property
+    def width(self) -> int:
+        """Values a token at the first cut."""
+        return self.inputs.width
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"{self.spec.mode} label-private (U-shape, {c.tail_layers} tail layers) at layer "
+            f"{c.split_layer}, rank {c.rank}, {c.num_labels} labels"
+        )
 
     def opened(self, at: Optional[int] = None) -> pb.SessionOpened:
-        opened = super().opened(at)
-        opened.next_step, opened.next_micro = self.next_step if at is None else at, 0
-        factors: Optional[EdgeFactors] = self.factors
+        """The answer to an open; the second cut's factors go to the edge's tail."""
+        opened = self.core.opened(self.core.next_step if at is None else at, 0, self.edge_factor)
+        factors = self.factors
         if factors is not None:  # at the FFN input: B2ᵀ in tail_v, no tail_sigma
             if factors.sigma is not None:
                 opened.tail_sigma.CopyFrom(codec.encode(factors.sigma, pb.FLOAT32))
             opened.tail_v.CopyFrom(codec.encode(factors.v, pb.FLOAT32))
         return opened
 
+    def step(self, kind: str, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        """A U's step is ``forward_up`` then ``gradient_up``."""
+        if kind == FORWARD:
+            return pb.CloudMessage(forward_down=self.forward_up(msg.forward_up))
+        if kind == GRADIENT:
+            return pb.CloudMessage(gradient_down=self.gradient_up(msg.gradient_up))
+        raise not_its_step(
+            f"this session is label-private (the U-shape): a step is forward_up then gradient_up, not {kind}"
+        )
+
     # -- the four phases ------------------------------------------------------------------
 
     def forward_up(self, msg: pb.ForwardUp) -> pb.ForwardDown:
         """Phases 1-2: the middle's forward on â1; answers â2 for the same rows, keeps the graph."""
-        with self.lock:
-            self._check_trainable()
-            self.fence()
-            cached = self.replies.get((msg.step, 0))
-            if cached is not None:
-                self.replayed += 1
-                return cached
-            if msg.step != self.next_step or self._pending is not None:
-                raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION, self._unexpected(FORWARD, msg.step))
-            lengths = self._check_lengths(msg.lengths)
-            x = self._decode_activations(msg.activations, lengths)
-            mask = self._mask(lengths)
-            with self._rng(msg.step):
-                self.net2.train()
-                x.requires_grad_(True)
-                out, _ = self.net2(self._unpack(x, lengths), mask)
-                rows = out[mask]  # (tokens, width): the real tokens only
-            if not bool(torch.isfinite(rows).all()):
-                raise invalid(f"step {msg.step}: the middle's output is not finite; nothing was applied")
-            reply = pb.ForwardDown(
-                step=msg.step,
-                activations=codec.encode(rows.detach(), self.config.wire_dtype, self.config.compression),
-            )
-            self._pending = (msg.step, x, rows)
-            self.replies[(msg.step, 0)] = reply
-            return reply
+        return self.core.apply(
+            (msg.step, 0), lambda: self._forward_refusal(msg.step), lambda: self._forward(msg)
+        )
+
+    def _forward_refusal(self, step: int) -> Optional[str]:
+        if step == self.core.next_step and self._pending is None:
+            return None
+        return self._unexpected(FORWARD, step)
+
+    def _forward(self, msg: pb.ForwardUp) -> pb.ForwardDown:
+        lengths = self.inputs.lengths(msg.lengths)
+        x = self.inputs.decode(msg.activations, lengths)
+        with self.core.rng(msg.step):
+            self.net2.train()
+            x.requires_grad_(True)
+            padded, mask = self.inputs.unpack(x, lengths)
+            out, _ = self.net2(padded, mask)
+            rows = out[mask]  # (tokens, width): the real tokens only
+        if not bool(torch.isfinite(rows).all()):
+            raise invalid(f"step {msg.step}: the middle's output is not finite; nothing was applied")
+        self._pending = (msg.step, x, rows)
+        return pb.ForwardDown(step=msg.step, activations=self.inputs.encode(rows.detach()))
 
     def gradient_up(self, msg: pb.GradientUp) -> pb.GradientDown:
         """Phases 3-4: ∂loss/∂â2 through the kept graph, the middle updated; answers ∂loss/∂â1."""
-        with self.lock:
-            self._check_trainable()
-            self.fence()
-            cached = self.replies.get((msg.step, 1))
-            if cached is not None:
-                self.replayed += 1
-                return cached
-            pending = self._pending
-            if pending is None or pending[0] != msg.step:
-                raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION, self._unexpected(GRADIENT, msg.step))
-            _, x, rows = pending
-            grad = codec.decode(
-                msg.grad, name="gradient", dtype=self.config.wire_dtype, shape=tuple(rows.shape),
-                compression=self.config.compression, max_bytes=self.max_activation_bytes(), device=self.device,
-            )  # fmt: skip
-            with self._compute_lock:  # the backward draws nothing, but shares the CPU threads
-                rows.backward(grad)
-            assert x.grad is not None
-            reply = pb.GradientDown(
-                step=msg.step, grad=codec.encode(x.grad, self.config.wire_dtype, self.config.compression)
-            )
-            self.optimizer.step()
-            self.schedule.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._pending = None
-            self.replies = {k: r for k, r in self.replies.items() if k[0] == msg.step}
-            self.replies[(msg.step, 1)] = reply
-            self.completed = msg.step
-            self.next_step += 1
-            return reply
+        return self.core.apply(
+            (msg.step, 1), lambda: self._gradient_refusal(msg.step), lambda: self._backward(msg)
+        )
+
+    def _gradient_refusal(self, step: int) -> Optional[str]:
+        if self._pending is not None and self._pending[0] == step:
+            return None
+        return self._unexpected(GRADIENT, step)
+
+    def _backward(self, msg: pb.GradientUp) -> pb.GradientDown:
+        assert self._pending is not None
+        _, x, rows = self._pending
+        grad = self.inputs.decode_as(msg.grad, "gradient", tuple(rows.shape))
+        with self.core.compute_lock:  # the backward draws nothing, but shares the CPU threads
+            rows.backward(grad)
+        assert x.grad is not None
+        reply = pb.GradientDown(step=msg.step, grad=self.inputs.encode(x.grad))
+        self.core.complete(msg.step)
+        self._pending = None
+        return reply
+
+    def _drop_pending(self) -> None:
+        """A forward whose gradient never came is dropped with its graph (a restore)."""
+        self._pending = None
 
     def _unexpected(self, phase: str, step: int) -> str:
         if self._pending is not None:
             expected = f"gradient_up of step {self._pending[0]}"
         else:
-            expected = f"forward_up of step {self.next_step}"
-        retry = f" (or a retry of step {self.completed})" if self.completed is not None else ""
-        return f"{phase} of step {step} is out of order: the session expects {expected}{retry}"
-
-    # -- what the two-part session does otherwise ------------------------------------------
-
-    def train(self, msg: pb.TrainStep) -> pb.TrainReply:
-        raise ProtocolError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "this session is label-private (the U-shape): a step is forward_up then gradient_up, not train",
-        )
+            expected = f"forward_up of step {self.core.next_step}"
+        return f"{phase} of step {step} is out of order: {self.core.expected(expected)}"
 
     def evaluate(self, msg: pb.EvalStep) -> pb.EvalReply:
         """Forward only: the middle's output at the second cut for one batch; no state changes."""
-        with self.lock:
-            lengths = self._check_lengths(msg.lengths)
-            x = self._decode_activations(msg.activations, lengths)
-            mask = self._mask(lengths)
-            with torch.no_grad(), self._compute_lock:
+        with self.core.lock:
+            lengths = self.inputs.lengths(msg.lengths)
+            x = self.inputs.decode(msg.activations, lengths)
+            padded, mask = self.inputs.unpack(x, lengths)
+            with torch.no_grad(), self.core.compute_lock:
                 self.net2.eval()
-                out, _ = self.net2(self._unpack(x, lengths), mask)
+                out, _ = self.net2(padded, mask)
             rows = out[mask].float()
-            return pb.EvalReply(
-                batch=msg.batch,
-                activations=codec.encode(rows, self.config.wire_dtype, self.config.compression),
-            )
+            return pb.EvalReply(batch=msg.batch, activations=self.inputs.encode(rows))
 
     def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:
-        with self.lock:
-            pending = self._pending
-        if pending is not None:
-            raise ProtocolError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"checkpoint at step {msg.step}, but step {pending[0]} is half applied (its gradient_up is due)",
-            )
-        return super().checkpoint(msg)
+        """Write the state after ``msg.step`` whole steps; refused between a step's two phases."""
+        return self.core.checkpoint(msg, lambda: self._half_applied(msg))
 
-    def restore(self, step: int) -> None:
-        super().restore(step)
-        self._pending = None  # a forward whose gradient never came is dropped with its graph
+    def _half_applied(self, msg: pb.Checkpoint) -> Optional[str]:
+        if self._pending is None:
+            return None
+        return f"checkpoint at step {msg.step}, but step {self._pending[0]} is half applied (its gradient_up is due)"

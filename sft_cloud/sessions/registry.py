@@ -13,7 +13,7 @@ import secrets
 import shutil
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
 import torch
@@ -27,8 +27,9 @@ from sft_cloud.daemon.lease import (
     lease_folder,
 )
 from sft_cloud.sessions import finished
+from sft_cloud.sessions.core import Session
 from sft_cloud.sessions.middle import MiddleSession
-from sft_cloud.sessions.two_part import CloudSession
+from sft_cloud.sessions.two_part import TwoPartSession
 from sft_cloud.sessions.validation import given_factors
 from sft_common.models.base_model import BaseModel, ModelError, load_base_model
 from sft_common.proto import sft_pb2 as pb
@@ -39,7 +40,7 @@ log = logging.getLogger("sft_cloud")
 
 
 class SessionRegistry:
-    """Thread-safe map of session id -> CloudSession, with a cap and a base-model cache."""
+    """Thread-safe map of session id -> session (two-part or the U's middle), with a cap and a base-model cache."""
 
     def __init__(
         self,
@@ -60,16 +61,16 @@ class SessionRegistry:
         self.max_seq = max_seq
         self.replica_id = replica_id or default_replica_id()  # names this replica in lease files
         self.lease_seconds = lease_seconds  # a lease not renewed for this long has expired
-        self._sessions: Dict[str, CloudSession] = {}
+        self._sessions: Dict[str, Session] = {}
         self._leases: Dict[str, Lease] = {}  # of the sessions held, with a checkpoint dir
         self._takeover = threading.Lock()  # one attach-from-disk at a time: one claim per session
         self._bases: Dict[str, BaseModel] = {}
         # LoRA sessions of one model and split share its frozen parameters (sft_common.models.lora)
         self._frozen: Dict[Tuple, Dict[str, torch.nn.Parameter]] = {}
         self._lock = threading.Lock()
-        self._compute_lock = threading.Lock()  # see CloudSession._rng
+        self._compute_lock = threading.Lock()  # see SessionCore.rng
 
-    def sessions(self) -> List[CloudSession]:
+    def sessions(self) -> List[Session]:
         """The sessions held now (a snapshot)."""
         with self._lock:
             return list(self._sessions.values())
@@ -78,7 +79,7 @@ class SessionRegistry:
         with self._lock:
             return len(self._sessions)
 
-    def open(self, msg: pb.OpenSession, owner: str) -> CloudSession:
+    def open(self, msg: pb.OpenSession, owner: str) -> Session:
         """A new session (empty ``session_id``) or an existing one, checked against ``msg``."""
         cloud_factors = given_factors(msg)  # activation-aware init: only with a new session's open
         if msg.inference_only:
@@ -93,11 +94,19 @@ class SessionRegistry:
                     f"{self.max_sessions}); try again later",
                 )
         base = self._base(msg.config.model)
-        session = _session_class(msg.config)(
-            secrets.token_urlsafe(24), owner, msg.config, base, self.device,
-            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir, self._shared(msg.config, base),
+        session = session_class(msg.config)(
+            secrets.token_urlsafe(24),
+            owner,
+            msg.config,
+            base,
+            self.device,
+            self._compute_lock,
+            self.max_batch,
+            self.max_seq,
+            self.checkpoint_dir,
+            self._shared(msg.config, base),
             cloud_factors=cloud_factors,
-        )  # fmt: skip
+        )
         _check_fingerprint(msg, session)
         lease, _ = self._take(session)
         with self._lock:
@@ -110,7 +119,7 @@ class SessionRegistry:
             raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
         return session
 
-    def attach(self, msg: pb.OpenSession, owner: str) -> CloudSession:
+    def attach(self, msg: pb.OpenSession, owner: str) -> Session:
         """An existing session (in memory, or on disk after a restart or an eviction)."""
         with self._takeover:
             with self._lock:
@@ -124,7 +133,7 @@ class SessionRegistry:
                 session = self._from_disk(msg.session_id, owner)
         # The same status and message for "no such session" and "not yours": a caller learns
         # nothing about other identities' sessions, not even that an id exists.
-        if session is None or not secrets.compare_digest(session.owner.encode(), owner.encode()):
+        if session is None or not secrets.compare_digest(session.core.owner.encode(), owner.encode()):
             raise ProtocolError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "no session with this id is open for this identity (a daemon restarted without "
@@ -133,7 +142,7 @@ class SessionRegistry:
         _check_fingerprint(msg, session)
         return session
 
-    def _from_disk(self, session_id: str, owner: str) -> Optional[CloudSession]:
+    def _from_disk(self, session_id: str, owner: str) -> Optional[Session]:
         """Take a session over from disk: claim the next epoch of its lease (the replica that held
         it is fenced from now on), then rebuild it from the newest checkpoint (``resume`` may then
         roll it back to an older one). Caller holds ``_takeover``."""
@@ -156,14 +165,22 @@ class SessionRegistry:
                 return self._sessions[session_id]
             if len(self._sessions) >= self.max_sessions:
                 raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
-        session = _session_class(config)(
-            session_id, str(meta["owner"]), config, base, self.device,
-            self._compute_lock, self.max_batch, self.max_seq, self.checkpoint_dir, self._shared(config, base),
-        )  # fmt: skip
+        session = session_class(config)(
+            session_id,
+            str(meta["owner"]),
+            config,
+            base,
+            self.device,
+            self._compute_lock,
+            self.max_batch,
+            self.max_seq,
+            self.checkpoint_dir,
+            self._shared(config, base),
+        )
         lease, previous = self._take(session)
         try:
             newest = ckpts.steps()[0]  # read after the claim: the old holder can write no newer one
-            session.restore(newest)
+            session.core.restore(newest)
         except (OSError, IndexError) as exc:  # a checkpoint pruned meanwhile: the edge tries again
             raise ProtocolError(grpc.StatusCode.UNAVAILABLE, f"cannot restore the session: {exc}") from None
         with self._lock:
@@ -181,28 +198,30 @@ class SessionRegistry:
             how = f"from {previous.replica}, epoch {previous.epoch}, lease {state}"
         log.info(
             "session %s: restored from checkpoint at step %d; taken at epoch %d (%s)",
-            session_id[:8], newest, lease.epoch if lease else 0, how,
-        )  # fmt: skip
+            session_id[:8],
+            newest,
+            lease.epoch if lease else 0,
+            how,
+        )
         return session
 
-    def _take(self, session: CloudSession) -> Tuple[Optional[Lease], Optional[LeaseRecord]]:
+    def _take(self, session: Session) -> Tuple[Optional[Lease], Optional[LeaseRecord]]:
         """Claim the session's lease (with a checkpoint dir): its steps and checkpoints are fenced
         by it from now on. Returns the lease and the previous holder's record."""
-        if session.dir is None or self.checkpoint_dir is None:
+        core = session.core
+        if core.dir is None or self.checkpoint_dir is None:
             return None, None
-        lease = Lease(
-            lease_folder(self.checkpoint_dir, session.session_id), self.replica_id, self.lease_seconds
-        )
+        lease = Lease(lease_folder(self.checkpoint_dir, core.session_id), self.replica_id, self.lease_seconds)
         previous = lease.acquire()
-        session.ckpts = FencedCheckpointDir(session.dir, lease)
-        session.fence = lease.check
+        core.ckpts = FencedCheckpointDir(core.dir, lease)
+        core.fence = lease.check
         return lease, previous
 
-    def _hold(self, session: CloudSession, lease: Optional[Lease]) -> None:
+    def _hold(self, session: Session, lease: Optional[Lease]) -> None:
         """Keep ``session`` (and its lease) in the registry; caller holds ``_lock``."""
-        self._sessions[session.session_id] = session
+        self._sessions[session.core.session_id] = session
         if lease is not None:
-            self._leases[session.session_id] = lease
+            self._leases[session.core.session_id] = lease
 
     def _drop(self, session_id: str, lease: Optional[Lease] = None) -> None:
         """Forget a session here (``lease``: only if it is still the one held), writing nothing."""
@@ -231,7 +250,7 @@ class SessionRegistry:
         for lease in leases:
             lease.release()
 
-    def reopen_finished(self, msg: pb.OpenSession, owner: str) -> CloudSession:
+    def reopen_finished(self, msg: pb.OpenSession, owner: str) -> Session:
         """A closed session of ``owner``, rebuilt from its final weights for inference only."""
         if not self.checkpoint_dir:
             raise ProtocolError(
@@ -240,58 +259,68 @@ class SessionRegistry:
             )
         with self._lock:
             live = self._sessions.get(msg.session_id)
-        if live is not None and not live.inference_only:
+        if live is not None and not live.core.inference_only:
             raise ProtocolError(
                 grpc.StatusCode.FAILED_PRECONDITION, "the session is still training: close it before using it"
             )
         meta, path = finished.read_final(self.checkpoint_dir, msg.session_id, owner)
         config = pb.SessionConfig.FromString(bytes.fromhex(meta["config"]))
-        session = _session_class(config)(
-            msg.session_id, owner, config, self._base(config.model), self.device,
-            self._compute_lock, self.max_batch, self.max_seq, None,
-        )  # fmt: skip
+        session = session_class(config)(
+            msg.session_id,
+            owner,
+            config,
+            self._base(config.model),
+            self.device,
+            self._compute_lock,
+            self.max_batch,
+            self.max_seq,
+            None,
+        )
         _check_fingerprint(msg, session)
-        finished.load_weights(session, path)
-        session.next_step = int(meta["step"])
+        finished.load_weights(session.core, path)
+        session.core.next_step = int(meta["step"])
         log.info(
-            "session %s: reopened for inference (%d steps trained)", msg.session_id[:8], session.next_step
+            "session %s: reopened for inference (%d steps trained)",
+            msg.session_id[:8],
+            session.core.next_step,
         )
         return session
 
-    def forget(self, session: CloudSession) -> None:
+    def forget(self, session: Session) -> None:
         """Delete what the daemon keeps of ``session`` (its owner asked)."""
-        self.close(session.session_id)
-        finished.forget(self.checkpoint_dir, session.session_id)
+        session_id = session.core.session_id
+        self.close(session_id)
+        finished.forget(self.checkpoint_dir, session_id)
         if self.checkpoint_dir:  # a lease left by an eviction: whoever holds it finds it gone
-            shutil.rmtree(lease_folder(self.checkpoint_dir, session.session_id), ignore_errors=True)
+            shutil.rmtree(lease_folder(self.checkpoint_dir, session_id), ignore_errors=True)
 
     def evict_idle(self, now: Optional[float] = None) -> List[str]:
         """Checkpoint (when there is a checkpoint dir) and drop sessions idle past the timeout."""
         now = time.monotonic() if now is None else now
         with self._lock:
             idle = [
-                s
+                s.core
                 for s in self._sessions.values()
-                if not s.attached and now - s.last_active > self.idle_timeout
+                if not s.core.attached and now - s.core.last_active > self.idle_timeout
             ]
         evicted = []
-        for session in idle:
-            with session.lock:
-                if session.attached or now - session.last_active <= self.idle_timeout:
+        for core in idle:
+            with core.lock:
+                if core.attached or now - core.last_active <= self.idle_timeout:
                     continue
                 note = ""
                 try:
-                    if session.ckpts is not None:
-                        session.save_checkpoint()
+                    if core.ckpts is not None:
+                        core.save_checkpoint()
                         note = " (checkpointed)"
                 except SessionMoved:  # another replica holds it now: nothing to keep here
                     note = " (moved to another replica: not checkpointed)"
-                self.close(session.session_id, evicted=True)
-            evicted.append(session.session_id)
+                self.close(core.session_id, evicted=True)
+            evicted.append(core.session_id)
             log.info(
                 "session %s: idle for %.0fs, evicted%s",
-                session.session_id[:8],
-                now - session.last_active,
+                core.session_id[:8],
+                now - core.last_active,
                 note,
             )
         return evicted
@@ -307,17 +336,24 @@ class SessionRegistry:
         elif lease is not None:
             lease.remove()
 
-    def get(self, session_id: str) -> CloudSession:
+    def get(self, session_id: str) -> Session:
         with self._lock:
             return self._sessions[session_id]
 
-    def _shared(self, config: pb.SessionConfig, base: BaseModel) -> Optional[Dict[str, torch.nn.Parameter]]:
-        """The frozen parameters LoRA sessions of this model and split share (None: full fine-tuning)."""
-        if not config.lora_rank:
-            return None
+    def _shared(self, config: pb.SessionConfig, base: BaseModel) -> Dict[str, torch.nn.Parameter]:
+        """The frozen parameters the sessions of this model and split share: a LoRA session fills
+        or uses them; a session that fine-tunes every parameter leaves them empty."""
         # a U's middle (label_private) freezes other tensors than a two-part net2
-        key = (base.fingerprint, config.mode, config.split_layer, config.rank, config.num_labels,
-               config.label_private, config.tail_layers, config.factorise)  # fmt: skip
+        key = (
+            base.fingerprint,
+            config.mode,
+            config.split_layer,
+            config.rank,
+            config.num_labels,
+            config.label_private,
+            config.tail_layers,
+            config.factorise,
+        )
         with self._lock:
             return self._frozen.setdefault(key, {})
 
@@ -338,15 +374,16 @@ class SessionRegistry:
             return self._bases.setdefault(name, base)
 
 
-def _session_class(config: pb.SessionConfig) -> type:
-    """A label-private config's session holds the U's middle; any other the two-part net2."""
-    return MiddleSession if config.label_private else CloudSession
+def session_class(config: pb.SessionConfig) -> Callable[..., Session]:
+    """The session a config asks for, chosen here once: a label-private config's holds the U's
+    middle, any other the two-part net2; the rest of the daemon asks the session."""
+    return MiddleSession if config.label_private else TwoPartSession
 
 
-def _check_fingerprint(msg: pb.OpenSession, session: CloudSession) -> None:
-    if msg.fingerprint != session.fingerprint:
+def _check_fingerprint(msg: pb.OpenSession, session: Session) -> None:
+    if msg.fingerprint != session.core.fingerprint:
         raise ProtocolError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"fingerprint mismatch for model {msg.config.model!r}: the edge has {msg.fingerprint[:16]}..., "
-            f"the cloud has {session.fingerprint[:16]}... (different base weights, split or label count)",
+            f"the cloud has {session.core.fingerprint[:16]}... (different base weights, split or label count)",
         )

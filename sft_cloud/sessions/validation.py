@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import grpc
 import torch
@@ -41,9 +41,12 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
             "SVD_INIT_RESIDUAL_AWARE"
         )
     return SplitSpec(
-        split_layer=config.split_layer, rank=config.rank, mode=MODES[config.mode], init=INITS[config.svd_init],
+        split_layer=config.split_layer,
+        rank=config.rank,
+        mode=MODES[config.mode],
+        init=INITS[config.svd_init],
         factorise=FACTORISE[config.factorise],
-    )  # fmt: skip
+    )
 
 
 def ushape_from_config(config: pb.SessionConfig) -> UShapeSpec:
@@ -55,27 +58,17 @@ def ushape_from_config(config: pb.SessionConfig) -> UShapeSpec:
     )
 
 
-def check_config(config: pb.SessionConfig, base: BaseModel, max_batch: int, max_seq: int) -> SplitSpec:
+def check_config(
+    config: pb.SessionConfig,
+    base: BaseModel,
+    max_batch: int,
+    max_seq: int,
+    check_split: Callable[[pb.SessionConfig, SplitSpec, BaseModel], None],
+) -> SplitSpec:
     """Validate a session config against the model and the server's limits. Returns the (first)
-    cut; a label-private config is checked as a U (``ushape_from_config``) too."""
+    cut; ``check_split`` is the session's own check of its split (the two-part's or the U's)."""
     spec = spec_from_config(config)
-    if config.label_private and config.svd_init != pb.SVD_INIT_PLAIN:
-        raise invalid("label_private: the calibrated inits are for the two-part split only")
-    try:
-        spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
-        if config.label_private:
-            ushape_from_config(config).validate(base.num_hidden_layers)
-    except ValueError as exc:
-        raise invalid(("label_private: " if config.label_private else "") + str(exc)) from None
-    if config.label_private and config.num_labels != 0:
-        raise invalid(
-            f"label_private: num_labels must be 0, got {config.num_labels}: the head is on the edge "
-            "and the cloud is told nothing about the labels"
-        )
-    if not config.label_private and config.tail_layers:
-        raise invalid(f"tail_layers {config.tail_layers} needs label_private (the U-shaped split)")
-    if not config.label_private and not 1 <= config.num_labels <= 10_000:
-        raise invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
+    check_split(config, spec, base)
     if config.wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
         names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))
         raise invalid(f"wire dtype {config.wire_dtype} is not one of {names}")

@@ -26,16 +26,18 @@ from sft_edge.link.transport import CloudError, GrpcTransport, open_channel
 
 WIDTH = 8  # rank 8 at the cut of random:tiny
 MAX_BATCH, MAX_SEQ = 8, 64  # helpers.session_config
-CAP = MAX_BATCH * MAX_SEQ * WIDTH * 4  # CloudSession.max_activation_bytes for that config
+CAP = MAX_BATCH * MAX_SEQ * WIDTH * 4  # ActivationInput.max_bytes for that config
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 HUGE_SHAPES = [[2**40, WIDTH], [2**31, 2**31], [2**62, 2**62], [WIDTH, 2**40], [2**40], [2**20, 2**20, 2**20]]
 Case = Tuple[pb.EdgeMessage, grpc.StatusCode, str]
 
 
-def _config():
-    # LZ4 sessions also accept raw tensors, so both paths of the decoder are reachable.
-    return session_config(compression=pb.LZ4)
+def _config(wire_dtype=pb.FLOAT32, compression=pb.LZ4):
+    # LZ4 sessions also accept raw tensors, so both paths of the decoder are reachable. The
+    # schedule is long: the fuzz tests apply a step an example, and a finished schedule's zero
+    # learning rate would leave the weights where they were.
+    return session_config(wire_dtype=wire_dtype, compression=compression, total_steps=10**6)
 
 
 def _fingerprint(base, config) -> str:
@@ -214,24 +216,281 @@ def test_session_refuses_hostile_messages_and_changes_nothing(proto, data):
     snap.assert_unchanged()
 
 
-@QUICK
-@given(garbage=st.binary(max_size=512))
-def test_garbage_bytes_as_a_message_are_refused_or_harmless(proto, garbage):
+# -- valid messages, mutated at random -----------------------------------------------------------
+# The tests above change one thing and predict the refusal. These start from a valid step or
+# evaluation for the session's next step and apply any number of mutations at once, so nearly
+# every example reaches the session's train / eval code (the garbage-bytes test they replace
+# reached it in 0 of 150 examples: 139-145 did not parse, the rest were empty messages). They
+# predict no message; they check what must hold whatever the outcome:
+# - refused: a gRPC status (INVALID_ARGUMENT or FAILED_PRECONDITION) with a message, nothing
+#   changed, and the next valid step is applied;
+# - accepted: a new step applied exactly once (step counter + 1, finite loss, finite weights, a
+#   gradient of the activations' shape), or a retry answered from the cache, or an evaluation
+#   that changed nothing and answered (batch, num_labels) logits.
+# Micro-batch fields are left alone: an accepted micro-batch leaves a step half applied, which
+# test_micro_batches.py covers case by case.
+
+WIRES = {  # session wire dtype and compression: every decoder path (raw, lz4, fp16 scale, row scales)
+    "fp32-lz4": (pb.FLOAT32, pb.LZ4),
+    "fp16": (pb.FLOAT16, pb.COMPRESSION_NONE),
+    "bf16-lz4": (pb.BFLOAT16, pb.LZ4),
+    "int8": (pb.INT8, pb.COMPRESSION_NONE),
+    "int4-lz4": (pb.INT4, pb.LZ4),
+}
+MUTATED = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+ODD_VALUES = [math.nan, math.inf, -math.inf, 3e38, -3e38, 1e30, 1e-45, 0.0]
+DTYPES = st.one_of(st.sampled_from(list(pb.DType.values())), st.integers(0, 2**31 - 1))
+COMPRESSION = st.one_of(st.sampled_from([pb.COMPRESSION_NONE, pb.LZ4]), st.integers(2, 2**31 - 1))
+
+
+def _step_for(session, step: int, lengths: List[int], seed: int = 0) -> pb.EdgeMessage:
+    """A valid train message for ``session``, in its wire dtype and compression."""
+    x = torch.randn(sum(lengths), WIDTH, generator=torch.Generator().manual_seed(seed))
+    acts = codec.encode(x, session.config.wire_dtype, session.config.compression)
+    labels = [i % 2 for i in range(len(lengths))]
+    return pb.EdgeMessage(train=pb.TrainStep(step=step, activations=acts, lengths=lengths, labels=labels))
+
+
+def _mutate_payload(draw, t: pb.Tensor) -> None:
+    data = bytearray(t.data)
+    how = draw(st.sampled_from(["overwrite", "cut", "extend", "empty"]))
+    if how == "overwrite" and data:
+        i = draw(st.integers(0, len(data) - 1))
+        chunk = draw(st.binary(min_size=1, max_size=8))
+        data[i : i + len(chunk)] = chunk
+    elif how == "cut":
+        i = draw(st.integers(0, len(data)))
+        del data[i : i + draw(st.integers(1, 64))]
+    elif how == "extend":
+        data += draw(st.binary(min_size=1, max_size=64))
+    else:
+        data = bytearray()
+    t.data = bytes(data)
+
+
+def _mutate_shape(draw, t: pb.Tensor) -> None:
+    dims = list(t.shape)
+    how = draw(st.sampled_from(["dimension", "off_by_one", "rank", "huge"]))
+    if how == "dimension" and dims:
+        dims[draw(st.integers(0, len(dims) - 1))] = draw(st.integers(-(2**40), 2**40))
+    elif how == "off_by_one" and dims:
+        dims[draw(st.integers(0, len(dims) - 1))] += draw(st.sampled_from([-1, 1]))
+    elif how == "rank":
+        if dims and draw(st.booleans()):
+            del dims[draw(st.integers(0, len(dims) - 1))]
+        else:
+            dims.insert(draw(st.integers(0, len(dims))), draw(st.integers(0, 4)))
+    else:
+        dims = draw(st.sampled_from(HUGE_SHAPES))
+    t.ClearField("shape")
+    t.shape.extend(dims)
+
+
+def _mutate_scales(draw, t: pb.Tensor) -> None:
+    scales = list(t.scales)
+    how = draw(st.sampled_from(["replace", "add", "drop"]))
+    if how == "replace" and scales:
+        scales[draw(st.integers(0, len(scales) - 1))] = draw(st.floats(width=32))
+    elif how == "drop" and scales:
+        del scales[draw(st.integers(0, len(scales) - 1))]
+    else:
+        scales.insert(draw(st.integers(0, len(scales))), draw(st.floats(width=32)))
+    t.ClearField("scales")
+    t.scales.extend(scales)
+
+
+def _mutate_lengths(draw, lengths: List[int]) -> List[int]:
+    lengths = list(lengths)
+    how = draw(st.sampled_from(["move_a_token", "set", "add", "drop"]))
+    i = draw(st.integers(0, len(lengths) - 1))
+    if how == "move_a_token":  # the same number of tokens, split differently: may be valid
+        lengths[i] -= 1
+        lengths[draw(st.integers(0, len(lengths) - 1))] += 1
+    elif how == "set":
+        lengths[i] = draw(st.integers(-3, MAX_SEQ + 3))
+    elif how == "add":
+        lengths.insert(i, draw(st.integers(1, MAX_SEQ)))
+    else:
+        del lengths[i]
+    return lengths
+
+
+def _mutate_labels(draw, step: pb.TrainStep) -> None:
+    labels = list(step.labels)
+    how = draw(st.sampled_from(["value", "add", "drop", "targets"]))
+    if how == "value":
+        labels[draw(st.integers(0, len(labels) - 1))] = draw(st.integers(-2, 3))
+    elif how == "add":
+        labels.append(draw(st.integers(0, 1)))
+    elif how == "drop":
+        labels.pop()
+    else:
+        step.targets.extend(draw(st.lists(st.floats(width=32), min_size=1, max_size=MAX_BATCH)))
+    step.ClearField("labels")
+    step.labels.extend(labels)
+
+
+@st.composite
+def mutated(draw, session, max_mutations: int = 4) -> Tuple[pb.EdgeMessage, List[str]]:
+    """A valid train or eval message for the session's next step, then up to 4 mutations of any of
+    its fields (the activations' values before encoding, bytes, dtype, shape, rank, compression,
+    scales, step number, lengths, labels). Returns the message and the mutations applied."""
+    kind = draw(st.sampled_from(["train", "train", "train", "eval"]))
+    lengths = draw(lengths_st)
+    x = torch.randn(sum(lengths), WIDTH, generator=torch.Generator().manual_seed(draw(st.integers(0, 999))))
+    names = draw(
+        st.lists(
+            st.sampled_from(
+                "values payload dtype shape compression scale scales step lengths labels".split()
+            ),
+            max_size=max_mutations,
+        )
+    )
+    for _ in range(names.count("values")):  # odd values go in before the encoder sees them
+        x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(st.sampled_from(ODD_VALUES))
+    t = codec.encode(x, session.config.wire_dtype, session.config.compression)
+    step = pb.TrainStep(step=session.next_step, lengths=lengths, labels=[i % 2 for i in range(len(lengths))])
+    for name in names:
+        if name == "payload":
+            _mutate_payload(draw, t)
+        elif name == "dtype":
+            t.dtype = draw(DTYPES)
+        elif name == "shape":
+            _mutate_shape(draw, t)
+        elif name == "compression":
+            t.compression = draw(COMPRESSION)
+        elif name == "scale":
+            t.scale = draw(st.floats(width=32))
+        elif name == "scales":
+            _mutate_scales(draw, t)
+        elif name == "step":
+            near = [session.next_step + d for d in (-2, -1, 1)]
+            step.step = draw(st.one_of(st.sampled_from(near), st.integers(-(2**63), 2**63 - 1)))
+        elif name == "lengths":
+            new = _mutate_lengths(draw, list(step.lengths))
+            step.ClearField("lengths")
+            step.lengths.extend(new)
+        elif name == "labels" and kind == "train":
+            _mutate_labels(draw, step)
+    step.activations.CopyFrom(t)
+    if kind == "eval":
+        ev = pb.EvalStep(batch=draw(st.integers(-(2**63), 2**63 - 1)), activations=t, lengths=step.lengths)
+        return pb.EdgeMessage(eval=ev), names
+    return pb.EdgeMessage(train=step), names
+
+
+def _finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _check_outcome(proto, msg: pb.EdgeMessage) -> str:
+    """Handle ``msg`` and check the invariants above; returns what happened (for the reach)."""
+    session = proto.session
+    kind = msg.WhichOneof("kind")
+    snap = Snapshot(session)
     try:
-        msg = pb.EdgeMessage.FromString(garbage)
+        with AllocationSpy() as spy:
+            reply = proto.handle(msg)
+    except ProtocolError as exc:
+        assert exc.code in (INVALID, PRECONDITION), (exc.code, exc.message)
+        assert exc.message.strip(), "a refusal must say why"
+        spy.assert_bounded(CAP)
+        snap.assert_unchanged()
+        tokens = [3, 2]  # and the session still works: the next valid step is applied
+        answer = proto.handle(_step_for(session, snap.step, tokens, seed=snap.step)).train
+        assert answer.step == snap.step and session.next_step == snap.step + 1
+        assert max_diff(snap.params, params(session.net2)) > 0 and _finite(session.net2)
+        return "refused"
+    spy.assert_bounded(CAP)
+    if kind == "eval":
+        snap.assert_unchanged()
+        logits = codec.decode(reply.eval.logits, name="logits", shape=[len(msg.eval.lengths), 2])
+        assert reply.eval.batch == msg.eval.batch and logits.shape[0] == len(msg.eval.lengths)
+        return "evaluated"
+    assert kind == "train", (kind, reply)
+    if msg.train.step != snap.step:  # a retry of the last step: its cached reply, nothing applied
+        assert msg.train.step == snap.step - 1 and reply.train == snap.reply
+        snap.assert_unchanged()
+        return "replayed"
+    tokens = sum(msg.train.lengths)
+    assert reply.train.step == snap.step and session.next_step == snap.step + 1
+    assert reply.train == session.last_reply and math.isfinite(reply.train.loss)
+    grad = codec.decode(reply.train.grad, name="grad", shape=[tokens, WIDTH])
+    assert bool(torch.isfinite(grad).all())
+    assert max_diff(snap.params, params(session.net2)) > 0 and _finite(session.net2)
+    return "applied"
+
+
+@pytest.fixture(params=list(WIRES))
+def wire_proto(request, tiny_base):
+    """A session two steps in, in one of the wire dtypes, driven without a network."""
+    dtype, compression = WIRES[request.param]
+    registry = SessionRegistry(max_sessions=2)
+    proto = StreamProtocol(registry, "edge")
+    config = _config(dtype, compression)
+    proto.handle(
+        pb.EdgeMessage(open=pb.OpenSession(config=config, fingerprint=_fingerprint(tiny_base, config)))
+    )
+    for k in range(2):
+        proto.handle(_step_for(proto.session, k, [5, 3], seed=k))
+    return proto
+
+
+@MUTATED
+@given(data=st.data())
+def test_mutated_valid_messages_are_refused_cleanly_or_applied_exactly_once(wire_proto, data):
+    msg, names = data.draw(mutated(wire_proto.session), label="message")
+    note_mutations = ", ".join(names) or "none"
+    try:
+        _check_outcome(wire_proto, msg)
+    except AssertionError as exc:
+        raise AssertionError(f"mutations: {note_mutations}: {exc}") from exc
+
+
+def _corrupt(draw, raw: bytes) -> bytes:
+    """A few byte-level edits of a serialised message (or, now and then, random bytes)."""
+    if draw(st.integers(0, 19)) == 0:  # what the garbage-bytes test sent: whole messages of noise
+        return draw(st.binary(max_size=512))
+    data = bytearray(raw)
+    for _ in range(draw(st.integers(1, 4))):
+        how = draw(st.sampled_from(["flip", "byte", "delete", "insert", "truncate"]))
+        i = draw(st.integers(0, max(len(data) - 1, 0)))
+        if how == "flip" and data:
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif how == "byte" and data:
+            data[i] = draw(st.integers(0, 255))
+        elif how == "delete":
+            del data[i : i + draw(st.integers(1, 16))]
+        elif how == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del data[i:]
+    return bytes(data)
+
+
+@QUICK
+@given(data=st.data())
+def test_corrupted_bytes_of_a_valid_message_are_refused_or_harmless(proto, data):
+    """Byte-level noise on a serialised valid step or evaluation (and, one example in 20, bytes
+    of pure noise): what still parses is refused cleanly or is one legitimate step."""
+    msg, _ = data.draw(mutated(proto.session, max_mutations=0), label="valid message")
+    garbage = _corrupt(data.draw, msg.SerializeToString())
+    try:
+        corrupted = pb.EdgeMessage.FromString(garbage)
     except Exception:  # the transport refuses what does not parse (see the live test)
         return
-    kind = msg.WhichOneof("kind")
-    assume(kind != "close")  # a well-formed close is legitimately obeyed
-    snap = Snapshot(proto.session)
+    kind = corrupted.WhichOneof("kind")
+    assume(kind not in ("close", "forget"))  # a well-formed close or forget is legitimately obeyed
+    if kind in ("train", "eval"):
+        _check_outcome(proto, corrupted)
+        return
+    snap = Snapshot(proto.session)  # open, checkpoint, fetch, ...: refused or harmless
     try:
-        reply = proto.handle(msg)
+        proto.handle(corrupted)
     except ProtocolError as exc:
         assert exc.code in (INVALID, PRECONDITION) and exc.message
-    else:  # only a replay (cached answer) or an evaluation can pass, and neither changes state
-        assert kind in ("train", "eval"), reply
-        if kind == "train":
-            assert reply.train == proto.session.last_reply
     snap.assert_unchanged()
 
 

@@ -31,9 +31,12 @@ def test_tls_daemon_with_tokens_is_healthy_from_the_environment(tmp_path, monkey
 
     pki = write_dev_certs(str(tmp_path / "certs"))
     cfg = ServeConfig(
-        host="127.0.0.1", port=0, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+        host="127.0.0.1",
+        port=0,
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
         auth_token_file=pki["tokens"],
-    )  # fmt: skip
+    )
     server, port, _ = create_server(cfg, SessionRegistry(device="cpu", max_sessions=2))
     try:
         # The compose file sets these; the certificate names "cloud", so check it for that name.

@@ -41,7 +41,9 @@ def test_epochs_increase_and_only_the_newest_holder_holds(tmp_path):
     assert read_record(str(tmp_path)).replica == "b"  # type: ignore[union-attr]
     with pytest.raises(SessionMoved, match=r"session moved to another replica \(b, epoch 2\)") as info:
         a.check()
-    assert info.value.code == grpc.StatusCode.ABORTED  # the edge retries it (sft_edge.link.transport.RETRYABLE)
+    assert (
+        info.value.code == grpc.StatusCode.ABORTED
+    )  # the edge retries it (sft_edge.link.transport.RETRYABLE)
     assert a.acquire().replica == "b" and a.epoch == 3 and a.held() and not b.held()  # type: ignore[union-attr]
     assert sorted(os.listdir(tmp_path)) == [
         "epoch-000000001",

@@ -88,7 +88,7 @@ def test_payloads_over_the_session_cap_are_refused_before_allocation(tiny_base):
     proto = StreamProtocol(SessionRegistry(), "edge")
     proto.handle(_open_msg(tiny_base, compression=pb.LZ4, max_batch_size=4, max_seq_len=16))
     session = proto.session
-    cap = session.max_activation_bytes()
+    cap = session.inputs.max_bytes()
     assert cap == 4 * 16 * 8 * 4  # batch x seq x rank x fp32: derived from the session's config
 
     # A shape over the cap, as the decoder sees it with the session's limit.

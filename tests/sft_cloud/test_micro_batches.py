@@ -85,16 +85,22 @@ ORDER = grpc.StatusCode.FAILED_PRECONDITION
 @pytest.mark.parametrize(
     "msg, code, match",
     [
-        (_micro(0, 2, (4,), (1,), count=3), ORDER, "step 0 micro-batch 2 is out of order: the session "
-         "expects step 0 micro-batch 1"),
+        (
+            _micro(0, 2, (4,), (1,), count=3),
+            ORDER,
+            "step 0 micro-batch 2 is out of order: the session expects step 0 micro-batch 1",
+        ),
         (_micro(1, 0, (4,), (1,)), ORDER, "step 1 is out of order"),
-        (_micro(0, 1, (4,), (1,), count=3), INVALID, "says step 0 has 3 micro-batches of 3 examples; "
-         "micro-batch 0 said 2 of 3"),
+        (
+            _micro(0, 1, (4,), (1,), count=3),
+            INVALID,
+            "says step 0 has 3 micro-batches of 3 examples; micro-batch 0 said 2 of 3",
+        ),
         (_micro(0, 1, (4,), (1,), examples=4), INVALID, "micro-batch 0 said 2 of 3"),
         (_micro(0, 1, (4, 4), (1, 0)), INVALID, "hold 4 examples, which cannot add up to step_examples 3"),
         (pb.EdgeMessage(checkpoint=pb.Checkpoint(step=0)), ORDER, "with 1 of its micro-batches applied"),
     ],
-)  # fmt: skip
+)
 def test_bad_micro_batches_mid_step_are_refused_and_change_nothing(registry, tiny_base, msg, code, match):
     proto = _open(registry, tiny_base)
     proto.handle(_micro(0, 0, (5, 3), (0, 1)))
@@ -104,12 +110,15 @@ def test_bad_micro_batches_mid_step_are_refused_and_change_nothing(registry, tin
 @pytest.mark.parametrize(
     "msg, match",
     [
-        (_micro(0, 0, (5, 3), (0, 1), count=2, examples=2), "hold 2 examples, which cannot add up to step_examples 2 in 2"),
+        (
+            _micro(0, 0, (5, 3), (0, 1), count=2, examples=2),
+            "hold 2 examples, which cannot add up to step_examples 2 in 2",
+        ),
         (_micro(0, 0, (5, 3), (0, 1), count=9, examples=9), "the session allows 1..8 of each"),
         (_micro(0, 0, (5, 3), (0, 1), count=2, examples=99), "the session allows 1..8 of each"),
         (_micro(0, 0, (5, 3), (0, 1), count=0, examples=3), "cannot add up to step_examples 3 in 1"),
     ],
-)  # fmt: skip
+)
 def test_bad_first_micro_batches_are_refused(registry, tiny_base, msg, match):
     proto = _open(registry, tiny_base)
     _assert_refused_unchanged(proto, msg, INVALID, match)
@@ -119,10 +128,10 @@ def test_resume_mid_step_and_after_it(registry, tiny_base):
     proto = _open(registry, tiny_base)
     session = proto.session
     proto.handle(_micro(0, 0, (5, 3), (0, 1)))
-    assert session.resume([0]) == (0, False)  # the live state still holds micro-batch 0
+    assert session.core.resume([0]) == (0, False)  # the live state still holds micro-batch 0
     assert session.opened().next_micro == 1
     proto.handle(_micro(0, 1, (4,), (1,)))
-    assert session.resume([0]) == (0, False)  # step 0 is complete, and all of it is cached
+    assert session.core.resume([0]) == (0, False)  # step 0 is complete, and all of it is cached
 
 
 def test_a_restored_session_drops_a_partly_applied_step(registry, tiny_base):
@@ -138,7 +147,7 @@ def test_a_restored_session_drops_a_partly_applied_step(registry, tiny_base):
     session = proto.session
     session.checkpoint(pb.Checkpoint(step=0))
     session.train(messages[0].train)
-    session.restore(0)
+    session.core.restore(0)
     assert (session.next_step, session.next_micro, session.replies) == (0, 0, {})
     assert all(g is None for g in _grads(session))
     for m in messages:

@@ -36,10 +36,21 @@ GARBAGE = (b"\xff" * 64, b"\x0a\xff\xff\xff\xff\x0f")
 
 def _config() -> pb.SessionConfig:
     return pb.SessionConfig(
-        model="random:tiny", mode=pb.SFT, split_layer=3, rank=WIDTH, num_labels=2, wire_dtype=pb.FLOAT32,
-        lr=1e-3, weight_decay=0.01, warmup_steps=2, total_steps=100, seed=7, max_batch_size=8,
-        max_seq_len=64, task="sst2",
-    )  # fmt: skip
+        model="random:tiny",
+        mode=pb.SFT,
+        split_layer=3,
+        rank=WIDTH,
+        num_labels=2,
+        wire_dtype=pb.FLOAT32,
+        lr=1e-3,
+        weight_decay=0.01,
+        warmup_steps=2,
+        total_steps=100,
+        seed=7,
+        max_batch_size=8,
+        max_seq_len=64,
+        task="sst2",
+    )
 
 
 def _open(base) -> pb.EdgeMessage:
