@@ -23,6 +23,7 @@ from helpers import (
 
 from sft_cloud.daemon.protocol import StreamProtocol
 from sft_cloud.sessions.registry import SessionRegistry
+from sft_common.cuts.ffn_output import svd_factors
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.topology.spec import (
@@ -33,7 +34,7 @@ from sft_common.topology.spec import (
     SplitSpec,
     session_fingerprint,
 )
-from sft_common.topology.two_part import build_split_model, svd_factors
+from sft_common.topology.two_part import build_split_model
 from sft_common.wire import codec
 from sft_common.wire.errors import ProtocolError
 from sft_edge import cli

@@ -17,18 +17,21 @@ which its forward leaves alone; the halves take A, and B with the layer's FFN (`
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from sft_common.models.families import Family
+from sft_common.cuts.base import Cut, TailFactors
+from sft_common.models.base_model import BaseModel
+from sft_common.models.families import Family, Modules
+from sft_common.models.loading import materialise
 
 ATTRIBUTE = "input_cut"  # where a cut layer holds its InputCut
 
 
 class Factor(nn.Linear):
-    """A bias-free linear that is one of the cut's factors (``split.factor_parameters``)."""
+    """A bias-free linear that is one of the cut's factors (``topology.two_part.factor_parameters``)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -103,9 +106,76 @@ def factorise_input(family: Family, layer: nn.Module, rank: int) -> Tuple[InputC
     weight = family.ffn_in_weight(layer)
     v = input_factors(weight, rank)
     # Built without initialisation (every value is copied below): a random init would draw from
-    # the process-wide RNG (see split.factorise_layer).
+    # the process-wide RNG (see ffn_output.factorise_layer).
     cut = skeleton(layer, weight.shape[1], rank).to_empty(device=weight.device)
     with torch.no_grad():
         cut.a.weight.copy_(v.t())
         cut.b.weight.copy_(v)
     return cut, v
+
+
+class FFNInputCut(Cut):
+    """``--factorise ffn-input``: the attention part and A end the sending part, ``InputTail``
+    (B and the rest of the layer) starts the next; the residual crosses inside the R values."""
+
+    factor = "a"
+
+    def width(self, hidden: int) -> int:
+        return self.rank
+
+    def edge_factor_shape(self, hidden: int, intermediate: int) -> Optional[Tuple[int, int]]:
+        return (hidden, self.rank)  # Aᵀ
+
+    def validate(self, hidden: int, intermediate: int) -> None:
+        if self.keep_residual:
+            raise ValueError("keep_residual is for the FFN-output cut: at the FFN input the residual crosses")
+        if not 1 <= self.rank <= hidden:
+            raise ValueError(
+                f"rank {self.rank} is out of range: the FFN-input cut's bottleneck reads the "
+                f"{hidden}-wide residual stream, so 1 <= R <= {hidden}"
+            )
+
+    def sender_modules(self, family: Family, layer: nn.Module) -> Modules:
+        return {**family.attend_parts(layer), "a": input_cut_of(layer).a}
+
+    def send(
+        self, family: Family, part: nn.Module, h: torch.Tensor, ctx: Dict[str, Any]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return part.get_submodule("a")(
+            family.attend(part, h, ctx)
+        ), None  # the residual crosses inside the R values
+
+    def receiver(self, family: Family, layer: nn.Module) -> Optional[nn.Module]:
+        return InputTail(family, layer)
+
+    def skeleton(self, family: Family, layer: nn.Module, hidden: int) -> Optional[nn.Linear]:
+        return skeleton(layer, hidden, self.rank).a
+
+    def reads(self, family: Family, layer: nn.Module) -> List[nn.Module]:
+        return tail_modules(family, layer)  # the layer's FFN first: the SVD reads W·diag(γ)
+
+    def factorise(self, family: Family, layer: nn.Module) -> Optional[torch.Tensor]:
+        return factorise_input(family, layer, self.rank)[1]  # Aᵀ = V_R (hidden, R)
+
+    def tail_factors(self, family: Family, layer: nn.Module) -> Optional[TailFactors]:
+        return None, input_cut_of(layer).b.weight.detach().t().contiguous()  # Bᵀ = V_Rᵀ (R, hidden)
+
+    def load_receiver(
+        self, base: BaseModel, model: nn.Module, layer: nn.Module, factors: TailFactors, device: str
+    ) -> None:
+        """B from the cloud; the layer's FFN (and a pre-LN norm) read from the base weights."""
+        sigma, v = factors
+        hidden, rank = base.hidden_size, self.rank
+        if sigma is not None or tuple(v.shape) != (rank, hidden):
+            raise ValueError(f"edge factor B2ᵀ must have shape {(rank, hidden)}, with no Σ2")
+        materialise(nn.ModuleList(tail_modules(base.family, layer)), base, model, 0, device)
+        b = skeleton(layer, hidden, rank).b.to_empty(device=device)
+        with torch.no_grad():
+            b.weight.copy_(v.t())
+
+    def use_factors(self, receiver: nn.Module, factors: TailFactors) -> None:
+        sigma, v = factors
+        if not isinstance(receiver, InputTail) or sigma is not None:
+            raise ValueError("the FFN-input cut's factor is B alone (no Σ)")
+        with torch.no_grad():
+            receiver.b.weight.copy_(v.t())

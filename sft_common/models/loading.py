@@ -1,6 +1,10 @@
 """Building models from a ``BaseModel`` without random draws: a meta-device skeleton of the whole
 classifier, and materialising any part of it from the checkpoint, loading only that part's tensors
-(``split``'s builders, the U-shape's)."""
+(the two-part and U-shape builders, the cuts, the edge's calibration).
+
+The public API: ``model_skeleton`` (the modules, no storage), ``materialise`` (storage and values
+for a part), ``base_values`` (the checkpoint's values of some of a model's tensors),
+``named_tensors`` (a module's parameters and buffers) and ``init_head``."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def init_head(model: Any, seed: int) -> None:
             linear.bias.zero_()
 
 
-def _skeleton(base: BaseModel, num_labels: int) -> nn.Module:
+def model_skeleton(base: BaseModel, num_labels: int) -> nn.Module:
     """The model's modules with no storage (meta device): cheap, however large the model."""
     config = base.config.__class__.from_dict(base.config.to_dict())
     config.num_labels = num_labels
@@ -37,11 +41,25 @@ def _skeleton(base: BaseModel, num_labels: int) -> nn.Module:
         return classifier(config)
 
 
-def _tensors(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+def named_tensors(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """A module's parameters, then its buffers, by their names in it."""
     return list(module.named_parameters()) + list(module.named_buffers())
 
 
-def _materialise(
+def base_values(base: BaseModel, model: nn.Module, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The base model's values of ``tensors`` (tensors of ``model``, found by their names in it),
+    in order, each asserted to have its tensor's shape."""
+    names = {id(t): base.family.base_name(n) for n, t in named_tensors(model)}
+    values = base.load(names[id(t)] for t in tensors)
+    found = [values[names[id(t)]] for t in tensors]
+    for tensor, value in zip(tensors, found):
+        assert value.shape == tensor.shape, (
+            f"{names[id(tensor)]}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}"
+        )
+    return found
+
+
+def materialise(
     module: nn.Module,
     base: BaseModel,
     model: nn.Module,
@@ -57,12 +75,14 @@ def _materialise(
     frequencies are recomputed; anything else is an error.
     """
     family = base.family
-    names = {id(t): n for n, t in _tensors(model)}
-    sources = {n: family.base_name(names[id(t)]) if id(t) in names else None for n, t in _tensors(module)}
+    names = {id(t): n for n, t in named_tensors(model)}
+    sources = {
+        n: family.base_name(names[id(t)]) if id(t) in names else None for n, t in named_tensors(module)
+    }
     for child_name, child in module.named_children():
         if child_name not in skip:
             child.to_empty(device=device)
-    own = [(n, t) for n, t in _tensors(module) if n.split(".", 1)[0] not in skip]
+    own = [(n, t) for n, t in named_tensors(module) if n.split(".", 1)[0] not in skip]
     tensors = base.load(src for src in sources.values() if src is not None)
     gen = torch.Generator().manual_seed(seed)
     computed: List[str] = []

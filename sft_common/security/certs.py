@@ -186,7 +186,8 @@ def write_dev_certs(
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sft_common.security.certs", description="Write development TLS certificates and tokens."
+        prog="python -m sft_common.security.certs",
+        description="Write development TLS certificates and tokens.",
     )
     parser.add_argument("--out", default=DEV_DIR, help=f"output folder (default {DEV_DIR})")
     parser.add_argument(

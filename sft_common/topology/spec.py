@@ -7,13 +7,31 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-MODES = ("sft", "sl")
-PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE = "plain", "activation-aware", "residual-aware"
-INITS = (PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE)  # how the SFT factors start (--svd-init)
-# Which linear of the cut layer's FFN is factorised (docs/design.md, "The two cuts"): the output
-# (the paper's §III, the default) or the input (the paper's released code).
-FFN_OUTPUT, FFN_INPUT = "ffn-output", "ffn-input"
-FACTORISATIONS = (FFN_OUTPUT, FFN_INPUT)
+from sft_common.cuts import Cut, cut_of
+from sft_common.cuts.base import (
+    ACTIVATION_AWARE,
+    FACTORISATIONS,
+    FFN_INPUT,
+    FFN_OUTPUT,
+    INITS,
+    MODES,
+    PLAIN,
+    RESIDUAL_AWARE,
+)
+
+# The settings' names, defined with the cuts (``sft_common.cuts.base``), are imported from here too.
+__all__ = [
+    "ACTIVATION_AWARE",
+    "FACTORISATIONS",
+    "FFN_INPUT",
+    "FFN_OUTPUT",
+    "INITS",
+    "MODES",
+    "PLAIN",
+    "RESIDUAL_AWARE",
+    "SplitSpec",
+    "session_fingerprint",
+]
 
 
 @dataclass(frozen=True)
@@ -51,37 +69,28 @@ class SplitSpec:
                 f"init {RESIDUAL_AWARE!r} fits the residual the FFN-output cut drops; the FFN-input cut "
                 "carries it already (use 'activation-aware' there)"
             )
-        if self.factorise == FFN_INPUT:
-            self._validate_input_cut(hidden)
-        elif self.mode == "sft" and not 1 <= self.rank <= min(hidden, intermediate):
-            raise ValueError(
-                f"rank {self.rank} is out of range: the FFN output of this model is "
-                f"{hidden}x{intermediate}, so 1 <= R <= {min(hidden, intermediate)}"
-            )
-
-    def _validate_input_cut(self, hidden: int) -> None:
-        """--factorise ffn-input: an SFT cut, its bottleneck at most as wide as the residual stream."""
-        if self.mode != "sft":
+        if self.factorise == FFN_INPUT and self.mode != "sft":
             raise ValueError(
                 "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states "
                 "and factorises nothing"
             )
-        if self.keep_residual:
-            raise ValueError("keep_residual is for the FFN-output cut: at the FFN input the residual crosses")
-        if not 1 <= self.rank <= hidden:
-            raise ValueError(
-                f"rank {self.rank} is out of range: the FFN-input cut's bottleneck reads the "
-                f"{hidden}-wide residual stream, so 1 <= R <= {hidden}"
-            )
+        self.cut.validate(hidden, intermediate)
+
+    @property
+    def cut(self) -> Cut:
+        """What happens at the cut layer (``sft_common.cuts``), resolved from mode and factorise."""
+        return cut_of(self)
 
     def cut_width(self, hidden: int) -> int:
         """Width of one token's activation at the cut: R for SFT, hidden for plain SL."""
-        return self.rank if self.mode == "sft" else hidden
+        return self.cut.width(hidden)
 
     def edge_factor_shape(self, hidden: int, intermediate: int) -> Tuple[int, int]:
         """The factor the cloud sends the edge (SFT): u (intermediate, R) for the FFN-output cut,
-        Aᵀ (hidden, R) for the FFN-input cut."""
-        return (hidden if self.factorise == FFN_INPUT else intermediate, self.rank)
+        Aᵀ (hidden, R) for the FFN-input cut. Plain SL sends none: u's shape, which no one reads
+        (the edge session asks before it looks at the mode)."""
+        shape = self.cut.edge_factor_shape(hidden, intermediate)
+        return (intermediate, self.rank) if shape is None else shape
 
 
 def session_fingerprint(

@@ -35,28 +35,19 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from sft_common.cuts import input_cut
 from sft_common.models.base_model import BaseModel, family_of
 from sft_common.models.families import Family
+from sft_common.models.loading import init_head, materialise, model_skeleton
 from sft_common.models.lora import LoraSpec, apply_lora, head_parameters
-from sft_common.topology.spec import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES, SplitSpec
+from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, MODES, SplitSpec
 from sft_common.topology.two_part import (
     CloudHalf,
     EdgeHalf,
-    _adopt,
-    _ffn_out,
-    _install,
-    _materialise,
-    _skeleton,
-    _svd_of,
-    _svd_skeleton,
-    _tensors,
+    adopt,
     build_edge_half,
     build_full_model,
     factor_parameters,
     factorise,
-    factorise_layer,
-    init_head,
 )
 
 EdgeHead = EdgeHalf  # the U's first part: the two-part edge half at the first cut
@@ -137,22 +128,15 @@ class CloudMiddle(nn.Module):
         self.family: Family = family_of(model.config)
         family, layers = self.family, self.family.layers(model)
         self.spec = spec
-        first, second = spec.split_layer, spec.second_layer(len(layers))
-        self.a = None
-        if spec.mode == "sft" and spec.factorise == FFN_INPUT:
-            self.tail = input_cut.InputTail(family, layers[first])
-            self.layers = nn.ModuleList(layers[first + 1 : second])
-            _adopt(self, family.attend_parts(layers[second]))
-            self.u, self.a = None, input_cut.input_cut_of(layers[second]).a
-        elif spec.mode == "sft":
-            self.tail = _svd_of(family, layers[first]).tail
-            self.layers = nn.ModuleList(layers[first + 1 : second])
-            _adopt(self, family.cut_parts(layers[second]))
-            self.u = _svd_of(family, layers[second]).u
-        else:
-            self.tail, self.u = None, None
-            self.layers = nn.ModuleList(layers[first + 1 : second + 1])
-        _adopt(self, family.shared(model))
+        first, second = spec.cuts(len(layers))
+        self.cut = second.cut  # the cut the middle ends with (the same kind as the first)
+        self.u, self.a = None, None  # the second cut's factor, where it has one
+        self.tail = first.cut.receiver(family, layers[first.split_layer])
+        self.layers = nn.ModuleList(
+            self.cut.layers_before(layers, second.split_layer)[first.split_layer + 1 :]
+        )
+        adopt(self, self.cut.sender_modules(family, layers[second.split_layer]))
+        adopt(self, family.shared(model))
 
     def forward(
         self, cut: torch.Tensor, attention_mask: torch.Tensor, residual: Optional[torch.Tensor] = None
@@ -164,12 +148,7 @@ class CloudMiddle(nn.Module):
         ctx = family.context(self, attention_mask, h)
         for layer in self.layers:
             h = family.run_layer(layer, h, ctx)
-        if self.a is not None:  # the residual crosses inside the R values
-            return self.a(family.attend(self, h, ctx)), None
-        if self.u is None:
-            return h, None
-        x, second_residual = family.cut(self, h, ctx)
-        return self.u(x), (second_residual if self.spec.keep_residual else None)
+        return self.cut.send(family, self, h, ctx)
 
 
 def part_factors(part: nn.Module) -> List[nn.Parameter]:
@@ -187,7 +166,8 @@ def lora_part(part: nn.Module, which: str, spec: LoraSpec, seed: int) -> None:
     apply_lora(part, spec, seed, LORA_SIDES[which], keep=keep)
 
 
-def _validate(base: BaseModel, spec: UShapeSpec) -> Tuple[SplitSpec, SplitSpec]:
+def validate_ushape(base: BaseModel, spec: UShapeSpec) -> Tuple[SplitSpec, SplitSpec]:
+    """ValueError with a user-facing message when the U does not fit ``base``; else its two cuts."""
     spec.validate(base.num_hidden_layers)
     if getattr(base.config, "relative_attention", False):  # DeBERTa-v2 (Family.shared with weights)
         raise ValueError(
@@ -204,7 +184,7 @@ def build_ushape_model(
     base: BaseModel, spec: UShapeSpec, num_labels: int, seed: int, device: str = "cpu"
 ) -> Tuple[EdgeHead, CloudMiddle, EdgeTail]:
     """The three parts of one factorised model in one process (the reference for U-shaped training)."""
-    first, second = _validate(base, spec)
+    first, second = validate_ushape(base, spec)
     model = factorise(factorise(build_full_model(base, num_labels, seed, device), first), second)
     return EdgeHead(model, first), CloudMiddle(model, spec), EdgeTail(model, second)
 
@@ -212,43 +192,20 @@ def build_ushape_model(
 def build_ushape_cloud(
     base: BaseModel, spec: UShapeSpec, device: str = "cpu"
 ) -> Tuple[CloudMiddle, Optional[EdgeFactors]]:
-    """The cloud's middle alone, plus what the edge needs of both SVDs (SFT), computed here from
-    the pretrained weights of l1's and l2's FFN outputs. No head: the cloud needs no label count."""
-    _validate(base, spec)
-    model = _skeleton(base, num_labels=2)  # the head is never materialised on the cloud
-    factors = None
-    if spec.mode == "sft" and spec.factorise == FFN_INPUT:
-        factors = _input_factors(base, model, spec, device)
-    elif spec.mode == "sft":
-        layers = base.family.layers(model)
-        svds = []
-        for index in (spec.split_layer, spec.second_layer(len(layers))):
-            # The FFN output linear (and the norm after it) materialised alone, factorised, dropped.
-            _, _, linear, _, norm = _ffn_out(base.family, layers[index])
-            originals = nn.ModuleList([m for m in (linear, norm) if m is not None])
-            _materialise(originals, base, model, 0, device)
-            layer_svd = factorise_layer(base.family, layers[index], spec.rank, spec.keep_residual)
-            svds.append(_install(base.family, layers[index], layer_svd))
-        first, second = svds
-        factors = EdgeFactors(
-            u=first.u.weight.detach().t().contiguous(),
-            sigma=second.tail.sigma.detach().clone(),
-            v=second.tail.v.weight.detach().t().contiguous(),
-        )
+    """The cloud's middle alone, plus what the edge needs of both cuts (None for SL), computed
+    here from the pretrained weights each cut reads (materialised alone, factorised, dropped):
+    the head's factor (u1, or A1ᵀ) and the tail's (Σ2 and v2, or B2ᵀ). No head: the cloud needs
+    no label count."""
+    first, second = validate_ushape(base, spec)
+    model = model_skeleton(base, num_labels=2)  # the head is never materialised on the cloud
+    layers = base.family.layers(model)
+    u = first.cut.load(base, model, layers[first.split_layer], device)
+    second.cut.load(base, model, layers[second.split_layer], device)
+    tail = second.cut.tail_factors(base.family, layers[second.split_layer])
+    factors = None if u is None or tail is None else EdgeFactors(u, *tail)
     middle = CloudMiddle(model, spec)
-    _materialise(middle, base, model, 0, device, skip=("tail", "u", "a"))
+    materialise(middle, base, model, 0, device, skip=("tail", "u", "a"))
     return middle, factors
-
-
-def _input_factors(base: BaseModel, model: nn.Module, spec: UShapeSpec, device: str) -> EdgeFactors:
-    """Both FFN-input cuts installed on the cloud's ``model`` (each layer's FFN materialised first:
-    the SVD reads W·diag(γ)); returns what the edge is sent: A1ᵀ = V1 and B2ᵀ = V2ᵀ."""
-    family, layers = base.family, base.family.layers(model)
-    vs = []
-    for index in (spec.split_layer, spec.second_layer(len(layers))):
-        _materialise(nn.ModuleList(input_cut.tail_modules(family, layers[index])), base, model, 0, device)
-        vs.append(input_cut.factorise_input(family, layers[index], spec.rank)[1])
-    return EdgeFactors(u=vs[0], sigma=None, v=vs[1].t().contiguous())
 
 
 def build_ushape_edge(
@@ -261,53 +218,30 @@ def build_ushape_edge(
 ) -> Tuple[EdgeHead, EdgeTail]:
     """The edge's head and tail, loading only their own weights; ``factors`` come from the cloud
     (``build_ushape_cloud``; None for SL). The tail's head is initialised from ``seed``."""
-    first, second = _validate(base, spec)
-    if spec.mode == "sft" and factors is None:
-        raise ValueError("an SFT U-shape needs the cloud's factors (u1, Σ2, v2)")
-    head = build_edge_half(base, first, None if factors is None else factors.u, device)
-    model = _skeleton(base, num_labels)
-    if factors is not None and spec.mode == "sft":
-        _load_second_tail(base, model, second, factors, device)
+    first, second = validate_ushape(base, spec)
+    model = model_skeleton(base, num_labels)
+    head = build_edge_head(base, first, second, model, factors, device)
     tail = EdgeTail(model, second)
-    _materialise(tail, base, model, seed, device, skip=("tail",))
+    materialise(tail, base, model, seed, device, skip=("tail",))
     init_head(model, seed)
     return head, tail
 
 
-def _load_second_tail(
-    base: BaseModel, model: nn.Module, cut: SplitSpec, factors: EdgeFactors, device: str
-) -> None:
-    """Install l2's factorised FFN output in ``model`` with the tail built: Σ2 and v2 from the
-    cloud, v2's bias and the post-LN norm read from the base weights (u2 stays on meta). At the
-    FFN input: B2 from the cloud, l2's FFN (and a pre-LN norm) from the base weights (A2 on meta)."""
-    hidden, rank = base.hidden_size, cut.rank
-    if cut.factorise == FFN_INPUT:
-        if factors.sigma is not None or tuple(factors.v.shape) != (rank, hidden):
-            raise ValueError(f"edge factor B2ᵀ must have shape {(rank, hidden)}, with no Σ2")
-        layer = base.family.layers(model)[cut.split_layer]
-        _materialise(nn.ModuleList(input_cut.tail_modules(base.family, layer)), base, model, 0, device)
-        b = input_cut.skeleton(layer, hidden, rank).b.to_empty(device=device)
-        with torch.no_grad():
-            b.weight.copy_(factors.v.t())
-        return
-    assert factors.sigma is not None
-    if tuple(factors.sigma.shape) != (rank,) or tuple(factors.v.shape) != (rank, hidden):
-        raise ValueError(f"edge factors Σ2, v2 must have shapes {(rank,)} and {(rank, hidden)}")
-    family, layer = base.family, base.family.layers(model)[cut.split_layer]
-    _, _, linear, _, norm = _ffn_out(family, layer)
-    originals = ([("v.bias", linear.bias)] if linear.bias is not None else []) + [
-        ("LayerNorm." + n, p) for n, p in (norm.named_parameters() if norm is not None else ())
-    ]
-    names = {id(t): family.base_name(n) for n, t in _tensors(model)}
-    values = base.load(names[id(t)] for _, t in originals)
-    svd = _install(family, layer, _svd_skeleton(family, layer, cut.rank, cut.keep_residual))
-    tail = svd.tail.to_empty(device=device)
-    with torch.no_grad():  # (no random init: every value is copied)
-        tail.sigma.copy_(factors.sigma)
-        tail.v.weight.copy_(factors.v.t())
-        for name, tensor in originals:
-            value = values[names[id(tensor)]]
-            assert value.shape == tensor.shape, (
-                f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}"
-            )
-            tail.get_parameter(name).copy_(value)
+def build_edge_head(
+    base: BaseModel,
+    first: SplitSpec,
+    second: SplitSpec,
+    model: nn.Module,
+    factors: Optional[EdgeFactors],
+    device: str,
+) -> EdgeHead:
+    """The edge's head part, built; and the second cut's receiving side installed on ``model``, the
+    meta-device skeleton the edge's tail is then taken from, with the cloud's ``factors`` (the
+    classification tail's and the causal LM's)."""
+    if second.cut.factor is not None and factors is None:
+        raise ValueError("an SFT U-shape needs the cloud's factors (u1, Σ2, v2)")
+    head = build_edge_half(base, first, None if factors is None else factors.u, device)
+    if factors is not None and second.cut.factor is not None:
+        layer = base.family.layers(model)[second.split_layer]
+        second.cut.load_receiver(base, model, layer, (factors.sigma, factors.v), device)
+    return head

@@ -25,24 +25,17 @@ from torch.nn import functional as F
 
 from sft_common.models.base_model import BaseModel
 from sft_common.models.families import fill_buffers
+from sft_common.models.loading import materialise, model_skeleton
 from sft_common.topology.spec import SplitSpec
-from sft_common.topology.two_part import (
-    CloudHalf,
-    _cut_skeleton,
-    _materialise,
-    _skeleton,
-    build_edge_half,
-    build_full_model,
-    factorise,
-)
+from sft_common.topology.two_part import CloudHalf, build_full_model, factorise
 from sft_common.topology.ushape import (
     CloudMiddle,
     EdgeFactors,
     EdgeHead,
     EdgeTail,
     UShapeSpec,
-    _load_second_tail,
-    _validate,
+    build_edge_head,
+    validate_ushape,
 )
 
 LM_HEAD = "lm_head.weight"  # the untied LM head's name in a causal-LM checkpoint (every family here)
@@ -129,7 +122,7 @@ def build_ushape_lm_model(
 ) -> Tuple[EdgeHead, CloudMiddle, LMTail]:
     """The three parts of one factorised causal LM in one process (the reference)."""
     check_causal_lm(base)
-    first, second = _validate(base, spec)
+    first, second = validate_ushape(base, spec)
     model = factorise(factorise(build_full_model(base, 2, seed, device), first), second)
     head = EdgeHead(model, first)
     return head, CloudMiddle(model, spec), LMTail(model, second, lm_head_for(base, head, seed, device))
@@ -141,15 +134,11 @@ def build_ushape_lm_edge(
     """The edge's head and LM tail, loading only their own weights (``build_ushape_edge``'s,
     with the LM head for the classification head); ``factors`` from the cloud (None for SL)."""
     check_causal_lm(base)
-    first, second = _validate(base, spec)
-    if spec.mode == "sft" and factors is None:
-        raise ValueError("an SFT U-shape needs the cloud's factors (u1, Σ2, v2)")
-    head = build_edge_half(base, first, None if factors is None else factors.u, device)
-    model = _skeleton(base, num_labels=2)  # its score is never materialised here
-    if factors is not None and spec.mode == "sft":
-        _load_second_tail(base, model, second, factors, device)
+    first, second = validate_ushape(base, spec)
+    model = model_skeleton(base, num_labels=2)  # its score is never materialised here
+    head = build_edge_head(base, first, second, model, factors, device)
     tail = LMTail(model, second, lm_head_for(base, head, seed, device))
-    _materialise(tail, base, model, seed, device, skip=("tail", "lm_head"))
+    materialise(tail, base, model, seed, device, skip=("tail", "lm_head"))
     return head, tail
 
 
@@ -164,7 +153,7 @@ def build_causal_lm(base: BaseModel, seed: int, device: str = "cpu") -> nn.Modul
     config = base.config.__class__.from_dict(base.config.to_dict())
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    _materialise(model, base, model, seed, device, skip=("lm_head",))
+    materialise(model, base, model, seed, device, skip=("lm_head",))
     model.lm_head = lm_head_for(base, model, seed, device)
     return model
 
@@ -190,11 +179,10 @@ def trained_ushape(
     export: no base model needed): the tail ends in the LM head for ``num_labels`` 0 (a causal
     LM; tied where the config ties it), else in the task head (``EdgeTail``)."""
     base = BaseModel(name="trained", config=config, fingerprint="", tokenizer_dir="")
-    model = _skeleton(base, max(num_labels, 1))
+    model = model_skeleton(base, max(num_labels, 1))
     first, second = spec.cuts(base.num_hidden_layers)
-    if spec.mode == "sft":
-        for cut in (first, second):  # u or A on the edge's side, the rest: all on meta until to_empty
-            _cut_skeleton(base, base.family.layers(model)[cut.split_layer], cut)
+    for cut in (first, second):  # each cut's modules (none for SL), all on meta until to_empty
+        cut.cut.skeleton(base.family, base.family.layers(model)[cut.split_layer], base.hidden_size)
     model.to_empty(device=device)
     fill_buffers(model)  # buffers that no state dict carries
     head = EdgeHead(model, first)

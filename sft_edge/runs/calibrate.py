@@ -33,10 +33,11 @@ from sft_common.cuts.whiten import (
     whitened_factors,
 )
 from sft_common.models.base_model import BaseModel
-from sft_common.topology.spec import FFN_INPUT, RESIDUAL_AWARE, SplitSpec
 
 # The meta-device builders (no storage, no random draws), as build_cloud_half uses them.
-from sft_common.topology.two_part import EdgeHalf, _ffn_out, _materialise, _skeleton, build_edge_half
+from sft_common.models.loading import materialise, model_skeleton
+from sft_common.topology.spec import FFN_INPUT, RESIDUAL_AWARE, SplitSpec
+from sft_common.topology.two_part import EdgeHalf, build_edge_half
 from sft_edge.data.glue import Batch
 
 log = logging.getLogger("sft_edge")
@@ -48,9 +49,9 @@ FEW_TOKENS_PER_RANK = 32
 def ffn_output_weight(base: BaseModel, spec: SplitSpec) -> torch.Tensor:
     """The cut layer's FFN output weight W (hidden, intermediate), public: read by name from the
     base model alone (GPT-2's Conv1D transposed as ``Family.ffn_weight`` does)."""
-    model = _skeleton(base, num_labels=2)
-    _, _, linear, _, _ = _ffn_out(base.family, base.family.layers(model)[spec.split_layer])
-    _materialise(nn.ModuleList([linear]), base, model, 0, "cpu")
+    model = model_skeleton(base, num_labels=2)
+    _, _, linear, _, _ = base.family.ffn_output(base.family.layers(model)[spec.split_layer])
+    materialise(nn.ModuleList([linear]), base, model, 0, "cpu")
     return base.family.ffn_weight(linear).detach()
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from helpers import random_batch
 
+from sft_common.cuts.ffn_output import svd_factors
 from sft_common.topology.spec import SplitSpec
 from sft_common.topology.two_part import (
     build_cloud_half,
     build_edge_half,
     build_full_model,
     build_split_model,
-    svd_factors,
 )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sft_common.cuts.ffn_output import svd_factors
 from sft_common.cuts.whiten import (
     CrossMoment,
     SecondMoment,
@@ -16,7 +17,6 @@ from sft_common.cuts.whiten import (
     whitened_factors,
     whitening,
 )
-from sft_common.topology.two_part import svd_factors
 
 OUT, IN = 16, 40
 
