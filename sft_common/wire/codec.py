@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 import lz4.block
@@ -162,10 +162,48 @@ def decode(
     claimed shape before any allocation, as are INT8 / INT4's row scales. A session
     that uses LZ4 also accepts uncompressed tensors (the sender skips lz4 where it does not help).
     """
+    refuse = _Refusal(name)
+    _check_encoding(msg, dtype, compression, refuse)
+    dims = _checked_dims(msg, shape, refuse)
+    nbytes, need = _payload_size(msg.dtype, dims, max_bytes, refuse)
+    row_scales = _checked_scales(msg, dims, refuse)
+    data = _payload(msg, nbytes, need, refuse)
+    if nbytes == 0:
+        return torch.zeros(dims, dtype=torch.float32, device=device)
+    with warnings.catch_warnings():
+        # ``bytes`` is read-only to the buffer protocol. This one is ours alone (see _payload), and
+        # every path below either copies it (cast, device move) or only reads it, so no copy here.
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(data, dtype=TORCH_DTYPES.get(msg.dtype, torch.uint8))  # INT4: packed
+    if msg.dtype == pb.INT4:
+        assert row_scales is not None
+        return _int4_values(raw, dims, row_scales, refuse).to(device)
+    if msg.dtype == pb.INT8:
+        assert row_scales is not None
+        out = raw.reshape(dims).to(dtype=torch.float32).reshape(_rows(dims), -1).mul_(row_scales[:, None])
+        return out.reshape(dims).to(device)  # int8 times finite scales is finite
+    return _float_values(raw.reshape(dims), msg, refuse).to(device)
 
-    def refuse(what: str) -> ProtocolError:
-        return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {what}")
 
+# ---------------------------------------------------------------------------------------------
+# decode's checks, in the order it makes them: everything the claimed header says is checked
+# before a byte of the payload is touched or anything of its size allocated.
+
+
+class _Refusal:
+    """Builds ``decode``'s errors: INVALID_ARGUMENT naming the tensor."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, what: str) -> ProtocolError:
+        return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: {what}")
+
+
+def _check_encoding(
+    msg: pb.Tensor, dtype: Optional[int], compression: Optional[int], refuse: _Refusal
+) -> None:
+    """The wire dtype and compression: known, and the session's."""
     if msg.dtype not in SUPPORTED_WIRE_DTYPES:
         raise refuse(f"unknown dtype {msg.dtype}")
     if dtype is not None and msg.dtype != dtype:
@@ -177,6 +215,10 @@ def decode(
             f"compression {pb.Compression.Name(msg.compression)}, "
             f"the session uses {pb.Compression.Name(compression)}"
         )
+
+
+def _checked_dims(msg: pb.Tensor, shape: Optional[Sequence[Optional[int]]], refuse: _Refusal) -> List[int]:
+    """The claimed shape: the expected rank and dimensions, none negative."""
     dims = list(msg.shape)
     if shape is not None:
         if len(dims) != len(shape):
@@ -186,35 +228,51 @@ def decode(
                 raise refuse(f"shape {dims}: dimension {i} is {got}, expected {want}")
     if any(d < 0 for d in dims):
         raise refuse(f"negative dimension in shape {dims}")
+    return dims
+
+
+def _payload_size(wire_dtype: int, dims: List[int], max_bytes: int, refuse: _Refusal) -> Tuple[int, str]:
+    """The payload's size in bytes for ``dims`` (INT4: packed rows) and how it was counted, refused
+    over ``max_bytes``."""
     # A 0 in the shape makes it empty, but torch still multiplies the other dimensions (strides):
     # measured with each 0 counted as 1, so [0, 2^32, 2^32] is refused here, not by torch.
     spanned = [max(d, 1) for d in dims]
-    if msg.dtype == pb.INT4:
-        rows, row_len, row_bytes = _int4_layout(dims)
+    if wire_dtype == pb.INT4:
+        rows, _, row_bytes = _int4_layout(dims)
         nbytes = rows * row_bytes
         span_rows, _, span_row_bytes = _int4_layout(spanned)
         span = span_rows * span_row_bytes
         need = f"shape {dims} in int4 needs {rows} rows x {row_bytes} bytes = {nbytes}"
     else:
-        itemsize = torch.empty((), dtype=TORCH_DTYPES[msg.dtype]).element_size()
+        itemsize = torch.empty((), dtype=TORCH_DTYPES[wire_dtype]).element_size()
         nbytes = math.prod(dims) * itemsize  # 1 element for a scalar
         span = math.prod(spanned) * itemsize
         need = f"shape {dims} x {itemsize} bytes needs {nbytes}"
     if span > max_bytes:
         counted = f" (its dimensions span {span})" if span != nbytes else ""
         raise refuse(f"shape {dims} is {nbytes} bytes{counted}, over the limit of {max_bytes}")
+    return nbytes, need
+
+
+def _checked_scales(msg: pb.Tensor, dims: List[int], refuse: _Refusal) -> Optional[torch.Tensor]:
+    """The tensor's scale, and INT8 / INT4's row scales (None for the other dtypes): finite, >= 0."""
     if not math.isfinite(msg.scale) or msg.scale < 0:
         raise refuse(f"invalid scale {msg.scale}")
-    row_scales: Optional[torch.Tensor] = None
-    if msg.dtype in ROW_SCALED:
-        if len(msg.scales) != _rows(dims):
-            raise refuse(f"{len(msg.scales)} row scales for shape {dims}, expected {_rows(dims)}")
-        # Bounded: as many as rows, and rows <= span <= max_bytes.
-        row_scales = torch.tensor(list(msg.scales), dtype=torch.float32)
-        if not bool(torch.isfinite(row_scales).all()) or bool((row_scales < 0).any()):
-            raise refuse("row scales must be finite and non-negative")
-    elif len(msg.scales):
-        raise refuse(f"row scales are for INT8 and INT4 only, the tensor is {pb.DType.Name(msg.dtype)}")
+    if msg.dtype not in ROW_SCALED:
+        if len(msg.scales):
+            raise refuse(f"row scales are for INT8 and INT4 only, the tensor is {pb.DType.Name(msg.dtype)}")
+        return None
+    if len(msg.scales) != _rows(dims):
+        raise refuse(f"{len(msg.scales)} row scales for shape {dims}, expected {_rows(dims)}")
+    # Bounded: as many as rows, and rows <= span <= max_bytes.
+    row_scales = torch.tensor(list(msg.scales), dtype=torch.float32)
+    if not bool(torch.isfinite(row_scales).all()) or bool((row_scales < 0).any()):
+        raise refuse("row scales must be finite and non-negative")
+    return row_scales
+
+
+def _payload(msg: pb.Tensor, nbytes: int, need: str, refuse: _Refusal) -> bytes:
+    """The payload's bytes, decompressed to at most ``nbytes``, of exactly that length."""
     data = msg.data  # protobuf hands out a fresh bytes object on every access
     if msg.compression == pb.LZ4:
         try:
@@ -223,28 +281,31 @@ def decode(
             raise refuse(f"lz4 payload does not decompress to {nbytes} bytes ({exc})") from None
     if len(data) != nbytes:
         raise refuse(f"{len(data)} bytes of data, {need}")
-    if nbytes == 0:
-        return torch.zeros(dims, dtype=torch.float32, device=device)
-    with warnings.catch_warnings():
-        # ``bytes`` is read-only to the buffer protocol. This one is ours alone (see above), and
-        # every path below either copies it (cast, device move) or only reads it, so no copy here.
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(data, dtype=TORCH_DTYPES.get(msg.dtype, torch.uint8))  # INT4: packed
-    if msg.dtype == pb.INT4:
-        assert row_scales is not None
-        packed = raw.reshape(rows, row_bytes)
-        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(rows, 2 * row_bytes)
-        if int(nibbles.min()) == 0:
-            raise refuse("a 0 nibble (-8): int4 values are -7..7, nibbles 1..15")
-        if row_len % 2 and bool((nibbles[:, -1] != INT4_ZERO).any()):
-            raise refuse(f"a row's padding nibble is not {INT4_ZERO}")
-        out = nibbles[:, :row_len].to(torch.float32).sub_(INT4_ZERO).mul_(row_scales[:, None])
-        return out.reshape(dims).to(device)  # -7..7 times finite scales is finite
-    raw = raw.reshape(dims)
-    if msg.dtype == pb.INT8:
-        assert row_scales is not None
-        out = raw.to(dtype=torch.float32).reshape(_rows(dims), -1).mul_(row_scales[:, None]).reshape(dims)
-        return out.to(device)  # int8 times finite scales is finite
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# decode's dtype decoding: checked bytes -> float32 values.
+
+
+def _int4_values(
+    raw: torch.Tensor, dims: List[int], row_scales: torch.Tensor, refuse: _Refusal
+) -> torch.Tensor:
+    """Packed nibbles (rows x row_bytes, uint8) -> float32 of ``dims``: code - 8, times the row's
+    scale; a 0 nibble (-8) and a padding nibble other than 8 are refused."""
+    rows, row_len, row_bytes = _int4_layout(dims)
+    packed = raw.reshape(rows, row_bytes)
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(rows, 2 * row_bytes)
+    if int(nibbles.min()) == 0:
+        raise refuse("a 0 nibble (-8): int4 values are -7..7, nibbles 1..15")
+    if row_len % 2 and bool((nibbles[:, -1] != INT4_ZERO).any()):
+        raise refuse(f"a row's padding nibble is not {INT4_ZERO}")
+    out = nibbles[:, :row_len].to(torch.float32).sub_(INT4_ZERO).mul_(row_scales[:, None])
+    return out.reshape(dims)  # -7..7 times finite scales is finite
+
+
+def _float_values(raw: torch.Tensor, msg: pb.Tensor, refuse: _Refusal) -> torch.Tensor:
+    """fp32 / fp16 / bf16 values -> float32, divided by the tensor's scale; NaN and Inf refused."""
     out = raw.to(dtype=torch.float32)  # a copy for fp16/bf16; for fp32 the view itself
     if msg.scale:
         out = out / msg.scale if msg.dtype == pb.FLOAT32 else out.div_(msg.scale)
@@ -253,4 +314,4 @@ def decode(
     lo, hi = torch.aminmax(out)
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         raise refuse("contains NaN or Inf")
-    return out.to(device)
+    return out
