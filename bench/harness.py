@@ -115,6 +115,30 @@ def grpc_server(base: BaseModel, device: str = "cpu") -> Iterator[Tuple[str, Cal
         server.stop(0)
 
 
+def session_config(base: BaseModel, split_layer: int, **fields: Any) -> pb.SessionConfig:
+    """A two-part SFT session of rank 8 on two labels, fp32 on the wire, batches of at most 8 x 64
+    tokens, as an edge opens it; ``fields`` set the rest (lr, steps, seed, LoRA)."""
+    return pb.SessionConfig(
+        model=base.name,
+        mode=pb.SFT,
+        split_layer=split_layer,
+        rank=8,
+        num_labels=2,
+        wire_dtype=pb.FLOAT32,
+        max_batch_size=8,
+        max_seq_len=64,
+        **fields,
+    )
+
+
+def random_step(step: int, lengths: List[int]) -> pb.TrainStep:
+    """A train step of that session with random rank-8 activations, labels 0, 1, 0, 1, ..."""
+    acts = codec.encode(torch.randn(sum(lengths), 8))
+    return pb.TrainStep(
+        step=step, activations=acts, lengths=lengths, labels=[k % 2 for k in range(len(lengths))]
+    )
+
+
 def split_session(
     base: BaseModel,
     spec: SplitSpec,

@@ -31,12 +31,11 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import daemon, median, percentile, proc_status, save  # noqa: E402
-from bench.harness import Watched  # noqa: E402
+from bench.harness import Watched, random_step, session_config  # noqa: E402
 from sft_common.models.base_model import BaseModel, load_base_model  # noqa: E402
 from sft_common.proto import sft_pb2 as pb  # noqa: E402
 from sft_common.proto import sft_pb2_grpc as pb_grpc  # noqa: E402
 from sft_common.topology.spec import SplitSpec, session_fingerprint  # noqa: E402
-from sft_common.wire import codec
 from sft_edge.data.glue import Batch  # noqa: E402
 from sft_edge.link.transport import GrpcTransport, open_channel  # noqa: E402
 from sft_edge.runs.config import OptimConfig  # noqa: E402
@@ -197,29 +196,14 @@ def load(args: argparse.Namespace) -> Dict:
 
 def open_request(base: BaseModel) -> pb.OpenSession:
     """A new tiny SFT session (split layer 3, rank 8) with room for many steps."""
-    config = pb.SessionConfig(
-        model=base.name,
-        mode=pb.SFT,
-        split_layer=3,
-        rank=8,
-        num_labels=2,
-        wire_dtype=pb.FLOAT32,
-        lr=1e-3,
-        weight_decay=0.01,
-        warmup_steps=0,
-        total_steps=100_000,
-        seed=1,
-        max_batch_size=8,
-        max_seq_len=64,
-        task="reconnects",
-    )
+    fields = dict(lr=1e-3, weight_decay=0.01, total_steps=100_000, seed=1, task="reconnects")
+    config = session_config(base, 3, **fields)
     fp = session_fingerprint(base.fingerprint, SplitSpec(split_layer=3, rank=8), 2)
     return pb.OpenSession(config=config, fingerprint=fp)
 
 
 def train_step(step: int) -> pb.EdgeMessage:
-    acts = codec.encode(torch.randn(8, 8))
-    return pb.EdgeMessage(train=pb.TrainStep(step=step, activations=acts, lengths=[5, 3], labels=[0, 1]))
+    return pb.EdgeMessage(train=random_step(step, [5, 3]))
 
 
 class Reconnector:

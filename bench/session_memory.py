@@ -17,39 +17,23 @@ from bench.common import proc_status, run_child, save, table
 
 
 def child(args: argparse.Namespace) -> Dict:
-    import torch
-
+    from bench.harness import random_step, session_config
     from sft_cloud.sessions.two_part import TwoPartSession as CloudSession
     from sft_common.models.base_model import load_base_model
-    from sft_common.proto import sft_pb2 as pb
-    from sft_common.wire import codec
 
     base = load_base_model(args.model)
     layer = args.split_layer if args.split_layer is not None else base.num_hidden_layers - 1
-    config = pb.SessionConfig(
-        model=base.name,
-        mode=pb.SFT,
-        split_layer=layer,
-        rank=8,
-        num_labels=2,
-        wire_dtype=pb.FLOAT32,
-        lr=2e-5,
-        total_steps=10,
-        seed=42,
-        max_batch_size=8,
-        max_seq_len=64,
-        lora_rank=8 if args.mode == "lora" else 0,
-        lora_alpha=16.0 if args.mode == "lora" else 0.0,
+    lora = args.mode == "lora"
+    config = session_config(
+        base, layer, lr=2e-5, total_steps=10, seed=42, lora_rank=8 * lora, lora_alpha=16.0 * lora
     )
     shared: Dict = {}
     gc.collect()
     rss = [proc_status()["VmRSS"]]  # KiB, with the base model loaded
     sessions = []
     for k in range(args.sessions):
-        s = CloudSession(f"s{k}", "bench", config, base, shared_base=shared if args.mode == "lora" else None)
-        lengths = [16] * 8
-        acts = codec.encode(torch.randn(sum(lengths), 8), pb.FLOAT32)
-        s.train(pb.TrainStep(step=0, activations=acts, lengths=lengths, labels=[0, 1] * 4))
+        s = CloudSession(f"s{k}", "bench", config, base, shared_base=shared if lora else None)
+        s.train(random_step(0, [16] * 8))
         sessions.append(s)
         gc.collect()
         rss.append(proc_status()["VmRSS"])
