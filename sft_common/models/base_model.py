@@ -224,19 +224,40 @@ def _random_model(name: str) -> BaseModel:
 # What else shapes a non-BERT model's function (named, not the whole config: a transformers
 # release that adds defaults to to_dict() must not move fingerprints between edge and cloud).
 _SHAPING = (
-    "num_key_value_heads", "head_dim", "activation_function", "activation", "layer_norm_epsilon",
-    "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias",
-    "pad_token_id", "n_inner", "hidden_dim", "sinusoidal_pos_embds", "scale_attn_weights",
-    "scale_attn_by_inverse_layer_idx", "use_sliding_window",
-)  # fmt: skip
+    "num_key_value_heads",
+    "head_dim",
+    "activation_function",
+    "activation",
+    "layer_norm_epsilon",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+    "mlp_bias",
+    "pad_token_id",
+    "n_inner",
+    "hidden_dim",
+    "sinusoidal_pos_embds",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "use_sliding_window",
+)
 
 
 def _canonical_config(config: Any) -> bytes:
     keys = (
-        "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-        "intermediate_size", "hidden_act", "vocab_size", "max_position_embeddings",
-        "type_vocab_size", "layer_norm_eps",
-    )  # fmt: skip
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "vocab_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "layer_norm_eps",
+    )
     shape = {k: getattr(config, k, None) for k in keys}
     if config.model_type != "bert":  # BERT's bytes stay as they were: fingerprints must not move
         family = find_family(config.model_type)

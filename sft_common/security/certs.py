@@ -86,7 +86,7 @@ def make_ca(common_name: str = "SFT dev CA", days: int = 365) -> Issued:
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )

@@ -37,12 +37,17 @@ def load_owned(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     absent = sorted(set(missing) - _frozen(module))
     if absent or unexpected:
+        found = (("missing", absent), ("unexpected", sorted(unexpected)))
+        listed = [
+            f"{what}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
+            for what, names in found
+            if names
+        ]
         raise ValueError(
             "the saved weights do not fit this model: "
-            + "; ".join(f"{what}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
-                        for what, names in (("missing", absent), ("unexpected", sorted(unexpected))) if names)
+            + "; ".join(listed)
             + " (was it trained with other --peft / --lora-* flags, split or model?)"
-        )  # fmt: skip
+        )
 
 
 def pack(

@@ -28,14 +28,38 @@ from sft_common.models.families.encoders import Bert, DistilBert, Roberta, XlmRo
 from sft_common.models.families.modernbert import ModernBert
 
 __all__ = [
-    "FAMILIES", "Bert", "DebertaV2", "Decoder", "DistilBert", "Family", "Gpt2", "Llama",
-    "ModernBert", "Modules", "Qwen2", "Roberta", "XlmRoberta", "additive_mask", "causal_mask",
-    "fill_buffers", "find_family", "layer_output", "supported",
-]  # fmt: skip
+    "FAMILIES",
+    "Bert",
+    "DebertaV2",
+    "Decoder",
+    "DistilBert",
+    "Family",
+    "Gpt2",
+    "Llama",
+    "ModernBert",
+    "Modules",
+    "Qwen2",
+    "Roberta",
+    "XlmRoberta",
+    "additive_mask",
+    "causal_mask",
+    "fill_buffers",
+    "find_family",
+    "layer_output",
+    "supported",
+]
 
 FAMILIES: Tuple[Family, ...] = (
-    Bert(), Roberta(), XlmRoberta(), DistilBert(), DebertaV2(), ModernBert(), Gpt2(), Llama(), Qwen2(),
-)  # fmt: skip
+    Bert(),
+    Roberta(),
+    XlmRoberta(),
+    DistilBert(),
+    DebertaV2(),
+    ModernBert(),
+    Gpt2(),
+    Llama(),
+    Qwen2(),
+)
 
 
 def find_family(model_type: Optional[str]) -> Optional[Family]:

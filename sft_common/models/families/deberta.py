@@ -22,14 +22,29 @@ class DebertaV2(Family):
     # As DeBERTa-v3 (no absolute positions, no token types, shared attention keys, normed relative
     # embeddings), with 8 position buckets so that a 16-token test reaches the log buckets.
     random_extra = dict(
-        relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True,
-        pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0, pad_token_id=0,
-    )  # fmt: skip
+        relative_attention=True,
+        position_buckets=8,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        type_vocab_size=0,
+        pad_token_id=0,
+    )
     shaping = (
-        "relative_attention", "position_buckets", "max_relative_positions", "pos_att_type",
-        "share_att_key", "norm_rel_ebd", "position_biased_input", "embedding_size",
-        "attention_head_size", "pooler_hidden_size", "pooler_hidden_act", "conv_kernel_size",
-    )  # fmt: skip
+        "relative_attention",
+        "position_buckets",
+        "max_relative_positions",
+        "pos_att_type",
+        "share_att_key",
+        "norm_rel_ebd",
+        "position_biased_input",
+        "embedding_size",
+        "attention_head_size",
+        "pooler_hidden_size",
+        "pooler_hidden_act",
+        "conv_kernel_size",
+    )
 
     def refusal(self, config):
         if getattr(config, "conv_kernel_size", 0) > 0:

@@ -104,8 +104,10 @@ class Llama(Decoder):
     def ffn_in_parts(self, layer):
         return {
             "post_attention_layernorm": layer.post_attention_layernorm,
-            "gate_proj": layer.mlp.gate_proj, "up_proj": layer.mlp.up_proj, "act_fn": layer.mlp.act_fn,
-        }  # fmt: skip
+            "gate_proj": layer.mlp.gate_proj,
+            "up_proj": layer.mlp.up_proj,
+            "act_fn": layer.mlp.act_fn,
+        }
 
     def ffn_in_weight(self, layer):
         mlp = layer.mlp  # gate and up both read the normed r: one (2 x intermediate, hidden) input
@@ -127,9 +129,11 @@ class Llama(Decoder):
 
     def attend(self, half, h, ctx):
         attn = half.self_attn(
-            hidden_states=half.input_layernorm(h), attention_mask=ctx["mask"],
-            position_ids=ctx["positions"], position_embeddings=ctx["rotary"],
-        )[0]  # fmt: skip
+            hidden_states=half.input_layernorm(h),
+            attention_mask=ctx["mask"],
+            position_ids=ctx["positions"],
+            position_embeddings=ctx["rotary"],
+        )[0]
         return h + attn
 
     def ffn_in(self, parts, r):

@@ -36,14 +36,29 @@ class ModernBert(Family):
     # Alternating global and local (2 positions either side) layers; BERT's dropout of 0.1
     # everywhere (ModernBERT's default is none) so the equivalence tests see seeded masks.
     random_extra = dict(
-        max_position_embeddings=512, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-        cls_token_id=101, sep_token_id=102, global_attn_every_n_layers=2, local_attention=4,
-        embedding_dropout=0.1, attention_dropout=0.1, mlp_dropout=0.1, classifier_dropout=0.1,
-    )  # fmt: skip
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+        cls_token_id=101,
+        sep_token_id=102,
+        global_attn_every_n_layers=2,
+        local_attention=4,
+        embedding_dropout=0.1,
+        attention_dropout=0.1,
+        mlp_dropout=0.1,
+        classifier_dropout=0.1,
+    )
     shaping = (
-        "layer_types", "local_attention", "norm_eps", "norm_bias", "hidden_activation",
-        "classifier_pooling", "classifier_activation", "classifier_bias",
-    )  # fmt: skip
+        "layer_types",
+        "local_attention",
+        "norm_eps",
+        "norm_bias",
+        "hidden_activation",
+        "classifier_pooling",
+        "classifier_activation",
+        "classifier_bias",
+    )
 
     def layers(self, model):
         return model.model.layers
