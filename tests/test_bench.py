@@ -20,8 +20,16 @@ sys.path.insert(0, str(ROOT))
 def test_traffic_sizes_are_what_the_transport_counts():
     from bench import traffic
 
-    args = argparse.Namespace(ranks=[4], split_layer=None, seq=16, batch_size=4, wires=["fp32", "fp16"],
-                              compressions=["none", "lz4"], full_step=False, cls_only=False)  # fmt: skip
+    args = argparse.Namespace(
+        ranks=[4],
+        split_layer=None,
+        seq=16,
+        batch_size=4,
+        wires=["fp32", "fp16"],
+        compressions=["none", "lz4"],
+        full_step=False,
+        cls_only=False,
+    )
     rows = traffic.measure(args, "random:tiny", "fixed", 1, False)
     by = {(r["mode"], r["rank"], r["wire"], r["compression"]): r for r in rows}
     sft = by[("sft", 4, "fp32", "none")]
@@ -43,8 +51,26 @@ def test_traffic_label_private_sends_both_cuts_each_way(tmp_path):
     from sft_common.proto import sft_pb2 as pb
     from sft_common.wire import codec
 
-    argv = ["--models", "random:tiny", "--kinds", "fixed", "--ranks", "4", "--wires", "fp32", "fp16",
-            "--compressions", "none", "--batch-size", "4", "--seq", "16", "--label-private", "--out-dir", str(tmp_path)]  # fmt: skip
+    argv = [
+        "--models",
+        "random:tiny",
+        "--kinds",
+        "fixed",
+        "--ranks",
+        "4",
+        "--wires",
+        "fp32",
+        "fp16",
+        "--compressions",
+        "none",
+        "--batch-size",
+        "4",
+        "--seq",
+        "16",
+        "--label-private",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert traffic.main(argv) == 0
     rows = json.loads((tmp_path / "traffic.json").read_text())["rows"]
     by = {(r["shape"], r["mode"], r["wire"]): r for r in rows}
@@ -85,9 +111,22 @@ def test_traffic_cheap_capture_matches_a_full_training_step():
 def test_step_time_breakdown_runs(tmp_path):
     from bench import step_time
 
-    args = argparse.Namespace(model="random:tiny", kind="fixed", mode="sft", rank=4, split_layer=None,
-                              wire="fp32", compression="none", batch_size=2, seq=8, batches=1, warmup=0,
-                              reps=1, variants=["inproc", "grpc"], device="cpu")  # fmt: skip
+    args = argparse.Namespace(
+        model="random:tiny",
+        kind="fixed",
+        mode="sft",
+        rank=4,
+        split_layer=None,
+        wire="fp32",
+        compression="none",
+        batch_size=2,
+        seq=8,
+        batches=1,
+        warmup=0,
+        reps=1,
+        variants=["inproc", "grpc"],
+        device="cpu",
+    )
     rows = step_time.run(args)
     assert [r["variant"] for r in rows] == ["inproc", "grpc"]
     for r in rows:
@@ -134,8 +173,18 @@ def test_memory_child_reports_time_and_every_phase(split_layer):
     of every step, and the step time."""
     from bench import memory
 
-    args = argparse.Namespace(model="random:tiny", kind="fixed", split_layer=split_layer, rank=4, mode="sft",
-                              batch_size=2, seq=8, steps=2, warmup=0, cloud=None)  # fmt: skip
+    args = argparse.Namespace(
+        model="random:tiny",
+        kind="fixed",
+        split_layer=split_layer,
+        rank=4,
+        mode="sft",
+        batch_size=2,
+        seq=8,
+        steps=2,
+        warmup=0,
+        cloud=None,
+    )
     out = memory.child(args)
     assert [s["step"] for s in out["steps"]] == [0, 1]
     assert all(p in s for s in out["steps"] for p in memory.PHASES)
@@ -199,9 +248,31 @@ def test_exit_on_signals_restores_the_previous_handlers():
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_make_netns(), reason="needs root, ip and tc (network namespaces)")
 def test_link_benchmark_end_to_end(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench.link", "--model", "random:tiny", "--kind", "fixed",
-                    "--batch-size", "2", "--seq", "8", "--steps", "1", "--warmup", "0", "--rates", "10",
-                    "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.link",
+            "--model",
+            "random:tiny",
+            "--kind",
+            "fixed",
+            "--batch-size",
+            "2",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rates",
+            "10",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     rows = json.loads((tmp_path / "link.json").read_text())["rows"]
     assert {r["mode"] for r in rows} == {"local", "sl", "sft"}
 
@@ -209,10 +280,40 @@ def test_link_benchmark_end_to_end(tmp_path):
 @pytest.mark.skipif(not _can_make_netns(), reason="needs root, ip and tc (network namespaces)")
 def test_overlap_benchmark_end_to_end(tmp_path):
     """bench.link --overlap on a tiny case: two namespaces, a shaped link, whole steps against micro-batches."""
-    subprocess.run([sys.executable, "-m", "bench.link", "--overlap", "--model", "random:tiny", "--kind", "fixed",
-                    "--batch-size", "4", "--seq", "8", "--steps", "1", "--warmup", "0", "--rates", "100",
-                    "--configs", "sft:2", "sl:3", "--micro", "1", "2", "--depths", "2", "--out-dir", str(tmp_path)],
-                   check=True, cwd=ROOT)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.link",
+            "--overlap",
+            "--model",
+            "random:tiny",
+            "--kind",
+            "fixed",
+            "--batch-size",
+            "4",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rates",
+            "100",
+            "--configs",
+            "sft:2",
+            "sl:3",
+            "--micro",
+            "1",
+            "2",
+            "--depths",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     rows = json.loads((tmp_path / "overlap.json").read_text())["rows"]
     assert [(r["mode"], r["micro"]) for r in rows] == [("sft", 1), ("sft", 2), ("sl", 1), ("sl", 2)]
     assert all(r["step_s"] > 0 and r["bytes_per_step"] > 0 for r in rows)
@@ -223,14 +324,55 @@ def test_overlap_benchmark_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_memory_benchmark_end_to_end(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench.memory", "--model", "random:tiny", "--layers", "0",
-                    "--batch-size", "2", "--seq", "8", "--steps", "1", "--warmup", "0",
-                    "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.memory",
+            "--model",
+            "random:tiny",
+            "--layers",
+            "0",
+            "--batch-size",
+            "2",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["local", "edge (sft)"]
-    subprocess.run([sys.executable, "-m", "bench.memory", "--phases", "--model", "random:tiny", "--layers", "0",
-                    "--batch-size", "2", "--seq", "8", "--steps", "2", "--warmup", "0",
-                    "--out-dir", str(tmp_path)], check=True, cwd=ROOT)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.memory",
+            "--phases",
+            "--model",
+            "random:tiny",
+            "--layers",
+            "0",
+            "--batch-size",
+            "2",
+            "--seq",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     runs = json.loads((tmp_path / "memory_phases.json").read_text())["runs"]
     assert [r["run"] for r in runs] == ["local", "edge l=0"] and all(len(r["steps"]) == 2 for r in runs)
 
@@ -242,9 +384,29 @@ def test_inversion_attacker_reads_back_what_full_width_sl_sends(glue_dir, tmp_pa
     what the cloud learns of the labels."""
     from bench import inversion
 
-    args = ["--model", "random:tiny", "--layers", "0", "--ranks", "4", "--public", "sst2:dev", "--private",
-            "sst2:dev", "--sentences", "64", "64", "--epochs", "40", "--lr", "3e-3", "--data-dir", glue_dir,
-            "--out-dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "--model",
+        "random:tiny",
+        "--layers",
+        "0",
+        "--ranks",
+        "4",
+        "--public",
+        "sst2:dev",
+        "--private",
+        "sst2:dev",
+        "--sentences",
+        "64",
+        "64",
+        "--epochs",
+        "40",
+        "--lr",
+        "3e-3",
+        "--data-dir",
+        glue_dir,
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert inversion.main(args) == 0
     result = json.loads((tmp_path / "inversion_random_tiny.json").read_text())
     assert result["public"] == result["private"] == 64
@@ -265,9 +427,31 @@ def test_inversion_of_the_ffn_input_cut_at_full_width_reads_back_like_sl(glue_di
     the attacker reads it back as it reads SL. Variant runs have SFT rows only and their own file."""
     from bench import inversion
 
-    args = ["--model", "random:tiny", "--layers", "0", "--ranks", "32", "--public", "sst2:dev", "--private",
-            "sst2:dev", "--sentences", "64", "64", "--epochs", "40", "--lr", "3e-3", "--data-dir", glue_dir,
-            "--out-dir", str(tmp_path), "--factorise", "ffn-input"]  # fmt: skip
+    args = [
+        "--model",
+        "random:tiny",
+        "--layers",
+        "0",
+        "--ranks",
+        "32",
+        "--public",
+        "sst2:dev",
+        "--private",
+        "sst2:dev",
+        "--sentences",
+        "64",
+        "64",
+        "--epochs",
+        "40",
+        "--lr",
+        "3e-3",
+        "--data-dir",
+        glue_dir,
+        "--out-dir",
+        str(tmp_path),
+        "--factorise",
+        "ffn-input",
+    ]
     assert inversion.main(args) == 0
     result = json.loads((tmp_path / "inversion_random_tiny_ffn-input.json").read_text())
     (row,) = result["rows"]

@@ -117,11 +117,37 @@ def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
     text, best = acc.frontier(records)
     assert "| 0 | sft-r24-l0-int4 | 16 | -5.00 (1) | -4.00 (1) | -4.50 |" in text
     assert "| 2 | sft-r8-l2-fin-fp16 | 16 | | -4.00 (2) | -4.00 |" in text.replace("|  |", "| |")
-    assert best == [{"split_layer": 0, "config": "sft-r24-l0-int4", "flags": ["--mode", "sft", "--rank", "24", "--split-layer", "0", "--wire-dtype", "int4"],
-                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.5, "tasks": ["mrpc e1", "sst2 m200"],
-                     "seeds": {"mrpc e1": [42], "sst2 m200": [42]}},
-                    {"split_layer": 2, "config": "sft-r8-l2-fin-fp16", "flags": ["--mode", "sft", "--rank", "8", "--split-layer", "2", "--factorise", "ffn-input", "--wire-dtype", "fp16"],
-                     "bytes_per_token": 16.0, "mean_delta_vs_local": -4.0, "tasks": ["sst2 m200"], "seeds": {"sst2 m200": [42, 43]}}]  # fmt: skip
+    assert best == [
+        {
+            "split_layer": 0,
+            "config": "sft-r24-l0-int4",
+            "flags": ["--mode", "sft", "--rank", "24", "--split-layer", "0", "--wire-dtype", "int4"],
+            "bytes_per_token": 16.0,
+            "mean_delta_vs_local": -4.5,
+            "tasks": ["mrpc e1", "sst2 m200"],
+            "seeds": {"mrpc e1": [42], "sst2 m200": [42]},
+        },
+        {
+            "split_layer": 2,
+            "config": "sft-r8-l2-fin-fp16",
+            "flags": [
+                "--mode",
+                "sft",
+                "--rank",
+                "8",
+                "--split-layer",
+                "2",
+                "--factorise",
+                "ffn-input",
+                "--wire-dtype",
+                "fp16",
+            ],
+            "bytes_per_token": 16.0,
+            "mean_delta_vs_local": -4.0,
+            "tasks": ["sst2 m200"],
+            "seeds": {"sst2 m200": [42, 43]},
+        },
+    ]
 
 
 def test_the_frontier_confirms_each_layers_best_point_at_more_seeds(tmp_path, capsys):
@@ -130,8 +156,14 @@ def test_the_frontier_confirms_each_layers_best_point_at_more_seeds(tmp_path, ca
     acc = _bench()
 
     def save(task, cfg, a, budget, seed=42):
-        record = {"name": f"{task}-{cfg}-{budget}-s{seed}", "task": task, "config": cfg, "budget": budget,
-                  "seed": seed, "report": {"metrics": {"accuracy": a}}}  # fmt: skip
+        record = {
+            "name": f"{task}-{cfg}-{budget}-s{seed}",
+            "task": task,
+            "config": cfg,
+            "budget": budget,
+            "seed": seed,
+            "report": {"metrics": {"accuracy": a}},
+        }
         (tmp_path / f"{record['name']}.json").write_text(json.dumps(record))
 
     save("sst2", "local", 0.80, "m200")
@@ -144,14 +176,26 @@ def test_the_frontier_confirms_each_layers_best_point_at_more_seeds(tmp_path, ca
     args = ["--plan", "frontier", "--confirm", "43", "--results", str(tmp_path), "--dry-run"]
     assert acc.main(args) == 0
     assert capsys.readouterr().out.split() == [
-        "todo", "mrpc-local-e3-s43", "done", "sst2-local-m200-s43",
-        "todo", "mrpc-sft-r12-l0-int8-e3-s43", "todo", "sst2-sft-r12-l0-int8-m200-s43",
-        "todo", "sst2-sft-r8-l5-fp16-m200-s43",
-    ]  # fmt: skip
+        "todo",
+        "mrpc-local-e3-s43",
+        "done",
+        "sst2-local-m200-s43",
+        "todo",
+        "mrpc-sft-r12-l0-int8-e3-s43",
+        "todo",
+        "sst2-sft-r12-l0-int8-m200-s43",
+        "todo",
+        "sst2-sft-r8-l5-fp16-m200-s43",
+    ]
     assert acc.main(args + ["--tasks", "sst2"]) == 0  # the confirmation of one task
     assert capsys.readouterr().out.split() == [
-        "done", "sst2-local-m200-s43", "todo", "sst2-sft-r12-l0-int8-m200-s43", "todo", "sst2-sft-r8-l5-fp16-m200-s43",
-    ]  # fmt: skip
+        "done",
+        "sst2-local-m200-s43",
+        "todo",
+        "sst2-sft-r12-l0-int8-m200-s43",
+        "todo",
+        "sst2-sft-r8-l5-fp16-m200-s43",
+    ]
 
 
 def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, capsys):
@@ -199,8 +243,11 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
     assert acc.main(args + ["--dry-run"]) == 0
     out = capsys.readouterr().out.split()
     assert out == ["todo", "mrpc-local-e3-s7", "todo", "mrpc-local-e3-s8"] + [
-        "todo", "mrpc-sft-r384-e3-s7", "todo", "mrpc-sft-r384-e3-s8"
-    ]  # fmt: skip
+        "todo",
+        "mrpc-sft-r384-e3-s7",
+        "todo",
+        "mrpc-sft-r384-e3-s8",
+    ]
     # A planned configuration asked for by name runs at every seed asked for, on the plan's tasks
     # (the cpu plan has `sl` at its first seed only, and SST-2 only).
     assert (
@@ -227,9 +274,13 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
     args = ["--plan", "frontier", "--configs", "sft-r24-l0-fin-int4", "--results", str(tmp_path), "--dry-run"]
     assert acc.main(args + ["--tasks", "mrpc", "sst2", "rte"]) == 0
     assert capsys.readouterr().out.split() == [
-        "todo", "mrpc-sft-r24-l0-fin-int4-e3-s42", "todo", "sst2-sft-r24-l0-fin-int4-m200-s42",
-        "todo", "rte-sft-r24-l0-fin-int4-e3-s42",
-    ]  # fmt: skip
+        "todo",
+        "mrpc-sft-r24-l0-fin-int4-e3-s42",
+        "todo",
+        "sst2-sft-r24-l0-fin-int4-m200-s42",
+        "todo",
+        "rte-sft-r24-l0-fin-int4-e3-s42",
+    ]
     with pytest.raises(SystemExit):  # a name that says no configuration: refused before anything runs
         acc.main(["--configs", "sft-rank8", "--dry-run", "--results", str(tmp_path)])
 
@@ -317,10 +368,26 @@ def test_a_terminated_bench_takes_its_edge_and_daemon_with_it(glue_dir, tmp_path
     import signal
     import time
 
-    cmd = [sys.executable, "bench/accuracy.py", "--tasks", "rte", "--configs", "sft-r8", "--seeds", "7",
-           "--model", "random:tiny", "--data-dir", glue_dir, "--results", str(tmp_path / "results"),
-           "--nice", "1", "--extra", "--max-steps 100000 --max-train-examples 16 --max-eval-examples 16 "
-           "--batch-size 8 --max-seq-len 32"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "bench/accuracy.py",
+        "--tasks",
+        "rte",
+        "--configs",
+        "sft-r8",
+        "--seeds",
+        "7",
+        "--model",
+        "random:tiny",
+        "--data-dir",
+        glue_dir,
+        "--results",
+        str(tmp_path / "results"),
+        "--nice",
+        "1",
+        "--extra",
+        "--max-steps 100000 --max-train-examples 16 --max-eval-examples 16 --batch-size 8 --max-seq-len 32",
+    ]
     bench = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "accuracy-logs" / "rte-sft-r8-e3-s7.log"
     deadline = time.time() + 120
