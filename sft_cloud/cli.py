@@ -16,52 +16,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft-cloud", description="Split fine-tuning: the cloud daemon.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve split fine-tuning sessions over gRPC")
-    s.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
-    s.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where net2 runs")
-    s.add_argument("--insecure", action="store_true", help="serve plaintext gRPC (no TLS); logs a warning")
-    s.add_argument("--tls-cert", help="PEM certificate chain of the server")
-    s.add_argument("--tls-key", help="PEM private key of the server")
-    s.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")
-    s.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
-    s.add_argument("--checkpoint-dir", help="directory for session checkpoints")
-    s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
-    s.add_argument(
+    _listening(s.add_argument_group("listening and security"))
+    _sessions(s.add_argument_group("sessions"))
+    _replicas(s.add_argument_group("replicas sharing --checkpoint-dir"))
+    logs = s.add_argument_group("logs and metrics")
+    logs.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    logs.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    logs.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
+    return parser
+
+
+def _listening(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--host",
+        help="interface to listen on (default: 0.0.0.0 with TLS; 127.0.0.1 with --insecure, so a "
+        "plaintext daemon is reachable from other hosts only when --host says so, e.g. --host 0.0.0.0 "
+        "behind a TLS-terminating proxy)",
+    )
+    g.add_argument("--port", type=int, default=D.port, help="port (default 50051; 0 picks a free one)")
+    g.add_argument("--insecure", action="store_true", help="serve plaintext gRPC (no TLS); logs a warning")
+    g.add_argument("--tls-cert", help="PEM certificate chain of the server")
+    g.add_argument("--tls-key", help="PEM private key of the server")
+    g.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to (mutual TLS)")
+    g.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
+
+
+def _sessions(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--device", default=D.device, choices=["auto", "cpu", "cuda"], help="where net2 runs")
+    g.add_argument("--checkpoint-dir", help="directory for session checkpoints")
+    g.add_argument(
+        "--max-sessions", type=int, default=D.max_sessions, help="concurrent sessions (default 64)"
+    )
+    g.add_argument(
         "--keep-finished-days",
         type=float,
         default=D.keep_finished_days,
         help="keep a finished session's trained net2 (for its owner's predict / export) this many days "
         f"after it closed, with --checkpoint-dir (default {D.keep_finished_days:g}; 0: delete at once)",
     )
-    s.add_argument(
+    g.add_argument(
         "--idle-timeout",
         type=float,
-        default=3600.0,
+        default=D.idle_timeout,
         help="seconds without a stream after which a session is checkpointed and evicted (default 3600)",
     )
-    s.add_argument(
+    g.add_argument(
         "--grace-seconds",
         type=float,
-        default=10.0,
+        default=D.grace_seconds,
         help="on SIGTERM, let running steps finish for at most this long, then checkpoint and exit "
         "(default 10; keep it a few seconds under the orchestrator's own grace period)",
     )
-    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    s.add_argument(
+
+
+def _replicas(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--replica-id",
         help="this replica's name in the session leases under --checkpoint-dir "
         "(default <hostname>-<pid>; replicas sharing the folder must differ)",
     )
-    s.add_argument(
+    g.add_argument(
         "--lease-seconds",
         type=float,
         default=D.lease_seconds,
-        help="replicas sharing --checkpoint-dir: a session lease not renewed for this long has expired; "
+        help="a session lease not renewed for this long has expired; "
         f"renewed every third of it (default {D.lease_seconds:g})",
     )
-    s.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    s.add_argument("--log-format", default="text", choices=FORMATS, help="text, or one JSON object a line")
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,12 +7,15 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+EVERY_INTERFACE = "0.0.0.0"
+LOOPBACK = "127.0.0.1"
+
 
 @dataclass
 class ServeConfig:
     """Everything `sft-cloud serve` takes, one field a flag (``--max-sessions`` is ``max_sessions``)."""
 
-    host: str = "0.0.0.0"  # interface to listen on
+    host: Optional[str] = None  # interface to listen on; None: see listen_host
     port: int = 50051  # 0 picks a free port (tests)
     device: str = "auto"  # auto | cpu | cuda
     insecure: bool = False  # plaintext; must be asked for explicitly
@@ -29,6 +32,14 @@ class ServeConfig:
     keep_finished_days: float = 30.0  # finished sessions' net2 is kept this long for its owner (0: not kept)
     replica_id: Optional[str] = None  # names this replica in the session leases (None: <hostname>-<pid>)
     lease_seconds: float = 30.0  # a session lease not renewed this long has expired (renewed every third)
+
+    def listen_host(self) -> str:
+        """The interface the daemon binds: ``host`` when given; else every interface with TLS, and
+        only this machine's loopback with ``insecure``, so that plaintext reaches other hosts only
+        when --host says so (behind a TLS-terminating proxy, say)."""
+        if self.host is not None:
+            return self.host
+        return LOOPBACK if self.insecure else EVERY_INTERFACE
 
     def validate(self) -> None:
         """Raise ValueError, naming the flag, for what can be checked before anything is loaded."""

@@ -20,7 +20,7 @@ def _drain(stream: IO[str], into: List[str]) -> None:
 
 def start_daemon(
     args: Sequence[str] = ("--insecure",),
-    host: str = "127.0.0.1",
+    host: Optional[str] = "127.0.0.1",
     port: int = 0,
     timeout: float = 180.0,
     prefix: Sequence[str] = (),
@@ -30,11 +30,12 @@ def start_daemon(
 ) -> Tuple[subprocess.Popen, int]:
     """Start the daemon and wait for its "listening on" line; returns (process, bound port).
 
-    ``prefix`` wraps the command (e.g. ``ip netns exec NAME``); ``module`` is what ``python -m``
+    ``host`` None passes no --host (the daemon's own default). ``prefix`` wraps the command (e.g. ``ip netns exec NAME``); ``module`` is what ``python -m``
     runs, with its own arguments before ``serve`` (a wrapper around ``sft_cloud.cli``, say). Raises RuntimeError with what
     the daemon printed if it does not come up within ``timeout`` seconds.
     """
-    cmd = list(prefix) + [sys.executable, "-m", *module, "serve", "--host", host, "--port", str(port)]
+    where = ["--port", str(port)] if host is None else ["--host", host, "--port", str(port)]
+    cmd = list(prefix) + [sys.executable, "-m", *module, "serve", *where]
     proc = subprocess.Popen(
         cmd + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env
     )

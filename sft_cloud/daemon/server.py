@@ -76,7 +76,7 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Reflection lets grpcurl / grpc_cli list and call the services without the .proto files.
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{cfg.host}:{cfg.port}"
+    address = f"{cfg.listen_host()}:{cfg.port}"
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -128,12 +128,12 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
     )
     metrics = DaemonMetrics(sessions=registry.__len__)
     if cfg.metrics_port is not None:
-        _, metrics_port = metrics.serve(cfg.metrics_port, cfg.host)
-        print(f"sft-cloud: metrics on http://{cfg.host}:{metrics_port}/metrics", flush=True)
+        _, metrics_port = metrics.serve(cfg.metrics_port, cfg.listen_host())
+        print(f"sft-cloud: metrics on http://{cfg.listen_host()}:{metrics_port}/metrics", flush=True)
     server, port, health_servicer = create_server(cfg, registry, metrics)
     log.info(
         "sft-cloud serving on %s:%d (device %s, max %d sessions, %s, %s)",
-        cfg.host,
+        cfg.listen_host(),
         port,
         device,
         cfg.max_sessions,
@@ -147,7 +147,7 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
             cfg.lease_seconds,
             cfg.checkpoint_dir,
         )
-    print(f"sft-cloud: listening on {cfg.host}:{port}", flush=True)
+    print(f"sft-cloud: listening on {cfg.listen_host()}:{port}", flush=True)
     if ready is not None:
         ready.set()
     # Evict idle sessions (checkpointed first when there is a checkpoint dir) while serving, and
