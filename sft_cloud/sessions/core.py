@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from sft_cloud.sessions.validation import invalid
-from sft_common.models.lora import share_frozen
+from sft_common.models.lora import LoraSpec, apply_lora, share_frozen
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage import checkpoint
 from sft_common.storage.checkpoint import CheckpointDir
@@ -245,16 +245,26 @@ class SessionCore:
 
 
 def adapt_lora(
-    net2: torch.nn.Module, apply: Callable[[], None], shared_base: Optional[Dict[str, Any]]
-) -> None:
-    """LoRA on net2: ``apply`` puts the adapters in; the frozen base is then shared with the other
-    sessions of this model and split (``shared_base``, filled by the first)."""
+    net2: torch.nn.Module,
+    lora: Optional[LoraSpec],
+    seed: int,
+    side: str,
+    keep: List[torch.nn.Parameter],
+    shared_base: Optional[Dict[str, Any]],
+) -> Optional[Dict[str, Any]]:
+    """LoRA on net2 when the config asks for it (``lora``; None: every parameter trains): adapters
+    seeded by (``seed``, ``side``), the other parameters frozen but ``keep``, the frozen base shared
+    with the other sessions of this model and split (``shared_base``, filled by the first).
+    Returns what the session's fingerprint records of it (None: no LoRA)."""
+    if lora is None:
+        return None
     try:
-        apply()
+        apply_lora(net2, lora, seed, side, keep)
     except ValueError as exc:  # PEFT: no module of that name to adapt
         raise invalid(f"--lora-targets: {exc}") from None
     if shared_base is not None:
         share_frozen(net2, shared_base)
+    return lora.as_dict()
 
 
 def not_its_step(message: str) -> ProtocolError:

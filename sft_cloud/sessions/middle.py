@@ -22,7 +22,7 @@ from sft_cloud.sessions.core import FromCore, SessionCore, adapt_lora, not_its_s
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
 from sft_common.models.base_model import BaseModel
-from sft_common.models.lora import apply_lora, lora_from_config
+from sft_common.models.lora import lora_from_config
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.topology.ushape import LORA_SIDES, build_ushape_cloud, part_factors
@@ -88,14 +88,8 @@ class MiddleSession:
         # u1 for the edge (SessionOpened.edge_factor); None at the FFN input.
         self.edge_factor = None if self.factors is None else self.factors.u
         factors = part_factors(net2)
-        if self.lora is not None:  # adapters; the factors trainable; the base frozen, shareable
-            lora = self.lora
-            adapt_lora(
-                net2,
-                lambda: apply_lora(net2, lora, config.seed, LORA_SIDES["middle"], keep=factors),
-                shared_base,
-            )
-        lora_dict = self.lora.as_dict() if self.lora else None
+        # With LoRA: adapters; the factors trainable; the base frozen, shareable.
+        lora_dict = adapt_lora(net2, self.lora, config.seed, LORA_SIDES["middle"], factors, shared_base)
         fingerprint = session_fingerprint(
             base.fingerprint, self.spec, config.num_labels, lora_dict, config.tail_layers
         )

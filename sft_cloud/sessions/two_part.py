@@ -20,7 +20,7 @@ from sft_cloud.sessions.validation import check_config, decode_factors, invalid
 from sft_common.cuts.ffn_output import SVDTail
 from sft_common.cuts.input_cut import InputTail
 from sft_common.models.base_model import BaseModel
-from sft_common.models.lora import apply_lora, head_parameters, lora_from_config
+from sft_common.models.lora import head_parameters, lora_from_config
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import PLAIN, SplitSpec, session_fingerprint
 from sft_common.topology.two_part import build_cloud_half, factor_parameters, task_loss
@@ -86,11 +86,9 @@ class TwoPartSession:
         factors = factor_parameters(net2)
         if given is not None:  # (without: rebuilt from a checkpoint, which restores them)
             _use_factors(net2, *given)
-        if self.lora is not None:  # adapters; Σ, v and the head trainable; the base frozen, shareable
-            keep = factors + head_parameters(net2)
-            lora = self.lora
-            adapt_lora(net2, lambda: apply_lora(net2, lora, config.seed, "cloud", keep), shared_base)
-        lora_dict = self.lora.as_dict() if self.lora else None
+        # With LoRA: adapters; Σ, v and the head trainable; the base frozen, shareable.
+        keep = factors + head_parameters(net2)
+        lora_dict = adapt_lora(net2, self.lora, config.seed, "cloud", keep, shared_base)
         fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels, lora_dict, None)
         self.core = SessionCore(
             session_id,
