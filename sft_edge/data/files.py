@@ -46,7 +46,7 @@ def load_file_task(spec: FileSpec) -> Tuple[Task, List[Example], List[Example]]:
     if spec.dev_file is not None:
         dev_rows = read_rows(spec.dev_file, columns)
     else:
-        train_rows, dev_rows = _hold_out(train_rows, spec.dev_share, spec.seed, spec.train_file)
+        train_rows, dev_rows = hold_out(train_rows, spec.dev_share, spec.seed, spec.train_file)
     train_labels = [row[spec.label_column] for row, _ in train_rows]
     regression = _is_regression(spec.problem, train_labels)
     names: Optional[Tuple[str, ...]] = None
@@ -208,7 +208,7 @@ def _examples(rows: List[Tuple[Dict, int]], spec: FileSpec, task: Task, path: st
     return out
 
 
-def _hold_out(rows: List, share: float, seed: int, path: str) -> Tuple[List, List]:
+def hold_out(rows: List, share: float, seed: int, path: str) -> Tuple[List, List]:
     """A seeded share of the rows as the dev set, the rest for training (file order kept)."""
     if not 0 < share < 1:
         raise ValueError(f"--dev-share must be between 0 and 1, got {share}")

@@ -148,7 +148,7 @@ def encode_lm(rows: Sequence[LMRow], tokenizer, max_seq_len: int, path: str) -> 
     pieces = [_pieces(row, tokenizer, f"{path}:{row.line}") for row in rows]
     flat = [text for row_pieces in pieces for text, _ in row_pieces]
     tokens = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
-    bos = _bos(tokenizer)
+    bos = bos_token(tokenizer)
     eos = tokenizer.eos_token_id
     out = LMEncoded([], [])
     for row, row_pieces in zip(rows, pieces):
@@ -172,7 +172,7 @@ def encode_lm(rows: Sequence[LMRow], tokenizer, max_seq_len: int, path: str) -> 
     return out
 
 
-def _bos(tokenizer) -> Optional[int]:
+def bos_token(tokenizer) -> Optional[int]:
     """The BOS id where the tokenizer's own encoding starts with it (Llama's), else None."""
     bos = tokenizer.bos_token_id
     return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None

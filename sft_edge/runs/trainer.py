@@ -1,8 +1,9 @@
 """The edge's training run: the loop over steps, evaluation, checkpoints, and the report.
 
-``train(TrainConfig)`` is what ``sft-edge train`` calls. The loop is the same for split
-training (``EdgeSession``: SFT or SL, through a cloud session) and for ``--local`` training of
-the whole model (``LocalSession``); data and model set-up live in ``sft_edge.runs.setup``.
+``train(TrainConfig)`` is what ``sft-edge train`` calls. The loop is the same for every run kind
+(``sft_edge.runs.kinds``: the two-part split, the U, ``--local``) and every problem
+(``sft_edge.runs.problems``): it talks to a ``Session`` and asks the run's kind and problem the
+rest. Data and model set-up live in ``sft_edge.runs.setup``.
 """
 
 from __future__ import annotations
@@ -11,32 +12,27 @@ import logging
 import os
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
-import torch
 
 from sft_common.models.base_model import BaseModel
 from sft_common.storage.atomic import write_json
-from sft_edge.data import metrics as glue_metrics
-from sft_edge.data.glue import Encoded, batch_indices, collate
-from sft_edge.data.lm import LMEncoded
+from sft_edge.data.glue import Encoded, batch_indices
 from sft_edge.data.tasks import Task
-from sft_edge.finished.trained import RUN_FILE
+from sft_edge.finished.record import RunRecord
 from sft_edge.link.connect import connect_to_cloud
 from sft_edge.link.transport import Transport
 from sft_edge.runs import scalars
 from sft_edge.runs.config import TrainConfig
-from sft_edge.runs.lm_run import evaluate_lm
+from sft_edge.runs.problems import TextClassification
 from sft_edge.runs.progress import Progress
 from sft_edge.runs.setup import Run, RunState, open_session, prepare
-from sft_edge.sessions.local import LocalSession
-from sft_edge.sessions.two_part import EdgeSession, Rollback
-from sft_edge.sessions.ushape import UShapeSession
+from sft_edge.sessions.base import Session
+from sft_edge.sessions.client import Rollback
 
 __all__ = ["TrainConfig", "RunState", "Interrupted", "train", "evaluate"]
 log = logging.getLogger("sft_edge")
-Session = Union[EdgeSession, UShapeSession, LocalSession]
 
 
 class Interrupted(Exception):
@@ -50,27 +46,9 @@ class Interrupted(Exception):
         super().__init__(f"interrupted at step {step} of {total}; {then}")
 
 
-def predict_all(
-    session, data: Encoded, batch_size: int, device: str, tick: Optional[Callable[[], None]] = None
-) -> np.ndarray:
-    """The current model's logits for every example of ``data``, (examples, num_labels)."""
-    outputs = []
-    for k, start in enumerate(range(0, len(data), batch_size)):
-        idx = list(range(start, min(start + batch_size, len(data))))
-        outputs.append(session.predict(collate(data, idx).to(device), k).cpu())
-        if tick is not None:
-            tick()
-    return torch.cat(outputs).numpy()
-
-
-def gold_labels(task: Task, data: Encoded) -> np.ndarray:
-    return np.asarray(data.labels, dtype=np.float64 if task.is_regression else np.int64)
-
-
-def evaluate(session, data: Encoded, batch_size: int, task: Task, device: str) -> Dict[str, float]:
+def evaluate(session: Session, data: Encoded, batch_size: int, task: Task, device: str) -> Dict[str, float]:
     """Dev-set metrics of the current model, in the task's metric names."""
-    logits = predict_all(session, data, batch_size, device)
-    return glue_metrics.compute(task.metrics, logits, gold_labels(task, data))
+    return TextClassification().evaluate(session, data, task, batch_size, device, lambda: None)[0]
 
 
 def train(
@@ -91,66 +69,34 @@ def train(
     step = session.start_step
     if cfg.resume:
         state = state.rolled_back(session.restore(step))
+    resuming = f", resuming at step {step}" if cfg.resume else ""
     log.info(
         "training %s on %s: %d examples, %d steps (%d per epoch), %s%s",
-        run.base.name, run.task.name, len(run.train_data), run.total, run.per_epoch,
-        "local" if cfg.local else f"{cfg.mode}{' label-private' if cfg.label_private else ''} via {cfg.cloud}", f", resuming at step {step}" if cfg.resume else "",
-    )  # fmt: skip
+        run.base.name,
+        run.task.name,
+        len(run.train_data),
+        run.total,
+        run.per_epoch,
+        run.kind.describe(cfg),
+        resuming,
+    )
     progress = Progress(run.total, cfg.progress, initial=step, per_epoch=run.per_epoch)
-    logits = None  # of the newest evaluation
-    # --problem causal-lm: dev loss and perplexity, no classes
-    gold = None if isinstance(run.dev_data, LMEncoded) else gold_labels(run.task, run.dev_data)
     scalar_log = scalars.open_for_run(cfg.output_dir, cfg.report)  # loss, lr, traffic, evals as CSV
-    if gold is None and step == 0 and not cfg.resume:  # causal LM: the untrained model's perplexity
-        state.evals = [_eval_entry(session, run, cfg.batch_size, gold, progress, 0)[0]]
-        if scalar_log is not None:
-            scalar_log.eval(0, state.evals[0])
+    loop = Loop(cfg, run, session, progress, scalar_log)
+    if run.problem.evaluates_at_start and step == 0 and not cfg.resume:
+        state.evals = [loop.eval_entry(0)]  # the untrained model's perplexity
     try:
-        while step < run.total:
-            try:
-                lr = session.optimizer.param_groups[0]["lr"]  # the LR this step uses
-                idx = batch_indices(len(run.train_data), cfg.batch_size, cfg.seed, step)
-                loss = session.train_step(step, run.batch(run.train_data, idx).to(run.device))
-                evals = state.evals
-                if (step + 1) % run.per_epoch == 0 or step + 1 == run.total:
-                    entry, logits = _eval_entry(session, run, cfg.batch_size, gold, progress, step + 1)
-                    evals = evals + [entry]
-                    if scalar_log is not None:
-                        scalar_log.eval(step + 1, entry)
-                state.losses.append(loss)
-                state.evals, state.steps = evals, step + 1
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total:
-                    with progress.phase("checkpointing", step + 1):
-                        session.checkpoint(
-                            step + 1, state.record(session, started)
-                        )  # the cloud first, then here
-            except Rollback as rb:
-                progress.say(
-                    f"the cloud restarted: rolling back from step {step} to its checkpoint at {rb.step}"
-                )
-                state, step = state.rolled_back(rb.run), rb.step
-                progress.jump(step)
-                continue
-            step += 1
-            sent, received = (
-                state.bytes_sent + session.bytes_sent,
-                state.bytes_received + session.bytes_received,
-            )
-            if scalar_log is not None:
-                scalar_log.train(step, loss, lr, sent, received)
-            link = (sent, received) if not cfg.local else (None, None)
-            progress.step(loss, lr, len(idx), *link)
+        state = loop.train_from(state, step, started)
     except KeyboardInterrupt:
         held = session.checkpoints.steps() if session.checkpoints else []
-        raise Interrupted(step, run.total, held[0] if held else None, cfg.output_dir) from None
+        raise Interrupted(loop.step, run.total, held[0] if held else None, cfg.output_dir) from None
     finally:
         progress.close()
         if scalar_log is not None:
             scalar_log.close()
     cloud_steps = session.close()
     report = _report(cfg, run, state, session, cloud_steps, time.time() - started)
-    if run.task.name == "custom" and run.task.labels is not None and logits is not None and gold is not None:
-        report["per_class"] = glue_metrics.per_class(logits, gold, run.task.labels)
+    report.update(run.problem.report_extra(run.task, run.dev_data, loop.logits))
     if cfg.output_dir:
         _save(cfg, run, session, report)
     if cfg.report:
@@ -158,46 +104,84 @@ def train(
     return report
 
 
-def _eval_entry(
-    session, run: Run, batch_size: int, gold: Optional[np.ndarray], progress: Progress, done: int
-) -> Tuple[Dict[str, float], Optional[np.ndarray]]:
-    """The eval_history entry after ``done`` steps (shown as progress), and the dev logits."""
-    batches = -(-len(run.dev_data) // batch_size)
-    with progress.phase("evaluating", done, batches) as phase:
-        result, logits = _dev_metrics(session, run, batch_size, gold, phase.tick)
-    progress.say(f"eval after step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-    return {"step": done, "epoch": round(done / run.per_epoch, 3), **result}, logits
+class Loop:
+    """The steps of one run: train, evaluate at each epoch's end, checkpoint, roll back."""
 
+    def __init__(self, cfg: TrainConfig, run: Run, session: Session, progress: Progress, scalar_log):
+        self.cfg, self.run, self.session, self.progress, self.scalars = (
+            cfg,
+            run,
+            session,
+            progress,
+            scalar_log,
+        )
+        self.logits: Optional[np.ndarray] = None  # of the newest evaluation
+        self.step = 0
 
-def _dev_metrics(
-    session, run: Run, batch_size: int, gold: Optional[np.ndarray], tick: Callable[[], None]
-) -> Tuple[Dict[str, float], Optional[np.ndarray]]:
-    """The dev metrics of the current model, and its logits (None for a causal LM: its metrics
-    are the dev loss and perplexity)."""
-    if isinstance(run.dev_data, LMEncoded):
-        return evaluate_lm(session, run.dev_data, batch_size, run.device, tick), None
-    assert gold is not None
-    logits = predict_all(session, run.dev_data, batch_size, run.device, tick)
-    return glue_metrics.compute(run.task.metrics, logits, gold), logits
+    def train_from(self, state: RunState, step: int, started: float) -> RunState:
+        """Train from ``step`` to the run's last; returns the state the report is made of."""
+        cfg, run, session = self.cfg, self.run, self.session
+        self.step = step
+        while self.step < run.total:
+            step = self.step
+            try:
+                lr = session.current_lr()  # the LR this step uses
+                idx = batch_indices(len(run.train_data), cfg.batch_size, cfg.seed, step)
+                loss = session.train_step(step, run.batch(run.train_data, idx).to(run.device))
+                evals = state.evals
+                if (step + 1) % run.per_epoch == 0 or step + 1 == run.total:
+                    evals = evals + [self.eval_entry(step + 1)]
+                state.losses.append(loss)
+                state.evals, state.steps = evals, step + 1
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total:
+                    with self.progress.phase("checkpointing", step + 1):
+                        session.checkpoint(step + 1, state.record(session, started))  # the cloud first
+            except Rollback as rb:
+                self.progress.say(
+                    f"the cloud restarted: rolling back from step {step} to its checkpoint at {rb.step}"
+                )
+                state, self.step = state.rolled_back(rb.run), rb.step
+                self.progress.jump(self.step)
+                continue
+            self.step = step + 1
+            self._show(state, self.step, loss, lr, len(idx))
+        return state
+
+    def _show(self, state: RunState, step: int, loss: float, lr: float, examples: int) -> None:
+        """The step on the progress bar and in the scalars (traffic only where there is a link)."""
+        sent = state.bytes_sent + self.session.bytes_sent
+        received = state.bytes_received + self.session.bytes_received
+        if self.scalars is not None:
+            self.scalars.train(step, loss, lr, sent, received)
+        link = (sent, received) if self.run.kind.has_link else (None, None)
+        self.progress.step(loss, lr, examples, *link)
+
+    def eval_entry(self, done: int) -> Dict[str, Any]:
+        """The eval_history entry after ``done`` steps (shown as progress; written to the scalars)."""
+        run = self.run
+        batches = -(-len(run.dev_data) // self.cfg.batch_size)
+        with self.progress.phase("evaluating", done, batches) as phase:
+            result, logits = run.problem.evaluate(
+                self.session, run.dev_data, run.task, self.cfg.batch_size, run.device, phase.tick
+            )
+        if logits is not None:
+            self.logits = logits
+        self.progress.say(f"eval after step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        entry = {"step": done, "epoch": round(done / run.per_epoch, 3), **result}
+        if self.scalars is not None:
+            self.scalars.eval(done, entry)
+        return entry
 
 
 def _report(
     cfg: TrainConfig, run: Run, state: RunState, session: Session, cloud_steps, seconds: float
 ) -> Dict:
-    split = not cfg.local
     return {
         "task": run.task.name,
         "train_file": cfg.train_file,
         "labels": list(run.task.labels) if run.task.labels is not None else None,  # names, in id order
         "model": run.base.name,
-        "mode": cfg.mode if split else "local",
-        "split_layer": run.spec.split_layer if split else None,
-        "label_private": cfg.label_private,  # the U-shape: head, tail and loss on the edge
-        "tail_layers": cfg.tail_layers if cfg.label_private else None,
-        "rank": cfg.rank if (split and cfg.mode == "sft") else None,
-        "factorise": run.spec.factorise if (split and cfg.mode == "sft") else None,
-        "wire_dtype": cfg.wire_dtype if split else None,
-        "compression": cfg.compression if split else None,
+        **run.kind.report(cfg, run),  # mode, split_layer, label_private, rank, wire dtype, ...
         "steps": state.steps,
         "cloud_steps": cloud_steps,
         "session_id": state.session_id or None,
@@ -223,50 +207,53 @@ def _report(
 def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
     """The trained weights as safetensors, with what it takes to use them: ``sft_edge.json``
     (the split, the label names, the text columns, the cloud session), the model's config with
-    the head's label count, and the tokenizer (``sft_edge.finished.trained``, ``sft-edge predict``)."""
+    the head's label count, and the tokenizer (``sft_edge.finished``, ``sft-edge predict``)."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     assert cfg.output_dir is not None
     os.makedirs(cfg.output_dir, exist_ok=True)
-    name = "model.safetensors" if cfg.local else "edge.safetensors"
+    kind = run.kind
     tensors = {k: v.detach().cpu().contiguous() for k, v in session.state_dict().items()}
-    save_file(tensors, os.path.join(cfg.output_dir, name))
+    save_file(tensors, os.path.join(cfg.output_dir, kind.weights))
     config = run.base.config.__class__.from_dict(run.base.config.to_dict())
-    lm = run.lm_shape is not None
-    if not lm:  # a causal LM keeps its config: the LM head is the vocabulary's
-        config.num_labels = run.task.num_labels
+    num_labels = run.problem.num_labels(run.task)
+    if num_labels:  # a causal LM keeps its config: the LM head is the vocabulary's
+        config.num_labels = num_labels
     config.save_pretrained(cfg.output_dir)
     AutoTokenizer.from_pretrained(run.base.tokenizer_dir).save_pretrained(cfg.output_dir)
-    meta = {
-        "format": 1,
-        "weights": name,
-        "part": "full" if cfg.local else "edge",
-        "model": report["model"],
-        "mode": report["mode"],
-        "split_layer": run.spec.split_layer,
-        "label_private": cfg.label_private,  # the U-shape: the weights hold head.* and tail.*
-        "tail_layers": cfg.tail_layers if cfg.label_private else None,
-        "rank": cfg.rank,
-        "svd_init": cfg.svd_init,  # the fingerprint covers it (predict and export reopen the session)
-        "factorise": run.spec.factorise,  # the FFN linear cut: predict and export rebuild its halves
-        "problem": "causal-lm" if lm else "classification" if run.task.labels is not None else "regression",
-        "lm_shape": run.lm_shape,  # causal LM: the rows' shape (generate templates chat runs' prompts)
-        "num_labels": 0 if lm else run.task.num_labels,
-        "task": run.task.name,
-        "labels": report["labels"],  # names, in id order; None: regression
-        "text_columns": list(run.task.tsv_columns),
-        "label_column": run.task.tsv_label,
-        "max_seq_len": run.max_len,
-        "batch_size": cfg.batch_size,
-        "wire_dtype": cfg.wire_dtype,
-        "compression": cfg.compression,
-        "seed": cfg.seed,
-        # LoRA: the weights hold only what training owns; the base comes from "model", checked
-        "lora": cfg.lora.resolved(run.base.config.model_type).as_dict() if cfg.lora else None,
-        "base_fingerprint": run.base.fingerprint,
-        "session_id": report["session_id"],
-        "steps": report["steps"],
-        "metrics": report["metrics"],
-    }
-    write_json(os.path.join(cfg.output_dir, RUN_FILE), meta)
+    record_of(cfg, run, report).write(cfg.output_dir)
+
+
+def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
+    """The finished run's record (``sft_edge.json``)."""
+    lora = cfg.lora
+    return RunRecord(
+        part=run.kind.part,
+        model=report["model"],
+        mode=report["mode"],
+        problem=run.problem.record_name(run.task),
+        num_labels=run.problem.num_labels(run.task),
+        seed=cfg.seed,
+        max_seq_len=run.max_len,
+        weights=run.kind.weights,
+        split_layer=run.spec.split_layer,
+        label_private=cfg.label_private,
+        tail_layers=report["tail_layers"],
+        rank=cfg.rank,
+        svd_init=cfg.svd_init,
+        factorise=run.spec.factorise,
+        lm_shape=run.lm_shape,
+        task=run.task.name,
+        labels=report["labels"],
+        text_columns=list(run.task.tsv_columns),
+        label_column=run.task.tsv_label,
+        batch_size=cfg.batch_size,
+        wire_dtype=cfg.wire_dtype,
+        compression=cfg.compression,
+        lora=lora.resolved(run.base.config.model_type).as_dict() if lora else None,
+        base_fingerprint=run.base.fingerprint,
+        session_id=report["session_id"],
+        steps=report["steps"],
+        metrics=report["metrics"],
+    )

@@ -82,6 +82,10 @@ class SessionClient:
         """This side's trained module (net1; the U's two edge parts as one)."""
         raise NotImplementedError
 
+    def current_lr(self) -> float:
+        """The learning rate the next step uses (the schedule's)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def checkpoint(self, step: int, run: Dict) -> None:
         """Checkpoint after ``step`` steps: the cloud first (it answers once its file is written),
         then this side's ``module``, optimizer and schedule, with the caller's run record."""
@@ -173,8 +177,11 @@ class SessionClient:
                     raise CloudError(exc.code, f"could not re-attach to the session: {exc.details}") from None
                 log.warning(
                     "reconnecting to session %s: %s; next try in %.1fs, giving up in %.0fs (--reconnect-timeout)",
-                    self.session_id[:8], exc.details, delay, deadline - time.monotonic(),
-                )  # fmt: skip
+                    self.session_id[:8],
+                    exc.details,
+                    delay,
+                    deadline - time.monotonic(),
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
                 continue

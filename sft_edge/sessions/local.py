@@ -63,6 +63,9 @@ class LocalSession:
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         return out.logits.float()
 
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def train_step(self, step: int, batch: Batch) -> float:
         self.model.train()
         with seeded(self.optim_cfg.seed, "local", step):
@@ -98,9 +101,13 @@ class LocalSession:
 
 
 def build_local_model(
-    base: BaseModel, num_labels: int, seed: int, device: str = "cpu", lora: Optional[LoraSpec] = None,
+    base: BaseModel,
+    num_labels: int,
+    seed: int,
+    device: str = "cpu",
+    lora: Optional[LoraSpec] = None,
     causal_lm: bool = False,
-) -> torch.nn.Module:  # fmt: skip
+) -> torch.nn.Module:
     """The whole model ``--local`` trains (and a ``--local`` run's folder loads into): the
     classifier with its seeded head, or the causal LM; with LoRA, the adapters on it, the
     classifier's head trainable, the LM head frozen (as on the U's tail)."""

@@ -27,7 +27,6 @@ from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
 from sft_common.topology.spec import (
     ACTIVATION_AWARE,
-    FFN_INPUT,
     PLAIN,
     RESIDUAL_AWARE,
     SplitSpec,
@@ -39,6 +38,7 @@ from sft_common.wire import codec
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
+from sft_edge.sessions.base import session_config
 from sft_edge.sessions.client import Rollback, SessionClient
 
 # --svd-init on the wire: the cloud takes the factors of either calibrated init alike (Σ and v)
@@ -120,17 +120,18 @@ class EdgeSession(SessionClient):
         lora_dict = self.lora.as_dict() if self.lora else None
         self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_dict)
 
-        config = pb.SessionConfig(
-            model=base.name, mode=pb.SFT if spec.mode == "sft" else pb.SL, split_layer=spec.split_layer,
-            rank=spec.rank, num_labels=num_labels, wire_dtype=self.wire_dtype, compression=self.compression,
-            lr=optim.lr, weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
-            total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
-            max_seq_len=max_seq_len, task=task, factor_lr=optim.factor_lr or 0.0,
-        )  # fmt: skip
-        if self.lora is not None:
-            config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
-            config.lora_targets.extend(self.lora.targets)
-        config.factorise = pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT
+        config = session_config(
+            base.name,
+            spec,
+            num_labels,
+            optim,
+            self.wire_dtype,
+            self.compression,
+            batch_size,
+            max_seq_len,
+            task,
+            self.lora,
+        )
         config.svd_init = SVD_INITS[spec.init]
         open_msg = pb.OpenSession(
             config=config,
@@ -161,9 +162,12 @@ class EdgeSession(SessionClient):
         if self.lora is not None:  # adapters; the base frozen, u trainable
             apply_lora(self.net1, self.lora, optim.seed, "edge", keep=factor_parameters(self.net1))
         self.optimizer = make_optimizer(
-            self.net1.parameters(), optim.lr, optim.weight_decay,
-            factors=factor_parameters(self.net1), factor_lr=optim.factor_lr,
-        )  # fmt: skip
+            self.net1.parameters(),
+            optim.lr,
+            optim.weight_decay,
+            factors=factor_parameters(self.net1),
+            factor_lr=optim.factor_lr,
+        )
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
 
     # -- what the trainer and the drop-in API call ---------------------------------------
@@ -227,9 +231,13 @@ class EdgeSession(SessionClient):
                 f"micro-batch {reply.micro}",
             )
         grad = codec.decode(
-            reply.grad, name="gradient", dtype=self.wire_dtype, shape=tuple(packed.shape),
-            compression=self.compression, device=self.device,
-        )  # fmt: skip
+            reply.grad,
+            name="gradient",
+            dtype=self.wire_dtype,
+            shape=tuple(packed.shape),
+            compression=self.compression,
+            device=self.device,
+        )
         return grad, reply.loss
 
     def exchange(self, step: int, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, float]:

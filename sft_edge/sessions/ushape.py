@@ -31,6 +31,7 @@ from sft_edge.data.glue import Batch
 from sft_edge.data.lm import lm_loss
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
+from sft_edge.sessions.base import session_config
 from sft_edge.sessions.client import SessionClient
 
 HEAD_SIDE, TAIL_SIDE = "edge", "edge-tail"  # dropout seeds of the head's and the tail's forward
@@ -83,22 +84,26 @@ class UShapeSession(SessionClient):
         first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         lora_dict = self.lora.as_dict() if self.lora else None
         self.fingerprint = session_fingerprint(base.fingerprint, first, 0, lora_dict, spec.tail_layers)
-        config = pb.SessionConfig(
-            model=base.name, mode=pb.SFT if spec.mode == "sft" else pb.SL, split_layer=spec.split_layer,
-            rank=spec.rank, num_labels=0, wire_dtype=self.wire_dtype, compression=self.compression,
-            lr=optim.lr, weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
-            total_steps=optim.total_steps, seed=optim.seed, max_batch_size=batch_size,
-            max_seq_len=max_seq_len, task=task, factor_lr=optim.factor_lr or 0.0,
-            label_private=True, tail_layers=spec.tail_layers,
-            factorise=pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT,
-        )  # fmt: skip
-        if self.lora is not None:
-            config.lora_rank, config.lora_alpha = self.lora.rank, self.lora.alpha
-            config.lora_targets.extend(self.lora.targets)
+        config = session_config(
+            base.name,
+            first,
+            0,
+            optim,
+            self.wire_dtype,
+            self.compression,
+            batch_size,
+            max_seq_len,
+            task,
+            self.lora,
+        )
+        config.label_private, config.tail_layers = True, spec.tail_layers
         open_msg = pb.OpenSession(
-            config=config, fingerprint=self.fingerprint, session_id=session_id,
-            resume_steps=list(resume_steps), inference_only=inference_only,
-        )  # fmt: skip
+            config=config,
+            fingerprint=self.fingerprint,
+            session_id=session_id,
+            resume_steps=list(resume_steps),
+            inference_only=inference_only,
+        )
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         factors = self._factors(base, opened) if spec.mode == "sft" else None
         self.causal_lm = causal_lm  # the tail ends in the LM head; the loss is lm_data's shifted one
@@ -112,9 +117,12 @@ class UShapeSession(SessionClient):
             lora_part(self.tail, "tail", self.lora, optim.seed)
         self.net = nn.ModuleDict({"head": self.head, "tail": self.tail})  # what is saved, as one
         self.optimizer = make_optimizer(
-            self.net.parameters(), optim.lr, optim.weight_decay,
-            factors=part_factors(self.head) + part_factors(self.tail), factor_lr=optim.factor_lr,
-        )  # fmt: skip
+            self.net.parameters(),
+            optim.lr,
+            optim.weight_decay,
+            factors=part_factors(self.head) + part_factors(self.tail),
+            factor_lr=optim.factor_lr,
+        )
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
 
     def _factors(self, base: BaseModel, opened: pb.SessionOpened) -> EdgeFactors:
@@ -127,16 +135,15 @@ class UShapeSession(SessionClient):
                     grpc.StatusCode.INTERNAL, "the FFN-input U has no Σ2, but the cloud sent one"
                 )
             return EdgeFactors(
-                u=codec.decode(opened.edge_factor, name="edge factor A1ᵀ", dtype=pb.FLOAT32, shape=(hidden, rank)),
+                u=_factor(opened.edge_factor, "edge factor A1ᵀ", (hidden, rank)),
                 sigma=None,
-                v=codec.decode(opened.tail_v, name="tail factor B2ᵀ", dtype=pb.FLOAT32, shape=(rank, hidden)),
-            )  # fmt: skip
+                v=_factor(opened.tail_v, "tail factor B2ᵀ", (rank, hidden)),
+            )
         return EdgeFactors(
-            u=codec.decode(opened.edge_factor, name="edge factor u1", dtype=pb.FLOAT32,
-                           shape=(base.intermediate_size, rank)),
-            sigma=codec.decode(opened.tail_sigma, name="tail factor Σ2", dtype=pb.FLOAT32, shape=(rank,)),
-            v=codec.decode(opened.tail_v, name="tail factor v2", dtype=pb.FLOAT32, shape=(rank, hidden)),
-        )  # fmt: skip
+            u=_factor(opened.edge_factor, "edge factor u1", (base.intermediate_size, rank)),
+            sigma=_factor(opened.tail_sigma, "tail factor Σ2", (rank,)),
+            v=_factor(opened.tail_v, "tail factor v2", (rank, hidden)),
+        )
 
     # -- what the trainer calls ------------------------------------------------------------
 
@@ -211,14 +218,23 @@ class UShapeSession(SessionClient):
     def _decode(self, tensor: pb.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
         """A (tokens, width) tensor from the cloud, for the rows of ``like``."""
         return codec.decode(
-            tensor, name=name, dtype=self.wire_dtype, shape=tuple(like.shape),
-            compression=self.compression, device=self.device,
-        )  # fmt: skip
+            tensor,
+            name=name,
+            dtype=self.wire_dtype,
+            shape=tuple(like.shape),
+            compression=self.compression,
+            device=self.device,
+        )
 
     def _unpack(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(tokens, width) -> (batch, seq, width), zeros at padded positions."""
         full = rows.new_zeros(*mask.shape, self.width)
         return full.index_put((mask,), rows)
+
+
+def _factor(tensor: pb.Tensor, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
+    """One SVD factor the cloud sent at open (fp32, its shape checked before allocation)."""
+    return codec.decode(tensor, name=name, dtype=pb.FLOAT32, shape=shape)
 
 
 __all__: List[str] = ["UShapeSession"]

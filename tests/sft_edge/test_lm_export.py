@@ -44,8 +44,8 @@ def test_local_causal_lm_learns_reports_perplexity_and_its_folder_generates(tmp_
     from transformers import AutoTokenizer
 
     from sft_edge.data.lm import collate_lm, lm_loss_sum, load_lm_file
-    from sft_edge.finished.generate import local_lm
-    from sft_edge.finished.trained import read_run
+    from sft_edge.finished.parts import open_model
+    from sft_edge.finished.record import read_run
 
     run, report = _train(tmp_path, "--local", *(["--peft", "lora"] if lora else []), steps=12)
     history = report["eval_history"]
@@ -55,14 +55,14 @@ def test_local_causal_lm_learns_reports_perplexity_and_its_folder_generates(tmp_
         torch.tensor(report["metrics"]["loss"]).exp().item(), rel=1e-6
     )
     assert report["bytes_sent"] == report["bytes_received"] == 0
-    info = read_run(run)
-    assert (info["part"], info["problem"], info["num_labels"]) == ("full", "causal-lm", 0)
+    record = read_run(run)
+    assert (record.part, record.problem, record.num_labels) == ("full", "causal-lm", 0)
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(run, "model.safetensors"))
     assert any("lora_" in k for k in saved) == lora and ("lm_head.weight" in saved) != lora
 
-    logits_of = local_lm(run, info)
+    logits_of = open_model(run, record).logits
     data = load_lm_file(str(tmp_path / "dev.jsonl"), AutoTokenizer.from_pretrained(run), 128)
     batch = collate_lm(data, range(len(data)))
     summed, count = lm_loss_sum(logits_of(batch).float(), batch.labels)

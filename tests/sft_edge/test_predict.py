@@ -13,6 +13,8 @@ from helpers import write_reviews
 from sft_cloud.daemon.server import ServeConfig, create_server
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_edge.finished import predict
+from sft_edge.finished.parts import open_finished
+from sft_edge.finished.record import read_run
 from sft_edge.finished.trained import load_trained
 from sft_edge.link.transport import CloudError
 from sft_edge.runs.config import Connection, ExportConfig, PredictConfig
@@ -120,10 +122,8 @@ def test_forget_deletes_the_session_and_then_nothing_can_reopen_it(tmp_path, dae
 def test_a_reopened_session_refuses_training_steps(tmp_path, daemon):
     address, _ = daemon
     report = _train(tmp_path, address)
-    session = predict.open_finished(
-        str(tmp_path / "run"), json.loads((tmp_path / "run" / "sft_edge.json").read_text()),
-        Connection(cloud=address, insecure=True), "cpu",
-    )  # fmt: skip
+    record = read_run(str(tmp_path / "run"))
+    session = open_finished(str(tmp_path / "run"), record, Connection(cloud=address, insecure=True), "cpu")
     from helpers import random_batch
 
     with pytest.raises(CloudError, match="inference only") as caught:

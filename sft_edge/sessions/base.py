@@ -1,0 +1,99 @@
+"""What every edge session offers the trainer (``Session``), and the one ``SessionConfig`` builder.
+
+Three classes implement ``Session``: ``EdgeSession`` (the two-part split), ``UShapeSession`` (the
+label-private U) and ``LocalSession`` (the unsplit model, no cloud). The trainer, evaluation,
+predict and generate use only these members. The two split sessions open their cloud session with
+the ``pb.SessionConfig`` that ``session_config`` builds; the U's adds its own fields to it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Protocol
+
+import torch
+
+from sft_common.models.lora import LoraSpec
+from sft_common.proto import sft_pb2 as pb
+from sft_common.storage.checkpoint import CheckpointDir
+from sft_common.topology.spec import FFN_INPUT, SplitSpec
+from sft_edge.data.glue import Batch
+from sft_edge.runs.config import OptimConfig
+
+
+class Session(Protocol):
+    """One run's trainable model on this device, and whatever it trains with (a cloud session)."""
+
+    start_step: int  # the step training continues from (a resumed session's)
+    session_id: str  # the cloud session's id ("" for the local one)
+    checkpoints: Optional[CheckpointDir]
+    resumes: int  # re-attachments after broken links
+    bytes_sent: int  # serialized bytes over every stream of the session
+    bytes_received: int
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """This side's trained module (what its checkpoints and the run's weights hold)."""
+        ...
+
+    def current_lr(self) -> float:
+        """The learning rate the next ``train_step`` uses (the schedule's, for the progress bar)."""
+        ...
+
+    def train_step(self, step: int, batch: Batch) -> float:
+        """One optimizer step on ``batch``; returns its mean loss."""
+        ...
+
+    def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
+        """The logits of ``batch`` from the current model; changes nothing."""
+        ...
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """What training owns of ``module`` (with LoRA: not the frozen base)."""
+        ...
+
+    def checkpoint(self, step: int, run: Dict) -> None: ...
+
+    def restore(self, step: int) -> Dict: ...
+
+    def close(self) -> Optional[int]:
+        """End the session; the number of steps the cloud applied (None: no cloud)."""
+        ...
+
+
+def session_config(
+    base_name: str,
+    spec: SplitSpec,
+    num_labels: int,
+    optim: OptimConfig,
+    wire_dtype: int,
+    compression: int,
+    batch_size: int,
+    max_seq_len: int,
+    task: str,
+    lora: Optional[LoraSpec],
+) -> pb.SessionConfig:
+    """What the cloud is told at open: the model and the cut, the wire, the optimizer and its
+    schedule (the same on both sides), the largest batch it must accept, the LoRA asked for."""
+    config = pb.SessionConfig(
+        model=base_name,
+        mode=pb.SFT if spec.mode == "sft" else pb.SL,
+        split_layer=spec.split_layer,
+        rank=spec.rank,
+        num_labels=num_labels,
+        wire_dtype=wire_dtype,
+        compression=compression,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        warmup_steps=optim.warmup_steps,
+        total_steps=optim.total_steps,
+        seed=optim.seed,
+        max_batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        task=task,
+        factor_lr=optim.factor_lr or 0.0,
+        factorise=pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT,
+    )
+    if lora is not None:
+        config.lora_rank, config.lora_alpha = lora.rank, lora.alpha
+        config.lora_targets.extend(lora.targets)
+    return config
