@@ -4,7 +4,7 @@ Starts `sft-cloud serve` as a separate process on a free localhost port, runs `s
 against it for a short budget, prints the dev accuracy and the traffic, and stops the daemon.
 The data is the repository's own `examples/data/sst2_train.csv` (3,000 SST-2 sentences, string
 labels) and `sst2_dev.csv` (SST-2's 872 dev sentences), read as any user's file would be.
-Usage: python examples/demo.py [--steps 200]; with --task sst2 --data-dir ../shared/data/glue,
+Usage: python examples/demo.py [--steps 200] [--eval-examples N]; with --task sst2 --data-dir ../shared/data/glue,
 the GLUE preset instead.
 """
 
@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument("--train-file", default=os.path.join(here, "data", "sst2_train.csv"))
     parser.add_argument("--dev-file", default=os.path.join(here, "data", "sst2_dev.csv"))
     parser.add_argument("--steps", type=int, default=200, help="training steps (batch 32)")
+    parser.add_argument(
+        "--eval-examples", type=int, help="evaluate on the first N dev examples (default: all)"
+    )
     parser.add_argument("--task", help="a GLUE task instead of the CSV files (needs --data-dir)")
     parser.add_argument("--data-dir", default="../shared/data/glue", help="GLUE TSV folder, with --task")
     args = parser.parse_args()
@@ -34,6 +37,8 @@ def main() -> int:
     else:
         data = ["--train-file", args.train_file, "--dev-file", args.dev_file]
         data += ["--text-columns", "review", "--label-column", "sentiment"]
+    if args.eval_examples:
+        data += ["--max-eval-examples", str(args.eval_examples)]
 
     daemon, port = start_daemon(["--insecure"])
     try:
@@ -42,11 +47,22 @@ def main() -> int:
         )
         with tempfile.TemporaryDirectory() as tmp:
             report_path = os.path.join(tmp, "report.json")
-            rc = subprocess.call([
-                sys.executable, "-m", "sft_edge.cli", "train", *data,
-                "--cloud", f"127.0.0.1:{port}", "--insecure", "--max-steps", str(args.steps),
-                "--report", report_path,
-            ])  # fmt: skip
+            rc = subprocess.call(
+                [
+                    sys.executable,
+                    "-m",
+                    "sft_edge.cli",
+                    "train",
+                    *data,
+                    "--cloud",
+                    f"127.0.0.1:{port}",
+                    "--insecure",
+                    "--max-steps",
+                    str(args.steps),
+                    "--report",
+                    report_path,
+                ]
+            )
             if rc != 0:
                 return rc
             with open(report_path) as f:

@@ -2,7 +2,7 @@
 everything else is the Trainer as users know it.
 
     sft-cloud serve --port 50051 --insecure &
-    python examples/hf_trainer.py --cloud localhost:50051 --insecure [--steps 60]
+    python examples/hf_trainer.py --cloud localhost:50051 --insecure [--steps 60] [--eval-examples N]
 
 Trains the packaged MiniLM on the repository's examples/data/sst2_train.csv and evaluates on
 sst2_dev.csv. What the Trainer must be told: ``optimizers=(optimizer, None)`` (or a scheduler of
@@ -43,6 +43,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument(
+        "--eval-examples", type=int, help="evaluate on the first N dev sentences (default: all 872)"
+    )
     p.add_argument("--output-dir", default="runs/hf_trainer")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -53,26 +56,45 @@ def main() -> None:
     data = data.map(lambda b: tokenizer(b["review"], truncation=True, max_length=128), batched=True)
     data = data.map(lambda b: {"label": [int(s == "positive") for s in b["sentiment"]]}, batched=True)
 
+    dev = data["dev"].select(range(args.eval_examples)) if args.eval_examples else data["dev"]
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model, optimizer = sft.wrap(
-        model, optimizer, cloud=args.cloud, total_steps=args.steps, insecure=args.insecure,
-        tls_ca=args.tls_ca, auth_token_file=args.auth_token_file, max_batch_size=args.batch_size,
-    )  # fmt: skip
+        model,
+        optimizer,
+        cloud=args.cloud,
+        total_steps=args.steps,
+        insecure=args.insecure,
+        tls_ca=args.tls_ca,
+        auth_token_file=args.auth_token_file,
+        max_batch_size=args.batch_size,
+    )
     training = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=0,
-        lr_scheduler_type="linear", save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=0,
+        lr_scheduler_type="linear",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=10,
-    )  # fmt: skip
+    )
 
     def accuracy(pred) -> dict:
         return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
 
     trainer = Trainer(
-        model=model, args=training, train_dataset=data["train"], eval_dataset=data["dev"],
-        data_collator=DataCollatorWithPadding(tokenizer), optimizers=(optimizer, None), compute_metrics=accuracy,
-    )  # fmt: skip
+        model=model,
+        args=training,
+        train_dataset=data["train"],
+        eval_dataset=dev,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        optimizers=(optimizer, None),
+        compute_metrics=accuracy,
+    )
     trainer.train()
     print(trainer.evaluate())
     model.close()
