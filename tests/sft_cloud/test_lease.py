@@ -164,7 +164,7 @@ def test_a_stale_owner_is_fenced_before_it_applies_a_step_or_writes(tmp_path, ti
             a.handle(msg)
         assert info.value.code == grpc.StatusCode.ABORTED
     with pytest.raises(SessionMoved):
-        stale.save_final()
+        stale.core.save_final()
     assert stale.next_step == 3 and max_diff(before, params(stale.net2)) == 0
     assert _files(folder) == ["step-000000002.safetensors"]
     a.detach()
