@@ -225,14 +225,35 @@ def wrap(
     spec = SplitSpec(split_layer=split_layer, rank=rank, mode=mode, factorise=factorise)
     spec.validate(layers, base.hidden_size, base.intermediate_size)
 
-    from sft_edge.link.credentials import secure_link
-
-    creds, metadata = secure_link(cloud, insecure, tls_ca, tls_cert, tls_key, auth_token_file)
-    transport = connector(cloud, creds, [*metadata, (ROUTE_HEADER, route_key(None))])()
     optim = OptimConfig(lr, weight_decay, warmup_steps, total_steps, seed, factor_lr)
     link = LinkOptions(wire_dtype=wire_dtype, compression=compression)
+    connection = (cloud, insecure, tls_ca, tls_cert, tls_key, auth_token_file)
+    session = _open_session(
+        connection, base, spec, num_labels, optim, link, max_batch_size, max_seq_len, device, lora
+    )
+    log.info(
+        "split training of %s via %s: %s at layer %d, rank %d%s; net1 on %s",
+        base.name,
+        cloud,
+        mode,
+        spec.split_layer,
+        rank,
+        f", LoRA rank {lora.rank}" if lora else "",
+        device,
+    )
+    model = SplitModel(session)
+    return model, SplitOptimizer(session, model)
+
+
+def _open_session(connection, base, spec, num_labels, optim, link, max_batch_size, max_seq_len, device, lora):
+    """The two-part cloud session ``wrap`` trains through, over a channel of its own."""
+    from sft_edge.link.credentials import secure_link
+
+    cloud = connection[0]
+    creds, metadata = secure_link(*connection)
+    transport = connector(cloud, creds, [*metadata, (ROUTE_HEADER, route_key(None))])()
     try:
-        session = EdgeSession(
+        return EdgeSession(
             base,
             spec,
             num_labels,
@@ -247,12 +268,6 @@ def wrap(
     except BaseException:
         transport.close()  # the channel is ours: do not leave it open behind a refused wrap
         raise
-    log.info(
-        "split training of %s via %s: %s at layer %d, rank %d%s; net1 on %s",
-        base.name, cloud, mode, spec.split_layer, rank, f", LoRA rank {lora.rank}" if lora else "", device,
-    )  # fmt: skip
-    model = SplitModel(session)
-    return model, SplitOptimizer(session, model)
 
 
 def _peft_lora(model: nn.Module) -> Optional[LoraSpec]:
@@ -271,10 +286,14 @@ def _peft_lora(model: nn.Module) -> Optional[LoraSpec]:
     if kind != "LORA" or len(configs) > 1:
         raise ValueError(f"wrap() takes one LoRA adapter; this model has {kind} ({', '.join(configs)})")
     unsupported = {
-        "lora_dropout": config.lora_dropout, "bias": config.bias != "none", "use_dora": config.use_dora,
-        "use_rslora": config.use_rslora, "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+        "lora_dropout": config.lora_dropout,
+        "bias": config.bias != "none",
+        "use_dora": config.use_dora,
+        "use_rslora": config.use_rslora,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
         "layers_to_transform": config.layers_to_transform,
-    }  # fmt: skip
+    }
     named = [k for k, v in unsupported.items() if v]
     if named or not isinstance(config.target_modules, (set, list, tuple)):
         raise ValueError(

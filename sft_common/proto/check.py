@@ -43,15 +43,25 @@ def generate(out_dir: Path) -> None:
     python = protoc_python()
     found = subprocess.run(
         [python, "-c", "from importlib.metadata import version; print(version('grpcio-tools'))"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     if found != GRPCIO_TOOLS.split("==")[1]:
         raise RuntimeError(f"{python} has grpcio-tools {found}, the generated code needs {GRPCIO_TOOLS}")
     subprocess.run(
-        [python, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"--python_out={out_dir}",
-         f"--grpc_python_out={out_dir}", f"--pyi_out={out_dir}", str(ROOT / "protos" / PROTO)],
+        [
+            python,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'protos'}",
+            f"--python_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            str(ROOT / "protos" / PROTO),
+        ],
         check=True,
-    )  # fmt: skip
+    )
 
 
 def stale_files() -> List[str]:
@@ -60,9 +70,10 @@ def stale_files() -> List[str]:
         generate(Path(tmp))
         fresh_dir = Path(tmp) / "sft_common" / "proto"
         return [
-            name for name in OUTPUTS
+            name
+            for name in OUTPUTS
             if (fresh_dir / name).read_bytes() != (ROOT / "sft_common" / "proto" / name).read_bytes()
-        ]  # fmt: skip
+        ]
 
 
 if __name__ == "__main__":

@@ -39,9 +39,12 @@ class Batch:
 
     def to(self, device: str) -> Batch:
         return Batch(
-            self.input_ids.to(device), self.token_type_ids.to(device), self.attention_mask.to(device),
-            self.lengths, self.labels.to(device),
-        )  # fmt: skip
+            self.input_ids.to(device),
+            self.token_type_ids.to(device),
+            self.attention_mask.to(device),
+            self.lengths,
+            self.labels.to(device),
+        )
 
     def split(self, parts: int) -> List[Batch]:
         """``parts`` micro-batches of consecutive examples (sizes differ by at most one; never
@@ -62,7 +65,7 @@ class Batch:
                     self.attention_mask[start:stop, :width],
                     self.lengths[start:stop],
                     labels[:, :width] if labels.dim() == 2 else labels,
-                )  # fmt: skip
+                )
             )
             start = stop
         return out

@@ -137,13 +137,19 @@ def calibrated_edge_half(
         _factor(net1).weight.copy_(edge)
     log.info(
         "%s init: %d calibration tokens at layer %d (%s), rank %d",
-        spec.init, moment.count, spec.split_layer, spec.factorise, spec.rank,
-    )  # fmt: skip
+        spec.init,
+        moment.count,
+        spec.split_layer,
+        spec.factorise,
+        spec.rank,
+    )
     if moment.count < FEW_TOKENS_PER_RANK * spec.rank:
         log.warning(
             "only %d calibration tokens for rank %d: the factors sent to the cloud come close to "
             "spanning these examples' own activations (docs/privacy.md); use more "
             "--calibration-batches (at least %d tokens)",
-            moment.count, spec.rank, FEW_TOKENS_PER_RANK * spec.rank,
-        )  # fmt: skip
+            moment.count,
+            spec.rank,
+            FEW_TOKENS_PER_RANK * spec.rank,
+        )
     return net1, sigma, v

@@ -57,9 +57,13 @@ class ScalarLog:
     def train(self, step: int, loss: float, lr: float, bytes_sent: int, bytes_received: int) -> None:
         self.write(
             step,
-            {"train/loss": loss, "train/lr": lr, "traffic/bytes_sent": bytes_sent,
-             "traffic/bytes_received": bytes_received},
-        )  # fmt: skip
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "traffic/bytes_sent": bytes_sent,
+                "traffic/bytes_received": bytes_received,
+            },
+        )
 
     def eval(self, step: int, metrics: Dict[str, float]) -> None:
         self.write(step, {f"eval/{k}": v for k, v in metrics.items() if k not in ("step", "epoch")})

@@ -100,16 +100,8 @@ class EdgeSession(SessionClient):
         link = link or LinkOptions()
         link.validate()
         check_factor_lr(spec.mode, optim.factor_lr)
-        last = base.num_hidden_layers - 1
-        if link.cls_only and spec.split_layer != last:
-            raise ValueError(
-                f"--cls-only needs the cut at the last layer ({last}), not {spec.split_layer}: "
-                "the layers above the cut read every token"
-            )
-        if link.cls_only and getattr(base.config, "classifier_pooling", "cls") == "mean":
-            raise ValueError(
-                "--cls-only sends one row an example, but this model's head pools the mean of every token"
-            )
+        if link.cls_only:
+            check_cls_only(base, spec)
         self.spec, self.link, self.optim_cfg, self.device = spec, link, optim, device
         self.num_labels = num_labels
         self.decoder = isinstance(base.family, Decoder)
@@ -142,23 +134,11 @@ class EdgeSession(SessionClient):
         )
         net1 = None
         if spec.init != PLAIN and not session_id:  # the factors from this device's activations
-            if calibration is None:
-                raise ValueError(f"{spec.init} init needs calibration batches to open a session")
-            from sft_edge.runs.calibrate import calibrated_edge_half
-
-            net1, sigma, v = calibrated_edge_half(base, spec, calibration, device)
-            if sigma is not None:  # (the FFN-input cut sends B alone)
-                open_msg.cloud_sigma.CopyFrom(codec.encode(sigma, pb.FLOAT32))
-            open_msg.cloud_v.CopyFrom(codec.encode(v, pb.FLOAT32))
+            net1 = _calibrated(open_msg, base, spec, calibration, device)
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         self._open.ClearField("cloud_sigma")  # a re-attach sends none: the session keeps its own
         self._open.ClearField("cloud_v")
-        u, shape = None, spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
-        if spec.mode == "sft" and spec.init == PLAIN:
-            u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
-        elif spec.mode == "sft":
-            u = torch.full(shape, float("nan"))  # until restored (unless calibrated above)
-        self.net1: EdgeHalf = net1 if net1 is not None else build_edge_half(base, spec, u, device=device)
+        self.net1: EdgeHalf = net1 if net1 is not None else _net1(base, spec, opened, device)
         if self.lora is not None:  # adapters; the base frozen, u trainable
             apply_lora(self.net1, self.lora, optim.seed, "edge", keep=factor_parameters(self.net1))
         self.optimizer = make_optimizer(
@@ -286,3 +266,43 @@ class EdgeSession(SessionClient):
         grad, loss = self.receive_gradient(step, packed, micro)
         packed.backward(grad)
         return loss * (n / examples)
+
+
+def check_cls_only(base: BaseModel, spec: SplitSpec) -> None:
+    """``--cls-only`` sends one row an example: exact only where nothing above the cut reads the others."""
+    last = base.num_hidden_layers - 1
+    if spec.split_layer != last:
+        raise ValueError(
+            f"--cls-only needs the cut at the last layer ({last}), not {spec.split_layer}: "
+            "the layers above the cut read every token"
+        )
+    if getattr(base.config, "classifier_pooling", "cls") == "mean":
+        raise ValueError(
+            "--cls-only sends one row an example, but this model's head pools the mean of every token"
+        )
+
+
+def _net1(base: BaseModel, spec: SplitSpec, opened: pb.SessionOpened, device: str) -> EdgeHalf:
+    """net1 with the u the cloud sent (plain SVD); a calibrated session re-attached gets u from
+    this side's checkpoint, NaN until then."""
+    u, shape = None, spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
+    if spec.mode == "sft" and spec.init == PLAIN:
+        u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
+    elif spec.mode == "sft":
+        u = torch.full(shape, float("nan"))  # until restored
+    return build_edge_half(base, spec, u, device=device)
+
+
+def _calibrated(
+    open_msg: pb.OpenSession, base: BaseModel, spec: SplitSpec, calibration, device: str
+) -> EdgeHalf:
+    """net1 with factors computed from this device's activations; Σ and v go into ``open_msg``."""
+    if calibration is None:
+        raise ValueError(f"{spec.init} init needs calibration batches to open a session")
+    from sft_edge.runs.calibrate import calibrated_edge_half
+
+    net1, sigma, v = calibrated_edge_half(base, spec, calibration, device)
+    if sigma is not None:  # (the FFN-input cut sends B alone)
+        open_msg.cloud_sigma.CopyFrom(codec.encode(sigma, pb.FLOAT32))
+    open_msg.cloud_v.CopyFrom(codec.encode(v, pb.FLOAT32))
+    return net1
