@@ -74,7 +74,7 @@ demo:
 	$(PYTHON) examples/demo.py
 
 # Baseline vs SFT accuracy on GLUE through a real daemon (docs/accuracy.md). Resumable: finished runs
-# are kept in bench/results/accuracy/ and skipped. ACCURACY_PLAN=quick (reduced SST-2 budget) or full.
+# are kept in bench/results/accuracy/ and skipped. ACCURACY_PLAN=quick (reduced SST-2 budget) or cpu.
 ACCURACY_PLAN ?= quick
 bench-accuracy:
 	$(PYTHON) bench/accuracy.py --plan $(ACCURACY_PLAN) --data-dir $(GLUE_DIR) $(ACCURACY_ARGS)

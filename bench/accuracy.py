@@ -9,7 +9,6 @@ split layer, the configuration of at most 16 bytes per token closest to --local 
 
     python bench/accuracy.py --plan cpu            # what docs/accuracy.md was measured with (SST-2, 200 steps)
     python bench/accuracy.py --plan quick          # RTE/MRPC full recipe, SST-2 400 steps, sweep, 3 seeds
-    python bench/accuracy.py --plan full           # the whole recipe, 3 seeds (days on 2 CPU cores)
     python bench/accuracy.py --plan frontier       # accuracy against bytes per token at layers 0, 2, 4, 5
     python bench/accuracy.py --plan frontier --confirm 43 44  # then each layer's best point at 2 more seeds
     python bench/accuracy.py --table               # only rebuild the table from saved results
@@ -54,18 +53,18 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sft-r32": ["--mode", "sft", "--rank", "32"],
     "sl": ["--mode", "sl"],
 }
-# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-aw|-ra][-<wire dtype>],
+# Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-<wire dtype>],
 # e.g. sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4;
-# -fin: --factorise ffn-input (the FFN-input cut, sft-r8-l0-fin-int8), R values a token as the other;
-# -aw: --svd-init activation-aware (sft-r8-l0-aw-int8; the same bytes a token); -ra: --svd-init
-# residual-aware (FFN-output cut only: sft-r24-l0-ra-int4). Order: -fin, -aw or -ra, dtype.
+# -fin: --factorise ffn-input (the FFN-input cut, sft-r8-l0-fin-int8), R values a token as the other.
+# The -aw and -ra names (--svd-init, gone from sft-edge at 65983b2) are finished results only: they
+# no longer parse, so they cannot run (git show 65983b2:bench/accuracy.py has them).
 SFT_NAME = re.compile(
-    r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fin))?(?:-(aw|ra))?"
+    r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fin))?"
     r"(?:-(?P<dtype>fp16|bf16|int8|int4))?"
 )
-INITS = {"aw": "activation-aware", "ra": "residual-aware"}  # the name's -aw, -ra: --svd-init
 # Bytes per token of the cut activations on the wire, by dtype: (per element, per token: the row scale).
 WIRE_BYTES = {"fp32": (4.0, 0), "fp16": (2.0, 0), "bf16": (2.0, 0), "int8": (1.0, 4), "int4": (0.5, 4)}
+TASKS = ("rte", "mrpc", "sst2")
 FRONTIER_LAYERS = (0, 2, 4, 5)
 # The frontier's prune stage at each split layer: 16 bytes per token three ways (the paper's R=8 in
 # fp16; int8 and packed int4 buy rank 12 and 24 for the same bytes), int4 with --factor-lr, 8 bytes
@@ -112,14 +111,13 @@ class Run:
         if not m:
             raise ValueError(
                 f"unknown configuration {self.config!r} (known: {', '.join(CONFIGS)}, "
-                "or sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-aw|-ra][-<wire dtype>])"
+                "or sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-<wire dtype>])"
             )
-        rank, layer, factor_lr, input_cut, aware, dtype = m.groups()
+        rank, layer, factor_lr, input_cut, dtype = m.groups()
         flags = ["--mode", "sft", "--rank", rank]
         flags += ["--split-layer", layer] if layer is not None else []
         flags += ["--factor-lr", factor_lr] if factor_lr is not None else []
         flags += ["--factorise", "ffn-input"] if input_cut is not None else []
-        flags += ["--svd-init", INITS[aware]] if aware is not None else []
         return flags + (["--wire-dtype", dtype] if dtype is not None else [])
 
 
@@ -171,11 +169,6 @@ def plan_runs(
             for cfg in FRONTIER:
                 name = cfg.format(L=layer)
                 runs += [Run("sst2", name, seed, max_steps=sst2_steps), Run("mrpc", name, seed)]
-        return runs
-    if plan == "full":
-        seeds = list(seeds or [42, 43, 44])
-        runs = [Run(t, c, s) for s in seeds for t in ("rte", "mrpc", "sst2") for c in CONFIG_ORDER]
-        runs += [Run("sst2", f"sft-r8-l{k}", s) for s in seeds for k in range(sweep_layers - 1)]
         return runs
     raise ValueError(f"unknown plan {plan!r}")
 
@@ -289,7 +282,7 @@ def table(records: List[Dict]) -> str:
 
     def order(key: Tuple[str, str, str]):
         task, cfg, budget = key
-        t = ["rte", "mrpc", "sst2"].index(task) if task in ("rte", "mrpc", "sst2") else 9
+        t = TASKS.index(task) if task in TASKS else 9
         m = SFT_NAME.fullmatch(cfg)
         if cfg in CONFIG_ORDER:
             c = float(CONFIG_ORDER.index(cfg))
@@ -330,21 +323,6 @@ def table(records: List[Dict]) -> str:
         lines.append(
             f"| {task} | {cfg} | {budget} ({steps} steps) | {seeds} | {_fmt(acc)} | "
             f"{_fmt(f1) if f1 else ''} | {delta} | {paper} | {secs:.0f} | {traffic_s} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def runs_table(records: List[Dict]) -> str:
-    """Markdown: every run, with its accuracy after each epoch and how long it took."""
-    lines = [
-        "| run | accuracy | eval history (step: acc) | seconds (report) | wall s |",
-        "|---|---|---|---|---|",
-    ]
-    for r in sorted(records, key=lambda r: r["name"]):
-        hist = ", ".join(f"{e['step']}: {100 * e['accuracy']:.2f}" for e in r["report"]["eval_history"])
-        acc = 100 * r["report"]["metrics"]["accuracy"]
-        lines.append(
-            f"| {r['name']} | {acc:.2f} | {hist} | {r['report']['seconds']:.0f} | {r['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -424,7 +402,7 @@ def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Di
 def write_tables(results: str) -> str:
     records = load_results(results)
     text = "# Accuracy results (generated by bench/accuracy.py; points = accuracy × 100)\n\n"
-    text += table(records) + "\n## Every run\n\n" + runs_table(records)
+    text += table(records)
     bytes_table, best = frontier(records)
     text += (
         "\n## Accuracy against bytes per token (points vs --local, same task, budget, seed)\n\n" + bytes_table
@@ -436,9 +414,31 @@ def write_tables(results: str) -> str:
     return text
 
 
-def confirm_runs(
-    best: List[Dict], seeds: Sequence[int], tasks: Optional[Sequence[str]], extra: Tuple[str, ...]
+def select_runs(
+    planned: List[Run],
+    configs: Optional[Sequence[str]],
+    tasks: Optional[Sequence[str]],
+    seeds: Optional[Sequence[int]],
 ) -> List[Run]:
+    """The plan's runs of these tasks and configurations; then each configuration named, at every
+    seed named (the cpu plan runs `sl` at its first seed only): on the plan's tasks for it, or,
+    for one no plan holds (e.g. sft-r384: full rank), on every task named, with the plan's budget
+    for the task. Without seeds a planned configuration runs at the plan's, another at 42."""
+    runs = [r for r in planned if (not tasks or r.task in tasks) and (not configs or r.config in configs)]
+    budget = {r.task: r for r in planned}
+    for cfg in configs or []:
+        Run("rte", cfg, 0).mode_flags()  # raises ValueError for a name that says no configuration
+        held = [r.task for r in planned if r.config == cfg]
+        if held and not seeds:
+            continue
+        for task in dict.fromkeys(held or tasks or TASKS):
+            if not tasks or task in tasks:
+                shape = budget.get(task, Run(task, cfg, 0))
+                runs += [dataclasses.replace(shape, config=cfg, seed=s) for s in seeds or [42]]
+    return list({r.name: r for r in runs}.values())
+
+
+def confirm_runs(best: List[Dict], seeds: Sequence[int], tasks: Optional[Sequence[str]]) -> List[Run]:
     """The frontier's confirmation: each ``best`` point (``frontier``'s) and --local at ``seeds``,
     on the tasks (of ``tasks``, if given) and budgets (``Run.budget``'s m<steps>/e<epochs>) it was
     chosen on; --local once however many layers ask for it."""
@@ -450,14 +450,14 @@ def confirm_runs(
                     continue
                 size = {"max_steps": int(budget[1:])} if budget[0] == "m" else {"epochs": int(budget[1:])}
                 for seed in seeds:
-                    run = Run(task, cfg, seed, extra=extra, **size)  # type: ignore[arg-type]
+                    run = Run(task, cfg, seed, **size)  # type: ignore[arg-type]
                     runs.setdefault(run.name, run)
     return list(runs.values())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", choices=["cpu", "quick", "full", "frontier"], default="quick")
+    p.add_argument("--plan", choices=["cpu", "quick", "frontier"], default="quick")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 42 43 44)")
     p.add_argument(
         "--confirm",
@@ -499,45 +499,16 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(write_tables(results))
         return 0
     log_dir = os.path.abspath(args.log_dir or os.path.join(os.path.dirname(results), "accuracy-logs"))
-    extra = tuple(args.extra.split())
-    sst2_steps = args.sst2_steps or (200 if args.plan in ("cpu", "frontier") else 400)
-    planned = plan_runs(args.plan, args.seeds, sst2_steps)
-    runs = [
-        Run(r.task, r.config, r.seed, r.max_steps, r.epochs, extra)
-        for r in planned
-        if (not args.tasks or r.task in args.tasks) and (not args.configs or r.config in args.configs)
-    ]
-    # What was asked for by name runs at every seed asked for: a planned configuration on the plan's
-    # tasks with the plan's budget, also at the seeds where the plan has no run of it (the cpu plan
-    # runs `sl` at its first seed only); one no plan holds (e.g. sft-r384: full rank) on every task
-    # asked for.
-    shapes: Dict[str, Dict[str, Run]] = {}  # config -> task -> the plan's first run of it
-    for r in planned:
-        shapes.setdefault(r.config, {}).setdefault(r.task, r)
-    have = {r.name for r in runs}
-    budgets = {r.task: r for r in planned}  # one the plan does not hold gets its budget for each task
-    for cfg in args.configs or []:
-        if cfg in shapes and not args.seeds:
-            continue  # the plan's seeds
-        if cfg not in shapes:
-            try:
-                Run("rte", cfg, 0).mode_flags()  # an unknown name fails here, before anything runs
-            except ValueError as e:
-                p.error(str(e))
-        tasks = shapes.get(cfg) or {
-            t: dataclasses.replace(budgets[t], config=cfg) if t in budgets else Run(t, cfg, 0)
-            for t in args.tasks or ["rte", "mrpc", "sst2"]
-        }
-        for task, shape in tasks.items():
-            if args.tasks and task not in args.tasks:
-                continue
-            for seed in args.seeds or [42]:
-                run = dataclasses.replace(shape, seed=seed, extra=extra)
-                if run.name not in have:
-                    runs.append(run)
-                    have.add(run.name)
     if args.confirm:  # instead of the plan
-        runs = confirm_runs(frontier(load_results(results))[1], args.confirm, args.tasks, extra)
+        runs = confirm_runs(frontier(load_results(results))[1], args.confirm, args.tasks)
+    else:
+        sst2_steps = args.sst2_steps or (200 if args.plan in ("cpu", "frontier") else 400)
+        planned = plan_runs(args.plan, args.seeds, sst2_steps)
+        try:
+            runs = select_runs(planned, args.configs, args.tasks, args.seeds)
+        except ValueError as e:  # an unknown configuration, before anything runs
+            p.error(str(e))
+    runs = [dataclasses.replace(r, extra=tuple(args.extra.split())) for r in runs]
     done = 0
     for run in runs:
         exists = os.path.exists(os.path.join(results, run.name + ".json"))

@@ -80,7 +80,6 @@ def test_the_frontier_prices_bytes_and_picks_the_best_point_per_layer():
         "local": None,
     }
     assert acc.bytes_per_token("sft-r8-l0-fin-int8") == 12  # the FFN-input cut: R values a token too
-    assert acc.bytes_per_token("sft-r8-l0-aw-int8") == acc.bytes_per_token("sft-r8-l0-fin-aw-int8") == 12
     plan = acc.plan_runs("frontier", sst2_steps=200)
     assert [r.name for r in plan[:3]] == [
         "sst2-local-m200-s42",
@@ -214,20 +213,13 @@ def test_configurations_outside_the_plans_run_for_each_task_and_seed(tmp_path, c
         acc.Run("mrpc", "sft-r8-flr", 1).mode_flags()
     with pytest.raises(ValueError, match=r"\[-fin\]"):
         acc.Run("mrpc", "sft-r8-int8-fin", 1).mode_flags()  # -fin comes before the wire dtype
-    want = "--mode sft --rank 8 --split-layer 0 --svd-init activation-aware --wire-dtype int8".split()
-    assert acc.Run("mrpc", "sft-r8-l0-aw-int8", 1).mode_flags() == want
-    assert acc.Run("mrpc", "sft-r8-fin-aw", 1).mode_flags()[-4:] == [
-        *("--factorise", "ffn-input", "--svd-init", "activation-aware")
-    ]
-    assert acc.Run("sst2", "sft-r24-l1-flr1e-3-ra-int4", 1).mode_flags() == [
-        *("--mode", "sft", "--rank", "24", "--split-layer", "1", "--factor-lr", "1e-3"),
-        *("--svd-init", "residual-aware", "--wire-dtype", "int4"),
-    ]
-    assert acc.bytes_per_token("sft-r24-l1-ra-int4") == 16
-    assert acc.split_layer("sft-r8-l0-aw-int8") == 0
-    for wrong in ("sft-r8-aw-fin", "sft-r8-int8-aw"):  # -fin, then -aw, then the wire dtype
-        with pytest.raises(ValueError, match=r"\[-fin\]\[-aw\|-ra\]"):
-            acc.Run("mrpc", wrong, 1).mode_flags()
+    # The -aw and -ra initialisations left sft-edge (65983b2): their finished results stay, but no
+    # such run can start, from a name or from the command line.
+    for retired in ("sft-r8-l0-aw-int8", "sft-r8-fin-aw", "sft-r24-l1-flr1e-3-ra-int4"):
+        with pytest.raises(ValueError, match=r"\[-fin\]\[-<wire dtype>\]"):
+            acc.Run("mrpc", retired, 1).mode_flags()
+    with pytest.raises(SystemExit):
+        acc.main(["--configs", "sft-r8-l0-aw-int8", "--dry-run", "--results", str(tmp_path)])
     args = [
         "--tasks",
         "mrpc",
