@@ -241,6 +241,10 @@ MUTATED = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 ODD_VALUES = [math.nan, math.inf, -math.inf, 3e38, -3e38, 1e30, 1e-45, 0.0]
+# Decoded activations above this magnitude (finite ones included) poison the session today:
+# see the two xfail tests below. Until that is fixed the fuzz leaves such messages out (assume);
+# with the fix, drop the bound (math.inf) so the fuzz covers them again. 1e19 measured harmless.
+MAX_MAGNITUDE = 1e19
 DTYPES = st.one_of(st.sampled_from(list(pb.DType.values())), st.integers(0, 2**31 - 1))
 COMPRESSION = st.one_of(st.sampled_from([pb.COMPRESSION_NONE, pb.LZ4]), st.integers(2, 2**31 - 1))
 
@@ -303,6 +307,8 @@ def _mutate_scales(draw, t: pb.Tensor) -> None:
 
 def _mutate_lengths(draw, lengths: List[int]) -> List[int]:
     lengths = list(lengths)
+    if not lengths:  # an earlier mutation dropped them all
+        return [draw(st.integers(-3, MAX_SEQ + 3))]
     how = draw(st.sampled_from(["move_a_token", "set", "add", "drop"]))
     i = draw(st.integers(0, len(lengths) - 1))
     if how == "move_a_token":  # the same number of tokens, split differently: may be valid
@@ -320,16 +326,25 @@ def _mutate_lengths(draw, lengths: List[int]) -> List[int]:
 def _mutate_labels(draw, step: pb.TrainStep) -> None:
     labels = list(step.labels)
     how = draw(st.sampled_from(["value", "add", "drop", "targets"]))
-    if how == "value":
+    if how == "value" and labels:
         labels[draw(st.integers(0, len(labels) - 1))] = draw(st.integers(-2, 3))
     elif how == "add":
         labels.append(draw(st.integers(0, 1)))
-    elif how == "drop":
+    elif how == "drop" and labels:
         labels.pop()
-    else:
+    elif how == "targets":
         step.targets.extend(draw(st.lists(st.floats(width=32), min_size=1, max_size=MAX_BATCH)))
     step.ClearField("labels")
     step.labels.extend(labels)
+
+
+def _assume_bounded(t: pb.Tensor) -> None:
+    """Leave out a tensor that decodes to a value above MAX_MAGNITUDE (the known bug)."""
+    try:
+        decoded = codec.decode(t, name="activations", max_bytes=CAP)
+    except ProtocolError:
+        return  # the session refuses it too
+    assume(not bool((decoded.abs() > MAX_MAGNITUDE).any()))
 
 
 @st.composite
@@ -375,6 +390,7 @@ def mutated(draw, session, max_mutations: int = 4) -> Tuple[pb.EdgeMessage, List
         elif name == "labels" and kind == "train":
             _mutate_labels(draw, step)
     step.activations.CopyFrom(t)
+    _assume_bounded(t)
     if kind == "eval":
         ev = pb.EvalStep(batch=draw(st.integers(-(2**63), 2**63 - 1)), activations=t, lengths=step.lengths)
         return pb.EdgeMessage(eval=ev), names
@@ -449,6 +465,46 @@ def test_mutated_valid_messages_are_refused_cleanly_or_applied_exactly_once(wire
         raise AssertionError(f"mutations: {note_mutations}: {exc}") from exc
 
 
+def _huge_activation_step(session, token: int) -> pb.EdgeMessage:
+    """A valid step of two examples (5 and 3 tokens) but for one finite, huge activation (-3e38)."""
+    x = torch.randn(8, WIDTH, generator=torch.Generator().manual_seed(0))
+    x[token, 4] = -3e38
+    acts = codec.encode(x, session.config.wire_dtype, session.config.compression)
+    return pb.EdgeMessage(
+        train=pb.TrainStep(step=session.next_step, activations=acts, lengths=[5, 3], labels=[0, 1])
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (issue 29, test debts): CloudSession.train checks only that the loss is finite; "
+    "a finite loss with non-finite gradients is applied, and net2's weights become NaN",
+)
+def test_a_huge_finite_activation_is_refused_and_changes_nothing(proto):
+    """At the second example's second token the loss stays finite, its gradients do not."""
+    snap = Snapshot(proto.session)
+    with pytest.raises(ProtocolError) as info:
+        proto.handle(_huge_activation_step(proto.session, token=6))
+    assert info.value.code == INVALID
+    snap.assert_unchanged()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (issue 29, test debts): CloudSession.evaluate answers non-finite logits for a "
+    "huge finite activation, which the edge's decoder then refuses as the cloud's fault",
+)
+def test_an_evaluation_of_huge_activations_is_refused_or_finite(proto):
+    step = _huge_activation_step(proto.session, token=0).train  # the first example's first token
+    ev = pb.EdgeMessage(eval=pb.EvalStep(batch=0, activations=step.activations, lengths=step.lengths))
+    try:
+        reply = proto.handle(ev)
+    except ProtocolError as exc:
+        assert exc.code == INVALID
+    else:
+        codec.decode(reply.eval.logits, name="logits", shape=[2, 2])  # refuses NaN or Inf
+
+
 def _corrupt(draw, raw: bytes) -> bytes:
     """A few byte-level edits of a serialised message (or, now and then, random bytes)."""
     if draw(st.integers(0, 19)) == 0:  # what the garbage-bytes test sent: whole messages of noise
@@ -484,6 +540,7 @@ def test_corrupted_bytes_of_a_valid_message_are_refused_or_harmless(proto, data)
     kind = corrupted.WhichOneof("kind")
     assume(kind not in ("close", "forget"))  # a well-formed close or forget is legitimately obeyed
     if kind in ("train", "eval"):
+        _assume_bounded(getattr(corrupted, kind).activations)
         _check_outcome(proto, corrupted)
         return
     snap = Snapshot(proto.session)  # open, checkpoint, fetch, ...: refused or harmless
