@@ -65,6 +65,11 @@ class Cut(ABC):
         """The factor the cloud sends the sending part at open, or None (no factor)."""
         return None
 
+    def tail_factor_shapes(self, hidden: int) -> Optional[Tuple[Optional[Tuple[int, ...]], Tuple[int, int]]]:
+        """The shapes of (Σ, vᵀ) a receiving side built elsewhere is sent (``tail_factors``; Σ
+        None where the cut has none), or None: no factor crosses."""
+        return None
+
     def validate(self, hidden: int, intermediate: int) -> None:
         """ValueError with a user-facing message when the rank does not fit the model."""
         return None  # a cut with no rank fits any model

@@ -139,6 +139,9 @@ class FFNOutputCut(Cut):
     def edge_factor_shape(self, hidden: int, intermediate: int) -> Optional[Tuple[int, int]]:
         return (intermediate, self.rank)  # u
 
+    def tail_factor_shapes(self, hidden: int) -> Optional[Tuple[Optional[Tuple[int, ...]], Tuple[int, int]]]:
+        return (self.rank,), (self.rank, hidden)  # Σ, vᵀ
+
     def validate(self, hidden: int, intermediate: int) -> None:
         if not 1 <= self.rank <= min(hidden, intermediate):
             raise ValueError(

@@ -126,6 +126,9 @@ class FFNInputCut(Cut):
     def edge_factor_shape(self, hidden: int, intermediate: int) -> Optional[Tuple[int, int]]:
         return (hidden, self.rank)  # Aᵀ
 
+    def tail_factor_shapes(self, hidden: int) -> Optional[Tuple[Optional[Tuple[int, ...]], Tuple[int, int]]]:
+        return None, (self.rank, hidden)  # no Σ; Bᵀ
+
     def validate(self, hidden: int, intermediate: int) -> None:
         if self.keep_residual:
             raise ValueError("keep_residual is for the FFN-output cut: at the FFN input the residual crosses")

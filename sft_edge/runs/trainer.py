@@ -25,6 +25,7 @@ from sft_edge.link.connect import connect_to_cloud
 from sft_edge.link.transport import Transport
 from sft_edge.runs import scalars
 from sft_edge.runs.config import TrainConfig
+from sft_edge.runs.kinds import kind_of
 from sft_edge.runs.problems import TextClassification
 from sft_edge.runs.progress import Progress
 from sft_edge.runs.setup import Run, RunState, open_session, prepare
@@ -62,7 +63,7 @@ def train(
     first); ``route``: the routing key its streams carry."""
     started = time.time()
     cfg.validate()
-    if connect is None and not cfg.local:
+    if connect is None and kind_of(cfg).has_link:
         connect, route = connect_to_cloud(cfg)
     run = prepare(cfg, base)
     session, state = open_session(cfg, run, connect, route)

@@ -15,9 +15,13 @@ import torch
 from sft_common.models.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
-from sft_common.topology.spec import FFN_INPUT, SplitSpec
+from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec
 from sft_edge.data.glue import Batch
 from sft_edge.runs.config import OptimConfig
+
+# The cut's settings as the protocol spells them.
+WIRE_MODES = {"sft": pb.SFT, "sl": pb.SL}
+WIRE_FACTORISE = {FFN_OUTPUT: pb.FFN_OUTPUT, FFN_INPUT: pb.FFN_INPUT}
 
 
 class Session(Protocol):
@@ -76,7 +80,7 @@ def session_config(
     schedule (the same on both sides), the largest batch it must accept, the LoRA asked for."""
     config = pb.SessionConfig(
         model=base_name,
-        mode=pb.SFT if spec.mode == "sft" else pb.SL,
+        mode=WIRE_MODES[spec.mode],
         split_layer=spec.split_layer,
         rank=spec.rank,
         num_labels=num_labels,
@@ -91,7 +95,7 @@ def session_config(
         max_seq_len=max_seq_len,
         task=task,
         factor_lr=optim.factor_lr or 0.0,
-        factorise=pb.FFN_INPUT if spec.factorise == FFN_INPUT else pb.FFN_OUTPUT,
+        factorise=WIRE_FACTORISE[spec.factorise],
     )
     if lora is not None:
         config.lora_rank, config.lora_alpha = lora.rank, lora.alpha

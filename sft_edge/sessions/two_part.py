@@ -285,10 +285,10 @@ def check_cls_only(base: BaseModel, spec: SplitSpec) -> None:
 def _net1(base: BaseModel, spec: SplitSpec, opened: pb.SessionOpened, device: str) -> EdgeHalf:
     """net1 with the u the cloud sent (plain SVD); a calibrated session re-attached gets u from
     this side's checkpoint, NaN until then."""
-    u, shape = None, spec.edge_factor_shape(base.hidden_size, base.intermediate_size)
-    if spec.mode == "sft" and spec.init == PLAIN:
+    u, shape = None, spec.cut.edge_factor_shape(base.hidden_size, base.intermediate_size)
+    if shape is not None and spec.init == PLAIN:
         u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
-    elif spec.mode == "sft":
+    elif shape is not None:
         u = torch.full(shape, float("nan"))  # until restored
     return build_edge_half(base, spec, u, device=device)
 

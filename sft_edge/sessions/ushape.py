@@ -21,7 +21,7 @@ from sft_common.models.base_model import BaseModel
 from sft_common.models.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
-from sft_common.topology.spec import FFN_INPUT, SplitSpec, session_fingerprint
+from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.topology.two_part import task_loss
 from sft_common.topology.ushape import EdgeFactors, UShapeSpec, build_ushape_edge, lora_part, part_factors
 from sft_common.topology.ushape_lm import build_ushape_lm_edge
@@ -79,9 +79,10 @@ class UShapeSession(SessionClient):
         self.checkpoints = checkpoints
         self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
         self.compression = codec.COMPRESSIONS[link.compression]
-        self.width = spec.rank if spec.mode == "sft" else base.hidden_size
+        self.first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
+        self.width = self.first.cut_width(base.hidden_size)
         self.lora = lora.resolved(base.config.model_type) if lora else None
-        first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
+        first = self.first
         lora_dict = self.lora.as_dict() if self.lora else None
         self.fingerprint = session_fingerprint(base.fingerprint, first, 0, lora_dict, spec.tail_layers)
         config = session_config(
@@ -105,7 +106,7 @@ class UShapeSession(SessionClient):
             inference_only=inference_only,
         )
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
-        factors = self._factors(base, opened) if spec.mode == "sft" else None
+        factors = self._factors(base, opened)
         self.causal_lm = causal_lm  # the tail ends in the LM head; the loss is lm_data's shifted one
         self.tail: nn.Module
         if causal_lm:
@@ -125,24 +126,23 @@ class UShapeSession(SessionClient):
         )
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
 
-    def _factors(self, base: BaseModel, opened: pb.SessionOpened) -> EdgeFactors:
-        """u1, Σ2 and v2 from the cloud's answer, checked before anything is allocated; at the FFN
-        input A1ᵀ (hidden, R) in edge_factor and B2ᵀ (R, hidden) in tail_v, no Σ2."""
-        rank, hidden = self.spec.rank, base.hidden_size
-        if self.spec.factorise == FFN_INPUT:
-            if opened.HasField("tail_sigma"):
-                raise CloudError(
-                    grpc.StatusCode.INTERNAL, "the FFN-input U has no Σ2, but the cloud sent one"
-                )
-            return EdgeFactors(
-                u=_factor(opened.edge_factor, "edge factor A1ᵀ", (hidden, rank)),
-                sigma=None,
-                v=_factor(opened.tail_v, "tail factor B2ᵀ", (rank, hidden)),
-            )
+    def _factors(self, base: BaseModel, opened: pb.SessionOpened) -> Optional[EdgeFactors]:
+        """The factors the cloud sent at open, checked before anything is allocated: u1 (A1ᵀ at
+        the FFN input) in edge_factor, Σ2 (none at the FFN input) and v2 (B2ᵀ) for the tail; None
+        for a full-width cut."""
+        cut = self.first.cut
+        shapes = cut.tail_factor_shapes(base.hidden_size)
+        u_shape = cut.edge_factor_shape(base.hidden_size, base.intermediate_size)
+        if shapes is None or u_shape is None:
+            return None
+        sigma_shape, v_shape = shapes
+        if sigma_shape is None and opened.HasField("tail_sigma"):
+            raise CloudError(grpc.StatusCode.INTERNAL, "this cut has no Σ2, but the cloud sent one")
+        sigma = _factor(opened.tail_sigma, "tail factor Σ2", sigma_shape) if sigma_shape else None
         return EdgeFactors(
-            u=_factor(opened.edge_factor, "edge factor u1", (base.intermediate_size, rank)),
-            sigma=_factor(opened.tail_sigma, "tail factor Σ2", (rank,)),
-            v=_factor(opened.tail_v, "tail factor v2", (rank, hidden)),
+            u=_factor(opened.edge_factor, "edge factor u1", u_shape),
+            sigma=sigma,
+            v=_factor(opened.tail_v, "tail factor v2", v_shape),
         )
 
     # -- what the trainer calls ------------------------------------------------------------
