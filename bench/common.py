@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from sft_cloud.daemon import launch
 
@@ -164,12 +164,20 @@ def daemon(
         proc.output = launch.stop_daemon(proc)  # type: ignore[attr-defined]
 
 
-def run_child(module: str, args: Sequence[str], prefix: Sequence[str] = (), env=None) -> Any:
-    """``python -m module args`` (under ``prefix``) from the repository root: the JSON object it
-    prints as its last line of stdout."""
-    cmd = [*prefix, sys.executable, "-m", module, *args]
+def run_child(module: str, flag: str, args: Dict, prefix: Sequence[str] = (), env=None) -> Any:
+    """A benchmark's child half: ``python -m module flag JSON`` (under ``prefix``) from the
+    repository root, ``args`` as the JSON; what ``answer_child`` printed there."""
+    cmd = [*prefix, sys.executable, "-m", module, flag, json.dumps(args)]
     out = subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def answer_child(value: Optional[str], fn: Callable[[argparse.Namespace], Any]) -> bool:
+    """In a child (``value``: the JSON ``run_child`` passed, else None): print ``fn``'s result on
+    those arguments as JSON, as the last line of stdout; whether this was a child."""
+    if value:
+        print(json.dumps(fn(argparse.Namespace(**json.loads(value)))))
+    return bool(value)
 
 
 def proc_status(pid: object = "self") -> Dict[str, int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import pathlib
 import re
 import socket
@@ -27,6 +26,7 @@ from typing import Dict, Iterator, List, Optional
 
 from bench.common import (
     add_workload_args,
+    answer_child,
     daemon,
     exit_on_signals,
     median,
@@ -250,8 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_workload_args(p)
     p.add_argument("--edge", help=argparse.SUPPRESS)  # the edge half, in its namespace: arguments as JSON
     args = p.parse_args(argv)
-    if args.edge:
-        print(json.dumps(edge(argparse.Namespace(**json.loads(args.edge)))))
+    if answer_child(args.edge, edge):
         return 0
     what = "overlap" if args.overlap else "link"
     args.__dict__.update({k: v for k, v in DEFAULTS[what].items() if getattr(args, k) is None})
@@ -261,8 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with namespaces():
         netem = netem_available()
         with daemon(metrics, host=CLOUD_IP, prefix=EXEC_CLOUD, env=env) as (_, port):
-            edge_args = json.dumps({**vars(args), "cloud": f"{CLOUD_IP}:{port}"})
-            rows = run_child("bench.link", ["--edge", edge_args], EXEC_EDGE, env)
+            edge_args = {**vars(args), "cloud": f"{CLOUD_IP}:{port}"}
+            rows = run_child("bench.link", "--edge", edge_args, EXEC_EDGE, env)
     order = {c: i for i, c in enumerate(args.configs)}
     rows.sort(key=lambda r: order[r["config"]])  # stable: rates, then micro-batches, in the order run
     if args.overlap:

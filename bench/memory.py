@@ -2,33 +2,39 @@
 
 Every run is its own process (``--child``): ``--local`` trains the whole model, each split run
 net1 against an ``sft-cloud serve`` daemon on loopback. Training memory is the peak (``VmHWM``,
-restarted at the end of each phase of each step) above the resident size before the model was
-loaded; the table sets it against the bytes ``bench.memory_accounting`` counts on the same batch.
-``--phases``: the peak of every phase of every step (docs/benchmarks.md §5: run it also with
-``MALLOC_MMAP_THRESHOLD_=1048576`` to tell allocator slack from tensors).
+restarted once the model is built) above the resident size before the model was loaded; the table
+sets it against the bytes ``bench.memory_accounting`` counts on the same batch. The peak of each
+phase of each step (``--phases``, docs/benchmarks.md §5) was a finished study: it ran at 2a703f4,
+``git show 1cd86f8:bench/memory.py`` has it.
 Usage: python -m bench.memory [--layers 0 2 4 5]
-       python -m bench.memory --phases --layers 0 4 --steps 6 --warmup 0
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 from bench import memory_accounting as acc
-from bench.common import add_workload_args, daemon, median, proc_status, reset_peak, run_child, save, table
-
-PHASES = ("forward", "backward", "optimizer", "rest")
+from bench.common import (
+    add_workload_args,
+    answer_child,
+    daemon,
+    median,
+    proc_status,
+    reset_peak,
+    run_child,
+    save,
+    table,
+)
 
 
 def child(args: argparse.Namespace) -> Dict:
-    """One process: build the model, train ``warmup + steps`` steps; the peak of each phase of each
-    step in MiB above ``idle_mib`` (the resident size before the model), and the median step time."""
-    from bench.harness import batches, grpc, inproc, local_session, split_session
+    """One process: build the model, train ``warmup + steps`` steps; in MiB above ``idle_mib`` (the
+    resident size before the model), the peak while building and while training, and the median
+    time of a step after the warm-up."""
+    from bench.harness import batches, grpc, inproc, local_session, split_session, time_steps
     from sft_common.models.base_model import load_base_model
     from sft_common.topology.spec import SplitSpec
 
@@ -39,38 +45,21 @@ def child(args: argparse.Namespace) -> Dict:
     session: Any
     if args.split_layer is None:
         session = local_session(base, n)
-        model = session.model
     else:
         transport = grpc(args.cloud) if args.cloud else inproc(base)
         spec = SplitSpec(args.split_layer, args.rank, args.mode)
         session = split_session(base, spec, transport, n, args.batch_size, args.seq)
-        model = session.net1
-    steps: List[Dict[str, float]] = [{"step": 0, "built": proc_status()["VmHWM"] / 1024 - idle}]
-
-    def mark(phase: str) -> None:
-        s = proc_status()
-        steps[-1].update({phase: s["VmHWM"] / 1024 - idle, f"{phase}_end_rss": s["VmRSS"] / 1024 - idle})
-        reset_peak()
-
-    model.register_forward_hook(lambda *_: mark("forward"))
-    session.optimizer.register_step_pre_hook(lambda *_: mark("backward"))
-    session.optimizer.register_step_post_hook(lambda *_: mark("optimizer"))
-    times = []
+    built = proc_status()["VmHWM"] / 1024 - idle
     reset_peak()
-    for k, batch in enumerate(data):
-        if k:
-            steps.append({"step": k})
-        t0 = time.perf_counter()
-        session.train_step(k, batch)
-        times.append(time.perf_counter() - t0)
-        mark("rest")
+    times = time_steps(session, data, args.warmup)
+    peak = proc_status()["VmHWM"] / 1024 - idle
     session.close()
     return {
         "run": "local" if args.split_layer is None else f"edge l={args.split_layer}",
         "idle_mib": idle,
-        "steps": steps,
-        "peak_mib": max(s[p] for s in steps for p in PHASES),
-        "step_s": median(times[args.warmup :] or times),
+        "built_mib": built,
+        "peak_mib": peak,
+        "step_s": median(times),
     }
 
 
@@ -94,7 +83,7 @@ def accounting(args: argparse.Namespace) -> Dict:
 
 def rss_row(run: Dict, counted: int, local: Optional[Dict] = None, summary: Optional[Dict] = None) -> Dict:
     """A run's peak against its counted bytes (and, for the edge, against local and the moved share)."""
-    train = max(run["peak_mib"], run["steps"][0]["built"])
+    train = max(run["peak_mib"], run["built_mib"])
     row = {
         "run": "local" if local is None else f"edge ({run['mode']})",
         "split_layer": run["split_layer"],
@@ -123,17 +112,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps")
     p.add_argument("--layers", nargs="+", type=int, default=[0, 2, 4, 5])
     p.add_argument("--mode", default="sft")
-    p.add_argument("--phases", action="store_true", help="the peak of every phase of every step")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one measured process: its arguments as JSON
     args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(argparse.Namespace(**json.loads(args.child)))))
+    if answer_child(args.child, child):
         return 0
 
     def run(layer: Optional[int], cloud: Optional[str] = None) -> Dict:
-        out = run_child(
-            "bench.memory", ["--child", json.dumps({**vars(args), "split_layer": layer, "cloud": cloud})]
-        )
+        out = run_child("bench.memory", "--child", {**vars(args), "split_layer": layer, "cloud": cloud})
         print(f"{out['run']}: peak {out['peak_mib']:.0f} MiB above idle", file=sys.stderr, flush=True)
         return {**out, "mode": args.mode, "split_layer": "-" if layer is None else layer}
 
@@ -141,24 +126,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     with daemon() as (_, port):
         runs += [run(layer, f"127.0.0.1:{port}") for layer in args.layers]
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tunables, if set
-    if args.phases:
-        rows = [{"run": r["run"], **s} for r in runs for s in r["steps"]]
-        print(table(rows, ["run", "step", *PHASES, "optimizer_end_rss", "rest_end_rss"]))
-        print(table(runs, ["run", "peak_mib"]))
-        payload: Dict[str, Any] = {"runs": runs}
-    else:
-        counted = accounting(args)
-        local = rss_row(runs[0], acc.total(counted["local"]))
-        rows = [local]
-        for r in runs[1:]:
-            s = counted["layers"][r["split_layer"]]["summary"]
-            rows.append(rss_row(r, s["edge_bytes"], local, s))
-        columns = (
-            "run split_layer peak_mib idle_mib train_mib counted_mib uncounted_mib moved_mib saved_share"
-        )
-        print(table(rows, columns + " moved_share bar_rss counted_saved_share bar_counted"))
-        payload = {"rows": rows, "counted": counted}
-    name = args.name or ("memory_phases" if args.phases else "memory")
+    counted = accounting(args)
+    local = rss_row(runs[0], acc.total(counted["local"]))
+    rows = [local]
+    for r in runs[1:]:
+        s = counted["layers"][r["split_layer"]]["summary"]
+        rows.append(rss_row(r, s["edge_bytes"], local, s))
+    columns = "run split_layer peak_mib idle_mib train_mib counted_mib uncounted_mib moved_mib saved_share"
+    print(table(rows, columns + " moved_share bar_rss counted_saved_share bar_counted"))
+    payload = {"rows": rows, "counted": counted}
+    name = args.name or "memory"
     print(f"wrote {save(name, {**payload, 'malloc_env': malloc, 'args': vars(args)}, args.out_dir)}")
     return 0
 

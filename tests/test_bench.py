@@ -168,9 +168,9 @@ def test_memory_accounting_adds_up():
 
 
 @pytest.mark.parametrize("split_layer", [None, 2])
-def test_memory_child_reports_time_and_every_phase(split_layer):
-    """One measured process, local or the split edge (its cloud in process): the peak of every phase
-    of every step, and the step time."""
+def test_memory_child_reports_its_peaks_and_step_time(split_layer):
+    """One measured process, local or the split edge (its cloud in process): the peak while building
+    and while training, above the resident size before the model, and the step time."""
     from bench import memory
 
     args = argparse.Namespace(
@@ -186,10 +186,8 @@ def test_memory_child_reports_time_and_every_phase(split_layer):
         cloud=None,
     )
     out = memory.child(args)
-    assert [s["step"] for s in out["steps"]] == [0, 1]
-    assert all(p in s for s in out["steps"] for p in memory.PHASES)
-    assert out["peak_mib"] == max(s[p] for s in out["steps"] for p in memory.PHASES)
-    assert out["step_s"] > 0
+    assert out["run"] == ("local" if split_layer is None else "edge l=2")
+    assert out["built_mib"] > 0 and out["step_s"] > 0
     # The kernel updates RSS counters lazily: the peak may read a few pages below an earlier RSS.
     assert out["idle_mib"] + out["peak_mib"] >= 0.95 * out["idle_mib"] > 0
 
@@ -349,32 +347,7 @@ def test_memory_benchmark_end_to_end(tmp_path):
     )
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["local", "edge (sft)"]
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.memory",
-            "--phases",
-            "--model",
-            "random:tiny",
-            "--layers",
-            "0",
-            "--batch-size",
-            "2",
-            "--seq",
-            "8",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--out-dir",
-            str(tmp_path),
-        ],
-        check=True,
-        cwd=ROOT,
-    )
-    runs = json.loads((tmp_path / "memory_phases.json").read_text())["runs"]
-    assert [r["run"] for r in runs] == ["local", "edge l=0"] and all(len(r["steps"]) == 2 for r in runs)
+    assert all(r["train_mib"] > 0 and r["counted_mib"] > 0 for r in rows)
 
 
 def test_inversion_attacker_reads_back_what_full_width_sl_sends(glue_dir, tmp_path):
