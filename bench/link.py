@@ -1,14 +1,14 @@
-"""A real two-host link: local, split learning and SFT over a shaped veth, whole steps or micro-batches.
+"""A real two-host link: local, split learning and SFT over a shaped veth.
 
 The cloud (`sft-cloud serve`) runs in network namespace ``sftb-cloud``, the edge (``--edge``) in
 ``sftb-edge``, joined by a veth pair that tbf shapes both ways to each of ``--rates`` (Mbit/s);
 needs root, and ``namespaces()`` deletes them however it ends. Each configuration is
 ``MODE[:SPLIT_LAYER]`` (default the last layer) or ``local`` (no link). The default table sets each
 step against its floor: edge compute + cloud compute + interface bytes / rate + one round trip.
-``--overlap``: micro-batches in flight against whole steps, each side on one intra-op thread (one
-core each of a 2-core machine). What each column is: docs/benchmarks.md §3 and §4.
+What each column is: docs/benchmarks.md §3. ``--overlap`` (micro-batches in flight against whole
+steps, docs/benchmarks.md §4) was a finished study: it ran at f605841, ``git show
+3b692aa:bench/link.py`` has it.
 Usage: sudo python -m bench.link [--rates 1000 100 10] [--configs local sl sft]
-       sudo python -m bench.link --overlap [--rates 100 10] [--configs sl:5 sft:5 sft:2] [--micro 1 2 4] [--depths 1 2]
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from bench.common import (
     run_child,
     save,
     table,
-    threads_env,
 )
 
 CLOUD_NS, EDGE_NS = "sftb-cloud", "sftb-edge"
@@ -41,22 +40,6 @@ CLOUD_IF, EDGE_IF = "sftb-c", "sftb-e"
 CLOUD_IP, EDGE_IP = "192.0.2.1", "192.0.2.2"  # TEST-NET-1 (RFC 5737): routes nowhere
 EXEC_CLOUD, EXEC_EDGE = ["ip", "netns", "exec", CLOUD_NS], ["ip", "netns", "exec", EDGE_NS]
 METRICS_PORT = 9100  # the daemon's /metrics, in its own namespace
-DEFAULTS = {
-    "link": {
-        "rates": [1000, 100, 10],
-        "configs": ["local", "sl", "sft"],
-        "micro": [1],
-        "depths": [1],
-        "steps": 10,
-    },
-    "overlap": {
-        "rates": [100, 10],
-        "configs": ["sl:5", "sft:5", "sft:2"],
-        "micro": [1, 2, 4],
-        "depths": [1, 2],
-        "steps": 6,
-    },
-}
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -170,42 +153,35 @@ def edge(args: argparse.Namespace) -> List[Dict]:
         for config in [c for c in args.configs if c != "local"]:
             mode, _, layer = config.partition(":")
             spec = SplitSpec(split_layer=int(layer or last), rank=args.rank, mode=mode)
-            # Depth 1 with several micro-batches: their smaller, less padded matrices without overlap.
-            for micro, depth in [(m, d) for m in args.micro for d in (args.depths if m > 1 else [1])]:
-                transport = Watched(grpc(args.cloud))
-                link = LinkOptions(args.wire, micro_batches=micro, pipeline_depth=depth)
-                session = split_session(base, spec, transport, n, args.batch_size, args.seq, link)
-                time_steps(session, data[: args.warmup])
-                cloud0, if0 = cloud_seconds(), counters()
-                bytes0 = transport.bytes_sent + transport.bytes_received
-                times = time_steps(session, data[args.warmup :], first=args.warmup)
-                if1, cloud1 = counters(), cloud_seconds()
-                msg_bytes = transport.bytes_sent + transport.bytes_received - bytes0
-                wait = sum(transport.waits[-args.steps * micro :]) / args.steps
-                session.close()
-                row = {
-                    "config": config,
-                    "mode": mode,
-                    "split_layer": spec.split_layer,
-                    "rate_mbit": rate,
-                    "micro": micro,
-                    "depth": depth,
-                    "step_s": median(times),
-                    "all_step_s": times,
-                    "edge_wait_s": wait,
-                    "edge_busy_s": median(times) - wait,
-                    "rtt_s": rtt,
-                    "cloud_s": (cloud1 - cloud0) / args.steps,
-                    "tokens_per_step": tokens,
-                    "msg_bytes_per_step": msg_bytes / args.steps,
-                    **{f"if_{k}_per_step": (if1[k] - if0[k]) / args.steps for k in if1},
-                }
-                rows.append(row)
-                print(
-                    f"  {rate} Mbit/s {config} micro {micro} depth {depth}: {row['step_s']:.3f} s/step",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            transport = Watched(grpc(args.cloud))
+            session = split_session(
+                base, spec, transport, n, args.batch_size, args.seq, LinkOptions(args.wire)
+            )
+            time_steps(session, data[: args.warmup])
+            cloud0, if0 = cloud_seconds(), counters()
+            bytes0 = transport.bytes_sent + transport.bytes_received
+            times = time_steps(session, data[args.warmup :], first=args.warmup)
+            if1, cloud1 = counters(), cloud_seconds()
+            msg_bytes = transport.bytes_sent + transport.bytes_received - bytes0
+            wait = sum(transport.waits[-args.steps :]) / args.steps
+            session.close()
+            row = {
+                "config": config,
+                "mode": mode,
+                "split_layer": spec.split_layer,
+                "rate_mbit": rate,
+                "step_s": median(times),
+                "all_step_s": times,
+                "edge_wait_s": wait,
+                "edge_busy_s": median(times) - wait,
+                "rtt_s": rtt,
+                "cloud_s": (cloud1 - cloud0) / args.steps,
+                "tokens_per_step": tokens,
+                "msg_bytes_per_step": msg_bytes / args.steps,
+                **{f"if_{k}_per_step": (if1[k] - if0[k]) / args.steps for k in if1},
+            }
+            rows.append(row)
+            print(f"  {rate} Mbit/s {config}: {row['step_s']:.3f} s/step", file=sys.stderr, flush=True)
     return rows
 
 
@@ -241,44 +217,32 @@ def link_table(rows: List[Dict]) -> List[Dict]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--overlap", action="store_true", help="micro-batches in flight against whole steps")
-    p.add_argument("--rates", nargs="+", type=float, help="Mbit/s")
-    p.add_argument("--configs", nargs="+", help="local, or MODE[:SPLIT_LAYER] (default: the last layer)")
-    p.add_argument("--micro", nargs="+", type=int, help="micro-batch counts")
-    p.add_argument("--depths", nargs="+", type=int, help="--pipeline-depth values (micro > 1)")
-    p.add_argument("--steps", type=int, help="timed steps (default 10, --overlap 6)")
+    p.add_argument("--rates", nargs="+", type=float, default=[1000, 100, 10], help="Mbit/s")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["local", "sl", "sft"],
+        help="local, or MODE[:SPLIT_LAYER] (default: the last layer)",
+    )
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
     add_workload_args(p)
     p.add_argument("--edge", help=argparse.SUPPRESS)  # the edge half, in its namespace: arguments as JSON
     args = p.parse_args(argv)
     if answer_child(args.edge, edge):
         return 0
-    what = "overlap" if args.overlap else "link"
-    args.__dict__.update({k: v for k, v in DEFAULTS[what].items() if getattr(args, k) is None})
-    # One intra-op thread a side: under load a 2-thread OpenMP team stalls in every parallel region.
-    env = threads_env(1) if args.overlap else None
     metrics = ["--metrics-port", str(METRICS_PORT)]
     with namespaces():
         netem = netem_available()
-        with daemon(metrics, host=CLOUD_IP, prefix=EXEC_CLOUD, env=env) as (_, port):
-            edge_args = {**vars(args), "cloud": f"{CLOUD_IP}:{port}"}
-            rows = run_child("bench.link", "--edge", edge_args, EXEC_EDGE, env)
+        with daemon(metrics, host=CLOUD_IP, prefix=EXEC_CLOUD) as (_, port):
+            rows = run_child("bench.link", "--edge", {**vars(args), "cloud": f"{CLOUD_IP}:{port}"}, EXEC_EDGE)
     order = {c: i for i, c in enumerate(args.configs)}
-    rows.sort(key=lambda r: order[r["config"]])  # stable: rates, then micro-batches, in the order run
-    if args.overlap:
-        whole = {(r["rate_mbit"], r["config"]): r["step_s"] for r in rows if r["micro"] == 1}
-        for r in rows:
-            base = whole.get((r["rate_mbit"], r["config"]))
-            r["speedup"] = base / r["step_s"] if base else None
-            r["bytes_per_step"] = r["msg_bytes_per_step"]
-        print(table(rows, "rate_mbit mode split_layer micro depth step_s speedup edge_busy_s edge_wait_s"))
-        payload = {"rows": rows, "args": vars(args), "threads_per_side": 1}
-    else:
-        link_rows = link_table(rows)
-        columns = "mode rate_mbit step_s floor_s vs_floor edge_s cloud_s wire_s rtt_ms"
-        print(table(link_rows, columns + " msg_bytes_per_step if_bytes_per_step if_over_msg vs_local"))
-        print(f"netem delay available: {netem}")
-        payload = {"rows": link_rows, "raw": rows, "netem": netem, "args": vars(args)}
-    print(f"wrote {save(args.name or what, payload, args.out_dir)}")
+    rows.sort(key=lambda r: order[r["config"]])  # stable: rates in the order run
+    link_rows = link_table(rows)
+    columns = "mode rate_mbit step_s floor_s vs_floor edge_s cloud_s wire_s rtt_ms"
+    print(table(link_rows, columns + " msg_bytes_per_step if_bytes_per_step if_over_msg vs_local"))
+    print(f"netem delay available: {netem}")
+    payload = {"rows": link_rows, "raw": rows, "netem": netem, "args": vars(args)}
+    print(f"wrote {save(args.name or 'link', payload, args.out_dir)}")
     return 0
 
 

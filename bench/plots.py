@@ -1,4 +1,7 @@
-"""PNG plots for docs/benchmarks.md from whatever bench/results/*.json exist (matplotlib, no display)."""
+"""PNG plots for docs/benchmarks.md from whatever bench/results/*.json exist (matplotlib, no display).
+
+docs/img/overlap.png is a finished study's (bench.link --overlap, retired): ``git show
+3b692aa:bench/plots.py`` draws it."""
 
 from __future__ import annotations
 
@@ -124,23 +127,6 @@ def memory(plt, data: Dict) -> None:
     ax2.legend(fontsize=8)
 
 
-def overlap(plt, data: Dict) -> None:
-    """Per link and cut: the step split into the edge's own work and its wait for answers, for
-    whole steps and for each (micro-batches, depth)."""
-    rows = data["rows"]
-    groups = list(dict.fromkeys((r["rate_mbit"], r["mode"], r["split_layer"]) for r in rows))
-    _, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.8), sharey=True, squeeze=False)
-    for ax, (rate, mode, layer) in zip(axes[0], groups):
-        sel = [r for r in rows if (r["rate_mbit"], r["mode"], r["split_layer"]) == (rate, mode, layer)]
-        labels, busy = [f"K{r['micro']} d{r['depth']}" for r in sel], [r["edge_busy_s"] for r in sel]
-        ax.bar(labels, busy, label="edge computing")
-        ax.bar(labels, [r["edge_wait_s"] for r in sel], bottom=busy, label="edge waiting")
-        ax.set_title(f"{mode.upper()} l={layer}, {rate:g} Mbit/s", fontsize=9)
-        ax.tick_params(axis="x", labelrotation=60, labelsize=8)
-    axes[0][0].set_ylabel("seconds a step")
-    axes[0][0].legend(fontsize=8)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=RESULTS)
@@ -158,7 +144,6 @@ def main() -> int:
         ("traffic.png", traffic, _load(args.results, "traffic")),
         ("step_time.png", step_time, steps),
         ("link.png", link, _load(args.results, "link")),
-        ("overlap.png", overlap, _load(args.results, "overlap")),
         ("memory.png", memory, _load(args.results, "memory")),
     ]
     for png, draw, data in plots:
