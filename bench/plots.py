@@ -72,20 +72,9 @@ def link(plt, data: Dict) -> None:
         rows = sorted((r for r in data["rows"] if r["mode"] == mode), key=lambda r: r["rate_mbit"])
         rates = [r["rate_mbit"] for r in rows]
         for a, edge in ((ax, 0), (ax2, 1)):  # the right plot less the edge's compute
-            a.plot(
-                rates,
-                [r["step_s"] - edge * r["edge_s"] for r in rows],
-                "o-",
-                color=f"C{i}",
-                label=f"{mode} measured",
-            )
-            a.plot(
-                rates,
-                [r["floor_s"] - edge * r["edge_s"] for r in rows],
-                "x--",
-                color=f"C{i}",
-                label=f"{mode} floor",
-            )
+            for key, style, what in (("step_s", "o-", "measured"), ("floor_s", "x--", "floor")):
+                ys = [r[key] - edge * r["edge_s"] for r in rows]
+                a.plot(rates, ys, style, color=f"C{i}", label=f"{mode} {what}")
     ax.axhline(local, color="k", linestyle=":", label="local (edge alone)")
     for a in (ax, ax2):
         a.set_xscale("log")
