@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, cast
 
 import torch
 from safetensors.torch import load_file
@@ -91,7 +91,7 @@ def _whole(folder: str, record: RunRecord, device: str, connection) -> OpenedMod
     else:
         from sft_common.topology.two_part import trained_skeleton
 
-        model = trained_skeleton(config, None, record.num_labels, device)
+        model = cast(nn.Module, trained_skeleton(config, None, record.num_labels, device))
     load_owned(model, load_file(os.path.join(folder, record.weight_files[0]), device=device))
     model.eval()
     from sft_common.models.base_model import family_of
@@ -108,6 +108,8 @@ def _whole(folder: str, record: RunRecord, device: str, connection) -> OpenedMod
 def _split(folder: str, record: RunRecord, device: str, connection) -> OpenedModel:
     """An exported two-part run: net1 and net2 here, the cut still factorised."""
     spec = record.split_spec()
+    edge: nn.Module
+    cloud: nn.Module
     if record.lora:
         from sft_common.models.lora import lora_on_halves
         from sft_common.topology.two_part import build_split_model
@@ -119,7 +121,10 @@ def _split(folder: str, record: RunRecord, device: str, connection) -> OpenedMod
 
         from sft_common.topology.two_part import trained_skeleton
 
-        edge, cloud = trained_skeleton(AutoConfig.from_pretrained(folder), spec, record.num_labels, device)
+        config = AutoConfig.from_pretrained(folder)
+        edge, cloud = cast(
+            Tuple[nn.Module, nn.Module], trained_skeleton(config, spec, record.num_labels, device)
+        )
     for module, name in zip((edge, cloud), record.weight_files):
         load_owned(module, load_file(os.path.join(folder, name), device=device))
     halves = nn.ModuleDict({"edge": edge, "cloud": cloud}).eval()

@@ -8,7 +8,7 @@ the ``pb.SessionConfig`` that ``session_config`` builds; the U's adds its own fi
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Protocol
+from typing import Any, Dict, Optional, Protocol
 
 import torch
 
@@ -69,8 +69,8 @@ def session_config(
     spec: SplitSpec,
     num_labels: int,
     optim: OptimConfig,
-    wire_dtype: int,
-    compression: int,
+    wire_dtype: Any,  # a pb.DType value
+    compression: Any,  # a pb.Compression value
     batch_size: int,
     max_seq_len: int,
     task: str,
