@@ -71,6 +71,7 @@ def open_stream(registry, base, owner="edge-a", **kw):
 def train_message(k, lengths=(5, 3), width=8, labels=(0, 1), dtype=pb.FLOAT32, **kw):
     """A TrainStep of step ``k`` with random activations."""
     from sft_common.wire import codec
+
     acts = codec.encode(torch.randn(sum(lengths), width), dtype)
     return pb.EdgeMessage(
         train=pb.TrainStep(step=k, activations=acts, lengths=list(lengths), labels=list(labels), **kw)
@@ -114,18 +115,15 @@ class AllocationSpy:
         assert all(0 <= n <= cap for n in self.sizes), f"allocation from a claimed size: {self.sizes}"
 
 
-def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lora=None, init=None):
+def train_in_one_process(base, spec, optim, batches, micro_batches: int = 1, lora=None):
     """The reference for split training: the same factorised model, both halves under one
     optimizer and one autograd graph, dropout seeded as each side seeds it. With
     ``micro_batches`` > 1 each micro-batch's mean loss counts by its share of the batch,
-    gradients accumulate and the update comes once a step. ``init(edge, cloud)``: sets other
-    starting factors than the plain SVD's (activation-aware). Returns (edge, cloud, losses)."""
+    gradients accumulate and the update comes once a step. Returns (edge, cloud, losses)."""
     from sft_common.topology.two_part import build_split_model, factor_parameters
     from sft_common.training import make_optimizer, make_schedule, one_process_step
 
     edge, cloud = build_split_model(base, spec, 2, optim.seed)
-    if init is not None:
-        init(edge, cloud)
     if lora is not None:  # the adapters each side puts on its half, seeded as there
         from sft_common.models.lora import lora_on_halves
 

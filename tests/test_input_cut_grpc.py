@@ -132,10 +132,6 @@ def test_the_daemon_refuses_what_the_input_cut_does_not_fit(live_server, config,
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (
-            dict(label_private=True, svd_init="activation-aware"),
-            "the U\\) starts both cuts from the plain SVD",
-        ),
         (dict(mode="sl"), "--factorise ffn-input needs --mode sft"),
         (dict(factorise="ffn-middle"), "--factorise must be one of ffn-output, ffn-input"),
     ],

@@ -32,9 +32,7 @@ FORWARD, GRADIENT = "forward_up", "gradient_up"
 
 
 def check_middle(config: pb.SessionConfig, spec: SplitSpec, base: BaseModel) -> None:
-    """A U: both cuts fit the model from the plain SVD, and the cloud is told no labels."""
-    if config.svd_init != pb.SVD_INIT_PLAIN:
-        raise invalid("label_private: the calibrated inits are for the two-part split only")
+    """A U: both cuts fit the model, and the cloud is told no labels."""
     try:
         spec.validate(base.num_hidden_layers, base.hidden_size, base.intermediate_size)
         ushape_from_config(config).validate(base.num_hidden_layers)
@@ -74,13 +72,10 @@ class MiddleSession:
         max_seq: int = 512,
         checkpoint_dir: Optional[str] = None,
         shared_base: Optional[Dict[str, torch.nn.Parameter]] = None,
-        cloud_factors: Optional[Tuple[pb.Tensor, pb.Tensor]] = None,
     ):
-        """As ``TwoPartSession``'s; ``cloud_factors`` is always None here (a U starts from the
-        plain SVD: ``check_middle``)."""
+        """As ``TwoPartSession``'s."""
         self.config = config
         self.spec = check_config(config, base, max_batch, max_seq, check_middle)
-        assert cloud_factors is None, "factors come with a calibrated init, which check_middle refuses"
         self.device = device
         self.lora = lora_from_config(config, base)
         self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), device)

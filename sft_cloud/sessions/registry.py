@@ -30,7 +30,7 @@ from sft_cloud.sessions import finished
 from sft_cloud.sessions.core import Session
 from sft_cloud.sessions.middle import MiddleSession
 from sft_cloud.sessions.two_part import TwoPartSession
-from sft_cloud.sessions.validation import given_factors
+from sft_cloud.sessions.validation import refuse_calibrated_init
 from sft_common.models.base_model import BaseModel, ModelError, load_base_model
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
@@ -81,7 +81,7 @@ class SessionRegistry:
 
     def open(self, msg: pb.OpenSession, owner: str) -> Session:
         """A new session (empty ``session_id``) or an existing one, checked against ``msg``."""
-        cloud_factors = given_factors(msg)  # activation-aware init: only with a new session's open
+        refuse_calibrated_init(msg)  # however it opens: new, re-attached or finished
         if msg.inference_only:
             return self.reopen_finished(msg, owner)
         if msg.session_id:
@@ -105,7 +105,6 @@ class SessionRegistry:
             self.max_seq,
             self.checkpoint_dir,
             self._shared(msg.config, base),
-            cloud_factors=cloud_factors,
         )
         _check_fingerprint(msg, session)
         lease, _ = self._take(session)

@@ -16,13 +16,11 @@ import torch
 
 from sft_cloud.sessions.core import FromCore, SessionCore, adapt_lora, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
-from sft_cloud.sessions.validation import check_config, decode_factors, invalid
-from sft_common.cuts.ffn_output import SVDTail
-from sft_common.cuts.input_cut import InputTail
+from sft_cloud.sessions.validation import check_config, invalid
 from sft_common.models.base_model import BaseModel
 from sft_common.models.lora import head_parameters, lora_from_config
 from sft_common.proto import sft_pb2 as pb
-from sft_common.topology.spec import PLAIN, SplitSpec, session_fingerprint
+from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.topology.two_part import build_cloud_half, factor_parameters, task_loss
 from sft_common.wire import codec
 
@@ -66,26 +64,19 @@ class TwoPartSession:
         max_seq: int = 512,
         checkpoint_dir: Optional[str] = None,
         shared_base: Optional[Dict[str, torch.nn.Parameter]] = None,
-        cloud_factors: Optional[Tuple[pb.Tensor, pb.Tensor]] = None,
     ):
         """``shared_base``: with LoRA, the frozen parameters of every session of this model and
-        split (filled by the first; later sessions use its tensors instead of their own copies).
-        ``cloud_factors``: Σ and v as the edge computed them (a new calibrated session; checked
-        by ``validation.given_factors``), used instead of this side's SVD."""
+        split (filled by the first; later sessions use its tensors instead of their own copies)."""
         self.config = config
         self.spec = check_config(config, base, max_batch, max_seq, check_two_part)
         self.device = device
         self.lora = lora_from_config(config, base)
         width = self.spec.cut_width(base.hidden_size)
         self.inputs = ActivationInput(config, width, device)
-        given = None if cloud_factors is None else decode_factors(cloud_factors, self.spec, base.hidden_size)
         net2, edge_factor = build_cloud_half(base, self.spec, config.num_labels, config.seed, device=device)
-        # u for the edge (SessionOpened.edge_factor); None: none sent. With a calibrated init the
-        # edge computed u: the cloud's would be the plain SVD's.
-        self.edge_factor: Optional[torch.Tensor] = edge_factor if self.spec.init == PLAIN else None
+        # u for the edge (SessionOpened.edge_factor); None: none sent.
+        self.edge_factor: Optional[torch.Tensor] = edge_factor
         factors = factor_parameters(net2)
-        if given is not None:  # (without: rebuilt from a checkpoint, which restores them)
-            _use_factors(net2, *given)
         # With LoRA: adapters; Σ, v and the head trainable; the base frozen, shareable.
         keep = factors + head_parameters(net2)
         lora_dict = adapt_lora(net2, self.lora, config.seed, "cloud", keep, shared_base)
@@ -246,15 +237,3 @@ class TwoPartSession:
             f"checkpoint at step {msg.step}, but the session is at step {self.core.next_step} "
             f"with {self.next_micro} of its micro-batches applied"
         )
-
-
-@torch.no_grad()
-def _use_factors(net2: torch.nn.Module, sigma: Optional[torch.Tensor], v: torch.Tensor) -> None:
-    """The edge's calibrated factors: Σ and v (R, hidden), or B = vᵀ at the FFN input."""
-    tail = getattr(net2, "tail", None)
-    if isinstance(tail, SVDTail) and sigma is not None:
-        tail.sigma.copy_(sigma)
-        tail.v.weight.copy_(v.t())
-    else:
-        assert isinstance(tail, InputTail) and sigma is None, "activation-aware init needs an SFT cut"
-        tail.b.weight.copy_(v.t())

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable
 
 import grpc
-import torch
 
 from sft_common.models.base_model import BaseModel
 from sft_common.models.lora import lora_from_config
 from sft_common.proto import sft_pb2 as pb
-from sft_common.topology.spec import ACTIVATION_AWARE, FFN_INPUT, FFN_OUTPUT, PLAIN, RESIDUAL_AWARE, SplitSpec
+from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.wire import codec
 from sft_common.wire.errors import ProtocolError
 
 MODES = {pb.SFT: "sft", pb.SL: "sl"}
 FACTORISE = {pb.FFN_OUTPUT: FFN_OUTPUT, pb.FFN_INPUT: FFN_INPUT}
-INITS = {
-    pb.SVD_INIT_PLAIN: PLAIN,
-    pb.SVD_INIT_ACTIVATION_AWARE: ACTIVATION_AWARE,
-    pb.SVD_INIT_RESIDUAL_AWARE: RESIDUAL_AWARE,
-}
 
 
 def invalid(message: str) -> ProtocolError:
@@ -35,16 +29,10 @@ def spec_from_config(config: pb.SessionConfig) -> SplitSpec:
         raise invalid(f"mode {config.mode} is not one of SFT, SL")
     if config.factorise not in FACTORISE:
         raise invalid(f"factorise {config.factorise} is not one of FFN_OUTPUT, FFN_INPUT")
-    if config.svd_init not in INITS:
-        raise invalid(
-            f"svd_init {config.svd_init} is not one of SVD_INIT_PLAIN, SVD_INIT_ACTIVATION_AWARE, "
-            "SVD_INIT_RESIDUAL_AWARE"
-        )
     return SplitSpec(
         split_layer=config.split_layer,
         rank=config.rank,
         mode=MODES[config.mode],
-        init=INITS[config.svd_init],
         factorise=FACTORISE[config.factorise],
     )
 
@@ -99,47 +87,14 @@ def check_config(
     return spec
 
 
-def given_factors(msg: pb.OpenSession) -> Optional[Tuple[Optional[pb.Tensor], pb.Tensor]]:
-    """The cloud's factors an open carries (activation- or residual-aware init), checked for
-    presence: only with the open of a new session, and always there when its config asks for such an
-    init (a re-attach or a reopen keeps the session's own); Σ and v at the FFN output, v = Bᵀ
-    alone at the FFN input. Returns (Σ or None, v), or None."""
-    has_sigma, has_v = msg.HasField("cloud_sigma"), msg.HasField("cloud_v")
-    new = not msg.session_id and not msg.inference_only
-    aware = msg.config.svd_init != pb.SVD_INIT_PLAIN
-    if (has_sigma or has_v) and not new:
+def refuse_calibrated_init(msg: pb.OpenSession) -> None:
+    """INVALID_ARGUMENT for an open that asks for a calibrated start of the factors: an
+    ``svd_init`` other than plain, or the edge's factors (``cloud_sigma``, ``cloud_v``). Those
+    initialisations were removed (no gain, more leakage: docs/accuracy.md, docs/privacy.md); the
+    fields stay in the .proto so that old edges get this answer, not a silent plain start."""
+    if msg.config.svd_init != pb.SVD_INIT_PLAIN or msg.HasField("cloud_sigma") or msg.HasField("cloud_v"):
         raise invalid(
-            "cloud_sigma and cloud_v come with the open of a new session only: this session has its own"
+            "calibrated initialisation (svd_init ACTIVATION_AWARE or RESIDUAL_AWARE, cloud_sigma, "
+            "cloud_v) was removed: the factors start from the cloud's plain SVD; open with "
+            "svd_init SVD_INIT_PLAIN and no cloud_sigma or cloud_v"
         )
-    if new and (has_sigma or has_v) != aware:
-        raise invalid(
-            "a calibrated svd_init (ACTIVATION_AWARE, RESIDUAL_AWARE) and the edge's factors "
-            "(cloud_sigma, cloud_v) go together: "
-            + ("the open carries none" if aware else "this session's init is the plain SVD")
-        )
-    if not (new and aware):
-        return None
-    needs_sigma = msg.config.factorise != pb.FFN_INPUT
-    if not has_v or has_sigma != needs_sigma:
-        raise invalid(
-            "a calibrated init at the FFN output needs both cloud_sigma and cloud_v"
-            if needs_sigma
-            else "a calibrated init at the FFN input takes cloud_v (Bᵀ) alone, no cloud_sigma"
-        )
-    return (msg.cloud_sigma if has_sigma else None), msg.cloud_v
-
-
-def decode_factors(
-    tensors: Tuple[Optional[pb.Tensor], pb.Tensor], spec: SplitSpec, hidden: int
-) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """Σ (rank,) or None, and v (rank, hidden), or INVALID_ARGUMENT saying what is wrong: a plain
-    init, not fp32, another shape, NaN or Inf (``codec.decode`` checks those, sizes first)."""
-    if spec.init == PLAIN:
-        raise invalid("cloud_sigma and cloud_v come with a calibrated init only (not the plain SVD)")
-    rank = spec.rank
-    cap = 4 * rank * hidden
-    sigma = None
-    if tensors[0] is not None:
-        sigma = codec.decode(tensors[0], name="cloud_sigma", dtype=pb.FLOAT32, shape=(rank,), max_bytes=cap)
-    v = codec.decode(tensors[1], name="cloud_v", dtype=pb.FLOAT32, shape=(rank, hidden), max_bytes=cap)
-    return sigma, v

@@ -4,7 +4,7 @@
 ``models.families`` resolves a config to its ``Family``; the builders (``topology.two_part``,
 ``topology.ushape``) ask the object and never test the mode. Adding a kind of cut (a quantised
 full-width wire, say): one ``Cut`` subclass in a module of its own, one entry in ``CUTS``, and its
-row in tests/sft_common/test_cuts.py. ``whiten`` computes activation-aware factors for the cuts.
+row in tests/sft_common/test_cuts.py.
 """
 
 from __future__ import annotations
@@ -34,4 +34,4 @@ def cut_of(spec: SplitSpec) -> Cut:
     kind = CUTS.get((spec.mode, spec.factorise))
     if kind is None:
         raise ValueError(f"no cut for mode {spec.mode!r} with factorise {spec.factorise!r}")
-    return kind(spec.rank, spec.keep_residual, spec.init)
+    return kind(spec.rank, spec.keep_residual)

@@ -31,14 +31,12 @@ from sft_common.models.families import Family, Modules
 from sft_common.models.loading import materialise
 
 MODES = ("sft", "sl")  # --mode: "sft" factorises the cut, "sl" sends the hidden states
-PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE = "plain", "activation-aware", "residual-aware"
-INITS = (PLAIN, ACTIVATION_AWARE, RESIDUAL_AWARE)  # how the SFT factors start (--svd-init)
 # Which linear of the cut layer's FFN is factorised (docs/design.md, "The two cuts"): the output
 # (the paper's §III, the default) or the input (the paper's released code).
 FFN_OUTPUT, FFN_INPUT = "ffn-output", "ffn-input"
 FACTORISATIONS = (FFN_OUTPUT, FFN_INPUT)
 
-# What the receiving side's tail is sent for it (the U's edge tail, an activation-aware start):
+# What the receiving side's tail is sent for it (the U's edge tail):
 # (Σ (R,) or None, v (R, hidden)).
 TailFactors = Tuple[Optional[torch.Tensor], torch.Tensor]
 
@@ -50,10 +48,9 @@ class Cut(ABC):
     # at open. Its weight is (R, in): what the cloud sends is its transpose (``edge_factor_shape``).
     factor: Optional[str] = None
 
-    def __init__(self, rank: int, keep_residual: bool = False, init: str = PLAIN):
+    def __init__(self, rank: int, keep_residual: bool = False):
         self.rank = rank  # R: the values a token sends across the cut (factorised cuts)
         self.keep_residual = keep_residual  # in-process only: the residual crosses beside the cut
-        self.init = init  # how the factors start (INITS)
 
     # -- geometry ---------------------------------------------------------------------------
 
@@ -98,12 +95,6 @@ class Cut(ABC):
         """What the receiving part's first module becomes: the rest of the cut layer, called
         ``(activations, residual)``; None when the cut layer ran whole on the sending side."""
 
-    def inputs(
-        self, family: Family, part: nn.Module, h: torch.Tensor, ctx: Dict[str, Any]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The FFN-output cut's two inputs (calibration): refused by the other cuts."""
-        raise ValueError("cut_inputs: an SFT cut at the FFN output only")
-
     # -- building from a base model's tensors -----------------------------------------------
 
     def skeleton(self, family: Family, layer: nn.Module, hidden: int) -> Optional[nn.Linear]:
@@ -141,7 +132,3 @@ class Cut(ABC):
         factor stays on meta) from the cloud's ``factors``, shapes checked first (ValueError), and
         the modules it owns read from the base model's tensors."""
         raise ValueError("this cut sends no factors to its receiving side")
-
-    def use_factors(self, receiver: nn.Module, factors: TailFactors) -> None:
-        """Overwrite a built receiving side's factors (an activation-aware start from the edge)."""
-        raise ValueError("activation-aware init needs an SFT cut")

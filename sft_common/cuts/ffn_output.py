@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from sft_common.cuts.base import RESIDUAL_AWARE, Cut, TailFactors
+from sft_common.cuts.base import Cut, TailFactors
 from sft_common.models.base_model import BaseModel
 from sft_common.models.families import Family, Modules
 from sft_common.models.loading import base_values
@@ -159,16 +159,7 @@ class FFNOutputCut(Cut):
         return part.get_submodule("u")(x), (residual if self.keep_residual else None)
 
     def receiver(self, family: Family, layer: nn.Module) -> Optional[nn.Module]:
-        tail = svd_of(family, layer).tail
-        if self.init == RESIDUAL_AWARE:
-            # â Σ v stands for the residual as well, which the unsplit layer never drops out
-            tail.dropout = nn.Identity()
-        return tail
-
-    def inputs(
-        self, family: Family, part: nn.Module, h: torch.Tensor, ctx: Dict[str, Any]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return family.cut(part, h, ctx)
+        return svd_of(family, layer).tail
 
     def skeleton(self, family: Family, layer: nn.Module, hidden: int) -> Optional[nn.Linear]:
         return install(family, layer, svd_skeleton(family, layer, self.rank, self.keep_residual)).u
@@ -206,11 +197,3 @@ class FFNOutputCut(Cut):
             tail.v.weight.copy_(v.t())
             for (name, _), value in zip(originals, values):
                 tail.get_parameter(name).copy_(value)
-
-    def use_factors(self, receiver: nn.Module, factors: TailFactors) -> None:
-        sigma, v = factors
-        if not isinstance(receiver, SVDTail) or sigma is None:
-            raise ValueError("the FFN-output cut's factors are Σ and v")
-        with torch.no_grad():
-            receiver.sigma.copy_(sigma)
-            receiver.v.weight.copy_(v.t())

@@ -175,10 +175,3 @@ class FFNInputCut(Cut):
         b = skeleton(layer, hidden, rank).b.to_empty(device=device)
         with torch.no_grad():
             b.weight.copy_(v.t())
-
-    def use_factors(self, receiver: nn.Module, factors: TailFactors) -> None:
-        sigma, v = factors
-        if not isinstance(receiver, InputTail) or sigma is not None:
-            raise ValueError("the FFN-input cut's factor is B alone (no Σ)")
-        with torch.no_grad():
-            receiver.b.weight.copy_(v.t())

@@ -1,6 +1,6 @@
 """Building models from a ``BaseModel`` without random draws: a meta-device skeleton of the whole
 classifier, and materialising any part of it from the checkpoint, loading only that part's tensors
-(the two-part and U-shape builders, the cuts, the edge's calibration).
+(the two-part and U-shape builders, the cuts).
 
 The public API: ``model_skeleton`` (the modules, no storage), ``materialise`` (storage and values
 for a part), ``base_values`` (the checkpoint's values of some of a model's tensors),

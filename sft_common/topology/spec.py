@@ -8,30 +8,10 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 from sft_common.cuts import Cut, cut_of
-from sft_common.cuts.base import (
-    ACTIVATION_AWARE,
-    FACTORISATIONS,
-    FFN_INPUT,
-    FFN_OUTPUT,
-    INITS,
-    MODES,
-    PLAIN,
-    RESIDUAL_AWARE,
-)
+from sft_common.cuts.base import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES
 
 # The settings' names, defined with the cuts (``sft_common.cuts.base``), are imported from here too.
-__all__ = [
-    "ACTIVATION_AWARE",
-    "FACTORISATIONS",
-    "FFN_INPUT",
-    "FFN_OUTPUT",
-    "INITS",
-    "MODES",
-    "PLAIN",
-    "RESIDUAL_AWARE",
-    "SplitSpec",
-    "session_fingerprint",
-]
+__all__ = ["FACTORISATIONS", "FFN_INPUT", "FFN_OUTPUT", "MODES", "SplitSpec", "session_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +22,6 @@ class SplitSpec:
     rank: int = 8  # SFT rank R of the factorised FFN output (ignored for "sl")
     mode: str = "sft"  # "sft": rank-R activations cross the link; "sl": full hidden states
     keep_residual: bool = False  # in-process only: keep layer l's residual (exactness tests)
-    # SFT factors' start: "plain" SVD of W (the cloud's), "activation-aware" (whitened by the
-    # device's FFN activations) or "residual-aware" (fitting the layer's output, residual included),
-    # both computed on the edge (sft_common.cuts.whiten). Builders make plain ones.
-    init: str = PLAIN
     factorise: str = FFN_OUTPUT  # SFT: the cut layer's FFN output linear is factorised, or its input
 
     def validate(self, num_layers: int, hidden: int, intermediate: int) -> None:
@@ -57,18 +33,8 @@ class SplitSpec:
                 f"split layer {self.split_layer} is out of range: the model has {num_layers} layers "
                 f"(valid: 0..{num_layers - 1})"
             )
-        if self.init not in INITS or (self.init != PLAIN and self.mode != "sft"):
-            raise ValueError(
-                f"init must be one of {INITS}, and all but {PLAIN!r} need mode 'sft' (SL has no "
-                f"factors); got {self.init!r} with mode {self.mode!r}"
-            )
         if self.factorise not in FACTORISATIONS:
             raise ValueError(f"factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}")
-        if self.init == RESIDUAL_AWARE and self.factorise != FFN_OUTPUT:
-            raise ValueError(
-                f"init {RESIDUAL_AWARE!r} fits the residual the FFN-output cut drops; the FFN-input cut "
-                "carries it already (use 'activation-aware' there)"
-            )
         if self.factorise == FFN_INPUT and self.mode != "sft":
             raise ValueError(
                 "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states "
@@ -114,8 +80,6 @@ def session_fingerprint(
     if tail_layers is not None:
         payload["label_private"] = True
         payload["tail_layers"] = tail_layers
-    if payload["spec"]["init"] == PLAIN:
-        del payload["spec"]["init"]  # the default: fingerprints from before --svd-init are unchanged
     if payload["spec"]["factorise"] == FFN_OUTPUT:
         del payload["spec"]["factorise"]  # the default: fingerprints from before --factorise unchanged
     if payload["spec"]["mode"] == "sl":

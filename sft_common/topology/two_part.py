@@ -84,16 +84,6 @@ class EdgeHalf(nn.Module):
         Decoders ignore ``token_type_ids``."""
         return self.cut.send(self.family, self, *self._below_cut(input_ids, attention_mask, token_type_ids))
 
-    def cut_inputs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The FFN-output cut's two inputs: the FFN activation g (what ``u`` reads) and the residual
-        r the layer adds its FFN output to (what the cut drops), each (batch, seq, width)."""
-        return self.cut.inputs(self.family, self, *self._below_cut(input_ids, attention_mask, token_type_ids))
-
     def _below_cut(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, Dict[str, Any]]:

@@ -3,8 +3,9 @@
 ``RunRecord`` is written once when a run ends (``sft_edge.runs.trainer``), rewritten by
 ``sft-edge export`` (``part`` and ``weights`` change), and read by everything that uses the run
 (``load_trained``, ``predict``, ``export``, ``forget``, ``generate``). Files of older runs, which
-lack the fields added since (``factorise``, ``svd_init``, ``lm_shape``), read with the defaults
-those runs had.
+lack the fields added since (``factorise``, ``lm_shape``), read with the defaults those runs had.
+Runs written before the calibrated initialisations left the product (after commit 2dbf857) may
+say ``"svd_init": "plain"``, the one start there is now; a run that says another is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Union
 
 from sft_common.storage.atomic import write_json
-from sft_common.topology.spec import FFN_OUTPUT, PLAIN, SplitSpec
+from sft_common.topology.spec import FFN_OUTPUT, SplitSpec
 from sft_edge.data.glue import DataError
 
 RUN_FILE = "sft_edge.json"
@@ -44,7 +45,6 @@ class RunRecord:
     label_private: bool = False  # the U-shape: the weights hold head.* and tail.*
     tail_layers: Optional[int] = None
     rank: int = 8
-    svd_init: str = PLAIN  # the fingerprint covers it (predict and export reopen the session)
     factorise: str = FFN_OUTPUT  # the FFN linear cut: predict and export rebuild its halves
     lm_shape: Optional[str] = None  # causal LM: the rows' shape (generate templates chat runs' prompts)
     task: str = "custom"
@@ -71,7 +71,7 @@ class RunRecord:
     def split_spec(self) -> SplitSpec:
         """The two-part split (or the U's first cut) the run trained with."""
         assert self.split_layer is not None, f"a {self.part!r} run has no split"
-        return SplitSpec(self.split_layer, self.rank, self.mode, init=self.svd_init, factorise=self.factorise)
+        return SplitSpec(self.split_layer, self.rank, self.mode, factorise=self.factorise)
 
     def ushape_spec(self):
         """The U the run trained with (``label_private``)."""
@@ -95,10 +95,17 @@ class RunRecord:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> RunRecord:
         """A record from ``sft_edge.json``'s fields; a null where a default exists (older runs
-        wrote ``"factorise": null``) takes the default."""
+        wrote ``"factorise": null``) takes the default. DataError for a run whose factors started
+        from a calibrated initialisation (no longer in the product)."""
+        init = data.get("svd_init")
+        if init not in (None, "plain"):
+            raise DataError(
+                f"this run started its factors with --svd-init {init}, which was removed from sft-edge "
+                "(docs/accuracy.md: no gain, more leakage); the last commit that reads such runs is 2dbf857"
+            )
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in data.items() if k in known}
-        for name in ("factorise", "svd_init", "rank", "text_columns"):
+        for name in ("factorise", "rank", "text_columns"):
             if kept.get(name) is None:
                 kept.pop(name, None)
         return cls(**kept)

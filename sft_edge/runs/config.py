@@ -9,13 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from sft_common.topology.spec import (
-    FACTORISATIONS,
-    FFN_OUTPUT,
-    INITS,
-    MODES,
-    PLAIN,
-)
+from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, MODES
 from sft_edge.data.tasks import get_task
 
 # The packaged pretrained MiniLM-L6 (sft_common.models.base_model resolves it; a test checks they agree).
@@ -92,8 +86,6 @@ class TrainConfig:
     cls_only: bool = LinkOptions.cls_only
     label_private: bool = False  # the U-shape: the last layers, the head and the loss stay here too
     tail_layers: int = 1  # --label-private: whole layers the edge runs after the cloud's middle
-    svd_init: str = PLAIN  # plain | activation-aware: factors whitened by this device's FFN activations
-    calibration_batches: int = 8  # activation-aware: training batches (seeded order) for the statistics
     epochs: float = 3.0
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     max_train_examples: Optional[int] = None
@@ -156,10 +148,6 @@ class TrainConfig:
         kind = kind_of(self)
         problem_of(self).check(self, kind.keeps_labels)
         kind.check(self)
-        if self.calibration_batches != TrainConfig.calibration_batches and self.svd_init == PLAIN:
-            raise ValueError("--calibration-batches goes with --svd-init activation-aware or residual-aware")
-        if self.calibration_batches < 1:
-            raise ValueError(f"--calibration-batches must be >= 1, got {self.calibration_batches}")
         if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.output_dir):
             raise ValueError("--checkpoint-every N needs N >= 1 and an --output-dir to write checkpoints to")
         if self.resume and not self.output_dir:
@@ -191,8 +179,6 @@ class TrainConfig:
             raise ValueError(
                 f"--factorise must be one of {', '.join(FACTORISATIONS)}, got {self.factorise!r}"
             )
-        if self.svd_init not in INITS:
-            raise ValueError(f"--svd-init must be one of {', '.join(INITS)}, got {self.svd_init!r}")
         if self.peft not in (None, "lora"):
             raise ValueError(f"--peft must be lora, got {self.peft!r}")
         self.link.validate()

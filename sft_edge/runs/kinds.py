@@ -11,10 +11,10 @@ fills its part of the report and of the run's record.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List
 
 from sft_common.storage.checkpoint import CheckpointDir
-from sft_common.topology.spec import FFN_INPUT, PLAIN, RESIDUAL_AWARE, SplitSpec
+from sft_common.topology.spec import FFN_INPUT, SplitSpec
 from sft_edge.finished.record import EDGE, FULL, SPLIT, USHAPE, RunRecord
 from sft_edge.runs.config import OptimConfig, TrainConfig, check_factor_lr
 
@@ -67,22 +67,6 @@ class RunKind:
             "wire_dtype": cfg.wire_dtype,
             "compression": cfg.compression,
         }
-
-
-def check_svd_init(cfg: TrainConfig, why: Optional[str]) -> None:
-    """``svd_init`` other than plain initialises the SFT factors of the two-part split; ``why``
-    (a kind's reason it has no such factors) refuses it."""
-    if cfg.svd_init == PLAIN:
-        return
-    if why is None and cfg.mode != "sft":
-        why = "--mode sl factorises nothing"
-    if why is None and cfg.svd_init == RESIDUAL_AWARE and cfg.factorise == FFN_INPUT:
-        why = "--factorise ffn-input carries the residual already (use activation-aware)"
-    if why:
-        where = " at the FFN output" if cfg.svd_init == RESIDUAL_AWARE else ""
-        raise ValueError(
-            f"--svd-init {cfg.svd_init} initialises the SFT factors of the two-part split{where}: {why}"
-        )
 
 
 def check_cut(cfg: TrainConfig) -> None:
@@ -138,15 +122,12 @@ class TwoPart(RunKind):
         if cfg.tail_layers != 1:
             raise ValueError("--tail-layers goes with --label-private (the U-shaped split)")
         check_cut(cfg)
-        check_svd_init(cfg, None)
 
     def open(self, cfg, run, connect, held, session_id):
         from sft_edge.sessions.two_part import EdgeSession
 
         args = session_arguments(cfg, run, connect, held, session_id)
-        return EdgeSession(
-            run.base, run.spec, *args, lora=cfg.lora, calibration=calibration_batches(cfg, run)
-        )
+        return EdgeSession(run.base, run.spec, *args, lora=cfg.lora)
 
     def reopen(self, record, base, connect, device):
         from sft_edge.sessions.two_part import EdgeSession
@@ -169,7 +150,6 @@ class UShape(RunKind):
                 "--local, --micro-batches or --cls-only"
             )
         check_cut(cfg)
-        check_svd_init(cfg, "--label-private (the U) starts both cuts from the plain SVD")
 
     def default_split_layer(self, layers: int) -> int:
         return 0  # the edge's least work on both ends
@@ -228,7 +208,6 @@ class Local(RunKind):
         if cfg.tail_layers != 1:
             raise ValueError("--tail-layers goes with --label-private (the U-shaped split)")
         check_factor_lr("local", cfg.factor_lr)
-        check_svd_init(cfg, "--local trains the unsplit model")
 
     def mode(self, cfg: TrainConfig) -> str:
         return "local"
@@ -274,12 +253,3 @@ def kind_of_record(record: RunRecord) -> RunKind:
 def exported_part(record: RunRecord) -> str:
     """What ``sft-edge export`` makes of a split run's folder: the U's three parts, or both halves."""
     return USHAPE if kind_of_record(record).keeps_labels else SPLIT
-
-
-def calibration_batches(cfg: TrainConfig, run: Any) -> Iterator:
-    """--svd-init activation-aware or residual-aware: the first ``--calibration-batches`` training
-    batches, in the run's seeded order (those of steps 0, 1, ...), made as they are read."""
-    from sft_edge.data.glue import batch_indices
-
-    for k in range(cfg.calibration_batches):
-        yield run.batch(run.train_data, batch_indices(len(run.train_data), cfg.batch_size, cfg.seed, k))

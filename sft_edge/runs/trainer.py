@@ -242,7 +242,6 @@ def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
         label_private=cfg.label_private,
         tail_layers=report["tail_layers"],
         rank=cfg.rank,
-        svd_init=cfg.svd_init,
         factorise=run.spec.factorise,
         lm_shape=run.lm_shape,
         task=run.task.name,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import torch
@@ -25,13 +25,7 @@ from sft_common.models.families import Decoder
 from sft_common.models.lora import LoraSpec, apply_lora
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
-from sft_common.topology.spec import (
-    ACTIVATION_AWARE,
-    PLAIN,
-    RESIDUAL_AWARE,
-    SplitSpec,
-    session_fingerprint,
-)
+from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.topology.two_part import EdgeHalf, build_edge_half, factor_parameters
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire import codec
@@ -40,13 +34,6 @@ from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.sessions.base import session_config
 from sft_edge.sessions.client import Rollback, SessionClient
-
-# --svd-init on the wire: the cloud takes the factors of either calibrated init alike (Σ and v)
-SVD_INITS = {
-    PLAIN: pb.SVD_INIT_PLAIN,
-    ACTIVATION_AWARE: pb.SVD_INIT_ACTIVATION_AWARE,
-    RESIDUAL_AWARE: pb.SVD_INIT_RESIDUAL_AWARE,
-}
 
 __all__ = ["EdgeSession", "Rollback"]
 
@@ -89,14 +76,10 @@ class EdgeSession(SessionClient):
         backoff: Tuple[float, float] = (0.25, 10.0),
         inference_only: bool = False,
         lora: Optional[LoraSpec] = None,
-        calibration: Optional[Iterable[Batch]] = None,
     ):
         """Open a new cloud session, or re-attach to ``session_id`` at one of ``resume_steps``;
         ``start_step`` says where the cloud continues. ``inference_only``: reopen the finished
-        session ``session_id`` to predict, export or forget (no step can change it).
-        ``calibration``: the batches a new session with ``spec.init`` not plain computes
-        its factors from (``sft_edge.runs.calibrate``); re-attached, u comes from this side's
-        checkpoint (``restore``, or the run's weights for inference) and is NaN until then."""
+        session ``session_id`` to predict, export or forget (no step can change it)."""
         link = link or LinkOptions()
         link.validate()
         check_factor_lr(spec.mode, optim.factor_lr)
@@ -124,7 +107,6 @@ class EdgeSession(SessionClient):
             task,
             self.lora,
         )
-        config.svd_init = SVD_INITS[spec.init]
         open_msg = pb.OpenSession(
             config=config,
             fingerprint=self.fingerprint,
@@ -132,13 +114,8 @@ class EdgeSession(SessionClient):
             resume_steps=list(resume_steps),
             inference_only=inference_only,
         )
-        net1 = None
-        if spec.init != PLAIN and not session_id:  # the factors from this device's activations
-            net1 = _calibrated(open_msg, base, spec, calibration, device)
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
-        self._open.ClearField("cloud_sigma")  # a re-attach sends none: the session keeps its own
-        self._open.ClearField("cloud_v")
-        self.net1: EdgeHalf = net1 if net1 is not None else _net1(base, spec, opened, device)
+        self.net1: EdgeHalf = _net1(base, spec, opened, device)
         if self.lora is not None:  # adapters; the base frozen, u trainable
             apply_lora(self.net1, self.lora, optim.seed, "edge", keep=factor_parameters(self.net1))
         self.optimizer = make_optimizer(
@@ -283,26 +260,8 @@ def check_cls_only(base: BaseModel, spec: SplitSpec) -> None:
 
 
 def _net1(base: BaseModel, spec: SplitSpec, opened: pb.SessionOpened, device: str) -> EdgeHalf:
-    """net1 with the u the cloud sent (plain SVD); a calibrated session re-attached gets u from
-    this side's checkpoint, NaN until then."""
+    """net1 with the factor the cloud sent (its plain SVD), or none where the cut has none."""
     u, shape = None, spec.cut.edge_factor_shape(base.hidden_size, base.intermediate_size)
-    if shape is not None and spec.init == PLAIN:
+    if shape is not None:
         u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
-    elif shape is not None:
-        u = torch.full(shape, float("nan"))  # until restored
     return build_edge_half(base, spec, u, device=device)
-
-
-def _calibrated(
-    open_msg: pb.OpenSession, base: BaseModel, spec: SplitSpec, calibration, device: str
-) -> EdgeHalf:
-    """net1 with factors computed from this device's activations; Σ and v go into ``open_msg``."""
-    if calibration is None:
-        raise ValueError(f"{spec.init} init needs calibration batches to open a session")
-    from sft_edge.runs.calibrate import calibrated_edge_half
-
-    net1, sigma, v = calibrated_edge_half(base, spec, calibration, device)
-    if sigma is not None:  # (the FFN-input cut sends B alone)
-        open_msg.cloud_sigma.CopyFrom(codec.encode(sigma, pb.FLOAT32))
-    open_msg.cloud_v.CopyFrom(codec.encode(v, pb.FLOAT32))
-    return net1

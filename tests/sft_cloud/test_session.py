@@ -14,6 +14,7 @@ from helpers import train_message as _step
 from sft_cloud.daemon.protocol import StreamProtocol
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
+from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.wire import codec
 from sft_common.wire.errors import ProtocolError
 
@@ -212,6 +213,42 @@ def test_bad_session_configs_are_refused(registry, tiny_base, kw, match):
         _open(registry, tiny_base, **kw)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(registry) == 0
+
+
+@pytest.mark.parametrize(
+    "svd_init, factors",
+    [
+        (pb.SVD_INIT_ACTIVATION_AWARE, ("cloud_sigma", "cloud_v")),
+        (pb.SVD_INIT_RESIDUAL_AWARE, ("cloud_sigma", "cloud_v")),
+        (pb.SVD_INIT_ACTIVATION_AWARE, ()),
+        (7, ()),
+        (pb.SVD_INIT_PLAIN, ("cloud_sigma",)),
+        (pb.SVD_INIT_PLAIN, ("cloud_v",)),
+    ],
+)
+@pytest.mark.parametrize("session_id", ["", "some-session"], ids=["new", "re-attach"])
+def test_a_calibrated_init_is_refused_as_removed_and_nothing_is_created(
+    tiny_base, tmp_path, svd_init, factors, session_id
+):
+    """Old edges may still ask for the removed calibrated starts (the fields stay in the .proto):
+    the daemon says so, before anything exists, whether the open is new or a re-attach."""
+    registry = SessionRegistry(checkpoint_dir=str(tmp_path / "cloud"))
+    registry._bases[tiny_base.name] = tiny_base
+    config = session_config()
+    fingerprint = session_fingerprint(tiny_base.fingerprint, SplitSpec(config.split_layer, config.rank), 2)
+    tensors = {"cloud_sigma": codec.encode(torch.ones(8)), "cloud_v": codec.encode(torch.ones(8, 32))}
+    msg = pb.OpenSession(config=config, fingerprint=fingerprint, session_id=session_id)
+    msg.config.svd_init = svd_init
+    for name in factors:
+        getattr(msg, name).CopyFrom(tensors[name])
+    with pytest.raises(ProtocolError, match="calibrated initialisation .* was removed") as info:
+        StreamProtocol(registry, "edge-a").handle(pb.EdgeMessage(open=msg))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(registry) == 0 and not (tmp_path / "cloud").exists()
+    # the same open with the plain start and no factors is accepted (a new one: the test is not vacuous)
+    plain = pb.OpenSession(config=config, fingerprint=fingerprint)
+    StreamProtocol(registry, "edge-a").handle(pb.EdgeMessage(open=plain))
+    assert len(registry) == 1
 
 
 def test_unknown_model_is_refused_clearly(registry):

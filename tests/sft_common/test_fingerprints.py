@@ -119,6 +119,10 @@ USHAPES = {
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "value"]}
 
+# session_fingerprint("base-fp", SplitSpec(3, 8), 2) before --svd-init existed (commit dbd5f8e),
+# pinned by the --svd-init tests until that option left (after 2dbf857): unchanged through both
+PLAIN_FINGERPRINT = "3c2da0192735e238dca4132d2638bce48d2ae4137187a479298b98aff70b6583"
+
 
 def layout(*parts: torch.nn.Module) -> str:
     """sha256 (16 hex digits) of every part's state dict names, shapes and dtypes, in order."""
@@ -132,6 +136,10 @@ def layout(*parts: torch.nn.Module) -> str:
 @pytest.fixture(scope="module")
 def bases():
     return {name: load_base_model(name) for name in BASES}
+
+
+def test_the_session_fingerprint_from_before_svd_init_is_unchanged():
+    assert session_fingerprint("base-fp", SplitSpec(split_layer=3, rank=8), 2) == PLAIN_FINGERPRINT
 
 
 @pytest.mark.parametrize("name", sorted(BASES))

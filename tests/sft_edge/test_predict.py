@@ -12,6 +12,7 @@ from helpers import write_reviews
 
 from sft_cloud.daemon.server import ServeConfig, create_server
 from sft_cloud.sessions.registry import SessionRegistry
+from sft_edge.data.glue import DataError
 from sft_edge.finished import predict
 from sft_edge.finished.parts import open_finished
 from sft_edge.finished.record import read_run
@@ -102,6 +103,21 @@ def test_a_local_run_folder_loads_and_predicts_as_it_evaluated(tmp_path):
     preds = model.predict([r["opinion"] for r in rows])
     accuracy = sum(p["prediction"] == r["verdict"] for p, r in zip(preds, rows)) / len(rows)
     assert accuracy == pytest.approx(report["metrics"]["accuracy"])
+
+
+def test_a_run_that_says_plain_init_loads_and_one_that_says_another_is_refused(tmp_path):
+    """Runs written before the calibrated initialisations left say ``"svd_init": "plain"``: they
+    load as before; a run that started its factors another way can no longer be used, and says why."""
+    _train(tmp_path, "unused:1", local=True)
+    path = tmp_path / "run" / "sft_edge.json"
+    info = json.loads(path.read_text())
+    assert "svd_init" not in info  # no longer written
+    path.write_text(json.dumps({**info, "svd_init": "plain"}))
+    assert read_run(str(tmp_path / "run")).as_dict() == info
+    assert len(load_trained(str(tmp_path / "run")).predict(["a fine film"])) == 1
+    path.write_text(json.dumps({**info, "svd_init": "activation-aware"}))
+    with pytest.raises(DataError, match="--svd-init activation-aware, which was removed"):
+        load_trained(str(tmp_path / "run"))
 
 
 def test_forget_deletes_the_session_and_then_nothing_can_reopen_it(tmp_path, daemon):
