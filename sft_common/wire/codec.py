@@ -181,7 +181,7 @@ def decode(
     if msg.dtype == pb.INT8:
         assert row_scales is not None
         out = raw.reshape(dims).to(dtype=torch.float32).reshape(_rows(dims), -1).mul_(row_scales[:, None])
-        return out.reshape(dims).to(device)  # int8 times finite scales is finite
+        return out.reshape(dims).to(device)  # |code| <= 127 times scales bounded above: finite
     return _float_values(raw.reshape(dims), msg, refuse).to(device)
 
 
@@ -268,6 +268,11 @@ def _checked_scales(msg: pb.Tensor, dims: List[int], refuse: _Refusal) -> Option
     row_scales = torch.tensor(list(msg.scales), dtype=torch.float32)
     if not bool(torch.isfinite(row_scales).all()) or bool((row_scales < 0).any()):
         raise refuse("row scales must be finite and non-negative")
+    # The largest code times the scale must stay a float32 (127 * 3e38 would decode to inf);
+    # checked in float32, as the decoder multiplies.
+    largest = 127 if msg.dtype == pb.INT8 else 7  # int8 codes -127..127, int4's -7..7
+    if not bool(torch.isfinite(row_scales * largest).all()):
+        raise refuse(f"row scales that overflow float32 once multiplied by the codes (up to {largest})")
     return row_scales
 
 
@@ -301,7 +306,7 @@ def _int4_values(
     if row_len % 2 and bool((nibbles[:, -1] != INT4_ZERO).any()):
         raise refuse(f"a row's padding nibble is not {INT4_ZERO}")
     out = nibbles[:, :row_len].to(torch.float32).sub_(INT4_ZERO).mul_(row_scales[:, None])
-    return out.reshape(dims)  # -7..7 times finite scales is finite
+    return out.reshape(dims)  # |code| <= 7 times scales bounded above (_checked_scales): finite
 
 
 def _float_values(raw: torch.Tensor, msg: pb.Tensor, refuse: _Refusal) -> torch.Tensor:

@@ -273,3 +273,18 @@ def test_int4_allocation_spy_watches_a_valid_message():
     with AllocationSpy() as spy:
         codec.decode(msg, name="x", dtype=pb.INT4, shape=(64, 63), max_bytes=4096)
     assert spy.sizes == [64 * 32, 64 * 32]  # lz4's output, then torch's view of it
+
+
+@pytest.mark.parametrize("dtype", [pb.INT8, pb.INT4])
+def test_row_scales_that_would_decode_to_inf_are_refused(dtype):
+    """A finite scale times the largest code can overflow float32 (127 * 3e38 = inf): refused
+    before the payload is read; huge values an encoder makes still decode finite."""
+    big = torch.full((2, 6), 1e38)
+    big[1] = -big[1]
+    msg = codec.encode(big, dtype)
+    out = codec.decode(msg, name="x", dtype=dtype, shape=(2, 6))
+    assert bool(torch.isfinite(out).all()) and float(out.abs().min()) > 9e37
+    msg.scales[0] = 3e38
+    with pytest.raises(ProtocolError, match="overflow float32") as caught:
+        codec.decode(msg, name="x", dtype=dtype, shape=(2, 6))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
