@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from sft_common.models.shared import shared_name
 from sft_common.training import step_seed
 
 # The attention projections LoRA adapts by default, per model_type (the LoRA paper's q and v).
@@ -118,15 +119,16 @@ def lora_from_config(config, base) -> Optional[LoraSpec]:
     return spec.resolved(base.config.model_type)
 
 
-def share_frozen(module: nn.Module, shared: Dict[str, nn.Parameter]) -> None:
+def share_frozen(module: nn.Module, shared: Dict[str, torch.Tensor]) -> None:
     """Make ``module``'s frozen parameters the tensors in ``shared`` (by name), filling it with
-    its own where it has none yet: sessions of one model and split hold one frozen base."""
+    its own where it has none yet: sessions of one model and split hold one frozen base. The
+    names are ``shared.shared_name``'s, as ``shared.build_on`` put them in place before LoRA."""
     for name, param in list(module.named_parameters()):
         if param.requires_grad:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        held = shared.setdefault(name, param)
+        held = shared.setdefault(shared_name(name), param)
         if held is not param:
             assert held.shape == param.shape, (
                 f"{name}: shared {tuple(held.shape)}, this session {tuple(param.shape)}"

@@ -39,6 +39,7 @@ from sft_common.models.base_model import BaseModel, family_of
 from sft_common.models.families import Family
 from sft_common.models.loading import init_head, materialise, model_skeleton
 from sft_common.models.lora import LoraSpec, apply_lora, head_parameters
+from sft_common.models.shared import SharedBase, build_on, record
 from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, MODES, SplitSpec
 from sft_common.topology.two_part import (
     CloudHalf,
@@ -190,12 +191,33 @@ def build_ushape_model(
 
 
 def build_ushape_cloud(
-    base: BaseModel, spec: UShapeSpec, device: str = "cpu"
+    base: BaseModel, spec: UShapeSpec, device: str = "cpu", shared: Optional[SharedBase] = None
 ) -> Tuple[CloudMiddle, Optional[EdgeFactors]]:
     """The cloud's middle alone, plus what the edge needs of both cuts (None for SL), computed
     here from the pretrained weights each cut reads (materialised alone, factorised, dropped):
     the head's factor (u1, or A1ᵀ) and the tail's (Σ2 and v2, or B2ᵀ). No head: the cloud needs
-    no label count."""
+    no label count. ``shared`` (LoRA sessions): the middle is built on the frozen base of the
+    sessions of this model and split (``sft_common.models.shared``); the first one records it."""
+    if shared is None:
+        return _build_middle(base, spec, device)
+    with shared.lock:
+        if not shared.recorded:
+            middle, factors = _build_middle(base, spec, device)
+            record(shared, middle, part_factors(middle), factors)
+            return middle, factors
+        first, second = validate_ushape(base, spec)
+        model = model_skeleton(base, num_labels=2)
+        for cut in (first, second):  # both cuts' modules on meta: nothing read, no SVD
+            cut.cut.skeleton(base.family, base.family.layers(model)[cut.split_layer], base.hidden_size)
+        middle = CloudMiddle(model, spec)
+        build_on(shared, middle, part_factors(middle), device)
+        return middle, shared.sent
+
+
+def _build_middle(
+    base: BaseModel, spec: UShapeSpec, device: str
+) -> Tuple[CloudMiddle, Optional[EdgeFactors]]:
+    """The middle and the edge's factors, from the base model's tensors."""
     first, second = validate_ushape(base, spec)
     model = model_skeleton(base, num_labels=2)  # the head is never materialised on the cloud
     layers = base.family.layers(model)
