@@ -52,7 +52,7 @@ def teardown() -> None:
 
 
 def shape(rate_mbit: float) -> Dict[str, str]:
-    """Rate-limit both directions with tbf (no delay: this kernel has no netem, see netem_available)."""
+    """Rate-limit both directions with tbf (no delay: the kernel measured on had no netem)."""
     rate_bytes = rate_mbit * 1e6 / 8
     # Burst: at least one 10 ms token refill (and 32 KB); queue: 200 ms at the rate (at least
     # 256 KB), so TCP sees a deep enough queue to reach the rate without excess drops.
@@ -66,14 +66,6 @@ def shape(rate_mbit: float) -> Dict[str, str]:
         sh(*tc, "add", "dev", ifname, "root", *tbf)
         applied[ifname] = sh(*tc, "show", "dev", ifname).stdout.strip()
     return applied
-
-
-def netem_available() -> bool:
-    """Whether this kernel has the netem qdisc (tried on the edge's veth, then removed)."""
-    tc = [*EXEC_EDGE, "tc", "qdisc"]
-    out = sh(*tc, "add", "dev", EDGE_IF, "root", "netem", "delay", "1ms", check=False)
-    sh(*tc, "del", "dev", EDGE_IF, "root", check=False)
-    return out.returncode == 0
 
 
 def counters() -> Dict[str, int]:
@@ -232,7 +224,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     metrics = ["--metrics-port", str(METRICS_PORT)]
     with namespaces():
-        netem = netem_available()
         with daemon(metrics, host=CLOUD_IP, prefix=EXEC_CLOUD) as (_, port):
             rows = run_child("bench.link", "--edge", {**vars(args), "cloud": f"{CLOUD_IP}:{port}"}, EXEC_EDGE)
     order = {c: i for i, c in enumerate(args.configs)}
@@ -240,8 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     link_rows = link_table(rows)
     columns = "mode rate_mbit step_s floor_s vs_floor edge_s cloud_s wire_s rtt_ms"
     print(table(link_rows, columns + " msg_bytes_per_step if_bytes_per_step if_over_msg vs_local"))
-    print(f"netem delay available: {netem}")
-    payload = {"rows": link_rows, "raw": rows, "netem": netem, "args": vars(args)}
+    payload = {"rows": link_rows, "raw": rows, "args": vars(args)}
     print(f"wrote {save(args.name or 'link', payload, args.out_dir)}")
     return 0
 

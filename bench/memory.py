@@ -76,7 +76,7 @@ def accounting(args: argparse.Namespace) -> Dict:
     out: Dict = {"local": local, "local_by_kind": acc.by_kind(local), "layers": {}}
     for layer in args.layers:
         split = acc.account_split(base, SplitSpec(layer, args.rank, args.mode), batch, args.wire)
-        out["layers"][layer] = {**split, "summary": acc.split_summary(local, split, layer)}
+        out["layers"][layer] = {**split, "summary": acc.split_summary(local, split)}
         print(f"counted, layer {layer}: {out['layers'][layer]['summary']}", file=sys.stderr, flush=True)
     return out
 

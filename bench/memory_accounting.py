@@ -179,40 +179,21 @@ def by_kind(groups: Groups) -> Dict[str, int]:
     return {k: sum(v[k] for v in groups.values()) for k in KINDS}
 
 
-def split_summary(local: Groups, split: Dict[str, Any], split_layer: int) -> Dict[str, Any]:
-    """What moved to the cloud, what the edge keeps and what it holds that local did not (bytes).
-    ``moved_share`` and ``edge_saved_share`` differ by what the SVD cut removes (layer l's dense FFN
-    output with its gradient and moments) less what the edge newly holds (``edge_new``; u keeps
-    its input for backward, but local's dense kept the same tensor)."""
+def split_summary(local: Groups, split: Dict[str, Any]) -> Dict[str, Any]:
+    """What moved to the cloud and what the edge keeps, wire copies included (bytes, shares of
+    local's). The one-off breakdown of the edge's new holdings and of the cut's own output
+    (docs/benchmarks.md §5) ran at 2a703f4: bench/results/memory.json keeps it, and
+    ``git show 51eb003:bench/memory_accounting.py`` has its code."""
     edge, cloud, wire = split["edge"], split["cloud"], split["wire"]
-    l = split_layer
-    local_total, cloud_total, edge_total = total(local), total(cloud), total(edge)
+    local_total, cloud_total = total(local), total(cloud)
     edge_wire = sum(
         wire.get(k, 0) for k in ("edge_encode", "edge_decode", "message_sent", "message_received")
     )
-    u = edge.get(f"layer.{l}.output.u", dict.fromkeys(KINDS, 0))
-
-    def cut_output(groups: Groups) -> int:
-        return sum(sum(v.values()) for g, v in groups.items() if g.startswith(f"layer.{l}.output"))
-
     return {
-        "local_bytes": local_total,
-        "edge_bytes": edge_total + edge_wire,
+        "edge_bytes": total(edge) + edge_wire,
         "moved_bytes": cloud_total,
         "moved_share": cloud_total / local_total,
-        "edge_saved_share": 1 - (edge_total + edge_wire) / local_total,
-        "edge_by_kind": {**by_kind(edge), "wire": edge_wire},
-        "moved_by_kind": by_kind(cloud),
-        "edge_new": {
-            "u_state": u["params"] + u["grads"] + u["adam"],
-            "packing": edge.get(OUTSIDE, {}).get("saved", 0),
-            "encoded_activations": wire.get("edge_encode", 0),
-            "decoded_gradient": wire.get("edge_decode", 0),
-            "serialized_messages": wire.get("message_sent", 0) + wire.get("message_received", 0),
-        },
-        "cut_output_local": cut_output(local),
-        "cut_output_split": cut_output(edge) + cut_output(cloud),
-        "cloud_wire": {k: v for k, v in wire.items() if k.startswith("cloud_")},
+        "edge_saved_share": 1 - (total(edge) + edge_wire) / local_total,
     }
 
 

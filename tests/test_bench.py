@@ -159,9 +159,12 @@ def test_memory_accounting_adds_up():
             counted = acc.by_kind(split[side])
             assert counted["params"] == sum(p.numel() * p.element_size() for p in half.parameters())
             assert counted["saved"] > 0
-        s = acc.split_summary(local, split, layer)
-        assert 0 < s["moved_share"] < 1
-        assert s["edge_new"]["encoded_activations"] == s["edge_new"]["decoded_gradient"] == 2 * 8 * 4 * 4
+        s = acc.split_summary(local, split)
+        assert 0 < s["moved_share"] < 1 and s["moved_bytes"] == acc.total(split["cloud"])
+        wire = split["wire"]
+        assert wire["edge_encode"] == wire["edge_decode"] == 2 * 8 * 4 * 4  # the cut's fp32 (2, 8, R=4)
+        copies = wire["edge_encode"] + wire["edge_decode"] + wire["message_sent"] + wire["message_received"]
+        assert s["edge_bytes"] == acc.total(split["edge"]) + copies
         shares.append(s["moved_share"])
     assert shares == sorted(shares, reverse=True) and len(set(shares)) == len(shares)
 
