@@ -20,6 +20,7 @@ import torch
 
 from sft_cloud.sessions.validation import invalid
 from sft_common.models.lora import LoraSpec, apply_lora, share_frozen
+from sft_common.models.shared import SharedBase
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage import checkpoint
 from sft_common.storage.checkpoint import CheckpointDir
@@ -250,7 +251,7 @@ def adapt_lora(
     seed: int,
     side: str,
     keep: List[torch.nn.Parameter],
-    shared_base: Optional[Dict[str, Any]],
+    shared_base: Optional[SharedBase],
 ) -> Optional[Dict[str, Any]]:
     """LoRA on net2 when the config asks for it (``lora``; None: every parameter trains): adapters
     seeded by (``seed``, ``side``), the other parameters frozen but ``keep``, the frozen base shared
@@ -263,7 +264,7 @@ def adapt_lora(
     except ValueError as exc:  # PEFT: no module of that name to adapt
         raise invalid(f"--lora-targets: {exc}") from None
     if shared_base is not None:
-        share_frozen(net2, shared_base)
+        share_frozen(net2, shared_base.frozen)
     return lora.as_dict()
 
 

@@ -14,7 +14,7 @@ Checkpoints, resume and the final weights are the core's, over the middle.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
 from sft_common.models.base_model import BaseModel
 from sft_common.models.lora import lora_from_config
+from sft_common.models.shared import SharedBase
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.topology.ushape import LORA_SIDES, build_ushape_cloud, part_factors
@@ -71,7 +72,7 @@ class MiddleSession:
         max_batch: int = 256,
         max_seq: int = 512,
         checkpoint_dir: Optional[str] = None,
-        shared_base: Optional[Dict[str, torch.nn.Parameter]] = None,
+        shared_base: Optional[SharedBase] = None,
     ):
         """As ``TwoPartSession``'s."""
         self.config = config
@@ -79,7 +80,9 @@ class MiddleSession:
         self.device = device
         self.lora = lora_from_config(config, base)
         self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), device)
-        net2, self.factors = build_ushape_cloud(base, ushape_from_config(config), device=device)
+        # With LoRA, built on the frozen base of this model and split (the first session's).
+        shared = shared_base if self.lora else None
+        net2, self.factors = build_ushape_cloud(base, ushape_from_config(config), device, shared)
         # u1 for the edge (SessionOpened.edge_factor); None at the FFN input.
         self.edge_factor = None if self.factors is None else self.factors.u
         factors = part_factors(net2)

@@ -16,7 +16,6 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
-import torch
 
 from sft_cloud.daemon.lease import (
     FencedCheckpointDir,
@@ -32,6 +31,7 @@ from sft_cloud.sessions.middle import MiddleSession
 from sft_cloud.sessions.two_part import TwoPartSession
 from sft_cloud.sessions.validation import refuse_calibrated_init
 from sft_common.models.base_model import BaseModel, ModelError, load_base_model
+from sft_common.models.shared import SharedBase
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.wire.errors import ProtocolError
@@ -65,8 +65,8 @@ class SessionRegistry:
         self._leases: Dict[str, Lease] = {}  # of the sessions held, with a checkpoint dir
         self._takeover = threading.Lock()  # one attach-from-disk at a time: one claim per session
         self._bases: Dict[str, BaseModel] = {}
-        # LoRA sessions of one model and split share its frozen parameters (sft_common.models.lora)
-        self._frozen: Dict[Tuple, Dict[str, torch.nn.Parameter]] = {}
+        # LoRA sessions of one model and split share its frozen base (sft_common.models.shared)
+        self._frozen: Dict[Tuple, SharedBase] = {}
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()  # see SessionCore.rng
 
@@ -339,9 +339,10 @@ class SessionRegistry:
         with self._lock:
             return self._sessions[session_id]
 
-    def _shared(self, config: pb.SessionConfig, base: BaseModel) -> Dict[str, torch.nn.Parameter]:
-        """The frozen parameters the sessions of this model and split share: a LoRA session fills
-        or uses them; a session that fine-tunes every parameter leaves them empty."""
+    def _shared(self, config: pb.SessionConfig, base: BaseModel) -> SharedBase:
+        """The frozen base the sessions of this model and split share: the first LoRA session
+        records it, the later ones are built on it; a session that fine-tunes every parameter
+        leaves it empty."""
         # a U's middle (label_private) freezes other tensors than a two-part net2
         key = (
             base.fingerprint,
@@ -354,7 +355,7 @@ class SessionRegistry:
             config.factorise,
         )
         with self._lock:
-            return self._frozen.setdefault(key, {})
+            return self._frozen.setdefault(key, SharedBase())
 
     def _base(self, name: str) -> BaseModel:
         with self._lock:

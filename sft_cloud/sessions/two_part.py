@@ -10,7 +10,7 @@ once, fencing, checkpoints) is its ``SessionCore``.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,6 +19,7 @@ from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid
 from sft_common.models.base_model import BaseModel
 from sft_common.models.lora import head_parameters, lora_from_config
+from sft_common.models.shared import SharedBase
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.topology.two_part import build_cloud_half, factor_parameters, task_loss
@@ -63,7 +64,7 @@ class TwoPartSession:
         max_batch: int = 256,
         max_seq: int = 512,
         checkpoint_dir: Optional[str] = None,
-        shared_base: Optional[Dict[str, torch.nn.Parameter]] = None,
+        shared_base: Optional[SharedBase] = None,
     ):
         """``shared_base``: with LoRA, the frozen parameters of every session of this model and
         split (filled by the first; later sessions use its tensors instead of their own copies)."""
