@@ -73,7 +73,7 @@ def accounting(args: argparse.Namespace) -> Dict:
     base = load_base_model(args.model)
     batch = batches(base, args.kind, 1, batch_size=args.batch_size, seq=args.seq)[0]
     local = acc.account_local(base, batch)
-    out: Dict = {"local": local, "local_by_kind": acc.by_kind(local), "layers": {}}
+    out: Dict = {"local": local, "layers": {}}
     for layer in args.layers:
         split = acc.account_split(base, SplitSpec(layer, args.rank, args.mode), batch, args.wire)
         out["layers"][layer] = {**split, "summary": acc.split_summary(local, split)}
