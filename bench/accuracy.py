@@ -13,12 +13,6 @@ it stopped. `--table` combines the results into `RESULTS/table.md` (mean ± samp
 Hyperparameters: the Hugging Face `run_glue.py` recipe for BERT (AdamW, lr 2e-5, batch 32, max
 length 128, 3 epochs, linear decay to zero, no warm-up, no weight decay); SST-2 in the quick and
 cpu plans: a fixed number of steps, evaluated on the full dev set.
-
-The frontier (accuracy against bytes per token at split layers 0, 2, 4, 5: --plan frontier, its
---confirm stage, the bytes table and bench/results/frontier/best.json) was a finished study: its
-tables are in docs/accuracy.md, and `git show 61e3ae0:bench/accuracy.py` has its code. Any one of
-its runs still runs by name: `--plan cpu --configs sft-r12-l0-int8` has its budgets (SST-2 200
-steps, MRPC three epochs) and result names.
 """
 
 from __future__ import annotations
@@ -58,8 +52,6 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
 # Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-<wire dtype>],
 # e.g. sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4;
 # -fin: --factorise ffn-input (the FFN-input cut, sft-r8-l0-fin-int8), R values a token as the other.
-# The -aw and -ra names (--svd-init, gone from sft-edge at 65983b2) are finished results only: they
-# no longer parse, so they cannot run (git show 65983b2:bench/accuracy.py has them).
 SFT_NAME = re.compile(
     r"sft-r(\d+)(?:-l(\d+))?(?:-flr(\d+(?:\.\d+)?(?:e-?\d+)?))?(?:-(fin))?"
     r"(?:-(?P<dtype>fp16|bf16|int8|int4))?"

@@ -5,9 +5,7 @@ product's edge half (``build_split_model``, eval mode) on public sentences and t
 each token's cut activation to a vector scored against the model's word embeddings: it decodes over
 the whole vocabulary. Scored on the device's sentences, over real tokens other than special ones
 ([CLS], [SEP]): top-1 token recovery, and sentences recovered whole. Then the labels (``label_leakage``).
-With ``--factorise ffn-input`` it attacks that cut instead (SFT rows only; SL is the same). The
-``--svd-init`` rows of docs/privacy.md ran at db9e8e2 and 6661108; that option is retired from this
-script (``git show 51eb003:bench/inversion.py`` has it).
+With ``--factorise ffn-input`` it attacks that cut instead (SFT rows only; SL is the same).
 Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5]
 """
 

@@ -5,9 +5,7 @@ The cloud (`sft-cloud serve`) runs in network namespace ``sftb-cloud``, the edge
 needs root, and ``namespaces()`` deletes them however it ends. Each configuration is
 ``MODE[:SPLIT_LAYER]`` (default the last layer) or ``local`` (no link). The default table sets each
 step against its floor: edge compute + cloud compute + interface bytes / rate + one round trip.
-What each column is: docs/benchmarks.md §3. ``--overlap`` (micro-batches in flight against whole
-steps, docs/benchmarks.md §4) was a finished study: it ran at f605841, ``git show
-3b692aa:bench/link.py`` has it.
+What each column is: docs/benchmarks.md §3.
 Usage: sudo python -m bench.link [--rates 1000 100 10] [--configs local sl sft]
 """
 

