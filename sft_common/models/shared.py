@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, Tuple, cast
 
 import torch
 from torch import nn
@@ -68,8 +68,8 @@ def build_on(shared: SharedBase, part: nn.Module, trainable: Iterable[nn.Paramet
     for name, tensor in _tensors(part, remove_duplicate=False):
         if id(tensor) in placed:
             owner, attr = _owner(part, name)
-            if attr in owner._parameters:
-                owner._parameters[attr] = placed[id(tensor)]
+            if attr in owner._parameters:  # a frozen one is the first session's Parameter
+                owner._parameters[attr] = cast(nn.Parameter, placed[id(tensor)])
             else:
                 owner._buffers[attr] = placed[id(tensor)]
 
