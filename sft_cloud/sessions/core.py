@@ -116,6 +116,31 @@ class SessionCore:
             self.last_reply = reply
             return reply
 
+    def backward(
+        self, out: torch.Tensor, grad: Optional[torch.Tensor], x: torch.Tensor, what: str
+    ) -> torch.Tensor:
+        """``out.backward(grad)`` into net2's gradients; returns ∂/∂``x`` (the cut's gradient).
+
+        A finite loss of huge but finite activations can still overflow its gradients: when any
+        is not finite the message is refused and net2's gradients are put back as they were
+        (earlier micro-batches' included), so nothing is applied."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        before = (
+            [None if p.grad is None else p.grad.clone() for p in params] if self.has_grads(params) else None
+        )
+        out.backward(grad)
+        grads = [p.grad for p in params if p.grad is not None]
+        if x.grad is not None and all(bool(torch.isfinite(g).all()) for g in [x.grad, *grads]):
+            return x.grad
+        for p, saved in zip(params, before or [None] * len(params)):
+            p.grad = saved
+        raise invalid(f"{what}: the gradients are not finite (activations too large?); nothing was applied")
+
+    @staticmethod
+    def has_grads(params: Sequence[torch.Tensor]) -> bool:
+        """Whether gradients are accumulating (a step's later micro-batch), so must be kept."""
+        return any(p.grad is not None for p in params)
+
     def complete(self, step: int) -> None:
         """Step ``step``'s gradients are all in: update net2; keep only this step's replies."""
         self.optimizer.step()

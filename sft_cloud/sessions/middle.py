@@ -182,9 +182,8 @@ class MiddleSession:
         _, x, rows = self._pending
         grad = self.inputs.decode_as(msg.grad, "gradient", tuple(rows.shape))
         with self.core.compute_lock:  # the backward draws nothing, but shares the CPU threads
-            rows.backward(grad)
-        assert x.grad is not None
-        reply = pb.GradientDown(step=msg.step, grad=self.inputs.encode(x.grad))
+            grad_in = self.core.backward(rows, grad, x, f"step {msg.step}")
+        reply = pb.GradientDown(step=msg.step, grad=self.inputs.encode(grad_in))
         self.core.complete(msg.step)
         self._pending = None
         return reply
@@ -210,6 +209,10 @@ class MiddleSession:
                 self.net2.eval()
                 out, _ = self.net2(padded, mask)
             rows = out[mask].float()
+            if not bool(torch.isfinite(rows).all()):
+                raise invalid(
+                    f"evaluation batch {msg.batch}: the middle's output is not finite (activations too large?)"
+                )
             return pb.EvalReply(batch=msg.batch, activations=self.inputs.encode(rows))
 
     def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:

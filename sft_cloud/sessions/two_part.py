@@ -147,9 +147,7 @@ class TwoPartSession:
             # Each micro-batch's mean loss counts by its share of the step's examples, so the
             # accumulated gradients are those of the whole batch's mean loss.
             weighted = loss if examples == len(lengths) else loss * (len(lengths) / examples)
-            weighted.backward()
-        grad = x.grad
-        assert grad is not None
+            grad = self.core.backward(weighted, None, x, f"step {msg.step} micro-batch {msg.micro}")
         reply = pb.TrainReply(
             step=msg.step, loss=float(loss.detach()), grad=self.inputs.encode(grad), micro=msg.micro
         )
@@ -225,6 +223,10 @@ class TwoPartSession:
             with torch.no_grad(), self.core.compute_lock:
                 self.net2.eval()
                 logits = self.net2(*self.inputs.unpack(x, lengths))
+            if not bool(torch.isfinite(logits).all()):
+                raise invalid(
+                    f"evaluation batch {msg.batch}: the logits are not finite (activations too large?)"
+                )
             return pb.EvalReply(batch=msg.batch, logits=codec.encode(logits.float(), pb.FLOAT32))
 
     def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:

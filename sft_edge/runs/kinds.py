@@ -11,7 +11,7 @@ fills its part of the report and of the run's record.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.topology.spec import FFN_INPUT, SplitSpec
@@ -45,7 +45,7 @@ class RunKind:
     def describe(self, cfg: TrainConfig) -> str:
         return f"{cfg.mode} via {cfg.cloud}"
 
-    def open(self, cfg: TrainConfig, run: Any, connect: Callable, held: List[int], session_id: str):
+    def open(self, cfg: TrainConfig, run: Any, connect: Optional[Callable], held: List[int], session_id: str):
         """The session a run trains through (``sft_edge.sessions.base.Session``): a new cloud
         session, or with ``held`` checkpoint steps the run's ``session_id`` re-attached at one of them."""
         raise NotImplementedError
@@ -79,7 +79,9 @@ def check_cut(cfg: TrainConfig) -> None:
     check_factor_lr(cfg.mode, cfg.factor_lr)
 
 
-def session_arguments(cfg: TrainConfig, run: Any, connect: Callable, held: List[int], session_id: str):
+def session_arguments(
+    cfg: TrainConfig, run: Any, connect: Optional[Callable], held: List[int], session_id: str
+):
     """The arguments the two split sessions share, in their constructors' order after the spec."""
     checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
     return (
