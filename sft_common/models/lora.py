@@ -62,6 +62,16 @@ class LoraSpec:
         return cls(int(d["rank"]), float(d["alpha"]), tuple(d["targets"]))
 
 
+def resolve_lora(lora: Optional[LoraSpec], model_type: str) -> Optional[LoraSpec]:
+    """The LoRA asked for with the family's default targets filled in; None: full fine-tuning."""
+    return None if lora is None else lora.resolved(model_type)
+
+
+def lora_record(lora: Optional[LoraSpec]) -> Optional[Dict]:
+    """What a fingerprint and a run's record hold of the LoRA (None: full fine-tuning)."""
+    return None if lora is None else lora.as_dict()
+
+
 def apply_lora(half: nn.Module, spec: LoraSpec, seed: int, side: str, keep: List[nn.Parameter]) -> None:
     """Adapters on ``half`` (in place), its other parameters frozen except ``keep`` (the SVD
     factors, the head). ``side``: "edge" or "cloud", which seeds the adapters' initialisation."""

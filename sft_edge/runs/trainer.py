@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 from sft_common.models.base_model import BaseModel
+from sft_common.models.lora import lora_record, resolve_lora
 from sft_common.storage.atomic import write_json
 from sft_edge.data.glue import Encoded, batch_indices
 from sft_edge.data.tasks import Task
@@ -228,7 +229,6 @@ def _save(cfg: TrainConfig, run: Run, session: Session, report: Dict) -> None:
 
 def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
     """The finished run's record (``sft_edge.json``)."""
-    lora = cfg.lora
     return RunRecord(
         part=run.kind.part,
         model=report["model"],
@@ -251,7 +251,7 @@ def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
         batch_size=cfg.batch_size,
         wire_dtype=cfg.wire_dtype,
         compression=cfg.compression,
-        lora=lora.resolved(run.base.config.model_type).as_dict() if lora else None,
+        lora=lora_record(resolve_lora(cfg.lora, run.base.config.model_type)),
         base_fingerprint=run.base.fingerprint,
         session_id=report["session_id"],
         steps=report["steps"],

@@ -22,7 +22,7 @@ import torch
 
 from sft_common.models.base_model import BaseModel
 from sft_common.models.families import Decoder
-from sft_common.models.lora import LoraSpec, apply_lora
+from sft_common.models.lora import LoraSpec, apply_lora, lora_record, resolve_lora
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
 from sft_common.topology.spec import SplitSpec, session_fingerprint
@@ -91,8 +91,8 @@ class EdgeSession(SessionClient):
         self.checkpoints = checkpoints
         self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
         self.compression = codec.COMPRESSIONS[link.compression]
-        self.lora = lora.resolved(base.config.model_type) if lora else None
-        lora_dict = self.lora.as_dict() if self.lora else None
+        self.lora = resolve_lora(lora, base.config.model_type)
+        lora_dict = lora_record(self.lora)
         self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_dict)
 
         config = session_config(

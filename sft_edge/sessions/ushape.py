@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sft_common.models.base_model import BaseModel
-from sft_common.models.lora import LoraSpec
+from sft_common.models.lora import LoraSpec, lora_record, resolve_lora
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
 from sft_common.topology.spec import SplitSpec, session_fingerprint
@@ -81,9 +81,9 @@ class UShapeSession(SessionClient):
         self.compression = codec.COMPRESSIONS[link.compression]
         self.first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         self.width = self.first.cut_width(base.hidden_size)
-        self.lora = lora.resolved(base.config.model_type) if lora else None
+        self.lora = resolve_lora(lora, base.config.model_type)
         first = self.first
-        lora_dict = self.lora.as_dict() if self.lora else None
+        lora_dict = lora_record(self.lora)
         self.fingerprint = session_fingerprint(base.fingerprint, first, 0, lora_dict, spec.tail_layers)
         config = session_config(
             base.name,
