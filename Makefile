@@ -8,7 +8,7 @@ PORT ?= 50051
 # The lowest transformers we claim (pyproject: transformers>=4.40); `make test-min-transformers`.
 MIN_TRANSFORMERS ?= transformers==4.40.2
 MIN_VENV ?= .venv-min-transformers
-MIN_TESTS ?= tests/sft_common/test_split.py tests/test_grpc.py tests/sft_edge/test_data.py
+MIN_TESTS ?= tests/sft_common/topology/test_split.py tests/test_grpc.py tests/sft_edge/data/test_data.py
 
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
 	bench bench-traffic bench-step bench-link bench-memory bench-plots bench-load bench-reconnects

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 STEPS, EVERY = 60, 10
 # The split under test: extra `sft-edge train` flags. The U's daemon dies in whichever of the four
 # phases the step is in. Its edge's kill -9 is slow (`make test-all`): the U's `--resume` is in the
-# default suite in process (tests/sft_edge/test_label_private.py), its daemon's kill -9 here.
+# default suite in process (tests/sft_edge/runs/test_label_private.py), its daemon's kill -9 here.
 U = ("--label-private",)
 SHAPES = [pytest.param((), id="two-part"), pytest.param(U, id="ushape")]
 SHAPES_U_SLOW = [SHAPES[0], pytest.param(U, id="ushape", marks=pytest.mark.slow)]

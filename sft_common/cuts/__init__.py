@@ -4,7 +4,7 @@
 ``models.families`` resolves a config to its ``Family``; the builders (``topology.two_part``,
 ``topology.ushape``) ask the object and never test the mode. Adding a kind of cut (a quantised
 full-width wire, say): one ``Cut`` subclass in a module of its own, one entry in ``CUTS``, and its
-row in tests/sft_common/test_cuts.py.
+row in tests/sft_common/cuts/test_cuts.py.
 """
 
 from __future__ import annotations

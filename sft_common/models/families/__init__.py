@@ -4,7 +4,7 @@
 ``encoders`` (BERT, RoBERTa, XLM-R, DistilBERT), ``deberta``, ``modernbert``, ``decoders`` (GPT-2,
 Llama, Qwen2). Adding a family: one subclass (a few attributes and the methods that differ) in a
 module of its own or beside its kin, listed in ``FAMILIES`` here, a ``tiny-*`` preset
-(``models.RANDOM_PRESETS``) and its tests (tests/sft_common/test_families.py,
+(``models.RANDOM_PRESETS``) and its tests (tests/sft_common/models/test_families.py,
 tests/test_families_grpc.py). Layers are called as transformers 5.x calls them; BERT and RoBERTa's
 also run under 4.40+ (tuples there), DeBERTa-v2's from 4.47, ModernBERT's from 5.1, the others from
 5.0; an older transformers is refused by name (``Family.since``, ``Family.too_old``).

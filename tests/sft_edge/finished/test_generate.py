@@ -1,6 +1,6 @@
 """sft_edge.finished.generate without a daemon: the prompt's tokens are those training fed, and decoding.
 
-Through the daemon: tests/sft_edge/test_causal_lm.py and tests/test_ushape_lm_grpc.py.
+Through the daemon: tests/sft_edge/runs/test_causal_lm.py and tests/test_ushape_lm_grpc.py.
 """
 
 from __future__ import annotations
