@@ -343,13 +343,13 @@ class SessionRegistry:
         """The frozen base the sessions of this model and split share: the first LoRA session
         records it, the later ones are built on it; a session that fine-tunes every parameter
         leaves it empty."""
-        # a U's middle (label_private) freezes other tensors than a two-part net2
+        # a U's middle (label_private) freezes other tensors than a two-part net2; the label count
+        # shapes only a two-part head, which each session builds itself
         key = (
             base.fingerprint,
             config.mode,
             config.split_layer,
             config.rank,
-            config.num_labels,
             config.label_private,
             config.tail_layers,
             config.factorise,

@@ -66,15 +66,17 @@ class TwoPartSession:
         checkpoint_dir: Optional[str] = None,
         shared_base: Optional[SharedBase] = None,
     ):
-        """``shared_base``: with LoRA, the frozen parameters of every session of this model and
-        split (filled by the first; later sessions use its tensors instead of their own copies)."""
+        """``shared_base``: with LoRA, the frozen base of every session of this model and split
+        (recorded by the first; later sessions are built on its tensors, their head their own)."""
         self.config = config
         self.spec = check_config(config, base, max_batch, max_seq, check_two_part)
         self.device = device
         self.lora = lora_from_config(config, base)
         width = self.spec.cut_width(base.hidden_size)
         self.inputs = ActivationInput(config, width, device)
-        net2, edge_factor = build_cloud_half(base, self.spec, config.num_labels, config.seed, device=device)
+        # With LoRA, built on the frozen base of this model and split (the first session's).
+        shared = shared_base if self.lora else None
+        net2, edge_factor = build_cloud_half(base, self.spec, config.num_labels, config.seed, device, shared)
         # u for the edge (SessionOpened.edge_factor); None: none sent.
         self.edge_factor: Optional[torch.Tensor] = edge_factor
         factors = factor_parameters(net2)

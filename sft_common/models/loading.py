@@ -3,12 +3,13 @@ classifier, and materialising any part of it from the checkpoint, loading only t
 (the two-part and U-shape builders, the cuts).
 
 The public API: ``model_skeleton`` (the modules, no storage), ``materialise`` (storage and values
-for a part), ``base_values`` (the checkpoint's values of some of a model's tensors),
+for a part), ``base_tensors`` (the checkpoint's tensors it reads for a part), ``base_values`` (the
+checkpoint's values of some of a model's tensors),
 ``named_tensors`` (a module's parameters and buffers) and ``init_head``."""
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -66,24 +67,23 @@ def materialise(
     seed: int,
     device: str,
     skip: Tuple[str, ...] = (),
+    loaded: Optional[Dict[str, torch.Tensor]] = None,
 ) -> None:
     """Give ``module`` (``model`` or a part of it) storage on ``device`` and fill it from the base
     model's tensors, found by each tensor's name in ``model`` (the family strips its prefix).
 
     The children named in ``skip`` are already built and left alone. Tensors the checkpoint
     lacks: the head's new tensors come from ``seed``; position / token-type ids and rotary
-    frequencies are recomputed; anything else is an error.
+    frequencies are recomputed; anything else is an error. ``loaded``: ``base_tensors`` of this
+    module, read before (the base model is not read again; the values are only copied from).
     """
     family = base.family
-    names = {id(t): n for n, t in named_tensors(model)}
-    sources = {
-        n: family.base_name(names[id(t)]) if id(t) in names else None for n, t in named_tensors(module)
-    }
+    sources = _sources(module, base, model)
     for child_name, child in module.named_children():
         if child_name not in skip:
             child.to_empty(device=device)
     own = [(n, t) for n, t in named_tensors(module) if n.split(".", 1)[0] not in skip]
-    tensors = base.load(src for src in sources.values() if src is not None)
+    tensors = base.load(src for src in sources.values() if src is not None) if loaded is None else loaded
     gen = torch.Generator().manual_seed(seed)
     computed: List[str] = []
     with torch.no_grad():
@@ -105,3 +105,17 @@ def materialise(
             else:
                 raise KeyError(f"{name} ({src}) is missing from the checkpoint of {base.name!r}")
     fill_buffers(module, computed)
+
+
+def base_tensors(module: nn.Module, base: BaseModel, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The base model's tensors ``materialise`` fills ``module`` (a part of ``model``) from, by
+    their names in the base model; those it lacks are absent."""
+    return base.load(src for src in _sources(module, base, model).values() if src is not None)
+
+
+def _sources(module: nn.Module, base: BaseModel, model: nn.Module) -> Dict[str, Optional[str]]:
+    """Each of ``module``'s tensors (by its name in it): its name in the base model, or None."""
+    names = {id(t): n for n, t in named_tensors(model)}
+    return {
+        n: base.family.base_name(names[id(t)]) if id(t) in names else None for n, t in named_tensors(module)
+    }

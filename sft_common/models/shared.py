@@ -6,7 +6,8 @@ from the base model as usual and ``record``s it here: its frozen tensors (by the
 part), its factors' starting values and what the edge is sent at open. A later session builds its
 part on the meta device and ``build_on`` puts these in place: the frozen tensors are the first
 session's themselves (no copy, not even a transient one), the factors fresh copies of their
-starting values; the base model is not read and no SVD is computed again.
+starting values; no SVD is computed again, and the base model is read only for what each session
+builds itself (a two-part net2's head: its seed and label count are the session's).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class SharedBase:
     frozen: Dict[str, torch.Tensor] = field(default_factory=dict)
     start: Dict[str, torch.Tensor] = field(default_factory=dict)  # the factors' values at open
     sent: Any = None  # what the edge is sent at open (the U's EdgeFactors, the two-part u)
+    # The base model's tensors a two-part head is built from (``loading.base_tensors``: BERT's
+    # pooler), read once: each session's head is its own, but not each one reads the base.
+    head: Dict[str, torch.Tensor] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one build at a time records
 
     @property
@@ -36,11 +40,22 @@ class SharedBase:
         return bool(self.frozen)
 
 
-def record(shared: SharedBase, part: nn.Module, trainable: Iterable[nn.Parameter], sent: Any) -> None:
+def record(
+    shared: SharedBase,
+    part: nn.Module,
+    trainable: Iterable[nn.Parameter],
+    sent: Any,
+    per_session: Iterable[nn.Parameter] = (),
+) -> None:
     """Keep what a just-built ``part`` shares: its tensors but ``trainable`` (frozen from now on:
-    the session's LoRA freezes them), copies of the factors' starting values, and ``sent``."""
+    the session's LoRA freezes them), copies of the factors' starting values, and ``sent``.
+    ``per_session``: tensors each session builds itself (a two-part net2's head, which depends on
+    the session's seed and label count), neither shared nor recorded."""
     own = {id(p) for p in trainable}
+    skip = {id(p) for p in per_session}
     for name, tensor in _tensors(part):
+        if id(tensor) in skip:
+            continue
         if id(tensor) not in own:
             shared.frozen[shared_name(name)] = tensor
         elif name not in shared.start:

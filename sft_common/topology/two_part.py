@@ -25,7 +25,8 @@ from sft_common.cuts import input_cut
 from sft_common.cuts.ffn_output import SVDOutput, SVDTail
 from sft_common.models.base_model import BaseModel, family_of
 from sft_common.models.families import Family, fill_buffers
-from sft_common.models.loading import init_head, materialise, model_skeleton
+from sft_common.models.loading import base_tensors, init_head, materialise, model_skeleton
+from sft_common.models.shared import SharedBase, build_on, record
 from sft_common.topology.spec import SplitSpec
 
 
@@ -192,10 +193,49 @@ def build_edge_half(
 
 
 def build_cloud_half(
-    base: BaseModel, spec: SplitSpec, num_labels: int, seed: int, device: str = "cpu"
+    base: BaseModel,
+    spec: SplitSpec,
+    num_labels: int,
+    seed: int,
+    device: str = "cpu",
+    shared: Optional[SharedBase] = None,
 ) -> Tuple[CloudHalf, Optional[torch.Tensor]]:
     """net2 alone, plus the edge's factor (u, or Aᵀ; None for SL) computed here from the
-    pretrained weights the cut reads (materialised alone, factorised, dropped)."""
+    pretrained weights the cut reads (materialised alone, factorised, dropped). ``shared`` (LoRA
+    sessions): net2 is built on the frozen base of the sessions of this model and split
+    (``sft_common.models.shared``), the first one records it; the head is always this session's
+    own, built from ``seed`` for ``num_labels`` as without ``shared``."""
+    if shared is None:
+        return _build_half(base, spec, num_labels, seed, device)
+    with shared.lock:
+        if not shared.recorded:
+            half, u = _build_half(base, spec, num_labels, seed, device)
+            record(shared, half, factor_parameters(half), u, per_session=_head(half).parameters())
+            model = model_skeleton(base, num_labels)
+            shared.head = base_tensors(nn.ModuleDict(base.family.head(model)), base, model)
+            return half, u
+        validate_split(base, spec)
+        model = model_skeleton(base, num_labels)
+        # the cut's modules on meta: nothing read, no SVD
+        spec.cut.skeleton(base.family, base.family.layers(model)[spec.split_layer], base.hidden_size)
+        half = CloudHalf(model, spec)
+        head = _head(half)
+        build_on(shared, half, factor_parameters(half) + list(head.parameters()), device)
+        # the head, left on meta: materialised alone, with the same draws as _build_half's
+        materialise(head, base, model, seed, device, loaded=shared.head)
+        init_head(model, seed)
+        return half, shared.sent
+
+
+def _head(half: CloudHalf) -> nn.ModuleDict:
+    """net2's task head (``Family.head``), its modules by their names in net2, in its order."""
+    return nn.ModuleDict({name: getattr(half, name) for name in half.head_names})
+
+
+def _build_half(
+    base: BaseModel, spec: SplitSpec, num_labels: int, seed: int, device: str
+) -> Tuple[CloudHalf, Optional[torch.Tensor]]:
+    """net2 and the edge's factor, from the base model's tensors."""
     validate_split(base, spec)
     model = model_skeleton(base, num_labels)
     u = spec.cut.load(base, model, base.family.layers(model)[spec.split_layer], device)

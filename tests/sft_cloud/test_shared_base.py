@@ -1,4 +1,5 @@
-"""LoRA sessions of one model and split hold one frozen base: a later one allocates only its own tensors."""
+"""LoRA sessions of one model and split hold one frozen base (the U's middle, a two-part net2): a
+later one allocates only its own tensors (a two-part head included)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sft_cloud.sessions.registry import SessionRegistry
+from sft_cloud.sessions.two_part import TwoPartSession
 from sft_common.models.base_model import load_base_model
 from sft_common.models.lora import LoraSpec
 from sft_common.proto import sft_pb2 as pb
@@ -54,28 +56,39 @@ def base():
     return load_base_model(MODEL)
 
 
-def _open(registry: SessionRegistry, base, mode: int, factorise: int, lora_rank: int = 8):
-    config = pb.SessionConfig(
+def _config(mode: pb.Mode, factorise: pb.Factorise, lora_rank: int = 8, **two_part) -> pb.SessionConfig:
+    """A U session's config at split layer 1 (one tail layer); ``two_part``: ``num_labels`` and
+    ``seed`` of a two-part one instead."""
+    return pb.SessionConfig(
         model=MODEL,
         mode=mode,
         split_layer=1,
         rank=8,
-        num_labels=0,
+        num_labels=two_part.get("num_labels", 0),
         wire_dtype=pb.FLOAT32,
         lr=1e-3,
         total_steps=10,
-        seed=7,
+        seed=two_part.get("seed", 7),
         max_batch_size=8,
         max_seq_len=64,
-        label_private=True,
-        tail_layers=1,
+        label_private=not two_part,
+        tail_layers=0 if two_part else 1,
         factorise=factorise,
         lora_rank=lora_rank,
         lora_alpha=16.0 * bool(lora_rank),
     )
+
+
+def _open(
+    registry: SessionRegistry, base, mode: pb.Mode, factorise: pb.Factorise, lora_rank: int = 8, **two_part
+):
+    config = _config(mode, factorise, lora_rank, **two_part)
     lora = LoraSpec(8, 16.0).resolved(base.config.model_type).as_dict() if lora_rank else None
-    spec = SplitSpec(1, 8, "sft" if mode == pb.SFT else "sl", factorise=FFN_INPUT if factorise else FFN_OUTPUT)
-    fingerprint = session_fingerprint(base.fingerprint, spec, 0, lora, 1)
+    spec = SplitSpec(
+        1, 8, "sft" if mode == pb.SFT else "sl", factorise=FFN_INPUT if factorise else FFN_OUTPUT
+    )
+    tail = None if two_part else 1
+    fingerprint = session_fingerprint(base.fingerprint, spec, config.num_labels, lora, tail)
     return registry.open(pb.OpenSession(config=config, fingerprint=fingerprint), "edge-a")
 
 
@@ -112,6 +125,39 @@ def test_a_second_u_lora_session_shares_the_frozen_middle_and_allocates_only_its
     assert own and not set(own.values()) & set(_storages(first.net2, trainable=True).values())
     for (name, a), b in zip(first.net2.named_parameters(), second.net2.parameters()):
         assert torch.equal(a, b), name  # the same start: factors, adapters (same seed) and base
+
+
+@pytest.mark.parametrize(
+    "mode, factorise",
+    [(pb.SFT, pb.FFN_OUTPUT), (pb.SFT, pb.FFN_INPUT), (pb.SL, pb.FFN_OUTPUT)],
+    ids=["ffn-output", "ffn-input", "sl"],
+)
+def test_a_second_two_part_lora_session_shares_the_frozen_base_and_builds_its_own_head(base, mode, factorise):
+    registry = SessionRegistry()
+    registry._bases[MODEL] = base
+    first = _open(registry, base, mode, factorise, num_labels=3, seed=7)
+    with TensorBytes() as counted:  # another seed and label count: another head, the same base
+        second = _open(registry, base, mode, factorise, num_labels=2, seed=8)
+    frozen = _storages(first.net2, trainable=False)
+    frozen_bytes = _bytes(first.net2) - sum(
+        p.untyped_storage().nbytes() for p in first.net2.parameters() if p.requires_grad
+    )
+    assert counted.created < 0.05 * frozen_bytes, (counted.created, frozen_bytes)
+    assert frozen and frozen == _storages(second.net2, trainable=False)  # the same storage
+    own = _storages(second.net2, trainable=True)  # adapters, factors and head: each session's own
+    assert own and not set(own.values()) & set(_storages(first.net2, trainable=True).values())
+    assert second.net2.classifier.weight.shape[0] == 2
+    for session, (labels, seed) in ((first, (3, 7)), (second, (2, 8))):
+        alone = TwoPartSession("solo", "edge-a", _config(mode, factorise, num_labels=labels, seed=seed), base)
+        assert session.edge_factor is not None or mode == pb.SL
+        if session.edge_factor is not None:
+            assert torch.equal(session.edge_factor, alone.edge_factor)
+        assert session.fingerprint == alone.fingerprint
+        mine = dict(session.net2.named_parameters())
+        assert mine.keys() == dict(alone.net2.named_parameters()).keys()
+        for name, value in alone.net2.named_parameters():  # the start of a solo build, head included
+            assert torch.equal(mine[name], value), name
+            assert mine[name].requires_grad == value.requires_grad, name
 
 
 def test_full_fine_tuning_sessions_share_nothing(base):
