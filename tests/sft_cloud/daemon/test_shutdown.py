@@ -24,7 +24,7 @@ from sft_cloud.daemon import launch
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import SplitSpec, session_fingerprint
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TRAIN = "/sft.v1.SplitTrainer/Train"
 GRACE = 2.0  # --grace-seconds of every daemon here
 BOUND = GRACE + 5.0  # what an orchestrator allows: SIGTERM to exit
