@@ -29,12 +29,10 @@ from torch import nn
 from sft_common.models.base_model import BaseModel
 from sft_common.models.families import Family, Modules
 from sft_common.models.loading import materialise
+from sft_common.topology.spec import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES
 
-MODES = ("sft", "sl")  # --mode: "sft" factorises the cut, "sl" sends the hidden states
-# Which linear of the cut layer's FFN is factorised (docs/design.md, "The two cuts"): the output
-# (the paper's §III, the default) or the input (the paper's released code).
-FFN_OUTPUT, FFN_INPUT = "ffn-output", "ffn-input"
-FACTORISATIONS = (FFN_OUTPUT, FFN_INPUT)
+__all__ = ["FACTORISATIONS", "FFN_INPUT", "FFN_OUTPUT", "MODES", "Cut", "TailFactors"]
+
 
 # What the receiving side's tail is sent for it (the U's edge tail):
 # (Σ (R,) or None, v (R, hidden)).

@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
-from sft_common.cuts import Cut, cut_of
-from sft_common.cuts.base import FACTORISATIONS, FFN_INPUT, FFN_OUTPUT, MODES
+if TYPE_CHECKING:
+    from sft_common.cuts import Cut
 
-# The settings' names, defined with the cuts (``sft_common.cuts.base``), are imported from here too.
+# The cut's settings by name. Here, with no torch import, so that the command lines check their
+# flags before anything heavy loads; ``sft_common.cuts`` maps them to the Cut classes.
+MODES = ("sft", "sl")  # --mode: "sft" factorises the cut, "sl" sends the hidden states
+FFN_OUTPUT, FFN_INPUT = "ffn-output", "ffn-input"
+FACTORISATIONS = (FFN_OUTPUT, FFN_INPUT)  # --factorise: the FFN linear an SFT cut factorises
+
 __all__ = ["FACTORISATIONS", "FFN_INPUT", "FFN_OUTPUT", "MODES", "SplitSpec", "session_fingerprint"]
 
 
@@ -45,6 +50,8 @@ class SplitSpec:
     @property
     def cut(self) -> Cut:
         """What happens at the cut layer (``sft_common.cuts``), resolved from mode and factorise."""
+        from sft_common.cuts import cut_of  # torch: only when a model is built
+
         return cut_of(self)
 
     def cut_width(self, hidden: int) -> int:

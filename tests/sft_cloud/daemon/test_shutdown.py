@@ -197,7 +197,7 @@ def test_sigterm_after_undecodable_streams_exits_within_grace_and_checkpoints(tm
 def test_a_server_that_never_stops_is_given_up_on_after_the_grace(tmp_path, tiny_base):
     """Whatever else gRPC may leave on its books: the daemon still checkpoints, says so, exits."""
     ckpt_dir = tmp_path / "ckpt"
-    stopped = _round(tiny_base, ckpt_dir, module=("tests.sft_cloud.test_shutdown",))
+    stopped = _round(tiny_base, ckpt_dir, module=("tests.sft_cloud.daemon.test_shutdown",))
     _assert_stopped_and_checkpointed(stopped, ckpt_dir)
     assert "the gRPC server had not stopped" in stopped.out, stopped.out
 
