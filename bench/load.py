@@ -8,7 +8,7 @@ its solo run's weights, edge and cloud, bit for bit; it records the step latency
 (p50/p99 of a train step's round trip) and the daemon's RSS and threads before, at peak and
 after. The edges are threads of this process; dropout draws from the process-wide RNG, so each
 edge computes under one lock that it lets go of while it waits for the cloud (``Watched``): 32
-threads then draw the masks 32 devices would (the cloud does the same, see CloudSession._rng).
+threads then draw the masks 32 devices would (the cloud does the same, see SessionCore.rng).
 Reconnects re-attaches to one session over and over, clean and abrupt, in the ``WAYS`` of
 ``Reconnector.once``; every ``--every`` it records the daemon's RSS and threads.
 """

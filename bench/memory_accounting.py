@@ -99,7 +99,7 @@ def account_local(base: Any, batch: Any) -> Counts:
 
 
 def account_split(base: Any, spec: Any, batch: Any, wire: str = "fp32") -> Dict[str, Any]:
-    """One split training step through the product (``EdgeSession`` and a ``CloudSession`` in
+    """One split training step through the product (``EdgeSession`` and a ``TwoPartSession`` in
     this process, the messages serialized both ways): ``{"edge": counts, "cloud": counts, "wire":
     {...}}``, ``wire`` being the codec's bytes at each end and the messages', read as they cross
     (by a listener that also tells whose turn it is: the cloud's from the step sent to its answer)."""
