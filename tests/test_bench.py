@@ -171,10 +171,11 @@ def test_memory_accounting_adds_up():
 @pytest.mark.parametrize("split_layer", [None, 2])
 def test_memory_child_reports_its_peaks_and_step_time(split_layer):
     """One measured process, local or the split edge (its cloud in process): the peak while building
-    and while training, above the resident size before the model, and the step time."""
-    from bench import memory
+    and while training, above the resident size before the model, and the step time. A fresh child
+    process, as the benchmark runs it: in this one, memory freed by earlier tests would be reused."""
+    from bench.common import run_child
 
-    args = argparse.Namespace(
+    args = dict(
         model="random:tiny",
         kind="fixed",
         split_layer=split_layer,
@@ -186,7 +187,7 @@ def test_memory_child_reports_its_peaks_and_step_time(split_layer):
         warmup=0,
         cloud=None,
     )
-    out = memory.child(args)
+    out = run_child("bench.memory", "--child", args)
     assert out["run"] == ("local" if split_layer is None else "edge l=2")
     assert out["built_mib"] > 0 and out["step_s"] > 0
     # The kernel updates RSS counters lazily: the peak may read a few pages below an earlier RSS.
