@@ -310,6 +310,22 @@ class FromCore:
         return getattr(session.core, self.name)
 
 
+class CoreAttributes:
+    """What the registry, logs and tests read of a session, forwarded to its ``core`` (the step
+    handlers hold a ``SessionCore`` and add nothing to these)."""
+
+    session_id = FromCore()
+    owner = FromCore()
+    fingerprint = FromCore()
+    net2 = FromCore()
+    optimizer = FromCore()
+    next_step = FromCore()
+    replies = FromCore()
+    last_reply = FromCore()
+    replayed = FromCore()
+    attached = FromCore()
+
+
 class Session(Protocol):
     """What the registry, the stream protocol and the daemon ask of a session, whatever its steps."""
 

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from sft_cloud.sessions.core import FromCore, SessionCore, adapt_lora, not_its_step
+from sft_cloud.sessions.core import CoreAttributes, SessionCore, adapt_lora, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
 from sft_common.models.base_model import BaseModel
@@ -46,20 +46,8 @@ def check_middle(config: pb.SessionConfig, spec: SplitSpec, base: BaseModel) -> 
         )
 
 
-class MiddleSession:
+class MiddleSession(CoreAttributes):
     """The U's middle of one edge's run, with its optimizer; applies each phase exactly once."""
-
-    # What the registry, logs and tests read of the session; its core keeps them.
-    session_id = FromCore()
-    owner = FromCore()
-    fingerprint = FromCore()
-    net2 = FromCore()
-    optimizer = FromCore()
-    next_step = FromCore()
-    replies = FromCore()
-    last_reply = FromCore()
-    replayed = FromCore()
-    attached = FromCore()
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from sft_cloud.sessions.core import FromCore, SessionCore, adapt_lora, not_its_step
+from sft_cloud.sessions.core import CoreAttributes, SessionCore, adapt_lora, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid
 from sft_common.models.base_model import BaseModel
@@ -38,20 +38,8 @@ def check_two_part(config: pb.SessionConfig, spec: SplitSpec, base: BaseModel) -
         raise invalid(f"num_labels must be in 1..10000, got {config.num_labels}")
 
 
-class TwoPartSession:
+class TwoPartSession(CoreAttributes):
     """net2 of one edge's run, with its optimizer; applies each training step exactly once."""
-
-    # What the registry, logs and tests read of the session; its core keeps them.
-    session_id = FromCore()
-    owner = FromCore()
-    fingerprint = FromCore()
-    net2 = FromCore()
-    optimizer = FromCore()
-    next_step = FromCore()
-    replies = FromCore()
-    last_reply = FromCore()
-    replayed = FromCore()
-    attached = FromCore()
 
     def __init__(
         self,

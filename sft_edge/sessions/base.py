@@ -3,21 +3,24 @@
 Three classes implement ``Session``: ``EdgeSession`` (the two-part split), ``UShapeSession`` (the
 label-private U) and ``LocalSession`` (the unsplit model, no cloud). The trainer, evaluation,
 predict and generate use only these members. The two split sessions open their cloud session with
-the ``pb.SessionConfig`` that ``session_config`` builds; the U's adds its own fields to it.
+the ``pb.OpenSession`` that ``open_request`` builds (its ``SessionConfig`` and fingerprint; the U's
+with its tail).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Optional, Protocol, Sequence
 
 import torch
 
-from sft_common.models.lora import LoraSpec
+from sft_common.models.base_model import BaseModel
+from sft_common.models.lora import LoraSpec, lora_record
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
-from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec
+from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec, session_fingerprint
+from sft_common.wire import codec
 from sft_edge.data.glue import Batch
-from sft_edge.runs.config import OptimConfig
+from sft_edge.runs.config import LinkOptions, OptimConfig
 
 # The cut's settings as the protocol spells them.
 WIRE_MODES = {"sft": pb.SFT, "sl": pb.SL}
@@ -101,3 +104,37 @@ def session_config(
         config.lora_rank, config.lora_alpha = lora.rank, lora.alpha
         config.lora_targets.extend(lora.targets)
     return config
+
+
+def open_request(
+    base: BaseModel,
+    spec: SplitSpec,
+    num_labels: int,
+    optim: OptimConfig,
+    link: LinkOptions,
+    batch_size: int,
+    max_seq_len: int,
+    task: str,
+    lora: Optional[LoraSpec],
+    session_id: str,
+    resume_steps: Sequence[int],
+    inference_only: bool,
+    tail_layers: Optional[int] = None,
+) -> pb.OpenSession:
+    """The message that opens (or re-attaches to, or reopens for inference) a cloud session:
+    ``session_config`` and the fingerprint of the halves it shapes. ``spec``: the two-part split,
+    or the U's first cut with ``tail_layers`` (the U: label-private, the cloud told 0 labels)."""
+    wire_dtype, compression = codec.WIRE_DTYPES[link.wire_dtype], codec.COMPRESSIONS[link.compression]
+    config = session_config(
+        base.name, spec, num_labels, optim, wire_dtype, compression, batch_size, max_seq_len, task, lora
+    )
+    if tail_layers is not None:
+        config.label_private, config.tail_layers = True, tail_layers
+    fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_record(lora), tail_layers)
+    return pb.OpenSession(
+        config=config,
+        fingerprint=fingerprint,
+        session_id=session_id,
+        resume_steps=list(resume_steps),
+        inference_only=inference_only,
+    )

@@ -22,17 +22,17 @@ import torch
 
 from sft_common.models.base_model import BaseModel
 from sft_common.models.families import Decoder
-from sft_common.models.lora import LoraSpec, apply_lora, lora_record, resolve_lora
+from sft_common.models.lora import LoraSpec, apply_lora, resolve_lora
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
-from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.topology.spec import SplitSpec
 from sft_common.topology.two_part import EdgeHalf, build_edge_half, factor_parameters
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire import codec
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
-from sft_edge.sessions.base import session_config
+from sft_edge.sessions.base import open_request
 from sft_edge.sessions.client import Rollback, SessionClient
 
 __all__ = ["EdgeSession", "Rollback"]
@@ -92,28 +92,21 @@ class EdgeSession(SessionClient):
         self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
         self.compression = codec.COMPRESSIONS[link.compression]
         self.lora = resolve_lora(lora, base.config.model_type)
-        lora_dict = lora_record(self.lora)
-        self.fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_dict)
-
-        config = session_config(
-            base.name,
+        open_msg = open_request(
+            base,
             spec,
             num_labels,
             optim,
-            self.wire_dtype,
-            self.compression,
+            link,
             batch_size,
             max_seq_len,
             task,
             self.lora,
+            session_id,
+            resume_steps,
+            inference_only,
         )
-        open_msg = pb.OpenSession(
-            config=config,
-            fingerprint=self.fingerprint,
-            session_id=session_id,
-            resume_steps=list(resume_steps),
-            inference_only=inference_only,
-        )
+        self.fingerprint = open_msg.fingerprint
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         self.net1: EdgeHalf = _net1(base, spec, opened, device)
         if self.lora is not None:  # adapters; the base frozen, u trainable

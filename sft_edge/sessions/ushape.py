@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from sft_common.models.base_model import BaseModel
-from sft_common.models.lora import LoraSpec, lora_record, resolve_lora
+from sft_common.models.lora import LoraSpec, resolve_lora
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
-from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.topology.spec import SplitSpec
 from sft_common.topology.two_part import task_loss
 from sft_common.topology.ushape import EdgeFactors, UShapeSpec, build_ushape_edge, lora_part, part_factors
 from sft_common.topology.ushape_lm import build_ushape_lm_edge
@@ -31,7 +31,7 @@ from sft_edge.data.glue import Batch
 from sft_edge.data.lm import lm_loss
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
-from sft_edge.sessions.base import session_config
+from sft_edge.sessions.base import open_request
 from sft_edge.sessions.client import SessionClient
 
 HEAD_SIDE, TAIL_SIDE = "edge", "edge-tail"  # dropout seeds of the head's and the tail's forward
@@ -82,29 +82,22 @@ class UShapeSession(SessionClient):
         self.first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         self.width = self.first.cut_width(base.hidden_size)
         self.lora = resolve_lora(lora, base.config.model_type)
-        first = self.first
-        lora_dict = lora_record(self.lora)
-        self.fingerprint = session_fingerprint(base.fingerprint, first, 0, lora_dict, spec.tail_layers)
-        config = session_config(
-            base.name,
-            first,
+        open_msg = open_request(
+            base,
+            self.first,
             0,
             optim,
-            self.wire_dtype,
-            self.compression,
+            link,
             batch_size,
             max_seq_len,
             task,
             self.lora,
+            session_id,
+            resume_steps,
+            inference_only,
+            spec.tail_layers,
         )
-        config.label_private, config.tail_layers = True, spec.tail_layers
-        open_msg = pb.OpenSession(
-            config=config,
-            fingerprint=self.fingerprint,
-            session_id=session_id,
-            resume_steps=list(resume_steps),
-            inference_only=inference_only,
-        )
+        self.fingerprint = open_msg.fingerprint
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         factors = self._factors(base, opened)
         self.causal_lm = causal_lm  # the tail ends in the LM head; the loss is lm_data's shifted one
