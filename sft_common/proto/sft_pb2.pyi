@@ -14,11 +14,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BFLOAT16: _ClassVar[DType]
     INT8: _ClassVar[DType]
     INT4: _ClassVar[DType]
+    INT4_HADAMARD: _ClassVar[DType]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_NONE: _ClassVar[Compression]
     LZ4: _ClassVar[Compression]
+    ZSTD: _ClassVar[Compression]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,8 +44,10 @@ FLOAT16: DType
 BFLOAT16: DType
 INT8: DType
 INT4: DType
+INT4_HADAMARD: DType
 COMPRESSION_NONE: Compression
 LZ4: Compression
+ZSTD: Compression
 MODE_UNSPECIFIED: Mode
 SFT: Mode
 SL: Mode
@@ -54,23 +58,31 @@ FFN_OUTPUT: Factorise
 FFN_INPUT: Factorise
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "compression", "scale", "scales")
+    __slots__ = ("dtype", "shape", "data", "compression", "scale", "scales", "group", "group_scales", "outlier_rows", "outliers")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SCALES_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_ROWS_FIELD_NUMBER: _ClassVar[int]
+    OUTLIERS_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     compression: Compression
     scale: float
     scales: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., scale: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
+    group: int
+    group_scales: bytes
+    outlier_rows: _containers.RepeatedScalarFieldContainer[int]
+    outliers: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., scale: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ..., group: _Optional[int] = ..., group_scales: _Optional[bytes] = ..., outlier_rows: _Optional[_Iterable[int]] = ..., outliers: _Optional[bytes] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers", "svd_init", "factorise")
+    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers", "svd_init", "factorise", "grad_wire_dtype", "stochastic_rounding")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +106,8 @@ class SessionConfig(_message.Message):
     TAIL_LAYERS_FIELD_NUMBER: _ClassVar[int]
     SVD_INIT_FIELD_NUMBER: _ClassVar[int]
     FACTORISE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STOCHASTIC_ROUNDING_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: Mode
     split_layer: int
@@ -117,7 +131,9 @@ class SessionConfig(_message.Message):
     tail_layers: int
     svd_init: SvdInit
     factorise: Factorise
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ..., svd_init: _Optional[_Union[SvdInit, str]] = ..., factorise: _Optional[_Union[Factorise, str]] = ...) -> None: ...
+    grad_wire_dtype: DType
+    stochastic_rounding: bool
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ..., svd_init: _Optional[_Union[SvdInit, str]] = ..., factorise: _Optional[_Union[Factorise, str]] = ..., grad_wire_dtype: _Optional[_Union[DType, str]] = ..., stochastic_rounding: bool = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only", "cloud_sigma", "cloud_v")
