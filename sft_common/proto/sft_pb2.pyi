@@ -311,8 +311,26 @@ class SessionClosed(_message.Message):
     steps: int
     def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
+class DecodeStep(_message.Message):
+    __slots__ = ("position", "activations")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    activations: Tensor
+    def __init__(self, position: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DecodeReply(_message.Message):
+    __slots__ = ("position", "activations", "cached")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    activations: Tensor
+    cached: int
+    def __init__(self, position: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., cached: _Optional[int] = ...) -> None: ...
+
 class EdgeMessage(_message.Message):
-    __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget", "forward_up", "gradient_up")
+    __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget", "forward_up", "gradient_up", "decode")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +340,7 @@ class EdgeMessage(_message.Message):
     FORGET_FIELD_NUMBER: _ClassVar[int]
     FORWARD_UP_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_UP_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     train: TrainStep
     eval: EvalStep
@@ -331,10 +350,11 @@ class EdgeMessage(_message.Message):
     forget: Forget
     forward_up: ForwardUp
     gradient_up: GradientUp
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., fetch: _Optional[_Union[FetchWeights, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ..., forward_up: _Optional[_Union[ForwardUp, _Mapping]] = ..., gradient_up: _Optional[_Union[GradientUp, _Mapping]] = ...) -> None: ...
+    decode: DecodeStep
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., fetch: _Optional[_Union[FetchWeights, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ..., forward_up: _Optional[_Union[ForwardUp, _Mapping]] = ..., gradient_up: _Optional[_Union[GradientUp, _Mapping]] = ..., decode: _Optional[_Union[DecodeStep, _Mapping]] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("opened", "train", "eval", "closed", "checkpointed", "weights", "forgotten", "forward_down", "gradient_down")
+    __slots__ = ("opened", "train", "eval", "closed", "checkpointed", "weights", "forgotten", "forward_down", "gradient_down", "decoded")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +364,7 @@ class CloudMessage(_message.Message):
     FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     FORWARD_DOWN_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_DOWN_FIELD_NUMBER: _ClassVar[int]
+    DECODED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     train: TrainReply
     eval: EvalReply
@@ -353,4 +374,5 @@ class CloudMessage(_message.Message):
     forgotten: Forgotten
     forward_down: ForwardDown
     gradient_down: GradientDown
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., forgotten: _Optional[_Union[Forgotten, _Mapping]] = ..., forward_down: _Optional[_Union[ForwardDown, _Mapping]] = ..., gradient_down: _Optional[_Union[GradientDown, _Mapping]] = ...) -> None: ...
+    decoded: DecodeReply
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., forgotten: _Optional[_Union[Forgotten, _Mapping]] = ..., forward_down: _Optional[_Union[ForwardDown, _Mapping]] = ..., gradient_down: _Optional[_Union[GradientDown, _Mapping]] = ..., decoded: _Optional[_Union[DecodeReply, _Mapping]] = ...) -> None: ...
