@@ -125,10 +125,13 @@ def _link_flags(g) -> None:
         "--wire-dtype",
         default=D.wire_dtype,
         choices=WIRE_DTYPES,
-        help="dtype on the wire (int8, int4: one scale per token; int4 packs two values a byte)",
+        help="what crosses the cut (int8, int4: one scale per token; int4-hadamard: int4 in rotated groups of 64 with massive tokens in bf16, gradients int8; for decoders' full-width cuts, docs/reference.md)",
     )
     g.add_argument(
-        "--compression", default=D.compression, choices=COMPRESSIONS, help="compress tensors on the wire"
+        "--compression",
+        default=D.compression,
+        choices=COMPRESSIONS,
+        help="compress tensors on the wire (zstd: smaller, lz4: faster)",
     )
     g.add_argument(
         "--micro-batches",

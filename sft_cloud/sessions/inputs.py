@@ -14,7 +14,7 @@ import torch
 from sft_cloud.sessions.validation import invalid
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.two_part import lengths_to_mask
-from sft_common.wire import codec
+from sft_common.wire.codecs import Wire
 
 
 class ActivationInput:
@@ -22,6 +22,7 @@ class ActivationInput:
 
     def __init__(self, config: pb.SessionConfig, width: int, device: str):
         self.config = config
+        self.wire = Wire.of(config)
         self.width = width  # values a token at the cut
         self.device = device
 
@@ -43,18 +44,15 @@ class ActivationInput:
 
     def decode(self, tensor: pb.Tensor, lengths: List[int]) -> torch.Tensor:
         """(tokens, width) activations, checked against ``lengths`` before anything is allocated."""
-        return self.decode_as(tensor, "activations", (sum(lengths), self.width))
+        shape = (sum(lengths), self.width)
+        return self.wire.decode_activations(
+            tensor, "activations", shape, max_bytes=self.max_bytes(), device=self.device
+        )
 
-    def decode_as(self, tensor: pb.Tensor, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
-        """``tensor`` (``name`` in refusals) of exactly ``shape``, within the activation cap."""
-        return codec.decode(
-            tensor,
-            name=name,
-            dtype=self.config.wire_dtype,
-            shape=shape,
-            compression=self.config.compression,
-            max_bytes=self.max_bytes(),
-            device=self.device,
+    def decode_gradient(self, tensor: pb.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+        """A gradient of exactly ``shape``, within the activation cap."""
+        return self.wire.decode_gradient(
+            tensor, "gradient", shape, max_bytes=self.max_bytes(), device=self.device
         )
 
     def mask(self, lengths: List[int]) -> torch.Tensor:
@@ -68,6 +66,10 @@ class ActivationInput:
         full = x.new_zeros(len(lengths), max(lengths), self.width)
         return full.index_put((mask,), x), mask
 
-    def encode(self, t: torch.Tensor) -> pb.Tensor:
-        """A reply's tensor (gradient or activations) in the session's wire dtype and compression."""
-        return codec.encode(t, self.config.wire_dtype, self.config.compression)
+    def encode_activations(self, t: torch.Tensor) -> pb.Tensor:
+        """Activations sent down (the U's middle), in the session's wire."""
+        return self.wire.encode_activations(t)
+
+    def encode_gradient(self, t: torch.Tensor) -> pb.Tensor:
+        """A gradient sent down, in the session's wire."""
+        return self.wire.encode_gradient(t)

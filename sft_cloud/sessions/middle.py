@@ -152,7 +152,7 @@ class MiddleSession(CoreAttributes):
         if not bool(torch.isfinite(rows).all()):
             raise invalid(f"step {msg.step}: the middle's output is not finite; nothing was applied")
         self._pending = (msg.step, x, rows)
-        return pb.ForwardDown(step=msg.step, activations=self.inputs.encode(rows.detach()))
+        return pb.ForwardDown(step=msg.step, activations=self.inputs.encode_activations(rows.detach()))
 
     def gradient_up(self, msg: pb.GradientUp) -> pb.GradientDown:
         """Phases 3-4: ∂loss/∂â2 through the kept graph, the middle updated; answers ∂loss/∂â1."""
@@ -168,10 +168,10 @@ class MiddleSession(CoreAttributes):
     def _backward(self, msg: pb.GradientUp) -> pb.GradientDown:
         assert self._pending is not None
         _, x, rows = self._pending
-        grad = self.inputs.decode_as(msg.grad, "gradient", tuple(rows.shape))
+        grad = self.inputs.decode_gradient(msg.grad, tuple(rows.shape))
         with self.core.compute_lock:  # the backward draws nothing, but shares the CPU threads
             grad_in = self.core.backward(rows, grad, x, f"step {msg.step}")
-        reply = pb.GradientDown(step=msg.step, grad=self.inputs.encode(grad_in))
+        reply = pb.GradientDown(step=msg.step, grad=self.inputs.encode_gradient(grad_in))
         self.core.complete(msg.step)
         self._pending = None
         return reply
@@ -201,7 +201,7 @@ class MiddleSession(CoreAttributes):
                 raise invalid(
                     f"evaluation batch {msg.batch}: the middle's output is not finite (activations too large?)"
                 )
-            return pb.EvalReply(batch=msg.batch, activations=self.inputs.encode(rows))
+            return pb.EvalReply(batch=msg.batch, activations=self.inputs.encode_activations(rows))
 
     def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:
         """Write the state after ``msg.step`` whole steps; refused between a step's two phases."""

@@ -27,6 +27,7 @@ from sft_cloud.daemon.lease import (
 )
 from sft_cloud.sessions import finished
 from sft_cloud.sessions.core import Session
+from sft_cloud.sessions.inference import IdleCaches
 from sft_cloud.sessions.middle import MiddleSession
 from sft_cloud.sessions.two_part import TwoPartSession
 from sft_cloud.sessions.validation import refuse_calibrated_init
@@ -69,6 +70,7 @@ class SessionRegistry:
         self._frozen: Dict[Tuple, SharedBase] = {}
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()  # see SessionCore.rng
+        self.caches = IdleCaches()  # the KV caches of streams generating now: freed when idle
 
     def sessions(self) -> List[Session]:
         """The sessions held now (a snapshot)."""
@@ -294,8 +296,10 @@ class SessionRegistry:
             shutil.rmtree(lease_folder(self.checkpoint_dir, session_id), ignore_errors=True)
 
     def evict_idle(self, now: Optional[float] = None) -> List[str]:
-        """Checkpoint (when there is a checkpoint dir) and drop sessions idle past the timeout."""
+        """Checkpoint (when there is a checkpoint dir) and drop sessions idle past the timeout;
+        free the KV caches of generations idle as long."""
         now = time.monotonic() if now is None else now
+        self.caches.free_idle(now, self.idle_timeout)
         with self._lock:
             idle = [
                 s.core

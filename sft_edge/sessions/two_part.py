@@ -29,6 +29,7 @@ from sft_common.topology.spec import SplitSpec
 from sft_common.topology.two_part import EdgeHalf, build_edge_half, factor_parameters
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire import codec
+from sft_common.wire.codecs import Wire
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
@@ -89,8 +90,7 @@ class EdgeSession(SessionClient):
         self.num_labels = num_labels
         self.decoder = isinstance(base.family, Decoder)
         self.checkpoints = checkpoints
-        self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
-        self.compression = codec.COMPRESSIONS[link.compression]
+        self.wire = Wire.named(link.wire_dtype, link.compression)
         self.lora = resolve_lora(lora, base.config.model_type)
         open_msg = open_request(
             base,
@@ -159,7 +159,7 @@ class EdgeSession(SessionClient):
             packed, lengths = self._cut(batch)
         msg = pb.TrainStep(
             step=step,
-            activations=codec.encode(packed.detach(), self.wire_dtype, self.compression),
+            activations=self.wire.encode_activations(packed.detach()),
             lengths=lengths,
         )
         if self.num_labels == 1:
@@ -180,14 +180,7 @@ class EdgeSession(SessionClient):
                 f"expected the answer to step {step} micro-batch {micro}, got step {reply.step} "
                 f"micro-batch {reply.micro}",
             )
-        grad = codec.decode(
-            reply.grad,
-            name="gradient",
-            dtype=self.wire_dtype,
-            shape=tuple(packed.shape),
-            compression=self.compression,
-            device=self.device,
-        )
+        grad = self.wire.decode_gradient(reply.grad, "gradient", tuple(packed.shape), device=self.device)
         return grad, reply.loss
 
     def exchange(self, step: int, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, float]:
@@ -203,9 +196,7 @@ class EdgeSession(SessionClient):
         """The logits of ``batch`` (batch, num_labels) from the current model; changes nothing."""
         self.net1.eval()
         packed, lengths = self._cut(batch)
-        msg = pb.EvalStep(
-            batch=index, activations=codec.encode(packed, self.wire_dtype, self.compression), lengths=lengths
-        )
+        msg = pb.EvalStep(batch=index, activations=self.wire.encode_activations(packed), lengths=lengths)
         reply = self.request(pb.EdgeMessage(eval=msg)).eval
         shape = (len(batch.lengths), self.num_labels)
         return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=shape)

@@ -27,6 +27,7 @@ from sft_common.topology.ushape import EdgeFactors, UShapeSpec, build_ushape_edg
 from sft_common.topology.ushape_lm import build_ushape_lm_edge
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire import codec
+from sft_common.wire.codecs import Wire
 from sft_edge.data.glue import Batch
 from sft_edge.data.lm import lm_loss
 from sft_edge.link.transport import CloudError, Transport
@@ -77,8 +78,7 @@ class UShapeSession(SessionClient):
         spec.validate(base.num_hidden_layers)
         self.spec, self.optim_cfg, self.device, self.num_labels = spec, optim, device, num_labels
         self.checkpoints = checkpoints
-        self.wire_dtype = codec.WIRE_DTYPES[link.wire_dtype]
-        self.compression = codec.COMPRESSIONS[link.compression]
+        self.wire = Wire.named(link.wire_dtype, link.compression)
         self.first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         self.width = self.first.cut_width(base.hidden_size)
         self.lora = resolve_lora(lora, base.config.model_type)
@@ -154,20 +154,24 @@ class UShapeSession(SessionClient):
         with seeded(self.optim_cfg.seed, HEAD_SIDE, step), autocast(self.device):
             first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         packed = first.float()[mask]
-        up = pb.ForwardUp(step=step, activations=self._encode(packed.detach()), lengths=batch.lengths)
+        up = pb.ForwardUp(
+            step=step, activations=self.wire.encode_activations(packed.detach()), lengths=batch.lengths
+        )
         self._submit(pb.EdgeMessage(forward_up=up))  # phase 1
         down = self._answer("forward_down", step).forward_down  # phase 2
-        second = self._unpack(self._decode(down.activations, "the middle's output", packed), mask)
+        second = self._unpack(self._decode_rows(down.activations, packed), mask)
         second.requires_grad_(True)
         with seeded(self.optim_cfg.seed, TAIL_SIDE, step), autocast(self.device):
             logits = self.tail(second, batch.attention_mask)
         loss = (lm_loss if self.causal_lm else task_loss)(logits.float(), batch.labels)
         loss.backward()
         assert second.grad is not None
-        grad_up = pb.GradientUp(step=step, grad=self._encode(second.grad[mask]))
+        grad_up = pb.GradientUp(step=step, grad=self.wire.encode_gradient(second.grad[mask]))
         self._submit(pb.EdgeMessage(gradient_up=grad_up))  # phase 3
         grad_down = self._answer("gradient_down", step).gradient_down  # phase 4: the middle is updated
-        packed.backward(self._decode(grad_down.grad, "gradient", packed))
+        packed.backward(
+            self.wire.decode_gradient(grad_down.grad, "gradient", tuple(packed.shape), device=self.device)
+        )
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,9 +187,11 @@ class UShapeSession(SessionClient):
         with autocast(self.device):
             first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         packed = first.float()[mask]
-        msg = pb.EvalStep(batch=index, activations=self._encode(packed), lengths=batch.lengths)
+        msg = pb.EvalStep(
+            batch=index, activations=self.wire.encode_activations(packed), lengths=batch.lengths
+        )
         reply = self.request(pb.EdgeMessage(eval=msg)).eval
-        second = self._unpack(self._decode(reply.activations, "the middle's output", packed), mask)
+        second = self._unpack(self._decode_rows(reply.activations, packed), mask)
         with autocast(self.device):
             return self.tail(second, batch.attention_mask).float()
 
@@ -205,18 +211,10 @@ class UShapeSession(SessionClient):
             )
         return reply
 
-    def _encode(self, rows: torch.Tensor) -> pb.Tensor:
-        return codec.encode(rows, self.wire_dtype, self.compression)
-
-    def _decode(self, tensor: pb.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
-        """A (tokens, width) tensor from the cloud, for the rows of ``like``."""
-        return codec.decode(
-            tensor,
-            name=name,
-            dtype=self.wire_dtype,
-            shape=tuple(like.shape),
-            compression=self.compression,
-            device=self.device,
+    def _decode_rows(self, tensor: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The middle's (tokens, width) output, for the rows of ``like``."""
+        return self.wire.decode_activations(
+            tensor, "the middle's output", tuple(like.shape), device=self.device
         )
 
     def _unpack(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

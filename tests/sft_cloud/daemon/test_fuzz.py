@@ -123,6 +123,8 @@ def hostile(draw, next_step: int) -> Case:
         return msg, INVALID, "activations: contains NaN or Inf"
     if kind == "compression":
         t.compression = draw(st.integers(2, 2**31 - 1))
+        if t.compression == pb.ZSTD:  # known, not the session's
+            return msg, INVALID, "activations: compression ZSTD, the session uses LZ4"
         return msg, INVALID, rf"activations: unknown compression {t.compression}"
     if kind == "scale":
         t.scale = draw(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, -1e-30]))

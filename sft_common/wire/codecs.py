@@ -1,0 +1,82 @@
+"""A session's wire: how activations and gradients cross the cut, one object both sides build.
+
+The edge names it with ``--wire-dtype`` (``WIRES``: a name is a pair, activations' dtype and
+gradients'), the session config carries it (``wire_dtype``, ``grad_wire_dtype``,
+``stochastic_rounding``, ``compression``), and each side's session encodes and decodes through
+``Wire`` without asking which it is. A new codec is one dtype in ``codec`` and one row here.
+
+- ``fp32`` / ``fp16`` / ``bf16`` / ``int8`` / ``int4``: the same dtype both ways (int8 and int4
+  with one scale per row: a token's values, as activations cross as (tokens, width) rows).
+- ``int4-hadamard``: activations as int4 in rotated groups of 64 with massive tokens in bf16
+  (``wire.hadamard``: what a decoder's residual stream needs, issue 34), gradients as int8 with
+  stochastic rounding (unbiased).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from sft_common.proto import sft_pb2 as pb
+from sft_common.wire import codec
+
+# --wire-dtype -> (activations' dtype, gradients' dtype, gradients rounded stochastically)
+WIRES: Dict[str, Tuple[Any, Any, bool]] = {
+    "fp32": (pb.FLOAT32, pb.FLOAT32, False),
+    "fp16": (pb.FLOAT16, pb.FLOAT16, False),
+    "bf16": (pb.BFLOAT16, pb.BFLOAT16, False),
+    "int8": (pb.INT8, pb.INT8, False),
+    "int4": (pb.INT4, pb.INT4, False),
+    "int4-hadamard": (pb.INT4_HADAMARD, pb.INT8, True),
+}
+
+
+@dataclass(frozen=True)
+class Wire:
+    """The dtypes of what crosses each way, the gradients' rounding, and the compression."""
+
+    activations: Any = pb.FLOAT32  # a pb.DType value
+    gradients: Any = pb.FLOAT32
+    stochastic: bool = False  # gradients in int8 / int4 rounded stochastically
+    compression: Any = pb.COMPRESSION_NONE
+
+    @classmethod
+    def named(cls, wire_dtype: str, compression: str = "none") -> Wire:
+        """The edge's flags (``--wire-dtype``, ``--compression``); KeyError for an unknown name."""
+        activations, gradients, stochastic = WIRES[wire_dtype]
+        return cls(activations, gradients, stochastic, codec.COMPRESSIONS[compression])
+
+    @classmethod
+    def of(cls, config: pb.SessionConfig) -> Wire:
+        """What a session config asks for (a config from before ``grad_wire_dtype``: one dtype)."""
+        gradients = config.grad_wire_dtype or config.wire_dtype
+        return cls(config.wire_dtype, gradients, config.stochastic_rounding, config.compression)
+
+    def configure(self, config: pb.SessionConfig) -> None:
+        """Set this wire's fields on a session config (the edge, at open)."""
+        config.wire_dtype, config.grad_wire_dtype = self.activations, self.gradients
+        config.stochastic_rounding, config.compression = self.stochastic, self.compression
+
+    def encode_activations(self, t: torch.Tensor) -> pb.Tensor:
+        return codec.encode(t, self.activations, self.compression)
+
+    def encode_gradient(self, t: torch.Tensor) -> pb.Tensor:
+        return codec.encode(t, self.gradients, self.compression, stochastic=self.stochastic)
+
+    def decode_activations(
+        self, msg: pb.Tensor, name: str, shape: Sequence[Optional[int]], **kw: Any
+    ) -> torch.Tensor:
+        """Activations in this wire's dtype of ``shape``; ``kw``: ``codec.decode``'s caps and device."""
+        return codec.decode(
+            msg, name=name, dtype=self.activations, shape=shape, compression=self.compression, **kw
+        )
+
+    def decode_gradient(
+        self, msg: pb.Tensor, name: str, shape: Sequence[Optional[int]], **kw: Any
+    ) -> torch.Tensor:
+        """A gradient in this wire's dtype of ``shape``; ``kw`` as for ``decode_activations``."""
+        return codec.decode(
+            msg, name=name, dtype=self.gradients, shape=shape, compression=self.compression, **kw
+        )
