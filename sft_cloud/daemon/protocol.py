@@ -9,6 +9,7 @@ import grpc
 
 from sft_cloud.sessions import finished
 from sft_cloud.sessions.core import Session
+from sft_cloud.sessions.inference import CachedMiddle, cached_middle
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
 from sft_common.wire.errors import ProtocolError
@@ -27,6 +28,7 @@ class StreamProtocol:
         self.owner = owner
         self.session: Optional[Session] = None
         self.closed = False
+        self.decoding: Optional[CachedMiddle] = None  # the KV cache of this stream's generation
 
     def handle(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
         kind = msg.WhichOneof("kind")
@@ -78,19 +80,36 @@ class StreamProtocol:
             return pb.CloudMessage(checkpointed=session.checkpoint(msg.checkpoint))
         if kind == "eval":
             return pb.CloudMessage(eval=session.evaluate(msg.eval))
+        if kind == "decode":
+            return pb.CloudMessage(decoded=self._decoding(session).decode(msg.decode))
         if kind == "fetch":
             return pb.CloudMessage(weights=finished.weights_chunk(core, msg.fetch.chunk))
         if kind == "forget":
+            self._free_cache()
             self.registry.forget(session)
             self.closed = True
             return pb.CloudMessage(forgotten=pb.Forgotten(session_id=core.session_id))
-        # close: keep net2's trained weights (with a checkpoint dir), then drop the session
+        self._free_cache()  # close: the stream's KV cache first
+        # keep net2's trained weights (with a checkpoint dir), then drop the session
         if not core.inference_only:
             with core.lock:
                 core.save_final()
         self.registry.close(core.session_id)
         self.closed = True
         return pb.CloudMessage(closed=pb.SessionClosed(steps=core.next_step))
+
+    def _decoding(self, session: Session) -> CachedMiddle:
+        """The stream's KV-cached generation, made at its first DecodeStep (refused for a session
+        that cannot decode); the registry frees its cache when it idles."""
+        if self.decoding is None:
+            self.decoding = cached_middle(session)
+            self.registry.caches.track(self.decoding)
+        return self.decoding
+
+    def _free_cache(self) -> None:
+        if self.decoding is not None:
+            self.decoding.free()
+            self.decoding = None
 
     def _log(self, what: str, *args) -> None:
         """One INFO line per session event, with the session id's prefix and the peer identity."""
@@ -108,7 +127,9 @@ class StreamProtocol:
             self._log("resumed at step %d%s", opened.next_step, how)
 
     def detach(self) -> None:
-        """The stream ended (normally or not): the session may now be evicted when idle."""
+        """The stream ended (normally or not): the session may now be evicted when idle; its
+        KV cache (generation) is freed now."""
+        self._free_cache()
         if self.session is not None and not self.closed:
             self.session.core.attached -= 1
             self.session.core.touch()

@@ -78,17 +78,22 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers.values())
+        return sum(
+            k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers.values()
+        )
+
+
+def cache_keyword(module: nn.Module) -> Optional[str]:
+    """The keyword ``module.forward`` takes a Hugging Face cache by (None: it takes none)."""
+    params = inspect.signature(module.forward).parameters
+    return next((name for name in CACHE_KWARGS if name in params), None)
 
 
 def attention_modules(part: nn.Module) -> List[Tuple[nn.Module, str]]:
     """Every attention module of ``part`` that takes a cache, with the keyword it takes it by."""
     found = []
     for module in part.modules():
-        if not hasattr(module, "layer_idx"):
-            continue
-        params = inspect.signature(module.forward).parameters
-        name = next((n for n in CACHE_KWARGS if n in params), None)
+        name = cache_keyword(module) if hasattr(module, "layer_idx") else None
         if name is not None:
             found.append((module, name))
     return found
@@ -120,7 +125,9 @@ def offset_causal_mask(queries: int, start: int, dtype: torch.dtype, device: Any
     0 .. start + i (one unpadded sequence)."""
     keys = torch.arange(start + queries, device=device)
     allowed = keys[None, :] <= (start + torch.arange(queries, device=device))[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
     return mask[None, None]
 
 
@@ -128,10 +135,10 @@ class Placement:
     """New rows at positions ``start ..`` for a decoder family: their embeddings and the layers'
     context (``Decoder.context``'s keys: the mask and the positions)."""
 
-    def embed(self, part: nn.Module, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    def embed(self, part: Any, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         return part.family.embed(part, input_ids, None, None)
 
-    def context(self, part: nn.Module, h: torch.Tensor, start: int) -> Dict[str, Any]:
+    def context(self, part: Any, h: torch.Tensor, start: int) -> Dict[str, Any]:
         positions = torch.arange(start, start + h.shape[1], device=h.device)[None, :]
         return {"mask": offset_causal_mask(h.shape[1], start, h.dtype, h.device), "positions": positions}
 
@@ -139,7 +146,7 @@ class Placement:
 class LearnedPositions(Placement):
     """GPT-2: the token embeddings plus the learned position embeddings of the rows' positions."""
 
-    def embed(self, part: nn.Module, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    def embed(self, part: Any, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None, :]
         return part.drop(part.wte(input_ids) + part.wpe(positions))
 
@@ -147,7 +154,7 @@ class LearnedPositions(Placement):
 class RotaryPositions(Placement):
     """Llama, Qwen2: rotary frequencies at the rows' positions (``model.rotary_emb``)."""
 
-    def context(self, part: nn.Module, h: torch.Tensor, start: int) -> Dict[str, Any]:
+    def context(self, part: Any, h: torch.Tensor, start: int) -> Dict[str, Any]:
         ctx = super().context(part, h, start)
         ctx["rotary"] = part.rotary(h, ctx["positions"])
         return ctx
@@ -166,7 +173,7 @@ def placement_of(family: Family) -> Placement:
     )
 
 
-def _run(part: nn.Module, cache: KVCache, h: torch.Tensor, start: int, send: bool) -> torch.Tensor:
+def _run(part: Any, cache: KVCache, h: torch.Tensor, start: int, send: bool) -> torch.Tensor:
     """The part's whole layers on the rows ``h`` (1, q, hidden) at ``start``, reading and
     extending ``cache``, then the cut's sending modules (``send``). A step that fails leaves an
     empty cache (a sequence then starts again at 0), never a half-extended one."""
@@ -185,25 +192,25 @@ def _run(part: nn.Module, cache: KVCache, h: torch.Tensor, start: int, send: boo
     return out
 
 
-def head_step(head: nn.Module, cache: KVCache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+def head_step(head: Any, cache: KVCache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
     """``EdgeHead`` on tokens ``input_ids`` (1, q) at positions ``start ..``: the first cut's
     activations (1, q, width)."""
     h = placement_of(head.family).embed(head, input_ids, start)
     return _run(head, cache, h, start, send=True)
 
 
-def middle_step(middle: nn.Module, cache: KVCache, cut: torch.Tensor, start: int) -> torch.Tensor:
+def middle_step(middle: Any, cache: KVCache, cut: torch.Tensor, start: int) -> torch.Tensor:
     """``CloudMiddle`` on the first cut's rows (1, q, width) at ``start ..``: the second cut's."""
     return _run(middle, cache, _received(middle, cut), start, send=True)
 
 
-def tail_step(tail: nn.Module, cache: KVCache, cut: torch.Tensor, start: int) -> torch.Tensor:
+def tail_step(tail: Any, cache: KVCache, cut: torch.Tensor, start: int) -> torch.Tensor:
     """``LMTail`` on the second cut's rows (1, q, width) at ``start ..``: logits (1, q, vocab)."""
     h = _run(tail, cache, _received(tail, cut), start, send=False)
     return tail.lm_head(tail.norm(h))
 
 
-def _received(part: nn.Module, cut: torch.Tensor) -> torch.Tensor:
+def _received(part: Any, cut: torch.Tensor) -> torch.Tensor:
     """The part's first module on the activations it receives (none after a full-width cut)."""
     receiver: Optional[nn.Module] = part.tail
     return cut if receiver is None else receiver(cut, None)

@@ -2,18 +2,22 @@
 
 A U-shaped run's ``--output-dir`` holds the edge's head and LM tail; its daemon keeps the middle. The
 finished session is reopened for inference only (as ``sft-edge predict`` does for label-private
-runs) and each new token is one evaluation through the U: the head here, the middle on the cloud,
-the tail and the LM head here. There is no KV cache: each token recomputes the whole sequence
-(simple and exactly the trained model's function; it costs a forward over n tokens per token, and
-sends the cloud n rows of rank R each time). The cloud sees what it sees in training: activations
-at the two cuts and a length, never a token id. An export of such a run (``sft-edge export``:
-the middle fetched once) or a ``--local`` run's folder generates in this process, no daemon:
-the same function, so the same greedy tokens.
+runs). Decoding keeps a KV cache (``sft_edge.finished.cached``): the prompt runs through the U
+once, then each new token runs alone through the head, the middle and the tail, their layers
+reading the keys and values of the earlier tokens from caches kept where they run (the head's
+and the tail's here, the middle's on the daemon for this stream). So each token sends the cloud
+one row of rank R at each cut, and its time and bytes do not grow with the length. The cloud
+sees what it sees in training: activations at the two cuts and a position, never a token id. An
+export of such a run (``sft-edge export``: the middle fetched once) or a ``--local`` run's folder
+generates in this process, no daemon, with the same caches. ``cached=False`` (``--no-kv-cache``)
+recomputes the whole sequence for each token instead (``recompute``: a forward over n tokens a
+token, n rows to the cloud each time): the reference the cached path's greedy tokens equal.
 
 The prompt is fed as training fed a row's start: chat runs' through the tokenizer's chat template
 (one user message and the generation prompt), other runs' as plain text after the BOS the
 tokenizer adds, if any (``--raw``: plain text for a chat run too). Temperature 0 is greedy
 decoding (deterministic); above 0 the next token is sampled from softmax(logits / T), seeded.
+Tokens are handed to ``on_text`` as text the moment each is decided (the CLI prints them).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from sft_edge.data.glue import Batch, DataError
 from sft_edge.data.lm import bos_token
+from sft_edge.finished.cached import open_cached
 from sft_edge.finished.parts import open_model
 from sft_edge.finished.record import read_run
 from sft_edge.runs.config import GenerateConfig
@@ -47,6 +52,50 @@ def one_sequence(ids: Sequence[int], device: str = "cpu") -> Batch:
     return Batch(input_ids, torch.zeros_like(input_ids), ones, [len(ids)], torch.full_like(input_ids, -100))
 
 
+NextLogits = Callable[[List[int]], torch.Tensor]  # the tokens so far -> logits (vocab,) of the next
+
+
+def recompute(logits_of: Callable[[Batch], torch.Tensor], device: str = "cpu") -> NextLogits:
+    """Next-token logits from the whole sequence each time (no cache); ``logits_of`` maps a batch
+    of one to (1, seq, vocab) logits."""
+
+    def next_logits(ids: List[int]) -> torch.Tensor:
+        return logits_of(one_sequence(ids, device))[0, -1].float().cpu()
+
+    return next_logits
+
+
+def decode_with(
+    next_logits: NextLogits,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    max_len: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    eos: Optional[int] = None,
+    on_token: Callable[[int], object] = lambda token: None,
+) -> List[int]:
+    """New tokens after ``ids``, each from ``next_logits`` of the sequence so far and handed to
+    ``on_token`` as soon as it is decided, until ``max_new_tokens``, ``eos`` (included) or
+    ``max_len`` tokens in all."""
+    ids = list(ids)
+    new: List[int] = []
+    generator = torch.Generator().manual_seed(seed)
+    while len(new) < max_new_tokens and len(ids) < max_len:
+        with torch.no_grad():
+            last = next_logits(ids)
+        if temperature > 0:
+            token = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator))
+        else:
+            token = int(torch.argmax(last))
+        ids.append(token)
+        new.append(token)
+        on_token(token)
+        if token == eos:
+            break
+    return new
+
+
 def decode(
     logits_of: Callable[[Batch], torch.Tensor],
     ids: Sequence[int],
@@ -57,28 +106,41 @@ def decode(
     eos: Optional[int] = None,
     device: str = "cpu",
 ) -> List[int]:
-    """New tokens after ``ids``: each from the logits of the whole sequence so far (no cache),
-    until ``max_new_tokens``, ``eos`` or ``max_len`` tokens in all. ``logits_of`` maps a batch of
-    one to (1, seq, vocab) logits."""
-    ids = list(ids)
-    new: List[int] = []
-    generator = torch.Generator().manual_seed(seed)
-    while len(new) < max_new_tokens and len(ids) < max_len:
-        with torch.no_grad():
-            last = logits_of(one_sequence(ids, device))[0, -1].float().cpu()
-        if temperature > 0:
-            token = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator))
-        else:
-            token = int(torch.argmax(last))
-        ids.append(token)
-        new.append(token)
-        if token == eos:
-            break
-    return new
+    """``decode_with`` recomputing the whole sequence for each token (``recompute``)."""
+    return decode_with(recompute(logits_of, device), ids, max_new_tokens, max_len, temperature, seed, eos)
 
 
-def generate(cfg: GenerateConfig) -> Dict:
-    """The completion of ``cfg.prompt`` by the run's model: its text, tokens and why it stopped."""
+class TextStream:
+    """Hands ``write`` the text of each new token as it comes: the decoded completion so far,
+    less what was written; held back while it ends in an unfinished character (a token that
+    is part of one). ``end()`` writes what is left, so the pieces add up to the completion."""
+
+    def __init__(self, tokenizer, write: Callable[[str], object]):
+        self.tokenizer, self.write = tokenizer, write
+        self.tokens: List[int] = []
+        self.written = ""
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._show(text)
+
+    def end(self) -> None:
+        self._show(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.written) and len(text) > len(self.written):
+            self.write(text[len(self.written) :])
+            self.written = text
+
+
+def generate(
+    cfg: GenerateConfig, cached: bool = True, on_text: Optional[Callable[[str], object]] = None
+) -> Dict:
+    """The completion of ``cfg.prompt`` by the run's model: its text, tokens and why it stopped.
+    ``cached``: decode with KV caches (else recompute each token's whole sequence); ``on_text``:
+    called with each piece of the completion's text as its tokens are decided."""
     from transformers import AutoTokenizer
 
     from sft_common.training import resolve_device
@@ -98,12 +160,16 @@ def generate(cfg: GenerateConfig) -> Dict:
         )
     device = resolve_device(cfg.device)
     # an export or a --local run: the whole model here; a split run's folder: through its daemon
-    opened = open_model(cfg.run, record, device, cfg.connection)
+    next_logits, close = open_next_logits(cfg, record, device, cached)
+    stream = TextStream(tokenizer, on_text or (lambda text: None))
     try:
         eos = tokenizer.eos_token_id
-        new = decode(opened.logits, ids, cfg.max_new_tokens, max_len, cfg.temperature, cfg.seed, eos, device)
+        new = decode_with(
+            next_logits, ids, cfg.max_new_tokens, max_len, cfg.temperature, cfg.seed, eos, stream
+        )
     finally:
-        opened.close()
+        close()
+    stream.end()
     if new and new[-1] == tokenizer.eos_token_id:
         stopped = "eos"
     else:
@@ -114,3 +180,13 @@ def generate(cfg: GenerateConfig) -> Dict:
         "tokens": new,
         "stopped": stopped,
     }
+
+
+def open_next_logits(cfg: GenerateConfig, record, device: str, cached: bool = True):
+    """(next-token logits of a sequence, close) for the run's model where its parts are: with KV
+    caches (``cached``), or recomputing the whole sequence each time."""
+    if cached:
+        lm = open_cached(cfg.run, record, device, cfg.connection)
+        return lm.next_logits, lm.close
+    opened = open_model(cfg.run, record, device, cfg.connection)
+    return recompute(opened.logits, device), opened.close
