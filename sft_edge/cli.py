@@ -42,9 +42,13 @@ def after_training(args: argparse.Namespace) -> int:
                 args.raw,
                 conn,
                 args.device,
+                kv_cache=not args.no_kv_cache,
             )
-            out = generate(cfg)
-            print(json.dumps(out) if args.json else out["completion"])
+            if args.json:
+                print(json.dumps(generate(cfg)))
+            else:  # each token's text as it is decided
+                generate(cfg, on_text=lambda text: print(text, end="", flush=True))
+                print()
         elif args.command == "export":
             print(json.dumps({"exported": predict.export(ExportConfig(args.run, args.to, conn))}))
         else:

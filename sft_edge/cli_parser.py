@@ -254,7 +254,7 @@ def _generate_parser(sub) -> None:
     g = sub.add_parser(
         "generate",
         help="text from a --problem causal-lm run, through its daemon, or here from an export or a "
-        "--local run (no KV cache: each new token reruns the whole sequence)",
+        "--local run, printed as it is decided (each new token runs alone, with a KV cache)",
     )
     g.add_argument(
         "--run",
@@ -277,6 +277,11 @@ def _generate_parser(sub) -> None:
     )
     g.add_argument(
         "--json", action="store_true", help="print a JSON object (completion, tokens, why it stopped)"
+    )
+    g.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="recompute the whole sequence for each new token (the reference; slower, more traffic)",
     )
     g.add_argument("--device", default="auto", choices=DEVICES, help="where the edge's parts run")
     _connection_flags(g.add_argument_group("connection to the daemon"), timeouts=False)

@@ -9,7 +9,7 @@ and the tail's here, the middle's on the daemon for this stream). So each token 
 one row of rank R at each cut, and its time and bytes do not grow with the length. The cloud
 sees what it sees in training: activations at the two cuts and a position, never a token id. An
 export of such a run (``sft-edge export``: the middle fetched once) or a ``--local`` run's folder
-generates in this process, no daemon, with the same caches. ``cached=False`` (``--no-kv-cache``)
+generates in this process, no daemon, with the same caches. ``kv_cache=False`` (``--no-kv-cache``)
 recomputes the whole sequence for each token instead (``recompute``: a forward over n tokens a
 token, n rows to the cloud each time): the reference the cached path's greedy tokens equal.
 
@@ -160,7 +160,7 @@ def generate(
         )
     device = resolve_device(cfg.device)
     # an export or a --local run: the whole model here; a split run's folder: through its daemon
-    next_logits, close = open_next_logits(cfg, record, device, cached)
+    next_logits, close = open_next_logits(cfg, record, device)
     stream = TextStream(tokenizer, on_text or (lambda text: None))
     try:
         eos = tokenizer.eos_token_id
@@ -182,10 +182,10 @@ def generate(
     }
 
 
-def open_next_logits(cfg: GenerateConfig, record, device: str, cached: bool = True):
+def open_next_logits(cfg: GenerateConfig, record, device: str):
     """(next-token logits of a sequence, close) for the run's model where its parts are: with KV
-    caches (``cached``), or recomputing the whole sequence each time."""
-    if cached:
+    caches (``cfg.kv_cache``), or recomputing the whole sequence each time."""
+    if cfg.kv_cache:
         lm = open_cached(cfg.run, record, device, cfg.connection)
         return lm.next_logits, lm.close
     opened = open_model(cfg.run, record, device, cfg.connection)

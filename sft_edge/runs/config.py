@@ -286,6 +286,7 @@ class GenerateConfig:
     raw: bool = False  # feed the prompt as it is, even where the run trained on chat rows
     connection: Connection = field(default_factory=Connection)
     device: str = "auto"
+    kv_cache: bool = True  # keep each part's keys and values; False: recompute the sequence a token
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.temperature < 0:
