@@ -50,6 +50,8 @@ class KVCache:
         self.cap = cap  # the most tokens it holds (a session's --max-seq-len)
         self.layers: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.length = 0  # tokens cached (every layer holds as many after a whole step)
+        # the part's attention modules and their cache keyword, found at its first step
+        self.attention: Optional[List[Tuple[nn.Module, str]]] = None
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Hugging Face's ``Cache.update``: append this step's keys and values to layer
@@ -111,8 +113,10 @@ def attached(part: nn.Module, cache: KVCache) -> Iterator[None]:
 
         return add_cache
 
+    if cache.attention is None:  # a cache serves one part: its modules are found once
+        cache.attention = attention_modules(part)
     try:
-        for module, name in attention_modules(part):
+        for module, name in cache.attention:
             handles.append(module.register_forward_pre_hook(hook(name), with_kwargs=True))
         yield
     finally:
