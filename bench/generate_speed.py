@@ -34,7 +34,7 @@ from bench.common import save, table
 from sft_common.models.base_model import BaseModel, load_base_model
 from sft_common.topology.ushape import UShapeSpec
 from sft_edge.finished.cached import DaemonMiddle, UShapeLM
-from sft_edge.finished.generate import decode_with, recompute
+from sft_edge.finished.generate import NextLogits, decode_with, recompute
 from sft_edge.link.transport import GrpcTransport, open_channel
 from sft_edge.runs.config import OptimConfig
 from sft_edge.sessions.ushape import UShapeSession
@@ -73,6 +73,7 @@ def measure(
     max_len = len(prompt) + new
     s = session(base, address, max_len, session_id=session_id, inference_only=True)
     s.net.eval()
+    next_logits: NextLogits
     if variant == "cached":
         next_logits = UShapeLM(s.head, DaemonMiddle(s), s.tail, max_len, "cpu").next_logits
     else:

@@ -52,14 +52,14 @@ def one_sequence(ids: Sequence[int], device: str = "cpu") -> Batch:
     return Batch(input_ids, torch.zeros_like(input_ids), ones, [len(ids)], torch.full_like(input_ids, -100))
 
 
-NextLogits = Callable[[List[int]], torch.Tensor]  # the tokens so far -> logits (vocab,) of the next
+NextLogits = Callable[[Sequence[int]], torch.Tensor]  # the tokens so far -> logits (vocab,) of the next
 
 
 def recompute(logits_of: Callable[[Batch], torch.Tensor], device: str = "cpu") -> NextLogits:
     """Next-token logits from the whole sequence each time (no cache); ``logits_of`` maps a batch
     of one to (1, seq, vocab) logits."""
 
-    def next_logits(ids: List[int]) -> torch.Tensor:
+    def next_logits(ids: Sequence[int]) -> torch.Tensor:
         return logits_of(one_sequence(ids, device))[0, -1].float().cpu()
 
     return next_logits
