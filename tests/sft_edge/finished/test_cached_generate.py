@@ -10,11 +10,14 @@ with its status, changing nothing. A real gRPC daemon and the CLI: tests/test_ge
 
 from __future__ import annotations
 
+import struct
 import time
 
 import grpc
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sft_cloud.daemon.protocol import StreamProtocol
 from sft_cloud.sessions.registry import SessionRegistry
@@ -140,6 +143,14 @@ def _reopened(finished):
     return session
 
 
+@pytest.fixture(scope="module")
+def inference(finished):
+    """The finished session reopened for inference once, for the tests that only send it steps."""
+    session = _reopened(finished)
+    yield session
+    session.close()
+
+
 def test_through_the_daemon_the_cached_tokens_are_the_recomputed_ones_one_row_a_token(finished):
     session = _reopened(finished)
     Recording.log = []
@@ -214,3 +225,29 @@ def test_only_a_finished_u_decodes(finished):
     with pytest.raises(ProtocolError, match="finished session reopened for inference") as refused:
         training.transport.protocol.handle(_decode(0, 1))
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    position=st.one_of(st.integers(-(2**62), 2**62), st.integers(-2, 40)),
+    shape=st.lists(st.one_of(st.integers(-3, 40), st.sampled_from([2**31, 2**40, 2**62])), max_size=3),
+    dtype=st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.INT8, 99]),
+    data=st.one_of(st.binary(max_size=256), st.just(struct.pack("<f", float("nan")) * 8)),
+)
+def test_hostile_decode_steps_are_refused_with_a_status_and_change_nothing(
+    inference, position, shape, dtype, data
+):
+    """Whatever a DecodeStep claims (terabyte shapes, any position, NaN, garbage), the cloud answers
+    it or refuses it with INVALID_ARGUMENT or FAILED_PRECONDITION; a refusal leaves the cache as it was."""
+    protocol = inference.transport.protocol
+    protocol.handle(_decode(0, 3))
+    msg = pb.EdgeMessage(
+        decode=pb.DecodeStep(position=position, activations=pb.Tensor(dtype=dtype, shape=shape, data=data))
+    )
+    try:
+        reply = protocol.handle(msg)
+    except ProtocolError as exc:
+        assert exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), exc
+        assert protocol.decoding.cache.length == 3
+    else:
+        assert reply.decoded.cached == protocol.decoding.cache.length
