@@ -11,7 +11,8 @@ once per variant and length, as ``sft-edge generate`` reopens a run's session:
   whole sequence, the head and the tail over it here.
 
 Greedy decoding of ``--prompt-tokens`` fixed tokens, never stopping early, for each of
-``--lengths`` new tokens. Seconds per token: the whole generation's wall time (edge compute, the
+``--lengths`` new tokens: the cached runs ``--reps`` rounds through the lengths in turn (medians
+reported), so that load from other processes hits every length alike; the recomputing ones once. Seconds per token: the whole generation's wall time (edge compute, the
 link, the daemon's middle; the prompt's pass included) over the new tokens; "last 16": the mean
 time of the last 16 tokens, what one more token costs at that length. Bytes per token: both
 directions' serialized messages, the prompt included, over the new tokens. The variants' tokens are
@@ -30,7 +31,7 @@ from typing import Dict, Iterator, List
 
 import torch
 
-from bench.common import save, table
+from bench.common import median, save, table
 from sft_common.models.base_model import BaseModel, load_base_model
 from sft_common.topology.ushape import UShapeSpec
 from sft_edge.finished.cached import DaemonMiddle, UShapeLM
@@ -106,16 +107,25 @@ def run(args: argparse.Namespace) -> List[Dict]:
         with tempfile.TemporaryDirectory() as folder, daemon(base, folder) as address:
             trained = session(base, address, args.prompt_tokens + max(args.lengths))
             trained.close()  # untrained: the daemon keeps its middle as a finished session
+            plan = [(v, n) for v in args.variants for n in args.lengths if n <= args.max_recompute.get(name, n)
+                    or v == "cached"]  # fmt: skip
+            # the lengths in turn, --reps rounds: load from other processes hits each length alike
+            samples: Dict = {key: [] for key in plan}
+            for _ in range(args.reps):
+                for variant, new in plan:
+                    if variant == "recompute" and samples[variant, new]:
+                        continue  # once: it is the slow one, and its growth is not in doubt
+                    samples[variant, new].append(
+                        measure(base, address, trained.session_id, variant, new, prompt)
+                    )
+                    print(table([{"model": name, **samples[variant, new][-1]}], COLUMNS).splitlines()[-1],
+                          file=sys.stderr, flush=True)  # fmt: skip
+            rows.extend(summary(name, runs) for runs in samples.values())
             for new in args.lengths:
-                got = {}
-                for variant in args.variants:
-                    if variant == "recompute" and new > args.max_recompute.get(name, new):
-                        continue  # too long on this CPU: see --max-recompute
-                    row = measure(base, address, trained.session_id, variant, new, prompt)
-                    got[variant] = row.pop("tokens")
-                    rows.append({"model": name, **row})
-                    print(table([rows[-1]], COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
-                if len(set(map(tuple, got.values()))) > 1:
+                tokens = {
+                    tuple(run["tokens"]) for (_, n), runs in samples.items() if n == new for run in runs
+                }
+                if len(tokens) > 1:
                     raise AssertionError(f"{name}, {new} tokens: cached and recomputed tokens differ")
     for row in rows:  # against the recomputing path at the same length
         ref = next((r for r in rows if r["variant"] == "recompute" and r["model"] == row["model"]
@@ -126,7 +136,16 @@ def run(args: argparse.Namespace) -> List[Dict]:
     return rows
 
 
-COLUMNS = "model variant new_tokens s_per_token s_last16 bytes_per_token speedup bytes_ratio".split()
+def summary(name: str, runs: List[Dict]) -> Dict:
+    """One row for the runs of one variant and length: the medians of their timings."""
+    first = runs[0]
+    row = {"model": name, "variant": first["variant"], "new_tokens": first["new_tokens"], "runs": len(runs)}
+    for key in ("s_per_token", "s_last16", "bytes_per_token"):
+        row[key] = median([r[key] for r in runs])
+    return row
+
+
+COLUMNS = "model variant new_tokens runs s_per_token s_last16 bytes_per_token speedup bytes_ratio".split()
 
 
 def parse_recompute_caps(values: List[str]) -> Dict[str, int]:
@@ -144,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", nargs="+", type=int, default=[16, 64, 256], help="new tokens")
     p.add_argument("--variants", nargs="+", default=["cached", "recompute"], choices=["cached", "recompute"])
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument(
+        "--reps", type=int, default=2, help="rounds of the cached runs (the recomputing ones run once)"
+    )
     p.add_argument(
         "--max-recompute",
         nargs="*",
