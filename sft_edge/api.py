@@ -183,7 +183,7 @@ def wrap(
     total_steps: int,
     split_layer: Optional[int] = None,
     rank: int = TrainConfig.rank,
-    mode: str = TrainConfig.mode,
+    mode: str = "sft",  # the two-part split (sft_edge.runs.defaults: its default everywhere)
     num_labels: Optional[int] = None,
     warmup_steps: int = OptimConfig.warmup_steps,
     seed: int = OptimConfig.seed,

@@ -96,7 +96,11 @@ def _split_flags(g) -> None:
     )
     g.add_argument("--split-layer", type=int, help="0-based layer to cut at (default: the last layer)")
     g.add_argument(
-        "--mode", default=D.mode, choices=MODES, help="sft (rank-R cut) or sl (plain split learning)"
+        "--mode",
+        default=D.mode,
+        choices=MODES,
+        help="sft (rank-R cut) or sl (plain split learning, the full width); default: sl for a decoder's "
+        "--label-private U, sft otherwise (docs/reference.md)",
     )
     g.add_argument("--rank", type=int, default=D.rank, help=f"SFT rank R (default {D.rank})")
     g.add_argument(
@@ -125,7 +129,9 @@ def _link_flags(g) -> None:
         "--wire-dtype",
         default=D.wire_dtype,
         choices=WIRE_DTYPES,
-        help="what crosses the cut (int8, int4: one scale per token; int4-hadamard: int4 in rotated groups of 64 with massive tokens in bf16, gradients int8; for decoders' full-width cuts, docs/reference.md)",
+        help="what crosses the cut (int8, int4: one scale per token; int4-hadamard: int4 in rotated groups "
+        "of 64, massive tokens in bf16, gradients int8); default: int4-hadamard for a decoder's --label-private U, "
+        "fp32 otherwise",
     )
     g.add_argument(
         "--compression",

@@ -78,9 +78,9 @@ class TrainConfig:
     data_dir: Optional[str] = None  # GLUE TSV layout; None: the hub via `datasets`
     split_layer: Optional[int] = None  # None: the last layer
     rank: int = 8
-    mode: str = "sft"  # sft | sl
+    mode: Optional[str] = None  # sft | sl; None: the kind's and the model's (sft_edge.runs.defaults)
     factorise: str = FFN_OUTPUT  # sft: ffn-output (the paper's cut) | ffn-input (sft_common.cuts.input_cut)
-    wire_dtype: str = LinkOptions.wire_dtype
+    wire_dtype: Optional[str] = None  # a name in WIRE_DTYPES; None: as for mode
     compression: str = LinkOptions.compression
     batch_size: int = 32
     micro_batches: int = LinkOptions.micro_batches
@@ -120,7 +120,11 @@ class TrainConfig:
     @property
     def link(self) -> LinkOptions:
         return LinkOptions(
-            self.wire_dtype, self.compression, self.micro_batches, self.pipeline_depth, self.cls_only
+            self.wire_dtype or LinkOptions.wire_dtype,
+            self.compression,
+            self.micro_batches,
+            self.pipeline_depth,
+            self.cls_only,
         )
 
     @property
@@ -173,7 +177,7 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         """Flags that name one of a few choices."""
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"--mode must be sft or sl, got {self.mode!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
@@ -187,7 +191,7 @@ class TrainConfig:
 
     def _check_sizes(self) -> None:
         """Counts and sizes in their ranges."""
-        if self.mode == "sft" and self.rank < 1:
+        if self.mode != "sl" and self.rank < 1:
             raise ValueError(
                 f"rank {self.rank} is out of range: --rank must be >= 1 (at most the FFN's smaller side)"
             )

@@ -71,12 +71,12 @@ class RunKind:
 
 def check_cut(cfg: TrainConfig) -> None:
     """A split kind's cut: the FFN-input bottleneck is an SFT cut."""
-    if cfg.factorise == FFN_INPUT and cfg.mode != "sft":
+    if cfg.factorise == FFN_INPUT and cfg.mode == "sl":
         raise ValueError(
             "--factorise ffn-input needs --mode sft: plain split learning sends the hidden states and "
             "factorises nothing"
         )
-    check_factor_lr(cfg.mode, cfg.factor_lr)
+    check_factor_lr(cfg.mode or "sft", cfg.factor_lr)  # None: a factor LR makes it sft (runs.defaults)
 
 
 def session_arguments(

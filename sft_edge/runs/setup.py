@@ -19,6 +19,7 @@ from sft_edge.data.tasks import Task
 from sft_edge.link.connect import grpc_connector, keep_route_key, route_key
 from sft_edge.link.transport import Transport
 from sft_edge.runs.config import OptimConfig, TrainConfig
+from sft_edge.runs.defaults import resolved
 from sft_edge.runs.kinds import RunKind, kind_of
 from sft_edge.runs.problems import Problem, problem_of
 from sft_edge.sessions.base import Session
@@ -28,6 +29,7 @@ from sft_edge.sessions.base import Session
 class Run:
     """What a training run works on, read and checked before any session opens."""
 
+    cfg: TrainConfig  # the run's flags, the cut and wire resolved (``runs.defaults``)
     kind: RunKind  # how it is split (two-part, the U, local)
     problem: Problem  # what it learns (labelled texts, or a causal LM)
     task: Task
@@ -88,6 +90,7 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     data = problem.read(cfg)  # the data first: its errors need no model
     base = base or load_base_model(cfg.model)
     problem.check_model(base)
+    cfg = resolved(cfg, base)
     layers = base.num_hidden_layers
     split_layer = kind.default_split_layer(layers) if cfg.split_layer is None else cfg.split_layer
     factorise = cfg.factorise if kind.has_link else FFN_OUTPUT  # --local has no cut to factorise
@@ -109,6 +112,7 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     warmup = int(cfg.warmup_ratio * total)
     optim = OptimConfig(cfg.lr, cfg.weight_decay, warmup, total, cfg.seed, cfg.factor_lr)
     return Run(
+        cfg,
         kind,
         problem,
         data.task,

@@ -67,6 +67,7 @@ def train(
     if connect is None and kind_of(cfg).has_link:
         connect, route = connect_to_cloud(cfg)
     run = prepare(cfg, base)
+    cfg = run.cfg  # the cut and wire resolved for this model
     session, state = open_session(cfg, run, connect, route)
     step = session.start_step
     if cfg.resume:

@@ -130,8 +130,9 @@ def test_the_ffn_input_u_at_full_rank_starts_at_the_local_perplexity(tmp_path, r
         ("random:tiny-llama", True, "ffn-output"),
         ("random:tiny-gpt2", False, "ffn-output"),
         ("random:tiny-llama", True, "ffn-input"),
+        ("random:tiny-llama", True, None),  # the default: full width through int4-hadamard
     ],
-    ids=["llama-untied", "llama-untied-lora", "gpt2-tied", "llama-ffn-input-lora"],
+    ids=["llama-untied", "llama-untied-lora", "gpt2-tied", "llama-ffn-input-lora", "llama-default-lora"],
 )
 def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
     tmp_path, recorded, model, lora, factorise
@@ -142,8 +143,11 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
 
     address, registry, _ = recorded
     extra = ["--label-private", "--cloud", address, "--insecure", *(["--peft", "lora"] if lora else [])]
-    extra += ["--factorise", factorise]
+    extra += ["--mode", "sft", "--factorise", factorise] if factorise else []
     run, report = _train(tmp_path, *extra, model=model)
+    assert (report["mode"], report["wire_dtype"]) == (
+        ("sft", "fp32") if factorise else ("sl", "int4-hadamard")
+    )
     assert report["eval_history"][0]["step"] == 0  # the U's function before training, factorised
     conn = Connection(cloud=address, insecure=True)
     remote = generate(GenerateConfig(run, PROMPT, max_new_tokens=6, connection=conn))
@@ -152,11 +156,15 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
     final = f"{registry.checkpoint_dir}/{report['session_id']}/final.safetensors"
     assert load_file(f"{out}/cloud.safetensors").keys() == load_file(final).keys()
     factor = "u.weight" if factorise == "ffn-output" else "a.weight"  # u2 or A2: factorised
-    assert any(k.endswith(factor) for k in load_file(f"{out}/cloud.safetensors"))
+    assert any(k.endswith(factor) for k in load_file(f"{out}/cloud.safetensors")) == bool(factorise)
     info = json.loads(open(f"{out}/sft_edge.json").read())
     assert info["part"] == "ushape" and info["weights"] == ["edge.safetensors", "cloud.safetensors"]
     here = generate(GenerateConfig(out, PROMPT, max_new_tokens=6))  # no connection: no daemon
-    assert here["tokens"] == remote["tokens"] and len(here["tokens"]) == 6
+    assert len(here["tokens"]) == len(remote["tokens"]) == 6
+    if factorise:  # an fp32 wire: the same function here as through the daemon, so the same tokens
+        assert here["tokens"] == remote["tokens"]
+    # (int4-hadamard: the daemon's path rounds at both cuts, the export's runs exact; on this random
+    # model's flat logits that changes the greedy tokens, on SmolLM2 the perplexity by under 1 %.)
     with pytest.raises(DataError, match="holds a causal LM: it generates text"):
         from sft_edge.finished.trained import load_trained
 

@@ -1,0 +1,41 @@
+"""The cut and the wire a run gets when it does not name them: per run kind and model, measured.
+
+``--mode`` and ``--wire-dtype`` default to None, resolved here once the model is known:
+
+- **The U on a decoder** (``--label-private`` with GPT-2, Llama, Qwen2): full-width cuts
+  (``--mode sl``) with ``--wire-dtype int4-hadamard``. A rank-R cut drops a pre-LN decoder's
+  residual stream: SmolLM2's step-0 dev perplexity is 3.1e10 at R=8 against the unsplit 8.35,
+  while the full width through int4-hadamard starts within 1 % of it at 7.5x fewer bytes than
+  fp32 (docs/accuracy.md, "A codec for decoders").
+- **Everything else** (encoders; the two-part split, where SmolLM2 at R=8 classified as
+  ``--local`` did in docs/accuracy.md's tables): the paper's rank-R cut (``--mode sft``) in fp32.
+
+A flag given is kept; asking for a factorisation (``--factorise ffn-input``, ``--factor-lr``)
+implies ``--mode sft``. The resolved values are what the report, the record and the session say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sft_common.models.base_model import BaseModel
+from sft_common.topology.spec import FFN_INPUT
+from sft_edge.runs.config import TrainConfig
+
+DECODER_U_MODE, DECODER_U_WIRE = "sl", "int4-hadamard"
+PAPER_MODE, PLAIN_WIRE = "sft", "fp32"
+
+
+def asks_for_factors(cfg: TrainConfig) -> bool:
+    """Flags that only a factorised cut takes."""
+    return cfg.factorise == FFN_INPUT or cfg.factor_lr is not None
+
+
+def resolved(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
+    """``cfg`` with ``mode`` and ``wire_dtype`` set (module docstring); unchanged if both are set."""
+    if cfg.mode is not None and cfg.wire_dtype is not None:
+        return cfg
+    decoder_u = cfg.label_private and base.family.decoder and not asks_for_factors(cfg)
+    mode = cfg.mode or (DECODER_U_MODE if decoder_u else PAPER_MODE)
+    wire = cfg.wire_dtype or (DECODER_U_WIRE if decoder_u and mode == DECODER_U_MODE else PLAIN_WIRE)
+    return dataclasses.replace(cfg, mode=mode, wire_dtype=wire)

@@ -1,0 +1,39 @@
+"""The cut and wire a run gets when it names none: full width through int4-hadamard for a decoder's U."""
+
+from __future__ import annotations
+
+import pytest
+
+from sft_common.models.base_model import load_base_model
+from sft_edge.runs.config import TrainConfig
+from sft_edge.runs.defaults import resolved
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(train_file="x.jsonl", **kw)
+
+
+@pytest.mark.parametrize(
+    "model, flags, want",
+    [
+        ("random:tiny-llama", {"label_private": True}, ("sl", "int4-hadamard")),
+        ("random:tiny-gpt2", {"label_private": True}, ("sl", "int4-hadamard")),
+        ("random:tiny", {"label_private": True}, ("sft", "fp32")),  # an encoder: the paper's cut
+        ("random:tiny-llama", {}, ("sft", "fp32")),  # the two-part split of a decoder
+        ("random:tiny-llama", {"label_private": True, "mode": "sft"}, ("sft", "fp32")),
+        ("random:tiny-llama", {"label_private": True, "wire_dtype": "int8"}, ("sl", "int8")),
+        ("random:tiny-llama", {"label_private": True, "factorise": "ffn-input"}, ("sft", "fp32")),
+        ("random:tiny-llama", {"label_private": True, "factor_lr": 1e-3}, ("sft", "fp32")),
+        ("random:tiny", {"mode": "sl"}, ("sl", "fp32")),
+    ],
+)
+def test_defaults_per_kind_and_model(model, flags, want):
+    cfg = _cfg(**flags)
+    got = resolved(cfg, load_base_model(model))
+    assert (got.mode, got.wire_dtype) == want
+    assert cfg.mode == flags.get("mode") and cfg.wire_dtype == flags.get("wire_dtype")  # not changed
+
+
+def test_a_factor_flag_with_the_full_width_is_refused():
+    with pytest.raises(ValueError, match="--factorise ffn-input needs --mode sft"):
+        _cfg(label_private=True, mode="sl", factorise="ffn-input", problem="causal-lm").validate()
