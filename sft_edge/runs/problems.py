@@ -70,6 +70,10 @@ class Problem:
         """Dev metrics of the current model (nothing changes), and its logits where they say more."""
         raise NotImplementedError
 
+    def start_check(self, cfg, run, split_loss: float) -> Optional[Dict[str, float]]:
+        """Step 0 of the split model against the unsplit one (``runs.start_check``), or None."""
+        return None
+
     def report_extra(self, task: Task, data: Any, logits: Optional[np.ndarray]) -> Dict[str, Any]:
         """What this problem adds to the run's report."""
         return {}
@@ -169,6 +173,11 @@ class CausalLM(Problem):
 
     def evaluate(self, session, data, task, batch_size, device, tick):
         return evaluate_lm(session, data, batch_size, device, tick), None
+
+    def start_check(self, cfg, run, split_loss: float) -> Optional[Dict[str, float]]:
+        from sft_edge.runs.start_check import start_check
+
+        return start_check(cfg, run, split_loss)
 
 
 def problem_of(cfg) -> Problem:

@@ -62,6 +62,7 @@ class RunState:
     bytes_sent: int = 0  # traffic of earlier processes of this run
     bytes_received: int = 0
     seconds_before: float = 0.0
+    start_check: Optional[Dict[str, float]] = None  # runs.start_check: step 0, split and unsplit
 
     def rolled_back(self, saved: Dict) -> RunState:
         """The run as a checkpoint saved it; resumes, traffic and time keep counting."""

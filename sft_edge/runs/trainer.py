@@ -88,6 +88,9 @@ def train(
     loop = Loop(cfg, run, session, progress, scalar_log)
     if run.problem.evaluates_at_start and step == 0 and not cfg.resume:
         state.evals = [loop.eval_entry(0)]  # the untrained model's perplexity
+        state.start_check = run.problem.start_check(
+            cfg, run, state.evals[0]["loss"]
+        )  # warns if the split broke it
     try:
         state = loop.train_from(state, step, started)
     except KeyboardInterrupt:
@@ -191,6 +194,7 @@ def _report(
         "seconds": round(seconds + state.seconds_before, 3),
         "metrics": {k: v for k, v in state.evals[-1].items() if k not in ("step", "epoch")},
         "eval_history": state.evals,
+        "start_check": state.start_check,  # causal LM: step 0's dev loss, split and unsplit
         "train_loss_first": state.losses[0],
         "train_loss_last": state.losses[-1],
         "bytes_sent": state.bytes_sent + session.bytes_sent,

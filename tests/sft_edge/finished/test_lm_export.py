@@ -148,6 +148,9 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
     assert (report["mode"], report["wire_dtype"]) == (
         ("sft", "fp32") if factorise else ("sl", "int4-hadamard")
     )
+    start = report["start_check"]  # step 0 against the unsplit model, on the same dev rows
+    assert start["split_loss"] == report["eval_history"][0]["loss"]
+    assert abs(start["excess"]) < (0.05 if factorise else 0.005)  # random weights: R=8 costs under 1 %
     assert report["eval_history"][0]["step"] == 0  # the U's function before training, factorised
     conn = Connection(cloud=address, insecure=True)
     remote = generate(GenerateConfig(run, PROMPT, max_new_tokens=6, connection=conn))
