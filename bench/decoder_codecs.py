@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -167,30 +167,38 @@ def gradient_fidelity(parts, batches) -> List[Dict]:
     return rows
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--data", default="/tmp/smolmrpc", help="the paraphrase set (made here if missing)")
-    p.add_argument("--dev-rows", type=int, default=200)
-    p.add_argument("--max-seq-len", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--split-layer", type=int, default=0)
-    p.add_argument("--tail-layers", type=int, default=1)
-    p.add_argument("--grad-batches", type=int, default=4)
-    p.add_argument("--only", nargs="*", help="the labels of CONFIGS to run (default: all)")
-    add_output_args(p, "decoder_codecs")
-    args = p.parse_args(argv)
-    if not os.path.exists(os.path.join(args.data, "dev.jsonl")):
-        paraphrases(args.data)
-    from transformers import AutoTokenizer
+def compression_table(parts, batches) -> List[Dict]:
+    """Bytes a token of each wire's activations at the first cut under each compression, and the
+    encode + decode time a token, on ``batches``."""
+    head = parts[0]
+    with torch.no_grad():
+        cuts = [
+            head(b.input_ids, b.attention_mask, b.token_type_ids)[0][b.attention_mask.bool()] for b in batches
+        ]
+    tokens = sum(c.shape[0] for c in cuts)
+    rows = []
+    for wire_name in ("fp32", "fp16", "int8", "int4-hadamard"):
+        for compression in ("none", "lz4", "zstd"):
+            wire = Wire.named(wire_name, compression)
+            t0, nbytes = time.perf_counter(), 0
+            for c in cuts:
+                msg = wire.encode_activations(c)
+                nbytes += len(msg.SerializeToString())
+                wire.decode_activations(msg, "cut", tuple(c.shape), max_bytes=1 << 34)
+            seconds = time.perf_counter() - t0
+            rows.append(
+                {
+                    "wire": wire_name,
+                    "compression": compression,
+                    "bytes a token": nbytes / tokens,
+                    "encode+decode us a token": 1e6 * seconds / tokens,
+                }
+            )
+    return rows
 
-    base = load_base_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
-    dev_path, train_path = os.path.join(args.data, "dev.jsonl"), os.path.join(args.data, "train.jsonl")
-    dev = encode_lm(read_lm_rows(dev_path)[: args.dev_rows], tokenizer, args.max_seq_len, dev_path)
-    train = encode_lm(
-        read_lm_rows(train_path)[: 8 * args.grad_batches], tokenizer, args.max_seq_len, train_path
-    )
+
+def step0_rows(args, base, dev) -> Tuple[List[Dict], Dict[tuple, tuple]]:
+    """The unsplit model's dev perplexity, then each of ``CONFIGS``' (the parts built, by cut)."""
     t0 = time.perf_counter()
     unsplit = evaluate_lm(Unsplit(build_causal_lm(base, 42).eval()), dev, args.batch_size, "cpu")
     rows = [
@@ -214,39 +222,58 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         u = CodecU(built[(mode, rank)], Wire.named(wire_name))
         with ablation(abl):
             ppl = evaluate_lm(u, dev, args.batch_size, "cpu")["perplexity"]
-        change = 100 * (ppl / unsplit["perplexity"] - 1)
         rows.append(
             {
                 "setting": label,
                 "wire": wire_name,
                 "dev perplexity": ppl,
-                "vs unsplit": f"{change:+.1f}%",
+                "vs unsplit": f"{100 * (ppl / unsplit['perplexity'] - 1):+.1f}%",
                 "bytes a token, activations": u.bytes / u.tokens,
                 "seconds": time.perf_counter() - t0,
             }
         )
-        print(
-            table(
-                rows[-1:],
-                COLUMNS,
-            ),
-            flush=True,
-        )
+        print(table(rows[-1:], COLUMNS), flush=True)
+    return rows, built
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data", default="/tmp/smolmrpc", help="the paraphrase set (made here if missing)")
+    p.add_argument("--dev-rows", type=int, default=200)
+    p.add_argument("--max-seq-len", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split-layer", type=int, default=0)
+    p.add_argument("--tail-layers", type=int, default=1)
+    p.add_argument("--grad-batches", type=int, default=4)
+    p.add_argument("--only", nargs="*", help="the labels of CONFIGS to run (default: all)")
+    p.add_argument("--no-step0", action="store_true", help="bytes and gradients only (no dev perplexity)")
+    add_output_args(p, "decoder_codecs")
+    args = p.parse_args(argv)
+    if not os.path.exists(os.path.join(args.data, "dev.jsonl")):
+        paraphrases(args.data)
+    from transformers import AutoTokenizer
+
+    base = load_base_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)
+    dev_path, train_path = os.path.join(args.data, "dev.jsonl"), os.path.join(args.data, "train.jsonl")
+    dev = encode_lm(read_lm_rows(dev_path)[: args.dev_rows], tokenizer, args.max_seq_len, dev_path)
+    train = encode_lm(
+        read_lm_rows(train_path)[: 8 * args.grad_batches], tokenizer, args.max_seq_len, train_path
+    )
+    rows, built = step0_rows(args, base, dev) if not args.no_step0 else ([], {})
     sl = UShapeSpec(split_layer=args.split_layer, tail_layers=args.tail_layers, mode="sl")
     parts = built.get(("sl", 0)) or tuple(part.eval() for part in build_ushape_lm_model(base, sl, 42))
-    grad_rows = gradient_fidelity(
-        parts, [collate_lm(train, range(8 * k, 8 * k + 8)) for k in range(args.grad_batches)]
-    )
-    print(
-        table(
-            rows, ["setting", "wire", "dev perplexity", "vs unsplit", "bytes a token, activations", "seconds"]
-        )
-    )
+    batches = [collate_lm(train, range(8 * k, 8 * k + 8)) for k in range(args.grad_batches)]
+    grad_rows = gradient_fidelity(parts, batches)
+    byte_rows = compression_table(parts, batches)
+    print(table(rows, COLUMNS))
     print(
         table(
             grad_rows, ["gradient codec", "relative error", "cosine", "error of a 16-mean", "bytes a token"]
         )
     )
+    print(table(byte_rows, ["wire", "compression", "bytes a token", "encode+decode us a token"]))
     result = {
         "model": args.model,
         "dev_rows": len(dev),
@@ -254,6 +281,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "tail_layers": args.tail_layers,
         "step0": rows,
         "gradients": grad_rows,
+        "compression": byte_rows,
     }
     print("wrote", save(args.name, result, args.out_dir))
     return result
