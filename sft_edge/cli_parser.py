@@ -129,9 +129,9 @@ def _link_flags(g) -> None:
         "--wire-dtype",
         default=D.wire_dtype,
         choices=WIRE_DTYPES,
-        help="what crosses the cut (int8, int4: one scale per token; int4-hadamard: int4 in rotated groups "
-        "of 64, massive tokens in bf16, gradients int8); default: int4-hadamard for a decoder's --label-private U, "
-        "fp32 otherwise",
+        help="what crosses the cut (int8, int4: one scale per token; int4-hadamard, int6-hadamard: codes "
+        "in rotated groups of 64, massive tokens in bf16, gradients int8; int4-6-hadamard: 4 bits up, 6 "
+        "down the U's second cut); default: int4-6-hadamard for a decoder's --label-private U, fp32 otherwise",
     )
     g.add_argument(
         "--compression",

@@ -67,8 +67,8 @@ class ActivationInput:
         return full.index_put((mask,), x), mask
 
     def encode_activations(self, t: torch.Tensor) -> pb.Tensor:
-        """Activations sent down (the U's middle), in the session's wire."""
-        return self.wire.encode_activations(t)
+        """Activations sent down (the U's middle: its second cut), in the session's wire."""
+        return self.wire.encode_activations(t, down=True)
 
     def encode_gradient(self, t: torch.Tensor) -> pb.Tensor:
         """A gradient sent down, in the session's wire."""

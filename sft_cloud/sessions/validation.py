@@ -61,8 +61,9 @@ def check_config(
     names = ", ".join(pb.DType.Name(d) for d in sorted(codec.SUPPORTED_WIRE_DTYPES))
     if config.wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
         raise invalid(f"wire dtype {config.wire_dtype} is not one of {names}")
-    if config.grad_wire_dtype and config.grad_wire_dtype not in codec.SUPPORTED_WIRE_DTYPES:
-        raise invalid(f"gradient wire dtype {config.grad_wire_dtype} is not one of {names}")
+    for what, dtype in (("gradient", config.grad_wire_dtype), ("down", config.down_wire_dtype)):
+        if dtype and dtype not in codec.SUPPORTED_WIRE_DTYPES:
+            raise invalid(f"{what} wire dtype {dtype} is not one of {names}")
     if config.compression not in SUPPORTED_COMPRESSIONS:
         known = ", ".join(pb.Compression.Name(c) for c in sorted(SUPPORTED_COMPRESSIONS))
         raise invalid(f"compression {config.compression} is not one of {known}")

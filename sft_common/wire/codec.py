@@ -39,7 +39,10 @@ WIRE_DTYPES = {
     "int8": pb.INT8,
     "int4": pb.INT4,
     "int4-hadamard": pb.INT4_HADAMARD,
+    "int6-hadamard": pb.INT6_HADAMARD,
+    "int8-hadamard": pb.INT8_HADAMARD,
 }
+HADAMARD_BITS = {pb.INT4_HADAMARD: 4, pb.INT6_HADAMARD: 6, pb.INT8_HADAMARD: 8}  # wire.hadamard's codes
 # Every dtype this codec encodes and decodes: what a session may ask for (sft_cloud checks it).
 SUPPORTED_WIRE_DTYPES = frozenset(WIRE_DTYPES.values())
 ROW_SCALED = (pb.INT8, pb.INT4)  # one float32 scale per row of dim 0 (``Tensor.scales``)
@@ -126,7 +129,7 @@ def encode(
         raise ValueError(f"unsupported compression {compression}")
     t = tensor.detach()
     msg = pb.Tensor(dtype=wire_dtype, shape=list(t.shape))
-    if wire_dtype == pb.INT4_HADAMARD:
+    if wire_dtype in HADAMARD_BITS:
         data = _encode_hadamard(t, msg)
     elif wire_dtype in ROW_SCALED:
         data = _encode_row_scaled(t, msg, stochastic)
@@ -169,12 +172,14 @@ def _encode_fp16(t: torch.Tensor, msg: pb.Tensor) -> bytes:
 
 
 def _encode_hadamard(t: torch.Tensor, msg: pb.Tensor) -> bytes:
-    """INT4_HADAMARD (``wire.hadamard``): the packed codes; group, scales and outliers on ``msg``."""
+    """INT4/6/8_HADAMARD (``wire.hadamard``): the packed codes; group, scales and outliers on ``msg``."""
     rows, row_len, _ = _int4_layout(t.shape)
     if not t.numel():
         msg.group = hadamard.group_for(row_len)
         return b""
-    group, scale, codes, scales, outliers, whole = hadamard.quantise(t.reshape(rows, row_len))
+    group, scale, codes, scales, outliers, whole = hadamard.quantise(
+        t.reshape(rows, row_len), HADAMARD_BITS[msg.dtype]
+    )
     msg.group, msg.scale, msg.group_scales, msg.outliers = group, scale, scales, whole
     msg.outlier_rows.extend(outliers)
     return codes
@@ -200,7 +205,7 @@ def decode(
     refuse = _Refusal(name)
     _check_encoding(msg, dtype, compression, refuse)
     dims = _checked_dims(msg, shape, refuse)
-    if msg.dtype == pb.INT4_HADAMARD:
+    if msg.dtype in HADAMARD_BITS:
         return _hadamard_values(msg, dims, max_bytes, refuse).to(device)
     nbytes, need = _payload_size(msg.dtype, dims, max_bytes, refuse)
     row_scales = _checked_scales(msg, dims, refuse)  # as many as rows: bounded by the size check
@@ -295,9 +300,9 @@ def _checked_scales(msg: pb.Tensor, dims: List[int], refuse: _Refusal) -> Option
     """The tensor's scale, and INT8 / INT4's row scales (None for the other dtypes): finite, >= 0."""
     if not math.isfinite(msg.scale) or msg.scale < 0:
         raise refuse(f"invalid scale {msg.scale}")
-    if msg.dtype != pb.INT4_HADAMARD and (msg.group or msg.group_scales or msg.outlier_rows or msg.outliers):
+    if msg.dtype not in HADAMARD_BITS and (msg.group or msg.group_scales or msg.outlier_rows or msg.outliers):
         raise refuse(
-            f"group, group scales and outliers are for INT4_HADAMARD only, the tensor is {pb.DType.Name(msg.dtype)}"
+            f"group, group scales and outliers are for the HADAMARD dtypes only, the tensor is {pb.DType.Name(msg.dtype)}"
         )
     if msg.dtype not in ROW_SCALED:
         if len(msg.scales):
@@ -346,15 +351,16 @@ def _int4_values(
 
 
 def _hadamard_values(msg: pb.Tensor, dims: List[int], max_bytes: int, refuse: _Refusal) -> torch.Tensor:
-    """INT4_HADAMARD -> float32 of ``dims``: the header and every part's size checked first."""
+    """INT4/6/8_HADAMARD -> float32 of ``dims``: the header and every part's size checked first."""
     rows, row_len, _ = _int4_layout(dims)
+    bits = HADAMARD_BITS[msg.dtype]
     outliers = list(msg.outlier_rows)
     _payload_size(pb.INT4, dims, max_bytes, refuse)  # the codes of every row fit (and the span)
     _checked_scales(msg, dims, refuse)  # the tensor's scale; no row scales
     hadamard.check_header(rows, row_len, msg.group, outliers, refuse)
     if not math.prod(dims):
         return torch.zeros(dims, dtype=torch.float32)
-    codes, scales, whole = hadamard.sizes(rows, row_len, msg.group, len(outliers))
+    codes, scales, whole = hadamard.sizes(rows, row_len, msg.group, len(outliers), bits)
     if codes + scales + whole > max_bytes:
         raise refuse(
             f"shape {dims} with {len(outliers)} outlier rows is {codes + scales + whole} bytes, over the limit of {max_bytes}"
@@ -365,9 +371,8 @@ def _hadamard_values(msg: pb.Tensor, dims: List[int], max_bytes: int, refuse: _R
             f"in groups of {msg.group} with {len(outliers)} outlier rows needs {scales} and {whole}"
         )
     data = _payload(msg, codes, f"shape {dims} needs {codes} bytes of codes", refuse)
-    out = hadamard.dequantise(
-        rows, row_len, msg.group, data, msg.group_scales, outliers, msg.outliers, refuse
-    )
+    shape = (rows, row_len, msg.group, bits)
+    out = hadamard.dequantise(shape, data, msg.group_scales, outliers, msg.outliers, refuse)
     if msg.scale:
         out.div_(msg.scale)
     lo, hi = torch.aminmax(out)

@@ -1,4 +1,4 @@
-"""Int4 in rotated groups (``INT4_HADAMARD``): a full-width hidden state at about 4.3 bits a value.
+"""Codes in rotated groups (``INT4/6/8_HADAMARD``): a full-width hidden state at 4.3, 6.3 or 8.3 bits a value.
 
 A pre-LN decoder's residual stream has a few dimensions far larger than the rest, so one scale
 per row (``INT4``) spends its 15 levels on them and rounds everything else to zero (SmolLM2's
@@ -8,14 +8,17 @@ step-0 perplexity goes from 88 to 1,822, issue 34). This codec, after TAH-Quant 
    Hadamard matrix in blocks of ``group`` values (64, or the largest power of two dividing n).
    The rotation is orthogonal and known to both sides, so the receiver undoes it exactly; an
    outlier dimension is spread over its block instead of owning a scale.
-2. **Quantise in groups.** Each block gets one fp16 scale (its largest magnitude / 7) and 4-bit
-   codes -7..7, packed as ``INT4``'s nibbles.
+2. **Quantise in groups.** Each block gets one fp16 scale (its largest magnitude / L) and codes
+   -L..L (L = 2^(bits-1) - 1: 7, 31 or 127), stored + L + 1 and packed bit by bit, little-endian
+   (4 bits: exactly ``INT4``'s nibbles, low first).
 3. **Outlier rows** (massive-activation tokens such as the first token: a row whose largest
    magnitude exceeds ``OUTLIER_FACTOR`` times the median row's) travel unrotated in bf16 beside the
    codes, at most one row in ``MAX_OUTLIER_SHARE``.
 
-Bytes a row of n values: n / 2 codes + 2 n / group scales (n = 576, group 64: 306 B against fp32's
-2,304, 7.5x fewer), outlier rows 2 n. ``decode`` checks every claimed size and value before it
+Bytes a row of n values: n x bits / 8 codes + 2 n / group scales (n = 576, group 64: 306 B at 4 bits,
+450 at 6, 594 at 8, against fp32's 2,304), outlier rows 2 n. SmolLM2's U (issue 34) shows where
+each width is needed: 4 bits at the first cut cost nothing at step 0, 4 bits at the second cut (in
+front of the last layer and the LM head) +2.3 % perplexity, 6 bits there nothing measurable. ``decode`` checks every claimed size and value before it
 allocates (the caller bounds the total), as ``codec.decode`` does for the other dtypes.
 """
 
@@ -26,12 +29,12 @@ import hashlib
 import math
 from typing import Callable, List, Tuple
 
+import numpy as np
 import torch
 
 GROUP = 64  # the rotation's block and the quantiser's group, where the row's length allows it
 MAX_GROUP = 1024  # the largest block a receiver accepts
-CODE_MAX = 7  # symmetric -7..7; nibble = code + 8, so a 0 nibble is never valid
-NIBBLE_ZERO = 8
+BITS = (4, 6, 8)  # the code widths: INT4_HADAMARD, INT6_HADAMARD, INT8_HADAMARD
 OUTLIER_FACTOR = 8.0  # a row this many times the median row's magnitude travels in bf16
 MAX_OUTLIER_SHARE = 8  # at most one row in 8 is sent whole
 FP16_MAX = 65504.0
@@ -97,7 +100,12 @@ def outlier_rows(x: torch.Tensor) -> torch.Tensor:
     return over.sort().values.cpu()
 
 
-def quantise(x: torch.Tensor) -> Tuple[int, float, bytes, bytes, List[int], bytes]:
+def code_max(bits: int) -> int:
+    """The largest code magnitude of ``bits``-bit symmetric codes: 7, 31, 127."""
+    return (1 << (bits - 1)) - 1
+
+
+def quantise(x: torch.Tensor, bits: int) -> Tuple[int, float, bytes, bytes, List[int], bytes]:
     """(rows, n) float -> (group, scale, packed codes, fp16 group scales, outlier rows, bf16 outliers).
 
     ``scale`` is the power of two the values were multiplied by so that fp16 scales neither
@@ -105,47 +113,57 @@ def quantise(x: torch.Tensor) -> Tuple[int, float, bytes, bytes, List[int], byte
     """
     x = x.detach().float()
     rows, n = x.shape
-    group = group_for(n)
+    group, top = group_for(n), code_max(bits)
     amax = float(x.abs().amax()) if x.numel() else 0.0
     scale = 2.0 ** math.floor(math.log2(TARGET_AMAX / amax)) if amax > 0 and math.isfinite(amax) else 1.0
     x = x * scale
     outliers = outlier_rows(x)
     keep = torch.ones(rows, dtype=torch.bool)
     keep[outliers] = False
-    body = rotate(x[keep.to(x.device)], group)
-    blocks = body.reshape(-1, n // group, group)
-    block_scale = (blocks.abs().amax(dim=2, keepdim=True) / CODE_MAX).to(torch.float16)
+    blocks = rotate(x[keep.to(x.device)], group).reshape(-1, n // group, group)
+    block_scale = (blocks.abs().amax(dim=2, keepdim=True) / top).to(torch.float16)
     inv = torch.where(
         block_scale > 0, 1.0 / block_scale.float(), torch.zeros_like(block_scale, dtype=torch.float32)
     )
-    codes = blocks.mul(inv).round_().clamp_(-CODE_MAX, CODE_MAX).nan_to_num_(0.0).add_(NIBBLE_ZERO)
-    packed = _pack(codes.reshape(-1, n).to(torch.uint8))
+    codes = blocks.mul(inv).round_().clamp_(-top, top).nan_to_num_(0.0).add_(top + 1)
     whole = x[outliers.to(x.device)].to(torch.bfloat16).cpu()
     return (
         group,
         scale,
-        packed.cpu().numpy().tobytes(),
+        pack(codes.reshape(-1, n).to(torch.uint8).cpu(), bits),
         block_scale.cpu().numpy().tobytes(),
         outliers.tolist(),
         whole.view(torch.int16).numpy().tobytes(),
     )
 
 
-def _pack(nibbles: torch.Tensor) -> torch.Tensor:
-    """(rows, n) nibbles -> (rows, ceil(n / 2)) bytes, low nibble first, odd rows padded with 8."""
-    rows, n = nibbles.shape
-    if n % 2:
-        nibbles = torch.cat(
-            (nibbles, torch.full((rows, 1), NIBBLE_ZERO, dtype=torch.uint8, device=nibbles.device)), 1
-        )
-    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+def pack(codes: torch.Tensor, bits: int) -> bytes:
+    """(rows, n) codes < 2^bits -> each row's low ``bits`` bits, little-endian, ceil(n bits / 8)
+    bytes a row (the last byte's spare bits 0)."""
+    rows, n = codes.shape
+    if bits == 8:
+        return codes.numpy().tobytes()
+    planes = np.unpackbits(codes.numpy()[..., None], axis=-1, bitorder="little")[..., :bits]
+    return np.packbits(planes.reshape(rows, n * bits), axis=-1, bitorder="little").tobytes()
 
 
-def sizes(rows: int, n: int, group: int, outliers: int) -> Tuple[int, int, int]:
+def unpack(data: bytes, rows: int, n: int, bits: int) -> torch.Tensor:
+    """``pack``'s inverse: (rows, n) uint8 codes; spare bits must be 0 (else ValueError)."""
+    packed = np.frombuffer(data, dtype=np.uint8).reshape(rows, -1)
+    if bits == 8:
+        return torch.from_numpy(packed.copy())
+    planes = np.unpackbits(packed, axis=-1, bitorder="little")
+    if planes[:, n * bits :].any():
+        raise ValueError("spare bits after a row's last code are not 0")
+    codes = np.packbits(planes[:, : n * bits].reshape(rows, n, bits), axis=-1, bitorder="little")
+    return torch.from_numpy(codes.reshape(rows, n))
+
+
+def sizes(rows: int, n: int, group: int, outliers: int, bits: int) -> Tuple[int, int, int]:
     """Bytes of (codes, group scales, outlier values) for ``rows`` rows of ``n`` with ``outliers``
     of them sent whole."""
     body = rows - outliers
-    return body * ((n + 1) // 2), body * (n // group) * 2, outliers * n * 2
+    return body * ((n * bits + 7) // 8), body * (n // group) * 2, outliers * n * 2
 
 
 def check_header(rows: int, n: int, group: int, outliers: List[int], refuse: Refuse) -> None:
@@ -159,27 +177,27 @@ def check_header(rows: int, n: int, group: int, outliers: List[int], refuse: Ref
 
 
 def dequantise(
-    rows: int,
-    n: int,
-    group: int,
+    shape: Tuple[int, int, int, int],
     codes: bytes,
     scales: bytes,
     outliers: List[int],
     whole: bytes,
     refuse: Refuse,
 ) -> torch.Tensor:
-    """The float32 (rows, n) tensor from checked sizes (``sizes``); bad values are refused."""
-    body = rows - len(outliers)
+    """The float32 (rows, n) tensor from checked sizes (``sizes``); bad values are refused.
+    ``shape``: (rows, n, group, bits)."""
+    rows, n, group, bits = shape
+    body, top = rows - len(outliers), code_max(bits)
     block_scale = _frombuffer(scales, torch.float16).float().reshape(body, n // group, 1)
     if not bool(torch.isfinite(block_scale).all()) or bool((block_scale < 0).any()):
         raise refuse("group scales must be finite and non-negative")
-    packed = _frombuffer(codes, torch.uint8).reshape(body, (n + 1) // 2)
-    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(body, -1)
-    if body and int(nibbles.min()) == 0:
-        raise refuse("a 0 nibble (-8): codes are -7..7, nibbles 1..15")
-    if n % 2 and body and bool((nibbles[:, -1] != NIBBLE_ZERO).any()):
-        raise refuse(f"a row's padding nibble is not {NIBBLE_ZERO}")
-    values = nibbles[:, :n].float().sub_(NIBBLE_ZERO).reshape(body, n // group, group).mul_(block_scale)
+    try:
+        stored = unpack(codes, body, n, bits) if body else torch.empty(0, n, dtype=torch.uint8)
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
+    if body and int(stored.min()) == 0:
+        raise refuse(f"a stored code of 0 (-{top + 1}): codes are -{top}..{top}, stored 1..{2 * top + 1}")
+    values = stored.float().sub_(top + 1).reshape(body, n // group, group).mul_(block_scale)
     out = torch.empty(rows, n, dtype=torch.float32)
     keep = torch.ones(rows, dtype=torch.bool)
     keep[outliers] = False

@@ -173,7 +173,7 @@ class DaemonMiddle:
             )
         shape = tuple(rows.shape)
         return wire.decode_activations(
-            decoded.activations, "the middle's output", shape, device=self.session.device
+            decoded.activations, "the middle's output", shape, down=True, device=self.session.device
         )
 
 

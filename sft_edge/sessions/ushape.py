@@ -214,7 +214,7 @@ class UShapeSession(SessionClient):
     def _decode_rows(self, tensor: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The middle's (tokens, width) output, for the rows of ``like``."""
         return self.wire.decode_activations(
-            tensor, "the middle's output", tuple(like.shape), device=self.device
+            tensor, "the middle's output", tuple(like.shape), down=True, device=self.device
         )
 
     def _unpack(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def test_refusals_say_what_was_wrong():
     short = pb.Tensor(dtype=pb.FLOAT32, shape=[4, 8], data=good.data[:-4])
     _refused(short, "124 bytes of data, shape \\[4, 8\\] x 4 bytes needs 128")
     _refused(pb.Tensor(dtype=pb.FLOAT32, shape=[-4, -8], data=b""), "negative dimension")
-    _refused(pb.Tensor(dtype=7, shape=[1], data=b"\0" * 4), "unknown dtype 7")
+    _refused(pb.Tensor(dtype=99, shape=[1], data=b"\0" * 4), "unknown dtype 99")
     _refused(pb.Tensor(dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4, compression=9), "unknown compression")
     nan = codec.encode(torch.tensor([[1.0, float("nan")]]))
     _refused(nan, "NaN or Inf")

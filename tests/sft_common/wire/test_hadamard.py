@@ -53,6 +53,31 @@ def test_round_trip_within_its_stated_error():
     assert (y[1:] - x[1:]).norm() < 0.25 * (per_row[1:] - x[1:]).norm()
 
 
+@pytest.mark.parametrize("dtype, bits", [(pb.INT4_HADAMARD, 4), (pb.INT6_HADAMARD, 6), (pb.INT8_HADAMARD, 8)])
+@pytest.mark.parametrize("width", [576, 24, 7])
+def test_each_width_within_half_a_step(dtype, bits, width):
+    """Every value within half a step of its group (amax / (2 L), L = 7, 31, 127) in the rotated
+    domain: the round trip's error bound, for each code width and odd row lengths."""
+    x = torch.randn(40, width)
+    msg = pb.Tensor.FromString(codec.encode(x, dtype).SerializeToString())
+    assert len(msg.data) == 40 * ((width * bits + 7) // 8)
+    y = codec.decode(msg, name="x", dtype=dtype, shape=(40, width))
+    group = hadamard.group_for(width)
+    rotated = hadamard.rotate(x, group).reshape(40, width // group, group)
+    half_step = rotated.abs().amax(dim=2, keepdim=True) / (2 * hadamard.code_max(bits)) * 1.01 + 1e-6
+    got = hadamard.rotate(y, group).reshape(40, width // group, group)
+    assert bool(((got - rotated).abs() <= half_step).all())
+
+
+def test_spare_bits_must_be_zero():
+    msg = codec.encode(torch.randn(2, 7), pb.INT6_HADAMARD)  # 42 bits a row: 6 bytes, 6 spare bits
+    data = bytearray(msg.data)
+    data[5] |= 0x80
+    msg.data = bytes(data)
+    with pytest.raises(ProtocolError, match="spare bits after a row's last code are not 0"):
+        codec.decode(msg, name="x")
+
+
 def test_bytes_a_token_at_smollm2_width():
     """576 values: 288 B of codes and 18 B of fp16 scales a token (7.5x fewer than fp32)."""
     x = torch.randn(32, 576)
@@ -142,7 +167,7 @@ def _hostile(**fields) -> pb.Tensor:
         ({"outliers": b""}, "needs 30 and 128"),
         ({"group_scales": b"\xff\x7f" * 15}, "group scales must be finite"),  # fp16 NaN
         ({"outliers": b"\xc0\x7f" * 64}, "outlier rows contain NaN"),  # bf16 NaN
-        ({"data": b"\0" * 480}, "a 0 nibble"),
+        ({"data": b"\0" * 480}, "a stored code of 0 \\(-8\\)"),
         ({"data": b"\x88" * 10}, "10 bytes of data"),
         ({"scale": 1e-45}, "decodes to NaN or Inf"),
         ({"scales": [1.0]}, "row scales are for INT8 and INT4 only"),
@@ -163,18 +188,24 @@ def test_hostile_codes_refused_before_allocation(fields, match):
 def test_group_fields_refused_on_other_dtypes():
     msg = codec.encode(torch.randn(2, 4), pb.INT8)
     msg.group = 4
-    with pytest.raises(ProtocolError, match="for INT4_HADAMARD only"):
+    with pytest.raises(ProtocolError, match="for the HADAMARD dtypes only"):
         codec.decode(msg, name="x")
 
 
 def test_wire_pairs_and_the_session_config():
-    wire = Wire.named("int4-hadamard", "zstd")
-    assert (wire.activations, wire.gradients, wire.stochastic) == (pb.INT4_HADAMARD, pb.INT8, True)
+    wire = Wire.named("int4-6-hadamard", "zstd")
+    assert (wire.activations, wire.down, wire.gradients) == (pb.INT4_HADAMARD, pb.INT6_HADAMARD, pb.INT8)
+    assert wire.stochastic and wire.compression == pb.ZSTD
     config = pb.SessionConfig()
     wire.configure(config)
     assert Wire.of(config) == wire
-    old = pb.SessionConfig(wire_dtype=pb.FLOAT16, compression=pb.LZ4)  # before grad_wire_dtype
-    assert Wire.of(old) == Wire(pb.FLOAT16, pb.FLOAT16, False, pb.LZ4)
+    old = pb.SessionConfig(wire_dtype=pb.FLOAT16, compression=pb.LZ4)  # before grad_ and down_wire_dtype
+    assert Wire.of(old) == Wire(pb.FLOAT16, pb.FLOAT16, pb.FLOAT16, False, pb.LZ4)
+    x = torch.randn(10, 64)
+    assert wire.encode_activations(x).dtype == pb.INT4_HADAMARD
+    down = wire.encode_activations(x, down=True)
+    assert down.dtype == pb.INT6_HADAMARD and len(down.data) == 10 * 48
+    torch.testing.assert_close(wire.decode_activations(down, "a", (10, 64), down=True), x, rtol=0, atol=0.25)
     g = torch.randn(10, 64)
     msg = wire.encode_gradient(g)
     assert msg.dtype == pb.INT8

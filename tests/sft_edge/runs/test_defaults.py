@@ -1,4 +1,4 @@
-"""The cut and wire a run gets when it names none: full width through int4-hadamard for a decoder's U."""
+"""The cut and wire a run gets when it names none: full width through int4-6-hadamard for a decoder's U."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def _cfg(**kw) -> TrainConfig:
 @pytest.mark.parametrize(
     "model, flags, want",
     [
-        ("random:tiny-llama", {"label_private": True}, ("sl", "int4-hadamard")),
-        ("random:tiny-gpt2", {"label_private": True}, ("sl", "int4-hadamard")),
+        ("random:tiny-llama", {"label_private": True}, ("sl", "int4-6-hadamard")),
+        ("random:tiny-gpt2", {"label_private": True}, ("sl", "int4-6-hadamard")),
         ("random:tiny", {"label_private": True}, ("sft", "fp32")),  # an encoder: the paper's cut
         ("random:tiny-llama", {}, ("sft", "fp32")),  # the two-part split of a decoder
         ("random:tiny-llama", {"label_private": True, "mode": "sft"}, ("sft", "fp32")),
