@@ -63,3 +63,15 @@ ffn_input_u() {  # usage: ffn_input_u RANK PORT
 ffn_input_u 576 36741 > /tmp/smolin/576.out 2>&1 &
 ffn_input_u 64 49859 > /tmp/smolin/64.out 2>&1 &
 wait
+
+# Issue 34 (2026-12-07): the U with full-width cuts through the rotated-group codec, at the budget above
+# (the paraphrase set: python -m bench.decoder_codecs makes it in --data DIR if missing).
+# 4. 4 bits at both cuts: paraphrase-u-sl-int4-hadamard-zstd-lora-m80-s42.json
+nice -n 5 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51227 --checkpoint-dir /tmp/front/cloud &
+/usr/bin/time -v nice -n 5 python -m sft_edge.cli train $COMMON --label-private --mode sl --wire-dtype int4-hadamard \
+  --compression zstd --cloud 127.0.0.1:51227 --insecure --output-dir /tmp/front/run --report /tmp/front/u-h4-report.json
+python -m sft_edge.cli generate --run /tmp/front/run --prompt "$PROMPT" --max-new-tokens 32 --json --cloud 127.0.0.1:51227 --insecure
+python -m sft_edge.cli export --run /tmp/front/run --to /tmp/front/export --cloud 127.0.0.1:51227 --insecure
+python -m sft_edge.cli generate --run /tmp/front/export --prompt "$PROMPT" --max-new-tokens 32 --json
+# 5. the defaults (--mode sl --wire-dtype int4-6-hadamard: 4 bits up, 6 down the second cut):
+#    paraphrase-u-default-zstd-lora-m80-s42.json, the same commands without --mode and --wire-dtype
