@@ -48,6 +48,8 @@ CONFIGS = [
     ("U, full width, int8", "sl", 0, "int8", None),
     ("U, full width, int4 (a scale a token)", "sl", 0, "int4", None),
     ("U, full width, int4-hadamard", "sl", 0, "int4-hadamard", None),
+    ("U, full width, int6-hadamard", "sl", 0, "int6-hadamard", None),
+    ("U, full width, int4-6-hadamard (the default)", "sl", 0, "int4-6-hadamard", None),
     ("U, full width, int4-hadamard without rotation", "sl", 0, "int4-hadamard", "no-rotation"),
     ("U, full width, int4-hadamard without outlier rows", "sl", 0, "int4-hadamard", "no-outliers"),
     ("U, FFN-output R=8 (the default before), fp32", "sft", 8, "fp32", None),
