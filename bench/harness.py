@@ -225,9 +225,9 @@ def timed_step(
     (_, sent, t_sent), (_, reply, t_received) = events
     call = t_received - t_sent
     acts, out["cloud_decode"] = _timed(lambda: codec.decode(sent.train.activations, name="activations"))
-    _, out["edge_encode"] = _timed(lambda: codec.encode(acts, session.wire_dtype, session.compression))
+    _, out["edge_encode"] = _timed(lambda: session.wire.encode_activations(acts))
     grad, out["edge_decode"] = _timed(lambda: codec.decode(reply.train.grad, name="gradient"))
-    _, out["cloud_encode"] = _timed(lambda: codec.encode(grad, session.wire_dtype, session.compression))
+    _, out["cloud_encode"] = _timed(lambda: session.wire.encode_gradient(grad))
     if cloud is None:  # the cloud is another process: its work is inside the round trip
         out["transfer_and_cloud"] = call
         del out["cloud_decode"], out["cloud_encode"]

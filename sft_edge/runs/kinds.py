@@ -40,7 +40,7 @@ class RunKind:
 
     def mode(self, cfg: TrainConfig) -> str:
         """The report's ``mode``: sft, sl or local."""
-        return cfg.mode
+        return cfg.mode or "sft"  # set by runs.defaults before a run asks
 
     def describe(self, cfg: TrainConfig) -> str:
         return f"{cfg.mode} via {cfg.cloud}"
@@ -170,7 +170,7 @@ class UShape(RunKind):
         """The U whose first cut is ``first``, with the run's tail."""
         from sft_common.topology.ushape import UShapeSpec
 
-        return UShapeSpec(first.split_layer, cfg.rank, cfg.tail_layers, cfg.mode, factorise=cfg.factorise)
+        return UShapeSpec(first.split_layer, cfg.rank, cfg.tail_layers, first.mode, factorise=cfg.factorise)
 
     def open(self, cfg, run, connect, held, session_id):
         from sft_edge.sessions.ushape import UShapeSession

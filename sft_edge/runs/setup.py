@@ -95,7 +95,7 @@ def prepare(cfg: TrainConfig, base: Optional[BaseModel] = None) -> Run:
     layers = base.num_hidden_layers
     split_layer = kind.default_split_layer(layers) if cfg.split_layer is None else cfg.split_layer
     factorise = cfg.factorise if kind.has_link else FFN_OUTPUT  # --local has no cut to factorise
-    spec = SplitSpec(split_layer, cfg.rank, cfg.mode, factorise=factorise)
+    spec = SplitSpec(split_layer, cfg.rank, cfg.mode or "sft", factorise=factorise)  # resolved above
     spec.validate(layers, base.hidden_size, base.intermediate_size)
     kind.check_split(cfg, spec, layers)
     tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_dir)

@@ -254,7 +254,7 @@ def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
         text_columns=list(run.task.tsv_columns),
         label_column=run.task.tsv_label,
         batch_size=cfg.batch_size,
-        wire_dtype=cfg.wire_dtype,
+        wire_dtype=cfg.link.wire_dtype,
         compression=cfg.compression,
         lora=lora_record(resolve_lora(cfg.lora, run.base.config.model_type)),
         base_fingerprint=run.base.fingerprint,
