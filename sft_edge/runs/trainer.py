@@ -27,6 +27,7 @@ from sft_edge.link.transport import Transport
 from sft_edge.runs import scalars
 from sft_edge.runs.config import TrainConfig
 from sft_edge.runs.kinds import kind_of
+from sft_edge.runs.privacy import privacy_of, setting_of
 from sft_edge.runs.problems import TextClassification
 from sft_edge.runs.progress import Progress
 from sft_edge.runs.setup import Run, RunState, open_session, prepare
@@ -103,6 +104,7 @@ def train(
     cloud_steps = session.close()
     report = _report(cfg, run, state, session, cloud_steps, time.time() - started)
     report.update(run.problem.report_extra(run.task, run.dev_data, loop.logits))
+    log.info("%s", report["privacy"]["summary"])  # what the messages sent were measured to give away
     if cfg.output_dir:
         _save(cfg, run, session, report)
     if cfg.report:
@@ -195,6 +197,7 @@ def _report(
         "metrics": {k: v for k, v in state.evals[-1].items() if k not in ("step", "epoch")},
         "eval_history": state.evals,
         "start_check": state.start_check,  # causal LM: step 0's dev loss, split and unsplit
+        "privacy": privacy_of(setting_of(cfg, run)),  # what crossed, what attacks read back from it
         "train_loss_first": state.losses[0],
         "train_loss_last": state.losses[-1],
         "bytes_sent": state.bytes_sent + session.bytes_sent,
