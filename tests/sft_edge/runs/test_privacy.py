@@ -12,7 +12,7 @@ import os
 import re
 
 import pytest
-from helpers import write_completion_rows
+from helpers import write_completion_rows, write_reviews
 
 from sft_edge import cli
 from sft_edge.runs.privacy import (
@@ -179,3 +179,15 @@ def test_a_real_u_causal_lm_run_reports_and_logs_its_privacy(live_server, tmp_pa
         in found["activations up"]["differs"]
     )
     assert f"INFO sft_edge {privacy['summary']}\n" in capsys.readouterr().err  # the run's last log line
+
+
+def test_a_local_run_reports_that_nothing_crossed(tmp_path):
+    report_path = tmp_path / "r.json"
+    argv = [
+        "train", "--local", "--model", "random:tiny", "--train-file", write_reviews(tmp_path / "t.csv", 8),
+        "--text-columns", "opinion", "--label-column", "verdict", "--batch-size", "4", "--max-steps", "1",
+        "--no-progress", "--report", str(report_path),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    privacy = json.loads(report_path.read_text())["privacy"]
+    assert privacy["kind"] == "local" and privacy["crossed"] == [] and privacy["recovered"] == []
