@@ -249,7 +249,14 @@ def nearest(message: str, s: Setting) -> Optional[Measured]:
 def _finding(message: str, s: Setting) -> Dict[str, Any]:
     row = nearest(message, s)
     if row is None:
-        return {"message": message, "measured": None, "note": "no attack on this message was measured"}
+        none: Dict[str, Any] = {
+            "match": "never attacked",
+            "differs": [],
+            "notes": [],
+            "measured": None,
+            "source": None,
+        }
+        return {"message": message, **none}
     differs = _differences(row, s)
     unrecorded = [f"{name}: not recorded by the source" for name in row.unrecorded]
     unrecorded += [] if row.source.command else [NO_SCRIPT]

