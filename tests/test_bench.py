@@ -405,3 +405,31 @@ def test_inversion_through_the_int4_hadamard_wire_reads_back_like_sl(glue_dir, t
     (sl,) = result["rows"]
     assert (sl["mode"], sl["width"]) == ("SL, int4-hadamard", 32) and not result["labels"]
     assert sl["tokens"] > 0.6 > 6 * result["baseline"]["token_recovery"]  # fp32 SL's test: measured 0.84
+
+
+def test_decoder_codecs_and_codec_per_cut_run_on_a_tiny_decoder(tmp_path):
+    """bench.decoder_codecs and bench.codec_per_cut on a tiny random Llama and the paraphrase set
+    (made from ../shared's MRPC): fp32 at full width is the unsplit model, every row is measured."""
+    from bench import codec_per_cut, decoder_codecs
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    common = ["--model", "random:tiny-llama", "--data", data, "--dev-rows", "8", "--out-dir", out]
+    result = decoder_codecs.main(
+        common
+        + [
+            "--grad-batches",
+            "1",
+            "--only",
+            "U, full width, fp32",
+            "U, full width, int4-6-hadamard (the default)",
+        ]
+    )
+    unsplit, fp32, default = result["step0"]
+    assert fp32["dev perplexity"] == pytest.approx(unsplit["dev perplexity"], rel=1e-5)
+    assert fp32["bytes a token, activations"] > 2 * default["bytes a token, activations"]
+    assert {r["gradient codec"] for r in result["gradients"]} >= {"int8 stochastic", "int8 nearest"}
+    zstd = {(r["wire"], r["compression"]): r["bytes a token"] for r in result["compression"]}
+    assert zstd[("int4-hadamard", "zstd")] <= zstd[("int4-hadamard", "none")]
+    rows = codec_per_cut.main(common)
+    assert rows[0]["vs exact"] == "0.00%" and len(rows) == 1 + len(codec_per_cut.SETTINGS)
+    assert all(r["dev perplexity"] > 1 for r in rows)
