@@ -11,7 +11,7 @@ number up. No defence exists yet, so ``epsilon`` and ``defence`` are None.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from sft_edge.runs.config import TrainConfig
@@ -71,6 +71,11 @@ _SMOL_LAST = Source(
     "bench/results/smollm2/inversion_smollm2-135m-instruct.json",
     "nice -n 15 python -m bench.inversion --model smollm2-135m-instruct --layers 29 --out-dir bench/results/smollm2",
 )
+_SMOL_CODEC = Source(
+    "SmolLM2-135M (the packaged decoder), at initialisation",
+    "bench/results/inversion_smollm2-135m-instruct_int4-6-hadamard.json",
+    "nice -n 5 python -m bench.inversion --model smollm2-135m-instruct --layers 0 --ranks --wire int4-6-hadamard",
+)
 _MINI_LABELS = Source("The labels", _MINI.file, _MINI.command)
 _SMOL_LABELS = Source("The labels", _SMOL.file, _SMOL.command)
 _NOT_IN_ISSUE = ("split_layer", "wire_dtype")  # issue 30 gives neither the first cut nor the dtype
@@ -127,6 +132,9 @@ MEASURED: Tuple[Measured, ...] = (
     _tokens(SMOLLM2, True, 30, "sft", 8, 15, 0.0985, _SMOL_BASE, _SMOL),
     _tokens(SMOLLM2, True, 30, "sft", 32, 15, 0.2044, _SMOL_BASE, _SMOL),
     _tokens(SMOLLM2, True, 30, "sl", 576, 29, 0.4697, _SMOL_BASE, _SMOL_LAST),
+    replace(
+        _tokens(SMOLLM2, True, 30, "sl", 576, 0, 0.9691, _SMOL_BASE, _SMOL_CODEC), wire_dtype="int4-6-hadamard"
+    ),
     _tokens(SMOLLM2, True, 30, "sft", 8, 29, 0.1548, _SMOL_BASE, _SMOL_LAST),
     _tokens(SMOLLM2, True, 30, "sft", 32, 29, 0.2438, _SMOL_BASE, _SMOL_LAST),
     # the two-part split sends the label ids themselves: the cloud reads them (TrainStep.labels)
@@ -233,11 +241,20 @@ def _differences(row: Measured, s: Setting) -> List[str]:
 
 def _distance(row: Measured, s: Setting) -> Tuple[Any, ...]:
     """How far a row is from the setting: the cut first, then the kind of model, the model, the
-    width (by ratio), the split layer's place in the model, the tail."""
+    width (by ratio), the split layer's place in the model, the tail, the wire."""
     width = abs(math.log2((row.width or s.width) / s.width))
     place = abs(_place(row.split_layer, row.layers) - _place(s.split_layer, s.layers))
     tail = abs((row.tail_layers or 0) - (s.tail_layers or 0))
-    return (row.cut not in (None, s.cut), row.decoder != s.decoder, row.model != s.model, width, place, tail)
+    wire = row.wire_dtype not in (None, s.wire_dtype)
+    return (
+        row.cut not in (None, s.cut),
+        row.decoder != s.decoder,
+        row.model != s.model,
+        width,
+        place,
+        tail,
+        wire,
+    )
 
 
 def nearest(message: str, s: Setting) -> Optional[Measured]:

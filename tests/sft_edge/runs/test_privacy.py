@@ -50,6 +50,9 @@ def _recorded_in_json(row: Measured, result: dict) -> bool:
     """The row's share (and baseline) is what the result file records for that cut, layer and width."""
     if row.message == "activations up":
         mode = JSON_MODES[row.cut].format(width=row.width)
+        mode += (
+            f", {row.wire_dtype}" if row.wire_dtype not in (None, "fp32") else ""
+        )  # bench.inversion --wire
         hits = [
             r["tokens"]
             for r in result["rows"]
@@ -134,9 +137,13 @@ def test_the_u_causal_lm_default_full_width_leaks_like_sl_both_ways():
     privacy = privacy_of(_smollm2_u())
     found = _by_message(privacy)
     up = found["activations up"]
-    assert up["measured"]["recovered"] == 0.9729 and up["measured"]["cut"] == "sl"
-    assert up["differs"] == ["wire_dtype: measured fp32, this run int4-6-hadamard"]
-    assert up["notes"] == [WIRE_NOTES["sl"]]
+    # the attack through this very wire (bench.inversion --wire int4-6-hadamard): 96.91 %, fp32's 97.29 %
+    assert up["measured"]["recovered"] == 0.9691 and up["measured"]["cut"] == "sl"
+    assert up["measured"]["wire_dtype"] == "int4-6-hadamard" and not up["differs"] and not up["notes"]
+    fp32 = _by_message(privacy_of(_smollm2_u(wire="fp32")))["activations up"]
+    assert fp32["measured"]["recovered"] == 0.9729 and not fp32["differs"]
+    int8 = _by_message(privacy_of(_smollm2_u(wire="int8")))["activations up"]
+    assert int8["differs"] and int8["notes"] == [WIRE_NOTES["sl"]]
     text = found["gradient up (next tokens)"]
     assert text["measured"]["recovered"] == 0.915 and text["measured"]["baseline"] == 0.17
     assert NO_SCRIPT in text["notes"] and "split_layer: not recorded by the source" in text["notes"]
