@@ -87,8 +87,7 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--split-layer", type=int, default=0)
     add_output_args(p, "codec_per_cut")
     args = p.parse_args(argv)
-    if not os.path.exists(os.path.join(args.data, "dev.jsonl")):
-        paraphrases(args.data)
+    paraphrases(args.data)
     from transformers import AutoTokenizer
 
     base = load_base_model(args.model)

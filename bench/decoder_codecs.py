@@ -39,6 +39,7 @@ from sft_common.wire import codec, hadamard
 from sft_common.wire.codecs import Wire
 from sft_edge.data.lm import collate_lm, encode_lm, lm_loss, read_lm_rows
 from sft_edge.runs.problems import evaluate_lm
+from sft_edge.runs.start_check import UnsplitLM
 
 GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 # (label, cut mode, rank, wire, ablation)
@@ -66,7 +67,10 @@ GRAD_CODECS = {
 
 def paraphrases(out_dir: str, dev_rows: int = 200, glue_dir: str = GLUE) -> None:
     """MRPC's paraphrase pairs as {"prompt": "Paraphrase: <s1>\\n", "completion": "<s2>"} rows
-    (train.jsonl, dev.jsonl: the first ``dev_rows`` of dev.tsv), as docs/accuracy.md's runs use."""
+    (train.jsonl, dev.jsonl: the first ``dev_rows`` of dev.tsv), as docs/accuracy.md's runs use;
+    kept if ``out_dir`` holds them already."""
+    if os.path.exists(os.path.join(out_dir, "dev.jsonl")):
+        return
     os.makedirs(out_dir, exist_ok=True)
     for split, limit in (("train", None), ("dev", dev_rows)):
         with open(os.path.join(glue_dir, "MRPC", f"{split}.tsv"), encoding="utf-8-sig") as f:
@@ -119,15 +123,6 @@ class CodecU:
         first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         second, _ = self.middle(self.cross(first, mask), batch.attention_mask)
         return self.tail(self.cross(second, mask), batch.attention_mask)
-
-
-class Unsplit:
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def predict(self, batch, index: int = 0) -> torch.Tensor:
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
 def gradient_fidelity(parts, batches) -> List[Dict]:
@@ -202,7 +197,7 @@ def compression_table(parts, batches) -> List[Dict]:
 def step0_rows(args, base, dev) -> Tuple[List[Dict], Dict[tuple, tuple]]:
     """The unsplit model's dev perplexity, then each of ``CONFIGS``' (the parts built, by cut)."""
     t0 = time.perf_counter()
-    unsplit = evaluate_lm(Unsplit(build_causal_lm(base, 42).eval()), dev, args.batch_size, "cpu")
+    unsplit = evaluate_lm(UnsplitLM(build_causal_lm(base, 42).eval()), dev, args.batch_size, "cpu")
     rows = [
         {
             "setting": "unsplit model",
@@ -252,8 +247,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--no-step0", action="store_true", help="bytes and gradients only (no dev perplexity)")
     add_output_args(p, "decoder_codecs")
     args = p.parse_args(argv)
-    if not os.path.exists(os.path.join(args.data, "dev.jsonl")):
-        paraphrases(args.data)
+    paraphrases(args.data)
     from transformers import AutoTokenizer
 
     base = load_base_model(args.model)

@@ -71,8 +71,7 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--data", default="/tmp/smolmrpc", help="the paraphrase set (made here if missing)")
     add_output_args(p, "decoder")
     args = p.parse_args(argv)
-    if not os.path.exists(os.path.join(args.data, "dev.jsonl")):
-        paraphrases(args.data)
+    paraphrases(args.data)
     counted = tokens_crossed(args.data)
     crossed = counted["train"] + 2 * counted["dev"]  # two evaluations: step 0 and the last
     local = json.load(open(os.path.join(RESULTS, LOCAL)))["metrics"]["perplexity"]

@@ -25,7 +25,7 @@ log = logging.getLogger("sft_edge")
 THRESHOLD = 0.05  # the split model's dev loss at step 0 may exceed the unsplit model's by this share
 
 
-class _Unsplit:
+class UnsplitLM:
     """The whole causal LM as a session's ``predict`` (for ``evaluate_lm``)."""
 
     def __init__(self, model: torch.nn.Module):
@@ -59,7 +59,7 @@ def start_check(cfg: TrainConfig, run: Any, split_loss: float) -> Optional[Dict[
     from sft_common.topology.ushape_lm import build_causal_lm
 
     model = build_causal_lm(run.base, cfg.seed, run.device).eval()
-    unsplit = evaluate_lm(_Unsplit(model), run.dev_data, cfg.batch_size, run.device)["loss"]
+    unsplit = evaluate_lm(UnsplitLM(model), run.dev_data, cfg.batch_size, run.device)["loss"]
     del model
     excess = (split_loss - unsplit) / abs(unsplit) if unsplit else 0.0
     if excess > THRESHOLD:

@@ -10,7 +10,7 @@ from helpers import write_completion_rows
 from sft_edge.runs.config import TrainConfig
 from sft_edge.runs.problems import evaluate_lm
 from sft_edge.runs.setup import prepare
-from sft_edge.runs.start_check import THRESHOLD, _Unsplit, start_check
+from sft_edge.runs.start_check import THRESHOLD, UnsplitLM, start_check
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_the_unsplit_loss_is_the_whole_models_and_a_broken_start_warns(u_run, ca
     from sft_common.topology.ushape_lm import build_causal_lm
 
     run = u_run
-    whole = evaluate_lm(_Unsplit(build_causal_lm(run.base, run.cfg.seed).eval()), run.dev_data, 4, "cpu")[
+    whole = evaluate_lm(UnsplitLM(build_causal_lm(run.base, run.cfg.seed).eval()), run.dev_data, 4, "cpu")[
         "loss"
     ]
     with caplog.at_level(logging.WARNING, logger="sft_edge"):
