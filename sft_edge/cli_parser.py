@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(train.add_argument_group("data"))
     _split_flags(train.add_argument_group("model and split"))
     _link_flags(train.add_argument_group("what crosses the link"))
+    _defence_flags(train.add_argument_group("privacy defence (docs/privacy.md)"))
     _training_flags(train.add_argument_group("training"))
     _output_flags(train.add_argument_group("output, checkpoints and resume"))
     _connection_flags(train.add_argument_group("connection to the daemon"), timeouts=True)
@@ -157,6 +158,35 @@ def _link_flags(g) -> None:
         action="store_true",
         help="with the cut at the last layer: send only each example's [CLS] row, the only one the "
         "classifier reads (exact; about sequence-length times less traffic)",
+    )
+
+
+def _defence_flags(g) -> None:
+    g.add_argument(
+        "--dp-noise",
+        type=float,
+        default=D.dp_noise,
+        metavar="SIGMA",
+        help="clip each example's activations sent up to --dp-clip (L2) and add Gaussian noise of std "
+        "SIGMA x clip to every value, train and eval messages alike; the report gives epsilon (default 0: off)",
+    )
+    g.add_argument("--dp-clip", type=float, default=D.dp_clip, metavar="C", help="L2 clip of --dp-noise")
+    g.add_argument(
+        "--dp-grad-noise",
+        type=float,
+        default=D.dp_grad_noise,
+        metavar="SIGMA",
+        help="--label-private: the same on each example's gradient sent up at the second cut, clipped "
+        "to --dp-grad-clip (default 0: off)",
+    )
+    g.add_argument(
+        "--dp-grad-clip", type=float, default=D.dp_grad_clip, metavar="C", help="L2 clip of --dp-grad-noise"
+    )
+    g.add_argument(
+        "--dp-delta",
+        type=float,
+        default=D.dp_delta,
+        help=f"delta of the reported epsilon (default {D.dp_delta:g})",
     )
 
 

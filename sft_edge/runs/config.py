@@ -36,6 +36,32 @@ class OptimConfig:
 
 
 @dataclass
+class DPOptions:
+    """A defence on what the edge sends (``sft_edge.privacy.defence``): each example's part of a
+    message clipped to an L2 norm, then Gaussian noise of std ``noise x clip`` on every value."""
+
+    noise: float = 0.0  # --dp-noise: noise multiplier on the activations sent up; 0: off
+    clip: float = 0.0  # --dp-clip: L2 norm each example's activations are clipped to
+    grad_noise: float = 0.0  # --dp-grad-noise: noise multiplier on the U's gradient up; 0: off
+    grad_clip: float = 0.0  # --dp-grad-clip: L2 norm each example's gradient up is clipped to
+    delta: float = 1e-5  # --dp-delta: the delta of the (epsilon, delta) reported
+
+    def validate(self) -> None:
+        for noise, clip, name in (
+            (self.noise, self.clip, "--dp"),
+            (self.grad_noise, self.grad_clip, "--dp-grad"),
+        ):
+            if noise < 0 or (noise > 0) != (clip > 0):
+                raise ValueError(f"{name}-noise needs {name}-clip (both > 0), or neither")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"--dp-delta must be in (0, 1), got {self.delta}")
+
+    @property
+    def on(self) -> bool:
+        return self.noise > 0 or self.grad_noise > 0
+
+
+@dataclass
 class LinkOptions:
     """How a split step crosses the link."""
 
@@ -44,8 +70,10 @@ class LinkOptions:
     micro_batches: int = 1  # > 1: each step as that many pipelined micro-batches
     pipeline_depth: int = 2  # micro-batches in flight at once
     cls_only: bool = False  # cut at the last layer: send only each example's [CLS] row
+    dp: DPOptions = field(default_factory=DPOptions)  # noise on what the edge sends; default none
 
     def validate(self) -> None:
+        self.dp.validate()
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.compression not in COMPRESSIONS:
@@ -86,6 +114,11 @@ class TrainConfig:
     micro_batches: int = LinkOptions.micro_batches
     pipeline_depth: int = LinkOptions.pipeline_depth
     cls_only: bool = LinkOptions.cls_only
+    dp_noise: float = DPOptions.noise  # the defences (DPOptions): noise on the activations sent
+    dp_clip: float = DPOptions.clip
+    dp_grad_noise: float = DPOptions.grad_noise  # and on the U's gradient up
+    dp_grad_clip: float = DPOptions.grad_clip
+    dp_delta: float = DPOptions.delta
     label_private: bool = False  # the U-shape: the last layers, the head and the loss stay here too
     tail_layers: int = 1  # --label-private: whole layers the edge runs after the cloud's middle
     epochs: float = 3.0
@@ -125,6 +158,7 @@ class TrainConfig:
             self.micro_batches,
             self.pipeline_depth,
             self.cls_only,
+            DPOptions(self.dp_noise, self.dp_clip, self.dp_grad_noise, self.dp_grad_clip, self.dp_delta),
         )
 
     @property
@@ -151,6 +185,7 @@ class TrainConfig:
         self._check_data()
         self._check_choices()
         self._check_sizes()
+        self.link.dp.validate()
         kind = kind_of(self)
         problem_of(self).check(self, kind.keeps_labels)
         kind.check(self)
