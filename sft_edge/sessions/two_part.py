@@ -32,6 +32,7 @@ from sft_common.wire import codec
 from sft_common.wire.codecs import Wire
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
+from sft_edge.privacy.defence import ACTIVATIONS, EVAL, Defence
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.sessions.base import open_request
 from sft_edge.sessions.client import Rollback, SessionClient
@@ -91,6 +92,7 @@ class EdgeSession(SessionClient):
         self.decoder = isinstance(base.family, Decoder)
         self.checkpoints = checkpoints
         self.wire = Wire.named(link.wire_dtype, link.compression)
+        self.defence = Defence.of(link.dp)  # clipping and noise on the activations sent (or none)
         self.lora = resolve_lora(lora, base.config.model_type)
         open_msg = open_request(
             base,
@@ -153,13 +155,19 @@ class EdgeSession(SessionClient):
         self, step: int, batch: Batch, micro: int = 0, micro_count: int = 1, examples: int = 0
     ) -> torch.Tensor:
         """net1's forward on ``batch`` (seeded by step and micro-batch) and its cut sent as a
-        ``TrainStep``; returns the cut, still on net1's graph, for ``receive_gradient``."""
+        ``TrainStep``; returns the cut, still on net1's graph, for ``receive_gradient``. With a
+        defence the cut is clipped (on the graph) and sent with noise drawn for (step, micro)."""
         self.live_step = step
         with seeded(self.optim_cfg.seed, "edge", step, micro):
             packed, lengths = self._cut(batch)
+        noise = self.defence.activations
+        packed = noise.clip_rows(packed, lengths)
+        sent = noise.add_noise(
+            packed.detach(), noise.generator(self.optim_cfg.seed, ACTIVATIONS, step, micro)
+        )
         msg = pb.TrainStep(
             step=step,
-            activations=self.wire.encode_activations(packed.detach()),
+            activations=self.wire.encode_activations(sent),
             lengths=lengths,
         )
         if self.num_labels == 1:
@@ -196,6 +204,10 @@ class EdgeSession(SessionClient):
         """The logits of ``batch`` (batch, num_labels) from the current model; changes nothing."""
         self.net1.eval()
         packed, lengths = self._cut(batch)
+        noise = self.defence.activations
+        packed = noise.apply(
+            packed, lengths, noise.generator(self.optim_cfg.seed, EVAL, self.live_step, index)
+        )
         msg = pb.EvalStep(batch=index, activations=self.wire.encode_activations(packed), lengths=lengths)
         reply = self.request(pb.EdgeMessage(eval=msg)).eval
         shape = (len(batch.lengths), self.num_labels)

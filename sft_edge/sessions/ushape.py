@@ -31,6 +31,7 @@ from sft_common.wire.codecs import Wire
 from sft_edge.data.glue import Batch
 from sft_edge.data.lm import lm_loss
 from sft_edge.link.transport import CloudError, Transport
+from sft_edge.privacy.defence import ACTIVATIONS, EVAL, GRADIENT, Defence, Mechanism
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.sessions.base import open_request
 from sft_edge.sessions.client import SessionClient
@@ -79,6 +80,7 @@ class UShapeSession(SessionClient):
         self.spec, self.optim_cfg, self.device, self.num_labels = spec, optim, device, num_labels
         self.checkpoints = checkpoints
         self.wire = Wire.named(link.wire_dtype, link.compression)
+        self.defence = Defence.of(link.dp)  # clipping and noise on what is sent up (or none)
         self.first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         self.width = self.first.cut_width(base.hidden_size)
         self.lora = resolve_lora(lora, base.config.model_type)
@@ -153,10 +155,10 @@ class UShapeSession(SessionClient):
         mask = batch.attention_mask.bool()
         with seeded(self.optim_cfg.seed, HEAD_SIDE, step), autocast(self.device):
             first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        packed = first.float()[mask]
-        up = pb.ForwardUp(
-            step=step, activations=self.wire.encode_activations(packed.detach()), lengths=batch.lengths
-        )
+        packed = self.defence.activations.clip_rows(first.float()[mask], batch.lengths)
+        noise = self.defence.activations
+        sent = noise.add_noise(packed.detach(), noise.generator(self.optim_cfg.seed, ACTIVATIONS, step))
+        up = pb.ForwardUp(step=step, activations=self.wire.encode_activations(sent), lengths=batch.lengths)
         self._submit(pb.EdgeMessage(forward_up=up))  # phase 1
         down = self._answer("forward_down", step).forward_down  # phase 2
         second = self._unpack(self._decode_rows(down.activations, packed), mask)
@@ -166,7 +168,8 @@ class UShapeSession(SessionClient):
         loss = (lm_loss if self.causal_lm else task_loss)(logits.float(), batch.labels)
         loss.backward()
         assert second.grad is not None
-        grad_up = pb.GradientUp(step=step, grad=self.wire.encode_gradient(second.grad[mask]))
+        grad = self._noised(self.defence.gradient, second.grad[mask], batch.lengths, GRADIENT, step)
+        grad_up = pb.GradientUp(step=step, grad=self.wire.encode_gradient(grad))
         self._submit(pb.EdgeMessage(gradient_up=grad_up))  # phase 3
         grad_down = self._answer("gradient_down", step).gradient_down  # phase 4: the middle is updated
         packed.backward(
@@ -187,6 +190,7 @@ class UShapeSession(SessionClient):
         with autocast(self.device):
             first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         packed = first.float()[mask]
+        packed = self._noised(self.defence.activations, packed, batch.lengths, EVAL, self.live_step, index)
         msg = pb.EvalStep(
             batch=index, activations=self.wire.encode_activations(packed), lengths=batch.lengths
         )
@@ -200,6 +204,13 @@ class UShapeSession(SessionClient):
         return owned_state(self.net)
 
     # -- the cuts -------------------------------------------------------------------------
+
+    def _noised(
+        self, noise: Mechanism, rows: torch.Tensor, lengths: List[int], side: str, step: int, index: int = 0
+    ) -> torch.Tensor:
+        """``rows`` clipped and noised by ``noise`` (as they are where it is ``NoNoise``), the noise
+        drawn for (seed, side, step, index)."""
+        return noise.apply(rows, lengths, noise.generator(self.optim_cfg.seed, side, step, index))
 
     def _answer(self, kind: str, step: int) -> pb.CloudMessage:
         reply = self._result()
