@@ -8,6 +8,8 @@ the whole vocabulary. Scored on the device's sentences, over real tokens other t
 With ``--factorise ffn-input`` it attacks that cut instead (SFT rows only; SL is the same). With
 ``--wire W`` every activation crosses through that wire's codec (``sft_common.wire.codecs``:
 encoded and decoded, the public ones too, as the cloud can simulate it), labels not measured.
+With ``--dp-noise S --dp-clip C`` each example's rows are clipped and noised as ``sft-edge train``'s
+defence sends them (``sft_edge.privacy.defence``), the attacker's public ones too.
 Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5] [--ranks] [--wire int4-hadamard]
 """
 
@@ -33,8 +35,10 @@ from sft_common.wire import codec
 from sft_common.wire.codecs import WIRES, Wire
 from sft_edge.data.glue import Encoded, Example, collate, encode, load_examples
 from sft_edge.data.tasks import get_task
+from sft_edge.privacy.defence import Mechanism, NoNoise, mechanism
 
 FP32 = Wire()  # what crosses exactly
+CLEAN = NoNoise()  # no defence
 
 
 def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[Example]:
@@ -46,16 +50,20 @@ def sentences(sources: List[str], data_dir: str, limit: int, seed: int) -> List[
     return [out[i] for i in order[:limit]]
 
 
-def cut_activations(edge: nn.Module, data: Encoded, wire: Wire = FP32) -> List[torch.Tensor]:
+def cut_activations(
+    edge: nn.Module, data: Encoded, wire: Wire = FP32, noise: Mechanism = CLEAN, seed: int = 0
+) -> List[torch.Tensor]:
     """What the cloud receives for each example: the (real tokens, width) rows of the edge half's
-    output, through ``wire`` (decoded as the cloud decodes them)."""
+    output, clipped and noised by ``noise`` (a defence), through ``wire`` (decoded as the cloud
+    decodes them)."""
     out: Dict[int, torch.Tensor] = {}
+    gen = noise.generator(seed, "inversion", 0)
     with torch.no_grad():  # batches of like lengths: little padding
         for idx in torch.tensor(sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))).split(64):
             batch = collate(data, idx.tolist())
             acts, _ = edge(batch.input_ids, batch.attention_mask, batch.token_type_ids)
             for row, (i, n) in enumerate(zip(idx, batch.lengths)):
-                rows = acts[row, :n]
+                rows = noise.apply(acts[row, :n], [n], gen)
                 out[int(i)] = wire.decode_activations(wire.encode_activations(rows), "cut", tuple(rows.shape))
     return [out[i] for i in range(len(data))]
 
@@ -138,6 +146,8 @@ def run(args: argparse.Namespace) -> Dict:
     variant = args.factorise != FFN_OUTPUT  # SFT rows only: SL is the same
     suffix = f" {args.factorise}" if variant else ""
     wire_suffix = f", {args.wire}" if args.wire != "fp32" else ""
+    defence = mechanism(args.dp_noise, args.dp_clip)  # the attacker knows it: its public rows are noised too
+    dp_suffix = f", noise {args.dp_noise:g} clip {args.dp_clip:g}" if args.dp_noise else ""
     rows = []
     for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
         for mode, rank in [("sl", 0)] * (not variant) + [("sft", r) for r in args.ranks]:
@@ -145,11 +155,11 @@ def run(args: argparse.Namespace) -> Dict:
             spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
             edge = build_split_model(base, spec, 2, args.seed)[0]
             emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
-            acts = cut_activations(edge.eval(), data, Wire.named(args.wire))
+            acts = cut_activations(edge.eval(), data, Wire.named(args.wire), defence, args.seed)
             tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
             rows.append(
                 {
-                    "mode": (f"SFT R={rank}{suffix}" if rank else "SL") + wire_suffix,
+                    "mode": (f"SFT R={rank}{suffix}" if rank else "SL") + wire_suffix + dp_suffix,
                     "layer": layer,
                     "width": acts[0].shape[1],
                     "tokens": round(tokens, 4),
@@ -158,7 +168,7 @@ def run(args: argparse.Namespace) -> Dict:
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)
-    labels = [] if variant or args.wire != "fp32" else label_leakage(base, private, args.seq)
+    labels = [] if variant or args.wire != "fp32" or args.dp_noise else label_leakage(base, private, args.seq)
     return {
         "model": args.model,
         "public": len(public),
@@ -212,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--factorise", choices=FACTORISATIONS, default=FFN_OUTPUT, help="the SFT cut attacked")
     p.add_argument("--data-dir", default=GLUE_DIR)
+    p.add_argument("--dp-noise", type=float, default=0.0, help="a defence: sft-edge train's --dp-noise")
+    p.add_argument("--dp-clip", type=float, default=0.0, help="and its --dp-clip (L2, one example's rows)")
     add_output_args(p)
     args = p.parse_args(argv)
     result = run(args)
@@ -221,6 +233,7 @@ def main(argv=None) -> int:
         print(table(result["labels"], "split label_ids_sent labels_recovered how"))
     cut = f"_{args.factorise}" if args.factorise != FFN_OUTPUT else ""
     cut += f"_{args.wire}" if args.wire != "fp32" else ""
+    cut += f"_dp{args.dp_noise:g}-{args.dp_clip:g}" if args.dp_noise else ""
     name = args.name or "inversion_" + args.model.replace(":", "_").replace("/", "_") + cut
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
