@@ -30,7 +30,7 @@ def make_optimizer(
     size of the parameters (44 MiB for MiniLM's word embeddings, measured; docs/benchmarks.md §5).
     """
     trainable = [p for p in params if p.requires_grad]
-    groups: list = trainable
+    groups: list = trainable or [{"params": []}]  # nothing to train (a forward-only middle): a no-op
     if factor_lr is not None and factors:
         ids = {id(p) for p in factors}
         groups = [

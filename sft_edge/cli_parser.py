@@ -95,6 +95,25 @@ def _split_flags(g) -> None:
         default=D.tail_layers,
         help=f"--label-private: whole layers the edge runs after the cloud's part (default {D.tail_layers})",
     )
+    g.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="the U with its head and the cloud's middle frozen: each example's activations cross once, "
+        "no gradient ever does, and later epochs read the middle's answers from a cache here",
+    )
+    g.add_argument(
+        "--adapters",
+        default=D.adapters,
+        help="--forward-only: what trains here; tail: the last --tail-layers layers and the head "
+        "(with --peft lora, their adapters)",
+    )
+    g.add_argument(
+        "--activation-cache-mb",
+        type=float,
+        default=D.activation_cache_mb,
+        help=f"--forward-only: MiB of the middle's answers kept in --output-dir/activation_cache "
+        f"(default {D.activation_cache_mb:.0f}); examples past it are sent again each epoch",
+    )
     g.add_argument("--split-layer", type=int, help="0-based layer to cut at (default: the last layer)")
     g.add_argument(
         "--mode",

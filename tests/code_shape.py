@@ -50,7 +50,7 @@ KIND_SPELLINGS = {
     "ushape",
     "split",
 }
-RESOLVERS = {"kind_of", "kind_of_record", "problem_of", "cut_of", "session_class", "resolved"}
+RESOLVERS = {"kind_of", "kind_of_record", "problem_of", "cut_of", "session_class", "resolved", "tail_end_of"}
 
 
 def product_modules() -> Iterator[Tuple[str, str]]:

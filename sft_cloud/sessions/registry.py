@@ -26,7 +26,9 @@ from sft_cloud.daemon.lease import (
     lease_folder,
 )
 from sft_cloud.sessions import finished
+from sft_cloud.sessions.batcher import StepBatcher
 from sft_cloud.sessions.core import Session
+from sft_cloud.sessions.frozen import FrozenMiddleSession
 from sft_cloud.sessions.inference import IdleCaches
 from sft_cloud.sessions.middle import MiddleSession
 from sft_cloud.sessions.two_part import TwoPartSession
@@ -53,6 +55,7 @@ class SessionRegistry:
         idle_timeout: float = 3600.0,
         replica_id: Optional[str] = None,
         lease_seconds: float = 30.0,
+        batcher: Optional[StepBatcher] = None,
     ):
         self.device = device
         self.checkpoint_dir = checkpoint_dir  # sessions are restored from here after a restart
@@ -66,10 +69,10 @@ class SessionRegistry:
         self._leases: Dict[str, Lease] = {}  # of the sessions held, with a checkpoint dir
         self._takeover = threading.Lock()  # one attach-from-disk at a time: one claim per session
         self._bases: Dict[str, BaseModel] = {}
-        # LoRA sessions of one model and split share its frozen base (sft_common.models.shared)
-        self._frozen: Dict[Tuple, SharedBase] = {}
+        self._frozen: Dict[Tuple, SharedBase] = {}  # one per model and split: its LoRA sessions share it
         self._lock = threading.Lock()
-        self._compute_lock = threading.Lock()  # see SessionCore.rng
+        self.batcher = batcher or StepBatcher(window=0.0)  # LoRA sessions' steps together (0 s: alone)
+        self._compute_lock = self.batcher.compute_lock  # see SessionCore.rng
         self.caches = IdleCaches()  # the KV caches of streams generating now: freed when idle
 
     def sessions(self) -> List[Session]:
@@ -221,6 +224,7 @@ class SessionRegistry:
     def _hold(self, session: Session, lease: Optional[Lease]) -> None:
         """Keep ``session`` (and its lease) in the registry; caller holds ``_lock``."""
         self._sessions[session.core.session_id] = session
+        session.core.batcher = self.batcher
         if lease is not None:
             self._leases[session.core.session_id] = lease
 
@@ -379,8 +383,11 @@ class SessionRegistry:
 
 
 def session_class(config: pb.SessionConfig) -> Callable[..., Session]:
-    """The session a config asks for, chosen here once: a label-private config's holds the U's
-    middle, any other the two-part net2; the rest of the daemon asks the session."""
+    """The session a config asks for, chosen here once: a forward-only config's serves the U's
+    middle frozen, a label-private config's trains the U's middle, any other the two-part net2;
+    the rest of the daemon asks the session."""
+    if config.forward_only:
+        return FrozenMiddleSession
     return MiddleSession if config.label_private else TwoPartSession
 
 

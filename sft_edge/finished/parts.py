@@ -50,11 +50,12 @@ def open_finished(folder: str, record: RunRecord, connection, device: str):
     from sft_edge.link.connect import grpc_connector, route_key
     from sft_edge.runs.kinds import kind_of_record
 
-    if not record.session_id:
+    kind = kind_of_record(record)
+    if kind.cloud_keeps_part and not record.session_id:
         raise DataError(f"{folder}: {RUN_FILE} names no cloud session")
     base = load_base_model(record.model)
     connect = grpc_connector(connection, route_key(folder))
-    session = kind_of_record(record).reopen(record, base, connect, device)
+    session = kind.reopen(record, base, connect, device)
     load_owned(session.module, load_file(os.path.join(folder, "edge.safetensors"), device=device))
     return session
 

@@ -44,6 +44,7 @@ class RunRecord:
     split_layer: Optional[int] = None
     label_private: bool = False  # the U-shape: the weights hold head.* and tail.*
     tail_layers: Optional[int] = None
+    forward_only: bool = False  # a U whose head and middle stayed the base's: the cloud kept nothing
     rank: int = 8
     factorise: str = FFN_OUTPUT  # the FFN linear cut: predict and export rebuild its halves
     lm_shape: Optional[str] = None  # causal LM: the rows' shape (generate templates chat runs' prompts)

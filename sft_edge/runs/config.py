@@ -121,6 +121,9 @@ class TrainConfig:
     dp_delta: float = DPOptions.delta
     label_private: bool = False  # the U-shape: the last layers, the head and the loss stay here too
     tail_layers: int = 1  # --label-private: whole layers the edge runs after the cloud's middle
+    forward_only: bool = False  # the U with a frozen head and middle: activations cross once, no gradient
+    adapters: str = "tail"  # --forward-only: what trains here (tail: the last --tail-layers and the head)
+    activation_cache_mb: float = 4096.0  # --forward-only: the middle's answers kept in --output-dir
     epochs: float = 3.0
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     max_train_examples: Optional[int] = None

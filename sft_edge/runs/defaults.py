@@ -8,6 +8,9 @@
   while the full width in rotated groups, 4 bits up the first cut and 6 down the second, starts
   within 1 % of it at 5-7.5x fewer activation bytes than fp32 (docs/accuracy.md, "A codec for
   decoders").
+- **Forward-only** (``--forward-only``): full width always (its head is frozen, so a rank-R cut
+  would lose what the head computes for good), in the decoder U's wire on a decoder and fp32 on
+  an encoder.
 - **Everything else** (encoders; the two-part split, where SmolLM2 at R=8 classified as
   ``--local`` did in docs/accuracy.md's tables): the paper's rank-R cut (``--mode sft``) in fp32.
 
@@ -36,7 +39,8 @@ def resolved(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
     """``cfg`` with ``mode`` and ``wire_dtype`` set (module docstring); unchanged if both are set."""
     if cfg.mode is not None and cfg.wire_dtype is not None:
         return cfg
-    decoder_u = cfg.label_private and base.family.decoder and not asks_for_factors(cfg)
-    mode = cfg.mode or (DECODER_U_MODE if decoder_u else PAPER_MODE)
+    u_shaped = cfg.label_private or cfg.forward_only
+    decoder_u = u_shaped and base.family.decoder and not asks_for_factors(cfg)
+    mode = cfg.mode or (DECODER_U_MODE if decoder_u or cfg.forward_only else PAPER_MODE)
     wire = cfg.wire_dtype or (DECODER_U_WIRE if decoder_u and mode == DECODER_U_MODE else PLAIN_WIRE)
     return dataclasses.replace(cfg, mode=mode, wire_dtype=wire)

@@ -1,7 +1,8 @@
 """How a run is split between this device and the cloud: the run's kind, one strategy object each.
 
 ``TwoPart`` (the paper's split: net1 here, net2 and the loss on the cloud), ``UShape``
-(``--label-private``: the head and the tail here, the middle on the cloud, the labels never leave)
+(``--label-private``: the head and the tail here, the middle on the cloud, the labels never leave),
+``ForwardOnly`` (``--forward-only``: the U with its head and middle frozen; no gradient crosses)
 and ``Local`` (``--local``: the whole model here, no cloud). ``kind_of(cfg)`` resolves the flags
 once, ``kind_of_record(record)`` a finished run; the trainer, the run's set-up, predict, generate
 and ``load_trained`` ask the object and never branch on the kind. A kind checks its own flags,
@@ -17,6 +18,7 @@ from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.topology.spec import FFN_INPUT, SplitSpec
 from sft_edge.finished.record import EDGE, FULL, SPLIT, USHAPE, RunRecord
 from sft_edge.runs.config import OptimConfig, TrainConfig, check_factor_lr
+from sft_edge.runs.defaults import asks_for_factors
 
 
 class RunKind:
@@ -27,6 +29,7 @@ class RunKind:
     weights = "edge.safetensors"
     keeps_labels = False  # the labels and the loss stay on this device
     has_link = True  # traffic crosses a link to the cloud
+    cloud_keeps_part = True  # a finished run's trained cloud part stays in its daemon session
 
     def check(self, cfg: TrainConfig) -> None:
         """Raise ValueError for flags this kind does not take (after the generic checks)."""
@@ -188,6 +191,109 @@ class UShape(RunKind):
         return UShapeSession(base, spec, record.num_labels, connect, optim, causal_lm=record.causal_lm, **kw)
 
 
+class ForwardOnly(UShape):
+    """``--forward-only``: the U with the head and the middle frozen; only the tail trains, here.
+
+    The first cut's activations cross once per example and the middle's answers are cached here
+    (``sft_edge.sessions.forward_only``): no gradient, label or loss crosses, and later epochs need
+    no cloud. The cloud serves the base's middle, frozen (``sft_cloud.sessions.frozen``)."""
+
+    name = "forward-only"
+    cloud_keeps_part = False  # the middle is the base's: any daemon serving the model serves it
+
+    def check(self, cfg: TrainConfig) -> None:
+        super().check(cfg)
+        if cfg.mode not in FORWARD_MODES:
+            raise ValueError(FULL_WIDTH)
+        if asks_for_factors(cfg):
+            raise ValueError(FULL_WIDTH)
+        if cfg.adapters not in ADAPTERS:
+            raise ValueError(f"--adapters must be one of {', '.join(ADAPTERS)}, got {cfg.adapters!r}")
+        if cfg.activation_cache_mb < 0:
+            raise ValueError(f"--activation-cache-mb must be >= 0, got {cfg.activation_cache_mb}")
+
+    def describe(self, cfg: TrainConfig) -> str:
+        return f"forward-only ({cfg.adapters}: {cfg.tail_layers} layers here) via {cfg.cloud}"
+
+    def report(self, cfg, run):
+        return {**super().report(cfg, run), "forward_only": True, "adapters": cfg.adapters}
+
+    def open(self, cfg, run, connect, held, session_id):
+        folder = f"{cfg.output_dir}/activation_cache" if cfg.output_dir else None
+        checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
+        cache = forward_cache(folder, run.base, run.spec, cfg.tail_layers, cfg.link, cfg.activation_cache_mb)
+        return forward_session(cfg, run, connect, cache, checkpoints, held[0] if held else 0)
+
+    def reopen(self, record, base, connect, device):
+        from sft_edge.runs.config import LinkOptions
+        from sft_edge.sessions.forward_only import ForwardOnlySession
+
+        spec = record.ushape_spec()
+        link = LinkOptions(wire_dtype=record.wire_dtype, compression=record.compression)
+        cache = forward_cache(None, base, spec, spec.tail_layers, link, INFERENCE_CACHE_MB)
+        optim = OptimConfig(seed=record.seed)
+        return ForwardOnlySession(
+            base,
+            spec,
+            record.num_labels,
+            connect,
+            optim,
+            record.batch_size,
+            record.max_seq_len,
+            link,
+            cache,
+            device=device,
+            lora=record.lora_spec(),
+            causal_lm=record.causal_lm,
+        )
+
+
+FORWARD_MODES = (None, "sl")  # --mode of a forward-only run: the full width (None: runs.defaults says sl)
+FULL_WIDTH = (
+    "--forward-only sends the full width (--mode sl): its head is frozen, so a rank-R cut would drop what "
+    "the first layers compute for good (no --mode sft, --factorise or --factor-lr)"
+)
+ADAPTERS = ("tail",)  # --adapters: where a forward-only run's trainable part sits
+INFERENCE_CACHE_MB = 256.0  # a finished forward-only run's answers, in memory, for repeated prompts
+
+
+def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float):
+    """A forward-only run's ``ActivationCache``: its identity is what the middle's answers depend on."""
+    from sft_edge.data.activation_cache import ActivationCache
+
+    identity = {
+        "base": base.fingerprint,
+        "split_layer": spec.split_layer,
+        "tail_layers": tail_layers,
+        "wire_dtype": link.wire_dtype,
+    }
+    return ActivationCache(folder, identity, budget_mb)
+
+
+def forward_session(cfg: TrainConfig, run: Any, connect, cache, checkpoints, start: int):
+    from sft_edge.sessions.forward_only import ForwardOnlySession
+
+    spec = ForwardOnly.ushape(cfg, run.spec)
+    return ForwardOnlySession(
+        run.base,
+        spec,
+        run.problem.num_labels(run.task),
+        connect,
+        run.optim,
+        cfg.batch_size,
+        run.max_len,
+        cfg.link,
+        cache,
+        run.task.name,
+        run.device,
+        checkpoints,
+        start,
+        cfg.reconnect_timeout,
+        lora=cfg.lora,
+        causal_lm=run.problem.causal_lm,
+    )
+
+
 class Local(RunKind):
     """``--local``: the whole unsplit model here, no cloud (the baseline split training is compared with)."""
 
@@ -196,6 +302,7 @@ class Local(RunKind):
     weights = "model.safetensors"
     keeps_labels = True
     has_link = False
+    cloud_keeps_part = False
 
     def check(self, cfg: TrainConfig) -> None:
         if cfg.micro_batches > 1 or cfg.cls_only:
@@ -241,14 +348,20 @@ class Local(RunKind):
 
 
 def kind_of(cfg: TrainConfig) -> RunKind:
-    """The kind ``--local`` and ``--label-private`` name."""
-    return Local() if cfg.local else UShape() if cfg.label_private else TwoPart()
+    """The kind ``--local``, ``--forward-only`` and ``--label-private`` name."""
+    if cfg.local:
+        return Local()
+    if cfg.forward_only:
+        return ForwardOnly()
+    return UShape() if cfg.label_private else TwoPart()
 
 
 def kind_of_record(record: RunRecord) -> RunKind:
     """The kind a finished run trained as (an export keeps its kind: its part names it)."""
     if record.part == FULL:
         return Local()
+    if record.forward_only:
+        return ForwardOnly()
     return UShape() if record.label_private or record.part == USHAPE else TwoPart()
 
 

@@ -170,11 +170,22 @@ MESSAGES: Dict[str, Tuple[Tuple[str, str, str], ...]] = {
         ("gradient down", "cloud", "at the first cut"),
         ("lengths", "device", "each example's length in tokens (the attention mask)"),
     ),
+    "forward-only": (
+        (
+            ACTIVATIONS_UP,
+            "device",
+            "the first cut after layer {split_layer}: {width} values a token, {wire_dtype}; once per example",
+        ),
+        ("activations down", "cloud", "the frozen middle's output, before the last {tail_layers} layer(s)"),
+        ("lengths", "device", "each example's length in tokens (the attention mask)"),
+    ),
     "local": (),
 }
 KEPT = {
     "two-part": "the text, the token ids and the label names (the label ids cross)",
     "label-private": "the text, the token ids, the label ids and names, the loss (but see what the gradient gives back)",
+    "forward-only": "the text, the token ids, the labels, the loss and every gradient: nothing goes up but the "
+    "first cut's activations",
     "local": "everything: nothing crosses a link",
 }
 # What is known of the run's wire where the rows were read at fp32.
@@ -190,7 +201,7 @@ CUT_OF = {("sl", None): "sl", ("sft", "ffn-output"): "sft", ("sft", "ffn-input")
 class Setting:
     """What decides what a run's messages give away: its kind, model and cut."""
 
-    kind: str  # RunKind.name: two-part, label-private, local
+    kind: str  # RunKind.name: two-part, label-private, forward-only, local
     model: str
     decoder: bool
     layers: int

@@ -249,6 +249,7 @@ def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
         split_layer=run.spec.split_layer,
         label_private=cfg.label_private,
         tail_layers=report["tail_layers"],
+        forward_only=cfg.forward_only,
         rank=cfg.rank,
         factorise=run.spec.factorise,
         lm_shape=run.lm_shape,

@@ -1,0 +1,107 @@
+"""The cloud's part of a forward-only session: the U's middle with the base's weights, frozen.
+
+``FrozenMiddleSession`` answers ``EvalStep``s (â1 in, the middle's output at the second cut out)
+and nothing else: no optimizer state, no training step, no checkpoint, no final weights, so no
+gradient, label or loss ever reaches it. The edge trains its tail on what it is sent
+(``sft_edge.sessions.forward_only``) and caches it, so each example crosses once. The middle is
+built on the frozen base that the LoRA sessions of the same model and cuts share
+(``sft_common.models.shared``): a forward-only session costs the daemon no copy of the layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from sft_cloud.sessions.core import CoreAttributes, SessionCore, not_its_step
+from sft_cloud.sessions.inputs import ActivationInput
+from sft_cloud.sessions.middle import check_middle
+from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
+from sft_common.models.base_model import BaseModel
+from sft_common.models.shared import SharedBase
+from sft_common.proto import sft_pb2 as pb
+from sft_common.topology.spec import SplitSpec, session_fingerprint
+from sft_common.topology.ushape import build_ushape_cloud
+
+FULL_WIDTH = ("sl",)  # the modes whose cuts carry the whole hidden state
+
+
+def check_frozen(config: pb.SessionConfig, spec: SplitSpec, base: BaseModel) -> None:
+    """A forward-only U: the middle's cuts as any U's, full width, and nothing to train here."""
+    check_middle(config, spec, base)
+    if spec.mode not in FULL_WIDTH:
+        raise invalid(
+            "forward_only: the cuts carry the full width (mode SL): the head is frozen, so a rank-R cut "
+            "would drop what the first layers compute for good"
+        )
+    if config.lora_rank:
+        raise invalid("forward_only: the middle is the base's, frozen; LoRA trains on the edge (lora_rank 0)")
+
+
+class FrozenMiddleSession(CoreAttributes):
+    """The U's middle, frozen and shared; evaluations only (each is one forward, no state changes)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        owner: str,
+        config: pb.SessionConfig,
+        base: BaseModel,
+        device: str = "cpu",
+        compute_lock: Optional[threading.Lock] = None,
+        max_batch: int = 256,
+        max_seq: int = 512,
+        checkpoint_dir: Optional[str] = None,
+        shared_base: Optional[SharedBase] = None,
+    ):
+        """As ``MiddleSession``'s; ``checkpoint_dir`` is not used: there is nothing to keep."""
+        self.config = config
+        self.spec = check_config(config, base, max_batch, max_seq, check_frozen)
+        self.device = device
+        self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), device)
+        middle, _ = build_ushape_cloud(base, ushape_from_config(config), device, shared_base)
+        middle.requires_grad_(False)  # the shared tensors are frozen for the LoRA sessions too
+        middle.eval()
+        fingerprint = session_fingerprint(base.fingerprint, self.spec, 0, None, config.tail_layers)
+        self.core = SessionCore(session_id, owner, config, fingerprint, middle, [], device, compute_lock)
+        self.core.inference_only = True  # no step and no final weights: close saves nothing
+
+    @property
+    def width(self) -> int:
+        """Values a token at the first cut (the model's width)."""
+        return self.inputs.width
+
+    def describe(self) -> str:
+        c = self.config
+        return f"forward-only U (frozen middle, {c.tail_layers} tail layers on the edge) at layer {c.split_layer}"
+
+    def opened(self, at: Optional[int] = None) -> pb.SessionOpened:
+        """The answer to an open: full-width cuts, so no factor goes to the edge."""
+        return self.core.opened(self.core.next_step if at is None else at, 0, None)
+
+    def step(self, kind: str, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        raise not_its_step(
+            f"this session is forward-only: the cloud runs the frozen middle for evaluations and takes no {kind}"
+        )
+
+    def evaluate(self, msg: pb.EvalStep) -> pb.EvalReply:
+        """The frozen middle's output at the second cut for one batch's real tokens."""
+        with self.core.lock:
+            lengths = self.inputs.lengths(msg.lengths)
+            x = self.inputs.decode(msg.activations, lengths)
+            padded, mask = self.inputs.unpack(x, lengths)
+            with torch.no_grad(), self.core.compute_lock:
+                out, _ = self.core.net2(padded, mask)
+            rows = out[mask].float()
+            if not bool(torch.isfinite(rows).all()):
+                raise invalid(
+                    f"batch {msg.batch}: the middle's output is not finite (activations too large?)"
+                )
+            return pb.EvalReply(batch=msg.batch, activations=self.inputs.encode_activations(rows))
+
+    def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:
+        raise not_its_step(
+            "this session is forward-only: it holds nothing to checkpoint (the edge's checkpoints are its own)"
+        )

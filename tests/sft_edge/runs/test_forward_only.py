@@ -1,0 +1,130 @@
+"""`sft-edge train --forward-only` end to end through a real daemon: activations cross once, nothing comes back up.
+
+The daemon runs in this process and records every message it is handed. A forward-only run sends
+each training and dev example's first-cut activations once (``EvalStep``s: no step, label, loss or
+gradient), trains its tail on the cached answers, resumes bit-identically, and generates through
+the daemon as its parts do in one process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import LM_WORDS, interrupt_then_resume
+
+from sft_edge import cli
+from sft_edge.runs.config import Connection, GenerateConfig, TrainConfig
+
+ALLOWED = {"batch", "lengths", "dtype", "shape", "data", "compression", "scale", "scales"}
+
+
+def write_completion_rows(path, n: int, offset: int = 0) -> str:
+    """``n`` distinct prompt/completion rows (helpers' repeat every 8: a cache would hide the count)."""
+    with open(path, "w") as f:
+        for k in range(offset, offset + n):
+            words = [LM_WORDS[(k + j) % len(LM_WORDS)] for j in range(3)]
+            row = {"prompt": f"{' '.join(words)} {k}", "completion": " ".join(reversed(words))}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def _leaves(msg):
+    out = set()
+    for field, value in msg.ListFields():
+        out |= _leaves(value) if hasattr(value, "ListFields") else {field.name}
+    return out
+
+
+def test_forward_only_lm_sends_each_example_once_and_generates_as_in_one_process(tmp_path, recorded):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from sft_common.models.base_model import load_base_model
+    from sft_common.models.lora import LoraSpec
+    from sft_common.storage.checkpoint import load_owned
+    from sft_common.topology.ushape import UShapeSpec, lora_part
+    from sft_common.topology.ushape_lm import build_ushape_lm_model
+    from sft_edge.finished.generate import decode, generate, prompt_ids
+
+    address, registry, messages = recorded
+    run = str(tmp_path / "run")
+    argv = [
+        "train", "--problem", "causal-lm", "--train-file", write_completion_rows(tmp_path / "train.jsonl", 24),
+        "--dev-file", write_completion_rows(tmp_path / "dev.jsonl", 6, 100), "--cloud", address, "--insecure",
+        "--model", "random:tiny-llama", "--batch-size", "4", "--max-steps", "12", "--lr", "1e-3",
+        "--forward-only", "--peft", "lora", "--wire-dtype", "fp32", "--output-dir", run,
+        "--report", str(tmp_path / "r.json"), "--checkpoint-every", "3", "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["steps"] == 12 and report["cloud_steps"] == 0 and report["forward_only"] is True
+    assert report["mode"] == "sl" and report["adapters"] == "tail" and len(report["eval_history"]) == 3
+    kinds = [m.WhichOneof("kind") for m, _ in messages]
+    # one evaluation per batch of the first epoch's 24 rows and of the 6 dev rows; nothing after
+    assert kinds == ["open"] + ["eval"] * (6 + 2) + ["close"], kinds
+    assert messages[0][0].open.config.forward_only and not messages[0][0].open.config.lora_rank
+    for msg, reply in messages[1:]:
+        assert _leaves(msg) <= ALLOWED, _leaves(msg)
+        assert not reply.eval.HasField("logits")
+    assert len(list((tmp_path / "run" / "activation_cache").glob("*.safetensors"))) == 24 + 6
+    assert json.loads((tmp_path / "run" / "sft_edge.json").read_text())["forward_only"] is True
+
+    conn = Connection(cloud=address, insecure=True)
+    out = generate(GenerateConfig(run, "red green blue", max_new_tokens=5, connection=conn))
+    base = load_base_model("random:tiny-llama")
+    head, middle, tail = build_ushape_lm_model(base, UShapeSpec(0, 8, 1, "sl"), seed=42)
+    lora_part(tail, "tail", LoraSpec().resolved(base.config.model_type), 42)
+    head.requires_grad_(False)  # frozen, as on the edge: the run saved none of it
+    load_owned(torch.nn.ModuleDict({"head": head, "tail": tail}), load_file(f"{run}/edge.safetensors"))
+    for part in (head, middle, tail):
+        part.eval()
+
+    def here(batch):
+        with torch.no_grad():
+            cut, _ = head(batch.input_ids, batch.attention_mask)
+            return tail(middle(cut, batch.attention_mask)[0], batch.attention_mask)
+
+    ids = prompt_ids(AutoTokenizer.from_pretrained(run), "red green blue", chat=False)
+    assert out["tokens"] == decode(here, ids, 5, 128) and len(out["tokens"]) == 5
+    assert len(registry) == 0  # every forward-only session closed
+
+
+def test_forward_only_resume_ends_as_an_uninterrupted_run(tmp_path, recorded, monkeypatch):
+    """Ctrl-C at step 4, then --resume: the tail bit-identical to a run never stopped, and the
+    resumed run sends only the examples the cut one had not cached."""
+    from safetensors.torch import load_file
+
+    from sft_edge.runs.trainer import train
+    from sft_edge.sessions.forward_only import ForwardOnlySession
+
+    address, _, messages = recorded
+    values = dict(
+        problem="causal-lm", train_file=write_completion_rows(tmp_path / "train.jsonl", 24),
+        dev_file=write_completion_rows(tmp_path / "dev.jsonl", 6, 100), cloud=address, insecure=True,
+        model="random:tiny-llama", batch_size=4, max_steps=9, lr=1e-3, forward_only=True,
+        checkpoint_every=3, progress=False,
+    )  # fmt: skip
+    whole = train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
+    sent_whole = sum(m.WhichOneof("kind") == "eval" for m, _ in messages)
+    del messages[:]
+    resumed = interrupt_then_resume(monkeypatch, ForwardOnlySession, values, tmp_path / "cut")
+    assert resumed["eval_history"] == whole["eval_history"] and resumed["resumes"] == 1
+    a, b = (load_file(str(tmp_path / n / "edge.safetensors")) for n in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(m.WhichOneof("kind") == "eval" for m, _ in messages) == sent_whole  # none sent twice
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--forward-only", "--mode", "sft"], "--forward-only sends the full width"),
+        (["--forward-only", "--micro-batches", "2"], "does not go with --local, --micro-batches"),
+        (["--forward-only", "--adapters", "parallel"], "--adapters must be one of tail, got 'parallel'"),
+        (["--forward-only", "--activation-cache-mb", "-1"], "--activation-cache-mb must be >= 0"),
+    ],
+)
+def test_bad_forward_only_flags_are_refused_at_once(capsys, extra, message):
+    assert cli.main(["train", "--task", "sst2", "--insecure", *extra]) == 2
+    assert message in capsys.readouterr().err
