@@ -22,19 +22,17 @@ from sft_common.models.lora import LoraSpec, resolve_lora
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
 from sft_common.topology.spec import SplitSpec
-from sft_common.topology.two_part import task_loss
-from sft_common.topology.ushape import EdgeFactors, UShapeSpec, build_ushape_edge, lora_part, part_factors
-from sft_common.topology.ushape_lm import build_ushape_lm_edge
+from sft_common.topology.ushape import EdgeFactors, UShapeSpec, lora_part, part_factors
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire import codec
 from sft_common.wire.codecs import Wire
 from sft_edge.data.glue import Batch
-from sft_edge.data.lm import lm_loss
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import ACTIVATIONS, EVAL, GRADIENT, Defence, Mechanism
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.sessions.base import open_request
 from sft_edge.sessions.client import SessionClient
+from sft_edge.sessions.tail_end import tail_end_of
 
 HEAD_SIDE, TAIL_SIDE = "edge", "edge-tail"  # dropout seeds of the head's and the tail's forward
 
@@ -102,12 +100,8 @@ class UShapeSession(SessionClient):
         self.fingerprint = open_msg.fingerprint
         opened = self._open_session(connect, open_msg, reconnect_timeout, backoff)
         factors = self._factors(base, opened)
-        self.causal_lm = causal_lm  # the tail ends in the LM head; the loss is lm_data's shifted one
-        self.tail: nn.Module
-        if causal_lm:
-            self.head, self.tail = build_ushape_lm_edge(base, spec, optim.seed, factors, device)
-        else:
-            self.head, self.tail = build_ushape_edge(base, spec, num_labels, optim.seed, factors, device)
+        self.end = tail_end_of(causal_lm)  # the task head and its loss, or the LM head's
+        self.head, self.tail = self.end.build(base, spec, num_labels, optim.seed, factors, device)
         if self.lora is not None:  # adapters; the factors and the task head trainable; the base frozen
             lora_part(self.head, "head", self.lora, optim.seed)
             lora_part(self.tail, "tail", self.lora, optim.seed)
@@ -165,7 +159,7 @@ class UShapeSession(SessionClient):
         second.requires_grad_(True)
         with seeded(self.optim_cfg.seed, TAIL_SIDE, step), autocast(self.device):
             logits = self.tail(second, batch.attention_mask)
-        loss = (lm_loss if self.causal_lm else task_loss)(logits.float(), batch.labels)
+        loss = self.end.loss(logits.float(), batch.labels)
         loss.backward()
         assert second.grad is not None
         grad = self._noised(self.defence.gradient, second.grad[mask], batch.lengths, GRADIENT, step)
