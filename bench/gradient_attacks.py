@@ -50,15 +50,19 @@ from sft_edge.runs.config import DPOptions, LinkOptions, OptimConfig
 from sft_edge.sessions.two_part import EdgeSession
 from sft_edge.sessions.ushape import UShapeSession
 
-CLASSES = ("sst2 negative", "sst2 positive", "mrpc", "rte")
+TASKS = {"sources": ("sst2 negative", "sst2 positive", "mrpc", "rte"), "sst2": ("negative", "positive")}
 
 
-def source_task(tokenizer, data_dir: str, per_class: int, length: int, seed: int) -> Encoded:
-    """The 4-class task: ``per_class`` sentences of each source with at least ``length`` word
-    pieces, each cut to exactly ``length`` (plus its special tokens), shuffled with ``seed``."""
+def source_task(
+    tokenizer, data_dir: str, per_class: int, length: int, seed: int, task: str = "sources"
+) -> Encoded:
+    """The 4-class task (``sst2``: SST-2's two alone): ``per_class`` sentences of each source with
+    at least ``length`` word pieces, each cut to exactly ``length`` (plus its special tokens),
+    shuffled with ``seed``."""
     sst2 = sentences(["sst2:train"], data_dir, 10**6, seed)
     pools = [[e for e in sst2 if e.label == 0], [e for e in sst2 if e.label == 1]]
-    pools += [sentences([task], data_dir, 10**6, seed) for task in ("mrpc:train", "rte:train")]
+    if task == "sources":
+        pools += [sentences([source], data_dir, 10**6, seed) for source in ("mrpc:train", "rte:train")]
     specials = len(tokenizer("")["input_ids"])  # [CLS] and [SEP], or none
     ids: List[List[int]] = []
     labels: List[int] = []
@@ -66,7 +70,7 @@ def source_task(tokenizer, data_dir: str, per_class: int, length: int, seed: int
         enc = encode(pool[: per_class * 20], tokenizer, length + specials)
         full = [x for x in enc.input_ids if len(x) == length + specials][:per_class]
         if len(full) < per_class:
-            raise ValueError(f"{CLASSES[label]}: only {len(full)} sentences of {length} tokens")
+            raise ValueError(f"{TASKS[task][label]}: only {len(full)} sentences of {length} tokens")
         ids += full
         labels += [label] * per_class
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -126,13 +130,20 @@ def gradients_up(events: List[Tuple[str, Any, float]], session: Any, lengths: Se
     return session.wire.decode_gradient(up[-1].grad, "gradient", (sum(lengths), session.width))
 
 
+def norms_up(events: List[Tuple[str, Any, float]], session: Any, lengths: Sequence[int]) -> List[float]:
+    """Each example's L2 norm of the last activations sent up (what ``--dp-clip`` compares)."""
+    up = [m.forward_up for d, m, _ in events if d == "sent" and m.WhichOneof("kind") == "forward_up"]
+    rows = session.wire.decode_activations(up[-1].activations, "activations", (sum(lengths), session.width))
+    return [float(r.norm()) for r in rows.split(list(lengths))]
+
+
 def label_run(args: argparse.Namespace) -> Dict:
     """The U (classification, K classes) trained ``args.steps`` steps; the attack on each window of
     ``args.window`` steps' gradients up; the two-part cut's gradient down over the first window."""
     base = load_base_model(args.model)
     tok = AutoTokenizer.from_pretrained(base.tokenizer_dir)
-    k, bs = len(CLASSES), args.batch_size
-    data = source_task(tok, args.data_dir, args.steps * bs // k + 1, args.length, args.seed)
+    k, bs = len(TASKS[args.task]), args.batch_size
+    data = source_task(tok, args.data_dir, args.steps * bs // k + 1, args.length, args.seed, args.task)
     optim = OptimConfig(lr=args.lr, total_steps=args.steps, seed=args.seed)
     transport = inproc(base)
     spec = UShapeSpec(args.first_cut, args.rank, args.tail_layers[0], args.mode)
@@ -140,26 +151,31 @@ def label_run(args: argparse.Namespace) -> Dict:
     session = UShapeSession(base, spec, k, transport, optim, bs, args.length + 2, link, task="sources")
     events = record(transport)
     grads: List[torch.Tensor] = []
+    acts: List[float] = []
     losses, rows, t0 = [], [], time.time()
     for step in range(args.steps):
         batch = collate(data, range(step * bs, (step + 1) * bs))
         events.clear()
         losses.append(session.train_step(step, batch))
         grads += list(gradients_up(events, session, batch.lengths).split(batch.lengths))
+        acts += norms_up(events, session, batch.lengths)
         if (step + 1) % args.window == 0:
             first = step + 1 - args.window
             y = torch.tensor(data.labels[first * bs : (step + 1) * bs])
             found = label_recovery([r.sum(0) for r in grads[first * bs :]], y, k, args.seed)
             loss = sum(losses[first:]) / args.window
             rows.append({"steps": f"{first}-{step}", "train_loss": round(loss, 4), **found})
+            norms = torch.tensor([float(g.norm()) for g in grads[first * bs :]])
+            rows[-1]["grad_norm_median"] = float(norms.median())  # --dp-grad-clip's scale
+            rows[-1]["activation_norm_median"] = float(torch.tensor(acts[first * bs :]).median())
             print(rows[-1], file=sys.stderr, flush=True)
     session.close()
     return {
         "model": args.model,
-        "classes": list(CLASSES),
+        "classes": list(TASKS[args.task]),
         "examples": args.steps * bs,
         "u_gradient_up": rows,
-        "two_part_gradient_down": two_part_down(base, data, args, k),
+        "two_part_gradient_down": None if args.no_two_part else two_part_down(base, data, args, k),
         "wall_s": round(time.time() - t0, 1),
     }
 
@@ -296,6 +312,8 @@ def arguments(argv: Any) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8, help="labels: the U's SFT rank")
     p.add_argument("--mode", default="sft", help="labels: the U's cut mode")
     p.add_argument("--length", type=int, default=16, help="labels: tokens a sentence")
+    p.add_argument("--no-two-part", action="store_true", help="labels: skip the two-part split's rows")
+    p.add_argument("--task", choices=TASKS, default="sources", help="labels: 4 sources, or SST-2's 2 labels")
     p.add_argument("--seq", type=int, default=96, help="text: tokens kept of a row")
     p.add_argument("--wire", help="default: fp32 (labels), int4-6-hadamard (text: a decoder U's default)")
     p.add_argument("--data", default="/tmp/paraphrases", help="text: the paraphrase set (made if missing)")
@@ -331,10 +349,11 @@ def main(argv: Any = None) -> int:
         )
         print(f"baseline, the most common learnt token everywhere: {result['baseline']}")
     else:
-        print(table(result["u_gradient_up"], "steps train_loss labels_recovered chance"))
+        print(table(result["u_gradient_up"], "steps train_loss labels_recovered chance grad_norm_median"))
         print(f"two-part, gradient down: {result['two_part_gradient_down']}")
     dp = f"_dp{args.dp_noise:g}-{args.dp_grad_noise:g}" if args.dp_noise or args.dp_grad_noise else ""
-    name = args.name or f"gradient_{args.attack}_" + args.model.replace(":", "_").replace("/", "_") + dp
+    task = f"_{args.task}" if args.attack == "labels" and args.task != "sources" else ""
+    name = args.name or f"gradient_{args.attack}{task}_" + args.model.replace(":", "_").replace("/", "_") + dp
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
 
