@@ -165,17 +165,15 @@ def load_ushape(
     The SFT cuts stay factorised (see ``sft_edge.finished.predict.export``)."""
     from transformers import AutoConfig
 
-    from sft_common.topology.ushape import build_ushape_model, lora_part
-    from sft_common.topology.ushape_lm import build_ushape_lm_model, trained_ushape
+    from sft_common.topology.ushape import lora_part
+    from sft_common.topology.ushape_lm import trained_ushape
+    from sft_edge.sessions.tail_end import tail_end_of
 
     spec, seed = record.ushape_spec(), record.seed
     parts: Tuple[nn.Module, nn.Module, nn.Module]
     if record.lora:
         base, lora = base_of(record), record.lora_spec()
-        if record.causal_lm:
-            parts = build_ushape_lm_model(base, spec, seed, device)
-        else:
-            parts = build_ushape_model(base, spec, record.num_labels, seed, device)
+        parts = tail_end_of(record.causal_lm).model(base, spec, record.num_labels, seed, device)
         for which, part in zip(("head", "middle", "tail"), parts):
             lora_part(part, which, lora, seed)
     else:

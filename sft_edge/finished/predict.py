@@ -24,7 +24,7 @@ from sft_edge.finished.parts import open_finished, open_model
 from sft_edge.finished.record import EDGE, read_run
 from sft_edge.finished.trained import TrainedModel
 from sft_edge.runs.config import Connection, ExportConfig, PredictConfig
-from sft_edge.runs.kinds import exported_part
+from sft_edge.runs.kinds import exported_part, kind_of_record
 
 OUTPUTS = (".csv", ".jsonl")
 
@@ -69,16 +69,14 @@ def export(cfg: ExportConfig) -> str:
         raise DataError(f"{cfg.run} is not a split run's --output-dir (it holds {record.part!r} weights)")
     if os.path.exists(cfg.to) and os.listdir(cfg.to):
         raise DataError(f"{cfg.to} exists and is not empty: export into a new folder")
-    session = open_finished(cfg.run, record, cfg.connection, "cpu")
-    try:
-        weights = fetch_weights(session)
-    finally:
-        session.close()
+    files = kind_of_record(record).exported_files(cfg.run, record, cfg.connection)
     tmp = cfg.to.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(cfg.run, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "*.png", "route-key"))
-    with open(os.path.join(tmp, "cloud.safetensors"), "wb") as f:
-        f.write(weights)
+    leave = shutil.ignore_patterns("checkpoints", "activation_cache", "*.csv", "*.png", "route-key")
+    shutil.copytree(cfg.run, tmp, ignore=leave)
+    for name, data in files.items():  # the daemon's part (and a forward-only run's edge part, whole)
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
     record.part = exported_part(record)  # cloud.safetensors: the U's middle, or net2
     record.weights = ["edge.safetensors", "cloud.safetensors"]
     record.write(tmp)

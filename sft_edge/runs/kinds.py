@@ -2,7 +2,8 @@
 
 ``TwoPart`` (the paper's split: net1 here, net2 and the loss on the cloud), ``UShape``
 (``--label-private``: the head and the tail here, the middle on the cloud, the labels never leave),
-``ForwardOnly`` (``--forward-only``: the U with its head and middle frozen; no gradient crosses)
+``ForwardOnly`` (``--forward-only``, ``sft_edge.runs.forward_kind``: the U with its head and middle
+frozen; no gradient crosses)
 and ``Local`` (``--local``: the whole model here, no cloud). ``kind_of(cfg)`` resolves the flags
 once, ``kind_of_record(record)`` a finished run; the trainer, the run's set-up, predict, generate
 and ``load_trained`` ask the object and never branch on the kind. A kind checks its own flags,
@@ -18,7 +19,6 @@ from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.topology.spec import FFN_INPUT, SplitSpec
 from sft_edge.finished.record import EDGE, FULL, SPLIT, USHAPE, RunRecord
 from sft_edge.runs.config import OptimConfig, TrainConfig, check_factor_lr
-from sft_edge.runs.defaults import asks_for_factors
 
 
 class RunKind:
@@ -56,6 +56,18 @@ class RunKind:
     def reopen(self, record: RunRecord, base, connect: Callable, device: str):
         """A finished run's session reopened for inference only (predict, export, generate)."""
         raise NotImplementedError(f"a {self.name} run keeps nothing on a daemon")
+
+    def exported_files(self, folder: str, record: RunRecord, connection) -> Dict[str, bytes]:
+        """``sft-edge export``: the files to write beside a copy of the run's folder (name -> bytes);
+        a split kind's: the cloud part, fetched from the run's finished session."""
+        from sft_edge.finished.parts import open_finished
+        from sft_edge.finished.predict import fetch_weights
+
+        session = open_finished(folder, record, connection, "cpu")
+        try:
+            return {"cloud.safetensors": fetch_weights(session)}
+        finally:
+            session.close()
 
     def report(self, cfg: TrainConfig, run: Any) -> Dict[str, Any]:
         """The report's fields that say how the run was split."""
@@ -191,109 +203,6 @@ class UShape(RunKind):
         return UShapeSession(base, spec, record.num_labels, connect, optim, causal_lm=record.causal_lm, **kw)
 
 
-class ForwardOnly(UShape):
-    """``--forward-only``: the U with the head and the middle frozen; only the tail trains, here.
-
-    The first cut's activations cross once per example and the middle's answers are cached here
-    (``sft_edge.sessions.forward_only``): no gradient, label or loss crosses, and later epochs need
-    no cloud. The cloud serves the base's middle, frozen (``sft_cloud.sessions.frozen``)."""
-
-    name = "forward-only"
-    cloud_keeps_part = False  # the middle is the base's: any daemon serving the model serves it
-
-    def check(self, cfg: TrainConfig) -> None:
-        super().check(cfg)
-        if cfg.mode not in FORWARD_MODES:
-            raise ValueError(FULL_WIDTH)
-        if asks_for_factors(cfg):
-            raise ValueError(FULL_WIDTH)
-        if cfg.adapters not in ADAPTERS:
-            raise ValueError(f"--adapters must be one of {', '.join(ADAPTERS)}, got {cfg.adapters!r}")
-        if cfg.activation_cache_mb < 0:
-            raise ValueError(f"--activation-cache-mb must be >= 0, got {cfg.activation_cache_mb}")
-
-    def describe(self, cfg: TrainConfig) -> str:
-        return f"forward-only ({cfg.adapters}: {cfg.tail_layers} layers here) via {cfg.cloud}"
-
-    def report(self, cfg, run):
-        return {**super().report(cfg, run), "forward_only": True, "adapters": cfg.adapters}
-
-    def open(self, cfg, run, connect, held, session_id):
-        folder = f"{cfg.output_dir}/activation_cache" if cfg.output_dir else None
-        checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
-        cache = forward_cache(folder, run.base, run.spec, cfg.tail_layers, cfg.link, cfg.activation_cache_mb)
-        return forward_session(cfg, run, connect, cache, checkpoints, held[0] if held else 0)
-
-    def reopen(self, record, base, connect, device):
-        from sft_edge.runs.config import LinkOptions
-        from sft_edge.sessions.forward_only import ForwardOnlySession
-
-        spec = record.ushape_spec()
-        link = LinkOptions(wire_dtype=record.wire_dtype, compression=record.compression)
-        cache = forward_cache(None, base, spec, spec.tail_layers, link, INFERENCE_CACHE_MB)
-        optim = OptimConfig(seed=record.seed)
-        return ForwardOnlySession(
-            base,
-            spec,
-            record.num_labels,
-            connect,
-            optim,
-            record.batch_size,
-            record.max_seq_len,
-            link,
-            cache,
-            device=device,
-            lora=record.lora_spec(),
-            causal_lm=record.causal_lm,
-        )
-
-
-FORWARD_MODES = (None, "sl")  # --mode of a forward-only run: the full width (None: runs.defaults says sl)
-FULL_WIDTH = (
-    "--forward-only sends the full width (--mode sl): its head is frozen, so a rank-R cut would drop what "
-    "the first layers compute for good (no --mode sft, --factorise or --factor-lr)"
-)
-ADAPTERS = ("tail",)  # --adapters: where a forward-only run's trainable part sits
-INFERENCE_CACHE_MB = 256.0  # a finished forward-only run's answers, in memory, for repeated prompts
-
-
-def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float):
-    """A forward-only run's ``ActivationCache``: its identity is what the middle's answers depend on."""
-    from sft_edge.data.activation_cache import ActivationCache
-
-    identity = {
-        "base": base.fingerprint,
-        "split_layer": spec.split_layer,
-        "tail_layers": tail_layers,
-        "wire_dtype": link.wire_dtype,
-    }
-    return ActivationCache(folder, identity, budget_mb)
-
-
-def forward_session(cfg: TrainConfig, run: Any, connect, cache, checkpoints, start: int):
-    from sft_edge.sessions.forward_only import ForwardOnlySession
-
-    spec = ForwardOnly.ushape(cfg, run.spec)
-    return ForwardOnlySession(
-        run.base,
-        spec,
-        run.problem.num_labels(run.task),
-        connect,
-        run.optim,
-        cfg.batch_size,
-        run.max_len,
-        cfg.link,
-        cache,
-        run.task.name,
-        run.device,
-        checkpoints,
-        start,
-        cfg.reconnect_timeout,
-        lora=cfg.lora,
-        causal_lm=run.problem.causal_lm,
-    )
-
-
 class Local(RunKind):
     """``--local``: the whole unsplit model here, no cloud (the baseline split training is compared with)."""
 
@@ -352,6 +261,8 @@ def kind_of(cfg: TrainConfig) -> RunKind:
     if cfg.local:
         return Local()
     if cfg.forward_only:
+        from sft_edge.runs.forward_kind import ForwardOnly
+
         return ForwardOnly()
     return UShape() if cfg.label_private else TwoPart()
 
@@ -361,6 +272,8 @@ def kind_of_record(record: RunRecord) -> RunKind:
     if record.part == FULL:
         return Local()
     if record.forward_only:
+        from sft_edge.runs.forward_kind import ForwardOnly
+
         return ForwardOnly()
     return UShape() if record.label_private or record.part == USHAPE else TwoPart()
 

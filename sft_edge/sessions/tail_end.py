@@ -15,8 +15,8 @@ from torch import nn
 
 from sft_common.models.base_model import BaseModel
 from sft_common.topology.two_part import task_loss
-from sft_common.topology.ushape import EdgeFactors, UShapeSpec, build_ushape_edge
-from sft_common.topology.ushape_lm import build_ushape_lm_edge
+from sft_common.topology.ushape import EdgeFactors, UShapeSpec, build_ushape_edge, build_ushape_model
+from sft_common.topology.ushape_lm import build_ushape_lm_edge, build_ushape_lm_model
 from sft_edge.data.lm import lm_loss
 
 Parts = Tuple[nn.Module, nn.Module]
@@ -29,6 +29,8 @@ class TailEnd:
     name: str
     build: Callable[[BaseModel, UShapeSpec, int, int, Optional[EdgeFactors], str], Parts]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # the three parts in one process from the base (an export, the reference): (base, spec, labels, seed, device)
+    model: Callable[[BaseModel, UShapeSpec, int, int, str], Tuple[nn.Module, nn.Module, nn.Module]]
 
 
 def lm_parts(
@@ -38,8 +40,14 @@ def lm_parts(
     return build_ushape_lm_edge(base, spec, seed, factors, device)
 
 
-TASK = TailEnd("task head", build_ushape_edge, task_loss)
-LM = TailEnd("LM head", lm_parts, lm_loss)
+def lm_model(
+    base: BaseModel, spec: UShapeSpec, num_labels: int, seed: int, device: str
+) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    return build_ushape_lm_model(base, spec, seed, device)
+
+
+TASK = TailEnd("task head", build_ushape_edge, task_loss, build_ushape_model)
+LM = TailEnd("LM head", lm_parts, lm_loss, lm_model)
 
 
 def tail_end_of(causal_lm: bool) -> TailEnd:

@@ -12,10 +12,12 @@ import json
 
 import pytest
 import torch
-from helpers import LM_WORDS, interrupt_then_resume
+from helpers import LM_WORDS, interrupt_then_resume, write_reviews
 
 from sft_edge import cli
-from sft_edge.runs.config import Connection, GenerateConfig, TrainConfig
+from sft_edge.finished import predict
+from sft_edge.finished.predict import export
+from sft_edge.runs.config import Connection, ExportConfig, GenerateConfig, PredictConfig, TrainConfig
 
 ALLOWED = {"batch", "lengths", "dtype", "shape", "data", "compression", "scale", "scales"}
 
@@ -89,6 +91,44 @@ def test_forward_only_lm_sends_each_example_once_and_generates_as_in_one_process
     ids = prompt_ids(AutoTokenizer.from_pretrained(run), "red green blue", chat=False)
     assert out["tokens"] == decode(here, ids, 5, 128) and len(out["tokens"]) == 5
     assert len(registry) == 0  # every forward-only session closed
+    # export needs no daemon (the head and middle are the base's); it generates the same here
+    export(ExportConfig(run, str(tmp_path / "export"), Connection(cloud="127.0.0.1:1", insecure=True)))
+    assert not (tmp_path / "export" / "activation_cache").exists()
+    alone = generate(GenerateConfig(str(tmp_path / "export"), "red green blue", max_new_tokens=5))
+    assert alone["tokens"] == out["tokens"]
+
+
+def test_forward_only_classification_predicts_through_the_daemon_and_after_export(tmp_path, recorded):
+    """Tiny BERT, full fine-tuning of the tail: predict through the daemon = the evaluation at the
+    end of training = the export's predictions here."""
+    import csv
+
+    from sft_edge.finished.trained import load_trained
+
+    address, _, messages = recorded
+    run, dev = str(tmp_path / "run"), write_reviews(tmp_path / "dev.csv", 12, 100)
+    argv = [
+        "train", "--train-file", write_reviews(tmp_path / "train.csv", 40), "--dev-file", dev,
+        "--text-columns", "opinion", "--label-column", "verdict", "--cloud", address, "--insecure",
+        "--model", "random:tiny", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--forward-only",
+        "--tail-layers", "2", "--output-dir", run, "--report", str(tmp_path / "r.json"), "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["cloud_steps"] == 0 and report["wire_dtype"] == "fp32" and report["tail_layers"] == 2
+    assert "gradient" not in json.dumps(report["privacy"]["crossed"])
+    conn = Connection(cloud=address, insecure=True)
+    assert predict.predict(PredictConfig(run, dev, str(tmp_path / "p.csv"), conn)) == 12
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    gold = [r["verdict"] for r in csv.DictReader(open(dev, newline=""))]
+    accuracy = sum(r["prediction"] == g for r, g in zip(rows, gold)) / len(gold)
+    assert accuracy == pytest.approx(report["metrics"]["accuracy"])
+    export(ExportConfig(run, str(tmp_path / "export"), conn))
+    here = load_trained(str(tmp_path / "export")).predict([(r["opinion"],) for r in rows])
+    for h, r in zip(here, rows):
+        assert h["prediction"] == r["prediction"]
+        assert h["probabilities"]["good"] == pytest.approx(float(r["probability_good"]), abs=1e-5)
 
 
 def test_forward_only_resume_ends_as_an_uninterrupted_run(tmp_path, recorded, monkeypatch):

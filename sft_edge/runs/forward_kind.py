@@ -1,0 +1,122 @@
+"""The forward-only run kind (``--forward-only``): the U with its head and the cloud's middle frozen.
+
+``ForwardOnly`` is ``UShape`` with a frozen head and middle: only the tail trains, here. The first
+cut's activations cross once per example and the middle's answers are cached on the device
+(``sft_edge.sessions.forward_only``, ``sft_edge.data.activation_cache``): no gradient, label or loss
+crosses, later epochs need no cloud, and the cloud serves the base's middle, frozen
+(``sft_cloud.sessions.frozen``). ``kinds.kind_of`` resolves the flag into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft_common.storage.checkpoint import CheckpointDir
+from sft_edge.runs.config import OptimConfig, TrainConfig
+from sft_edge.runs.defaults import asks_for_factors
+from sft_edge.runs.kinds import UShape
+
+
+class ForwardOnly(UShape):
+    """``--forward-only``: the U with the head and the middle frozen; only the tail trains, here."""
+
+    name = "forward-only"
+    cloud_keeps_part = False  # the middle is the base's: any daemon serving the model serves it
+
+    def check(self, cfg: TrainConfig) -> None:
+        super().check(cfg)
+        if cfg.mode not in FORWARD_MODES:
+            raise ValueError(FULL_WIDTH)
+        if asks_for_factors(cfg):
+            raise ValueError(FULL_WIDTH)
+        if cfg.adapters not in ADAPTERS:
+            raise ValueError(f"--adapters must be one of {', '.join(ADAPTERS)}, got {cfg.adapters!r}")
+        if cfg.activation_cache_mb < 0:
+            raise ValueError(f"--activation-cache-mb must be >= 0, got {cfg.activation_cache_mb}")
+
+    def describe(self, cfg: TrainConfig) -> str:
+        return f"forward-only ({cfg.adapters}: {cfg.tail_layers} layers here) via {cfg.cloud}"
+
+    def report(self, cfg, run):
+        return {**super().report(cfg, run), "forward_only": True, "adapters": cfg.adapters}
+
+    def open(self, cfg, run, connect, held, session_id):
+        folder = f"{cfg.output_dir}/activation_cache" if cfg.output_dir else None
+        checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
+        cache = forward_cache(folder, run.base, run.spec, cfg.tail_layers, cfg.link, cfg.activation_cache_mb)
+        return forward_session(cfg, run, connect, cache, checkpoints, held[0] if held else 0)
+
+    def exported_files(self, folder, record, connection):
+        """Built here from the base and the run's tail: no daemon holds anything of the run."""
+        from sft_edge.finished.frozen_parts import forward_only_files
+
+        return forward_only_files(folder, record)
+
+    def reopen(self, record, base, connect, device):
+        from sft_edge.runs.config import LinkOptions
+        from sft_edge.sessions.forward_only import ForwardOnlySession
+
+        spec = record.ushape_spec()
+        link = LinkOptions(wire_dtype=record.wire_dtype, compression=record.compression)
+        cache = forward_cache(None, base, spec, spec.tail_layers, link, INFERENCE_CACHE_MB)
+        optim = OptimConfig(seed=record.seed)
+        return ForwardOnlySession(
+            base,
+            spec,
+            record.num_labels,
+            connect,
+            optim,
+            record.batch_size,
+            record.max_seq_len,
+            link,
+            cache,
+            device=device,
+            lora=record.lora_spec(),
+            causal_lm=record.causal_lm,
+        )
+
+
+FORWARD_MODES = (None, "sl")  # --mode of a forward-only run: the full width (None: runs.defaults says sl)
+FULL_WIDTH = (
+    "--forward-only sends the full width (--mode sl): its head is frozen, so a rank-R cut would drop what "
+    "the first layers compute for good (no --mode sft, --factorise or --factor-lr)"
+)
+ADAPTERS = ("tail",)  # --adapters: where a forward-only run's trainable part sits
+INFERENCE_CACHE_MB = 256.0  # a finished forward-only run's answers, in memory, for repeated prompts
+
+
+def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float):
+    """A forward-only run's ``ActivationCache``: its identity is what the middle's answers depend on."""
+    from sft_edge.data.activation_cache import ActivationCache
+
+    identity = {
+        "base": base.fingerprint,
+        "split_layer": spec.split_layer,
+        "tail_layers": tail_layers,
+        "wire_dtype": link.wire_dtype,
+    }
+    return ActivationCache(folder, identity, budget_mb)
+
+
+def forward_session(cfg: TrainConfig, run: Any, connect, cache, checkpoints, start: int):
+    from sft_edge.sessions.forward_only import ForwardOnlySession
+
+    spec = ForwardOnly.ushape(cfg, run.spec)
+    return ForwardOnlySession(
+        run.base,
+        spec,
+        run.problem.num_labels(run.task),
+        connect,
+        run.optim,
+        cfg.batch_size,
+        run.max_len,
+        cfg.link,
+        cache,
+        run.task.name,
+        run.device,
+        checkpoints,
+        start,
+        cfg.reconnect_timeout,
+        lora=cfg.lora,
+        causal_lm=run.problem.causal_lm,
+    )
