@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 import grpc
 import torch
 
+from sft_cloud.sessions.batcher import StepBatcher
 from sft_cloud.sessions.validation import invalid
 from sft_common.models.lora import LoraSpec, apply_lora, share_frozen
 from sft_common.models.shared import SharedBase
@@ -90,6 +91,9 @@ class SessionCore:
         # Dropout draws from the process-wide RNG; seeding it per step and computing under one
         # lock makes each step's randomness a function of (seed, step) alone.
         self.compute_lock = compute_lock or threading.Lock()
+        # Runs its steps batched with other LoRA sessions' on one frozen base (the registry's;
+        # None: each step alone, under ``compute_lock``).
+        self.batcher: Optional[StepBatcher] = None
 
     # -- a training message, exactly once ---------------------------------------------------
 
@@ -124,17 +128,46 @@ class SessionCore:
         A finite loss of huge but finite activations can still overflow its gradients: when any
         is not finite the message is refused and net2's gradients are put back as they were
         (earlier micro-batches' included), so nothing is applied."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        before = (
+        saved = self.grads()
+        out.backward(grad)
+        if self.grads_finite(x):
+            assert x.grad is not None
+            return x.grad
+        self.put_back(saved, x)
+        raise self.not_finite(what)
+
+    def params(self) -> List[torch.nn.Parameter]:
+        """What its optimizer trains."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def grads(self) -> Optional[List[Optional[torch.Tensor]]]:
+        """Copies of its gradients to put back after a refused backward (None: none accumulating)."""
+        params = self.params()
+        return (
             [None if p.grad is None else p.grad.clone() for p in params] if self.has_grads(params) else None
         )
-        out.backward(grad)
-        grads = [p.grad for p in params if p.grad is not None]
-        if x.grad is not None and all(bool(torch.isfinite(g).all()) for g in [x.grad, *grads]):
-            return x.grad
-        for p, saved in zip(params, before or [None] * len(params)):
-            p.grad = saved
-        raise invalid(f"{what}: the gradients are not finite (activations too large?); nothing was applied")
+
+    def put_back(self, saved: Optional[List[Optional[torch.Tensor]]], x: Optional[torch.Tensor]) -> None:
+        """Its gradients as ``grads`` saved them; the input ``x``'s gradient dropped."""
+        params = self.params()
+        for p, grad in zip(params, saved or [None] * len(params)):
+            p.grad = grad
+        if x is not None:
+            x.grad = None
+
+    def grads_finite(self, x: Optional[torch.Tensor]) -> bool:
+        """Whether a backward left the input ``x`` a gradient and every gradient finite."""
+        grads = [p.grad for p in self.params() if p.grad is not None]
+        return (
+            x is not None
+            and x.grad is not None
+            and all(bool(torch.isfinite(g).all()) for g in [x.grad, *grads])
+        )
+
+    @staticmethod
+    def not_finite(what: str) -> ProtocolError:
+        """The refusal of a message whose gradients overflowed."""
+        return invalid(f"{what}: the gradients are not finite (activations too large?); nothing was applied")
 
     @staticmethod
     def has_grads(params: Sequence[torch.Tensor]) -> bool:
@@ -159,8 +192,16 @@ class SessionCore:
     def rng(self, step: int, micro: int = 0) -> Iterator[None]:
         """Compute under the daemon's compute lock, with the RNG seeded by (seed, step, micro)."""
         with self.compute_lock:
-            torch.manual_seed(step_seed(self.config.seed, "cloud", step, micro))
+            torch.manual_seed(self.seed(step, micro))
             yield
+
+    def seed(self, step: int, micro: int = 0) -> int:
+        """The RNG seed of a step's compute (a batched step's member draws from its own stream)."""
+        return step_seed(self.config.seed, "cloud", step, micro)
+
+    def batched(self, session: Any) -> Optional[StepBatcher]:
+        """The batcher that runs ``session``'s steps, when they may be batched (None: alone)."""
+        return self.batcher if self.batcher is not None and self.batcher.takes(session) else None
 
     def check_trainable(self) -> None:
         if self.inference_only:

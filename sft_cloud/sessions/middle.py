@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from sft_cloud.sessions.batcher import BatchGraph, Job
 from sft_cloud.sessions.core import CoreAttributes, SessionCore, adapt_lora, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
@@ -92,8 +93,9 @@ class MiddleSession(CoreAttributes):
             rolled_back=self._drop_pending,
         )
         # The step whose forward is applied and whose gradient is awaited: (step, â1 as received,
-        # with its gradient to come; â2 on the middle's graph). One at a time: the graph is bounded.
-        self._pending: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
+        # with its gradient to come; â2 on the middle's graph; the batch that graph is shared with,
+        # None: its own). One at a time: the graph is bounded.
+        self._pending: Optional[Tuple[int, torch.Tensor, torch.Tensor, Optional[BatchGraph]]] = None
 
     @property
     def width(self) -> int:
@@ -142,17 +144,29 @@ class MiddleSession(CoreAttributes):
 
     def _forward(self, msg: pb.ForwardUp) -> pb.ForwardDown:
         lengths = self.inputs.lengths(msg.lengths)
-        x = self.inputs.decode(msg.activations, lengths)
-        with self.core.rng(msg.step):
-            self.net2.train()
-            x.requires_grad_(True)
-            padded, mask = self.inputs.unpack(x, lengths)
-            out, _ = self.net2(padded, mask)
-            rows = out[mask]  # (tokens, width): the real tokens only
-        if not bool(torch.isfinite(rows).all()):
-            raise invalid(f"step {msg.step}: the middle's output is not finite; nothing was applied")
-        self._pending = (msg.step, x, rows)
+        x = self.inputs.decode(msg.activations, lengths).requires_grad_(True)
+        padded, mask = self.inputs.unpack(x, lengths)
+        job = Job(
+            self, self.core.seed(msg.step), (padded, mask), lambda out: self._rows(out[0], mask, msg.step)
+        )
+        batcher = self.core.batched(self)
+        graph: Optional[BatchGraph] = None
+        if batcher is not None:  # with other sessions' forwards through the shared base
+            rows, graph = batcher.forward(job)
+        else:
+            with self.core.rng(msg.step):
+                self.net2.train()
+                rows = job.finish(self.net2(padded, mask))
+        self._pending = (msg.step, x, rows, graph)
         return pb.ForwardDown(step=msg.step, activations=self.inputs.encode_activations(rows.detach()))
+
+    @staticmethod
+    def _rows(out: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
+        """(tokens, width): the middle's output at the real tokens, refused when not finite."""
+        rows = out[mask]
+        if not bool(torch.isfinite(rows).all()):
+            raise invalid(f"step {step}: the middle's output is not finite; nothing was applied")
+        return rows
 
     def gradient_up(self, msg: pb.GradientUp) -> pb.GradientDown:
         """Phases 3-4: ∂loss/∂â2 through the kept graph, the middle updated; answers ∂loss/∂â1."""
@@ -167,10 +181,18 @@ class MiddleSession(CoreAttributes):
 
     def _backward(self, msg: pb.GradientUp) -> pb.GradientDown:
         assert self._pending is not None
-        _, x, rows = self._pending
+        _, x, rows, graph = self._pending
         grad = self.inputs.decode_gradient(msg.grad, tuple(rows.shape))
-        with self.core.compute_lock:  # the backward draws nothing, but shares the CPU threads
-            grad_in = self.core.backward(rows, grad, x, f"step {msg.step}")
+        what = f"step {msg.step}"
+        if graph is not None and self.core.batcher is not None:  # with its forward batch's others
+            self.core.batcher.backward(
+                graph, Job(self, 0, (), lambda out: out, x=x, what=what, roots=rows, grad=grad)
+            )
+            assert x.grad is not None
+            grad_in = x.grad
+        else:
+            with self.core.compute_lock:  # the backward draws nothing, but shares the CPU threads
+                grad_in = self.core.backward(rows, grad, x, what)
         reply = pb.GradientDown(step=msg.step, grad=self.inputs.encode_gradient(grad_in))
         self.core.complete(msg.step)
         self._pending = None
@@ -178,6 +200,8 @@ class MiddleSession(CoreAttributes):
 
     def _drop_pending(self) -> None:
         """A forward whose gradient never came is dropped with its graph (a restore)."""
+        if self._pending is not None and self._pending[3] is not None:
+            self._pending[3].leave(self)  # its batch's others wait no more for its backward
         self._pending = None
 
     def _unexpected(self, phase: str, step: int) -> str:

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from sft_cloud.sessions.batcher import Job
 from sft_cloud.sessions.core import CoreAttributes, SessionCore, adapt_lora, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid
@@ -124,20 +125,33 @@ class TwoPartSession(CoreAttributes):
         lengths = self.inputs.lengths(msg.lengths)
         count, examples = self._check_micro(msg, len(lengths))
         labels = self._check_labels(msg, len(lengths))
-        x = self.inputs.decode(msg.activations, lengths)
-        with self.core.rng(self.core.next_step, msg.micro):
-            self.net2.train()
-            x.requires_grad_(True)
-            logits = self.net2(*self.inputs.unpack(x, lengths))
+        x = self.inputs.decode(msg.activations, lengths).requires_grad_(True)
+        what = f"step {msg.step} micro-batch {msg.micro}"
+        inputs = self.inputs.unpack(x, lengths)
+        job = Job(
+            self, self.core.seed(self.core.next_step, msg.micro), inputs, lambda _: None, x=x, what=what
+        )
+
+        def finish(logits: torch.Tensor) -> torch.Tensor:
             loss = task_loss(logits, labels)
             if not bool(torch.isfinite(loss)):
-                raise invalid(
-                    f"step {msg.step} micro-batch {msg.micro}: the loss is not finite; nothing was applied"
-                )
+                raise invalid(f"{what}: the loss is not finite; nothing was applied")
             # Each micro-batch's mean loss counts by its share of the step's examples, so the
             # accumulated gradients are those of the whole batch's mean loss.
-            weighted = loss if examples == len(lengths) else loss * (len(lengths) / examples)
-            grad = self.core.backward(weighted, None, x, f"step {msg.step} micro-batch {msg.micro}")
+            job.roots = loss if examples == len(lengths) else loss * (len(lengths) / examples)
+            return loss
+
+        job.finish = finish
+        batcher = self.core.batched(self)
+        if batcher is not None:  # with other sessions' steps through the shared base
+            loss = batcher.step(job)
+            assert x.grad is not None
+            grad = x.grad
+        else:
+            with self.core.rng(self.core.next_step, msg.micro):
+                self.net2.train()
+                loss = finish(self.net2(*inputs))
+                grad = self.core.backward(job.roots, None, x, what)
         reply = pb.TrainReply(
             step=msg.step, loss=float(loss.detach()), grad=self.inputs.encode_gradient(grad), micro=msg.micro
         )
