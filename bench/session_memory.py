@@ -1,4 +1,4 @@
-"""The daemon's memory per added session: the two-part split and the U, full fine-tuning and LoRA.
+"""The daemon's memory per added session: the two-part split and the U, full fine-tuning and LoRA, and forward-only.
 
 For each kind, a fresh ``sft-cloud serve --insecure`` process; sessions are opened one after
 another (each open, one training step so that AdamW's state exists, then the stream dropped: the
@@ -25,26 +25,34 @@ from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.wire import codec
 from sft_edge.link.transport import GrpcTransport, open_channel
 
-KINDS = ("two-part-full", "two-part-lora", "u-full", "u-lora")
+KINDS = ("two-part-full", "two-part-lora", "u-full", "u-lora", "forward-only")
 RANK, TOKENS = 8, [16, 16]  # the cut's width; a step of two 16-token rows
 
 
 def open_request(base: BaseModel, kind: str, layer: int) -> pb.OpenSession:
     """A new session of ``kind`` at ``layer`` (rank 8; the U with one tail layer), as an edge opens it."""
-    u, lora = kind.startswith("u-"), kind.endswith("-lora")
+    forward = kind == "forward-only"  # the U's middle frozen at full width, evaluations only
+    u, lora = kind.startswith("u-") or forward, kind.endswith("-lora")
     config = session_config(base, layer, lr=2e-5, total_steps=100_000, seed=42, task="session-memory")
     config.label_private, config.tail_layers, config.num_labels = u, int(u), 0 if u else 2
+    config.forward_only = forward
+    config.mode = pb.SL if forward else pb.SFT
     adapters = None
     if lora:
         config.lora_rank, config.lora_alpha = 8, 16.0
         adapters = LoraSpec(8, 16.0).resolved(base.config.model_type).as_dict()
-    spec = SplitSpec(split_layer=layer, rank=RANK)
+    spec = SplitSpec(split_layer=layer, rank=RANK, mode="sl" if forward else "sft")
     fingerprint = session_fingerprint(base.fingerprint, spec, config.num_labels, adapters, 1 if u else None)
     return pb.OpenSession(config=config, fingerprint=fingerprint)
 
 
-def one_step(t: GrpcTransport, u: bool) -> None:
-    """Step 0 with random activations: the two-part ``train``, or the U's two phases."""
+def one_step(t: GrpcTransport, u: bool, width: int = RANK) -> None:
+    """Step 0 with random activations: the two-part ``train``, or the U's two phases; a
+    forward-only session (``width`` the hidden size) one evaluation."""
+    if width != RANK:
+        acts = codec.encode(torch.randn(sum(TOKENS), width))
+        assert t.call(pb.EdgeMessage(eval=pb.EvalStep(activations=acts, lengths=TOKENS))).HasField("eval")
+        return
     if not u:
         assert t.call(pb.EdgeMessage(train=random_step(0, TOKENS))).train.step == 0
         return
@@ -64,7 +72,7 @@ def measure(base: BaseModel, kind: str, layer: int, sessions: int) -> Dict:
             t0 = time.perf_counter()
             t = GrpcTransport(open_channel(f"127.0.0.1:{port}"), owns_channel=True, timeout=600)
             t.call(pb.EdgeMessage(open=open_request(base, kind, layer)))
-            one_step(t, kind.startswith("u-"))
+            one_step(t, kind.startswith("u-"), base.hidden_size if kind == "forward-only" else RANK)
             t.close()  # dropped, not closed: the daemon holds the session
             seconds.append(round(time.perf_counter() - t0, 1))
             time.sleep(1.0)  # the stream's end handled
