@@ -20,14 +20,14 @@ import shutil
 import socket
 import sys
 import urllib.request
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bench.common import add_output_args, answer_child, daemon, run_child, save, table
 from bench.decoder_codecs import paraphrases
 
 # (label, the flags beyond the common ones): the backprop U and forward-only at their defaults
 # (full width, int4-6-hadamard on a decoder), fp32 for the plain bytes, and the unsplit baseline.
-KINDS = [
+KINDS: List[Tuple[str, Dict[str, Any]]] = [
     ("--local", {"local": True}),
     ("U (backprop), fp32", {"label_private": True, "mode": "sl", "wire_dtype": "fp32"}),
     ("U (backprop), int4-6-hadamard", {"label_private": True}),
