@@ -67,6 +67,19 @@ def _sessions(g: argparse._ArgumentGroup) -> None:
         help="on SIGTERM, let running steps finish for at most this long, then checkpoint and exit "
         "(default 10; keep it a few seconds under the orchestrator's own grace period)",
     )
+    g.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=D.batch_window_ms,
+        help="LoRA sessions on one base whose steps arrive within this many milliseconds run them as "
+        f"one forward and one backward (default {D.batch_window_ms:g}; 0: every step alone)",
+    )
+    g.add_argument(
+        "--batch-max-sequences",
+        type=int,
+        default=D.batch_max_sequences,
+        help=f"sequences one batched step holds at most (default {D.batch_max_sequences})",
+    )
 
 
 def _replicas(g: argparse._ArgumentGroup) -> None:
@@ -104,6 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         keep_finished_days=args.keep_finished_days,
         replica_id=args.replica_id,
         lease_seconds=args.lease_seconds,
+        batch_window_ms=args.batch_window_ms,
+        batch_max_sequences=args.batch_max_sequences,
     )
     try:
         cfg.validate()  # before torch and grpc are imported: mistakes are reported at once

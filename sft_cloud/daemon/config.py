@@ -32,6 +32,8 @@ class ServeConfig:
     keep_finished_days: float = 30.0  # finished sessions' net2 is kept this long for its owner (0: not kept)
     replica_id: Optional[str] = None  # names this replica in the session leases (None: <hostname>-<pid>)
     lease_seconds: float = 30.0  # a session lease not renewed this long has expired (renewed every third)
+    batch_window_ms: float = 5.0  # LoRA sessions' steps arriving this close run as one batch (0: each alone)
+    batch_max_sequences: int = 256  # sequences one batched step holds at most
 
     def listen_host(self) -> str:
         """The interface the daemon binds: ``host`` when given; else every interface with TLS, and
@@ -55,6 +57,11 @@ class ServeConfig:
         ):
             raise ValueError(
                 "--max-sessions must be >= 1, --idle-timeout > 0, --grace-seconds and --keep-finished-days >= 0"
+            )
+        if not 0 <= self.batch_window_ms <= 1000 or self.batch_max_sequences < 1:
+            raise ValueError(
+                f"--batch-window-ms must be in 0..1000 and --batch-max-sequences >= 1, got "
+                f"{self.batch_window_ms:g} and {self.batch_max_sequences}"
             )
         if not 1 <= self.lease_seconds <= 3600:
             raise ValueError(f"--lease-seconds must be in 1..3600, got {self.lease_seconds:g}")

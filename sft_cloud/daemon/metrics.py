@@ -1,4 +1,4 @@
-"""Prometheus metrics of the daemon (``--metrics-port``): sessions, steps, bytes each way, latency.
+"""Prometheus metrics of the daemon (``--metrics-port``): sessions, steps, bytes each way, latency, batches.
 
 Each daemon owns its own ``CollectorRegistry`` (no process-wide state set at import time), so
 tests can run several daemons in one process. Names follow Prometheus conventions: counters end
@@ -8,12 +8,15 @@ in ``_total`` once exported, units are in the name (``_bytes``, ``_seconds``).
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Step latency on a CPU runs from ~10 ms (tiny configs) to seconds (BERT-base, SL, large batch).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # sessions a batched step held
+# The window is a few ms; the compute of the batch ahead can add seconds on a CPU.
+WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class DaemonMetrics:
@@ -47,6 +50,26 @@ class DaemonMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_size = Histogram(
+            "sft_batch_sessions",
+            "Sessions in one batched step (forward, backward, or a two-part step), alone ones included",
+            ["phase"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_wait = Histogram(
+            "sft_batch_wait_seconds",
+            "Time a step waited for its batch to fill and the compute to be free",
+            ["phase"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+
+    def batch(self, phase: str, sessions: int, waits: List[float]) -> None:
+        """A batched step ran (``sessions.batcher``): how many sessions it held, how long each waited."""
+        self.batch_size.labels(phase).observe(sessions)
+        for seconds in waits:
+            self.batch_wait.labels(phase).observe(seconds)
 
     def observe(self, kind: str, bytes_in: int, bytes_out: int, seconds: float) -> None:
         self.messages.labels(kind).inc()

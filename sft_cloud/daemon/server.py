@@ -19,6 +19,7 @@ from sft_cloud.daemon.config import ServeConfig
 from sft_cloud.daemon.metrics import DaemonMetrics
 from sft_cloud.daemon.servicer import SplitTrainerServicer, StreamDecodingInterceptor
 from sft_cloud.sessions import finished
+from sft_cloud.sessions.batcher import StepBatcher
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2_grpc as pb_grpc
 from sft_common.training import resolve_device
@@ -71,6 +72,7 @@ def create_server(
         interceptors=interceptors,
     )
     servicer = SplitTrainerServicer(registry, identity=auth.identity, metrics=metrics)
+    registry.batcher.report = servicer.metrics.batch  # batched steps' sizes and waits
     pb_grpc.add_SplitTrainerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -125,6 +127,7 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         idle_timeout=cfg.idle_timeout,
         replica_id=cfg.replica_id,
         lease_seconds=cfg.lease_seconds,
+        batcher=StepBatcher(cfg.batch_window_ms / 1000, cfg.batch_max_sequences),
     )
     metrics = DaemonMetrics(sessions=registry.__len__)
     if cfg.metrics_port is not None:
