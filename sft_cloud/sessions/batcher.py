@@ -35,7 +35,9 @@ from sft_common.wire.errors import ProtocolError
 
 log = logging.getLogger("sft_cloud")
 
-SEEN_SECONDS = 10.0  # a session that stepped this recently is waited for (within the window)
+# A session that stepped this recently is waited for (for the window at most, so one that left
+# costs its peers a window a batch until then); long, since a CPU step of a big part takes seconds.
+SEEN_SECONDS = 600.0
 Report = Callable[[str, int, List[float]], None]  # (phase, sessions in the batch, each one's wait in s)
 
 
