@@ -86,7 +86,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., scale: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ..., group: _Optional[int] = ..., group_scales: _Optional[bytes] = ..., outlier_rows: _Optional[_Iterable[int]] = ..., outliers: _Optional[bytes] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers", "svd_init", "factorise", "grad_wire_dtype", "stochastic_rounding", "down_wire_dtype", "forward_only")
+    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers", "svd_init", "factorise", "grad_wire_dtype", "stochastic_rounding", "down_wire_dtype", "forward_only", "side_width")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class SessionConfig(_message.Message):
     STOCHASTIC_ROUNDING_FIELD_NUMBER: _ClassVar[int]
     DOWN_WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SIDE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: Mode
     split_layer: int
@@ -141,7 +142,8 @@ class SessionConfig(_message.Message):
     stochastic_rounding: bool
     down_wire_dtype: DType
     forward_only: bool
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ..., svd_init: _Optional[_Union[SvdInit, str]] = ..., factorise: _Optional[_Union[Factorise, str]] = ..., grad_wire_dtype: _Optional[_Union[DType, str]] = ..., stochastic_rounding: bool = ..., down_wire_dtype: _Optional[_Union[DType, str]] = ..., forward_only: bool = ...) -> None: ...
+    side_width: int
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ..., svd_init: _Optional[_Union[SvdInit, str]] = ..., factorise: _Optional[_Union[Factorise, str]] = ..., grad_wire_dtype: _Optional[_Union[DType, str]] = ..., stochastic_rounding: bool = ..., down_wire_dtype: _Optional[_Union[DType, str]] = ..., forward_only: bool = ..., side_width: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only", "cloud_sigma", "cloud_v")
@@ -224,14 +226,16 @@ class EvalStep(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EvalReply(_message.Message):
-    __slots__ = ("batch", "logits", "activations")
+    __slots__ = ("batch", "logits", "activations", "side")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    SIDE_FIELD_NUMBER: _ClassVar[int]
     batch: int
     logits: Tensor
     activations: Tensor
-    def __init__(self, batch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    side: Tensor
+    def __init__(self, batch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., side: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardUp(_message.Message):
     __slots__ = ("step", "activations", "lengths")
