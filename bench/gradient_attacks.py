@@ -13,11 +13,13 @@ recorded as they cross, attacked as the cloud receives them (decoded from the se
   cloud computes from the label ids it is sent (what it shows an observer of the link, not the cloud).
 - ``text``: a causal LM's U, full-width second cut. Position t's gradient carries the LM head's
   ``p - onehot(token t+1)`` through the final norm and the tail's residual path; score every row of
-  the public LM head against it and take the most negative. Scored on the learnt (completion) tokens.
+  the public LM head against it and take the most negative (four scorings: the gradient as it is,
+  times or over the final norm's public weight, and over it against unit-norm rows). Scored on the
+  learnt (completion) tokens, against always guessing the commonest learnt token.
 
 The classification task is a made-up 4-class one, honestly: sentences of SST-2 (negative, positive),
 MRPC and RTE, the class being the source (and SST-2's sentiment), each cut to the same number of
-tokens so that the lengths, which cross, tell nothing. ``--dp-noise`` etc.: the same runs with a
+tokens so that the lengths, which cross, tell nothing; ``--task sst2``: SST-2's two labels alone. ``--dp-noise`` etc.: the same runs with a
 defence on (``sft_edge.privacy.defence``), to price it.
 Usage: python -m bench.gradient_attacks labels [--steps 60]
        python -m bench.gradient_attacks text --model smollm2-135m-instruct [--steps 40] [--tail-layers 1 2 4 8]
@@ -210,11 +212,16 @@ def next_token_scores(
     grad: torch.Tensor, lm_head: torch.Tensor, norm: torch.Tensor
 ) -> Dict[str, torch.Tensor]:
     """The attacker's guess of each position's next token from its gradient row (n, hidden): the
-    LM-head row most negative against it; plain, and with the final norm's weight multiplied in
-    (the gradient passes through it)."""
+    LM-head row most negative against it; plain, with the final norm's weight multiplied in (the
+    gradient passes through it), or divided out (with the rows scaled to unit norm too)."""
+    unnormed = grad / norm  # undo the norm's weight: back to W^T (p - onehot), up to a scale a row
     return {
         "plain": (grad @ lm_head.t()).argmin(-1),
         "times norm weight": (grad @ (lm_head * norm).t()).argmin(-1),
+        "over norm weight": (unnormed @ lm_head.t()).argmin(-1),
+        "over norm weight, unit rows": (unnormed @ (lm_head / lm_head.norm(dim=1, keepdim=True)).t()).argmin(
+            -1
+        ),
     }
 
 
@@ -344,7 +351,16 @@ def main(argv: Any = None) -> int:
         print(
             table(
                 result["rows"],
-                ["tail_layers", "steps", "loss", "plain", "times norm weight", "tokens_scored"],
+                [
+                    "tail_layers",
+                    "steps",
+                    "loss",
+                    "plain",
+                    "times norm weight",
+                    "over norm weight",
+                    "over norm weight, unit rows",
+                    "tokens_scored",
+                ],
             )
         )
         print(f"baseline, the most common learnt token everywhere: {result['baseline']}")
