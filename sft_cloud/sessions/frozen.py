@@ -6,12 +6,14 @@ gradient, label or loss ever reaches it. The edge trains its tail on what it is 
 (``sft_edge.sessions.forward_only``) and caches it, so each example crosses once. The middle is
 built on the frozen base that the LoRA sessions of the same model and cuts share
 (``sft_common.models.shared``): a forward-only session costs the daemon no copy of the layers.
+With ``side_width`` d (``--adapters parallel``) each answer also carries every middle layer's
+output projected to d (``sft_common.topology.side``), for the edge's side network.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,6 +24,7 @@ from sft_cloud.sessions.validation import check_config, invalid, ushape_from_con
 from sft_common.models.base_model import BaseModel
 from sft_common.models.shared import SharedBase
 from sft_common.proto import sft_pb2 as pb
+from sft_common.topology.side import middle_taps, side_projection
 from sft_common.topology.spec import SplitSpec, session_fingerprint
 from sft_common.topology.ushape import build_ushape_cloud
 
@@ -38,6 +41,10 @@ def check_frozen(config: pb.SessionConfig, spec: SplitSpec, base: BaseModel) -> 
         )
     if config.lora_rank:
         raise invalid("forward_only: the middle is the base's, frozen; LoRA trains on the edge (lora_rank 0)")
+    if not 0 <= config.side_width <= base.hidden_size:
+        raise invalid(
+            f"side_width must be in 0..{base.hidden_size} (the model's width), got {config.side_width}"
+        )
 
 
 class FrozenMiddleSession(CoreAttributes):
@@ -64,9 +71,15 @@ class FrozenMiddleSession(CoreAttributes):
         middle, _ = build_ushape_cloud(base, ushape_from_config(config), device, shared_base)
         middle.requires_grad_(False)  # the shared tensors are frozen for the LoRA sessions too
         middle.eval()
+        self.middle = middle  # core.net2, typed
         fingerprint = session_fingerprint(base.fingerprint, self.spec, 0, None, config.tail_layers)
         self.core = SessionCore(session_id, owner, config, fingerprint, middle, [], device, compute_lock)
         self.core.inference_only = True  # no step and no final weights: close saves nothing
+        self.projection = (  # the side network's P (the edge computes the same), or None
+            side_projection(base.fingerprint, base.hidden_size, config.side_width).to(device)
+            if config.side_width
+            else None
+        )
 
     @property
     def width(self) -> int:
@@ -93,13 +106,25 @@ class FrozenMiddleSession(CoreAttributes):
             x = self.inputs.decode(msg.activations, lengths)
             padded, mask = self.inputs.unpack(x, lengths)
             with torch.no_grad(), self.core.compute_lock:
-                out, _ = self.core.net2(padded, mask)
+                out, taps = self._forward(padded, mask)
             rows = out[mask].float()
-            if not bool(torch.isfinite(rows).all()):
+            side = None if taps is None else taps[mask].float()
+            if not all(bool(torch.isfinite(t).all()) for t in (rows, side) if t is not None):
                 raise invalid(
                     f"batch {msg.batch}: the middle's output is not finite (activations too large?)"
                 )
-            return pb.EvalReply(batch=msg.batch, activations=self.inputs.encode_activations(rows))
+            reply = pb.EvalReply(batch=msg.batch, activations=self.inputs.encode_activations(rows))
+            if side is not None:
+                reply.side.CopyFrom(self.inputs.encode_activations(side))
+            return reply
+
+    def _forward(
+        self, padded: torch.Tensor, mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The middle's output and, with a side width, its layers' outputs projected (else None)."""
+        if self.projection is None:
+            return self.core.net2(padded, mask)[0], None
+        return middle_taps(self.middle, padded, mask, self.projection)
 
     def checkpoint(self, msg: pb.Checkpoint) -> pb.CheckpointDone:
         raise not_its_step(

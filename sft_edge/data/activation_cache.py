@@ -1,11 +1,13 @@
 """A forward-only run's activation cache: what the cloud's frozen middle answered for each example.
 
 A forward-only run (``sft_edge.sessions.forward_only``) sends an example's first-cut activations
-once. The middle's answer at the second cut ((tokens, width), fp32, as decoded from the wire) is
-kept here under the example's hash, so later epochs, dev evaluations and ``--resume`` read it and
+once. The middle's answer (``Answer``: named tensors of one row a token, fp32, as decoded from
+the wire: ``rows``, the second cut (tokens, width); with ``--adapters parallel`` also ``side``, the
+side network's inputs (tokens, (1 + layers) * side width)) is kept here, one file an example holding
+all of them, under the example's hash, so later epochs, dev evaluations and ``--resume`` read it and
 send nothing. ``cache.json`` in the folder names what the values depend on (the base's
-fingerprint, the cuts, the wire): a folder made for anything else is refused, never read. Each
-file also names its example's hash and token count, checked when it is read; files appear whole
+fingerprint, the cuts, the wire, the side width): a folder made for anything else is refused,
+never read. Each file also names its example's hash and token count, checked when it is read; files appear whole
 (written beside, then renamed), so a run killed mid-write leaves none half written.
 ``budget_mb`` bounds the files: an example past it is sent again each epoch (slower, not wrong).
 """
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from sft_common.storage.atomic import write_json
 
 MANIFEST = "cache.json"
+Answer = Dict[str, torch.Tensor]  # what is kept for one example: name -> (tokens, ...) fp32
 
 
 class CacheMismatch(ValueError):
@@ -39,12 +42,12 @@ def example_key(input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] 
 
 
 class ActivationCache:
-    """Example hash -> the middle's (tokens, width) answer; on disk in ``folder``, or in memory (None)."""
+    """Example hash -> the middle's ``Answer``; on disk in ``folder``, or in memory (None)."""
 
     def __init__(self, folder: Optional[str], identity: Dict[str, Any], budget_mb: float):
         self.folder, self.identity = folder, identity
         self.budget = int(budget_mb * 2**20)
-        self.memory: Dict[str, torch.Tensor] = {}
+        self.memory: Dict[str, Answer] = {}
         self.used = 0  # bytes held
         self.hits = self.misses = self.skipped = 0  # reads answered, reads not, stores over budget
         if folder is not None:
@@ -67,40 +70,40 @@ class ActivationCache:
             os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors")
         )
 
-    def get(self, key: str, tokens: int) -> Optional[torch.Tensor]:
+    def get(self, key: str, tokens: int) -> Optional[Answer]:
         """The cached answer for the example ``key`` of ``tokens`` tokens, or None."""
-        rows = self.memory.get(key) if self.folder is None else self._read(key)
-        if rows is None or rows.shape[0] != tokens:
+        answer = self.memory.get(key) if self.folder is None else self._read(key)
+        if not answer or any(t.shape[0] != tokens for t in answer.values()):
             self.misses += 1
             return None
         self.hits += 1
-        return rows
+        return answer
 
-    def _read(self, key: str) -> Optional[torch.Tensor]:
+    def _read(self, key: str) -> Optional[Answer]:
         path = self._path(key)
         if not os.path.isfile(path):
             return None
         try:
-            rows = load_file(path)["rows"]
-        except (SafetensorError, KeyError, OSError):
+            answer = load_file(path)
+        except (SafetensorError, OSError):
             return None  # unreadable: sent again, and rewritten
         with open(path, "rb") as f:  # the header's metadata: the example it was written for
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return rows if header.get("__metadata__", {}).get("key") == key else None
+        return answer if header.get("__metadata__", {}).get("key") == key else None
 
-    def put(self, key: str, rows: torch.Tensor) -> bool:
-        """Keep ``rows`` for the example ``key`` unless the budget is spent; True if kept."""
-        size = rows.numel() * 4
+    def put(self, key: str, answer: Answer) -> bool:
+        """Keep ``answer`` for the example ``key`` unless the budget is spent; True if kept."""
+        size = sum(t.numel() * 4 for t in answer.values())
         if self.used + size > self.budget:
             self.skipped += 1
             return False
-        rows = rows.detach().float().cpu().contiguous()
+        answer = {name: t.detach().float().cpu().contiguous() for name, t in answer.items()}
         if self.folder is None:
-            self.memory[key] = rows
+            self.memory[key] = answer
         else:
             path = self._path(key)
             tmp = f"{path}.tmp-{os.getpid()}"
-            save_file({"rows": rows}, tmp, metadata={"key": key})
+            save_file(answer, tmp, metadata={"key": key})
             os.replace(tmp, path)
         self.used += size
         return True

@@ -2,8 +2,9 @@
 
 ``ForwardOnlySession`` (``sft-edge train --forward-only``) holds the U's two edge parts
 (``sft_common.topology.ushape``): the head (embeddings .. the first cut) frozen, and the tail (the
-last ``tail_layers`` layers, the final norm and the task or LM head) with the run's LoRA, or whole,
-and the one optimizer. The cloud runs the middle with the base's weights, frozen
+last ``tail_layers`` layers, the final norm and the task or LM head), and the one optimizer. What
+trains is the run's ``Placement`` (``sft_edge.sessions.placement``, ``--adapters``): the tail, with
+the run's LoRA or whole, or a side network beside the frozen backbone. The cloud runs the middle with the base's weights, frozen
 (``sft_cloud.sessions.frozen``). A training example's first-cut activations go up once as an
 ``EvalStep`` (no step number, no label, no loss) and the middle's answer comes down; it is kept
 in the run's ``ActivationCache``, so no later epoch, dev evaluation or resume sends that example
@@ -18,7 +19,7 @@ new one (the cloud holds nothing of the run): a run whose examples are all cache
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,15 +29,16 @@ from sft_common.models.lora import LoraSpec, resolve_lora
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
 from sft_common.topology.spec import SplitSpec
-from sft_common.topology.ushape import UShapeSpec, lora_part
+from sft_common.topology.ushape import UShapeSpec
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire.codecs import Wire
-from sft_edge.data.activation_cache import ActivationCache, example_key
+from sft_edge.data.activation_cache import ActivationCache, Answer, example_key
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig
 from sft_edge.sessions.base import open_request
 from sft_edge.sessions.client import SessionClient
+from sft_edge.sessions.placement import placement_of
 from sft_edge.sessions.tail_end import tail_end_of
 from sft_edge.sessions.ushape import TAIL_SIDE
 
@@ -47,7 +49,8 @@ class ForwardOnlySession(SessionClient):
     """The frozen head and the training tail here; the frozen middle in a cloud session, asked once per example.
 
     Arguments as ``UShapeSession``'s (``spec``: a full-width U), with ``cache`` the run's
-    ``ActivationCache`` and ``start_step`` the step its checkpoints resume at."""
+    ``ActivationCache``, ``start_step`` the step its checkpoints resume at and ``adapters`` what
+    trains (``placement_of``)."""
 
     def __init__(
         self,
@@ -67,6 +70,7 @@ class ForwardOnlySession(SessionClient):
         reconnect_timeout: float = 300.0,
         lora: Optional[LoraSpec] = None,
         causal_lm: bool = False,
+        adapters: str = "tail",
     ):
         link.validate()
         spec.validate(base.num_hidden_layers)
@@ -80,6 +84,8 @@ class ForwardOnlySession(SessionClient):
             base, first, 0, optim, link, batch_size, max_seq_len, task, None, "", (), False, spec.tail_layers
         )
         self._open.config.forward_only = True
+        self.placement = placement_of(adapters, base, spec, device)
+        self._open.config.side_width = self.placement.side_width
         self.fingerprint = self._open.fingerprint
         self._connect_to = connect
         self.reconnect_timeout = reconnect_timeout
@@ -89,10 +95,9 @@ class ForwardOnlySession(SessionClient):
         self.lora = resolve_lora(lora, base.config.model_type)
         self.end = tail_end_of(causal_lm)  # the task head and its loss, or the LM head's
         self.head, self.tail = self.end.build(base, spec, num_labels, optim.seed, None, device)
-        if self.lora is not None:  # adapters and the task head train; the tail's base is frozen
-            lora_part(self.tail, "tail", self.lora, optim.seed)
+        added = self.placement.attach(self.head, self.tail, self.lora, optim.seed)
         self.head.requires_grad_(False)  # last: an LM head tied to the embeddings is frozen with them
-        self.net = nn.ModuleDict({"head": self.head, "tail": self.tail})  # what is saved, as one
+        self.net = nn.ModuleDict({"head": self.head, "tail": self.tail, **added})  # what is saved, as one
         self.optimizer = make_optimizer(self.net.parameters(), optim.lr, optim.weight_decay)
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
 
@@ -106,8 +111,9 @@ class ForwardOnlySession(SessionClient):
         """The tail's forward and backward on the middle's answers (cached, or asked for once)."""
         self.tail.train()
         self.optimizer.zero_grad(set_to_none=True)
-        second = self.middle_output(batch)
+        answer = self.middle_output(batch)
         with seeded(self.optim_cfg.seed, TAIL_SIDE, step), autocast(self.device):
+            second = self.placement.tail_input(answer, batch.attention_mask)
             logits = self.tail(second, batch.attention_mask)
         loss = self.end.loss(logits.float(), batch.labels)
         loss.backward()
@@ -120,12 +126,13 @@ class ForwardOnlySession(SessionClient):
     def predict(self, batch: Batch, index: int = 0) -> torch.Tensor:
         """The logits of ``batch``: (batch, num_labels), or a causal LM's (batch, seq, vocab)."""
         self.tail.eval()
-        second = self.middle_output(batch, index)
+        answer = self.middle_output(batch, index)
         with autocast(self.device):
+            second = self.placement.tail_input(answer, batch.attention_mask)
             return self.tail(second, batch.attention_mask).float()
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        """The tail's trained state (with LoRA its adapters and task head); the frozen head is the base's."""
+        """What trained (the tail, or its LoRA and task head, or the side network and task head)."""
         return owned_state(self.net)
 
     def checkpoint(self, step: int, run: Dict) -> None:
@@ -140,26 +147,31 @@ class ForwardOnlySession(SessionClient):
 
     # -- the middle's answers -------------------------------------------------------------
 
-    def middle_output(self, batch: Batch, index: int = 0) -> torch.Tensor:
-        """(batch, seq, width) at the second cut, zeros at padding: each example's from the cache,
-        the rest from one forward of the head here and one ``EvalStep`` to the cloud."""
+    def middle_output(self, batch: Batch, index: int = 0) -> Answer:
+        """The middle's answers, each (batch, seq, ...) with zeros at padding (``rows``: the second
+        cut): each example's from the cache, the rest from one forward of the head here and one
+        ``EvalStep`` to the cloud."""
         mask = batch.attention_mask.bool()
         keys = [
             example_key(batch.input_ids[i][mask[i]], batch.token_type_ids[i][mask[i]])
             for i in range(len(mask))
         ]
-        rows: List[Optional[torch.Tensor]] = [self.cache.get(k, n) for k, n in zip(keys, batch.lengths)]
-        missing = [i for i, r in enumerate(rows) if r is None]
+        found: List[Optional[Answer]] = [self.cache.get(k, n) for k, n in zip(keys, batch.lengths)]
+        missing = [i for i, r in enumerate(found) if r is None]
         if missing:
             for i, answer in zip(missing, self._ask(batch, missing, index)):
                 self.cache.put(keys[i], answer)
-                rows[i] = answer
-        full = torch.zeros(*mask.shape, self.width, device=self.device)
-        return full.index_put((mask,), torch.cat([r.to(self.device) for r in rows if r is not None]))
+                found[i] = answer
+        answers = [a for a in found if a is not None]
+        padded = {}
+        for name, first in answers[0].items():
+            full = torch.zeros(*mask.shape, first.shape[1], device=self.device)
+            padded[name] = full.index_put((mask,), torch.cat([a[name].to(self.device) for a in answers]))
+        return padded
 
     @torch.no_grad()
-    def _ask(self, batch: Batch, which: Sequence[int], index: int) -> List[torch.Tensor]:
-        """The middle's answers for the examples ``which`` of ``batch``, one (tokens, width) each."""
+    def _ask(self, batch: Batch, which: Sequence[int], index: int) -> List[Answer]:
+        """The middle's answers for the examples ``which`` of ``batch``, one each (tensors of a row a token)."""
         idx = torch.tensor(list(which), device=batch.input_ids.device)
         lengths = [batch.lengths[i] for i in which]
         seq = max(lengths)
@@ -171,10 +183,12 @@ class ForwardOnlySession(SessionClient):
         packed = first.float()[attention.bool()]
         msg = pb.EvalStep(batch=index, activations=self.wire.encode_activations(packed), lengths=lengths)
         reply = self.request(pb.EdgeMessage(eval=msg)).eval
-        out = self.wire.decode_activations(
-            reply.activations, "the middle's output", tuple(packed.shape), down=True, device=self.device
-        )
-        return list(torch.split(out, lengths))
+        answer = self.placement.answer(packed, reply, self._decode)
+        split = {name: torch.split(t, lengths) for name, t in answer.items()}
+        return [{name: parts[i] for name, parts in split.items()} for i in range(len(lengths))]
+
+    def _decode(self, tensor: pb.Tensor, what: str, shape: Tuple[int, ...]) -> torch.Tensor:
+        return self.wire.decode_activations(tensor, what, shape, down=True, device=self.device)
 
     # -- the cloud session, opened when first needed ---------------------------------------
 
