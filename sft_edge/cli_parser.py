@@ -105,7 +105,8 @@ def _split_flags(g) -> None:
         "--adapters",
         default=D.adapters,
         help="--forward-only: what trains here; tail: the last --tail-layers layers and the head "
-        "(with --peft lora, their adapters)",
+        "(with --peft lora, their adapters); parallel: a side network beside the frozen model, reading "
+        "every middle layer's output projected to 64 values a token (PAC, ladder side-tuning)",
     )
     g.add_argument(
         "--activation-cache-mb",

@@ -45,6 +45,7 @@ class RunRecord:
     label_private: bool = False  # the U-shape: the weights hold head.* and tail.*
     tail_layers: Optional[int] = None
     forward_only: bool = False  # a U whose head and middle stayed the base's: the cloud kept nothing
+    adapters: Optional[str] = None  # forward-only: what trained on the device (tail | parallel)
     rank: int = 8
     factorise: str = FFN_OUTPUT  # the FFN linear cut: predict and export rebuild its halves
     lm_shape: Optional[str] = None  # causal LM: the rows' shape (generate templates chat runs' prompts)

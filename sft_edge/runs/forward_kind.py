@@ -1,6 +1,7 @@
 """The forward-only run kind (``--forward-only``): the U with its head and the cloud's middle frozen.
 
-``ForwardOnly`` is ``UShape`` with a frozen head and middle: only the tail trains, here. The first
+``ForwardOnly`` is ``UShape`` with a frozen head and middle: only the device's part trains (the
+tail, or with ``--adapters parallel`` a side network beside the frozen tail). The first
 cut's activations cross once per example and the middle's answers are cached on the device
 (``sft_edge.sessions.forward_only``, ``sft_edge.data.activation_cache``): no gradient, label or loss
 crosses, later epochs need no cloud, and the cloud serves the base's middle, frozen
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from sft_common.storage.checkpoint import CheckpointDir
+from sft_edge.data.glue import DataError
 from sft_edge.runs.config import OptimConfig, TrainConfig
 from sft_edge.runs.defaults import asks_for_factors
 from sft_edge.runs.kinds import UShape
@@ -31,6 +33,8 @@ class ForwardOnly(UShape):
             raise ValueError(FULL_WIDTH)
         if cfg.adapters not in ADAPTERS:
             raise ValueError(f"--adapters must be one of {', '.join(ADAPTERS)}, got {cfg.adapters!r}")
+        if cfg.adapters == "parallel" and cfg.peft:
+            raise ValueError(PARALLEL_NO_LORA)
         if cfg.activation_cache_mb < 0:
             raise ValueError(f"--activation-cache-mb must be >= 0, got {cfg.activation_cache_mb}")
 
@@ -43,12 +47,17 @@ class ForwardOnly(UShape):
     def open(self, cfg, run, connect, held, session_id):
         folder = f"{cfg.output_dir}/activation_cache" if cfg.output_dir else None
         checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
-        cache = forward_cache(folder, run.base, run.spec, cfg.tail_layers, cfg.link, cfg.activation_cache_mb)
+        cache = forward_cache(
+            folder, run.base, run.spec, cfg.tail_layers, cfg.link, cfg.activation_cache_mb, cfg.adapters
+        )
         return forward_session(cfg, run, connect, cache, checkpoints, held[0] if held else 0)
 
     def exported_files(self, folder, record, connection):
         """Built here from the base and the run's tail: no daemon holds anything of the run."""
         from sft_edge.finished.frozen_parts import forward_only_files
+
+        if record.adapters == "parallel":
+            raise DataError(NO_PARALLEL_EXPORT)
 
         return forward_only_files(folder, record)
 
@@ -58,7 +67,8 @@ class ForwardOnly(UShape):
 
         spec = record.ushape_spec()
         link = LinkOptions(wire_dtype=record.wire_dtype, compression=record.compression)
-        cache = forward_cache(None, base, spec, spec.tail_layers, link, INFERENCE_CACHE_MB)
+        adapters = record.adapters or "tail"  # runs before --adapters parallel recorded none
+        cache = forward_cache(None, base, spec, spec.tail_layers, link, INFERENCE_CACHE_MB, adapters)
         optim = OptimConfig(seed=record.seed)
         return ForwardOnlySession(
             base,
@@ -73,6 +83,7 @@ class ForwardOnly(UShape):
             device=device,
             lora=record.lora_spec(),
             causal_lm=record.causal_lm,
+            adapters=adapters,
         )
 
 
@@ -81,12 +92,22 @@ FULL_WIDTH = (
     "--forward-only sends the full width (--mode sl): its head is frozen, so a rank-R cut would drop what "
     "the first layers compute for good (no --mode sft, --factorise or --factor-lr)"
 )
-ADAPTERS = ("tail",)  # --adapters: where a forward-only run's trainable part sits
+ADAPTERS = ("tail", "parallel")  # --adapters: where a forward-only run's trainable part sits (placement_of)
+PARALLEL_NO_LORA = (
+    "--adapters parallel trains a side network beside the frozen backbone (and a task head): "
+    "no --peft lora (that is --adapters tail's)"
+)
+NO_PARALLEL_EXPORT = (
+    "export of an --adapters parallel run is not built yet: its side network has no place in a U's "
+    "export; predict and generate it through a daemon serving the model"
+)
 INFERENCE_CACHE_MB = 256.0  # a finished forward-only run's answers, in memory, for repeated prompts
 
 
-def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float):
-    """A forward-only run's ``ActivationCache``: its identity is what the middle's answers depend on."""
+def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float, adapters: str = "tail"):
+    """A forward-only run's ``ActivationCache``: its identity is what the middle's answers depend on
+    (with a side network its width too, so a cache made without the middle's taps is refused)."""
+    from sft_common.topology.side import side_width
     from sft_edge.data.activation_cache import ActivationCache
 
     identity = {
@@ -95,6 +116,8 @@ def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float):
         "tail_layers": tail_layers,
         "wire_dtype": link.wire_dtype,
     }
+    if adapters == "parallel":  # absent for the tail: its caches from before this field still read
+        identity["side_width"] = side_width(base.hidden_size)
     return ActivationCache(folder, identity, budget_mb)
 
 
@@ -119,4 +142,5 @@ def forward_session(cfg: TrainConfig, run: Any, connect, cache, checkpoints, sta
         cfg.reconnect_timeout,
         lora=cfg.lora,
         causal_lm=run.problem.causal_lm,
+        adapters=cfg.adapters,
     )

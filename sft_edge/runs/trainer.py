@@ -250,6 +250,7 @@ def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
         label_private=cfg.label_private,
         tail_layers=report["tail_layers"],
         forward_only=cfg.forward_only,
+        adapters=report.get("adapters"),
         rank=cfg.rank,
         factorise=run.spec.factorise,
         lm_shape=run.lm_shape,

@@ -193,6 +193,7 @@ class ForwardOnlySession(SessionClient):
     # -- the cloud session, opened when first needed ---------------------------------------
 
     def request(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        self.placement.check(msg)
         if not self.opened:
             start = self.start_step
             self._open_session(self._connect_to, self._open, self.reconnect_timeout, (0.25, 10.0))

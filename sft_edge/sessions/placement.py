@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
 
+import grpc
 import torch
 from torch import nn
 
@@ -27,6 +28,7 @@ from sft_common.topology.side import SideNetwork, side_projection, side_width
 from sft_common.topology.ushape import UShapeSpec, lora_part
 from sft_common.training import step_seed
 from sft_edge.data.activation_cache import Answer
+from sft_edge.link.transport import CloudError
 
 # (tensor, what it is, shape) -> the decoded tensor: the session's wire, down
 Decode = Callable[[pb.Tensor, str, Tuple[int, ...]], torch.Tensor]
@@ -51,6 +53,9 @@ class Placement:
     def tail_input(self, answer: Answer, mask: torch.Tensor) -> torch.Tensor:
         """The tail's input (batch, seq, hidden) from the padded answers (zeros at padding)."""
         return answer["rows"]
+
+    def check(self, msg: pb.EdgeMessage) -> None:
+        """CloudError (local) for a message this placement cannot use the answer to."""
 
 
 class TailPlacement(Placement):
@@ -95,6 +100,16 @@ class ParallelPlacement(Placement):
     def tail_input(self, answer, mask):
         assert self.side is not None
         return answer["rows"] + self.side(answer["side"]) * mask[..., None].to(answer["rows"].dtype)
+
+    def check(self, msg):
+        if msg.WhichOneof("kind") == "decode":  # a DecodeStep's answer holds no taps
+            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION, NO_KV_CACHE, local=True)
+
+
+NO_KV_CACHE = (
+    "an --adapters parallel run generates with --no-kv-cache: the daemon's KV-cached decoding returns "
+    "the middle's output without the layers' taps its side network reads"
+)
 
 
 def placement_of(adapters: str, base: BaseModel, spec: UShapeSpec, device: str = "cpu") -> Placement:

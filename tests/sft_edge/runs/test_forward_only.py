@@ -156,12 +156,84 @@ def test_forward_only_resume_ends_as_an_uninterrupted_run(tmp_path, recorded, mo
     assert sum(m.WhichOneof("kind") == "eval" for m, _ in messages) == sent_whole  # none sent twice
 
 
+def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_daemon(tmp_path, recorded):
+    """--adapters parallel, tiny Llama: the run saves the side network alone (the backbone and the
+    LM head stay the base's), each example crosses once with the middle's taps coming back, and
+    generation through the daemon is the frozen parts with the saved side network in one process.
+    KV-cached generation and export are refused with what to do instead."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from sft_common.models.base_model import load_base_model
+    from sft_common.topology.side import SideNetwork, middle_taps, side_projection
+    from sft_common.topology.ushape import UShapeSpec
+    from sft_common.topology.ushape_lm import build_ushape_lm_model
+    from sft_common.training import step_seed
+    from sft_edge.data.glue import DataError
+    from sft_edge.finished.generate import decode, generate, prompt_ids
+    from sft_edge.link.transport import CloudError
+
+    address, registry, messages = recorded
+    run = str(tmp_path / "run")
+    argv = [
+        "train", "--problem", "causal-lm", "--train-file", write_completion_rows(tmp_path / "train.jsonl", 24),
+        "--dev-file", write_completion_rows(tmp_path / "dev.jsonl", 6, 100), "--cloud", address, "--insecure",
+        "--model", "random:tiny-llama", "--batch-size", "4", "--max-steps", "12", "--lr", "1e-2",
+        "--forward-only", "--adapters", "parallel", "--wire-dtype", "fp32", "--output-dir", run,
+        "--report", str(tmp_path / "r.json"), "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["steps"] == 12 and report["cloud_steps"] == 0 and report["adapters"] == "parallel"
+    kinds = [m.WhichOneof("kind") for m, _ in messages]
+    assert kinds == ["open"] + ["eval"] * (6 + 2) + ["close"], kinds
+    assert messages[0][0].open.config.side_width == 32
+    for msg, reply in messages[1:-1]:
+        assert _leaves(msg) <= ALLOWED, _leaves(msg)
+        assert reply.eval.HasField("side")
+    assert (
+        json.loads((tmp_path / "run" / "activation_cache" / "cache.json").read_text())["identity"][
+            "side_width"
+        ]
+        == 32
+    )
+    saved = load_file(f"{run}/edge.safetensors")
+    assert saved and all(k.startswith("side.") for k in saved)
+    assert json.loads((tmp_path / "run" / "sft_edge.json").read_text())["adapters"] == "parallel"
+
+    conn = Connection(cloud=address, insecure=True)
+    out = generate(GenerateConfig(run, "red green blue", max_new_tokens=5, connection=conn, kv_cache=False))
+    base = load_base_model("random:tiny-llama")
+    head, middle, tail = build_ushape_lm_model(base, UShapeSpec(0, 8, 1, "sl"), seed=42)
+    projection = side_projection(base.fingerprint, 32, 32)
+    side = SideNetwork(32, len(middle.layers), projection, step_seed(42, "edge-side", 0))
+    side.load_state_dict({k[len("side.") :]: v for k, v in saved.items()})
+    assert side.up.weight.abs().max() > 0  # it trained
+    for part in (head, middle, tail, side):
+        part.eval()
+
+    def here(batch):
+        with torch.no_grad():
+            cut, _ = head(batch.input_ids, batch.attention_mask)
+            second, taps = middle_taps(middle, cut, batch.attention_mask, projection)
+            return tail(second + side(torch.cat([cut @ projection, taps], -1)), batch.attention_mask)
+
+    ids = prompt_ids(AutoTokenizer.from_pretrained(run), "red green blue", chat=False)
+    assert out["tokens"] == decode(here, ids, 5, 128) and len(out["tokens"]) == 5
+    with pytest.raises(CloudError, match="--no-kv-cache"):
+        generate(GenerateConfig(run, "red green blue", max_new_tokens=5, connection=conn))
+    with pytest.raises(DataError, match="export of an --adapters parallel run is not built"):
+        export(ExportConfig(run, str(tmp_path / "export"), conn))
+    assert len(registry) == 0  # every forward-only session closed
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--forward-only", "--mode", "sft"], "--forward-only sends the full width"),
         (["--forward-only", "--micro-batches", "2"], "does not go with --local, --micro-batches"),
-        (["--forward-only", "--adapters", "parallel"], "--adapters must be one of tail, got 'parallel'"),
+        (["--forward-only", "--adapters", "side"], "--adapters must be one of tail, parallel, got 'side'"),
+        (["--forward-only", "--adapters", "parallel", "--peft", "lora"], "no --peft lora"),
         (["--forward-only", "--activation-cache-mb", "-1"], "--activation-cache-mb must be >= 0"),
     ],
 )
