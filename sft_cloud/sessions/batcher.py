@@ -3,12 +3,12 @@
 Sessions of one model, split and LoRA targets (and, two-part, label count) hold one frozen base
 (``sft_common.models.shared``). A step of one of them that arrives within ``window`` seconds of
 another's in the same phase, with inputs of the same sequence length, joins its batch, up to
-``max_rows`` sequences: the first to arrive leads, waits out the window (or until every session
-seen lately has joined), and runs the batch under the daemon's compute lock; the others wait for
-their result. The batch is one forward through a ``SegmentedPart`` (each session's adapters,
-factors and head on its own rows, each its own RNG stream) and one ``torch.autograd.backward``
-whose leaves are the members' own parameters and inputs, so each member's gradients are those of
-its solo step. The optimizer step, the replies, exactly-once, fencing and checkpoints stay each
+``max_rows`` sequences. The first to arrive leads: it runs the batch under the daemon's compute
+lock once the batch is full, holds every session seen stepping lately, or has had no step join
+it for a window; the others wait for their result. A session alone steps at once. The batch is
+one forward through a ``SegmentedPart`` (each session's adapters, factors and head on its own
+rows, each its own RNG stream) and one ``torch.autograd.backward`` whose leaves are the members'
+own parameters and inputs, so each member's gradients are those of its solo step. The optimizer step, the replies, exactly-once, fencing and checkpoints stay each
 session's own (``SessionCore``): the batcher computes, the session applies.
 
 A member refused in the batch (a non-finite output, loss or gradient) changes nothing of its
@@ -78,7 +78,7 @@ class Job:
 class Group:
     """The jobs of one batch while it fills."""
 
-    deadline: float
+    deadline: float  # closes then unless full: a window after the last step joined it
     jobs: List[Job] = field(default_factory=list)
     rows: int = 0
     closed: bool = False
@@ -156,7 +156,8 @@ class StepBatcher:
             part = self._parts.get(key) or self._parts.setdefault(key, SegmentedPart(live[0].session.net2))
             seg = Segments([j.rows for j in live], [j.seed for j in live], jobs[0].session.device)
             for job in live:
-                job.session.net2.train()
+                if not job.session.net2.training:  # (train() walks every module: not each step)
+                    job.session.net2.train()
             out = part(
                 [j.session.net2 for j in live], seg, *[torch.cat(t) for t in zip(*(j.inputs for j in live))]
             )
@@ -219,6 +220,9 @@ class StepBatcher:
             assert group is not None
             group.jobs.append(job)
             group.rows += job.rows
+            # Open while steps keep coming: each one's arrival holds it a window longer (steps
+            # decoded one after another under the GIL arrive spread over more than one window).
+            group.deadline = max(group.deadline, job.queued + self.window)
             if group.rows >= self.max_rows or len(group.jobs) >= expected(key):
                 self._close(key, group)
             while lead and not group.closed:

@@ -38,6 +38,15 @@ def _rng_state(cuda: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
 
 
+def _seeded(seed: int, cuda: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The RNG state ``torch.manual_seed(seed)`` sets (on the CPU a fresh generator's: the same
+    bytes, without the cost of seeding every device type)."""
+    if cuda:
+        torch.manual_seed(seed)
+        return _rng_state(cuda)
+    return torch.Generator().manual_seed(seed).get_state(), None
+
+
 def _set_rng(state: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
@@ -52,12 +61,9 @@ class Segments:
         self.sizes = list(sizes)
         self.total = sum(self.sizes)
         cuda = torch.device(device).type == "cuda"
-        self.states = []
-        for seed in seeds:
-            torch.manual_seed(seed)
-            self.states.append(_rng_state(cuda))
-        torch.manual_seed(SENTINEL_SEED)
-        self.sentinel = _rng_state(cuda)
+        self.states = [_seeded(seed, cuda) for seed in seeds]
+        self.sentinel = _seeded(SENTINEL_SEED, cuda)
+        _set_rng(self.sentinel)
 
     def part(self, value: Any, i: int) -> Any:
         """Member ``i``'s rows of ``value`` when it is a tensor over the whole batch (or a tuple of

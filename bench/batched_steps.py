@@ -1,0 +1,155 @@
+"""Aggregate session-steps per second of concurrent LoRA sessions on one daemon: batched
+(``--batch-window-ms``) against one at a time (window 0, as before the step batcher).
+
+For each model and each count of sessions, a fresh ``SessionRegistry`` holds that many U-shaped
+LoRA sessions (the cloud's middle, LoRA rank 8 on the family's default targets, SFT rank 8 at both
+cuts) on one shared frozen base, each driven by its own thread as an edge's stream would: every
+step sends 4 x 64 tokens of random activations up (``forward_up``), then a random gradient
+(``gradient_up``), through the sessions' real message path (decode, validate, compute, encode)
+without the network. One warm-up step is not timed (it builds the batched part and lets every
+session be seen); then ``--steps`` steps are. The table gives session-steps/s over all sessions,
+the speed-up of batched over one at a time, and the mean time a session waits for each of its
+steps (for one session alone: its step latency). Usage:
+python -m bench.batched_steps --models random:tiny-llama random:smollm2 --sessions 1 2 4 8 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from bench.common import add_output_args, save, table
+from sft_cloud.sessions.batcher import StepBatcher
+from sft_cloud.sessions.middle import MiddleSession
+from sft_cloud.sessions.registry import SessionRegistry
+from sft_common.models.base_model import BaseModel, load_base_model
+from sft_common.proto import sft_pb2 as pb
+from sft_common.wire import codec
+
+ROWS, SEQ = 4, 64  # each session's step: 4 sequences of 64 tokens
+
+
+def u_config(base: BaseModel, i: int, split_layer: int, tail_layers: int) -> pb.SessionConfig:
+    """Session ``i``'s U with LoRA (its own seed and learning rate)."""
+    return pb.SessionConfig(
+        model=base.name, mode=pb.SFT, split_layer=split_layer, rank=8, num_labels=0, wire_dtype=pb.FLOAT32,
+        lr=1e-4 * (1 + i % 4), total_steps=1000, seed=100 + i, max_batch_size=ROWS, max_seq_len=SEQ,
+        label_private=True, tail_layers=tail_layers, lora_rank=8, lora_alpha=16.0,
+    )  # fmt: skip
+
+
+def measure(
+    base: BaseModel, n: int, window_ms: float, steps: int, split_layer: int, tail_layers: int
+) -> Dict:
+    """``n`` sessions stepping together: session-steps/s and each step's mean wall time."""
+    registry = SessionRegistry(max_sessions=n, batcher=StepBatcher(window_ms / 1000, max_rows=1024))
+    registry._bases[base.name] = base
+    sizes: List[int] = []  # sessions in each timed forward batch
+    timing = [False]
+
+    def report(phase: str, size: int, waits: List[float]) -> None:
+        if phase == "forward" and timing[0]:
+            sizes.append(size)
+
+    registry.batcher.report = report
+    sessions = []
+    for i in range(n):
+        config = u_config(base, i, split_layer, tail_layers)
+        shared = registry._shared(config, base)
+        session = MiddleSession(
+            f"s{i}", "bench", config, base, "cpu", registry._compute_lock, shared_base=shared
+        )
+        registry._hold(session, None)
+        sessions.append(session)
+    start = threading.Barrier(n + 1, action=lambda: timing.__setitem__(0, True))
+    latencies: List[float] = []
+
+    def drive(session: MiddleSession, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        up = [codec.encode(torch.randn(ROWS * SEQ, session.width, generator=g)) for _ in range(2)]
+        for k in range(steps + 1):
+            if k == 1:
+                start.wait()
+            began = time.perf_counter()
+            msg = pb.ForwardUp(step=k, activations=up[k % 2], lengths=[SEQ] * ROWS)
+            down = session.forward_up(msg).activations
+            session.gradient_up(pb.GradientUp(step=k, grad=down))  # a gradient of the right shape
+            if k >= 1:
+                latencies.append(time.perf_counter() - began)
+
+    threads = [threading.Thread(target=drive, args=(s, i)) for i, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - began
+    return {
+        "session_steps_per_s": n * steps / seconds,
+        "step_s": sum(latencies) / len(latencies),
+        "mean_batch": sum(sizes) / len(sizes) if sizes else 1.0,
+    }
+
+
+def run(args: argparse.Namespace) -> List[Dict]:
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        base = load_base_model(name)
+        layers = base.num_hidden_layers
+        split = max(0, layers - 1 - args.tail_layers - args.middle_layers) if args.middle_layers else 0
+        for n in args.sessions:
+            alone = measure(base, n, 0.0, args.steps, split, args.tail_layers)
+            batched = measure(base, n, args.window_ms, args.steps, split, args.tail_layers)
+            row = {
+                "model": name, "sessions": n, "middle_layers": layers - 1 - args.tail_layers - split,
+                "alone_steps_per_s": alone["session_steps_per_s"],
+                "batched_steps_per_s": batched["session_steps_per_s"],
+                "speedup": batched["session_steps_per_s"] / alone["session_steps_per_s"],
+                "alone_step_s": alone["step_s"], "batched_step_s": batched["step_s"],
+                "mean_batch": batched["mean_batch"],
+            }  # fmt: skip
+            print(table([row], COLUMNS).splitlines()[-1], flush=True)
+            rows.append(row)
+    return rows
+
+
+COLUMNS = "model sessions middle_layers alone_steps_per_s batched_steps_per_s speedup alone_step_s batched_step_s mean_batch"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["random:tiny-llama", "random:smollm2"])
+    p.add_argument("--sessions", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per session (after one warm-up step)")
+    p.add_argument("--window-ms", type=float, default=5.0, help="the batched runs' --batch-window-ms")
+    p.add_argument(
+        "--middle-layers", type=int, default=0,
+        help="cut so the cloud's middle holds this many layers (0: split layer 0, every layer but the tail's)",
+    )  # fmt: skip
+    p.add_argument("--tail-layers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    add_output_args(p, "batched_steps")
+    args = p.parse_args(argv)
+    print(table([], COLUMNS))
+    rows = run(args)
+    conditions = {
+        "threads": args.threads,
+        "window_ms": args.window_ms,
+        "steps": args.steps,
+        "rows": ROWS,
+        "seq": SEQ,
+    }
+    path = save(args.name, {"conditions": conditions, "rows": rows}, args.out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
