@@ -33,6 +33,8 @@ KINDS: List[Tuple[str, Dict[str, Any]]] = [
     ("U (backprop), int4-6-hadamard", {"label_private": True}),
     ("forward-only, fp32", {"forward_only": True, "wire_dtype": "fp32"}),
     ("forward-only, int4-6-hadamard", {"forward_only": True}),
+    # the side network beside the frozen model: no LoRA (the backbone stays the base's)
+    ("forward-only, parallel", {"forward_only": True, "adapters": "parallel", "peft": None}),
 ]
 
 
