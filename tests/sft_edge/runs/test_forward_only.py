@@ -131,7 +131,37 @@ def test_forward_only_classification_predicts_through_the_daemon_and_after_expor
         assert h["probabilities"]["good"] == pytest.approx(float(r["probability_good"]), abs=1e-5)
 
 
-def test_forward_only_resume_ends_as_an_uninterrupted_run(tmp_path, recorded, monkeypatch):
+def test_forward_only_parallel_classification_predicts_through_the_daemon(tmp_path, recorded):
+    """Tiny BERT, --adapters parallel: the side network and the task head are all the run saves, and
+    predict through the daemon is the evaluation at the end of training."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    address, _, _ = recorded
+    run, dev = str(tmp_path / "run"), write_reviews(tmp_path / "dev.csv", 12, 100)
+    argv = [
+        "train", "--train-file", write_reviews(tmp_path / "train.csv", 40), "--dev-file", dev,
+        "--text-columns", "opinion", "--label-column", "verdict", "--cloud", address, "--insecure",
+        "--model", "random:tiny", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--forward-only",
+        "--adapters", "parallel", "--output-dir", run, "--report", str(tmp_path / "r.json"), "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["cloud_steps"] == 0 and report["adapters"] == "parallel"
+    heads = {k.split(".")[1] for k in load_file(f"{run}/edge.safetensors") if k.startswith("tail.")}
+    assert heads == {"pooler", "classifier"}  # the task head; the tail's layers stay the base's
+    conn = Connection(cloud=address, insecure=True)
+    assert predict.predict(PredictConfig(run, dev, str(tmp_path / "p.csv"), conn)) == 12
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    gold = [r["verdict"] for r in csv.DictReader(open(dev, newline=""))]
+    accuracy = sum(r["prediction"] == g for r, g in zip(rows, gold)) / len(gold)
+    assert accuracy == pytest.approx(report["metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize("adapters", ["tail", "parallel"])
+def test_forward_only_resume_ends_as_an_uninterrupted_run(tmp_path, recorded, monkeypatch, adapters):
     """Ctrl-C at step 4, then --resume: the tail bit-identical to a run never stopped, and the
     resumed run sends only the examples the cut one had not cached."""
     from safetensors.torch import load_file
@@ -144,7 +174,7 @@ def test_forward_only_resume_ends_as_an_uninterrupted_run(tmp_path, recorded, mo
         problem="causal-lm", train_file=write_completion_rows(tmp_path / "train.jsonl", 24),
         dev_file=write_completion_rows(tmp_path / "dev.jsonl", 6, 100), cloud=address, insecure=True,
         model="random:tiny-llama", batch_size=4, max_steps=9, lr=1e-3, forward_only=True,
-        checkpoint_every=3, progress=False,
+        checkpoint_every=3, progress=False, adapters=adapters,
     )  # fmt: skip
     whole = train(TrainConfig(output_dir=str(tmp_path / "whole"), **values))
     sent_whole = sum(m.WhichOneof("kind") == "eval" for m, _ in messages)
