@@ -134,3 +134,14 @@ def test_at_step_0_the_model_is_the_frozen_one(live_server, name, causal_lm):
     rows = mask.bool() if causal_lm else slice(None)  # an LM's padded positions are not compared
     assert torch.allclose(logits[rows], frozen[rows], atol=1e-6)
     edge.close()
+
+
+def test_the_cloud_refuses_a_side_width_wider_than_the_model(live_server):
+    from sft_edge.link.transport import CloudError
+
+    address, _ = live_server
+    base = load_base_model("random:tiny-llama")
+    edge = open_parallel_edge(address, base, True)
+    edge._open.config.side_width = 33
+    with pytest.raises(CloudError, match="side_width must be in 0..32"):
+        edge.predict(lm_batches(1)[0])

@@ -88,7 +88,8 @@ class FrozenMiddleSession(CoreAttributes):
 
     def describe(self) -> str:
         c = self.config
-        return f"forward-only U (frozen middle, {c.tail_layers} tail layers on the edge) at layer {c.split_layer}"
+        side = f", each layer's output projected to {c.side_width} for a side network" if c.side_width else ""
+        return f"forward-only U (frozen middle{side}, {c.tail_layers} tail layers on the edge) at layer {c.split_layer}"
 
     def opened(self, at: Optional[int] = None) -> pb.SessionOpened:
         """The answer to an open: full-width cuts, so no factor goes to the edge."""
