@@ -8,23 +8,28 @@ step sends 4 x 64 tokens of random activations up (``forward_up``), then a rando
 (``gradient_up``), through the sessions' real message path (decode, validate, compute, encode)
 without the network. One warm-up step is not timed (it builds the batched part and lets every
 session be seen); then ``--steps`` steps are. The table gives session-steps/s over all sessions,
-the speed-up of batched over one at a time, and the mean time a session waits for each of its
-steps (for one session alone: its step latency). Usage:
+the speed-up of batched over one at a time, the mean wall time of a session's step (for one
+session alone: its step latency) and the sessions a forward batch held on average. The compute
+columns time what batching changes, alone: the sessions' forward and backward as one batch
+against one after another, in one thread with no messages (median of ``--repeats`` rounds).
+``--repeats`` runs each mode that many times, alternating, and keeps the medians. Usage:
 python -m bench.batched_steps --models random:tiny-llama random:smollm2 --sessions 1 2 4 8 16 32
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from bench.common import add_output_args, save, table
-from sft_cloud.sessions.batcher import StepBatcher
+from sft_cloud.sessions.batcher import Job, StepBatcher
 from sft_cloud.sessions.middle import MiddleSession
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.models.base_model import BaseModel, load_base_model
@@ -97,6 +102,50 @@ def measure(
     }
 
 
+def compute_seconds(base: BaseModel, n: int, split_layer: int, tail_layers: int, rounds: int) -> Dict:
+    """The compute alone (no messages, no threads): ``n`` sessions' forward and backward run as
+    one batch (``StepBatcher.compute``), and one session after another; the median of ``rounds``
+    alternating rounds, in seconds."""
+    registry = SessionRegistry(max_sessions=n)
+    registry._bases[base.name] = base
+    sessions = []
+    for i in range(n):
+        config = u_config(base, i, split_layer, tail_layers)
+        sessions.append(
+            MiddleSession(f"s{i}", "bench", config, base, shared_base=registry._shared(config, base))
+        )
+    batcher = StepBatcher(1.0)
+
+    def jobs(members: List[MiddleSession]) -> List[Job]:
+        out = []
+        for session in members:
+            x = torch.randn(ROWS * SEQ, session.width).requires_grad_(True)
+            padded, mask = session.inputs.unpack(x, [SEQ] * ROWS)
+            job = Job(session, 1, (padded, mask), lambda _: None, x=x)
+            job.finish = functools.partial(_rows, job, mask)
+            out.append(job)
+        return out
+
+    times: Dict[str, List[float]] = {"batched": [], "alone": []}
+    for r in range(rounds + 1):  # the first round warms up
+        for how, groups in (("batched", [sessions]), ("alone", [[s] for s in sessions])):
+            began = time.perf_counter()
+            for group in groups:
+                batcher.compute(jobs(group))
+            for session in sessions:
+                session.core.optimizer.zero_grad(set_to_none=True)
+            if r:
+                times[how].append(time.perf_counter() - began)
+    return {how: statistics.median(t) for how, t in times.items()}
+
+
+def _rows(job: Job, mask: torch.Tensor, out: Any) -> torch.Tensor:
+    """A U job's ``finish`` in the compute benchmark: its rows, the backward's start (a gradient of ones)."""
+    job.roots = out[0][mask]
+    job.grad = torch.ones_like(job.roots)
+    return job.roots
+
+
 def run(args: argparse.Namespace) -> List[Dict]:
     torch.set_num_threads(args.threads)
     rows = []
@@ -105,8 +154,12 @@ def run(args: argparse.Namespace) -> List[Dict]:
         layers = base.num_hidden_layers
         split = max(0, layers - 1 - args.tail_layers - args.middle_layers) if args.middle_layers else 0
         for n in args.sessions:
-            alone = measure(base, n, 0.0, args.steps, split, args.tail_layers)
-            batched = measure(base, n, args.window_ms, args.steps, split, args.tail_layers)
+            runs: Dict[str, List[Dict]] = {"alone": [], "batched": []}
+            for _ in range(args.repeats):  # alternating, so that a change of load hits both
+                runs["alone"].append(measure(base, n, 0.0, args.steps, split, args.tail_layers))
+                runs["batched"].append(measure(base, n, args.window_ms, args.steps, split, args.tail_layers))
+            alone, batched = (_median(runs[how]) for how in ("alone", "batched"))
+            compute = compute_seconds(base, n, split, args.tail_layers, args.repeats)
             row = {
                 "model": name, "sessions": n, "middle_layers": layers - 1 - args.tail_layers - split,
                 "alone_steps_per_s": alone["session_steps_per_s"],
@@ -114,13 +167,22 @@ def run(args: argparse.Namespace) -> List[Dict]:
                 "speedup": batched["session_steps_per_s"] / alone["session_steps_per_s"],
                 "alone_step_s": alone["step_s"], "batched_step_s": batched["step_s"],
                 "mean_batch": batched["mean_batch"],
+                "compute_alone_s": compute["alone"], "compute_batched_s": compute["batched"],
+                "compute_speedup": compute["alone"] / compute["batched"],
             }  # fmt: skip
             print(table([row], COLUMNS).splitlines()[-1], flush=True)
             rows.append(row)
     return rows
 
 
-COLUMNS = "model sessions middle_layers alone_steps_per_s batched_steps_per_s speedup alone_step_s batched_step_s mean_batch"
+def _median(runs: List[Dict]) -> Dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+COLUMNS = (
+    "model sessions middle_layers alone_steps_per_s batched_steps_per_s speedup alone_step_s batched_step_s "
+    "mean_batch compute_alone_s compute_batched_s compute_speedup"
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,6 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="cut so the cloud's middle holds this many layers (0: split layer 0, every layer but the tail's)",
     )  # fmt: skip
     p.add_argument("--tail-layers", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating; medians kept")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     add_output_args(p, "batched_steps")
     args = p.parse_args(argv)
@@ -143,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "threads": args.threads,
         "window_ms": args.window_ms,
         "steps": args.steps,
+        "repeats": args.repeats,
         "rows": ROWS,
         "seq": SEQ,
     }

@@ -17,6 +17,7 @@ def test_batched_steps_benchmark_runs_on_a_tiny_decoder(tmp_path, capsys):
     for row in rows:
         assert row["alone_steps_per_s"] > 0 and row["batched_steps_per_s"] > 0
         assert row["speedup"] == row["batched_steps_per_s"] / row["alone_steps_per_s"]
+        assert row["compute_alone_s"] > 0 and row["compute_batched_s"] > 0
     assert rows[0]["mean_batch"] == 1.0  # one session alone is never batched
     assert rows[1]["mean_batch"] > 1.0  # three sessions stepping together are
     assert "batched_steps_per_s" in capsys.readouterr().out

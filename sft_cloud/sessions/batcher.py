@@ -38,6 +38,9 @@ log = logging.getLogger("sft_cloud")
 # A session that stepped this recently is waited for (for the window at most, so one that left
 # costs its peers a window a batch until then); long, since a CPU step of a big part takes seconds.
 SEEN_SECONDS = 600.0
+# A part whose batched forward drew random numbers outside its members' streams this many times
+# steps alone from then on (once could be another thread's draw: an edge in the same process).
+TRIPS = 3
 Report = Callable[[str, int, List[float]], None]  # (phase, sessions in the batch, each one's wait in s)
 
 
@@ -101,6 +104,7 @@ class StepBatcher:
         self._open: Dict[Any, Group] = {}
         self._seen: Dict[Any, Dict[int, float]] = {}  # key -> {id(session): when it last stepped}
         self._parts: Dict[Any, SegmentedPart] = {}
+        self._trips: Dict[Any, int] = {}  # batches of a part that drew outside its members' streams
         self.solo_only: Set[Any] = set()  # parts whose random draws cannot be segmented: steps alone
 
     def takes(self, session: Any) -> bool:
@@ -135,18 +139,20 @@ class StepBatcher:
     def step(self, job: Job) -> Any:
         """A two-part step: forward, then backward from ``finish``'s loss (``job.roots``) into its
         parameters' gradients and ``job.x.grad``; returns ``finish``'s result."""
-
-        def run(jobs: List[Job]) -> None:
-            live = jobs
-            while live:
-                live = self._forward(live)
-                if self._backward(live, again=False):
-                    return
-                live = [j for j in live if j.error is None]
-
-        return self._submit(("step", *self._key(job)), job, run, self._expected)
+        return self._submit(("step", *self._key(job)), job, self.compute, self._expected)
 
     # -- computing a batch (under the compute lock) --------------------------------------------
+
+    def compute(self, jobs: List[Job]) -> None:
+        """What a two-part batch's leader runs: ``jobs``' forward, batched when they can be, then
+        one backward from the ``roots`` (and ``grad``) their ``finish`` set; a refused job gets its
+        error, and the others run again without it. The caller holds the compute lock."""
+        live = jobs
+        while live:
+            live = self._forward(live)
+            if self._backward(live, again=False):
+                return
+            live = [j for j in live if j.error is None]
 
     def _forward(self, jobs: List[Job]) -> List[Job]:
         """Every job's forward, batched when it can be; returns those not refused."""
@@ -161,11 +167,13 @@ class StepBatcher:
             out = part(
                 [j.session.net2 for j in live], seg, *[torch.cat(t) for t in zip(*(j.inputs for j in live))]
             )
-            if not seg.clean():
-                self.solo_only.add(key)
-                log.warning(
-                    "step batcher: %s draws random numbers it cannot segment; steps run alone", key[0]
-                )
+            if not seg.clean():  # this batch runs alone; after a few, every batch of this part
+                self._trips[key] = self._trips.get(key, 0) + 1
+                if self._trips[key] >= TRIPS:
+                    self.solo_only.add(key)
+                    log.warning(
+                        "step batcher: %s draws random numbers it cannot segment: steps alone", key[0]
+                    )
                 break
             refused = [j for i, j in enumerate(live) if not _finish(j, seg.part(out, i))]
             if not refused:

@@ -91,9 +91,7 @@ class SessionCore:
         # Dropout draws from the process-wide RNG; seeding it per step and computing under one
         # lock makes each step's randomness a function of (seed, step) alone.
         self.compute_lock = compute_lock or threading.Lock()
-        # Runs its steps batched with other LoRA sessions' on one frozen base (the registry's;
-        # None: each step alone, under ``compute_lock``).
-        self.batcher: Optional[StepBatcher] = None
+        self.batcher: Optional[StepBatcher] = None  # batches its steps with others' (None: alone)
 
     # -- a training message, exactly once ---------------------------------------------------
 
@@ -318,6 +316,7 @@ def adapt_lora(
     side: str,
     keep: List[torch.nn.Parameter],
     shared_base: Optional[SharedBase],
+    compute_lock: Optional[threading.Lock] = None,
 ) -> Optional[Dict[str, Any]]:
     """LoRA on net2 when the config asks for it (``lora``; None: every parameter trains): adapters
     seeded by (``seed``, ``side``), the other parameters frozen but ``keep``, the frozen base shared
@@ -326,7 +325,9 @@ def adapt_lora(
     if lora is None:
         return None
     try:
-        apply_lora(net2, lora, seed, side, keep)
+        # the adapters are drawn from the process's RNG: not while another session's step draws
+        with compute_lock or contextlib.nullcontext():
+            apply_lora(net2, lora, seed, side, keep)
     except ValueError as exc:  # PEFT: no module of that name to adapt
         raise invalid(f"--lora-targets: {exc}") from None
     if shared_base is not None:

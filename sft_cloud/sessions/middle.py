@@ -76,7 +76,8 @@ class MiddleSession(CoreAttributes):
         self.edge_factor = None if self.factors is None else self.factors.u
         factors = part_factors(net2)
         # With LoRA: adapters; the factors trainable; the base frozen, shareable.
-        lora_dict = adapt_lora(net2, self.lora, config.seed, LORA_SIDES["middle"], factors, shared_base)
+        side = LORA_SIDES["middle"]
+        lora_dict = adapt_lora(net2, self.lora, config.seed, side, factors, shared_base, compute_lock)
         fingerprint = session_fingerprint(
             base.fingerprint, self.spec, config.num_labels, lora_dict, config.tail_layers
         )

@@ -71,7 +71,7 @@ class TwoPartSession(CoreAttributes):
         factors = factor_parameters(net2)
         # With LoRA: adapters; Σ, v and the head trainable; the base frozen, shareable.
         keep = factors + head_parameters(net2)
-        lora_dict = adapt_lora(net2, self.lora, config.seed, "cloud", keep, shared_base)
+        lora_dict = adapt_lora(net2, self.lora, config.seed, "cloud", keep, shared_base, compute_lock)
         fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels, lora_dict, None)
         self.core = SessionCore(
             session_id,
