@@ -75,3 +75,13 @@ python -m sft_edge.cli export --run /tmp/front/run --to /tmp/front/export --clou
 python -m sft_edge.cli generate --run /tmp/front/export --prompt "$PROMPT" --max-new-tokens 32 --json
 # 5. the defaults (--mode sl --wire-dtype int4-6-hadamard: 4 bits up, 6 down the second cut):
 #    paraphrase-u-default-zstd-lora-m80-s42.json, the same commands without --mode and --wire-dtype
+
+# 7. Forward-only (issue 32, 2026-12-07): the U with its head and middle frozen, LoRA on the tail's
+# layers only, each row's first cut sent once (int4-6-hadamard, zstd), the middle's answers cached;
+# one daemon, the runs one after the other, at nice 10 beside other benchmarks (load 6-9 on 2 cores):
+# paraphrase-forward-only-tail1-lora-zstd-m80-s42.json, paraphrase-forward-only-tail4-lora-zstd-m80-s42.json
+nice -n 10 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51341 &
+for T in 1 4; do
+  /usr/bin/time -v nice -n 10 python -m sft_edge.cli train $COMMON --forward-only --tail-layers $T --compression zstd \
+    --cloud 127.0.0.1:51341 --insecure --output-dir /tmp/fo/t$T --report /tmp/fo/t$T-report.json
+done
