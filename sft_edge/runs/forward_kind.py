@@ -37,6 +37,8 @@ class ForwardOnly(UShape):
             raise ValueError(PARALLEL_NO_LORA)
         if cfg.activation_cache_mb < 0:
             raise ValueError(f"--activation-cache-mb must be >= 0, got {cfg.activation_cache_mb}")
+        if cfg.link.dp.on:
+            raise ValueError(NO_DP)
 
     def describe(self, cfg: TrainConfig) -> str:
         return f"forward-only ({cfg.adapters}: {cfg.tail_layers} layers here) via {cfg.cloud}"
@@ -87,6 +89,10 @@ class ForwardOnly(UShape):
         )
 
 
+NO_DP = (
+    "--forward-only sends no gradient (no --dp-grad-noise), and its activations' noise (--dp-noise) is not "
+    "built: each row would be noised once, before the cache, with its own accounting"
+)
 FORWARD_MODES = (None, "sl")  # --mode of a forward-only run: the full width (None: runs.defaults says sl)
 FULL_WIDTH = (
     "--forward-only sends the full width (--mode sl): its head is frozen, so a rank-R cut would drop what "

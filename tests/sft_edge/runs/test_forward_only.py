@@ -265,6 +265,7 @@ def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_d
         (["--forward-only", "--adapters", "side"], "--adapters must be one of tail, parallel, got 'side'"),
         (["--forward-only", "--adapters", "parallel", "--peft", "lora"], "no --peft lora"),
         (["--forward-only", "--activation-cache-mb", "-1"], "--activation-cache-mb must be >= 0"),
+        (["--forward-only", "--dp-noise", "1", "--dp-clip", "1"], "--forward-only sends no gradient"),
     ],
 )
 def test_bad_forward_only_flags_are_refused_at_once(capsys, extra, message):
