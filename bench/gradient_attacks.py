@@ -369,6 +369,7 @@ def main(argv: Any = None) -> int:
         print(f"two-part, gradient down: {result['two_part_gradient_down']}")
     dp = f"_dp{args.dp_noise:g}-{args.dp_grad_noise:g}" if args.dp_noise or args.dp_grad_noise else ""
     task = f"_{args.task}" if args.attack == "labels" and args.task != "sources" else ""
+    task += "" if args.wire == ("int4-6-hadamard" if args.attack == "text" else "fp32") else f"_{args.wire}"
     name = args.name or f"gradient_{args.attack}{task}_" + args.model.replace(":", "_").replace("/", "_") + dp
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
