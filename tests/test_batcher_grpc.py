@@ -147,9 +147,9 @@ def test_batched_steps_over_grpc_equal_solo_steps(tmp_path, name, two_part):
 
 def test_the_batch_flags():
     args = build_parser().parse_args(["serve", "--insecure"])
-    assert (args.batch_window_ms, args.batch_max_sequences) == (5.0, 256)
-    args = build_parser().parse_args(["serve", "--batch-window-ms", "0", "--batch-max-sequences", "64"])
-    assert (args.batch_window_ms, args.batch_max_sequences) == (0.0, 64)
+    assert (args.batch_window_ms, args.batch_max_sequences) == (0.0, 256)  # off by default
+    args = build_parser().parse_args(["serve", "--batch-window-ms", "5", "--batch-max-sequences", "64"])
+    assert (args.batch_window_ms, args.batch_max_sequences) == (5.0, 64)
     for bad in ({"batch_window_ms": -1.0}, {"batch_max_sequences": 0}):
         with pytest.raises(ValueError, match="--batch-window-ms"):
             ServeConfig(insecure=True, **bad).validate()  # type: ignore[arg-type]

@@ -32,7 +32,9 @@ class ServeConfig:
     keep_finished_days: float = 30.0  # finished sessions' net2 is kept this long for its owner (0: not kept)
     replica_id: Optional[str] = None  # names this replica in the session leases (None: <hostname>-<pid>)
     lease_seconds: float = 30.0  # a session lease not renewed this long has expired (renewed every third)
-    batch_window_ms: float = 5.0  # LoRA sessions' steps arriving this close run as one batch (0: each alone)
+    # LoRA sessions' steps arriving this close run as one batch; 0 (the default): each alone. Off
+    # by default: on this CPU a SmolLM2-sized part gained nothing at 8 sessions (docs/benchmarks.md §8)
+    batch_window_ms: float = 0.0
     batch_max_sequences: int = 256  # sequences one batched step holds at most
 
     def listen_host(self) -> str:
