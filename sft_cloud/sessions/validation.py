@@ -89,6 +89,10 @@ def check_config(
             f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
             f"got {config.total_steps} and {config.warmup_steps}"
         )
+    if config.side_width and not config.forward_only:
+        raise invalid(
+            "side_width is for forward-only sessions (their side network reads the middle's layers)"
+        )
     return spec
 
 

@@ -206,6 +206,7 @@ def test_fingerprint_mismatch_is_refused(registry, tiny_base):
         (dict(factor_lr=1e-4, mode=pb.SL), "factor_lr is for SFT"),
         (dict(total_steps=0), "total_steps >= 1"),
         (dict(num_labels=0), "num_labels must be in"),
+        (dict(side_width=8), "side_width is for forward-only sessions"),
     ],
 )
 def test_bad_session_configs_are_refused(registry, tiny_base, kw, match):
