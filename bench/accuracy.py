@@ -48,6 +48,10 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     "sft-r16": ["--mode", "sft", "--rank", "16"],
     "sft-r32": ["--mode", "sft", "--rank", "32"],
     "sl": ["--mode", "sl"],
+    # forward-only (issue 32): the head (layer 0) and the middle frozen, the last 1 or 2 layers and
+    # the head fine-tuned here; each row's hidden states sent once (fp32 on an encoder)
+    "forward-only": ["--forward-only"],
+    "forward-only-t2": ["--forward-only", "--tail-layers", "2"],
 }
 # Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-<wire dtype>],
 # e.g. sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4;
