@@ -52,6 +52,7 @@ CONFIGS: Dict[str, Optional[List[str]]] = {
     # the head fine-tuned here; each row's hidden states sent once (fp32 on an encoder)
     "forward-only": ["--forward-only"],
     "forward-only-t2": ["--forward-only", "--tail-layers", "2"],
+    "forward-only-t2-int8": ["--forward-only", "--tail-layers", "2", "--wire-dtype", "int8"],
 }
 # Any other SFT configuration by name: sft-r<R>[-l<split layer>][-flr<factor lr>][-fin][-<wire dtype>],
 # e.g. sft-r384, sft-r8-l0, sft-r8-flr2e-4 (the factors u, Σ, v at 10x the recipe's lr), sft-r24-l0-int4;

@@ -25,6 +25,9 @@ def _cfg(**kw) -> TrainConfig:
         ("random:tiny-llama", {"label_private": True, "factorise": "ffn-input"}, ("sft", "fp32")),
         ("random:tiny-llama", {"label_private": True, "factor_lr": 1e-3}, ("sft", "fp32")),
         ("random:tiny", {"mode": "sl"}, ("sl", "fp32")),
+        ("random:tiny-llama", {"forward_only": True}, ("sl", "int4-6-hadamard")),  # as the U's
+        ("random:tiny", {"forward_only": True}, ("sl", "int8")),  # full width, a quarter of fp32
+        ("random:tiny", {"forward_only": True, "wire_dtype": "fp32"}, ("sl", "fp32")),
     ],
 )
 def test_defaults_per_kind_and_model(model, flags, want):
