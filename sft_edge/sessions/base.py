@@ -1,7 +1,8 @@
 """What every edge session offers the trainer (``Session``), and the one ``SessionConfig`` builder.
 
-Three classes implement ``Session``: ``EdgeSession`` (the two-part split), ``UShapeSession`` (the
-label-private U) and ``LocalSession`` (the unsplit model, no cloud). The trainer, evaluation,
+Four classes implement ``Session``: ``EdgeSession`` (the two-part split), ``UShapeSession`` (the
+label-private U), ``ForwardOnlySession`` (the U with a frozen head and middle) and ``LocalSession``
+(the unsplit model, no cloud); the last two checkpoint all they train here (``StateHere``). The trainer, evaluation,
 predict and generate use only these members. The two split sessions open their cloud session with
 the ``pb.OpenSession`` that ``open_request`` builds (its ``SessionConfig`` and fingerprint; the U's
 with its tail).
@@ -65,6 +66,30 @@ class Session(Protocol):
     def close(self) -> Optional[int]:
         """End the session; the number of steps the cloud applied (None: no cloud)."""
         ...
+
+
+class StateHere:
+    """``checkpoint`` and ``restore`` of a session whose whole trained state is on this device
+    (``LocalSession``; ``ForwardOnlySession``, whose cloud holds nothing of the run): no cloud
+    to agree on a step with, so this side's ``module``, optimizer and schedule go to disk alone."""
+
+    checkpoints: Optional[CheckpointDir]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    device: str
+
+    @property
+    def module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def checkpoint(self, step: int, run: Dict) -> None:
+        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
+        self.checkpoints.save_state(step, self.module, self.optimizer, self.schedule, run=run)
+
+    def restore(self, step: int) -> Dict:
+        assert self.checkpoints is not None
+        state = self.checkpoints.load_state(step, self.module, self.optimizer, self.schedule, self.device)
+        return state["run"]
 
 
 def session_config(

@@ -36,7 +36,7 @@ from sft_edge.data.activation_cache import ActivationCache, Answer, example_key
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.runs.config import LinkOptions, OptimConfig
-from sft_edge.sessions.base import open_request
+from sft_edge.sessions.base import StateHere, open_request
 from sft_edge.sessions.client import SessionClient
 from sft_edge.sessions.placement import placement_of
 from sft_edge.sessions.tail_end import tail_end_of
@@ -45,7 +45,7 @@ from sft_edge.sessions.ushape import TAIL_SIDE
 log = logging.getLogger("sft_edge")
 
 
-class ForwardOnlySession(SessionClient):
+class ForwardOnlySession(StateHere, SessionClient):
     """The frozen head and the training tail here; the frozen middle in a cloud session, asked once per example.
 
     Arguments as ``UShapeSession``'s (``spec``: a full-width U), with ``cache`` the run's
@@ -134,16 +134,6 @@ class ForwardOnlySession(SessionClient):
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """What trained (the tail, or its LoRA and task head, or the side network and task head)."""
         return owned_state(self.net)
-
-    def checkpoint(self, step: int, run: Dict) -> None:
-        """Nothing to agree on with the cloud (it holds nothing of the run): this side's state to disk."""
-        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
-        self.checkpoints.save_state(step, self.net, self.optimizer, self.schedule, run=run)
-
-    def restore(self, step: int) -> Dict:
-        assert self.checkpoints is not None
-        state = self.checkpoints.load_state(step, self.net, self.optimizer, self.schedule, self.device)
-        return state["run"]
 
     # -- the middle's answers -------------------------------------------------------------
 

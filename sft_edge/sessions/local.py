@@ -22,9 +22,10 @@ from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.data.glue import Batch
 from sft_edge.data.lm import lm_loss
 from sft_edge.runs.config import OptimConfig
+from sft_edge.sessions.base import StateHere
 
 
-class LocalSession:
+class LocalSession(StateHere):
     """The whole model, its optimizer and schedule; no link, so no traffic and no resumes."""
 
     bytes_sent = 0
@@ -84,17 +85,6 @@ class LocalSession:
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The trained state: with LoRA the adapters and the head, not the frozen base."""
         return owned_state(self.model)
-
-    def checkpoint(self, step: int, run: Dict) -> None:
-        """Nothing to agree on with a cloud: the whole model's state goes to disk."""
-        assert self.checkpoints is not None, "checkpoint() needs a checkpoint folder"
-        self.checkpoints.save_state(step, self.model, self.optimizer, self.schedule, run=run)
-
-    def restore(self, step: int) -> Dict:
-        assert self.checkpoints is not None
-        return self.checkpoints.load_state(step, self.model, self.optimizer, self.schedule, self.device)[
-            "run"
-        ]
 
     def close(self) -> Optional[int]:
         return None
