@@ -15,15 +15,13 @@ from torch import nn
 
 from sft_common.models.base_model import load_base_model
 from sft_common.models.lora import LoraSpec
-from sft_common.topology.two_part import task_loss
-from sft_common.topology.ushape import UShapeSpec, build_ushape_model, lora_part
-from sft_common.topology.ushape_lm import build_ushape_lm_model
+from sft_common.topology.ushape import UShapeSpec, lora_part
 from sft_common.training import make_optimizer, make_schedule, step_seed
 from sft_edge.data.activation_cache import ActivationCache
-from sft_edge.data.lm import lm_loss
 from sft_edge.link.transport import GrpcTransport, open_channel
 from sft_edge.runs.config import LinkOptions, OptimConfig
 from sft_edge.sessions.forward_only import ForwardOnlySession
+from sft_edge.sessions.tail_end import tail_end_of
 from tests.helpers import random_batch
 from tests.test_ushape_lm_grpc import assert_parts_equal, lm_batches
 
@@ -38,10 +36,7 @@ def cls_batches(n=STEPS):
 
 def train_in_one_process(base, batches, causal_lm, lora=None, epochs=1):
     """(head, middle, tail, losses): the frozen head and middle, the tail trained on their output."""
-    if causal_lm:
-        head, middle, tail = build_ushape_lm_model(base, SPEC, OPTIM.seed)
-    else:
-        head, middle, tail = build_ushape_model(base, SPEC, 2, OPTIM.seed)
+    head, middle, tail = tail_end_of(causal_lm).model(base, SPEC, 0 if causal_lm else 2, OPTIM.seed, "cpu")
     if lora is not None:
         lora_part(tail, "tail", lora.resolved(base.config.model_type), OPTIM.seed)
     head.requires_grad_(False), middle.requires_grad_(False)
@@ -57,7 +52,7 @@ def train_in_one_process(base, batches, causal_lm, lora=None, epochs=1):
             second, _ = middle(first * rows, mask)
         torch.manual_seed(step_seed(OPTIM.seed, "edge-tail", k))
         logits = tail(second * rows, mask)
-        loss = (lm_loss if causal_lm else task_loss)(logits.float(), batch.labels)
+        loss = tail_end_of(causal_lm).loss(logits.float(), batch.labels)
         loss.backward()
         optimizer.step(), schedule.step()
         optimizer.zero_grad(set_to_none=True)

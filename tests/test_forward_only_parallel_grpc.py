@@ -16,25 +16,19 @@ from torch import nn
 from sft_common.models.base_model import load_base_model
 from sft_common.models.lora import head_parameters
 from sft_common.topology.side import SideNetwork, middle_taps, side_projection, side_width
-from sft_common.topology.two_part import task_loss
-from sft_common.topology.ushape import build_ushape_model
-from sft_common.topology.ushape_lm import build_ushape_lm_model
 from sft_common.training import make_optimizer, make_schedule, step_seed
 from sft_edge.data.activation_cache import ActivationCache
-from sft_edge.data.lm import lm_loss
 from sft_edge.link.transport import GrpcTransport, open_channel
 from sft_edge.runs.config import LinkOptions
 from sft_edge.sessions.forward_only import ForwardOnlySession
+from sft_edge.sessions.tail_end import tail_end_of
 from tests.test_forward_only_grpc import OPTIM, SPEC, STEPS, cls_batches
 from tests.test_ushape_lm_grpc import assert_parts_equal, lm_batches
 
 
 def frozen_parts(base, causal_lm):
     """The U's three parts from the base, frozen but for a classification head (new: it trains)."""
-    if causal_lm:
-        head, middle, tail = build_ushape_lm_model(base, SPEC, OPTIM.seed)
-    else:
-        head, middle, tail = build_ushape_model(base, SPEC, 2, OPTIM.seed)
+    head, middle, tail = tail_end_of(causal_lm).model(base, SPEC, 0 if causal_lm else 2, OPTIM.seed, "cpu")
     for part in (head, middle, tail):
         part.requires_grad_(False)
     for p in head_parameters(tail):
@@ -62,7 +56,7 @@ def train_in_one_process(base, batches, causal_lm, epochs=2):
             inputs = torch.cat([first @ projection, taps], dim=-1) * rows
         torch.manual_seed(step_seed(OPTIM.seed, "edge-tail", k))
         logits = tail(second * rows + side(inputs) * rows, mask)
-        loss = (lm_loss if causal_lm else task_loss)(logits.float(), batch.labels)
+        loss = tail_end_of(causal_lm).loss(logits.float(), batch.labels)
         loss.backward()
         optimizer.step(), schedule.step()
         optimizer.zero_grad(set_to_none=True)
