@@ -17,12 +17,12 @@ from sft_common.models.base_model import BaseModel
 from sft_common.models.families import Decoder
 from sft_common.models.lora import LoraSpec, apply_lora, lora_on_model
 from sft_common.storage.checkpoint import CheckpointDir, owned_state
-from sft_common.topology.two_part import build_full_model, task_loss
+from sft_common.topology.two_part import build_full_model
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_edge.data.glue import Batch
-from sft_edge.data.lm import lm_loss
 from sft_edge.runs.config import OptimConfig
 from sft_edge.sessions.base import StateHere
+from sft_edge.sessions.tail_end import tail_end_of
 
 
 class LocalSession(StateHere):
@@ -49,7 +49,8 @@ class LocalSession(StateHere):
         self.checkpoints = checkpoints
         self.start_step = start_step
         self.model = build_local_model(base, num_labels, optim.seed, device, lora, causal_lm)
-        self.loss = lm_loss if causal_lm else task_loss  # causal LM: next-token loss on the labelled tokens
+        # the U's loss: the task head's, or the next-token loss on the labelled tokens
+        self.loss = tail_end_of(causal_lm).loss
         self.decoder = isinstance(base.family, Decoder)
         self.optimizer = make_optimizer(self.model.parameters(), optim.lr, optim.weight_decay)
         self.schedule = make_schedule(self.optimizer, optim.warmup_steps, optim.total_steps)
