@@ -35,6 +35,7 @@ from sft_common.wire.codecs import Wire
 from sft_edge.data.activation_cache import ActivationCache, Answer, example_key
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
+from sft_edge.privacy.defence import Defence
 from sft_edge.runs.config import LinkOptions, OptimConfig
 from sft_edge.sessions.base import StateHere, open_request
 from sft_edge.sessions.client import SessionClient
@@ -43,6 +44,7 @@ from sft_edge.sessions.tail_end import tail_end_of
 from sft_edge.sessions.ushape import TAIL_SIDE
 
 log = logging.getLogger("sft_edge")
+DP_FORWARD = "dp-forward"  # the noise's seeds: an example's draw is a function of (seed, its key)
 
 
 class ForwardOnlySession(StateHere, SessionClient):
@@ -77,6 +79,7 @@ class ForwardOnlySession(StateHere, SessionClient):
         self.spec, self.optim_cfg, self.device, self.cache = spec, optim, device, cache
         self.checkpoints = checkpoints
         self.wire = Wire.named(link.wire_dtype, link.compression)
+        self.noise = Defence.of(link.dp).activations  # --dp-noise: each example's rows noised once
         first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         self.width = first.cut_width(base.hidden_size)
         # The cloud is told no LoRA and no labels: its middle is the base's, frozen.
@@ -149,7 +152,7 @@ class ForwardOnlySession(StateHere, SessionClient):
         found: List[Optional[Answer]] = [self.cache.get(k, n) for k, n in zip(keys, batch.lengths)]
         missing = [i for i, r in enumerate(found) if r is None]
         if missing:
-            for i, answer in zip(missing, self._ask(batch, missing, index)):
+            for i, answer in zip(missing, self._ask(batch, missing, [keys[i] for i in missing], index)):
                 self.cache.put(keys[i], answer)
                 found[i] = answer
         answers = [a for a in found if a is not None]
@@ -160,8 +163,9 @@ class ForwardOnlySession(StateHere, SessionClient):
         return padded
 
     @torch.no_grad()
-    def _ask(self, batch: Batch, which: Sequence[int], index: int) -> List[Answer]:
-        """The middle's answers for the examples ``which`` of ``batch``, one each (tensors of a row a token)."""
+    def _ask(self, batch: Batch, which: Sequence[int], keys: Sequence[str], index: int) -> List[Answer]:
+        """The middle's answers for the examples ``which`` of ``batch`` (``keys``: theirs), one each
+        (tensors of a row a token)."""
         idx = torch.tensor(list(which), device=batch.input_ids.device)
         lengths = [batch.lengths[i] for i in which]
         seq = max(lengths)
@@ -171,11 +175,27 @@ class ForwardOnlySession(StateHere, SessionClient):
         with autocast(self.device):
             first, _ = self.head(ids, attention, types)
         packed = first.float()[attention.bool()]
-        msg = pb.EvalStep(batch=index, activations=self.wire.encode_activations(packed), lengths=lengths)
+        sent = self._noised(packed, lengths, keys)  # the side network (parallel) reads the clean rows here
+        msg = pb.EvalStep(batch=index, activations=self.wire.encode_activations(sent), lengths=lengths)
         reply = self.request(pb.EdgeMessage(eval=msg)).eval
         answer = self.placement.answer(packed, reply, self._decode)
         split = {name: torch.split(t, lengths) for name, t in answer.items()}
         return [{name: parts[i] for name, parts in split.items()} for i in range(len(lengths))]
+
+    def _noised(self, rows: torch.Tensor, lengths: Sequence[int], keys: Sequence[str]) -> torch.Tensor:
+        """``rows`` clipped and noised example by example (``--dp-noise``), each example's noise drawn
+        from (seed, its key) alone: it is sent once, whatever batch it is in, and its answer cached."""
+        parts = rows.split(list(lengths))
+        return torch.cat(
+            [
+                self.noise.apply(
+                    part,
+                    [len(part)],
+                    self.noise.generator(self.optim_cfg.seed, DP_FORWARD, int(key[:15], 16)),
+                )
+                for part, key in zip(parts, keys)
+            ]
+        )
 
     def _decode(self, tensor: pb.Tensor, what: str, shape: Tuple[int, ...]) -> torch.Tensor:
         return self.wire.decode_activations(tensor, what, shape, down=True, device=self.device)
