@@ -11,11 +11,15 @@ final weights of its session (``final.safetensors``), within 1e-6.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
+import signal
 import socket
+import threading
+import time
 import urllib.request
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -29,9 +33,10 @@ STEPS = 3
 EDGES = 3
 
 
-def edge(name: str, two_part: bool, i: int, address: str, turn, next_turn, start, out) -> None:
+def edge(name: str, two_part: bool, i: int, address: str, turn, next_turn, start, out, stall=None) -> None:
     """Edge ``i``: open when its turn comes, train ``STEPS`` steps with the others, close; put
-    (i, losses, parameters, session id) on ``out``."""
+    (i, losses, parameters, session id) on ``out``. ``stall``: (step, event): at that step, once
+    its message is in the daemon's batch, set the event and hang (for the test to kill it)."""
     import torch
     from helpers import random_batch
 
@@ -63,6 +68,8 @@ def edge(name: str, two_part: bool, i: int, address: str, turn, next_turn, start
             base, UShapeSpec(split_layer=0, rank=8, tail_layers=1), 2, transport, optim, **kw
         )
         parts = [session.head, session.tail]
+    if stall is not None:
+        session.transport.listeners.append(functools.partial(_stall, *stall))
     next_turn.set()
     start.wait(timeout=120)
     # 6 sequences of at most 14 tokens: the longest of each batch is 14, so every step's shape is the same
@@ -76,32 +83,52 @@ def edge(name: str, two_part: bool, i: int, address: str, turn, next_turn, start
     out.put((i, losses, params, session.session_id))
 
 
+def _stall(step: int, event, way: str, msg, when: float) -> None:
+    """A listener that hangs the edge mid-batch at ``step``: the U once its forward is answered
+    (in a batch graph whose backward the others' wait for), a two-part edge a moment after its
+    step is sent (its step in a filling or computing batch); ``event`` tells the test."""
+    kind = msg.WhichOneof("kind")
+    if (way, kind) == ("received", "forward_down") and msg.forward_down.step == step:
+        event.set()
+        time.sleep(3600)
+    if (way, kind) == ("sent", "train") and msg.train.step == step:
+        threading.Timer(0.2, event.set).start()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _train(name: str, two_part: bool, window_ms: float, folder: str) -> Tuple[List, Dict[str, float]]:
-    """Every edge's (losses, parameters, cloud's final weights) and the daemon's batch metrics."""
+def _train(
+    name: str, two_part: bool, window_ms: float, folder: str, edges: int = EDGES, kill: Optional[int] = None
+) -> Tuple[List, Dict[str, float]]:
+    """Every edge's (losses, parameters, cloud's final weights) and the daemon's batch metrics.
+    ``kill``: the last edge is killed (SIGKILL) mid-batch at this step; the others' results."""
     metrics_port = _free_port()
     flags = ["--insecure", "--batch-window-ms", str(window_ms), "--checkpoint-dir", folder]
     proc, port = start_daemon(flags + ["--metrics-port", str(metrics_port), "--max-sessions", "8"])
     ctx = multiprocessing.get_context("spawn")
-    turns = [ctx.Event() for _ in range(EDGES + 1)]
-    start, out = ctx.Barrier(EDGES), ctx.Queue()
+    turns = [ctx.Event() for _ in range(edges + 1)]
+    start, out, killed = ctx.Barrier(edges), ctx.Queue(), ctx.Event()
     turns[0].set()
     args = [
-        (name, two_part, i, f"127.0.0.1:{port}", turns[i], turns[i + 1], start, out) for i in range(EDGES)
+        (name, two_part, i, f"127.0.0.1:{port}", turns[i], turns[i + 1], start, out) for i in range(edges)
     ]
-    edges = [ctx.Process(target=edge, args=a) for a in args]
+    procs = [ctx.Process(target=edge, args=a) for a in args]
+    if kill is not None:
+        procs[-1] = ctx.Process(target=edge, args=args[-1] + ((kill, killed),))
     try:
-        for p in edges:
+        for p in procs:
             p.start()
-        results = sorted(out.get(timeout=300) for _ in range(EDGES))
+        if kill is not None:
+            assert killed.wait(timeout=300), "the edge to kill never reached its step"
+            os.kill(procs[-1].pid, signal.SIGKILL)
+        results = sorted(out.get(timeout=300) for _ in range(edges - (kill is not None)))
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     finally:
-        for p in edges:
+        for p in procs:
             p.join(timeout=30)
         stop_daemon(proc)
     metrics = {
@@ -153,3 +180,36 @@ def test_the_batch_flags():
     for bad in ({"batch_window_ms": -1.0}, {"batch_max_sequences": 0}):
         with pytest.raises(ValueError, match="--batch-window-ms"):
             ServeConfig(insecure=True, **bad).validate()  # type: ignore[arg-type]
+
+
+KILL_AT = 1  # the step at which the third edge is killed: step 0 batched all three
+
+
+# Two minutes each here (two daemons, five edge processes): the default suite has the same in one
+# process (tests/sft_cloud/sessions/test_batcher.py, a session that goes silent mid-batch).
+@pytest.mark.parametrize(
+    "name, two_part",
+    [
+        pytest.param("random:tiny", False, marks=SLOW),
+        pytest.param("random:tiny-llama", False, marks=SLOW),
+        pytest.param("random:tiny", True, marks=SLOW),
+    ],
+    ids=["bert-u", "llama-u", "bert-two-part"],
+)
+def test_an_edge_killed_mid_batch_leaves_the_others_as_without_it(tmp_path, name, two_part):
+    """kill -9 of the third edge while its step is in a batch with the others' (the U: its forward
+    answered, its backward due; two-part: its step sent): the other two edges' losses, parameters
+    and the cloud's final weights are bitwise those of the two run batched without the third."""
+    killed, metrics = _train(name, two_part, 1000, str(tmp_path / "killed"), kill=KILL_AT)
+    alone, _ = _train(name, two_part, 1000, str(tmp_path / "two"), edges=2)
+    assert len(killed) == len(alone) == 2
+    for (losses, params, final), (want_losses, want_params, want_final) in zip(killed, alone):
+        assert losses == want_losses
+        for got, want in ((params, want_params), (final, want_final)):
+            assert got.keys() == want.keys() and got
+            assert all(np.array_equal(got[n], want[n]) for n in got), name
+    phase = "step" if two_part else "forward"
+    assert (
+        metrics[f'sft_batch_sessions_sum{{phase="{phase}"}}']
+        > metrics[f'sft_batch_sessions_count{{phase="{phase}"}}']
+    )

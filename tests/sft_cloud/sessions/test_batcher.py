@@ -194,3 +194,19 @@ def test_a_dropped_step_stops_its_batch_waiting_for_it():
     assert graph is not None and graph.waiting == {id(session)}
     session._drop_pending()
     assert not graph.waiting
+
+
+@pytest.mark.parametrize("model", sorted(BASES))
+def test_a_session_gone_mid_batch_leaves_the_others_as_without_it(model):
+    """Session 2's stream dies with its forward of step 1 batched and its backward due (the
+    in-process kill -9; tests/test_batcher_grpc.py kills a real edge): sessions 0 and 1 end
+    bitwise as two sessions batched without it, and its graph waits for it no longer than a window."""
+    gone = Run(model, 3, window=1.0).go(stop=(2, 1, "forward"))
+    two = Run(model, 2, window=1.0).go()
+    assert ("forward", 3) in gone.batches and ("backward", 2) in gone.batches
+    for i in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(gone.params(i), two.params(i)))
+        assert len(gone.replies[i]) == len(two.replies[i]) == 2 * STEPS
+        assert all(torch.equal(a, b) for a, b in zip(gone.replies[i], two.replies[i]))
+        assert gone.sessions[i].next_step == STEPS
+    assert gone.sessions[2]._pending[3].waiting == {id(gone.sessions[2])}
