@@ -52,14 +52,14 @@ class DaemonMetrics:
         )
         self.batch_size = Histogram(
             "sft_batch_sessions",
-            "Sessions in one batched step (forward, backward, or a two-part step), alone ones included",
+            "Sessions in one batch, by phase (forward, backward, step: two-part, eval: forward-only), alone ones included",
             ["phase"],
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.batch_wait = Histogram(
             "sft_batch_wait_seconds",
-            "Time a step waited for its batch to fill and the compute to be free",
+            "Time a step or evaluation waited for its batch to fill and the compute to be free",
             ["phase"],
             buckets=WAIT_BUCKETS,
             registry=r,

@@ -18,6 +18,11 @@ cannot give each member (``Segments.clean``) runs the solo step, as the daemon a
 
 The U's two phases: ``forward`` leaves a ``BatchGraph``, and the members' ``backward`` calls batch
 on it (the graph is kept until each member has run its backward or dropped its step).
+
+Forward-only sessions' evaluations (``evaluate``) fill batches the same way: those of one frozen
+middle, side width and input shape run as one forward of the first member's part (every tensor
+of it is the others' too), without gradient or random draws, each member's rows split off again:
+each member's answer is its solo evaluation's.
 """
 
 from __future__ import annotations
@@ -135,6 +140,13 @@ class StepBatcher:
         finally:
             if job.error is None:
                 graph.leave(job.session)
+
+    def evaluate(self, job: Job) -> Any:
+        """A forward-only evaluation, with others' on the same frozen middle (``job.session.forward``
+        on the inputs, (batch, seq, width) and the mask, of all of them); ``job.finish``'s result."""
+        s = job.session
+        key = ("eval", type(s).__name__, _frozen(s), s.config.side_width, tuple(job.inputs[0].shape[1:]))
+        return self._submit(key, job, _evaluate, self._expected)
 
     def step(self, job: Job) -> Any:
         """A two-part step: forward, then backward from ``finish``'s loss (``job.roots``) into its
@@ -293,6 +305,25 @@ def _frozen(session: Any) -> Optional[int]:
     """Which frozen base ``session``'s part is built on (None: it has none: full fine-tuning)."""
     frozen = next((p for p in session.net2.parameters() if not p.requires_grad), None)
     return None if frozen is None else id(frozen)
+
+
+def _evaluate(jobs: List[Job]) -> None:
+    """The leader of an evaluation batch: one forward of every member's inputs, without gradient,
+    through the first member's part (they share all its tensors); each member finishes its rows."""
+    inputs = [torch.cat(t) for t in zip(*(j.inputs for j in jobs))] if len(jobs) > 1 else jobs[0].inputs
+    with torch.no_grad():
+        out = jobs[0].session.forward(*inputs)
+    start = 0
+    for job in jobs:
+        _finish(job, _rows(out, start, start + job.rows))
+        start += job.rows
+
+
+def _rows(value: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` (dim 0) of a tensor, or of each tensor of a tuple (None stays None)."""
+    if isinstance(value, tuple):
+        return tuple(_rows(v, start, stop) for v in value)
+    return None if value is None else value[start:stop]
 
 
 def _finish(job: Job, out: Any) -> bool:

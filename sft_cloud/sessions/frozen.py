@@ -8,15 +8,19 @@ built on the frozen base that the LoRA sessions of the same model and cuts share
 (``sft_common.models.shared``): a forward-only session costs the daemon no copy of the layers.
 With ``side_width`` d (``--adapters parallel``) each answer also carries every middle layer's
 output projected to d (``sft_common.topology.side``), for the edge's side network.
+With the daemon's ``--batch-window-ms``, evaluations of sessions on one frozen middle, side width
+and sequence length run as one forward (``batcher.StepBatcher.evaluate``), each answer its own.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional, Tuple
 
 import torch
 
+from sft_cloud.sessions.batcher import Job
 from sft_cloud.sessions.core import CoreAttributes, SessionCore, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.middle import check_middle
@@ -101,28 +105,30 @@ class FrozenMiddleSession(CoreAttributes):
         )
 
     def evaluate(self, msg: pb.EvalStep) -> pb.EvalReply:
-        """The frozen middle's output at the second cut for one batch's real tokens."""
+        """The frozen middle's output at the second cut for one batch's real tokens; with the
+        daemon's batch window, in one forward with other sessions' evaluations on this base."""
         with self.core.lock:
             lengths = self.inputs.lengths(msg.lengths)
             x = self.inputs.decode(msg.activations, lengths)
             padded, mask = self.inputs.unpack(x, lengths)
-            with torch.no_grad(), self.core.compute_lock:
-                out, taps = self._forward(padded, mask)
-            rows = out[mask].float()
-            side = None if taps is None else taps[mask].float()
-            if not all(bool(torch.isfinite(t).all()) for t in (rows, side) if t is not None):
-                raise invalid(
-                    f"batch {msg.batch}: the middle's output is not finite (activations too large?)"
-                )
+            job = Job(self, 0, (padded, mask), functools.partial(_real_rows, msg.batch, mask))
+            batcher = self.core.batcher
+            if batcher is not None and batcher.window > 0:
+                rows, side = batcher.evaluate(job)
+            else:
+                with torch.no_grad(), self.core.compute_lock:
+                    rows, side = job.finish(self.forward(padded, mask))
             reply = pb.EvalReply(batch=msg.batch, activations=self.inputs.encode_activations(rows))
             if side is not None:
                 reply.side.CopyFrom(self.inputs.encode_activations(side))
             return reply
 
-    def _forward(
+    def forward(
         self, padded: torch.Tensor, mask: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The middle's output and, with a side width, its layers' outputs projected (else None)."""
+        """The middle's output (batch, seq, width) on ``padded`` (batch, seq, width) and ``mask``
+        (batch, seq) and, with a side width, its layers' outputs projected (else None). Sessions
+        of one frozen middle and side width compute the same: the batcher calls one for all."""
         if self.projection is None:
             return self.core.net2(padded, mask)[0], None
         return middle_taps(self.middle, padded, mask, self.projection)
@@ -131,3 +137,15 @@ class FrozenMiddleSession(CoreAttributes):
         raise not_its_step(
             "this session is forward-only: it holds nothing to checkpoint (the edge's checkpoints are its own)"
         )
+
+
+def _real_rows(
+    batch: int, mask: torch.Tensor, out: Tuple[torch.Tensor, Optional[torch.Tensor]]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(tokens, width) rows of the middle's output at the real tokens (and of its side taps), fp32;
+    refused when not finite."""
+    rows = out[0][mask].float()
+    side = None if out[1] is None else out[1][mask].float()
+    if not all(bool(torch.isfinite(t).all()) for t in (rows, side) if t is not None):
+        raise invalid(f"batch {batch}: the middle's output is not finite (activations too large?)")
+    return rows, side
