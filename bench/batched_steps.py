@@ -12,7 +12,12 @@ the speed-up of batched over one at a time, the mean wall time of a session's st
 session alone: its step latency) and the sessions a forward batch held on average. The compute
 columns time what batching changes, alone: the sessions' forward and backward as one batch
 against one after another, in one thread with no messages (median of ``--repeats`` rounds).
-``--repeats`` runs each mode that many times, alternating, and keeps the medians. Usage:
+``--repeats`` runs each mode that many times, alternating, and keeps the medians.
+
+``--phase eval``: forward-only sessions instead (``FrozenMiddleSession``: the same cuts, the
+middle frozen and shared, no LoRA), each thread sending ``EvalStep``s of 4 x 64 tokens; the table
+gives evaluations/s, and the compute columns time one forward of the N sessions' rows against N
+forwards. Usage:
 python -m bench.batched_steps --models random:tiny-llama random:smollm2 --sessions 1 2 4 8 16 32
 """
 
@@ -30,6 +35,7 @@ import torch
 
 from bench.common import add_output_args, save, table
 from sft_cloud.sessions.batcher import Job, StepBatcher
+from sft_cloud.sessions.frozen import FrozenMiddleSession
 from sft_cloud.sessions.middle import MiddleSession
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.models.base_model import BaseModel, load_base_model
@@ -48,42 +54,89 @@ def u_config(base: BaseModel, i: int, split_layer: int, tail_layers: int) -> pb.
     )  # fmt: skip
 
 
+class Steps:
+    """The U's LoRA steps: ``forward_up`` then ``gradient_up`` (batched by their forward)."""
+
+    unit, batch_phase = "steps", "forward"
+
+    @staticmethod
+    def session(
+        base: BaseModel, i: int, split_layer: int, tail_layers: int, registry: SessionRegistry
+    ) -> Any:
+        config = u_config(base, i, split_layer, tail_layers)
+        shared = registry._shared(config, base)
+        return MiddleSession(
+            f"s{i}", "bench", config, base, "cpu", registry._compute_lock, shared_base=shared
+        )
+
+    @staticmethod
+    def send(session: Any, k: int, up: pb.Tensor) -> None:
+        down = session.forward_up(pb.ForwardUp(step=k, activations=up, lengths=[SEQ] * ROWS)).activations
+        session.gradient_up(pb.GradientUp(step=k, grad=down))  # a gradient of the right shape
+
+    @staticmethod
+    def compute(sessions: List[Any], rounds: int) -> Dict:
+        return compute_seconds(sessions, rounds)
+
+
+class Evaluations:
+    """Forward-only sessions' evaluations through the frozen middle (batched as ``eval``)."""
+
+    unit, batch_phase = "evals", "eval"
+
+    @staticmethod
+    def session(
+        base: BaseModel, i: int, split_layer: int, tail_layers: int, registry: SessionRegistry
+    ) -> Any:
+        config = u_config(base, i, split_layer, tail_layers)
+        config.mode, config.lora_rank, config.lora_alpha, config.forward_only = pb.SL, 0, 0.0, True
+        shared = registry._shared(config, base)
+        return FrozenMiddleSession(
+            f"s{i}", "bench", config, base, "cpu", registry._compute_lock, shared_base=shared
+        )
+
+    @staticmethod
+    def send(session: Any, k: int, up: pb.Tensor) -> None:
+        session.evaluate(pb.EvalStep(batch=k, activations=up, lengths=[SEQ] * ROWS))
+
+    @staticmethod
+    def compute(sessions: List[Any], rounds: int) -> Dict:
+        return eval_compute_seconds(sessions, rounds)
+
+
+PHASES: Dict[str, Any] = {"step": Steps, "eval": Evaluations}  # --phase: what each session sends
+
+
 def measure(
-    base: BaseModel, n: int, window_ms: float, steps: int, split_layer: int, tail_layers: int
+    phase: Any, base: BaseModel, n: int, window_ms: float, steps: int, split_layer: int, tail_layers: int
 ) -> Dict:
-    """``n`` sessions stepping together: session-steps/s and each step's mean wall time."""
+    """``n`` sessions stepping (or evaluating) together: session-steps/s and each one's mean wall time."""
     registry = SessionRegistry(max_sessions=n, batcher=StepBatcher(window_ms / 1000, max_rows=1024))
     registry._bases[base.name] = base
     sizes: List[int] = []  # sessions in each timed forward batch
     timing = [False]
 
-    def report(phase: str, size: int, waits: List[float]) -> None:
-        if phase == "forward" and timing[0]:
+    def report(batch_phase: str, size: int, waits: List[float]) -> None:
+        if batch_phase == phase.batch_phase and timing[0]:
             sizes.append(size)
 
     registry.batcher.report = report
     sessions = []
     for i in range(n):
-        config = u_config(base, i, split_layer, tail_layers)
-        shared = registry._shared(config, base)
-        session = MiddleSession(
-            f"s{i}", "bench", config, base, "cpu", registry._compute_lock, shared_base=shared
-        )
+        session = phase.session(base, i, split_layer, tail_layers, registry)
         registry._hold(session, None)
         sessions.append(session)
     start = threading.Barrier(n + 1, action=lambda: timing.__setitem__(0, True))
     latencies: List[float] = []
 
-    def drive(session: MiddleSession, seed: int) -> None:
+    def drive(session: Any, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
         up = [codec.encode(torch.randn(ROWS * SEQ, session.width, generator=g)) for _ in range(2)]
         for k in range(steps + 1):
             if k == 1:
                 start.wait()
             began = time.perf_counter()
-            msg = pb.ForwardUp(step=k, activations=up[k % 2], lengths=[SEQ] * ROWS)
-            down = session.forward_up(msg).activations
-            session.gradient_up(pb.GradientUp(step=k, grad=down))  # a gradient of the right shape
+            phase.send(session, k, up[k % 2])
             if k >= 1:
                 latencies.append(time.perf_counter() - began)
 
@@ -102,18 +155,10 @@ def measure(
     }
 
 
-def compute_seconds(base: BaseModel, n: int, split_layer: int, tail_layers: int, rounds: int) -> Dict:
-    """The compute alone (no messages, no threads): ``n`` sessions' forward and backward run as
+def compute_seconds(sessions: List[MiddleSession], rounds: int) -> Dict:
+    """The compute alone (no messages, no threads): the sessions' forward and backward run as
     one batch (``StepBatcher.compute``), and one session after another; the median of ``rounds``
     alternating rounds, in seconds."""
-    registry = SessionRegistry(max_sessions=n)
-    registry._bases[base.name] = base
-    sessions = []
-    for i in range(n):
-        config = u_config(base, i, split_layer, tail_layers)
-        sessions.append(
-            MiddleSession(f"s{i}", "bench", config, base, shared_base=registry._shared(config, base))
-        )
     batcher = StepBatcher(1.0)
 
     def jobs(members: List[MiddleSession]) -> List[Job]:
@@ -139,6 +184,26 @@ def compute_seconds(base: BaseModel, n: int, split_layer: int, tail_layers: int,
     return {how: statistics.median(t) for how, t in times.items()}
 
 
+def eval_compute_seconds(sessions: List[FrozenMiddleSession], rounds: int) -> Dict:
+    """The compute alone of forward-only evaluations: one forward of every session's rows (what
+    the batcher runs) against one forward per session; the median of ``rounds`` alternating rounds."""
+    inputs = [s.inputs.unpack(torch.randn(ROWS * SEQ, s.width), [SEQ] * ROWS) for s in sessions]
+    together = [torch.cat(t) for t in zip(*inputs)]
+    times: Dict[str, List[float]] = {"batched": [], "alone": []}
+    for r in range(rounds + 1):  # the first round warms up
+        for how in ("batched", "alone"):
+            began = time.perf_counter()
+            with torch.no_grad():
+                if how == "batched":
+                    sessions[0].forward(*together)
+                else:
+                    for session, (padded, mask) in zip(sessions, inputs):
+                        session.forward(padded, mask)
+            if r:
+                times[how].append(time.perf_counter() - began)
+    return {how: statistics.median(t) for how, t in times.items()}
+
+
 def _rows(job: Job, mask: torch.Tensor, out: Any) -> torch.Tensor:
     """A U job's ``finish`` in the compute benchmark: its rows, the backward's start (a gradient of ones)."""
     job.roots = out[0][mask]
@@ -148,6 +213,8 @@ def _rows(job: Job, mask: torch.Tensor, out: Any) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> List[Dict]:
     torch.set_num_threads(args.threads)
+    phase = PHASES[args.phase]
+    per_s, one = f"{phase.unit}_per_s", f"{phase.unit[:-1]}_s"  # steps_per_s, step_s (evals, eval)
     rows = []
     for name in args.models:
         base = load_base_model(name)
@@ -156,21 +223,24 @@ def run(args: argparse.Namespace) -> List[Dict]:
         for n in args.sessions:
             runs: Dict[str, List[Dict]] = {"alone": [], "batched": []}
             for _ in range(args.repeats):  # alternating, so that a change of load hits both
-                runs["alone"].append(measure(base, n, 0.0, args.steps, split, args.tail_layers))
-                runs["batched"].append(measure(base, n, args.window_ms, args.steps, split, args.tail_layers))
+                for how, window in (("alone", 0.0), ("batched", args.window_ms)):
+                    runs[how].append(measure(phase, base, n, window, args.steps, split, args.tail_layers))
             alone, batched = (_median(runs[how]) for how in ("alone", "batched"))
-            compute = compute_seconds(base, n, split, args.tail_layers, args.repeats)
+            registry = SessionRegistry(max_sessions=n)
+            registry._bases[base.name] = base
+            sessions = [phase.session(base, i, split, args.tail_layers, registry) for i in range(n)]
+            compute = phase.compute(sessions, args.repeats)
             row = {
                 "model": name, "sessions": n, "middle_layers": layers - 1 - args.tail_layers - split,
-                "alone_steps_per_s": alone["session_steps_per_s"],
-                "batched_steps_per_s": batched["session_steps_per_s"],
+                f"alone_{per_s}": alone["session_steps_per_s"],
+                f"batched_{per_s}": batched["session_steps_per_s"],
                 "speedup": batched["session_steps_per_s"] / alone["session_steps_per_s"],
-                "alone_step_s": alone["step_s"], "batched_step_s": batched["step_s"],
+                f"alone_{one}": alone["step_s"], f"batched_{one}": batched["step_s"],
                 "mean_batch": batched["mean_batch"],
                 "compute_alone_s": compute["alone"], "compute_batched_s": compute["batched"],
                 "compute_speedup": compute["alone"] / compute["batched"],
             }  # fmt: skip
-            print(table([row], COLUMNS).splitlines()[-1], flush=True)
+            print(table([row], columns(phase)).splitlines()[-1], flush=True)
             rows.append(row)
     return rows
 
@@ -179,10 +249,13 @@ def _median(runs: List[Dict]) -> Dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-COLUMNS = (
-    "model sessions middle_layers alone_steps_per_s batched_steps_per_s speedup alone_step_s batched_step_s "
-    "mean_batch compute_alone_s compute_batched_s compute_speedup"
-)
+def columns(phase: Any) -> str:
+    """The table's columns: session-steps (or evaluations) per second, then the compute's."""
+    unit, one = phase.unit, phase.unit[:-1]
+    return (
+        f"model sessions middle_layers alone_{unit}_per_s batched_{unit}_per_s speedup alone_{one}_s "
+        f"batched_{one}_s mean_batch compute_alone_s compute_batched_s compute_speedup"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -198,11 +271,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tail-layers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating; medians kept")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    add_output_args(p, "batched_steps")
+    p.add_argument(
+        "--phase",
+        choices=sorted(PHASES),
+        default="step",
+        help="step: LoRA sessions' steps; eval: forward-only sessions' evaluations (results/batched_evals.json)",
+    )
+    add_output_args(p)
     args = p.parse_args(argv)
-    print(table([], COLUMNS))
+    args.name = args.name or {"step": "batched_steps", "eval": "batched_evals"}[args.phase]
+    print(table([], columns(PHASES[args.phase])))
     rows = run(args)
     conditions = {
+        "phase": args.phase,
         "threads": args.threads,
         "window_ms": args.window_ms,
         "steps": args.steps,
