@@ -161,6 +161,14 @@ def _link_flags(g) -> None:
         help="compress tensors on the wire (zstd: smaller, lz4: faster)",
     )
     g.add_argument(
+        "--delta-cache-mb",
+        type=float,
+        default=D.delta_cache_mb,
+        help="delta mode at full-width cuts (--mode sl; AQ-SGD): each side keeps up to this many MiB a cut "
+        "of every example's last activations, so later epochs send 4-bit differences from them; "
+        "0 (the default): off",
+    )
+    g.add_argument(
         "--micro-batches",
         type=int,
         default=D.micro_batches,

@@ -20,13 +20,12 @@ import torch
 
 from sft_cloud.sessions.batcher import StepBatcher
 from sft_cloud.sessions.validation import invalid
-from sft_common.models.lora import LoraSpec, apply_lora, share_frozen
-from sft_common.models.shared import SharedBase
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage import checkpoint
 from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.training import make_optimizer, make_schedule, step_seed
 from sft_common.wire import codec
+from sft_common.wire.delta import DeltaCaches
 from sft_common.wire.errors import ProtocolError
 
 R = TypeVar("R")
@@ -92,6 +91,7 @@ class SessionCore:
         # lock makes each step's randomness a function of (seed, step) alone.
         self.compute_lock = compute_lock or threading.Lock()
         self.batcher: Optional[StepBatcher] = None  # batches its steps with others' (None: alone)
+        self.delta: Optional[DeltaCaches] = None  # delta mode's caches (set by the handler), checkpointed
 
     # -- a training message, exactly once ---------------------------------------------------
 
@@ -249,6 +249,7 @@ class SessionCore:
             self.net2,
             self.optimizer,
             self.schedule,
+            self.delta.state() if self.delta is not None else None,
             session_id=self.session_id,
             owner=self.owner,
             fingerprint=self.fingerprint,
@@ -262,6 +263,8 @@ class SessionCore:
         if meta["fingerprint"] != self.fingerprint:
             raise ProtocolError(grpc.StatusCode.DATA_LOSS, f"checkpoint {step} belongs to another model")
         checkpoint.unpack(tensors, meta, self.net2, self.optimizer, self.schedule)
+        if self.delta is not None:
+            self.delta.load({k: v.cpu() for k, v in tensors.items() if k.startswith("delta/")})
         self.optimizer.zero_grad(set_to_none=True)  # a partly accumulated step is dropped
         self.next_step = int(meta["step"])
         self.replies, self.completed, self.last_reply = {}, None, None
@@ -307,32 +310,6 @@ class SessionCore:
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
-
-
-def adapt_lora(
-    net2: torch.nn.Module,
-    lora: Optional[LoraSpec],
-    seed: int,
-    side: str,
-    keep: List[torch.nn.Parameter],
-    shared_base: Optional[SharedBase],
-    compute_lock: Optional[threading.Lock] = None,
-) -> Optional[Dict[str, Any]]:
-    """LoRA on net2 when the config asks for it (``lora``; None: every parameter trains): adapters
-    seeded by (``seed``, ``side``), the other parameters frozen but ``keep``, the frozen base shared
-    with the other sessions of this model and split (``shared_base``, filled by the first).
-    Returns what the session's fingerprint records of it (None: no LoRA)."""
-    if lora is None:
-        return None
-    try:
-        # the adapters are drawn from the process's RNG: not while another session's step draws
-        with compute_lock or contextlib.nullcontext():
-            apply_lora(net2, lora, seed, side, keep)
-    except ValueError as exc:  # PEFT: no module of that name to adapt
-        raise invalid(f"--lora-targets: {exc}") from None
-    if shared_base is not None:
-        share_frozen(net2, shared_base.frozen)
-    return lora.as_dict()
 
 
 def not_its_step(message: str) -> ProtocolError:

@@ -7,14 +7,16 @@ read their inputs through an ``ActivationInput``.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Any, Iterable, List, Tuple
 
 import torch
 
 from sft_cloud.sessions.validation import invalid
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.two_part import lengths_to_mask
+from sft_common.wire import delta
 from sft_common.wire.codecs import Wire
+from sft_common.wire.delta import DeltaCaches
 
 
 class ActivationInput:
@@ -25,6 +27,8 @@ class ActivationInput:
         self.wire = Wire.of(config)
         self.width = width  # values a token at the cut
         self.device = device
+        # Delta mode: the caches of the cuts this session reads and writes (the U's middle: both).
+        self.caches = DeltaCaches.of(config, width)
 
     def max_bytes(self) -> int:
         """The largest activation payload this session can legitimately send (fp32 bound)."""
@@ -48,6 +52,43 @@ class ActivationInput:
         return self.wire.decode_activations(
             tensor, "activations", shape, max_bytes=self.max_bytes(), device=self.device
         )
+
+    def decode_step(self, msg: Any, lengths: List[int]) -> Tuple[torch.Tensor, List[bytes]]:
+        """A training message's (``TrainStep``, ``ForwardUp``) activations, as ``decode``; in delta
+        mode against the first cut's cache (unchanged: ``keep`` it once the step is applied), and
+        its example keys (none when off)."""
+        keys = list(msg.example_keys)
+        if self.caches is None:
+            if keys or msg.HasField("delta"):
+                raise invalid(
+                    "example_keys and delta are for delta mode; this session has none (delta_cache_bytes 0)"
+                )
+            return self.decode(msg.activations, lengths), []
+        codecs = self.caches.mode.codecs(self.wire.activations)
+        rows = delta.decode(
+            codecs, self.caches["up"], keys, lengths, msg.activations, msg.delta, self.width, self.max_bytes()
+        )
+        return rows.to(self.device), keys
+
+    def encode_down(
+        self, rows: torch.Tensor, keys: List[bytes], lengths: List[int], down: pb.ForwardDown
+    ) -> None:
+        """The U's second cut of a training step into ``down``: as ``encode_activations``; in delta
+        mode against the second cut's cache, which then keeps what the edge will decode."""
+        if self.caches is None:
+            down.activations.CopyFrom(self.encode_activations(rows))
+            return
+        cache = self.caches["down"]
+        codecs = self.caches.mode.codecs(self.wire.down)
+        base, deltas, decoded = delta.encode(codecs, cache, keys, lengths, rows, self.wire.compression)
+        down.activations.CopyFrom(base)
+        down.delta.CopyFrom(deltas)
+        cache.update(keys, lengths, decoded)
+
+    def keep(self, keys: List[bytes], lengths: List[int], rows: torch.Tensor) -> None:
+        """Delta mode: the first cut's cache keeps an applied step's decoded rows (off: nothing)."""
+        if self.caches is not None:
+            self.caches["up"].update(keys, lengths, rows)
 
     def decode_gradient(self, tensor: pb.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
         """A gradient of exactly ``shape``, within the activation cap."""

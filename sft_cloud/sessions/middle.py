@@ -18,8 +18,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from sft_cloud.sessions.adapters import adapt_lora
 from sft_cloud.sessions.batcher import BatchGraph, Job
-from sft_cloud.sessions.core import CoreAttributes, SessionCore, adapt_lora, not_its_step
+from sft_cloud.sessions.core import CoreAttributes, SessionCore, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
 from sft_common.models.base_model import BaseModel
@@ -93,6 +94,7 @@ class MiddleSession(CoreAttributes):
             checkpoint_dir,
             rolled_back=self._drop_pending,
         )
+        self.core.delta = self.inputs.caches
         # The step whose forward is applied and whose gradient is awaited: (step, â1 as received,
         # with its gradient to come; â2 on the middle's graph; the batch that graph is shared with,
         # None: its own). One at a time: the graph is bounded.
@@ -145,7 +147,8 @@ class MiddleSession(CoreAttributes):
 
     def _forward(self, msg: pb.ForwardUp) -> pb.ForwardDown:
         lengths = self.inputs.lengths(msg.lengths)
-        x = self.inputs.decode(msg.activations, lengths).requires_grad_(True)
+        x, keys = self.inputs.decode_step(msg, lengths)
+        x.requires_grad_(True)
         padded, mask = self.inputs.unpack(x, lengths)
         job = Job(
             self, self.core.seed(msg.step), (padded, mask), lambda out: self._rows(out[0], mask, msg.step)
@@ -158,8 +161,11 @@ class MiddleSession(CoreAttributes):
             with self.core.rng(msg.step):
                 self.net2.train()
                 rows = job.finish(self.net2(padded, mask))
+        down = pb.ForwardDown(step=msg.step)
+        self.inputs.encode_down(rows.detach(), keys, lengths, down)  # delta mode: keeps what it sends
+        self.inputs.keep(keys, lengths, x.detach())  # and what it received
         self._pending = (msg.step, x, rows, graph)
-        return pb.ForwardDown(step=msg.step, activations=self.inputs.encode_activations(rows.detach()))
+        return down
 
     @staticmethod
     def _rows(out: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:

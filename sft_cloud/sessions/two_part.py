@@ -14,8 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from sft_cloud.sessions.adapters import adapt_lora
 from sft_cloud.sessions.batcher import Job
-from sft_cloud.sessions.core import CoreAttributes, SessionCore, adapt_lora, not_its_step
+from sft_cloud.sessions.core import CoreAttributes, SessionCore, not_its_step
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.validation import check_config, invalid
 from sft_common.models.base_model import BaseModel
@@ -85,6 +86,7 @@ class TwoPartSession(CoreAttributes):
             checkpoint_dir,
             rolled_back=self._drop_micro_batches,
         )
+        self.core.delta = self.inputs.caches
         self.next_micro = 0  # micro-batches of next_step applied so far (gradients accumulated)
         self._plan: Optional[Tuple[int, int]] = None  # (micro_count, step_examples) of next_step
         self._seen = 0  # examples of next_step applied so far
@@ -125,7 +127,8 @@ class TwoPartSession(CoreAttributes):
         lengths = self.inputs.lengths(msg.lengths)
         count, examples = self._check_micro(msg, len(lengths))
         labels = self._check_labels(msg, len(lengths))
-        x = self.inputs.decode(msg.activations, lengths).requires_grad_(True)
+        x, keys = self.inputs.decode_step(msg, lengths)
+        x.requires_grad_(True)
         what = f"step {msg.step} micro-batch {msg.micro}"
         inputs = self.inputs.unpack(x, lengths)
         job = Job(
@@ -155,6 +158,7 @@ class TwoPartSession(CoreAttributes):
         reply = pb.TrainReply(
             step=msg.step, loss=float(loss.detach()), grad=self.inputs.encode_gradient(grad), micro=msg.micro
         )
+        self.inputs.keep(keys, lengths, x.detach())  # delta mode: the step is applied
         if msg.micro == count - 1:  # the step is complete: update net2
             self.core.complete(msg.step)
             self._drop_micro_batches()

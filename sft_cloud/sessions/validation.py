@@ -12,7 +12,7 @@ from sft_common.models.lora import lora_from_config
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec
 from sft_common.topology.ushape import UShapeSpec
-from sft_common.wire import codec
+from sft_common.wire import codec, delta
 from sft_common.wire.compress import SUPPORTED as SUPPORTED_COMPRESSIONS
 from sft_common.wire.errors import ProtocolError
 
@@ -89,6 +89,9 @@ def check_config(
             f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
             f"got {config.total_steps} and {config.warmup_steps}"
         )
+    delta_refusal = delta.check_config(config)
+    if delta_refusal is not None:
+        raise invalid(delta_refusal)
     if config.side_width and not config.forward_only:
         raise invalid(
             "side_width is for forward-only sessions (their side network reads the middle's layers)"

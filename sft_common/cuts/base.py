@@ -45,6 +45,9 @@ class Cut(ABC):
     # The attribute the sending part holds its factor under ("u", "a"); None: no factor crosses
     # at open. Its weight is (R, in): what the cloud sends is its transpose (``edge_factor_shape``).
     factor: Optional[str] = None
+    # What crosses is the hidden state itself (not factors of it): an example's rows change little
+    # between epochs, so delta mode (``sft_common.wire.delta``) can send their differences.
+    carries_hidden_state = False
 
     def __init__(self, rank: int, keep_residual: bool = False):
         self.rank = rank  # R: the values a token sends across the cut (factorised cuts)

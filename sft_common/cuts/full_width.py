@@ -19,6 +19,8 @@ from sft_common.models.families import Family, Modules
 class FullWidth(Cut):
     """Plain split learning: no factor, no receiving module; ``hidden`` values a token."""
 
+    carries_hidden_state = True
+
     def width(self, hidden: int) -> int:
         return hidden
 

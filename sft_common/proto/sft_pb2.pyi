@@ -17,6 +17,8 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT4_HADAMARD: _ClassVar[DType]
     INT6_HADAMARD: _ClassVar[DType]
     INT8_HADAMARD: _ClassVar[DType]
+    INT2_HADAMARD: _ClassVar[DType]
+    INT3_HADAMARD: _ClassVar[DType]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +51,8 @@ INT4: DType
 INT4_HADAMARD: DType
 INT6_HADAMARD: DType
 INT8_HADAMARD: DType
+INT2_HADAMARD: DType
+INT3_HADAMARD: DType
 COMPRESSION_NONE: Compression
 LZ4: Compression
 ZSTD: Compression
@@ -86,7 +90,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., scale: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ..., group: _Optional[int] = ..., group_scales: _Optional[bytes] = ..., outlier_rows: _Optional[_Iterable[int]] = ..., outliers: _Optional[bytes] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers", "svd_init", "factorise", "grad_wire_dtype", "stochastic_rounding", "down_wire_dtype", "forward_only", "side_width")
+    __slots__ = ("model", "mode", "split_layer", "rank", "num_labels", "wire_dtype", "compression", "lr", "weight_decay", "warmup_steps", "total_steps", "seed", "max_batch_size", "max_seq_len", "task", "factor_lr", "lora_rank", "lora_alpha", "lora_targets", "label_private", "tail_layers", "svd_init", "factorise", "grad_wire_dtype", "stochastic_rounding", "down_wire_dtype", "forward_only", "side_width", "delta_cache_bytes", "delta_base_dtype", "delta_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +119,9 @@ class SessionConfig(_message.Message):
     DOWN_WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ONLY_FIELD_NUMBER: _ClassVar[int]
     SIDE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: Mode
     split_layer: int
@@ -143,7 +150,18 @@ class SessionConfig(_message.Message):
     down_wire_dtype: DType
     forward_only: bool
     side_width: int
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ..., svd_init: _Optional[_Union[SvdInit, str]] = ..., factorise: _Optional[_Union[Factorise, str]] = ..., grad_wire_dtype: _Optional[_Union[DType, str]] = ..., stochastic_rounding: bool = ..., down_wire_dtype: _Optional[_Union[DType, str]] = ..., forward_only: bool = ..., side_width: _Optional[int] = ...) -> None: ...
+    delta_cache_bytes: int
+    delta_base_dtype: DType
+    delta_dtype: DType
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., split_layer: _Optional[int] = ..., rank: _Optional[int] = ..., num_labels: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., task: _Optional[str] = ..., factor_lr: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., label_private: bool = ..., tail_layers: _Optional[int] = ..., svd_init: _Optional[_Union[SvdInit, str]] = ..., factorise: _Optional[_Union[Factorise, str]] = ..., grad_wire_dtype: _Optional[_Union[DType, str]] = ..., stochastic_rounding: bool = ..., down_wire_dtype: _Optional[_Union[DType, str]] = ..., forward_only: bool = ..., side_width: _Optional[int] = ..., delta_cache_bytes: _Optional[int] = ..., delta_base_dtype: _Optional[_Union[DType, str]] = ..., delta_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class DeltaRows(_message.Message):
+    __slots__ = ("delta", "rows")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    delta: _containers.RepeatedScalarFieldContainer[bool]
+    rows: Tensor
+    def __init__(self, delta: _Optional[_Iterable[bool]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only", "cloud_sigma", "cloud_v")
@@ -184,7 +202,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ..., tail_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., tail_v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainStep(_message.Message):
-    __slots__ = ("step", "activations", "lengths", "labels", "targets", "micro", "micro_count", "step_examples")
+    __slots__ = ("step", "activations", "lengths", "labels", "targets", "micro", "micro_count", "step_examples", "example_keys", "delta")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +211,8 @@ class TrainStep(_message.Message):
     MICRO_FIELD_NUMBER: _ClassVar[int]
     MICRO_COUNT_FIELD_NUMBER: _ClassVar[int]
     STEP_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     step: int
     activations: Tensor
     lengths: _containers.RepeatedScalarFieldContainer[int]
@@ -201,7 +221,9 @@ class TrainStep(_message.Message):
     micro: int
     micro_count: int
     step_examples: int
-    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., targets: _Optional[_Iterable[float]] = ..., micro: _Optional[int] = ..., micro_count: _Optional[int] = ..., step_examples: _Optional[int] = ...) -> None: ...
+    example_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    delta: DeltaRows
+    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., targets: _Optional[_Iterable[float]] = ..., micro: _Optional[int] = ..., micro_count: _Optional[int] = ..., step_examples: _Optional[int] = ..., example_keys: _Optional[_Iterable[bytes]] = ..., delta: _Optional[_Union[DeltaRows, _Mapping]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("step", "loss", "grad", "micro")
@@ -238,22 +260,28 @@ class EvalReply(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., side: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardUp(_message.Message):
-    __slots__ = ("step", "activations", "lengths")
+    __slots__ = ("step", "activations", "lengths", "example_keys", "delta")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     step: int
     activations: Tensor
     lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    example_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    delta: DeltaRows
+    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ..., example_keys: _Optional[_Iterable[bytes]] = ..., delta: _Optional[_Union[DeltaRows, _Mapping]] = ...) -> None: ...
 
 class ForwardDown(_message.Message):
-    __slots__ = ("step", "activations")
+    __slots__ = ("step", "activations", "delta")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     step: int
     activations: Tensor
-    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    delta: DeltaRows
+    def __init__(self, step: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., delta: _Optional[_Union[DeltaRows, _Mapping]] = ...) -> None: ...
 
 class GradientUp(_message.Message):
     __slots__ = ("step", "grad")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from safetensors import safe_open
@@ -170,16 +170,31 @@ class CheckpointDir:
     def load(self, step: int, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict]:
         return load(self.path(step), device=device)
 
-    def save_state(self, step: int, module, optimizer, schedule, **meta: Any) -> str:
-        """The training state after ``step`` steps (``pack``), with ``meta`` in the header."""
+    def save_state(
+        self,
+        step: int,
+        module,
+        optimizer,
+        schedule,
+        extra: Optional[Dict[str, torch.Tensor]] = None,
+        **meta: Any,
+    ) -> str:
+        """The training state after ``step`` steps (``pack``), with ``meta`` in the header;
+        ``extra``: more of the session's state (delta mode's caches, under ``delta/``)."""
         tensors, header = pack(module, optimizer, schedule)
+        tensors.update(extra or {})
         header.update(step=step, **meta)
         return self.save(step, tensors, header)
 
-    def load_state(self, step: int, module, optimizer, schedule, device: str = "cpu") -> Dict:
-        """Restore what ``save_state`` wrote into fresh objects; returns the header."""
+    def load_state(
+        self, step: int, module, optimizer, schedule, device: str = "cpu", extra: Optional[Callable] = None
+    ) -> Dict:
+        """Restore what ``save_state`` wrote into fresh objects; returns the header. ``extra`` is
+        called with all the checkpoint's tensors (on the CPU) to restore what ``save_state``'s took."""
         tensors, header = self.load(step, device=device)
         unpack(tensors, header, module, optimizer, schedule)
+        if extra is not None:
+            extra({k: v.cpu() for k, v in tensors.items() if not k.startswith(("model/", "optim/"))})
         return header
 
     def clear(self) -> None:

@@ -41,8 +41,10 @@ WIRE_DTYPES = {
     "int4-hadamard": pb.INT4_HADAMARD,
     "int6-hadamard": pb.INT6_HADAMARD,
     "int8-hadamard": pb.INT8_HADAMARD,
+    "int2-hadamard": pb.INT2_HADAMARD,  # for delta mode's deltas (wire.delta)
+    "int3-hadamard": pb.INT3_HADAMARD,
 }
-HADAMARD_BITS = {pb.INT4_HADAMARD: 4, pb.INT6_HADAMARD: 6, pb.INT8_HADAMARD: 8}  # wire.hadamard's codes
+HADAMARD_BITS = {getattr(pb, f"INT{bits}_HADAMARD"): bits for bits in hadamard.BITS}  # wire.hadamard's codes
 # Every dtype this codec encodes and decodes: what a session may ask for (sft_cloud checks it).
 SUPPORTED_WIRE_DTYPES = frozenset(WIRE_DTYPES.values())
 ROW_SCALED = (pb.INT8, pb.INT4)  # one float32 scale per row of dim 0 (``Tensor.scales``)

@@ -34,7 +34,7 @@ import torch
 
 GROUP = 64  # the rotation's block and the quantiser's group, where the row's length allows it
 MAX_GROUP = 1024  # the largest block a receiver accepts
-BITS = (4, 6, 8)  # the code widths: INT4_HADAMARD, INT6_HADAMARD, INT8_HADAMARD
+BITS = (2, 3, 4, 6, 8)  # the code widths: INT2/3/4/6/8_HADAMARD (2 and 3: delta mode's deltas)
 OUTLIER_FACTOR = 8.0  # a row this many times the median row's magnitude travels in bf16
 MAX_OUTLIER_SHARE = 8  # at most one row in 8 is sent whole
 FP16_MAX = 65504.0

@@ -71,6 +71,7 @@ class LinkOptions:
     pipeline_depth: int = 2  # micro-batches in flight at once
     cls_only: bool = False  # cut at the last layer: send only each example's [CLS] row
     dp: DPOptions = field(default_factory=DPOptions)  # noise on what the edge sends; default none
+    delta_cache_mb: float = 0.0  # > 0: delta mode at full-width cuts (sft_common.wire.delta), this budget
 
     def validate(self) -> None:
         self.dp.validate()
@@ -82,6 +83,8 @@ class LinkOptions:
             )
         if self.micro_batches < 1 or self.pipeline_depth < 1:
             raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
+        if not 0 <= self.delta_cache_mb <= 65536:
+            raise ValueError(f"--delta-cache-mb must be in 0..65536 (0: off), got {self.delta_cache_mb}")
 
 
 def check_factor_lr(mode: str, factor_lr: Optional[float]) -> None:
@@ -124,6 +127,7 @@ class TrainConfig:
     forward_only: bool = False  # the U with a frozen head and middle: activations cross once, no gradient
     adapters: str = "tail"  # --forward-only: what trains here (tail: the last --tail-layers and the head)
     activation_cache_mb: float = 4096.0  # --forward-only: the middle's answers kept in --output-dir
+    delta_cache_mb: float = LinkOptions.delta_cache_mb  # > 0: delta mode (AQ-SGD) at full-width cuts
     epochs: float = 3.0
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     max_train_examples: Optional[int] = None
@@ -162,6 +166,7 @@ class TrainConfig:
             self.pipeline_depth,
             self.cls_only,
             DPOptions(self.dp_noise, self.dp_clip, self.dp_grad_noise, self.dp_grad_clip, self.dp_delta),
+            self.delta_cache_mb,
         )
 
     @property

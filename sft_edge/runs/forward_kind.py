@@ -39,6 +39,11 @@ class ForwardOnly(UShape):
             raise ValueError(f"--activation-cache-mb must be >= 0, got {cfg.activation_cache_mb}")
         if cfg.link.dp.on:
             raise ValueError(NO_DP)
+        if cfg.delta_cache_mb:
+            raise ValueError(
+                "--delta-cache-mb is for trained splits: --forward-only sends each example once "
+                "(--activation-cache-mb keeps the middle's answers)"
+            )
 
     def describe(self, cfg: TrainConfig) -> str:
         return f"forward-only ({cfg.adapters}: {cfg.tail_layers} layers here) via {cfg.cloud}"

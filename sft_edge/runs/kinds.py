@@ -81,6 +81,7 @@ class RunKind:
             "factorise": run.spec.factorise if sft else None,
             "wire_dtype": cfg.wire_dtype,
             "compression": cfg.compression,
+            "delta_cache_mb": cfg.delta_cache_mb,
         }
 
 
@@ -92,6 +93,16 @@ def check_cut(cfg: TrainConfig) -> None:
             "factorises nothing"
         )
     check_factor_lr(cfg.mode or "sft", cfg.factor_lr)  # None: a factor LR makes it sft (runs.defaults)
+    check_delta(cfg, cfg.mode)
+
+
+def check_delta(cfg: TrainConfig, mode: Optional[str]) -> None:
+    """``--delta-cache-mb`` only where full-width activations cross (``mode`` sl; None: not known yet)."""
+    if cfg.delta_cache_mb and mode not in (None, "sl"):
+        raise ValueError(
+            f"--delta-cache-mb needs full-width cuts (--mode sl), not --mode {mode}: a rank-R cut sends "
+            "factors of the activations, which delta mode does not cache"
+        )
 
 
 def session_arguments(
@@ -140,6 +151,9 @@ class TwoPart(RunKind):
             raise ValueError("--tail-layers goes with --label-private (the U-shaped split)")
         check_cut(cfg)
 
+    def check_split(self, cfg: TrainConfig, spec: SplitSpec, layers: int) -> None:
+        check_delta(cfg, spec.mode)
+
     def open(self, cfg, run, connect, held, session_id):
         from sft_edge.sessions.two_part import EdgeSession
 
@@ -179,6 +193,7 @@ class UShape(RunKind):
 
     def check_split(self, cfg: TrainConfig, spec: SplitSpec, layers: int) -> None:
         self.ushape(cfg, spec).validate(layers)
+        check_delta(cfg, spec.mode)
 
     @staticmethod
     def ushape(cfg: TrainConfig, first: SplitSpec):
@@ -225,6 +240,8 @@ class Local(RunKind):
             )
         if cfg.tail_layers != 1:
             raise ValueError("--tail-layers goes with --label-private (the U-shaped split)")
+        if cfg.delta_cache_mb:
+            raise ValueError("--delta-cache-mb shapes what crosses the link; --local has no link")
         check_factor_lr("local", cfg.factor_lr)
 
     def mode(self, cfg: TrainConfig) -> str:
@@ -251,7 +268,7 @@ class Local(RunKind):
 
     def report(self, cfg, run):
         fields = dict.fromkeys(
-            ("split_layer", "tail_layers", "rank", "factorise", "wire_dtype", "compression")
+            ("split_layer", "tail_layers", "rank", "factorise", "wire_dtype", "compression", "delta_cache_mb")
         )
         return {**fields, "mode": "local", "label_private": cfg.label_private}
 

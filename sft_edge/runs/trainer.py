@@ -31,7 +31,7 @@ from sft_edge.runs.privacy import privacy_of, setting_of
 from sft_edge.runs.problems import TextClassification
 from sft_edge.runs.progress import Progress
 from sft_edge.runs.setup import Run, RunState, open_session, prepare
-from sft_edge.sessions.base import Session
+from sft_edge.sessions.base import Session, delta_memory
 from sft_edge.sessions.client import Rollback
 
 __all__ = ["TrainConfig", "RunState", "Interrupted", "train", "evaluate"]
@@ -107,6 +107,8 @@ def train(
     log.info("%s", report["privacy"]["summary"])  # what the messages sent were measured to give away
     if cfg.output_dir:
         _save(cfg, run, session, report)
+    if report["delta_cache_bytes"] is not None:
+        log.info("delta mode: the caches hold %.1f MiB on this side", report["delta_cache_bytes"] / 2**20)
     if cfg.report:
         write_json(cfg.report, report)
     return report
@@ -202,6 +204,7 @@ def _report(
         "train_loss_last": state.losses[-1],
         "bytes_sent": state.bytes_sent + session.bytes_sent,
         "bytes_received": state.bytes_received + session.bytes_received,
+        "delta_cache_bytes": delta_memory(session),  # delta mode: what this side's caches hold (None: off)
         # edge restarts with --resume, plus re-attachments after broken links in this process
         "resumes": state.resumes + session.resumes,
         "train_examples": len(run.train_data),

@@ -20,6 +20,7 @@ from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.topology.spec import FFN_INPUT, FFN_OUTPUT, SplitSpec, session_fingerprint
 from sft_common.wire.codecs import Wire
+from sft_common.wire.delta import DeltaCaches, DeltaMode, new_salt
 from sft_edge.data.glue import Batch
 from sft_edge.runs.config import LinkOptions, OptimConfig
 
@@ -149,6 +150,9 @@ def open_request(
     or the U's first cut with ``tail_layers`` (the U: label-private, the cloud told 0 labels)."""
     wire = Wire.named(link.wire_dtype, link.compression)
     config = session_config(base.name, spec, num_labels, optim, wire, batch_size, max_seq_len, task, lora)
+    chosen = DeltaMode.named(link.delta_cache_mb)
+    if chosen is not None and not inference_only:
+        chosen.configure(config)
     if tail_layers is not None:
         config.label_private, config.tail_layers = True, tail_layers
     fingerprint = session_fingerprint(base.fingerprint, spec, num_labels, lora_record(lora), tail_layers)
@@ -159,3 +163,22 @@ def open_request(
         resume_steps=list(resume_steps),
         inference_only=inference_only,
     )
+
+
+def delta_caches(
+    link: LinkOptions, spec: SplitSpec, width: int, cuts: Sequence[str]
+) -> Optional[DeltaCaches]:
+    """Delta mode's caches for a split session whose cuts are ``width`` wide (None: off), with a
+    new salt for the example keys (a checkpoint's replaces it on restore)."""
+    chosen = DeltaMode.named(link.delta_cache_mb)
+    if chosen is None:
+        return None
+    if not spec.cut.carries_hidden_state:
+        raise ValueError("--delta-cache-mb is for full-width cuts (--mode sl): a rank-R cut sends factors")
+    return DeltaCaches(chosen, width, cuts, new_salt())
+
+
+def delta_memory(session: object) -> Optional[int]:
+    """Bytes delta mode's caches hold on this side (None: the session has none)."""
+    caches = getattr(session, "delta", None)
+    return caches.used if isinstance(caches, DeltaCaches) else None

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import grpc
 import torch
 
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage.checkpoint import CheckpointDir
+from sft_common.wire import delta
+from sft_common.wire.codecs import Wire
+from sft_common.wire.delta import DeltaCaches
+from sft_edge.data.glue import Batch
 from sft_edge.link.transport import RETRYABLE, CloudError, Transport
 
 log = logging.getLogger("sft_edge")
@@ -45,6 +49,8 @@ class SessionClient:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     device: str
+    wire: Wire
+    delta: Optional[DeltaCaches] = None  # delta mode's caches (wire.delta), part of the checkpoint
 
     def _open_session(
         self,
@@ -93,7 +99,8 @@ class SessionClient:
         reply = self.request(pb.EdgeMessage(checkpoint=pb.Checkpoint(step=step)))
         if reply.checkpointed.step != step:
             raise CloudError(grpc.StatusCode.INTERNAL, f"asked for a checkpoint at {step}, got {reply}")
-        self.checkpoints.save_state(step, self.module, self.optimizer, self.schedule, run=run)
+        extra = self.delta.state() if self.delta is not None else None
+        self.checkpoints.save_state(step, self.module, self.optimizer, self.schedule, extra, run=run)
 
     def restore(self, step: int) -> Dict:
         """Load this side's checkpoint of ``step``; returns the run record saved with it."""
@@ -104,9 +111,29 @@ class SessionClient:
                 "no checkpoints (--output-dir with --checkpoint-every)",
             )
         self.live_step = step
-        return self.checkpoints.load_state(step, self.module, self.optimizer, self.schedule, self.device)[
-            "run"
-        ]
+        restore_delta = self.delta.load if self.delta is not None else None
+        header = self.checkpoints.load_state(
+            step, self.module, self.optimizer, self.schedule, self.device, extra=restore_delta
+        )
+        return header["run"]
+
+    def encode_cut(self, msg: Any, rows: torch.Tensor, batch: Batch, lengths: List[int]) -> List[bytes]:
+        """Set the activations of ``msg`` (a ``TrainStep`` or ``ForwardUp``) to ``rows``, (tokens,
+        width) for the examples of ``batch`` with ``lengths`` rows each. In delta mode also their
+        example keys (of their real tokens) and deltas, and the first cut's cache is updated with
+        what the cloud will decode; returns the keys (none when off)."""
+        if self.delta is None:
+            msg.activations.CopyFrom(self.wire.encode_activations(rows))
+            return []
+        keys = self.delta.keys(batch.input_ids, batch.lengths)
+        cache = self.delta["up"]
+        codecs = self.delta.mode.codecs(self.wire.activations)
+        base, deltas, decoded = delta.encode(codecs, cache, keys, lengths, rows, self.wire.compression)
+        msg.activations.CopyFrom(base)
+        msg.delta.CopyFrom(deltas)
+        msg.example_keys.extend(keys)
+        cache.update(keys, lengths, decoded)
+        return keys
 
     @property
     def bytes_sent(self) -> int:

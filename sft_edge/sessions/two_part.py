@@ -34,7 +34,7 @@ from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import ACTIVATIONS, EVAL, Defence
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
-from sft_edge.sessions.base import open_request
+from sft_edge.sessions.base import delta_caches, open_request
 from sft_edge.sessions.client import Rollback, SessionClient
 
 __all__ = ["EdgeSession", "Rollback"]
@@ -92,6 +92,7 @@ class EdgeSession(SessionClient):
         self.decoder = isinstance(base.family, Decoder)
         self.checkpoints = checkpoints
         self.wire = Wire.named(link.wire_dtype, link.compression)
+        self.delta = delta_caches(link, spec, spec.cut_width(base.hidden_size), ("up",))
         self.defence = Defence.of(link.dp)  # clipping and noise on the activations sent (or none)
         self.lora = resolve_lora(lora, base.config.model_type)
         open_msg = open_request(
@@ -165,11 +166,8 @@ class EdgeSession(SessionClient):
         sent = noise.add_noise(
             packed.detach(), noise.generator(self.optim_cfg.seed, ACTIVATIONS, step, micro)
         )
-        msg = pb.TrainStep(
-            step=step,
-            activations=self.wire.encode_activations(sent),
-            lengths=lengths,
-        )
+        msg = pb.TrainStep(step=step, lengths=lengths)
+        self.encode_cut(msg, sent, batch, lengths)
         if self.num_labels == 1:
             msg.targets.extend(batch.labels.float().tolist())
         else:

@@ -24,13 +24,15 @@ from sft_common.storage.checkpoint import CheckpointDir, owned_state
 from sft_common.topology.spec import SplitSpec
 from sft_common.topology.ushape import EdgeFactors, UShapeSpec, lora_part, part_factors
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
-from sft_common.wire import codec
+from sft_common.wire import codec, delta
 from sft_common.wire.codecs import Wire
+from sft_common.wire.delta import CUTS
+from sft_common.wire.errors import ProtocolError
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import ACTIVATIONS, EVAL, GRADIENT, Defence, Mechanism
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
-from sft_edge.sessions.base import open_request
+from sft_edge.sessions.base import delta_caches, open_request
 from sft_edge.sessions.client import SessionClient
 from sft_edge.sessions.tail_end import tail_end_of
 
@@ -81,6 +83,7 @@ class UShapeSession(SessionClient):
         self.defence = Defence.of(link.dp)  # clipping and noise on what is sent up (or none)
         self.first = SplitSpec(spec.split_layer, spec.rank, spec.mode, factorise=spec.factorise)
         self.width = self.first.cut_width(base.hidden_size)
+        self.delta = delta_caches(link, self.first, self.width, CUTS)  # both cuts are full width
         self.lora = resolve_lora(lora, base.config.model_type)
         open_msg = open_request(
             base,
@@ -152,10 +155,11 @@ class UShapeSession(SessionClient):
         packed = self.defence.activations.clip_rows(first.float()[mask], batch.lengths)
         noise = self.defence.activations
         sent = noise.add_noise(packed.detach(), noise.generator(self.optim_cfg.seed, ACTIVATIONS, step))
-        up = pb.ForwardUp(step=step, activations=self.wire.encode_activations(sent), lengths=batch.lengths)
+        up = pb.ForwardUp(step=step, lengths=batch.lengths)
+        keys = self.encode_cut(up, sent, batch, batch.lengths)
         self._submit(pb.EdgeMessage(forward_up=up))  # phase 1
         down = self._answer("forward_down", step).forward_down  # phase 2
-        second = self._unpack(self._decode_rows(down.activations, packed), mask)
+        second = self._unpack(self._decode_down(down, keys, batch.lengths, packed), mask)
         second.requires_grad_(True)
         with seeded(self.optim_cfg.seed, TAIL_SIDE, step), autocast(self.device):
             logits = self.tail(second, batch.attention_mask)
@@ -221,6 +225,22 @@ class UShapeSession(SessionClient):
         return self.wire.decode_activations(
             tensor, "the middle's output", tuple(like.shape), down=True, device=self.device
         )
+
+    def _decode_down(
+        self, down: pb.ForwardDown, keys: List[bytes], lengths: List[int], like: torch.Tensor
+    ) -> torch.Tensor:
+        """A training step's second cut: as ``_decode_rows``, or in delta mode against the second
+        cut's cache, which then keeps what was decoded."""
+        if self.delta is None:
+            return self._decode_rows(down.activations, like)
+        try:
+            codecs = self.delta.mode.codecs(self.wire.down)
+            cache = self.delta["down"]
+            rows = delta.decode(codecs, cache, keys, lengths, down.activations, down.delta, self.width)
+        except ProtocolError as exc:  # the cloud's message is wrong: as any refused answer
+            raise CloudError(exc.code, f"refused the middle's output: {exc.message}", local=True) from None
+        cache.update(keys, lengths, rows)
+        return rows.to(self.device)
 
     def _unpack(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(tokens, width) -> (batch, seq, width), zeros at padded positions."""
