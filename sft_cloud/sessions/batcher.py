@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -41,7 +42,8 @@ from sft_common.wire.errors import ProtocolError
 log = logging.getLogger("sft_cloud")
 
 # A session that stepped this recently is waited for (for the window at most, so one that left
-# costs its peers a window a batch until then); long, since a CPU step of a big part takes seconds.
+# without a word costs its peers a window a batch until then); long, since a CPU step of a big
+# part takes seconds. One that closed, or whose stream ended (its edge killed or cut off), is not.
 SEEN_SECONDS = 600.0
 # A part whose batched forward drew random numbers outside its members' streams this many times
 # steps alone from then on (once could be another thread's draw: an edge in the same process).
@@ -83,6 +85,25 @@ class Job:
 
 
 @dataclass
+class Seen:
+    """A session's last step in a batch key: when, and whether a stream was attached then."""
+
+    when: float
+    session: weakref.ref[Any]
+    streamed: bool
+
+    @classmethod
+    def of(cls, job: Job) -> Seen:
+        return cls(job.queued, weakref.ref(job.session), bool(job.session.core.attached))
+
+    def gone(self) -> bool:
+        """Whether it is gone: collected, or its stream ended since (a session driven without a
+        stream, as in a benchmark, never is)."""
+        session = self.session()
+        return session is None or (self.streamed and not session.core.attached)
+
+
+@dataclass
 class Group:
     """The jobs of one batch while it fills."""
 
@@ -107,7 +128,7 @@ class StepBatcher:
         self.report: Report = lambda phase, size, waits: None  # the daemon's metrics
         self._cond = threading.Condition()
         self._open: Dict[Any, Group] = {}
-        self._seen: Dict[Any, Dict[int, float]] = {}  # key -> {id(session): when it last stepped}
+        self._seen: Dict[Any, Dict[int, Seen]] = {}  # key -> {id(session): its last step}
         self._parts: Dict[Any, SegmentedPart] = {}
         self._trips: Dict[Any, int] = {}  # batches of a part that drew outside its members' streams
         self.solo_only: Set[Any] = set()  # parts whose random draws cannot be segmented: steps alone
@@ -230,7 +251,7 @@ class StepBatcher:
         """Add ``job`` to the open batch of ``key`` (or open one and lead it); return its result."""
         with self._cond:
             if key[0] != "backward":
-                self._seen.setdefault(key[1:], {})[id(job.session)] = job.queued
+                self._seen.setdefault(key[1:], {})[id(job.session)] = Seen.of(job)
             group = self._open.get(key)
             lead = group is None or group.rows + job.rows > self.max_rows
             if lead:
@@ -279,13 +300,23 @@ class StepBatcher:
         self._cond.notify_all()
 
     def _expected(self, key: Any) -> int:
-        """Sessions of this key that stepped lately: a batch that holds them all waits no longer."""
+        """Sessions of this key that stepped lately and are still there: a batch that holds them
+        all waits no longer."""
         seen = self._seen.get(key[1:], {})
         now = time.monotonic()
-        for session, when in list(seen.items()):
-            if now - when > SEEN_SECONDS:
+        for session, last in list(seen.items()):
+            if now - last.when > SEEN_SECONDS or last.gone():
                 del seen[session]
         return len(seen)
+
+    def forget(self, session: Any) -> None:
+        """``session`` closed or was evicted (the registry tells; None: nothing): its peers'
+        batches wait for it no more."""
+        if session is None:
+            return
+        with self._cond:
+            for seen in self._seen.values():
+                seen.pop(id(session), None)
 
     @staticmethod
     def _key(job: Job) -> Tuple[Any, ...]:

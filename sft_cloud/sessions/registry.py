@@ -336,7 +336,7 @@ class SessionRegistry:
         """The session leaves this replica: closed or forgotten (its lease folder goes), or
         ``evicted`` (its lease is released: the next attach, here or elsewhere, takes it)."""
         with self._lock:
-            self._sessions.pop(session_id, None)
+            self.batcher.forget(self._sessions.pop(session_id, None))  # its peers wait for it no more
             lease = self._leases.pop(session_id, None)
         if lease is not None and evicted:
             lease.release()

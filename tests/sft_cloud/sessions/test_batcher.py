@@ -52,7 +52,8 @@ class Run:
         self.registry = SessionRegistry(batcher=StepBatcher(window, max_rows))
         self.registry._bases[model] = BASES[model]
         self.batches: List[Tuple[str, int]] = []
-        self.registry.batcher.report = lambda phase, size, waits: self.batches.append((phase, size))
+        self.waits: List[Tuple[str, int, float]] = []  # (phase, sessions, the longest wait) a batch
+        self.registry.batcher.report = self._report
         kind = TwoPartSession if two_part else MiddleSession
         self.sessions = []
         for i in range(n):
@@ -67,7 +68,13 @@ class Run:
         self.replies: Dict[int, List[torch.Tensor]] = {i: [] for i in range(n)}
         self.refused: List[Tuple[int, int, str]] = []
 
-    def go(self, bad=None, stop=None, ids: Optional[List[int]] = None) -> Run:
+    def _report(self, phase: str, size: int, waits: List[float]) -> None:
+        self.batches.append((phase, size))
+        self.waits.append((phase, size, max(waits)))
+
+    def go(self, bad=None, stop=None, ids: Optional[List[int]] = None, leave=None) -> Run:
+        """``leave(session)``: what the stopped session does as it stops (its stream ends, it closes)."""
+        self.leave = leave
         ids = list(range(len(self.sessions))) if ids is None else ids
         barrier = threading.Barrier(len(ids))
         threads = [threading.Thread(target=self._drive, args=(i, barrier, bad, stop)) for i in ids]
@@ -95,6 +102,8 @@ class Run:
                 except ProtocolError as exc:
                     self.refused.append((i, k, exc.code.name))
                 stopped = stop == (i, k, phase)
+                if stopped and self.leave is not None:
+                    self.leave(session)
 
     @staticmethod
     def _send(session, k: int, phase: str, value: torch.Tensor) -> torch.Tensor:
@@ -210,3 +219,24 @@ def test_a_session_gone_mid_batch_leaves_the_others_as_without_it(model):
         assert all(torch.equal(a, b) for a, b in zip(gone.replies[i], two.replies[i]))
         assert gone.sessions[i].next_step == STEPS
     assert gone.sessions[2]._pending[3].waiting == {id(gone.sessions[2])}
+
+
+@pytest.mark.parametrize("how", ["stream-ended", "closed"])
+def test_a_session_gone_is_not_waited_for(how):
+    """Three sessions with streams attached step together; session 2 stops after step 0 and its
+    stream ends (its edge killed or cut off) or it closes: the others' later batches close as soon
+    as both are in, instead of waiting the window (5 s) for it every batch."""
+    run = Run("random:tiny-llama", 3, window=5.0)
+    for session in run.sessions:
+        session.core.attached = 1
+
+    def leave(session) -> None:
+        if how == "closed":
+            run.registry.close(session.session_id)
+        else:
+            session.core.attached = 0
+
+    run.go(stop=(2, 0, "backward"), leave=leave)
+    pairs = [wait for phase, size, wait in run.waits if phase == "forward" and size == 2]
+    assert len(pairs) >= STEPS - 1 and max(pairs[-(STEPS - 1) :]) < 2.5  # steps 1 and 2
+    assert all(s.next_step == STEPS for s in run.sessions[:2])
