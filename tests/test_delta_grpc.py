@@ -123,3 +123,13 @@ def test_delta_mode_is_refused_where_no_hidden_state_crosses(live_server):
     with pytest.raises(ValueError, match="--delta-cache-mb is for full-width cuts"):
         EdgeSession(base, SplitSpec(split_layer=1, rank=4), 2, GrpcTransport(open_channel(address)), OPTIM_3,
                     batch_size=8, max_seq_len=64, link=DELTA)  # fmt: skip
+
+
+def test_the_daemon_reports_the_caches_memory(live_server):
+    from sft_cloud.daemon.metrics import DaemonMetrics
+
+    address, registry = live_server
+    edge = _two_part(address, DELTA)
+    edge.train_step(0, random_batch(6, 14, seed=0))
+    gauge = DaemonMetrics(session_list=registry.sessions).registry.get_sample_value("sft_delta_cache_bytes")
+    assert edge.delta is not None and gauge == edge.delta.used > 0

@@ -8,7 +8,7 @@ in ``_total`` once exported, units are in the name (``_bytes``, ``_seconds``).
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -22,12 +22,22 @@ WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 class DaemonMetrics:
     """The daemon's counters; the servicer calls ``observe`` once per message it answers."""
 
-    def __init__(self, sessions: Optional[Callable[[], int]] = None):
+    def __init__(
+        self,
+        sessions: Optional[Callable[[], int]] = None,
+        session_list: Optional[Callable[[], List[Any]]] = None,
+    ):
+        """``sessions``: how many the daemon holds; ``session_list``: them (for delta mode's memory)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.sessions = Gauge("sft_sessions", "Training sessions held by the daemon", registry=r)
         if sessions is not None:
             self.sessions.set_function(sessions)
+        self.delta_cache = Gauge(
+            "sft_delta_cache_bytes", "Bytes delta mode's caches hold, every session and cut", registry=r
+        )
+        if session_list is not None:
+            self.delta_cache.set_function(lambda: delta_cache_bytes(session_list()))
         self.streams = Gauge("sft_streams", "Train streams open right now", registry=r)
         self.messages = Counter(
             "sft_messages",
@@ -99,3 +109,9 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def delta_cache_bytes(sessions: List[Any]) -> int:
+    """What delta mode's caches (``SessionCore.delta``) of ``sessions`` hold, in bytes."""
+    caches = (getattr(getattr(s, "core", None), "delta", None) for s in sessions)
+    return sum(c.used for c in caches if c is not None)

@@ -129,7 +129,7 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         lease_seconds=cfg.lease_seconds,
         batcher=StepBatcher(cfg.batch_window_ms / 1000, cfg.batch_max_sequences),
     )
-    metrics = DaemonMetrics(sessions=registry.__len__)
+    metrics = DaemonMetrics(sessions=registry.__len__, session_list=registry.sessions)
     if cfg.metrics_port is not None:
         _, metrics_port = metrics.serve(cfg.metrics_port, cfg.listen_host())
         print(f"sft-cloud: metrics on http://{cfg.listen_host()}:{metrics_port}/metrics", flush=True)

@@ -72,8 +72,8 @@ class DeltaMode:
 
     @classmethod
     def named(cls, cache_mb: float) -> Optional[DeltaMode]:
-        """The edge's ``--delta-cache-mb`` (0: off, None)."""
-        return cls(int(cache_mb * 2**20)) if cache_mb > 0 else None
+        """The edge's ``--delta-cache-mb`` (0: off, None), with this module's codecs."""
+        return cls(int(cache_mb * 2**20), BASE_DTYPE, DELTA_DTYPE) if cache_mb > 0 else None
 
     @classmethod
     def of(cls, config: pb.SessionConfig) -> Optional[DeltaMode]:

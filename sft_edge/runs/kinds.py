@@ -93,15 +93,14 @@ def check_cut(cfg: TrainConfig) -> None:
             "factorises nothing"
         )
     check_factor_lr(cfg.mode or "sft", cfg.factor_lr)  # None: a factor LR makes it sft (runs.defaults)
-    check_delta(cfg, cfg.mode)
 
 
-def check_delta(cfg: TrainConfig, mode: Optional[str]) -> None:
-    """``--delta-cache-mb`` only where full-width activations cross (``mode`` sl; None: not known yet)."""
-    if cfg.delta_cache_mb and mode not in (None, "sl"):
+def check_delta(cfg: TrainConfig, spec: SplitSpec) -> None:
+    """``--delta-cache-mb`` only where the hidden state itself crosses (the resolved cut ``spec``)."""
+    if cfg.delta_cache_mb and not spec.cut.carries_hidden_state:
         raise ValueError(
-            f"--delta-cache-mb needs full-width cuts (--mode sl), not --mode {mode}: a rank-R cut sends "
-            "factors of the activations, which delta mode does not cache"
+            f"--delta-cache-mb needs full-width cuts (--mode sl), not --mode {spec.mode}: a rank-R cut "
+            "sends factors of the activations, which delta mode does not cache"
         )
 
 
@@ -152,7 +151,7 @@ class TwoPart(RunKind):
         check_cut(cfg)
 
     def check_split(self, cfg: TrainConfig, spec: SplitSpec, layers: int) -> None:
-        check_delta(cfg, spec.mode)
+        check_delta(cfg, spec)
 
     def open(self, cfg, run, connect, held, session_id):
         from sft_edge.sessions.two_part import EdgeSession
@@ -193,7 +192,7 @@ class UShape(RunKind):
 
     def check_split(self, cfg: TrainConfig, spec: SplitSpec, layers: int) -> None:
         self.ushape(cfg, spec).validate(layers)
-        check_delta(cfg, spec.mode)
+        check_delta(cfg, spec)
 
     @staticmethod
     def ushape(cfg: TrainConfig, first: SplitSpec):
