@@ -130,10 +130,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", default="/tmp/smolmrpc", help="train.jsonl and dev.jsonl of the paraphrase set")
-    p.add_argument("--train-examples", type=int, default=64)
-    p.add_argument("--dev-examples", type=int, default=32)
+    p.add_argument("--train-examples", type=int, default=32)
+    p.add_argument("--dev-examples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-seq-len", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=48)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=1, help="OMP threads of the daemon and the edge")
     p.add_argument("--settings", type=int, nargs="*", help="indices into SETTINGS (default: all)")
@@ -143,7 +143,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if answer_child(args.child, child):
         return {}
     env = threads_env(args.threads)
-    rows, runs = [], []
+    rows: List[Dict] = []
+    runs: List[Dict] = []
+    payload: Dict = {}
+    path = ""
     for index in args.settings if args.settings is not None else range(len(SETTINGS)):
         label, cache_mb, base, deltas = SETTINGS[index]
         with tempfile.TemporaryDirectory() as tmp, daemon(["--checkpoint-dir", tmp], env=env) as (_, port):
@@ -153,10 +156,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             result = run_child("bench.delta_codec", "--child", job, env=env)
         rows.append(row(label, result))
         runs.append({"setting": label, "delta_cache_mb": cache_mb, "base": base, "delta": deltas, **result})
+        payload = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows, "runs": runs}
+        path = save(args.name, payload, args.out_dir)  # after each setting: a stopped run keeps what it had
         print(table(rows[-1:], COLUMNS), flush=True)
     print(table(rows, COLUMNS))
-    payload = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows, "runs": runs}
-    print("wrote", save(args.name, payload, args.out_dir))
+    print("wrote", path)
     return payload
 
 

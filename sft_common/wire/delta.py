@@ -42,7 +42,7 @@ KEY_BYTES = 16  # an example key: blake2b-128 of its tokens, keyed by the run's 
 VALUE_BYTES = 4  # the rows are kept in fp32: exactly what the receiver decoded
 BASE_DTYPE = pb.INT8_HADAMARD  # an example's first crossing (bench/delta_codec.py)
 DELTA_DTYPE = pb.INT4_HADAMARD  # the differences of later crossings
-MAX_CACHE_BYTES = 1 << 36  # the largest budget a session may ask for (64 GiB)
+MAX_CACHE_BYTES = 1 << 32  # the largest budget a session may ask for, each cut (4 GiB): the daemon's memory
 CUTS = ("up", "down")  # the first cut (the edge sends), the U's second (the middle sends)
 Codecs = Tuple[Any, Any]  # (base, delta): pb.DType values
 

@@ -83,8 +83,10 @@ class LinkOptions:
             )
         if self.micro_batches < 1 or self.pipeline_depth < 1:
             raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
-        if not 0 <= self.delta_cache_mb <= 65536:
-            raise ValueError(f"--delta-cache-mb must be in 0..65536 (0: off), got {self.delta_cache_mb}")
+        if not 0 <= self.delta_cache_mb <= 4096:
+            raise ValueError(
+                f"--delta-cache-mb must be in 0..4096 (0: off; the daemon takes at most 4 GiB a cut), got {self.delta_cache_mb}"
+            )
 
 
 def check_factor_lr(mode: str, factor_lr: Optional[float]) -> None:

@@ -18,7 +18,7 @@ def _config(**flags) -> TrainConfig:
     [
         (dict(local=True), "--local has no link"),
         (dict(forward_only=True), "--forward-only sends each example once"),
-        (dict(mode="sl", delta_cache_mb=-1.0), "--delta-cache-mb must be in 0..65536"),
+        (dict(mode="sl", delta_cache_mb=-1.0), "--delta-cache-mb must be in 0..4096"),
     ],
 )
 def test_refused_by_the_flag_checks(flags, match):
