@@ -37,8 +37,8 @@ class ForwardOnly(UShape):
             raise ValueError(PARALLEL_NO_LORA)
         if cfg.activation_cache_mb < 0:
             raise ValueError(f"--activation-cache-mb must be >= 0, got {cfg.activation_cache_mb}")
-        if cfg.link.dp.on:
-            raise ValueError(NO_DP)
+        if cfg.link.dp.grad_noise > 0:
+            raise ValueError(NO_GRADIENT_DP)
         if cfg.delta_cache_mb:
             raise ValueError(
                 "--delta-cache-mb is for trained splits: --forward-only sends each example once "
@@ -55,7 +55,14 @@ class ForwardOnly(UShape):
         folder = f"{cfg.output_dir}/activation_cache" if cfg.output_dir else None
         checkpoints = CheckpointDir(f"{cfg.output_dir}/checkpoints") if cfg.output_dir else None
         cache = forward_cache(
-            folder, run.base, run.spec, cfg.tail_layers, cfg.link, cfg.activation_cache_mb, cfg.adapters
+            folder,
+            run.base,
+            run.spec,
+            cfg.tail_layers,
+            cfg.link,
+            cfg.activation_cache_mb,
+            cfg.adapters,
+            cfg.seed,
         )
         return forward_session(cfg, run, connect, cache, checkpoints, held[0] if held else 0)
 
@@ -94,9 +101,9 @@ class ForwardOnly(UShape):
         )
 
 
-NO_DP = (
-    "--forward-only sends no gradient (no --dp-grad-noise), and its activations' noise (--dp-noise) is not "
-    "built: each row would be noised once, before the cache, with its own accounting"
+NO_GRADIENT_DP = (
+    "--forward-only sends no gradient, so --dp-grad-noise has nothing to noise (--dp-noise clips and "
+    "noises each example's first cut, once: its answer is cached)"
 )
 FORWARD_MODES = (None, "sl")  # --mode of a forward-only run: the full width (None: runs.defaults says sl)
 FULL_WIDTH = (
@@ -115,9 +122,12 @@ NO_PARALLEL_EXPORT = (
 INFERENCE_CACHE_MB = 256.0  # a finished forward-only run's answers, in memory, for repeated prompts
 
 
-def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float, adapters: str = "tail"):
+def forward_cache(
+    folder, base, spec, tail_layers: int, link, budget_mb: float, adapters: str = "tail", seed: int = 0
+):
     """A forward-only run's ``ActivationCache``: its identity is what the middle's answers depend on
-    (with a side network its width too, so a cache made without the middle's taps is refused)."""
+    (with a side network its width too, so a cache made without the middle's taps is refused; with
+    ``--dp-noise`` the noise, its clip and the seed it is drawn from)."""
     from sft_common.topology.side import side_width
     from sft_edge.data.activation_cache import ActivationCache
 
@@ -129,6 +139,8 @@ def forward_cache(folder, base, spec, tail_layers: int, link, budget_mb: float, 
     }
     if adapters == "parallel":  # absent for the tail: its caches from before this field still read
         identity["side_width"] = side_width(base.hidden_size)
+    if link.dp.noise > 0:  # absent without noise: caches from before --dp-noise still read
+        identity["dp_noise"] = [link.dp.noise, link.dp.clip, seed]
     return ActivationCache(folder, identity, budget_mb)
 
 

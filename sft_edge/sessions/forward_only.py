@@ -150,11 +150,15 @@ class ForwardOnlySession(StateHere, SessionClient):
             for i in range(len(mask))
         ]
         found: List[Optional[Answer]] = [self.cache.get(k, n) for k, n in zip(keys, batch.lengths)]
-        missing = [i for i, r in enumerate(found) if r is None]
+        first_of = {k: i for i, k in reversed(list(enumerate(keys)))}  # an example twice is asked once
+        missing = [i for i, r in enumerate(found) if r is None and first_of[keys[i]] == i]
         if missing:
-            for i, answer in zip(missing, self._ask(batch, missing, [keys[i] for i in missing], index)):
-                self.cache.put(keys[i], answer)
-                found[i] = answer
+            asked = dict(
+                zip((keys[i] for i in missing), self._ask(batch, missing, [keys[i] for i in missing], index))
+            )
+            for key, answer in asked.items():
+                self.cache.put(key, answer)
+            found = [asked.get(k, r) for k, r in zip(keys, found)]
         answers = [a for a in found if a is not None]
         padded = {}
         for name, first in answers[0].items():

@@ -258,6 +258,36 @@ def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_d
     assert len(registry) == 0  # every forward-only session closed
 
 
+def test_forward_only_with_dp_noise_noises_each_example_once_and_keys_its_cache_by_the_noise(tmp_path, recorded):
+    """``--dp-noise``: the report names the defence on the activations and one release an example
+    (two epochs, each example sent once); the cache is keyed by the noise, so a run over the same
+    folder with another noise is refused before anything is sent."""
+    address, _, messages = recorded
+    run = str(tmp_path / "run")
+
+    def argv(noise):
+        return [
+            "train", "--train-file", write_reviews(tmp_path / "train.csv", 24), "--dev-file",
+            write_reviews(tmp_path / "dev.csv", 8, 100), "--text-columns", "opinion", "--label-column",
+            "verdict", "--cloud", address, "--insecure", "--model", "random:tiny", "--batch-size", "8",
+            "--epochs", "2", "--forward-only", "--dp-noise", noise, "--dp-clip", "5", "--output-dir", run,
+            "--report", str(tmp_path / "r.json"), "--no-progress",
+        ]  # fmt: skip
+
+    assert cli.main(argv("0.5")) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    defence = report["privacy"]["defence"]
+    assert defence["activations"] == {"noise": 0.5, "clip": 5.0} and defence["gradient_up"] is None
+    evals = [m.eval for m, _ in messages if m.WhichOneof("kind") == "eval"]
+    cached = list((tmp_path / "run" / "activation_cache").glob("*.safetensors"))
+    assert sum(len(e.lengths) for e in evals) == len(cached)  # each distinct example crossed once
+    identity = json.loads((tmp_path / "run" / "activation_cache" / "cache.json").read_text())["identity"]
+    assert identity["dp_noise"] == [0.5, 5.0, 42]
+    sent = len(messages)
+    assert cli.main(argv("1.0")) == 2
+    assert len(messages) == sent
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -266,7 +296,7 @@ def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_d
         (["--forward-only", "--adapters", "side"], "--adapters must be one of tail, parallel, got 'side'"),
         (["--forward-only", "--adapters", "parallel", "--peft", "lora"], "no --peft lora"),
         (["--forward-only", "--activation-cache-mb", "-1"], "--activation-cache-mb must be >= 0"),
-        (["--forward-only", "--dp-noise", "1", "--dp-clip", "1"], "--forward-only sends no gradient"),
+        (["--forward-only", "--dp-grad-noise", "1", "--dp-grad-clip", "1"], "--forward-only sends no gradient"),
     ],
 )
 def test_bad_forward_only_flags_are_refused_at_once(capsys, extra, message):
