@@ -18,3 +18,25 @@ nice -n 5 python -m bench.gradient_attacks $LABELS --dp-grad-noise 2 --dp-grad-c
 nice -n 5 python -m bench.gradient_attacks $LABELS --dp-grad-noise 0.5 --dp-grad-clip 0.003 --name labels-grad0.5
 # the inversion attack on the first cut (layer 0, R=8) with the activations' defence
 nice -n 5 python -m bench.inversion --layers 0 --ranks 8 --dp-noise 0.5 --dp-clip 20 --out-dir $OUT --name tokens-act0.5
+
+# Session 18 (2026-12-07): the price, at a budget where the undefended U learns SST-2. 200 steps of 32
+# (0.095 epoch: each training example is sent at most once, so epsilon is one sending's) at lr 5e-5 with
+# the SVD factors at 1e-3 (--factor-lr: what lifted the layer-0 cut in docs/accuracy.md, "How low the cut
+# can go"), max length 64, the full dev set (872), seed 42; one run at a time through one daemon, at nice 5
+# beside other work on the 2-core CPU (17-18 min a run). The undefended U reached 73.05 % (the majority
+# class is 50.9 %). The clips are the median per-example norms at initialisation (labels-none.json).
+nice -n 5 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51341 &
+TRAIN="--task sst2 --data-dir $GLUE --label-private --max-steps 200 --batch-size 32 --lr 5e-5 --factor-lr 1e-3
+  --max-seq-len 64 --seed 42 --cloud 127.0.0.1:51341 --insecure --no-progress"
+nice -n 5 python -m sft_edge.cli train $TRAIN --report $OUT/s200-none.json
+nice -n 5 python -m sft_edge.cli train $TRAIN --dp-grad-noise 2 --dp-grad-clip 0.003 --report $OUT/s200-grad2.json
+nice -n 5 python -m sft_edge.cli train $TRAIN --dp-noise 0.5 --dp-clip 20 --report $OUT/s200-act0.5.json
+nice -n 5 python -m sft_edge.cli train $TRAIN --dp-grad-noise 0.5 --dp-grad-clip 0.003 --report $OUT/s200-grad0.5.json
+nice -n 5 python -m sft_edge.cli train $TRAIN --dp-noise 0.2 --dp-clip 20 --report $OUT/s200-act0.2.json
+kill %1
+# the inversion attack through the milder activations' defence (the 0.5 one is above)
+nice -n 5 python -m bench.inversion --layers 0 --ranks 8 --dp-noise 0.2 --dp-clip 20 --out-dir $OUT --name tokens-act0.2
+# issue 30's deeper cut as a defence for a decoder's U: SmolLM2's first cut at layers 2 and 4 (layer 0 is
+# bench/results/inversion_smollm2-135m-instruct_int4-6-hadamard.json), full width through the default wire
+nice -n 5 python -m bench.inversion --model smollm2-135m-instruct --layers 2 4 --ranks --wire int4-6-hadamard \
+  --out-dir $OUT --name tokens-smollm2-deeper

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from sft_edge.privacy.measured import MINILM
 from sft_edge.runs.config import DPOptions
-from sft_edge.runs.privacy import MINILM, Setting, privacy_of
+from sft_edge.runs.privacy import Setting, privacy_of
 
 EPS_SIGMA1_3X = 9.00996  # as tests/sft_edge/privacy/test_defence.py: 3 sendings at sigma 1, delta 1e-5
 

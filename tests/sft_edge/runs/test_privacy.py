@@ -1,8 +1,9 @@
 """The report's ``privacy``: what crossed, and the measured attack nearest to the run's setting.
 
-Every number of the measured table is checked against the file it names (a result JSON, or
-docs/privacy.md for issue 30's measurement); the lookup is checked for each run kind; and a real
-run through a daemon reports it and logs its summary.
+Every number of the measured table is checked against the file it names (a result JSON, with the
+command that wrote it, or docs/privacy.md for issue 30's measurement); the lookup is checked for
+each run kind, class count and defence; and a real run through a daemon reports it and logs its
+summary.
 """
 
 from __future__ import annotations
@@ -15,27 +16,24 @@ import pytest
 from helpers import write_completion_rows, write_reviews
 
 from sft_edge import cli
-from sft_edge.runs.privacy import (
-    DOC,
-    MEASURED,
-    MINILM,
-    NO_SCRIPT,
-    SMOLLM2,
-    WIRE_NOTES,
-    Measured,
-    Setting,
-    nearest,
-    privacy_of,
-)
+from sft_edge.privacy.measured import DOC, MEASURED, MINILM, SMOLLM2, Measured
+from sft_edge.runs.config import DPOptions
+from sft_edge.runs.privacy import NO_SCRIPT, WIRE_NOTES, Setting, nearest, privacy_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 JSON_MODES = {"sl": "SL", "sft": "SFT R={width}", "ffn-input": "SFT R={width} ffn-input"}
 
 
 def _minilm(
-    kind="two-part", cut="sft", width=8, layer=5, tail=None, wire="fp32", targets="labels"
+    kind="two-part", cut="sft", width=8, layer=5, tail=None, wire="fp32", targets="labels", dp=None, classes=2
 ) -> Setting:
-    return Setting(kind, MINILM, False, 6, cut, width, layer, tail, wire, targets)
+    dp = dp or DPOptions()
+    return Setting(kind, MINILM, False, 6, cut, width, layer, tail, wire, targets, dp, classes=classes)
+
+
+def _minilm_u(dp=None, classes=2) -> Setting:
+    """MiniLM's U at the encoder's default: SFT R=8, first cut at layer 0, one tail layer."""
+    return _minilm(kind="label-private", layer=0, tail=1, dp=dp, classes=classes)
 
 
 def _smollm2_u(tail=1, cut="sl", width=576, wire="int4-6-hadamard", targets="next tokens") -> Setting:
@@ -46,13 +44,38 @@ def _by_message(privacy):
     return {f["message"]: f for f in privacy["recovered"]}
 
 
+def _defence_args(result: dict, noise: str, clip: str) -> object:
+    """The (noise, clip) a bench run had on one message, as a row writes it (None: none)."""
+    args = result["args"]
+    return (args[noise], args[clip]) if args[noise] else None
+
+
 def _recorded_in_json(row: Measured, result: dict) -> bool:
     """The row's share (and baseline) is what the result file records for that cut, layer and width."""
+    if "u_gradient_up" in result:  # bench.gradient_attacks labels: the first window (initialisation)
+        first = result["u_gradient_up"][0]
+        return (
+            (first["steps"], first["labels_recovered"], first["chance"])
+            == ("0-7", row.recovered, row.baseline)
+            and len(result["classes"]) == row.classes
+            and _defence_args(result, "dp_grad_noise", "dp_grad_clip") == row.defence
+            and (result["args"]["first_cut"], result["args"]["rank"]) == (row.split_layer, row.width)
+        )
+    if row.message == "gradient up (next tokens)":  # bench.gradient_attacks text: the best scoring
+        (first,) = [r for r in result["rows"] if (r["tail_layers"], r["steps"]) == (row.tail_layers, "0-1")]
+        scorings = ("plain", "times norm weight", "over norm weight", "over norm weight, unit rows")
+        return (
+            max(first[name] for name in scorings) == row.recovered
+            and f"{100 * first['plain']:.1f} %" in row.of
+            and result["baseline"]["token_recovery"] == row.baseline
+            and (result["args"]["wire"], result["args"]["first_cut"]) == (row.wire_dtype, row.split_layer)
+        )
     if row.message == "activations up":
         mode = JSON_MODES[row.cut].format(width=row.width)
         mode += (
             f", {row.wire_dtype}" if row.wire_dtype not in (None, "fp32") else ""
         )  # bench.inversion --wire
+        mode += "" if row.defence is None else f", noise {row.defence[0]:g} clip {row.defence[1]:g}"
         hits = [
             r["tokens"]
             for r in result["rows"]
@@ -82,6 +105,8 @@ def test_every_row_is_the_number_its_source_records(row):
         assert result["model"] == row.model and _recorded_in_json(row, result)
         doc = " ".join(open(os.path.join(ROOT, DOC), encoding="utf-8").read().split())
         assert row.source.command and row.source.command.split("python ")[-1] in doc  # the doc's command
+        said = row.source.command.split("python ")[-1]
+        assert result.get("command", said).split("python ")[-1] == said  # the file's own, if it has one
     else:  # written in the doc only (issue 30's measurement): the doc gives the share, marked as such
         assert f"{100 * row.recovered:.1f} %" in section and f"{100 * row.baseline:.1f} %" in section
         assert "issue 30" in section and row.source.command is None
@@ -144,14 +169,56 @@ def test_the_u_causal_lm_default_full_width_leaks_like_sl_both_ways():
     assert fp32["measured"]["recovered"] == 0.9729 and not fp32["differs"]
     int8 = _by_message(privacy_of(_smollm2_u(wire="int8")))["activations up"]
     assert int8["differs"] and int8["notes"] == [WIRE_NOTES["sl"]]
-    text = found["gradient up (next tokens)"]
-    assert text["measured"]["recovered"] == 0.915 and text["measured"]["baseline"] == 0.17
-    assert NO_SCRIPT in text["notes"] and "split_layer: not recorded by the source" in text["notes"]
+    text = found["gradient up (next tokens)"]  # bench.gradient_attacks text at this very setting
+    assert text["measured"]["recovered"] == 0.7292 and text["measured"]["baseline"] == 0.0387
+    assert text["match"] == "this setting was measured" and not text["notes"]
+    assert text["source"]["file"] == "bench/results/gradient_text_smollm2-135m-instruct.json"
     assert privacy["crossed"][2]["what"].startswith("at the second cut: full width (576)")
-    eight = _by_message(privacy_of(_smollm2_u(tail=8)))["gradient up (next tokens)"]
+    assert (
+        _by_message(privacy_of(_smollm2_u(tail=4)))["gradient up (next tokens)"]["measured"]["recovered"]
+        == 0.6389
+    )
+    eight = _by_message(privacy_of(_smollm2_u(tail=8)))["gradient up (next tokens)"]  # issue 30's, unscripted
     assert eight["measured"]["recovered"] == 0.657 and not eight["differs"]
+    assert NO_SCRIPT in eight["notes"] and "split_layer: not recorded by the source" in eight["notes"]
     three = _by_message(privacy_of(_smollm2_u(tail=3)))["gradient up (next tokens)"]
     assert three["measured"]["tail_layers"] in (2, 4) and three["differs"][0].startswith("tail_layers")
+
+
+def test_the_label_attack_is_the_one_measured_at_the_runs_class_count():
+    """Two classes: one step's gradient, all 128; four: the clustering of steps 0-7, 91 %."""
+    two = _by_message(privacy_of(_minilm_u(classes=2)))["gradient up (labels)"]
+    assert two["measured"]["recovered"] == 1.0 and not two["differs"]
+    four = _by_message(privacy_of(_minilm_u(classes=4)))["gradient up (labels)"]
+    assert four["measured"]["recovered"] == 0.9102 and four["measured"]["baseline"] == 0.2969
+    assert four["match"] == "this setting was measured"
+    three = _by_message(privacy_of(_minilm_u(classes=3)))["gradient up (labels)"]
+    assert three["differs"] and three["differs"][0].startswith("classes: measured")
+
+
+def test_a_defended_row_is_quoted_only_for_that_defence():
+    grad2 = DPOptions(grad_noise=2.0, grad_clip=0.003)
+    found = _by_message(privacy_of(_minilm_u(dp=grad2)))
+    assert found["gradient up (labels)"]["measured"]["recovered"] == 0.5508
+    assert found["gradient up (labels)"]["match"] == "this setting was measured"
+    assert found["gradient up (labels)"]["source"]["file"] == "bench/results/privacy_price/labels-grad2.json"
+    assert found["activations up"]["measured"]["recovered"] == 0.1818  # not noised: the undefended row
+    # another noise is not credited with a measured one's result: the undefended row, said to differ
+    other = _by_message(privacy_of(_minilm_u(dp=DPOptions(grad_noise=1.0, grad_clip=0.003))))
+    assert other["gradient up (labels)"]["measured"]["recovered"] == 1.0
+    assert other["gradient up (labels)"]["differs"] == ["defence: measured none, this run noise 1 clip 0.003"]
+    act = DPOptions(noise=0.5, clip=20.0)
+    tokens = _by_message(privacy_of(_minilm_u(dp=act)))["activations up"]
+    assert tokens["measured"]["recovered"] == 0.0495 and not tokens["differs"]
+    summary = privacy_of(_minilm_u(dp=act))["summary"]
+    assert (
+        "activations up: 5.0 % of the device's tokens (top-1, 400 SST-2 dev sentences), through noise 0.5 clip 20"
+        in summary
+    )
+    # and an undefended run never gets a defended row
+    assert all(
+        f["measured"]["defence"] is None for f in privacy_of(_minilm_u())["recovered"] if f["measured"]
+    )
 
 
 def test_the_cut_outranks_the_model_in_the_nearest_row():
