@@ -11,7 +11,8 @@ deltas' width (4 or 2 bits), patched into ``sft_common.wire.delta`` in the edge'
 session config carries them to the daemon).
 
 python -m bench.delta_codec --model smollm2-135m-instruct --data /tmp/smolmrpc   (OMP_NUM_THREADS=1;
-the paraphrase set: bench/results/smollm2/paraphrase-commands.sh). Writes bench/results/delta_codec.json.
+the paraphrase set: bench/results/smollm2/paraphrase-commands.sh). Writes bench/results/delta_codec.json;
+``--settings 3 4 --append`` runs more of ``SETTINGS`` and keeps those already there.
 """
 
 from __future__ import annotations
@@ -23,13 +24,26 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
-from bench.common import add_output_args, answer_child, daemon, run_child, save, table, threads_env
+from bench.common import (
+    RESULTS,
+    add_output_args,
+    answer_child,
+    daemon,
+    read_json,
+    run_child,
+    save,
+    table,
+    threads_env,
+)
 
-# (label, --delta-cache-mb, base codec of the first crossing ("" for the cut's wire dtype), deltas)
+# (label, --delta-cache-mb, base codec of the first crossing ("" for the cut's wire dtype), deltas,
+# --wire-dtype ("": the decoder U's default, int4-6-hadamard))
 SETTINGS = [
-    ("int4-6-hadamard, no delta (the decoder U's default)", 0, "", ""),
-    ("delta: int8-hadamard, then 4-bit deltas", 256, "INT8_HADAMARD", "INT4_HADAMARD"),
-    ("delta: the cut's wire (4 / 6 bits), then 2-bit deltas", 256, "", "INT2_HADAMARD"),
+    ("int4-6-hadamard, no delta (the decoder U's default)", 0, "", "", ""),
+    ("delta: int8-hadamard, then 4-bit deltas", 256, "INT8_HADAMARD", "INT4_HADAMARD", ""),
+    ("delta: the cut's wire (4 / 6 bits), then 2-bit deltas", 256, "", "INT2_HADAMARD", ""),
+    ("fp32, no delta (exact activations and gradients)", 0, "", "", "fp32"),
+    ("delta: int8-hadamard, then 2-bit deltas", 256, "INT8_HADAMARD", "INT2_HADAMARD", ""),
 ]
 EPOCHS = 3
 COLUMNS = [
@@ -79,6 +93,7 @@ def child(args: argparse.Namespace) -> Dict:
         mode="sl",
         peft="lora",
         delta_cache_mb=args.cache_mb,
+        wire_dtype=getattr(args, "wire", "") or None,
         epochs=EPOCHS,
         max_train_examples=args.train_examples,
         max_eval_examples=args.dev_examples,
@@ -137,6 +152,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=1, help="OMP threads of the daemon and the edge")
     p.add_argument("--settings", type=int, nargs="*", help="indices into SETTINGS (default: all)")
+    p.add_argument("--append", action="store_true", help="keep the settings already in the results file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     add_output_args(p, "delta_codec")
     args = p.parse_args(argv)
@@ -145,17 +161,21 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     env = threads_env(args.threads)
     rows: List[Dict] = []
     runs: List[Dict] = []
+    earlier = os.path.join(args.out_dir or RESULTS, f"{args.name}.json")
+    if args.append and os.path.isfile(earlier):  # the settings run before, kept beside these
+        rows, runs = read_json(earlier)["rows"], read_json(earlier)["runs"]
     payload: Dict = {}
     path = ""
     for index in args.settings if args.settings is not None else range(len(SETTINGS)):
-        label, cache_mb, base, deltas = SETTINGS[index]
+        label, cache_mb, base, deltas, wire = SETTINGS[index]
         with tempfile.TemporaryDirectory() as tmp, daemon(["--checkpoint-dir", tmp], env=env) as (_, port):
             keys = ("model", "data", "train_examples", "dev_examples", "batch_size", "max_seq_len", "seed")
             job = {k: getattr(args, k) for k in keys}
-            job.update(port=port, cache_mb=cache_mb, base=base, delta=deltas)
+            job.update(port=port, cache_mb=cache_mb, base=base, delta=deltas, wire=wire)
             result = run_child("bench.delta_codec", "--child", job, env=env)
         rows.append(row(label, result))
         runs.append({"setting": label, "delta_cache_mb": cache_mb, "base": base, "delta": deltas, **result})
+        runs[-1]["wire"] = wire or "int4-6-hadamard"
         payload = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows, "runs": runs}
         path = save(args.name, payload, args.out_dir)  # after each setting: a stopped run keeps what it had
         print(table(rows[-1:], COLUMNS), flush=True)

@@ -165,7 +165,7 @@ def _link_flags(g) -> None:
         type=float,
         default=D.delta_cache_mb,
         help="delta mode at full-width cuts (--mode sl; AQ-SGD): each side keeps up to this many MiB a cut "
-        "of every example's last activations, so later epochs send 4-bit differences from them; "
+        "of every example's last activations, so later epochs send 2-bit differences from them; "
         "0 (the default): off",
     )
     g.add_argument(

@@ -1,9 +1,9 @@
 """Delta mode (``--delta-cache-mb``) through a real gRPC server, tiny Llama + LoRA over 3 epochs.
 
 The U (causal LM, both full-width cuts) and the two-part split (classification) train the same
-batches three times: each step's loss stays within the codecs' rounding of the same run without
-delta mode (fp32), and epochs 2 and 3 cost fewer bytes than epoch 1, counted from the serialised
-messages. Tolerances are about 5x what was measured (CPU, torch 2.13; printed with pytest -s).
+batches three times on an fp32 wire, so delta mode's defaults send epoch 1 in fp32 and later epochs
+as 2-bit differences: each step's loss stays within that rounding of the same run without delta
+mode, and epochs 2 and 3 cost fewer bytes than epoch 1, counted from the serialised messages. Tolerances are about 5x what was measured (CPU, torch 2.13; printed with pytest -s).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ EPOCHS = 3
 PLAIN = LinkOptions(wire_dtype="fp32")
 DELTA = LinkOptions(wire_dtype="fp32", delta_cache_mb=1.0)
 OPTIM_3 = dataclasses.replace(OPTIM, total_steps=12)
-U_TOLERANCE, TWO_PART_TOLERANCE = 1e-3, 2.5e-3  # measured 1.8e-4 and 4.8e-4
+U_TOLERANCE, TWO_PART_TOLERANCE = 5e-3, 4e-3  # measured 9.0e-4 and 8.1e-4
 
 
 def _u(address, link):

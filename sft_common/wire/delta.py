@@ -3,8 +3,9 @@
 A full-width cut sends each training example's rows again every epoch, and they change little
 between epochs. In delta mode each side of a cut keeps, per example (its key: a keyed hash of its
 tokens, made by the edge and sent with the step), the rows that last crossed it *as the receiver
-decoded them*. An example's first crossing travels in an 8-bit base codec; later ones travel as
-the difference from the kept rows in a narrower codec (4 bits in rotated groups by default), and
+decoded them*. An example's first crossing travels in a base codec (by default the cut's own wire
+dtype); later ones travel as the difference from the kept rows in a narrower codec (2 bits in
+rotated groups by default), and
 both sides replace the kept rows with ``kept + decoded difference``. The sender decodes its own
 message to get that value, so both caches stay bitwise identical (the same CPU decode of the same
 bytes), and the quantisation error of one epoch is carried into the next epoch's difference
@@ -40,8 +41,12 @@ from sft_common.wire.errors import ProtocolError
 
 KEY_BYTES = 16  # an example key: blake2b-128 of its tokens, keyed by the run's salt
 VALUE_BYTES = 4  # the rows are kept in fp32: exactly what the receiver decoded
-BASE_DTYPE = pb.INT8_HADAMARD  # an example's first crossing (bench/delta_codec.py)
-DELTA_DTYPE = pb.INT4_HADAMARD  # the differences of later crossings
+# An example's first crossing in the cut's own wire dtype (0), the differences of later crossings
+# in 2-bit rotated groups. SmolLM2's U, 3 epochs (bench/delta_codec.py, docs/accuracy.md "Delta
+# mode"): the same dev loss as int8-hadamard then 4-bit deltas, and as no delta mode, at the
+# fewest bytes (epochs 2-3: 163 B a token of activations up, 184 down, against 306 and 465).
+BASE_DTYPE = pb.DTYPE_UNSPECIFIED
+DELTA_DTYPE = pb.INT2_HADAMARD
 MAX_CACHE_BYTES = 1 << 32  # the largest budget a session may ask for, each cut (4 GiB): the daemon's memory
 CUTS = ("up", "down")  # the first cut (the edge sends), the U's second (the middle sends)
 Codecs = Tuple[Any, Any]  # (base, delta): pb.DType values
