@@ -118,11 +118,17 @@ class Defence:
             return None
         from dp_accounting import dp_event, rdp  # optional: pip install 'sft[dp]'
 
-        releases = max(1, math.ceil(steps * min(sampling_rate, 1.0) - 1e-9))
+        releases = self.releases(steps, sampling_rate)
         accountant = rdp.RdpAccountant()
         for sigma in sigmas:
             accountant.compose(dp_event.GaussianDpEvent(sigma), releases)
         return float(accountant.get_epsilon(self.delta if delta is None else delta))
+
+    @staticmethod
+    def releases(steps: int, sampling_rate: float) -> int:
+        """How many times one example is sent in ``steps`` steps at ``sampling_rate``: each mechanism's
+        compositions (a forward-only run asks (1, 1.0): each example crosses once)."""
+        return max(1, math.ceil(steps * min(sampling_rate, 1.0) - 1e-9))
 
     def describe(self) -> Dict[str, Any]:
         """What the report says of the defence (None where it is off)."""

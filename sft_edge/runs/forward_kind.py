@@ -24,6 +24,7 @@ class ForwardOnly(UShape):
 
     name = "forward-only"
     cloud_keeps_part = False  # the middle is the base's: any daemon serving the model serves it
+    sends_once = True  # an example's (noised) first cut crosses once; its answer is cached
 
     def check(self, cfg: TrainConfig) -> None:
         super().check(cfg)

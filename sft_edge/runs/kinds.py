@@ -30,6 +30,7 @@ class RunKind:
     keeps_labels = False  # the labels and the loss stay on this device
     has_link = True  # traffic crosses a link to the cloud
     cloud_keeps_part = True  # a finished run's trained cloud part stays in its daemon session
+    sends_once = False  # each example's rows cross once in all (not once an epoch): one DP release
 
     def check(self, cfg: TrainConfig) -> None:
         """Raise ValueError for flags this kind does not take (after the generic checks)."""

@@ -85,6 +85,7 @@ class Setting:
     steps: int = 0  # training steps the run takes (each example's sendings, with the sampling rate)
     sampling_rate: float = 0.0  # batch size / training examples
     classes: Optional[int] = None  # the task's class count (a label attack's rows depend on it)
+    sends_once: bool = False  # each example crosses once in all (forward-only): one release, any epochs
 
 
 def setting_of(cfg: TrainConfig, run: Any) -> Setting:
@@ -107,6 +108,7 @@ def setting_of(cfg: TrainConfig, run: Any) -> Setting:
         steps=run.total,
         sampling_rate=cfg.batch_size / max(len(run.train_data), 1),
         classes=None if run.problem.causal_lm else run.problem.num_labels(run.task),
+        sends_once=run.kind.sends_once,
     )
 
 
@@ -237,8 +239,11 @@ def defence_of(s: Setting, attacked: List[str]) -> Optional[Dict[str, Any]]:
     if not gradient:
         described["gradient_up"] = None
     out = {**described, "delta": s.dp.delta, "steps": s.steps, "sampling_rate": s.sampling_rate}
+    # one release an example: forward-only sends each once, or one every time its batch is sent
+    steps, rate = (1, 1.0) if s.sends_once else (s.steps, s.sampling_rate)
+    out["releases"] = defence.releases(steps, rate)
     try:
-        out["epsilon"] = defence.epsilon(s.steps, s.sampling_rate, gradient=gradient)
+        out["epsilon"] = defence.epsilon(steps, rate, gradient=gradient)
         out["accountant"] = (
             "dp-accounting RdpAccountant, add/remove-one example, no amplification by sampling"
         )

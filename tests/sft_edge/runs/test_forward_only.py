@@ -278,6 +278,13 @@ def test_forward_only_with_dp_noise_noises_each_example_once_and_keys_its_cache_
     report = json.loads((tmp_path / "r.json").read_text())
     defence = report["privacy"]["defence"]
     assert defence["activations"] == {"noise": 0.5, "clip": 5.0} and defence["gradient_up"] is None
+    # two epochs, but each example crossed once: one Gaussian release (the U's would be two)
+    from sft_edge.privacy.defence import Defence
+    from sft_edge.runs.config import DPOptions
+
+    assert defence["releases"] == 1
+    assert defence["epsilon"] == pytest.approx(Defence.of(DPOptions(noise=0.5, clip=5.0)).epsilon(1, 1.0))
+    assert defence["epsilon"] < Defence.of(DPOptions(noise=0.5, clip=5.0)).epsilon(2, 1.0)
     evals = [m.eval for m, _ in messages if m.WhichOneof("kind") == "eval"]
     cached = list((tmp_path / "run" / "activation_cache").glob("*.safetensors"))
     assert sum(len(e.lengths) for e in evals) == len(cached)  # each distinct example crossed once
