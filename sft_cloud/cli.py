@@ -72,7 +72,8 @@ def _sessions(g: argparse._ArgumentGroup) -> None:
         type=float,
         default=D.batch_window_ms,
         help="LoRA sessions on one base whose steps arrive within this many milliseconds run them as "
-        f"one forward and one backward (default {D.batch_window_ms:g}: every step alone; try 5 on a GPU: "
+        "one forward and one backward, forward-only sessions their evaluations as one forward "
+        f"(default {D.batch_window_ms:g}: each alone; try 5 on a GPU: "
         "on a CPU a SmolLM2-sized part gained nothing, docs/benchmarks.md §8)",
     )
     g.add_argument(
