@@ -74,6 +74,12 @@ _SMOL_CODEC = Source(
     "bench/results/inversion_smollm2-135m-instruct_int4-6-hadamard.json",
     "nice -n 5 python -m bench.inversion --model smollm2-135m-instruct --layers 0 --ranks --wire int4-6-hadamard",
 )
+_SMOL_DEEPER = Source(
+    "SmolLM2-135M (the packaged decoder), at initialisation",
+    "bench/results/privacy_price/tokens-smollm2-deeper.json",
+    "OMP_NUM_THREADS=1 python -m bench.inversion --model smollm2-135m-instruct --layers 2 4 --ranks "
+    "--wire int4-6-hadamard --out-dir bench/results/privacy_price --name tokens-smollm2-deeper",
+)
 _MINI_LABELS = Source("The labels", _MINI.file, _MINI.command)
 _SMOL_LABELS = Source("The labels", _SMOL.file, _SMOL.command)
 _LABELS_4 = Source(
@@ -183,6 +189,9 @@ MEASURED: Tuple[Measured, ...] = (
     replace(
         _tokens(SMOLLM2, True, 30, "sl", 576, 0, 0.9691, _SMOL_BASE, _SMOL_CODEC), wire_dtype="int4-6-hadamard"
     ),
+    # a deeper first cut for a decoder's U (--split-layer 2 or 4), through its default wire
+    replace(_tokens(SMOLLM2, True, 30, "sl", 576, 2, 0.8946, _SMOL_BASE, _SMOL_DEEPER), wire_dtype="int4-6-hadamard"),
+    replace(_tokens(SMOLLM2, True, 30, "sl", 576, 4, 0.8257, _SMOL_BASE, _SMOL_DEEPER), wire_dtype="int4-6-hadamard"),
     _tokens(SMOLLM2, True, 30, "sft", 8, 29, 0.1548, _SMOL_BASE, _SMOL_LAST),
     _tokens(SMOLLM2, True, 30, "sft", 32, 29, 0.2438, _SMOL_BASE, _SMOL_LAST),
     # the activations' defence (--dp-noise 0.5 or 0.2, --dp-clip 20): the attacker trained on noised rows too

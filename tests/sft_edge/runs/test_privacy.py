@@ -36,8 +36,10 @@ def _minilm_u(dp=None, classes=2) -> Setting:
     return _minilm(kind="label-private", layer=0, tail=1, dp=dp, classes=classes)
 
 
-def _smollm2_u(tail=1, cut="sl", width=576, wire="int4-6-hadamard", targets="next tokens") -> Setting:
-    return Setting("label-private", SMOLLM2, True, 30, cut, width, 0, tail, wire, targets)
+def _smollm2_u(
+    tail=1, cut="sl", width=576, wire="int4-6-hadamard", targets="next tokens", layer=0
+) -> Setting:
+    return Setting("label-private", SMOLLM2, True, 30, cut, width, layer, tail, wire, targets)
 
 
 def _by_message(privacy):
@@ -169,6 +171,8 @@ def test_the_u_causal_lm_default_full_width_leaks_like_sl_both_ways():
     assert fp32["measured"]["recovered"] == 0.9729 and not fp32["differs"]
     int8 = _by_message(privacy_of(_smollm2_u(wire="int8")))["activations up"]
     assert int8["differs"] and int8["notes"] == [WIRE_NOTES["sl"]]
+    deeper = _by_message(privacy_of(_smollm2_u(layer=4)))["activations up"]  # a deeper first cut, measured
+    assert deeper["measured"]["recovered"] == 0.8257 and not deeper["differs"]
     text = found["gradient up (next tokens)"]  # bench.gradient_attacks text at this very setting
     assert text["measured"]["recovered"] == 0.7292 and text["measured"]["baseline"] == 0.0387
     assert text["match"] == "this setting was measured" and not text["notes"]
