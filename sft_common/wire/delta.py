@@ -5,8 +5,8 @@ between epochs. In delta mode each side of a cut keeps, per example (its key: a 
 tokens, made by the edge and sent with the step), the rows that last crossed it *as the receiver
 decoded them*. An example's first crossing travels in a base codec (by default the cut's own wire
 dtype); later ones travel as the difference from the kept rows in a narrower codec (2 bits in
-rotated groups by default), and
-both sides replace the kept rows with ``kept + decoded difference``. The sender decodes its own
+rotated groups by default), and both sides replace the kept rows with ``kept + decoded
+difference``. The sender decodes its own
 message to get that value, so both caches stay bitwise identical (the same CPU decode of the same
 bytes), and the quantisation error of one epoch is carried into the next epoch's difference
 instead of accumulating (Wang et al., NeurIPS 2022).
@@ -16,6 +16,7 @@ instead of accumulating (Wang et al., NeurIPS 2022).
 - ``DeltaCache``: key -> (tokens, width) fp32 rows, bounded by bytes; an example past the budget
   is not kept (it travels in the base codec every epoch: more bytes, never a wrong value). Both
   sides make the same decisions from the same messages: no eviction, one rule in ``update``.
+- ``DeltaCaches``: one side's caches, one a cut (``CUTS``), and the edge's salt of the keys.
 - ``encode`` / ``decode``: one message's rows (``activations`` for the base rows, ``DeltaRows``
   for the others) through ``codec.encode`` / ``codec.decode``, which check sizes and values before
   they allocate; ``decode`` checks the flags and that every delta's example is held with exactly
