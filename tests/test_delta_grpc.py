@@ -133,3 +133,16 @@ def test_the_daemon_reports_the_caches_memory(live_server):
     edge.train_step(0, random_batch(6, 14, seed=0))
     gauge = DaemonMetrics(session_list=registry.sessions).registry.get_sample_value("sft_delta_cache_bytes")
     assert edge.delta is not None and gauge == edge.delta.used > 0
+
+
+def test_micro_batches_in_flight_keep_both_caches_equal(live_server):
+    """Two-part micro-batches, two in flight: each carries its examples' keys and is applied in order."""
+    address, registry = live_server
+    batches = [random_batch(6, 14, seed=k) for k in range(2)]
+    edge = _two_part(address, dataclasses.replace(DELTA, micro_batches=3))
+    _, traffic = _epochs(edge, batches)
+    assert all(t[0] < traffic[0][0] for t in traffic[1:])
+    cloud = registry.get(edge.session_id).core.delta
+    assert edge.delta is not None and cloud is not None
+    assert edge.delta["up"].rows.keys() == cloud["up"].rows.keys()
+    assert all(torch.equal(v, cloud["up"].rows[k]) for k, v in edge.delta["up"].rows.items())
