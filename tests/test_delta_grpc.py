@@ -146,3 +146,21 @@ def test_micro_batches_in_flight_keep_both_caches_equal(live_server):
     assert edge.delta is not None and cloud is not None
     assert edge.delta["up"].rows.keys() == cloud["up"].rows.keys()
     assert all(torch.equal(v, cloud["up"].rows[k]) for k, v in edge.delta["up"].rows.items())
+
+
+def test_a_daemon_without_delta_mode_is_refused_at_open(live_server, monkeypatch):
+    from sft_cloud.sessions.core import SessionCore
+
+    opened = SessionCore.opened
+
+    def older(core, *args):  # what a daemon from before delta mode answers: the field unknown, 0
+        reply = opened(core, *args)
+        reply.ClearField("delta_cache_bytes")
+        return reply
+
+    monkeypatch.setattr(SessionCore, "opened", older)
+    address, _ = live_server
+    with pytest.raises(CloudError, match="the daemon does not run delta mode") as caught:
+        _two_part(address, DELTA)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    _two_part(address, PLAIN).close()  # without delta mode it opens as before

@@ -217,6 +217,7 @@ class SessionCore:
             edge_factor=factor,
             next_step=step,
             next_micro=micro,
+            delta_cache_bytes=self.config.delta_cache_bytes,
         )
 
     # -- checkpoints, resume, final weights -------------------------------------------------

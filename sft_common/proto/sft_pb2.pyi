@@ -182,7 +182,7 @@ class OpenSession(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., inference_only: bool = ..., cloud_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro", "tail_sigma", "tail_v")
+    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro", "tail_sigma", "tail_v", "delta_cache_bytes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,7 @@ class SessionOpened(_message.Message):
     NEXT_MICRO_FIELD_NUMBER: _ClassVar[int]
     TAIL_SIGMA_FIELD_NUMBER: _ClassVar[int]
     TAIL_V_FIELD_NUMBER: _ClassVar[int]
+    DELTA_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     edge_factor: Tensor
@@ -199,7 +200,8 @@ class SessionOpened(_message.Message):
     next_micro: int
     tail_sigma: Tensor
     tail_v: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ..., tail_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., tail_v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    delta_cache_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ..., tail_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., tail_v: _Optional[_Union[Tensor, _Mapping]] = ..., delta_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class TrainStep(_message.Message):
     __slots__ = ("step", "activations", "lengths", "labels", "targets", "micro", "micro_count", "step_examples", "example_keys", "delta")

@@ -78,6 +78,14 @@ class SessionClient:
             raise CloudError(
                 grpc.StatusCode.FAILED_PRECONDITION, "the cloud answered with another fingerprint"
             )
+        asked = open_msg.config.delta_cache_bytes
+        if asked and opened.delta_cache_bytes != asked:
+            raise CloudError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the daemon does not run delta mode (a version from before it?): upgrade it, or train "
+                "without --delta-cache-mb",
+                local=True,
+            )
         self._open.session_id = self.session_id = opened.session_id
         # the step in flight (or next): what a re-attachment offers first
         self.start_step = self.live_step = opened.next_step
