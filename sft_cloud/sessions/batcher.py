@@ -54,12 +54,18 @@ Report = Callable[[str, int, List[float]], None]  # (phase, sessions in the batc
 class BatchGraph:
     """The autograd graph of a batched U forward: its members whose backward is still due."""
 
-    def __init__(self, members: Sequence[Any]):
-        self.waiting: Set[int] = {id(m) for m in members}
+    def __init__(self, members: Sequence[Job]):
+        self.waiting: Set[int] = {id(m.session) for m in members}
+        self._members = {id(m.session): Seen.of(m) for m in members}
 
     def leave(self, member: Any) -> None:
         """``member`` ran its backward, or dropped its step: the others stop waiting for it."""
         self.waiting.discard(id(member))
+
+    def due(self) -> int:
+        """Members whose backward is still due and that are still there (a stream that ended
+        since the forward, its edge killed or cut off, is not waited for)."""
+        return sum(not self._members[m].gone() for m in self.waiting)
 
 
 @dataclass
@@ -146,7 +152,7 @@ class StepBatcher:
         def run(jobs: List[Job]) -> None:
             live = self._forward(jobs)
             if len(live) > 1:
-                graph = BatchGraph([j.session for j in live])
+                graph = BatchGraph(live)
                 for member in live:
                     member.graph = graph
 
@@ -157,7 +163,7 @@ class StepBatcher:
         """The U's backward of a member of ``graph``: ``job.grad`` through ``job.roots`` into its
         parameters' gradients and ``job.x.grad``."""
         try:
-            self._submit(("backward", id(graph)), job, self._backward, lambda _: len(graph.waiting))
+            self._submit(("backward", id(graph)), job, self._backward, lambda _: graph.due())
         finally:
             if job.error is None:
                 graph.leave(job.session)

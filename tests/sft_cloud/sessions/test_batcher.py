@@ -221,11 +221,20 @@ def test_a_session_gone_mid_batch_leaves_the_others_as_without_it(model):
     assert gone.sessions[2]._pending[3].waiting == {id(gone.sessions[2])}
 
 
-@pytest.mark.parametrize("how", ["stream-ended", "closed"])
-def test_a_session_gone_is_not_waited_for(how):
-    """Three sessions with streams attached step together; session 2 stops after step 0 and its
-    stream ends (its edge killed or cut off) or it closes: the others' later batches close as soon
-    as both are in, instead of waiting the window (5 s) for it every batch."""
+@pytest.mark.parametrize(
+    "how, stop",
+    [
+        ("stream-ended", (2, 0, "backward")),
+        ("closed", (2, 0, "backward")),
+        ("stream-ended", (2, 1, "forward")),
+    ],
+    ids=["stream-ended", "closed", "stream-ended-mid-step"],
+)
+def test_a_session_gone_is_not_waited_for(how, stop):
+    """Three sessions with streams attached step together; session 2 stops (after step 0, or with
+    its forward of step 1 batched and its backward due) and its stream ends (its edge killed or cut
+    off) or it closes: the others' later batches close as soon as both are in, instead of waiting
+    the window (5 s) for it every batch."""
     run = Run("random:tiny-llama", 3, window=5.0)
     for session in run.sessions:
         session.core.attached = 1
@@ -236,7 +245,10 @@ def test_a_session_gone_is_not_waited_for(how):
         else:
             session.core.attached = 0
 
-    run.go(stop=(2, 0, "backward"), leave=leave)
+    run.go(stop=stop, leave=leave)
+    later = 1 if stop[1] == 1 else STEPS - 1  # forward batches of two: step 2 (or steps 1 and 2)
     pairs = [wait for phase, size, wait in run.waits if phase == "forward" and size == 2]
-    assert len(pairs) >= STEPS - 1 and max(pairs[-(STEPS - 1) :]) < 2.5  # steps 1 and 2
+    assert len(pairs) >= later and max(pairs[-later:]) < 2.5
+    if stop[1] == 1:  # step 1's backward batch: its forward held session 2 too
+        assert max(wait for phase, size, wait in run.waits if phase == "backward" and size == 2) < 2.5
     assert all(s.next_step == STEPS for s in run.sessions[:2])
