@@ -23,7 +23,7 @@ nice -n 5 python -m bench.inversion --layers 0 --ranks 8 --dp-noise 0.5 --dp-cli
 # (0.095 epoch: each training example is sent at most once, so epsilon is one sending's) at lr 5e-5 with
 # the SVD factors at 1e-3 (--factor-lr: what lifted the layer-0 cut in docs/accuracy.md, "How low the cut
 # can go"), max length 64, the full dev set (872), seed 42; one run at a time through one daemon, at nice 5
-# beside other work on the 2-core CPU (17-18 min a run). The undefended U reached 73.05 % (the majority
+# beside other work on the 2-core CPU (17-31 min a run). The undefended U reached 73.05 % (the majority
 # class is 50.9 %). The clips are the median per-example norms at initialisation (labels-none.json).
 nice -n 5 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51341 &
 TRAIN="--task sst2 --data-dir $GLUE --label-private --max-steps 200 --batch-size 32 --lr 5e-5 --factor-lr 1e-3
