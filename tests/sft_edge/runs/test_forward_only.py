@@ -258,7 +258,9 @@ def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_d
     assert len(registry) == 0  # every forward-only session closed
 
 
-def test_forward_only_with_dp_noise_noises_each_example_once_and_keys_its_cache_by_the_noise(tmp_path, recorded):
+def test_forward_only_with_dp_noise_noises_each_example_once_and_keys_its_cache_by_the_noise(
+    tmp_path, recorded
+):
     """``--dp-noise``: the report names the defence on the activations and one release an example
     (two epochs, each example sent once); the cache is keyed by the noise, so a run over the same
     folder with another noise is refused before anything is sent."""
@@ -303,7 +305,10 @@ def test_forward_only_with_dp_noise_noises_each_example_once_and_keys_its_cache_
         (["--forward-only", "--adapters", "side"], "--adapters must be one of tail, parallel, got 'side'"),
         (["--forward-only", "--adapters", "parallel", "--peft", "lora"], "no --peft lora"),
         (["--forward-only", "--activation-cache-mb", "-1"], "--activation-cache-mb must be >= 0"),
-        (["--forward-only", "--dp-grad-noise", "1", "--dp-grad-clip", "1"], "--forward-only sends no gradient"),
+        (
+            ["--forward-only", "--dp-grad-noise", "1", "--dp-grad-clip", "1"],
+            "--forward-only sends no gradient",
+        ),
     ],
 )
 def test_bad_forward_only_flags_are_refused_at_once(capsys, extra, message):
