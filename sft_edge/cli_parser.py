@@ -158,7 +158,8 @@ def _link_flags(g) -> None:
         "--compression",
         default=D.compression,
         choices=COMPRESSIONS,
-        help="compress tensors on the wire (zstd: smaller, lz4: faster)",
+        help="compress tensors on the wire (zstd: smaller, lz4: faster); default: zstd with a rotated-group "
+        "wire (*-hadamard: a decoder U's default), none otherwise",
     )
     g.add_argument(
         "--delta-cache-mb",

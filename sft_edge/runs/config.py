@@ -114,7 +114,7 @@ class TrainConfig:
     mode: Optional[str] = None  # sft | sl; None: the kind's and the model's (sft_edge.runs.defaults)
     factorise: str = FFN_OUTPUT  # sft: ffn-output (the paper's cut) | ffn-input (sft_common.cuts.input_cut)
     wire_dtype: Optional[str] = None  # a name in WIRE_DTYPES; None: as for mode
-    compression: str = LinkOptions.compression
+    compression: Optional[str] = None  # none | lz4 | zstd; None: as for the wire (sft_edge.runs.defaults)
     batch_size: int = 32
     micro_batches: int = LinkOptions.micro_batches
     pipeline_depth: int = LinkOptions.pipeline_depth
@@ -163,7 +163,7 @@ class TrainConfig:
     def link(self) -> LinkOptions:
         return LinkOptions(
             self.wire_dtype or LinkOptions.wire_dtype,
-            self.compression,
+            self.compression or LinkOptions.compression,
             self.micro_batches,
             self.pipeline_depth,
             self.cls_only,

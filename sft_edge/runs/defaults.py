@@ -15,6 +15,11 @@
 - **Everything else** (encoders; the two-part split, where SmolLM2 at R=8 classified as
   ``--local`` did in docs/accuracy.md's tables): the paper's rank-R cut (``--mode sft``) in fp32.
 
+``--compression`` defaults to zstd with a rotated-group wire (``*-hadamard``: the decoder U's and
+a decoder's forward-only default): its codes are not uniform, and zstd takes a third off them
+(SmolLM2's first cut at 4 bits: 306 B a token raw, 269 with lz4, 206 with zstd; docs/accuracy.md,
+"A codec for decoders"; the runs of its frontier table used it). Elsewhere none.
+
 A flag given is kept; asking for a factorisation (``--factorise ffn-input``, ``--factor-lr``)
 implies ``--mode sft``. The resolved values are what the report, the record and the session say.
 """
@@ -28,6 +33,7 @@ from sft_common.topology.spec import FFN_INPUT
 from sft_edge.runs.config import TrainConfig
 
 DECODER_U_MODE, DECODER_U_WIRE = "sl", "int4-6-hadamard"
+GROUP_CODES_COMPRESSION, PLAIN_COMPRESSION = "zstd", "none"
 PAPER_MODE, PLAIN_WIRE = "sft", "fp32"
 FORWARD_ENCODER_WIRE = "int8"
 
@@ -38,8 +44,9 @@ def asks_for_factors(cfg: TrainConfig) -> bool:
 
 
 def resolved(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
-    """``cfg`` with ``mode`` and ``wire_dtype`` set (module docstring); unchanged if both are set."""
-    if cfg.mode is not None and cfg.wire_dtype is not None:
+    """``cfg`` with ``mode``, ``wire_dtype`` and ``compression`` set (module docstring); unchanged
+    if all three are set."""
+    if cfg.mode is not None and cfg.wire_dtype is not None and cfg.compression is not None:
         return cfg
     u_shaped = cfg.label_private or cfg.forward_only
     decoder_u = u_shaped and base.family.decoder and not asks_for_factors(cfg)
@@ -47,4 +54,6 @@ def resolved(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
     wire = cfg.wire_dtype or (DECODER_U_WIRE if decoder_u and mode == DECODER_U_MODE else PLAIN_WIRE)
     if cfg.forward_only and cfg.wire_dtype is None and not decoder_u:
         wire = FORWARD_ENCODER_WIRE
-    return dataclasses.replace(cfg, mode=mode, wire_dtype=wire)
+    grouped = wire.endswith("-hadamard")  # codes in rotated groups: zstd takes a third off
+    compression = cfg.compression or (GROUP_CODES_COMPRESSION if grouped else PLAIN_COMPRESSION)
+    return dataclasses.replace(cfg, mode=mode, wire_dtype=wire, compression=compression)

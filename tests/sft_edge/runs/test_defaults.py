@@ -37,6 +37,25 @@ def test_defaults_per_kind_and_model(model, flags, want):
     assert cfg.mode == flags.get("mode") and cfg.wire_dtype == flags.get("wire_dtype")  # not changed
 
 
+@pytest.mark.parametrize(
+    "model, flags, want",
+    [
+        ("random:tiny-llama", {"label_private": True}, "zstd"),  # int4-6-hadamard: zstd takes a third off
+        ("random:tiny-llama", {"forward_only": True}, "zstd"),
+        ("random:tiny-llama", {"label_private": True, "wire_dtype": "int4-hadamard"}, "zstd"),
+        ("random:tiny-llama", {"label_private": True, "compression": "lz4"}, "lz4"),  # a flag is kept
+        ("random:tiny-llama", {"label_private": True, "compression": "none"}, "none"),
+        ("random:tiny-llama", {"label_private": True, "wire_dtype": "int8"}, "none"),
+        ("random:tiny", {}, "none"),  # the paper's cut in fp32
+        ("random:tiny", {"forward_only": True}, "none"),  # int8
+    ],
+)
+def test_compression_follows_the_wire(model, flags, want):
+    cfg = _cfg(**flags)
+    assert resolved(cfg, load_base_model(model)).compression == want
+    assert cfg.compression == flags.get("compression")  # not changed
+
+
 def test_a_factor_flag_with_the_full_width_is_refused():
     with pytest.raises(ValueError, match="--factorise ffn-input needs --mode sft"):
         _cfg(label_private=True, mode="sl", factorise="ffn-input", problem="causal-lm").validate()
