@@ -85,3 +85,14 @@ for T in 1 4; do
   /usr/bin/time -v nice -n 10 python -m sft_edge.cli train $COMMON --forward-only --tail-layers $T --compression zstd \
     --cloud 127.0.0.1:51341 --insecure --output-dir /tmp/fo/t$T --report /tmp/fo/t$T-report.json
 done
+
+# 8. Forward-only with LoRA on every linear of the tail (issue 32, 2026-12-07, session 18): 8 and 4 tail layers,
+# the two runs IN PARALLEL on one daemon, at nice 5 beside other benchmarks and test runs (load 6-11 on the
+# 2-core CPU): paraphrase-forward-only-tail8-lora-all-zstd-m80-s42.json, paraphrase-forward-only-tail4-lora-all-zstd-m80-s42.json
+ALL="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+nice -n 5 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51441 &
+for T in 8 4; do
+  /usr/bin/time -v nice -n 5 python -m sft_edge.cli train $COMMON --forward-only --tail-layers $T --lora-targets $ALL \
+    --compression zstd --cloud 127.0.0.1:51441 --insecure --output-dir /tmp/fo2/t$T --report /tmp/fo2/t$T-report.json &
+done
+wait
