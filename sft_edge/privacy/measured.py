@@ -106,6 +106,7 @@ def _price(name: str, command: str) -> Source:
 _PRICE_LABELS = "bench.gradient_attacks labels --task sst2 --steps 8 --window 8 --no-two-part"
 _PRICE_OUT = f"--out-dir {_PRICE_DIR}"
 _GRAD2 = _price("labels-grad2", f"{_PRICE_LABELS} --dp-grad-noise 2 --dp-grad-clip 0.003 {_PRICE_OUT}")
+_GRAD01 = _price("labels-grad0.1", f"{_PRICE_LABELS} --dp-grad-noise 0.1 --dp-grad-clip 0.003 {_PRICE_OUT}")
 _GRAD05 = _price("labels-grad0.5", f"{_PRICE_LABELS} --dp-grad-noise 0.5 --dp-grad-clip 0.003 {_PRICE_OUT}")
 _ACT = "bench.inversion --layers 0 --ranks 8 --dp-noise {noise} --dp-clip 20 " + _PRICE_OUT
 _ACT05 = _price("tokens-act0.5", _ACT.format(noise=0.5))
@@ -209,6 +210,7 @@ MEASURED: Tuple[Measured, ...] = (
     _minilm_u_labels(0.9102, _LABELS_SOURCES, 0.2969, _LABELS_4, 4),
     _minilm_u_labels(0.5508, _LABELS_SST2, 0.525, _GRAD2, 2, (2.0, 0.003)),
     _minilm_u_labels(0.6289, _LABELS_SST2, 0.527, _GRAD05, 2, (0.5, 0.003)),
+    _minilm_u_labels(0.8711, _LABELS_SST2, 0.5219, _GRAD01, 2, (0.1, 0.003)),
     # a causal LM's U: the LM head's rows scored against the gradient, full-width second cut
     _smollm2_text(1, 0.7292, "67.4 %"),
     Measured(SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, None, 2, None, 0.894, _COMPLETION, 0.17, _ISSUE_30, _NOT_IN_ISSUE),

@@ -40,3 +40,9 @@ nice -n 5 python -m bench.inversion --layers 0 --ranks 8 --dp-noise 0.2 --dp-cli
 # bench/results/inversion_smollm2-135m-instruct_int4-6-hadamard.json), full width through the default wire
 nice -n 5 python -m bench.inversion --model smollm2-135m-instruct --layers 2 4 --ranks --wire int4-6-hadamard \
   --out-dir $OUT --name tokens-smollm2-deeper
+# last, with a smaller gradient noise (epsilon 96.1): the label attack, then the run
+nice -n 5 python -m bench.gradient_attacks labels --task sst2 --steps 8 --window 8 --no-two-part --dp-grad-noise 0.1 \
+  --dp-grad-clip 0.003 --out-dir $OUT --name labels-grad0.1
+nice -n 5 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51341 &   # the daemon above, still up
+nice -n 5 python -m sft_edge.cli train $TRAIN --dp-grad-noise 0.1 --dp-grad-clip 0.003 --report $OUT/s200-grad0.1.json
+kill %1
