@@ -96,3 +96,12 @@ for T in 8 4; do
     --compression zstd --cloud 127.0.0.1:51441 --insecure --output-dir /tmp/fo2/t$T --report /tmp/fo2/t$T-report.json &
 done
 wait
+
+# 9. The same 8-tail-layer run at --lr 2e-3, from the 8-layer run's activation cache (copied into the new
+# output folder: every training and dev row is cached, so no cloud session is opened and 0 bytes cross;
+# the daemon above only has to be named): paraphrase-forward-only-tail8-lora-all-lr2e-3-cached-m80-s42.json.
+# (A second run at --lr 1e-3 beside it was stopped at step 49 to free the CPU.)
+mkdir -p /tmp/fo3/lr2e-3 && cp -r /tmp/fo2/t8/activation_cache /tmp/fo3/lr2e-3/
+/usr/bin/time -v nice -n 5 python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 2e-3} --forward-only --tail-layers 8 \
+  --lora-targets $ALL --compression zstd --cloud 127.0.0.1:51441 --insecure --output-dir /tmp/fo3/lr2e-3 \
+  --report /tmp/fo3/lr2e-3-report.json
