@@ -151,9 +151,22 @@ def _tokens(model, decoder, layers, cut, width, layer, recovered, baseline, sour
 def _minilm_u_labels(recovered, of, chance, source, classes, defence=None) -> Measured:
     """A label attack on MiniLM's U at the encoder's default (SFT R=8, first cut 0, 1 tail layer)."""
     return Measured(
-        MINILM, False, 6, _GRADIENT_LABELS, "sft", 8, 0, 1, "fp32", recovered, of, chance, source,
-        classes=classes, defence=defence,
-    )  # fmt: skip
+        model=MINILM,
+        decoder=False,
+        layers=6,
+        message=_GRADIENT_LABELS,
+        cut="sft",
+        width=8,
+        split_layer=0,
+        tail_layers=1,
+        wire_dtype="fp32",
+        recovered=recovered,
+        of=of,
+        baseline=chance,
+        source=source,
+        classes=classes,
+        defence=defence,
+    )
 
 
 def _smollm2_text(tail: int, recovered: float, plain: str) -> Measured:
