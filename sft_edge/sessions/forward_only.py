@@ -153,9 +153,8 @@ class ForwardOnlySession(StateHere, SessionClient):
         first_of = {k: i for i, k in reversed(list(enumerate(keys)))}  # an example twice is asked once
         missing = [i for i, r in enumerate(found) if r is None and first_of[keys[i]] == i]
         if missing:
-            asked = dict(
-                zip((keys[i] for i in missing), self._ask(batch, missing, [keys[i] for i in missing], index))
-            )
+            wanted = [keys[i] for i in missing]
+            asked = dict(zip(wanted, self._ask(batch, missing, wanted, index)))
             for key, answer in asked.items():
                 self.cache.put(key, answer)
             found = [asked.get(k, r) for k, r in zip(keys, found)]
