@@ -263,7 +263,7 @@ def record_of(cfg: TrainConfig, run: Run, report: Dict) -> RunRecord:
         label_column=run.task.tsv_label,
         batch_size=cfg.batch_size,
         wire_dtype=cfg.link.wire_dtype,
-        compression=cfg.compression,
+        compression=cfg.link.compression,
         lora=lora_record(resolve_lora(cfg.lora, run.base.config.model_type)),
         base_fingerprint=run.base.fingerprint,
         session_id=report["session_id"],
