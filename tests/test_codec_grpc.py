@@ -17,6 +17,7 @@ from sft_common.models.base_model import load_base_model
 from sft_common.models.lora import LoraSpec
 from sft_common.topology.spec import SplitSpec
 from sft_common.topology.ushape import UShapeSpec
+from sft_common.wire.codecs import Wire
 from sft_edge.link.transport import GrpcTransport, open_channel
 from sft_edge.runs.config import LinkOptions
 from sft_edge.sessions.two_part import EdgeSession
@@ -30,20 +31,38 @@ TWO_PART_TOLERANCE = {"random:tiny-llama": 3e-2, "random:tiny-gpt2": 4e-2}  # me
 
 
 @pytest.mark.parametrize("name", list(U_TOLERANCE))
-def test_causal_lm_u_over_the_codec_stays_close_to_one_process(live_server, name):
+@pytest.mark.parametrize("wire", ["int4-6-hadamard", "int4-6-hadamard-grad6"])
+def test_causal_lm_u_over_the_codec_stays_close_to_one_process(live_server, name, wire):
+    """The default wire, and the same with the gradients in 6-bit rotated groups (their rounding
+    shows in the later steps' losses, after the updates they carried)."""
     address, _ = live_server
     base = load_base_model(name)
     spec = UShapeSpec(split_layer=0, tail_layers=1, mode="sl")
+    transport = GrpcTransport(open_channel(address))
+    gradients = []  # the dtype of every gradient that crossed, either way
+    transport.listeners.append(lambda _, msg, __: gradients.extend(_gradient_dtypes(msg)))
     edge = UShapeSession(
-        base, spec, 0, GrpcTransport(open_channel(address)), OPTIM, batch_size=8, max_seq_len=32,
-        link=WIRE, lora=LORA, causal_lm=True,
+        base, spec, 0, transport, OPTIM, batch_size=8, max_seq_len=32,
+        link=LinkOptions(wire_dtype=wire, compression="zstd"), lora=LORA, causal_lm=True,
     )  # fmt: skip
     losses = [edge.train_step(k, b) for k, b in enumerate(lm_batches())]
+    assert gradients and set(gradients) == {Wire.named(wire).gradients}
     *_, ref_losses = train_lm_in_one_process(base, spec, OPTIM, lm_batches(), LORA)
     error = max(abs(a - b) for a, b in zip(losses, ref_losses))
-    print(f"U {name}: max |loss difference| {error:.2g} over {len(losses)} steps")
+    print(f"U {name} {wire}: max |loss difference| {error:.2g} over {len(losses)} steps")
     assert 0 < error <= U_TOLERANCE[name]
     assert edge.close() == len(losses)
+
+
+def _gradient_dtypes(msg):
+    kind = msg.WhichOneof("kind")
+    return (
+        [msg.gradient_up.grad.dtype]
+        if kind == "gradient_up"
+        else [msg.gradient_down.grad.dtype]
+        if kind == "gradient_down"
+        else []
+    )
 
 
 @pytest.mark.parametrize("name", list(TWO_PART_TOLERANCE))

