@@ -62,6 +62,8 @@ GRAD_CODECS = {
     "int8 stochastic": (codec.pb.INT8, True),
     "int4 stochastic (a scale a token)": (codec.pb.INT4, True),
     "int4-hadamard": (codec.pb.INT4_HADAMARD, False),
+    "int6-hadamard stochastic (-grad6)": (codec.pb.INT6_HADAMARD, True),
+    "int4-hadamard stochastic (-grad4)": (codec.pb.INT4_HADAMARD, True),
 }
 
 
@@ -140,15 +142,20 @@ def gradient_fidelity(parts, batches) -> List[Dict]:
         grads.append(second.grad[mask])
     rows = []
     for name, (dtype, stochastic) in GRAD_CODECS.items():
-        err, cos, mean_err, nbytes, tokens = [], [], [], 0, 0
+        err, cos, mean_err, nbytes, zbytes, tokens = [], [], [], 0, 0, 0
         for g in grads:
-            msg = codec.encode(g, dtype, stochastic=stochastic)
+            msg = codec.encode(g, dtype, stochastic=stochastic, whole_rows=not stochastic)
             y = codec.decode(msg, name="g")
             nbytes, tokens = nbytes + len(msg.SerializeToString()), tokens + g.shape[0]
+            zipped = codec.encode(g, dtype, codec.pb.ZSTD, stochastic=stochastic, whole_rows=not stochastic)
+            zbytes += len(zipped.SerializeToString())
             err.append(float((y - g).norm() / g.norm()))
             cos.append(float(torch.nn.functional.cosine_similarity(y.flatten(), g.flatten(), dim=0)))
             copies = [
-                codec.decode(codec.encode(g * (1 + k * 1e-6), dtype, stochastic=stochastic), name="g")
+                codec.decode(
+                    codec.encode(g * (1 + k * 1e-6), dtype, stochastic=stochastic, whole_rows=not stochastic),
+                    name="g",
+                )
                 for k in range(16)
             ]
             mean_err.append(float((torch.stack(copies).mean(0) - g).norm() / g.norm()))
@@ -159,6 +166,7 @@ def gradient_fidelity(parts, batches) -> List[Dict]:
                 "cosine": sum(cos) / len(cos),
                 "error of a 16-mean": sum(mean_err) / len(mean_err),
                 "bytes a token": nbytes / tokens,
+                "with zstd": zbytes / tokens,
             }
         )
     return rows
@@ -266,7 +274,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(table(rows, COLUMNS))
     print(
         table(
-            grad_rows, ["gradient codec", "relative error", "cosine", "error of a 16-mean", "bytes a token"]
+            grad_rows,
+            [
+                "gradient codec",
+                "relative error",
+                "cosine",
+                "error of a 16-mean",
+                "bytes a token",
+                "with zstd",
+            ],
         )
     )
     print(table(byte_rows, ["wire", "compression", "bytes a token", "encode+decode us a token"]))

@@ -25,14 +25,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from bench.common import add_output_args, answer_child, daemon, run_child, save, table
 from bench.decoder_codecs import paraphrases
 
-# (label, the flags beyond the common ones): the backprop U and forward-only at their defaults
-# (full width, int4-6-hadamard on a decoder), fp32 for the plain bytes, and the unsplit baseline.
+# (label, the flags beyond the common ones): the backprop U at its default (full width,
+# int4-6-hadamard on a decoder), forward-only at 6 and 4 bits down, fp32 for the plain bytes, and
+# the unsplit baseline.
 KINDS: List[Tuple[str, Dict[str, Any]]] = [
     ("--local", {"local": True}),
     ("U (backprop), fp32", {"label_private": True, "mode": "sl", "wire_dtype": "fp32"}),
     ("U (backprop), int4-6-hadamard", {"label_private": True}),
     ("forward-only, fp32", {"forward_only": True, "wire_dtype": "fp32"}),
-    ("forward-only, int4-6-hadamard", {"forward_only": True}),
+    ("forward-only, int4-6-hadamard", {"forward_only": True, "wire_dtype": "int4-6-hadamard"}),
+    ("forward-only, int4-hadamard", {"forward_only": True, "wire_dtype": "int4-hadamard"}),
     # the side network beside the frozen model: no LoRA (the backbone stays the base's)
     ("forward-only, parallel", {"forward_only": True, "adapters": "parallel", "peft": None}),
 ]

@@ -31,9 +31,9 @@ TWO_PART_TOLERANCE = {"random:tiny-llama": 3e-2, "random:tiny-gpt2": 4e-2}  # me
 
 
 @pytest.mark.parametrize("name", list(U_TOLERANCE))
-@pytest.mark.parametrize("wire", ["int4-6-hadamard", "int4-6-hadamard-grad6"])
+@pytest.mark.parametrize("wire", ["int4-6-hadamard", "int4-6-hadamard-grad4"])
 def test_causal_lm_u_over_the_codec_stays_close_to_one_process(live_server, name, wire):
-    """The default wire, and the same with the gradients in 6-bit rotated groups (their rounding
+    """The default wire, and the same with the gradients in 4-bit rotated groups (their rounding
     shows in the later steps' losses, after the updates they carried)."""
     address, _ = live_server
     base = load_base_model(name)

@@ -106,9 +106,11 @@ def encode(
     wire_dtype: Any = pb.FLOAT32,
     compression: Any = pb.COMPRESSION_NONE,
     stochastic: bool = False,
+    whole_rows: bool = True,
 ) -> pb.Tensor:
     """A float tensor -> ``pb.Tensor`` in ``wire_dtype``; fp16 is scaled per tensor, int8 and
-    int4 per row, INT4/6/8_HADAMARD per group of a row (``stochastic``: rounded stochastically).
+    int4 per row, INT4/6/8_HADAMARD per group of a row (``stochastic``: rounded stochastically;
+    ``whole_rows``: the HADAMARD dtypes' massive rows sent whole in bf16, ``hadamard.quantise``).
 
     With a compression the payload is compressed only where that makes it smaller; a tensor that
     does not shrink (dense fp16, say) travels raw and says COMPRESSION_NONE.
@@ -120,7 +122,7 @@ def encode(
     t = tensor.detach()
     msg = pb.Tensor(dtype=wire_dtype, shape=list(t.shape))
     if wire_dtype in HADAMARD_BITS:
-        data = _encode_hadamard(t, msg, stochastic)
+        data = _encode_hadamard(t, msg, stochastic, whole_rows)
     elif wire_dtype in ROW_SCALED:
         data = _encode_row_scaled(t, msg, stochastic)
     elif wire_dtype == pb.FLOAT16 and t.numel():
@@ -161,14 +163,14 @@ def _encode_fp16(t: torch.Tensor, msg: pb.Tensor) -> bytes:
     return _bytes(out.cpu())
 
 
-def _encode_hadamard(t: torch.Tensor, msg: pb.Tensor, stochastic: bool) -> bytes:
+def _encode_hadamard(t: torch.Tensor, msg: pb.Tensor, stochastic: bool, whole_rows: bool) -> bytes:
     """INT4/6/8_HADAMARD (``wire.hadamard``): the packed codes; group, scales and outliers on ``msg``."""
     rows, row_len, _ = _int4_layout(t.shape)
     if not t.numel():
         msg.group = hadamard.group_for(row_len)
         return b""
     group, scale, codes, scales, outliers, whole = hadamard.quantise(
-        t.reshape(rows, row_len), HADAMARD_BITS[msg.dtype], stochastic
+        t.reshape(rows, row_len), HADAMARD_BITS[msg.dtype], stochastic, whole_rows
     )
     msg.group, msg.scale, msg.group_scales, msg.outliers = group, scale, scales, whole
     msg.outlier_rows.extend(outliers)

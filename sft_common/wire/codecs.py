@@ -12,8 +12,10 @@ gradients'), the session config carries it (``wire_dtype``, ``grad_wire_dtype``,
   34), gradients as int8 with stochastic rounding (unbiased).
 - ``int4-6-hadamard`` (a decoder's U by default): 4 bits up the first cut, 6 down the second, in
   front of the last layers and the LM head, where 4 bits cost SmolLM2 2.3 % perplexity at step 0.
-- ``int4-6-hadamard-grad6`` / ``-grad4``: the same activations, the gradients as 6- or 4-bit codes
-  in rotated groups, rounded stochastically (450 / 306 B a token at width 576 against int8's 580).
+- ``int4-6-hadamard-grad4``: the same activations, the gradients as 4-bit codes in rotated groups,
+  rounded stochastically, no row sent whole: SmolLM2's second-cut gradient at 269 B a token with
+  zstd against int8's 481, at 15 % error a step (int8: 1.6 %; 6 bits: 447 B, so no such wire;
+  ``bench.decoder_codecs``, docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ WIRES: Dict[str, Tuple[Any, Any, Any, bool]] = {
     "int4-hadamard": (pb.INT4_HADAMARD, pb.INT4_HADAMARD, pb.INT8, True),
     "int6-hadamard": (pb.INT6_HADAMARD, pb.INT6_HADAMARD, pb.INT8, True),
     "int4-6-hadamard": (pb.INT4_HADAMARD, pb.INT6_HADAMARD, pb.INT8, True),
-    # the same activations, the gradients in rotated groups too (rounded stochastically)
-    "int4-6-hadamard-grad6": (pb.INT4_HADAMARD, pb.INT6_HADAMARD, pb.INT6_HADAMARD, True),
+    # the same activations, the gradients in 4-bit rotated groups too (rounded stochastically)
     "int4-6-hadamard-grad4": (pb.INT4_HADAMARD, pb.INT6_HADAMARD, pb.INT4_HADAMARD, True),
 }
 
@@ -78,7 +79,8 @@ class Wire:
         return codec.encode(t, self.down if down else self.activations, self.compression)
 
     def encode_gradient(self, t: torch.Tensor) -> pb.Tensor:
-        return codec.encode(t, self.gradients, self.compression, stochastic=self.stochastic)
+        """A gradient: no row sent whole in the group codes (``hadamard.quantise``)."""
+        return codec.encode(t, self.gradients, self.compression, stochastic=self.stochastic, whole_rows=False)
 
     def decode_activations(
         self, msg: pb.Tensor, name: str, shape: Sequence[Optional[int]], down: bool = False, **kw: Any

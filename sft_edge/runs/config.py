@@ -27,7 +27,6 @@ WIRE_DTYPES = (
     "int4-hadamard",
     "int6-hadamard",
     "int4-6-hadamard",
-    "int4-6-hadamard-grad6",
     "int4-6-hadamard-grad4",
 )
 COMPRESSIONS = ("none", "lz4", "zstd")

@@ -15,7 +15,7 @@
 - **Everything else** (encoders; the two-part split, where SmolLM2 at R=8 classified as
   ``--local`` did in docs/accuracy.md's tables): the paper's rank-R cut (``--mode sft``) in fp32.
 
-``--compression`` defaults to zstd with a rotated-group wire (``*-hadamard``: the decoder U's and
+``--compression`` defaults to zstd with a rotated-group wire (``*-hadamard*``: the decoder U's and
 a decoder's forward-only default): its codes are not uniform, and zstd takes a third off them
 (SmolLM2's first cut at 4 bits: 306 B a token raw, 269 with lz4, 206 with zstd; docs/accuracy.md,
 "A codec for decoders"; the runs of its frontier table used it). Elsewhere none.
@@ -54,6 +54,6 @@ def resolved(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
     wire = cfg.wire_dtype or (DECODER_U_WIRE if decoder_u and mode == DECODER_U_MODE else PLAIN_WIRE)
     if cfg.forward_only and cfg.wire_dtype is None and not decoder_u:
         wire = FORWARD_ENCODER_WIRE
-    grouped = wire.endswith("-hadamard")  # codes in rotated groups: zstd takes a third off
+    grouped = "-hadamard" in wire  # codes in rotated groups: zstd takes a third off
     compression = cfg.compression or (GROUP_CODES_COMPRESSION if grouped else PLAIN_COMPRESSION)
     return dataclasses.replace(cfg, mode=mode, wire_dtype=wire, compression=compression)
