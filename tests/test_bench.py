@@ -427,9 +427,23 @@ def test_decoder_codecs_and_codec_per_cut_run_on_a_tiny_decoder(tmp_path):
     unsplit, fp32, default = result["step0"]
     assert fp32["dev perplexity"] == pytest.approx(unsplit["dev perplexity"], rel=1e-5)
     assert fp32["bytes a token, activations"] > 2 * default["bytes a token, activations"]
-    assert {r["gradient codec"] for r in result["gradients"]} >= {"int8 stochastic", "int8 nearest"}
+    grads = {r["gradient codec"]: r for r in result["gradients"]}
+    assert {"int8 stochastic", "int8 nearest", "int4-hadamard stochastic (-grad4)"} <= set(grads)
+    assert (
+        grads["int4-hadamard stochastic (-grad4)"]["bytes a token"]
+        < grads["int8 stochastic"]["bytes a token"]
+    )
     zstd = {(r["wire"], r["compression"]): r["bytes a token"] for r in result["compression"]}
     assert zstd[("int4-hadamard", "zstd")] <= zstd[("int4-hadamard", "none")]
     rows = codec_per_cut.main(common)
     assert rows[0]["vs exact"] == "0.00%" and len(rows) == 1 + len(codec_per_cut.SETTINGS)
     assert all(r["dev perplexity"] > 1 for r in rows)
+
+
+def test_gemm_rows_measures_every_product_at_every_row_count(tmp_path):
+    from bench import gemm_rows
+
+    result = gemm_rows.main(["--repeats", "1", "--out-dir", str(tmp_path)])
+    assert [r["product"].split(" (")[0] for r in result["rows"]] == [name for name, _, _ in gemm_rows.SHAPES]
+    assert all(r["8192 / 256"] > 0 for r in result["rows"])
+    assert (tmp_path / "gemm_rows.json").exists()
