@@ -7,7 +7,9 @@ of the earlier ones kept where their layers run:
 
 - a ``--local`` run (``full``): Hugging Face's causal LM with its own cache (``DynamicCache``);
 - an export of a U (``ushape``): the head, the middle and the tail here, each with the
-  ``KVCache`` of its layers (``sft_common.topology.kv_cache``);
+  ``KVCache`` of its layers (``sft_common.topology.kv_cache``); with a forward-only run's side
+  network (``ushape-side``), the middle's step also taps its layers for the side network
+  (``side_parts.SideMiddle``);
 - a U run's ``--output-dir`` (``edge``): the head and the tail here with their caches, the middle
   on the daemon that trained it, whose cache the daemon keeps for this stream (``DecodeStep``):
   one row of the first cut up and one of the second down a token, instead of the whole sequence.
@@ -38,7 +40,7 @@ from sft_common.topology.kv_cache import (
 )
 from sft_edge.data.glue import DataError
 from sft_edge.finished.parts import load_ushape, open_finished, open_model
-from sft_edge.finished.record import EDGE, FULL, RUN_FILE, USHAPE, RunRecord
+from sft_edge.finished.record import EDGE, FULL, RUN_FILE, USHAPE, USHAPE_SIDE, RunRecord
 from sft_edge.link.transport import CloudError
 
 log = logging.getLogger("sft_edge")
@@ -200,7 +202,21 @@ def _exported(folder: str, record: RunRecord, device: str, connection) -> Cached
     return UShapeLM(head, LocalMiddle(middle, cap), tail, cap, device)
 
 
-OPENERS: Dict[str, Callable[..., CachedLM]] = {EDGE: _through_daemon, FULL: _whole, USHAPE: _exported}
+def _exported_side(folder: str, record: RunRecord, device: str, connection) -> CachedLM:
+    """An exported ``--adapters parallel`` run: its middle here with its taps and the side network."""
+    from sft_edge.finished.side_parts import SideMiddle, load_sided
+
+    sided, cap = load_sided(folder, record, device), record.max_seq_len
+    middle = SideMiddle(sided, cap)
+    return UShapeLM(sided.head, middle, sided.tail, cap, device, middle.clear)
+
+
+OPENERS: Dict[str, Callable[..., CachedLM]] = {
+    EDGE: _through_daemon,
+    FULL: _whole,
+    USHAPE: _exported,
+    USHAPE_SIDE: _exported_side,
+}
 
 
 def open_cached(folder: str, record: RunRecord, device: str = "cpu", connection=None) -> CachedLM:

@@ -3,7 +3,8 @@
 ``open_model(folder, record)`` picks the opener by what the folder holds (``record.part``), from one
 mapping: a split run's ``--output-dir`` (``edge``: net1, or the U's head and tail, here; the rest
 on the daemon that trained it, reopened for inference only), a ``--local`` run (``full``), or an
-export (``split``: both halves; ``ushape``: the U's three parts). Each gives an ``OpenedModel``:
+export (``split``: both halves; ``ushape``: the U's three parts; ``ushape-side``: those and a
+forward-only run's side network, ``side_parts``). Each gives an ``OpenedModel``:
 a function from a batch to logits ((batch, num_labels), or a causal LM's (batch, seq, vocab)),
 the module holding the weights, and how to close it. ``predict``, ``generate`` and
 ``load_trained`` use it and never ask which kind of run it was.
@@ -21,7 +22,7 @@ from torch import nn
 
 from sft_common.storage.checkpoint import load_owned
 from sft_edge.data.glue import Batch, DataError
-from sft_edge.finished.record import EDGE, FULL, RUN_FILE, SPLIT, USHAPE, RunRecord
+from sft_edge.finished.record import EDGE, FULL, RUN_FILE, SPLIT, USHAPE, USHAPE_SIDE, RunRecord
 
 
 @dataclass
@@ -148,21 +149,31 @@ def _ushape(folder: str, record: RunRecord, device: str, connection) -> OpenedMo
     return OpenedModel(logits, nn.ModuleDict({"head": head, "middle": middle, "tail": tail}))
 
 
+def _ushape_side(folder: str, record: RunRecord, device: str, connection) -> OpenedModel:
+    """An exported forward-only U with its side network (``--adapters parallel``), all here."""
+    from sft_edge.finished.side_parts import load_sided
+
+    sided = load_sided(folder, record, device)
+    return OpenedModel(sided, sided)
+
+
 OPENERS: Dict[str, Callable[..., OpenedModel]] = {
     EDGE: _through_daemon,
     FULL: _whole,
     SPLIT: _split,
     USHAPE: _ushape,
+    USHAPE_SIDE: _ushape_side,
 }
 
 
 def load_ushape(
-    folder: str, record: RunRecord, device: str = "cpu"
+    folder: str, record: RunRecord, device: str = "cpu", beside: Optional[Dict[str, nn.Module]] = None
 ) -> Tuple[nn.Module, nn.Module, nn.Module]:
     """The head, middle and tail of an exported U-shaped run, loaded and in eval mode: built from
     the config alone, or, under LoRA, from the base model by name with the run's adapters on each
     part the way training put them. A causal LM's tail ends in its LM head (``num_labels`` 0).
-    The SFT cuts stay factorised (see ``sft_edge.finished.predict.export``)."""
+    The SFT cuts stay factorised (see ``sft_edge.finished.predict.export``). ``beside``: modules
+    the edge's file also holds, by name (a side network: ``side_parts``), loaded with the parts."""
     from transformers import AutoConfig
 
     from sft_common.topology.ushape import lora_part
@@ -180,7 +191,7 @@ def load_ushape(
         parts = trained_ushape(AutoConfig.from_pretrained(folder), spec, record.num_labels, device)
     head, middle, tail = parts
     edge, cloud = (load_file(os.path.join(folder, name), device=device) for name in record.weight_files)
-    load_owned(nn.ModuleDict({"head": head, "tail": tail}), edge)  # as the edge saved them
+    load_owned(nn.ModuleDict({"head": head, "tail": tail, **(beside or {})}), edge)  # as the edge saved them
     load_owned(middle, cloud)  # as the daemon saved its middle
     for part in parts:
         part.eval()

@@ -23,8 +23,9 @@ RUN_FILE = "sft_edge.json"
 
 # What a run's folder holds (``part``): the edge's weights of a split run (net1; the U's head and
 # tail), whose cloud part stays with the daemon; the whole model (--local); or an export of a split
-# run: both halves ("split") or the U's three parts ("ushape").
-EDGE, FULL, SPLIT, USHAPE = "edge", "full", "split", "ushape"
+# run: both halves ("split"), the U's three parts ("ushape"), or those and the side network of a
+# forward-only --adapters parallel run ("ushape-side": sft_edge.finished.side_parts).
+EDGE, FULL, SPLIT, USHAPE, USHAPE_SIDE = "edge", "full", "split", "ushape", "ushape-side"
 CAUSAL_LM = "causal-lm"
 
 
@@ -32,7 +33,7 @@ CAUSAL_LM = "causal-lm"
 class RunRecord:
     """The fields of ``sft_edge.json``, one a line, in the order they are written."""
 
-    part: str  # edge | full | split | ushape (above)
+    part: str  # edge | full | split | ushape | ushape-side (above)
     model: str  # the base model's name, as --model gave it
     mode: str  # sft | sl | local
     problem: str  # classification | regression | causal-lm

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from sft_common.storage.checkpoint import CheckpointDir
-from sft_edge.data.glue import DataError
+from sft_edge.finished.record import USHAPE, USHAPE_SIDE
 from sft_edge.runs.config import OptimConfig, TrainConfig
 from sft_edge.runs.defaults import asks_for_factors
 from sft_edge.runs.kinds import UShape
@@ -68,13 +68,17 @@ class ForwardOnly(UShape):
         return forward_session(cfg, run, connect, cache, checkpoints, held[0] if held else 0)
 
     def exported_files(self, folder, record, connection):
-        """Built here from the base and the run's tail: no daemon holds anything of the run."""
+        """Built here from the base and what the run trained (its tail, or its side network and task
+        head): no daemon holds anything of the run."""
         from sft_edge.finished.frozen_parts import forward_only_files
+        from sft_edge.finished.side_parts import side_files
 
-        if record.adapters == "parallel":
-            raise DataError(NO_PARALLEL_EXPORT)
+        build = {"tail": forward_only_files, "parallel": side_files}[adapters_of(record)]
+        return build(folder, record)
 
-        return forward_only_files(folder, record)
+    def exported_part(self, record):
+        """The U's three parts; with a side network, those and the side network beside them."""
+        return EXPORTED_PARTS[adapters_of(record)]
 
     def reopen(self, record, base, connect, device):
         from sft_edge.runs.config import LinkOptions
@@ -82,7 +86,7 @@ class ForwardOnly(UShape):
 
         spec = record.ushape_spec()
         link = LinkOptions(wire_dtype=record.wire_dtype, compression=record.compression)
-        adapters = record.adapters or "tail"  # runs before --adapters parallel recorded none
+        adapters = adapters_of(record)
         cache = forward_cache(None, base, spec, spec.tail_layers, link, INFERENCE_CACHE_MB, adapters)
         optim = OptimConfig(seed=record.seed)
         return ForwardOnlySession(
@@ -116,11 +120,13 @@ PARALLEL_NO_LORA = (
     "--adapters parallel trains a side network beside the frozen backbone (and a task head): "
     "no --peft lora (that is --adapters tail's)"
 )
-NO_PARALLEL_EXPORT = (
-    "export of an --adapters parallel run is not built yet: its side network has no place in a U's "
-    "export; predict and generate it through a daemon serving the model"
-)
+EXPORTED_PARTS = {"tail": USHAPE, "parallel": USHAPE_SIDE}  # what an export of each --adapters holds
 INFERENCE_CACHE_MB = 256.0  # a finished forward-only run's answers, in memory, for repeated prompts
+
+
+def adapters_of(record) -> str:
+    """What trained on the device in a finished forward-only run (``ADAPTERS``)."""
+    return record.adapters or "tail"  # runs before --adapters parallel recorded none
 
 
 def forward_cache(

@@ -70,6 +70,11 @@ class RunKind:
         finally:
             session.close()
 
+    def exported_part(self, record: RunRecord) -> str:
+        """What ``sft-edge export`` makes of the run's folder (``RunRecord.part``): the U's three
+        parts where the labels stay here, else both halves."""
+        return USHAPE if self.keeps_labels else SPLIT
+
     def report(self, cfg: TrainConfig, run: Any) -> Dict[str, Any]:
         """The report's fields that say how the run was split."""
         sft = cfg.mode == "sft"
@@ -296,5 +301,5 @@ def kind_of_record(record: RunRecord) -> RunKind:
 
 
 def exported_part(record: RunRecord) -> str:
-    """What ``sft-edge export`` makes of a split run's folder: the U's three parts, or both halves."""
-    return USHAPE if kind_of_record(record).keeps_labels else SPLIT
+    """What ``sft-edge export`` makes of a split run's folder (``RunKind.exported_part``)."""
+    return kind_of_record(record).exported_part(record)

@@ -107,8 +107,9 @@ class ParallelPlacement(Placement):
 
 
 NO_KV_CACHE = (
-    "an --adapters parallel run generates with --no-kv-cache: the daemon's KV-cached decoding returns "
-    "the middle's output without the layers' taps its side network reads"
+    "an --adapters parallel run generates through a daemon with --no-kv-cache: the daemon's KV-cached "
+    "decoding returns the middle's output without the layers' taps its side network reads (its "
+    "`sft-edge export` generates here with a KV cache, no daemon)"
 )
 
 
