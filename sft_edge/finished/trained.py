@@ -1,10 +1,12 @@
 """A model to use once training ends: ``load_trained(DIR)`` and its ``predict(texts)``.
 
-``DIR`` is a folder ``sft-edge export`` wrote (both halves of a split run, or the three parts
-of a U-shaped one) or the ``--output-dir`` of a ``--local`` run (the whole model): each holds
-``sft_edge.json`` (what was trained, the label names), ``config.json``, the tokenizer and
-safetensors weights, and predicts with no daemon (a causal LM's generates: ``sft_edge.finished.generate``). A split run's own ``--output-dir`` holds only net1: it predicts through the
-daemon that keeps net2 (``sft_edge.finished.predict``).
+``DIR`` is a folder ``sft-edge export`` wrote (both halves of a split run; the three parts of a
+U-shaped one; those three and the side network of a ``--forward-only --adapters parallel`` run)
+or the ``--output-dir`` of a ``--local`` run (the whole model): each holds ``sft_edge.json``
+(what was trained, the label names), ``config.json``, the tokenizer and safetensors weights, and
+predicts with no daemon (a causal LM's generates: ``sft_edge.finished.generate``). A split run's
+own ``--output-dir`` holds only net1: it predicts through the daemon that keeps net2
+(``sft_edge.finished.predict``).
 """
 
 from __future__ import annotations
