@@ -8,6 +8,9 @@ sequence. ``CachedMiddle`` is made by the stream's protocol at its first ``Decod
 (``cached_middle``, which refuses every other kind of session) and lives with the stream: at most
 the session's ``max_seq_len`` tokens (the cap the session's training had), freed when the stream
 ends or closes, or when it idles past the daemon's idle timeout (the registry's sweep).
+A forward-only session with a side width (``--adapters parallel``) also answers each step with the
+new rows' taps, its middle's layers' outputs projected by the session's P
+(``sft_common.topology.side.tapped``), as its ``EvalReply.side``: the edge's side network reads them.
 Every field is checked before anything changes: a refused step leaves the cache as it was.
 """
 
@@ -17,7 +20,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from contextlib import nullcontext
+from typing import Any, ContextManager, List, Optional
 
 import grpc
 import torch
@@ -25,6 +29,7 @@ import torch
 from sft_cloud.sessions.validation import invalid
 from sft_common.proto import sft_pb2 as pb
 from sft_common.topology.kv_cache import KVCache, middle_step, placement_of
+from sft_common.topology.side import tapped
 from sft_common.wire.errors import ProtocolError
 
 log = logging.getLogger("sft_cloud")
@@ -58,6 +63,8 @@ class CachedMiddle:
     def __init__(self, session: Any):
         self.session = session  # a MiddleSession, inference only
         self.cache = KVCache(session.config.max_seq_len)
+        # a forward-only session's side projection P (side_width > 0), else None: no taps
+        self.projection: Optional[torch.Tensor] = getattr(session, "projection", None)
         self.last_active = time.monotonic()
         self.lock = threading.Lock()  # a step, or the sweep freeing the cache: one at a time
 
@@ -73,20 +80,31 @@ class CachedMiddle:
             session = self.session
             if msg.position == 0:
                 self.cache.clear()  # a new sequence
-            with session.core.lock, torch.no_grad(), session.core.compute_lock:
+            with session.core.lock, torch.no_grad(), session.core.compute_lock, self._tapped() as taps:
                 session.net2.eval()
                 rows = middle_step(session.net2, self.cache, x[None], msg.position)[0].float()
-            if not bool(torch.isfinite(rows).all()):
+            side = torch.cat(taps, dim=-1)[0].float() if self.projection is not None else None
+            if not all(bool(torch.isfinite(t).all()) for t in (rows, side) if t is not None):
                 self.cache.clear()
                 raise invalid(
                     f"decode at position {msg.position}: the middle's output is not finite (activations too "
                     "large?); the cache is dropped: start again at position 0"
                 )
-            return pb.DecodeReply(
+            reply = pb.DecodeReply(
                 position=msg.position,
                 activations=session.inputs.encode_activations(rows),
                 cached=self.cache.length,
             )
+            if side is not None:
+                reply.side.CopyFrom(session.inputs.encode_activations(side))
+            return reply
+
+    def _tapped(self) -> ContextManager[List[torch.Tensor]]:
+        """While open, the middle's layers' outputs times P, (1, n, d) each, in layer order; no
+        taps without a side width."""
+        if self.projection is None:
+            return nullcontext([])
+        return tapped(self.session.net2.layers, self.projection)
 
     def _checked(self, msg: pb.DecodeStep) -> Optional[torch.Tensor]:
         """The rows of ``msg`` (n, width), every field checked before anything is allocated:

@@ -362,14 +362,16 @@ class DecodeStep(_message.Message):
     def __init__(self, position: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeReply(_message.Message):
-    __slots__ = ("position", "activations", "cached")
+    __slots__ = ("position", "activations", "cached", "side")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    SIDE_FIELD_NUMBER: _ClassVar[int]
     position: int
     activations: Tensor
     cached: int
-    def __init__(self, position: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., cached: _Optional[int] = ...) -> None: ...
+    side: Tensor
+    def __init__(self, position: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., cached: _Optional[int] = ..., side: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget", "forward_up", "gradient_up", "decode")

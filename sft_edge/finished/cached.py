@@ -14,7 +14,9 @@ of the earlier ones kept where their layers run:
   on the daemon that trained it, whose cache the daemon keeps for this stream (``DecodeStep``):
   one row of the first cut up and one of the second down a token, instead of the whole sequence.
   If the daemon has dropped its cache (it idled, or the link broke and the session was reopened),
-  the rows sent so far are sent again from position 0 once, and decoding goes on.
+  the rows sent so far are sent again from position 0 once, and decoding goes on. The session
+  says what the tail reads of each answer (``decoded``): a forward-only ``--adapters parallel``
+  run's adds its side network's output on the answer's taps (``DecodeReply.side``).
 
 Greedy tokens are those of the recomputing path (``generate.recompute``): the same parts, the same
 function; the tests compare them.
@@ -136,7 +138,7 @@ class DaemonMiddle:
     cross as one ``DecodeStep``; the daemon keeps the middle's cache for this stream."""
 
     def __init__(self, session):
-        self.session = session  # a UShapeSession, inference only
+        self.session = session  # a UShapeSession or ForwardOnlySession, inference only
         self.sent: List[torch.Tensor] = []  # the first cut's rows so far, to rebuild a dropped cache
 
     def __call__(self, cut: torch.Tensor, start: int) -> torch.Tensor:
@@ -151,8 +153,8 @@ class DaemonMiddle:
         return out[None]
 
     def _decode(self, rows: torch.Tensor, position: int) -> Optional[torch.Tensor]:
-        """The middle's output (n, width) for ``rows`` (n, width) at ``position``; None when the
-        daemon holds no cache to continue from."""
+        """What the tail reads (the middle's output, (n, width)) for ``rows`` (n, width) at
+        ``position``; None when the daemon holds no cache to continue from."""
         wire = self.session.wire
         msg = pb.DecodeStep(position=position, activations=wire.encode_activations(rows))
         try:
@@ -173,10 +175,7 @@ class DaemonMiddle:
             raise CloudError(
                 grpc.StatusCode.INTERNAL, f"expected the decoded rows from {position}, got {reply}"
             )
-        shape = tuple(rows.shape)
-        return wire.decode_activations(
-            decoded.activations, "the middle's output", shape, down=True, device=self.session.device
-        )
+        return self.session.decoded(rows, decoded)
 
 
 def _through_daemon(folder: str, record: RunRecord, device: str, connection) -> CachedLM:

@@ -32,6 +32,7 @@ from sft_common.topology.spec import SplitSpec
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire.codecs import Wire
+from sft_common.wire.errors import ProtocolError
 from sft_edge.data.activation_cache import ActivationCache, Answer, example_key
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
@@ -203,10 +204,20 @@ class ForwardOnlySession(StateHere, SessionClient):
     def _decode(self, tensor: pb.Tensor, what: str, shape: Tuple[int, ...]) -> torch.Tensor:
         return self.wire.decode_activations(tensor, what, shape, down=True, device=self.device)
 
+    @torch.no_grad()
+    def decoded(self, first: torch.Tensor, reply: pb.DecodeReply) -> torch.Tensor:
+        """What the tail reads (n, hidden) at the rows of a ``DecodeStep`` (KV-cached generation):
+        ``first`` the first cut's rows sent (n, hidden), ``reply`` the daemon's answer for them, each
+        tensor's shape checked before anything is allocated."""
+        try:
+            answer = self.placement.answer(first, reply, self._decode)
+        except ProtocolError as exc:  # the daemon's answer is wrong: as any refused answer
+            raise CloudError(exc.code, f"refused the middle's output: {exc.message}", local=True) from None
+        return self.placement.tail_input(answer, first.new_ones(first.shape[0]))
+
     # -- the cloud session, opened when first needed ---------------------------------------
 
     def request(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
-        self.placement.check(msg)
         if not self.opened:
             start = self.start_step
             self._open_session(self._connect_to, self._open, self.reconnect_timeout, (0.25, 10.0))

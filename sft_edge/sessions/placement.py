@@ -3,7 +3,8 @@
 ``placement_of(adapters, base, spec)`` resolves the flag into a ``Placement``, which says what the
 cloud is asked for (``side_width``), what is cached for each example (``answer``), what trains
 (``attach``) and what the tail reads (``tail_input``); ``ForwardOnlySession`` asks it and never
-branches on the flag.
+branches on the flag. ``answer`` reads an ``EvalReply`` (training, predict) or a ``DecodeReply``
+(KV-cached generation through the daemon: the new rows' answer, which carries the same fields).
 
 - ``TailPlacement`` (``tail``): the last ``tail_layers`` layers and the head train, whole or with
   LoRA; the cloud returns the second cut alone, and the tail reads it.
@@ -15,7 +16,7 @@ branches on the flag.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import grpc
 import torch
@@ -32,6 +33,7 @@ from sft_edge.link.transport import CloudError
 
 # (tensor, what it is, shape) -> the decoded tensor: the session's wire, down
 Decode = Callable[[pb.Tensor, str, Tuple[int, ...]], torch.Tensor]
+Reply = Union[pb.EvalReply, pb.DecodeReply]  # the middle's answer: an evaluation's, or a decode step's
 
 
 class Placement:
@@ -46,16 +48,14 @@ class Placement:
         """Make what trains trainable (the head is frozen after); the modules this placement adds, by name."""
         raise NotImplementedError
 
-    def answer(self, first: torch.Tensor, reply: pb.EvalReply, decode: Decode) -> Answer:
+    def answer(self, first: torch.Tensor, reply: Reply, decode: Decode) -> Answer:
         """What is kept for the examples of ``reply``: ``first`` their first cut's rows (tokens, hidden)."""
         return {"rows": decode(reply.activations, "the middle's output", tuple(first.shape))}
 
     def tail_input(self, answer: Answer, mask: torch.Tensor) -> torch.Tensor:
-        """The tail's input (batch, seq, hidden) from the padded answers (zeros at padding)."""
+        """The tail's input (batch, seq, hidden) from the padded answers (zeros at padding); or
+        (tokens, hidden) from unpadded ones with ``mask`` (tokens,) of ones."""
         return answer["rows"]
-
-    def check(self, msg: pb.EdgeMessage) -> None:
-        """CloudError (local) for a message this placement cannot use the answer to."""
 
 
 class TailPlacement(Placement):
@@ -92,6 +92,8 @@ class ParallelPlacement(Placement):
 
     def answer(self, first, reply, decode):
         assert self.side is not None
+        if not reply.HasField("side"):  # checked before anything is decoded
+            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION, NO_TAPS, local=True)
         answer = super().answer(first, reply, decode)
         taps = decode(reply.side, "the middle's taps", (first.shape[0], self.layers * self.side_width))
         answer["side"] = torch.cat([self.side.start(first), taps], dim=-1)
@@ -101,15 +103,12 @@ class ParallelPlacement(Placement):
         assert self.side is not None
         return answer["rows"] + self.side(answer["side"]) * mask[..., None].to(answer["rows"].dtype)
 
-    def check(self, msg):
-        if msg.WhichOneof("kind") == "decode":  # a DecodeStep's answer holds no taps
-            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION, NO_KV_CACHE, local=True)
 
-
-NO_KV_CACHE = (
-    "an --adapters parallel run generates through a daemon with --no-kv-cache: the daemon's KV-cached "
-    "decoding returns the middle's output without the layers' taps its side network reads (its "
-    "`sft-edge export` generates here with a KV cache, no daemon)"
+NO_TAPS = (
+    "the daemon answered without the middle's layers' taps (its `side`), which this --adapters parallel "
+    "run's side network reads: the daemon predates KV-cached generation for such runs; update it, or "
+    "generate with --no-kv-cache (each token recomputes the whole sequence), or from the run's "
+    "`sft-edge export` (no daemon)"
 )
 
 

@@ -220,6 +220,11 @@ class UShapeSession(SessionClient):
             )
         return reply
 
+    def decoded(self, first: torch.Tensor, reply: pb.DecodeReply) -> torch.Tensor:
+        """What the tail reads at the rows of a ``DecodeStep`` (KV-cached generation): the middle's
+        output (n, width) for ``first`` (n, width), the first cut's rows sent."""
+        return self._decode_rows(reply.activations, first)
+
     def _decode_rows(self, tensor: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The middle's (tokens, width) output, for the rows of ``like``."""
         return self.wire.decode_activations(

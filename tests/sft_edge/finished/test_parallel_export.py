@@ -5,8 +5,9 @@ export is built here from the base and the run's files (``sft_edge.finished.side
 through a real daemon at ``--wire-dtype fp32`` (a rounding wire would put the daemon's answers off
 the export's by its rounding), the export predicts and generates with no daemon what the run does
 through the daemon: the same predictions and probabilities within 1e-5 (tiny BERT), the same greedy
-tokens, KV-cached or recomputed, and next-token probabilities within 1e-5 (tiny Llama). Through the
-daemon a parallel run generates by recomputing (``--no-kv-cache``): that is the reference.
+tokens, KV-cached or recomputed, and next-token probabilities within 1e-5 (tiny Llama). The
+reference is the daemon's recomputing path (``--no-kv-cache``); its KV-cached path, the daemon
+returning the middle's taps with each decoded row, is compared in tests/test_parallel_generate_grpc.py.
 """
 
 from __future__ import annotations

@@ -190,9 +190,8 @@ def test_forward_only_resume_ends_as_an_uninterrupted_run(tmp_path, recorded, mo
 def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_daemon(tmp_path, recorded):
     """--adapters parallel, tiny Llama: the run saves the side network alone (the backbone and the
     LM head stay the base's), each example crosses once with the middle's taps coming back, and
-    generation through the daemon is the frozen parts with the saved side network in one process.
-    KV-cached generation through the daemon is refused with what to do instead (its export
-    generates with a KV cache: tests/sft_edge/finished/test_parallel_export.py)."""
+    generation through the daemon is the frozen parts with the saved side network in one process,
+    recomputed or KV-cached (tests/test_parallel_generate_grpc.py compares the two further)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -202,7 +201,6 @@ def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_d
     from sft_common.topology.ushape_lm import build_ushape_lm_model
     from sft_common.training import step_seed
     from sft_edge.finished.generate import decode, generate, prompt_ids
-    from sft_edge.link.transport import CloudError
 
     address, registry, messages = recorded
     run = str(tmp_path / "run")
@@ -251,8 +249,8 @@ def test_forward_only_parallel_trains_a_side_network_and_generates_through_the_d
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(run), "red green blue", chat=False)
     assert out["tokens"] == decode(here, ids, 5, 128) and len(out["tokens"]) == 5
-    with pytest.raises(CloudError, match="--no-kv-cache"):
-        generate(GenerateConfig(run, "red green blue", max_new_tokens=5, connection=conn))
+    cached = generate(GenerateConfig(run, "red green blue", max_new_tokens=5, connection=conn))
+    assert cached["tokens"] == out["tokens"]
     assert len(registry) == 0  # every forward-only session closed
 
 
