@@ -53,6 +53,7 @@ def test_cached_generation_through_the_daemon_and_after_export_gives_todays_toke
     pieces: list = []
     cached = generate(GenerateConfig(run, PROMPT, NEW, connection=conn), on_text=pieces.append)
     decodes = [m.decode for m, _ in messages if m.WhichOneof("kind") == "decode"]
+    assert not any(r.decoded.HasField("side") for _, r in messages if r.WhichOneof("kind") == "decoded")
     recomputed = generate(GenerateConfig(run, PROMPT, NEW, connection=conn, kv_cache=False))
     assert cached["tokens"] == recomputed["tokens"] and len(cached["tokens"]) == NEW
     assert cached["completion"] == recomputed["completion"] == "".join(pieces)
