@@ -105,3 +105,15 @@ mkdir -p /tmp/fo3/lr2e-3 && cp -r /tmp/fo2/t8/activation_cache /tmp/fo3/lr2e-3/
 /usr/bin/time -v nice -n 5 python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 2e-3} --forward-only --tail-layers 8 \
   --lora-targets $ALL --compression zstd --cloud 127.0.0.1:51441 --insecure --output-dir /tmp/fo3/lr2e-3 \
   --report /tmp/fo3/lr2e-3-report.json
+
+# 10. --local at --lr 2e-3 (session 19, 2026-12-07; alone on one core beside run 11, load 2-3):
+#     paraphrase-local-lora-lr2e-3-m80-s42.json (27 min, peak RSS 2.79 GB)
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 2e-3} --local --output-dir /tmp/s19/local2e-3 \
+  --report /tmp/s19/local2e-3-report.json
+
+# 11. Forward-only, 8 LoRA tail layers (every linear), --lr 2e-3, 4 bits down as well as up (--wire-dtype
+#     int4-hadamard: the middle's answer at 306 B a token raw instead of int4-6-hadamard's 450), its own daemon,
+#     beside run 10: paraphrase-forward-only-tail8-lora-all-int4-hadamard-lr2e-3-m80-s42.json (23 min, 1.93 GB)
+python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51541 &
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 2e-3} --forward-only --tail-layers 8 --lora-targets $ALL \
+  --wire-dtype int4-hadamard --cloud 127.0.0.1:51541 --insecure --output-dir /tmp/s19/fo-h4 --report /tmp/s19/fo-h4-report.json
