@@ -6,11 +6,13 @@ side network reads them, so such a run generates through the daemon with the KV 
 the wire (each row crosses as it is) its greedy tokens are those of ``--no-kv-cache`` through the
 daemon and of the run's export (no daemon), its next-token logits within 1e-5 of recomputing's; and
 after the prompt each token costs one row up and one row (and its taps) down instead of the whole
-sequence. An answer without taps (an older daemon) or with taps of another shape is refused, the
+sequence; a cache the daemon dropped is rebuilt (the rows sent again from 0). An answer without taps (an older daemon) or with taps of another shape is refused, the
 shape checked before anything is allocated.
 """
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
@@ -65,7 +67,8 @@ def bytes_of(pairs):
 def test_parallel_run_generates_through_the_daemon_with_its_kv_cache(tmp_path, recorded, monkeypatch):
     """The KV-cached tokens = --no-kv-cache's through the daemon = the export's; each decode's
     answer carries its rows' taps; a new token costs far fewer bytes than recomputing; the logits
-    within 1e-5; an older daemon's answer (no taps) is refused with what to do."""
+    within 1e-5; a dropped cache rebuilt with the same tokens; an older daemon's answer (no taps)
+    is refused with what to do."""
     address, registry, messages = recorded
     run = train_parallel(tmp_path, address)
     conn = Connection(cloud=address, insecure=True)
@@ -102,6 +105,18 @@ def test_parallel_run_generates_through_the_daemon_with_its_kv_cache(tmp_path, r
         assert float((lm.next_logits(ids) - want).abs().max()) <= 1e-5
     finally:
         through.close(), lm.close()
+
+    pieces: list = []
+
+    def drop_once(text):  # the daemon frees the cache after the third token (as when it idles)
+        pieces.append(text)
+        if len(pieces) == 3:
+            assert registry.caches.free_idle(time.monotonic() + 1e6, 0.0) == 1
+
+    del messages[:]
+    again = generate(GenerateConfig(run, PROMPT, NEW, connection=conn), on_text=drop_once)
+    assert again["tokens"] == cached["tokens"]  # every row sent again from 0 once, taps and all
+    assert sum(r.decoded.cached == 0 for _, r in of_kind(messages, "decode")) == 1
 
     decode = CachedMiddle.decode
 
