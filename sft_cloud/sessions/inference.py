@@ -61,7 +61,7 @@ class CachedMiddle:
     """One sequence's key/value cache over an inference session's middle (batch 1)."""
 
     def __init__(self, session: Any):
-        self.session = session  # a MiddleSession, inference only
+        self.session = session  # a MiddleSession, inference only, or a FrozenMiddleSession
         self.cache = KVCache(session.config.max_seq_len)
         # a forward-only session's side projection P (side_width > 0), else None: no taps
         self.projection: Optional[torch.Tensor] = getattr(session, "projection", None)
