@@ -82,6 +82,23 @@ def _sessions(g: argparse._ArgumentGroup) -> None:
         default=D.batch_max_sequences,
         help=f"sequences one batched step holds at most (default {D.batch_max_sequences})",
     )
+    g.add_argument(
+        "--max-delta-cache-mb",
+        type=float,
+        default=D.max_delta_cache_mb,
+        metavar="MB",
+        help="delta mode (the edge's --delta-cache-mb): the largest cache a session may ask for, each "
+        f"cut, in MiB; more is refused at open (default {D.max_delta_cache_mb:g}, the protocol's "
+        "most; 0: delta mode refused)",
+    )
+    g.add_argument(
+        "--delta-cache-total-mb",
+        type=float,
+        default=D.delta_cache_total_mb,
+        metavar="MB",
+        help="delta mode: the caches' budgets of every session held together, every cut, in MiB; a "
+        "session that would pass it is refused at open until others leave (default: no bound)",
+    )
 
 
 def _replicas(g: argparse._ArgumentGroup) -> None:
@@ -121,6 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         lease_seconds=args.lease_seconds,
         batch_window_ms=args.batch_window_ms,
         batch_max_sequences=args.batch_max_sequences,
+        max_delta_cache_mb=args.max_delta_cache_mb,
+        delta_cache_total_mb=args.delta_cache_total_mb,
     )
     try:
         cfg.validate()  # before torch and grpc are imported: mistakes are reported at once

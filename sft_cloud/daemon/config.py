@@ -36,6 +36,11 @@ class ServeConfig:
     # by default: on this CPU a SmolLM2-sized part gained nothing at 8 sessions (docs/benchmarks.md §8)
     batch_window_ms: float = 0.0
     batch_max_sequences: int = 256  # sequences one batched step holds at most
+    # delta mode's caches: the largest budget a session may ask for, each cut, in MiB (the default:
+    # the protocol's 4 GiB; 0: delta mode refused), and the granted budgets of all sessions held
+    # together, every cut (None: no bound)
+    max_delta_cache_mb: float = 4096.0
+    delta_cache_total_mb: Optional[float] = None
 
     def listen_host(self) -> str:
         """The interface the daemon binds: ``host`` when given; else every interface with TLS, and
@@ -64,6 +69,11 @@ class ServeConfig:
             raise ValueError(
                 f"--batch-window-ms must be in 0..1000 and --batch-max-sequences >= 1, got "
                 f"{self.batch_window_ms:g} and {self.batch_max_sequences}"
+            )
+        if not 0 <= self.max_delta_cache_mb <= 4096 or (self.delta_cache_total_mb or 0) < 0:
+            raise ValueError(
+                f"--max-delta-cache-mb must be in 0..4096 (0: delta mode refused) and --delta-cache-total-mb "
+                f">= 0, got {self.max_delta_cache_mb:g} and {self.delta_cache_total_mb}"
             )
         if not 1 <= self.lease_seconds <= 3600:
             raise ValueError(f"--lease-seconds must be in 1..3600, got {self.lease_seconds:g}")

@@ -19,6 +19,7 @@ from sft_cloud.daemon.config import ServeConfig
 from sft_cloud.daemon.metrics import DaemonMetrics
 from sft_cloud.daemon.servicer import SplitTrainerServicer, StreamDecodingInterceptor
 from sft_cloud.sessions import finished
+from sft_cloud.sessions.admission import Admission
 from sft_cloud.sessions.batcher import StepBatcher
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2_grpc as pb_grpc
@@ -122,12 +123,12 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
     device = resolve_device(cfg.device)
     registry = SessionRegistry(
         device=device,
-        max_sessions=cfg.max_sessions,
         checkpoint_dir=cfg.checkpoint_dir,
         idle_timeout=cfg.idle_timeout,
         replica_id=cfg.replica_id,
         lease_seconds=cfg.lease_seconds,
         batcher=StepBatcher(cfg.batch_window_ms / 1000, cfg.batch_max_sequences),
+        admission=Admission.of(cfg.max_sessions, cfg.max_delta_cache_mb, cfg.delta_cache_total_mb),
     )
     metrics = DaemonMetrics(sessions=registry.__len__, session_list=registry.sessions)
     if cfg.metrics_port is not None:

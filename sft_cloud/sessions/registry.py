@@ -26,6 +26,7 @@ from sft_cloud.daemon.lease import (
     lease_folder,
 )
 from sft_cloud.sessions import finished
+from sft_cloud.sessions.admission import Admission
 from sft_cloud.sessions.batcher import StepBatcher
 from sft_cloud.sessions.core import Session
 from sft_cloud.sessions.frozen import FrozenMiddleSession
@@ -56,11 +57,12 @@ class SessionRegistry:
         replica_id: Optional[str] = None,
         lease_seconds: float = 30.0,
         batcher: Optional[StepBatcher] = None,
+        admission: Optional[Admission] = None,
     ):
         self.device = device
         self.checkpoint_dir = checkpoint_dir  # sessions are restored from here after a restart
         self.idle_timeout = idle_timeout
-        self.max_sessions = max_sessions
+        self.admission = admission or Admission(max_sessions)  # the limits; none given: max_sessions alone
         self.max_batch = max_batch
         self.max_seq = max_seq
         self.replica_id = replica_id or default_replica_id()  # names this replica in lease files
@@ -92,12 +94,7 @@ class SessionRegistry:
         if msg.session_id:
             return self.attach(msg, owner)
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise ProtocolError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the daemon already serves {len(self._sessions)} sessions (--max-sessions "
-                    f"{self.max_sessions}); try again later",
-                )
+            self._admit(msg.config)  # before anything is built: delta mode's caches included
         base = self._base(msg.config.model)
         session = session_class(msg.config)(
             secrets.token_urlsafe(24),
@@ -113,14 +110,14 @@ class SessionRegistry:
         )
         _check_fingerprint(msg, session)
         lease, _ = self._take(session)
-        with self._lock:
-            full = len(self._sessions) >= self.max_sessions  # lost a race with another open
-            if not full:
+        try:
+            with self._lock:
+                self._admit(msg.config)  # again: another open may have taken the room meanwhile
                 self._hold(session, lease)
-        if full:
+        except ProtocolError:
             if lease is not None:
                 lease.remove()
-            raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
+            raise
         return session
 
     def attach(self, msg: pb.OpenSession, owner: str) -> Session:
@@ -167,8 +164,7 @@ class SessionRegistry:
         with self._lock:
             if session_id in self._sessions:  # another stream restored it meanwhile
                 return self._sessions[session_id]
-            if len(self._sessions) >= self.max_sessions:
-                raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the daemon is full; try again later")
+            self._admit(config)  # a restored session is held to today's limits
         session = session_class(config)(
             session_id,
             str(meta["owner"]),
@@ -220,6 +216,10 @@ class SessionRegistry:
         core.ckpts = FencedCheckpointDir(core.dir, lease)
         core.fence = lease.check
         return lease, previous
+
+    def _admit(self, config: pb.SessionConfig) -> None:
+        """Refuse a session of ``config`` the daemon may not hold now (``Admission``); caller holds ``_lock``."""
+        self.admission.check(config, [s.core.config for s in self._sessions.values()])
 
     def _hold(self, session: Session, lease: Optional[Lease]) -> None:
         """Keep ``session`` (and its lease) in the registry; caller holds ``_lock``."""

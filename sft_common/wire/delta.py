@@ -48,7 +48,8 @@ VALUE_BYTES = 4  # the rows are kept in fp32: exactly what the receiver decoded
 # fewest bytes (epochs 2-3: 163 B a token of activations up, 184 down, against 306 and 465).
 BASE_DTYPE = pb.DTYPE_UNSPECIFIED
 DELTA_DTYPE = pb.INT2_HADAMARD
-MAX_CACHE_BYTES = 1 << 32  # the largest budget a session may ask for, each cut (4 GiB): the daemon's memory
+# the largest budget a session may ask for, each cut (4 GiB); a daemon may allow less (--max-delta-cache-mb)
+MAX_CACHE_BYTES = 1 << 32
 CUTS = ("up", "down")  # the first cut (the edge sends), the U's second (the middle sends)
 Codecs = Tuple[Any, Any]  # (base, delta): pb.DType values
 
@@ -113,6 +114,16 @@ def check_config(config: pb.SessionConfig) -> Optional[str]:
     return None
 
 
+def config_cuts(config: pb.SessionConfig) -> Tuple[str, ...]:
+    """The cuts a cloud session of ``config`` keeps a cache at: the first, and the U's second."""
+    return CUTS if config.tail_layers else CUTS[:1]  # tail layers: the U, whose middle sends too
+
+
+def granted_bytes(config: pb.SessionConfig) -> int:
+    """What a cloud session of ``config`` may hold in delta mode's caches, every cut (0: off)."""
+    return config.delta_cache_bytes * len(config_cuts(config))
+
+
 class DeltaCache:
     """Example key -> the (tokens, width) fp32 rows both sides hold for it, at most ``budget`` bytes."""
 
@@ -174,8 +185,7 @@ class DeltaCaches:
         chosen = DeltaMode.of(config)
         if chosen is None:
             return None
-        cuts = CUTS if config.tail_layers else CUTS[:1]  # tail layers: the U, whose middle sends too
-        return cls(chosen, width, cuts)
+        return cls(chosen, width, config_cuts(config))
 
     def __getitem__(self, cut: str) -> DeltaCache:
         return self.cuts[cut]
