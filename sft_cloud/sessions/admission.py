@@ -63,7 +63,7 @@ class Admission:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"delta mode: this session asks for {_mib(asked)} MiB a cut (--delta-cache-mb), more than "
                 f"this daemon allows (sft-cloud serve --max-delta-cache-mb {_mib(self.delta_per_cut)}); "
-                f"ask for at most {_mib(self.delta_per_cut)}",
+                f"train with --delta-cache-mb {_mib(self.delta_per_cut)} or less",
             )
         self._check_total(config, held)
 
