@@ -121,6 +121,7 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     device = resolve_device(cfg.device)
+    admission = Admission.of(cfg.max_sessions, cfg.max_delta_cache_mb, cfg.delta_cache_total_mb)
     registry = SessionRegistry(
         device=device,
         checkpoint_dir=cfg.checkpoint_dir,
@@ -128,7 +129,7 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         replica_id=cfg.replica_id,
         lease_seconds=cfg.lease_seconds,
         batcher=StepBatcher(cfg.batch_window_ms / 1000, cfg.batch_max_sequences),
-        admission=Admission.of(cfg.max_sessions, cfg.max_delta_cache_mb, cfg.delta_cache_total_mb),
+        admission=admission,
     )
     metrics = DaemonMetrics(sessions=registry.__len__, session_list=registry.sessions)
     if cfg.metrics_port is not None:
@@ -136,11 +137,11 @@ def serve(cfg: ServeConfig, ready: Optional[threading.Event] = None) -> None:
         print(f"sft-cloud: metrics on http://{cfg.listen_host()}:{metrics_port}/metrics", flush=True)
     server, port, health_servicer = create_server(cfg, registry, metrics)
     log.info(
-        "sft-cloud serving on %s:%d (device %s, max %d sessions, %s, %s)",
+        "sft-cloud serving on %s:%d (device %s, %s, %s, %s)",
         cfg.listen_host(),
         port,
         device,
-        cfg.max_sessions,
+        admission.describe(),
         _tls_mode(cfg),
         f"tokens from {cfg.auth_token_file}" if cfg.auth_token_file else "no tokens",
     )

@@ -39,6 +39,15 @@ class Admission:
         total = None if delta_cache_total_mb is None else int(delta_cache_total_mb * MIB)
         return cls(max_sessions, int(max_delta_cache_mb * MIB), total)
 
+    def describe(self) -> str:
+        """For the daemon's start line: "max 64 sessions, delta caches of 4096 MiB a cut"."""
+        if not self.delta_per_cut:
+            return f"max {self.max_sessions} sessions, delta mode off"
+        total = "" if self.delta_total is None else f", {_mib(self.delta_total)} MiB in all"
+        return (
+            f"max {self.max_sessions} sessions, delta caches of {_mib(self.delta_per_cut)} MiB a cut{total}"
+        )
+
     def check(self, config: pb.SessionConfig, held: Sequence[pb.SessionConfig]) -> None:
         """Raise a ProtocolError if a session of ``config`` may not join the sessions ``held`` (their
         configs): RESOURCE_EXHAUSTED when the daemon is full now (try again later), FAILED_PRECONDITION

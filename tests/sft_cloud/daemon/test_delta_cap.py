@@ -74,6 +74,8 @@ def test_the_flags_reach_the_admission_and_are_checked_first():
         with pytest.raises(ValueError, match="--max-delta-cache-mb must be in 0..4096"):
             ServeConfig(insecure=True, **bad).validate()  # type: ignore[arg-type]
     assert cloud_main(["serve", "--insecure", "--port", "0", "--max-delta-cache-mb", "5000"]) == 2
+    assert Admission.of(64, 1, 3).describe() == "max 64 sessions, delta caches of 1 MiB a cut, 3 MiB in all"
+    assert Admission.of(8, 0, None).describe() == "max 8 sessions, delta mode off"  # the start line
 
 
 def test_refused_before_the_model_is_loaded_and_a_restore_meets_todays_cap(tmp_path, tiny_base):
@@ -103,7 +105,9 @@ def capped_daemon():
         ["--insecure", "--device", "cpu", "--max-delta-cache-mb", "1", "--delta-cache-total-mb", "3"]
     )
     yield f"127.0.0.1:{port}"
-    stop_daemon(proc)
+    log = stop_daemon(proc)  # each refusal is logged with what the edge was told
+    assert "refused open: FAILED_PRECONDITION: delta mode: this session asks for 2 MiB a cut" in log, log
+    assert "refused open: RESOURCE_EXHAUSTED: delta mode: this session's caches may take 2 MiB" in log, log
 
 
 def test_the_edge_shows_the_refusal_and_trains_nothing(capped_daemon, glue_dir, tmp_path):
@@ -149,4 +153,4 @@ def test_cap_zero_refuses_delta_mode_only():
         assert caught.value.code == CODES.FAILED_PRECONDITION
         _u(f"127.0.0.1:{port}", PLAIN).close()
     finally:
-        stop_daemon(proc)
+        assert "refused open: FAILED_PRECONDITION: this daemon does not serve delta mode" in stop_daemon(proc)
