@@ -167,7 +167,7 @@ def _link_flags(g) -> None:
         default=D.delta_cache_mb,
         help="delta mode at full-width cuts (--mode sl; AQ-SGD): each side keeps up to this many MiB a cut "
         "of every example's last activations, so later epochs send 2-bit differences from them; "
-        "0 (the default): off",
+        "0 (the default): off; at most 4096, and what the daemon allows (sft-cloud serve --max-delta-cache-mb)",
     )
     g.add_argument(
         "--micro-batches",
