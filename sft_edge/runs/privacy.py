@@ -14,6 +14,7 @@ one's result.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -124,6 +125,13 @@ def _said_defence(defence: Optional[Tuple[float, float]]) -> str:
     return "none" if defence is None else f"noise {defence[0]:g} clip {defence[1]:g}"
 
 
+def _sent_as(message: str, wire: Optional[str]) -> Optional[str]:
+    """The codec ``message`` crosses in under ``--wire-dtype wire``: the first cut's activations go
+    in a two-width name's first (int4-6-hadamard and int4-hadamard send the same 4-bit codes up)."""
+    found = re.fullmatch(r"int(\d)-\d-hadamard(-grad\d)?", wire or "")
+    return f"int{found.group(1)}-hadamard" if found and message == ACTIVATIONS_UP else wire
+
+
 def _place(layer: Optional[int], layers: int) -> float:
     """Where a split layer sits in its model, 0 (the first) to 1 (the last); unknown: 0."""
     return 0.0 if layer is None else layer / max(layers - 1, 1)
@@ -137,7 +145,7 @@ def _differences(row: Measured, s: Setting) -> List[str]:
         ("width", row.width, s.width),
         ("split_layer", row.split_layer, s.split_layer),
         ("tail_layers", row.tail_layers, s.tail_layers),
-        ("wire_dtype", row.wire_dtype, s.wire_dtype),
+        ("wire_dtype", _sent_as(row.message, row.wire_dtype), _sent_as(row.message, s.wire_dtype)),
     ]
     said = [f"{name}: measured {had}, this run {got}" for name, had, got in pairs if had not in (None, got)]
     if row.classes not in (None, s.classes):
@@ -155,7 +163,7 @@ def _distance(row: Measured, s: Setting) -> Tuple[Any, ...]:
     width = abs(math.log2((row.width or s.width) / s.width))
     place = abs(_place(row.split_layer, row.layers) - _place(s.split_layer, s.layers))
     tail = abs((row.tail_layers or 0) - (s.tail_layers or 0))
-    wire = row.wire_dtype not in (None, s.wire_dtype)
+    wire = _sent_as(row.message, row.wire_dtype) not in (None, _sent_as(row.message, s.wire_dtype))
     classes = abs((row.classes or 0) - (s.classes or 0)) if row.classes and s.classes else 0
     return (
         row.cut not in (None, s.cut),
@@ -192,7 +200,8 @@ def _finding(message: str, s: Setting) -> Dict[str, Any]:
     differs = _differences(row, s)
     unrecorded = [f"{name}: not recorded by the source" for name in row.unrecorded]
     unrecorded += [] if row.source.command else [NO_SCRIPT]
-    wire = [WIRE_NOTES[s.cut]] if s.cut in WIRE_NOTES and row.wire_dtype not in (None, s.wire_dtype) else []
+    other_wire = _sent_as(message, row.wire_dtype) not in (None, _sent_as(message, s.wire_dtype))
+    wire = [WIRE_NOTES[s.cut]] if s.cut in WIRE_NOTES and other_wire else []
     return {
         "message": message,
         "match": "not measured; the nearest measured row" if differs else "this setting was measured",

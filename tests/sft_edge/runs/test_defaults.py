@@ -1,4 +1,5 @@
-"""The cut and wire a run gets when it names none: full width through int4-6-hadamard for a decoder's U."""
+"""The cut and wire a run gets when it names none: full width through int4-6-hadamard for a decoder's U,
+int4-hadamard for a decoder's forward-only run."""
 
 from __future__ import annotations
 
@@ -25,7 +26,17 @@ def _cfg(**kw) -> TrainConfig:
         ("random:tiny-llama", {"label_private": True, "factorise": "ffn-input"}, ("sft", "fp32")),
         ("random:tiny-llama", {"label_private": True, "factor_lr": 1e-3}, ("sft", "fp32")),
         ("random:tiny", {"mode": "sl"}, ("sl", "fp32")),
-        ("random:tiny-llama", {"forward_only": True}, ("sl", "int4-6-hadamard")),  # as the U's
+        (
+            "random:tiny-llama",
+            {"forward_only": True},
+            ("sl", "int4-hadamard"),
+        ),  # 4 bits down: cached, trained on
+        ("random:tiny-gpt2", {"forward_only": True}, ("sl", "int4-hadamard")),
+        (
+            "random:tiny-llama",
+            {"forward_only": True, "wire_dtype": "int4-6-hadamard"},
+            ("sl", "int4-6-hadamard"),
+        ),
         ("random:tiny", {"forward_only": True}, ("sl", "int8")),  # full width, a quarter of fp32
         ("random:tiny", {"forward_only": True, "wire_dtype": "fp32"}, ("sl", "fp32")),
     ],

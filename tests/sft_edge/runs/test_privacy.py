@@ -169,6 +169,10 @@ def test_the_u_causal_lm_default_full_width_leaks_like_sl_both_ways():
     assert up["measured"]["wire_dtype"] == "int4-6-hadamard" and not up["differs"] and not up["notes"]
     fp32 = _by_message(privacy_of(_smollm2_u(wire="fp32")))["activations up"]
     assert fp32["measured"]["recovered"] == 0.9729 and not fp32["differs"]
+    for same_up in ("int4-hadamard", "int4-6-hadamard-grad4"):  # the same 4-bit codes up the first cut
+        assert not _by_message(privacy_of(_smollm2_u(wire=same_up)))["activations up"]["differs"]
+    six = _by_message(privacy_of(_smollm2_u(wire="int6-hadamard")))["activations up"]
+    assert len(six["differs"]) == 1 and six["differs"][0].endswith("this run int6-hadamard")
     int8 = _by_message(privacy_of(_smollm2_u(wire="int8")))["activations up"]
     assert int8["differs"] and int8["notes"] == [WIRE_NOTES["sl"]]
     deeper = _by_message(privacy_of(_smollm2_u(layer=4)))["activations up"]  # a deeper first cut, measured
