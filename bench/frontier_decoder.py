@@ -42,9 +42,14 @@ POINTS = [
         "paraphrase-u-sl-int4-hadamard-zstd-lora-m80-s42.json",
     ),
     (
-        "U, full width, int4-6-hadamard (the default)",
-        "--label-private --compression zstd",
+        "U, full width, int4-6-hadamard",
+        "--label-private --mode sl --wire-dtype int4-6-hadamard --compression zstd",
         "paraphrase-u-default-zstd-lora-m80-s42.json",
+    ),
+    (
+        "U, full width, int4-6-hadamard-grad4 (the default)",
+        "--label-private",
+        "paraphrase-u-grad4-zstd-lora-m80-s42.json",
     ),
 ]
 

@@ -39,7 +39,7 @@ class UnsplitLM:
 # The setting to change, by the run's --mode (sft: a rank-R cut; sl: the full width, so the wire).
 ADVICE = {
     "sft": "its rank-{rank} cut drops the decoder's residual stream: train with --mode sl --wire-dtype "
-    "int4-6-hadamard (the full width at 4.3 and 6.3 bits a value; docs/accuracy.md)",
+    "int4-6-hadamard-grad4 (the full width at 4.3 and 6.3 bits a value; docs/accuracy.md)",
     "sl": "--wire-dtype {wire} rounds the hidden states too coarsely for this model: try --wire-dtype int8 "
     "(or fp16)",
 }

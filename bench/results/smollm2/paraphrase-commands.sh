@@ -117,3 +117,11 @@ mkdir -p /tmp/fo3/lr2e-3 && cp -r /tmp/fo2/t8/activation_cache /tmp/fo3/lr2e-3/
 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51541 &
 /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 2e-3} --forward-only --tail-layers 8 --lora-targets $ALL \
   --wire-dtype int4-hadamard --cloud 127.0.0.1:51541 --insecure --output-dir /tmp/s19/fo-h4 --report /tmp/s19/fo-h4-report.json
+
+# 12. The U with its gradients in 4-bit rotated groups too (--wire-dtype int4-6-hadamard-grad4, session 19;
+#     its own daemon, beside runs 10-11, load 2-3): paraphrase-u-grad4-zstd-lora-m80-s42.json (31 min, 1.82 GB),
+#     then its greedy completion of the first dev prompt through the daemon (paraphrase-generate.json)
+python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51641 --checkpoint-dir /tmp/s19/g4cloud &
+/usr/bin/time -v python -m sft_edge.cli train $COMMON --label-private --wire-dtype int4-6-hadamard-grad4 \
+  --cloud 127.0.0.1:51641 --insecure --output-dir /tmp/s19/u-g4 --report /tmp/s19/u-g4-report.json
+python -m sft_edge.cli generate --run /tmp/s19/u-g4 --prompt "$PROMPT" --max-new-tokens 32 --json --cloud 127.0.0.1:51641 --insecure

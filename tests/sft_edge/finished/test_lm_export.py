@@ -130,7 +130,7 @@ def test_the_ffn_input_u_at_full_rank_starts_at_the_local_perplexity(tmp_path, r
         ("random:tiny-llama", True, "ffn-output"),
         ("random:tiny-gpt2", False, "ffn-output"),
         ("random:tiny-llama", True, "ffn-input"),
-        ("random:tiny-llama", True, None),  # the default: full width through int4-6-hadamard
+        ("random:tiny-llama", True, None),  # the default: full width through int4-6-hadamard-grad4
     ],
     ids=["llama-untied", "llama-untied-lora", "gpt2-tied", "llama-ffn-input-lora", "llama-default-lora"],
 )
@@ -146,7 +146,7 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
     extra += ["--mode", "sft", "--factorise", factorise] if factorise else []
     run, report = _train(tmp_path, *extra, model=model)
     assert (report["mode"], report["wire_dtype"]) == (
-        ("sft", "fp32") if factorise else ("sl", "int4-6-hadamard")
+        ("sft", "fp32") if factorise else ("sl", "int4-6-hadamard-grad4")
     )
     start = report["start_check"]  # step 0 against the unsplit model, on the same dev rows
     assert start["split_loss"] == report["eval_history"][0]["loss"]
@@ -166,7 +166,7 @@ def test_export_of_a_u_causal_lm_generates_here_as_through_the_daemon(
     assert len(here["tokens"]) == len(remote["tokens"]) == 6
     if factorise:  # an fp32 wire: the same function here as through the daemon, so the same tokens
         assert here["tokens"] == remote["tokens"]
-    # (int4-6-hadamard: the daemon's path rounds at both cuts, the export's runs exact; on this random
+    # (int4-6-hadamard-grad4: the daemon's path rounds at both cuts, the export's runs exact; on this random
     # model's flat logits that changes the greedy tokens, on SmolLM2 the perplexity by under 1 %.)
     with pytest.raises(DataError, match="holds a causal LM: it generates text"):
         from sft_edge.finished.trained import load_trained

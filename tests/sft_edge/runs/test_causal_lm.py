@@ -53,7 +53,7 @@ def test_causal_lm_trains_through_the_daemon_sends_no_token_and_generates(tmp_pa
 
     address, registry, messages = recorded
     run, dev = str(tmp_path / "run"), write_completion_rows(tmp_path / "dev.jsonl", 6, 100)
-    # The rank-8 cut in fp32 (not a decoder's default: full width through int4-6-hadamard) so that
+    # The rank-8 cut in fp32 (not a decoder's default: full width through int4-6-hadamard-grad4) so that
     # generation here is the daemon's function exactly (test_lm_export covers the default).
     argv = _argv(tmp_path, address, "--dev-file", dev, "--label-private", "--mode", "sft", "--output-dir", run,
                  "--report", str(tmp_path / "r.json"), "--checkpoint-every", "3")  # fmt: skip

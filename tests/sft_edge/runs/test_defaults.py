@@ -1,4 +1,4 @@
-"""The cut and wire a run gets when it names none: full width through int4-6-hadamard for a decoder's U,
+"""The cut and wire a run gets when it names none: full width through int4-6-hadamard-grad4 for a decoder's U,
 int4-hadamard for a decoder's forward-only run."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ def _cfg(**kw) -> TrainConfig:
 @pytest.mark.parametrize(
     "model, flags, want",
     [
-        ("random:tiny-llama", {"label_private": True}, ("sl", "int4-6-hadamard")),
-        ("random:tiny-gpt2", {"label_private": True}, ("sl", "int4-6-hadamard")),
+        ("random:tiny-llama", {"label_private": True}, ("sl", "int4-6-hadamard-grad4")),
+        ("random:tiny-gpt2", {"label_private": True}, ("sl", "int4-6-hadamard-grad4")),
         ("random:tiny", {"label_private": True}, ("sft", "fp32")),  # an encoder: the paper's cut
         ("random:tiny-llama", {}, ("sft", "fp32")),  # the two-part split of a decoder
         ("random:tiny-llama", {"label_private": True, "mode": "sft"}, ("sft", "fp32")),
@@ -51,7 +51,11 @@ def test_defaults_per_kind_and_model(model, flags, want):
 @pytest.mark.parametrize(
     "model, flags, want",
     [
-        ("random:tiny-llama", {"label_private": True}, "zstd"),  # int4-6-hadamard: zstd takes a third off
+        (
+            "random:tiny-llama",
+            {"label_private": True},
+            "zstd",
+        ),  # a rotated-group wire: zstd takes a third off
         ("random:tiny-llama", {"forward_only": True}, "zstd"),
         ("random:tiny-llama", {"label_private": True, "wire_dtype": "int4-hadamard"}, "zstd"),
         ("random:tiny-llama", {"label_private": True, "wire_dtype": "int4-6-hadamard-grad4"}, "zstd"),

@@ -254,7 +254,10 @@ def test_a_real_u_causal_lm_run_reports_and_logs_its_privacy(live_server, tmp_pa
     assert cli.main(argv) == 0
     report = json.loads(report_path.read_text())
     privacy = report["privacy"]
-    assert (report["mode"], report["wire_dtype"]) == ("sl", "int4-6-hadamard")  # the decoder U's default
+    assert (report["mode"], report["wire_dtype"]) == (
+        "sl",
+        "int4-6-hadamard-grad4",
+    )  # the decoder U's default
     assert privacy["kind"] == "label-private" and privacy["epsilon"] is None
     found = _by_message(privacy)
     assert set(found) == {"activations up", "gradient up (next tokens)", "lengths"}

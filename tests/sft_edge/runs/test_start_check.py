@@ -40,7 +40,7 @@ def test_the_unsplit_loss_is_the_whole_models_and_a_broken_start_warns(u_run, ca
     (record,) = caplog.records
     # the default U of a decoder is the full width: the advice names the wire
     assert "50% above the unsplit model's" in record.getMessage()
-    assert "--wire-dtype int4-6-hadamard rounds the hidden states too coarsely" in record.getMessage()
+    assert "--wire-dtype int4-6-hadamard-grad4 rounds the hidden states too coarsely" in record.getMessage()
 
 
 def test_the_advice_for_a_rank_r_cut_is_the_full_width(u_run, caplog):
