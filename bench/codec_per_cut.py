@@ -85,6 +85,15 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--data", default="/tmp/smolmrpc", help="the paraphrase set (made here if missing)")
     p.add_argument("--dev-rows", type=int, default=32)
     p.add_argument("--split-layer", type=int, default=0)
+    p.add_argument(
+        "--tail-layers", type=int, default=1, help="the second cut's place: this many layers before the end"
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        metavar="FIRST:SECOND",
+        help="these (first cut, second cut) wires instead of SETTINGS ('exact' for none), e.g. int3-hadamard:exact",
+    )
     add_output_args(p, "codec_per_cut")
     args = p.parse_args(argv)
     paraphrases(args.data)
@@ -96,11 +105,12 @@ def main(argv=None) -> List[Dict]:
         read_lm_rows(path)[: args.dev_rows], AutoTokenizer.from_pretrained(base.tokenizer_dir), 96, path
     )
     batches = [collate_lm(dev, range(k, min(k + 8, len(dev)))) for k in range(0, len(dev), 8)]
-    spec = UShapeSpec(split_layer=args.split_layer, tail_layers=1, mode="sl")
+    spec = UShapeSpec(split_layer=args.split_layer, tail_layers=args.tail_layers, mode="sl")
     parts = tuple(part.eval() for part in build_ushape_lm_model(base, spec, 42))
     exact = perplexity(parts, batches, None, None)
     rows = [{"first cut": "exact", "second cut": "exact", "dev perplexity": exact, "vs exact": "0.00%"}]
-    for first, second in SETTINGS:
+    pairs = [tuple(None if w == "exact" else w for w in pair.split(":")) for pair in args.pairs or []]
+    for first, second in pairs or SETTINGS:
         ppl = perplexity(parts, batches, first, second)
         change = f"{100 * (ppl / exact - 1):+.2f}%"
         rows.append(
@@ -113,7 +123,8 @@ def main(argv=None) -> List[Dict]:
         )
         print(table(rows[-1:], list(rows[0])), flush=True)
     print(table(rows, list(rows[0])))
-    print("wrote", save(args.name, {"model": args.model, "dev_rows": len(dev), "rows": rows}, args.out_dir))
+    result = {"model": args.model, "dev_rows": len(dev), "tail_layers": args.tail_layers, "rows": rows}
+    print("wrote", save(args.name, result, args.out_dir))
     return rows
 
 

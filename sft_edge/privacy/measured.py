@@ -92,6 +92,12 @@ _TEXT = Source(
     "bench/results/gradient_text_smollm2-135m-instruct.json",
     "OMP_NUM_THREADS=1 python -m bench.gradient_attacks text --steps 16 --window 8 --tail-layers 1 4 --init-steps 2",
 )
+_TEXT_GRAD4 = Source(
+    "Text from the gradient, measured (`bench/gradient_attacks.py`)",
+    "bench/results/gradient_text_int4-6-hadamard-grad4_smollm2-135m-instruct.json",
+    "OMP_NUM_THREADS=1 python -m bench.gradient_attacks text --steps 2 --window 2 --tail-layers 1 --init-steps 2 "
+    "--wire int4-6-hadamard-grad4",
+)
 _NOT_IN_ISSUE = ("split_layer", "wire_dtype")  # issue 30 gives neither the first cut nor the dtype
 _ISSUE_30 = Source("Text from the gradient: issue 30's measurement", DOC, None)
 _PRICE = "The price, MiniLM + SST-2 through the U"
@@ -169,11 +175,13 @@ def _minilm_u_labels(recovered, of, chance, source, classes, defence=None) -> Me
     )
 
 
-def _smollm2_text(tail: int, recovered: float, plain: str) -> Measured:
-    """The text attack on SmolLM2's U at a decoder's default (full width, first cut 0, int8 gradient)."""
+def _smollm2_text(
+    tail: int, recovered: float, plain: str, wire: str = "int4-6-hadamard", source: Source = _TEXT
+) -> Measured:
+    """The text attack on SmolLM2's U (full width, first cut 0) through ``wire``'s gradient codec."""
     of = _COMPLETION_MEASURED.format(plain=plain)
     return Measured(
-        SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, 0, tail, "int4-6-hadamard", recovered, of, 0.0387, _TEXT
+        SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, 0, tail, wire, recovered, of, 0.0387, source
     )
 
 
@@ -226,6 +234,7 @@ MEASURED: Tuple[Measured, ...] = (
     _minilm_u_labels(0.8711, _LABELS_SST2, 0.5219, _GRAD01, 2, (0.1, 0.003)),
     # a causal LM's U: the LM head's rows scored against the gradient, full-width second cut
     _smollm2_text(1, 0.7292, "67.4 %"),
+    _smollm2_text(1, 0.7292, "68.8 %", "int4-6-hadamard-grad4", _TEXT_GRAD4),  # the default: 4-bit gradients
     Measured(SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, None, 2, None, 0.894, _COMPLETION, 0.17, _ISSUE_30, _NOT_IN_ISSUE),
     _smollm2_text(4, 0.6389, "54.6 %"),
     Measured(SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, None, 8, None, 0.657, _COMPLETION, 0.17, _ISSUE_30, _NOT_IN_ISSUE),
