@@ -125,3 +125,10 @@ python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51641 --checkpo
 /usr/bin/time -v python -m sft_edge.cli train $COMMON --label-private --wire-dtype int4-6-hadamard-grad4 \
   --cloud 127.0.0.1:51641 --insecure --output-dir /tmp/s19/u-g4 --report /tmp/s19/u-g4-report.json
 python -m sft_edge.cli generate --run /tmp/s19/u-g4 --prompt "$PROMPT" --max-new-tokens 32 --json --cloud 127.0.0.1:51641 --insecure
+
+# 13. Forward-only with 16 LoRA tail layers (every linear), --lr 2e-3, at forward-only's default wire (int4-hadamard)
+#     (session 19, its own daemon, beside runs 12 and 14 and a test suite, load 3-4):
+#     paraphrase-forward-only-tail16-lora-all-int4-hadamard-lr2e-3-m80-s42.json (33 min, peak RSS 2.55 GB)
+python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51741 &
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 2e-3} --forward-only --tail-layers 16 --lora-targets $ALL \
+  --cloud 127.0.0.1:51741 --insecure --output-dir /tmp/s19/fo-t16 --report /tmp/s19/fo-t16-report.json
