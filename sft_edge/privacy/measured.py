@@ -80,6 +80,20 @@ _SMOL_DEEPER = Source(
     "OMP_NUM_THREADS=1 python -m bench.inversion --model smollm2-135m-instruct --layers 2 4 --ranks "
     "--wire int4-6-hadamard --out-dir bench/results/privacy_price --name tokens-smollm2-deeper",
 )
+_PRICE_DIR = "bench/results/privacy_price"
+_SMOL_NOISED = "The price on SmolLM2: noise at the first cut"
+
+
+def _smol_noised(noise: float) -> Source:
+    """An inversion of SmolLM2's first cut through forward-only's wire under ``--dp-noise noise``."""
+    name = f"tokens-smollm2-dp{noise:g}"
+    command = (
+        "OMP_NUM_THREADS=1 python -m bench.inversion --model smollm2-135m-instruct --layers 0 --ranks "
+        f"--wire int4-hadamard --dp-noise {noise:g} --dp-clip 403.4 --out-dir {_PRICE_DIR} --name {name}"
+    )
+    return Source(_SMOL_NOISED, f"{_PRICE_DIR}/{name}.json", command)
+
+
 _MINI_LABELS = Source("The labels", _MINI.file, _MINI.command)
 _SMOL_LABELS = Source("The labels", _SMOL.file, _SMOL.command)
 _LABELS_4 = Source(
@@ -101,7 +115,6 @@ _TEXT_GRAD4 = Source(
 _NOT_IN_ISSUE = ("split_layer", "wire_dtype")  # issue 30 gives neither the first cut nor the dtype
 _ISSUE_30 = Source("Text from the gradient: issue 30's measurement", DOC, None)
 _PRICE = "The price, MiniLM + SST-2 through the U"
-_PRICE_DIR = "bench/results/privacy_price"
 
 
 def _price(name: str, command: str) -> Source:
@@ -221,6 +234,15 @@ MEASURED: Tuple[Measured, ...] = (
     replace(_tokens(MINILM, False, 6, "sl", 384, 0, 0.0484, _MINI_BASE, _ACT05), defence=(0.5, 20.0)),
     replace(_tokens(MINILM, False, 6, "sft", 8, 0, 0.05, _MINI_BASE, _ACT02), defence=(0.2, 20.0)),
     replace(_tokens(MINILM, False, 6, "sl", 384, 0, 0.0587, _MINI_BASE, _ACT02), defence=(0.2, 20.0)),
+    # SmolLM2's first cut through forward-only's wire, noised at the dev examples' median norm
+    *(
+        replace(
+            _tokens(SMOLLM2, True, 30, "sl", 576, 0, recovered, _SMOL_BASE, _smol_noised(noise)),
+            wire_dtype="int4-hadamard",
+            defence=(noise, 403.4),
+        )
+        for noise, recovered in ((0.001, 0.9537), (0.003, 0.8761), (0.01, 0.5119))
+    ),
     # the two-part split sends the label ids themselves: the cloud reads them (TrainStep.labels)
     Measured(MINILM, False, 6, LABELS_UP, None, None, None, None, None, 1.0, _LABEL_IDS, None, _MINI_LABELS),
     Measured(SMOLLM2, True, 30, LABELS_UP, None, None, None, None, None, 1.0, _LABEL_IDS, None, _SMOL_LABELS),

@@ -132,3 +132,7 @@ python -m sft_edge.cli generate --run /tmp/s19/u-g4 --prompt "$PROMPT" --max-new
 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51741 &
 /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 2e-3} --forward-only --tail-layers 16 --lora-targets $ALL \
   --cloud 127.0.0.1:51741 --insecure --output-dir /tmp/s19/fo-t16 --report /tmp/s19/fo-t16-report.json
+
+# 14. --local at --lr 4e-3 (session 19, beside run 13 and a test suite): paraphrase-local-lora-lr4e-3-m80-s42.json (33 min)
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --local --output-dir /tmp/s19/local4e-3 \
+  --report /tmp/s19/local4e-3-report.json
