@@ -447,3 +447,18 @@ def test_gemm_rows_measures_every_product_at_every_row_count(tmp_path):
     assert [r["product"].split(" (")[0] for r in result["rows"]] == [name for name, _, _ in gemm_rows.SHAPES]
     assert all(r["8192 / 256"] > 0 for r in result["rows"])
     assert (tmp_path / "gemm_rows.json").exists()
+
+
+def test_noised_cut_measures_each_noise_against_the_unsplit_model(tmp_path):
+    """bench.noised_cut on a tiny random Llama: no noise is the codec's rounding only, a noise that
+    drowns the clipped rows moves the perplexity, and epsilon falls as the noise grows."""
+    from bench import noised_cut
+
+    data = str(tmp_path / "data")
+    args = ["--model", "random:tiny-llama", "--data", data, "--dev-rows", "8", "--tail-layers", "1"]
+    result = noised_cut.main(args + ["--noises", "0", "0.1", "1", "--out-dir", str(tmp_path)])
+    clean, mild, loud = result["rows"]
+    assert clean["epsilon (one release)"] is None and clean["--dp-clip"] is None
+    assert mild["epsilon (one release)"] > loud["epsilon (one release)"] > 0
+    assert mild["--dp-clip"] == result["norms"]["median"]
+    assert loud["dev perplexity, step 0"] != clean["dev perplexity, step 0"]
