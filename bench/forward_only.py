@@ -26,12 +26,13 @@ from bench.common import add_output_args, answer_child, daemon, run_child, save,
 from bench.decoder_codecs import paraphrases
 
 # (label, the flags beyond the common ones): the backprop U at its default (full width,
-# int4-6-hadamard on a decoder), forward-only at 6 and 4 bits down, fp32 for the plain bytes, and
-# the unsplit baseline.
+# int4-6-hadamard-grad4 on a decoder) and with int8 gradients, forward-only at 6 and 4 bits down,
+# fp32 for the plain bytes, and the unsplit baseline.
 KINDS: List[Tuple[str, Dict[str, Any]]] = [
     ("--local", {"local": True}),
     ("U (backprop), fp32", {"label_private": True, "mode": "sl", "wire_dtype": "fp32"}),
-    ("U (backprop), int4-6-hadamard", {"label_private": True}),
+    ("U (backprop), int4-6-hadamard", {"label_private": True, "wire_dtype": "int4-6-hadamard"}),
+    ("U (backprop), int4-6-hadamard-grad4 (the default)", {"label_private": True}),
     ("forward-only, fp32", {"forward_only": True, "wire_dtype": "fp32"}),
     ("forward-only, int4-6-hadamard", {"forward_only": True, "wire_dtype": "int4-6-hadamard"}),
     ("forward-only, int4-hadamard", {"forward_only": True, "wire_dtype": "int4-hadamard"}),
