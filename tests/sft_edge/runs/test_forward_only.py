@@ -310,3 +310,40 @@ def test_forward_only_with_dp_noise_noises_each_example_once_and_keys_its_cache_
 def test_bad_forward_only_flags_are_refused_at_once(capsys, extra, message):
     assert cli.main(["train", "--task", "sst2", "--insecure", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_forward_only_run_whose_rows_are_all_cached_needs_no_daemon(tmp_path, recorded, monkeypatch, capfd):
+    """The second run reads every row from the first one's activation cache: with no daemon at
+    its --cloud it warns and trains, opening no stream; a row not cached would need one, and the
+    link's error comes then, saying why."""
+    import shutil
+
+    from sft_edge.link import credentials
+
+    check = credentials.check_connection
+    monkeypatch.setattr(credentials, "check_connection", lambda *a, **k: check(*a, **{**k, "timeout": 1.0}))
+    address, _, messages = recorded
+    train, dev = (
+        write_completion_rows(tmp_path / "t.jsonl", 12),
+        write_completion_rows(tmp_path / "d.jsonl", 4, 50),
+    )
+
+    def argv(cloud, run, lr="1e-3", rows=train):
+        return [
+            "train", "--problem", "causal-lm", "--train-file", rows, "--dev-file", dev, "--cloud", cloud,
+            "--insecure", "--model", "random:tiny-llama", "--batch-size", "4", "--epochs", "2", "--lr", lr,
+            "--forward-only", "--output-dir", run, "--report", f"{run}.json", "--no-progress",
+        ]  # fmt: skip
+
+    assert cli.main(argv(address, str(tmp_path / "first"))) == 0
+    sent = len(messages)
+    shutil.copytree(tmp_path / "first" / "activation_cache", tmp_path / "second" / "activation_cache")
+    capfd.readouterr()
+    assert cli.main(argv("127.0.0.1:1", str(tmp_path / "second"), lr="2e-3")) == 0
+    report = json.loads((tmp_path / "second.json").read_text())
+    assert report["bytes_sent"] == report["bytes_received"] == 0 and len(messages) == sent
+    assert report["steps"] == 6 and "going on; a stream will be opened" in capfd.readouterr().err
+    other = write_completion_rows(tmp_path / "other.jsonl", 4, 200)  # rows the cache lacks
+    shutil.copytree(tmp_path / "first" / "activation_cache", tmp_path / "third" / "activation_cache")
+    assert cli.main(argv("127.0.0.1:1", str(tmp_path / "third"), rows=other)) == 2
+    assert "no sft-cloud daemon answered at 127.0.0.1:1" in capfd.readouterr().err
