@@ -136,3 +136,9 @@ python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51741 &
 # 14. --local at --lr 4e-3 (session 19, beside run 13 and a test suite): paraphrase-local-lora-lr4e-3-m80-s42.json (33 min)
 /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --local --output-dir /tmp/s19/local4e-3 \
   --report /tmp/s19/local4e-3-report.json
+
+# 15. The 16-tail-layer run at --lr 4e-3, from run 13's activation cache (copied: every row cached, 0 bytes;
+#     a daemon at --cloud, though since abce968 none has to answer): paraphrase-forward-only-tail16-lora-all-lr4e-3-cached-m80-s42.json
+mkdir -p /tmp/s19/fo-t16-4e-3 && cp -r /tmp/s19/fo-t16/activation_cache /tmp/s19/fo-t16-4e-3/
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --forward-only --tail-layers 16 --lora-targets $ALL \
+  --cloud 127.0.0.1:51741 --insecure --output-dir /tmp/s19/fo-t16-4e-3 --report /tmp/s19/fo-t16-4e-3-report.json
