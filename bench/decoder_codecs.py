@@ -38,6 +38,7 @@ from sft_common.topology.ushape_lm import build_causal_lm, build_ushape_lm_model
 from sft_common.wire import codec, hadamard
 from sft_common.wire.codecs import Wire
 from sft_edge.data.lm import collate_lm, encode_lm, lm_loss, read_lm_rows
+from sft_edge.privacy.defence import Gaussian
 from sft_edge.runs.problems import evaluate_lm
 from sft_edge.runs.start_check import UnsplitLM
 
@@ -103,28 +104,35 @@ def ablation(name: Optional[str]) -> Iterator[None]:
 
 class CodecU:
     """The U's parts in one process with each cut's activations through ``wire`` (a session's
-    ``predict``, for ``evaluate_lm``); counts the bytes and tokens that crossed."""
+    ``predict``, for ``evaluate_lm``); counts the bytes and tokens that crossed. ``defence``
+    (``sft_edge.privacy.defence``): the first cut's rows clipped and noised before its codec, as
+    ``--dp-noise`` does, the noise seeded by the batch's index."""
 
-    def __init__(self, parts, wire: Wire):
+    def __init__(self, parts, wire: Wire, defence: Optional[Gaussian] = None):
         self.head, self.middle, self.tail = parts
         self.wire = wire
+        self.defence = defence
         self.bytes = self.tokens = 0
 
-    def cross(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def cross(self, x: torch.Tensor, mask: torch.Tensor, down: bool = False) -> torch.Tensor:
+        """``x``'s real rows as the receiver decodes them (``down``: the U's second cut's codec)."""
         rows = x[mask]
-        msg = self.wire.encode_activations(rows)
+        msg = self.wire.encode_activations(rows, down=down)
         self.bytes += len(msg.SerializeToString())
         self.tokens += rows.shape[0]
         out = x.new_zeros(x.shape)
-        out[mask] = self.wire.decode_activations(msg, "cut", tuple(rows.shape), max_bytes=1 << 34)
+        out[mask] = self.wire.decode_activations(msg, "cut", tuple(rows.shape), down=down, max_bytes=1 << 34)
         return out
 
     @torch.no_grad()
     def predict(self, batch, index: int = 0) -> torch.Tensor:
         mask = batch.attention_mask.bool()
         first, _ = self.head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        if self.defence is not None:
+            rows = self.defence.apply(first[mask], mask.sum(1).tolist(), torch.Generator().manual_seed(index))
+            first = first.new_zeros(first.shape).index_put((mask,), rows)
         second, _ = self.middle(self.cross(first, mask), batch.attention_mask)
-        return self.tail(self.cross(second, mask), batch.attention_mask)
+        return self.tail(self.cross(second, mask, down=True), batch.attention_mask)
 
 
 def gradient_fidelity(parts, batches) -> List[Dict]:

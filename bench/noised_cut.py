@@ -17,21 +17,24 @@ release's epsilon (dp-accounting, as a forward-only run reports it).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from bench.common import add_output_args, save, table
-from bench.decoder_codecs import paraphrases
+from bench.decoder_codecs import CodecU, paraphrases
 from sft_common.models.base_model import load_base_model
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.topology.ushape_lm import build_causal_lm, build_ushape_lm_model
 from sft_common.wire.codecs import Wire
-from sft_edge.data.lm import collate_lm, encode_lm, lm_loss_sum, read_lm_rows
-from sft_edge.privacy.defence import Gaussian
+from sft_edge.data.lm import collate_lm, encode_lm, read_lm_rows
+from sft_edge.privacy.defence import Defence, Gaussian
 from sft_edge.runs.config import DPOptions
+from sft_edge.runs.problems import evaluate_lm
+from sft_edge.runs.start_check import UnsplitLM
+
+BATCH = 8
 
 
 def first_cut_norms(head, batches) -> List[float]:
@@ -45,44 +48,10 @@ def first_cut_norms(head, batches) -> List[float]:
     return norms
 
 
-def perplexity(parts, batches, wire: Wire, defence: Optional[Gaussian]) -> float:
-    """Dev perplexity with the first cut clipped and noised (None: neither), both cuts through ``wire``."""
-    head, middle, tail = parts
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for k, batch in enumerate(batches):
-            mask = batch.attention_mask.bool()
-            cut, _ = head(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            rows, lengths = cut[mask], mask.sum(1).tolist()
-            if defence is not None:
-                rows = defence.apply(rows, lengths, torch.Generator().manual_seed(k))
-            cut = cut.new_zeros(cut.shape)
-            cut[mask] = wire.decode_activations(wire.encode_activations(rows), "cut", tuple(rows.shape))
-            out, _ = middle(cut, batch.attention_mask)
-            down = wire.encode_activations(out[mask], down=True)
-            out[mask] = wire.decode_activations(down, "cut", tuple(out[mask].shape), down=True)
-            summed, n = lm_loss_sum(tail(out, batch.attention_mask), batch.labels)
-            total, count = total + float(summed), count + n
-    return math.exp(total / count)
-
-
-def unsplit_perplexity(base, batches) -> float:
-    model = build_causal_lm(base, 42).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            summed, n = lm_loss_sum(logits, batch.labels)
-            total, count = total + float(summed), count + n
-    return math.exp(total / count)
-
-
 def one_release_epsilon(noise: float, delta: float) -> Optional[float]:
     """One Gaussian release's epsilon at ``delta`` (what a forward-only run reports), or None (no noise)."""
     if noise <= 0:
         return None
-    from sft_edge.privacy.defence import Defence
-
     return Defence.of(DPOptions(noise=noise, clip=1.0, delta=delta)).epsilon(1, 1.0, gradient=False)
 
 
@@ -106,17 +75,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     path = os.path.join(args.data, "dev.jsonl")
     tok = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     dev = encode_lm(read_lm_rows(path)[: args.dev_rows], tok, 96, path)
-    batches = [collate_lm(dev, range(k, min(k + 8, len(dev)))) for k in range(0, len(dev), 8)]
+    batches = [collate_lm(dev, range(k, min(k + BATCH, len(dev)))) for k in range(0, len(dev), BATCH)]
     spec = UShapeSpec(split_layer=args.split_layer, tail_layers=args.tail_layers, mode="sl")
     parts = tuple(part.eval() for part in build_ushape_lm_model(base, spec, 42))
     norms = sorted(first_cut_norms(parts[0], batches))
     clip = args.clip or norms[len(norms) // 2]
-    unsplit = unsplit_perplexity(base, batches)
+    unsplit = evaluate_lm(UnsplitLM(build_causal_lm(base, 42).eval()), dev, BATCH, "cpu")["perplexity"]
     wire = Wire.named(args.wire)
     rows = []
     for noise in args.noises:
         defence = Gaussian(noise, clip) if noise > 0 else None
-        ppl = perplexity(parts, batches, wire, defence)
+        ppl = evaluate_lm(CodecU(parts, wire, defence), dev, BATCH, "cpu")["perplexity"]
         eps = one_release_epsilon(noise, args.delta)
         rows.append(
             {
