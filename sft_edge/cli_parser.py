@@ -152,7 +152,9 @@ def _link_flags(g) -> None:
         choices=WIRE_DTYPES,
         help="what crosses the cut (int8, int4: one scale per token; int4-hadamard, int6-hadamard: codes "
         "in rotated groups of 64, massive tokens in bf16, gradients int8; int4-6-hadamard: 4 bits up, 6 "
-        "down the U's second cut; -grad4: its gradients in 4-bit groups too); default: int4-6-hadamard-grad4 for a decoder's --label-private U, int4-hadamard for its --forward-only, fp32 otherwise",
+        "down the U's second cut; -grad4: its gradients in 4-bit groups too); default: "
+        "int4-6-hadamard-grad4 for a decoder's --label-private U, int4-hadamard for its --forward-only, "
+        "fp32 otherwise",
     )
     g.add_argument(
         "--compression",

@@ -6,8 +6,9 @@ side network reads them, so such a run generates through the daemon with the KV 
 the wire (each row crosses as it is) its greedy tokens are those of ``--no-kv-cache`` through the
 daemon and of the run's export (no daemon), its next-token logits within 1e-5 of recomputing's; and
 after the prompt each token costs one row up and one row (and its taps) down instead of the whole
-sequence; a cache the daemon dropped is rebuilt (the rows sent again from 0). An answer without taps (an older daemon) or with taps of another shape is refused, the
-shape checked before anything is allocated.
+sequence; a cache the daemon dropped is rebuilt (the rows sent again from 0). An answer without
+taps (an older daemon) or with taps of another shape is refused, the shape checked before anything
+is allocated.
 """
 
 from __future__ import annotations

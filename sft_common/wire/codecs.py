@@ -10,10 +10,10 @@ gradients'), the session config carries it (``wire_dtype``, ``grad_wire_dtype``,
 - ``int4-hadamard``, ``int6-hadamard``: activations as 4- or 6-bit codes in rotated groups of 64
   with massive tokens in bf16 (``wire.hadamard``: what a decoder's residual stream needs, issue
   34), gradients as int8 with stochastic rounding (unbiased).
-- ``int4-6-hadamard``: 4 bits up the first cut, 6 down the second, in
-  front of the last layers and the LM head, where 4 bits cost SmolLM2 2.3 % perplexity at step 0.
-- ``int4-6-hadamard-grad4`` (a decoder's U by default): the same activations, the gradients as 4-bit codes in rotated groups,
-  rounded stochastically, no row sent whole: SmolLM2's second-cut gradient at 269 B a token with
+- ``int4-6-hadamard``: 4 bits up the first cut, 6 down the second, in front of the last layers
+  and the LM head, where 4 bits cost SmolLM2 2.3 % perplexity at step 0.
+- ``int4-6-hadamard-grad4`` (a decoder's U by default): the same activations, the gradients as
+  4-bit codes in rotated groups, rounded stochastically, no row sent whole: SmolLM2's second-cut gradient at 269 B a token with
   zstd against int8's 481, at 15 % error a step (int8: 1.6 %; 6 bits: 447 B, so no such wire;
   ``bench.decoder_codecs``, docs/accuracy.md).
 """

@@ -95,7 +95,8 @@ class LinkOptions:
             raise ValueError("--micro-batches and --pipeline-depth must be >= 1")
         if not 0 <= self.delta_cache_mb <= 4096:
             raise ValueError(
-                f"--delta-cache-mb must be in 0..4096 (0: off; the protocol's most, 4 GiB a cut; a daemon may allow less), got {self.delta_cache_mb}"
+                "--delta-cache-mb must be in 0..4096 (0: off; the protocol's most, 4 GiB a cut; a daemon "
+                f"may allow less), got {self.delta_cache_mb}"
             )
 
 
