@@ -64,7 +64,7 @@ class CachedMiddle:
         self.session = session  # a MiddleSession, inference only, or a FrozenMiddleSession
         self.cache = KVCache(session.config.max_seq_len)
         # a forward-only session's side projection P (side_width > 0), else None: no taps
-        self.projection: Optional[torch.Tensor] = getattr(session, "projection", None)
+        self.projection: Optional[torch.Tensor] = session.projection
         self.last_active = time.monotonic()
         self.lock = threading.Lock()  # a step, or the sweep freeing the cache: one at a time
 

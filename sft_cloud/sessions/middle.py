@@ -51,6 +51,8 @@ def check_middle(config: pb.SessionConfig, spec: SplitSpec, base: BaseModel) -> 
 class MiddleSession(CoreAttributes):
     """The U's middle of one edge's run, with its optimizer; applies each phase exactly once."""
 
+    projection: Optional[torch.Tensor] = None  # no side network reads its layers (FrozenMiddleSession's P)
+
     def __init__(
         self,
         session_id: str,
