@@ -23,6 +23,7 @@ from sft_common.storage.checkpoint import CheckpointDir
 from sft_common.wire import delta
 from sft_common.wire.codecs import Wire
 from sft_common.wire.delta import DeltaCaches
+from sft_common.wire.errors import ProtocolError
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import RETRYABLE, CloudError, Transport
 
@@ -232,6 +233,12 @@ class SessionClient:
         self._traffic[0] += self.transport.bytes_sent
         self._traffic[1] += self.transport.bytes_received
         self.transport.bytes_sent = self.transport.bytes_received = 0
+
+
+def refused_output(exc: ProtocolError) -> CloudError:
+    """The middle's output failed this side's checks (its codes, shapes or delta rows): said as a
+    refused answer is, so the run ends with the link's error and its reason."""
+    return CloudError(exc.code, f"refused the middle's output: {exc.message}", local=True)
 
 
 def _ends_step(msg: pb.EdgeMessage) -> bool:

@@ -39,7 +39,7 @@ from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import Defence
 from sft_edge.runs.config import LinkOptions, OptimConfig
 from sft_edge.sessions.base import StateHere, open_request
-from sft_edge.sessions.client import SessionClient
+from sft_edge.sessions.client import SessionClient, refused_output
 from sft_edge.sessions.placement import placement_of
 from sft_edge.sessions.tail_end import tail_end_of
 from sft_edge.sessions.ushape import TAIL_SIDE
@@ -212,7 +212,7 @@ class ForwardOnlySession(StateHere, SessionClient):
         try:
             answer = self.placement.answer(first, reply, self._decode)
         except ProtocolError as exc:  # the daemon's answer is wrong: as any refused answer
-            raise CloudError(exc.code, f"refused the middle's output: {exc.message}", local=True) from None
+            raise refused_output(exc) from None
         return self.placement.tail_input(answer, first.new_ones(first.shape[0]))
 
     # -- the cloud session, opened when first needed ---------------------------------------

@@ -33,7 +33,7 @@ from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import ACTIVATIONS, EVAL, GRADIENT, Defence, Mechanism
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.sessions.base import delta_caches, open_request
-from sft_edge.sessions.client import SessionClient
+from sft_edge.sessions.client import SessionClient, refused_output
 from sft_edge.sessions.tail_end import tail_end_of
 
 HEAD_SIDE, TAIL_SIDE = "edge", "edge-tail"  # dropout seeds of the head's and the tail's forward
@@ -243,7 +243,7 @@ class UShapeSession(SessionClient):
             cache = self.delta["down"]
             rows = delta.decode(codecs, cache, keys, lengths, down.activations, down.delta, self.width)
         except ProtocolError as exc:  # the cloud's message is wrong: as any refused answer
-            raise CloudError(exc.code, f"refused the middle's output: {exc.message}", local=True) from None
+            raise refused_output(exc) from None
         cache.update(keys, lengths, rows)
         return rows.to(self.device)
 
