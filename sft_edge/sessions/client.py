@@ -11,9 +11,10 @@ those it had applied from its cache. If the cloud can only continue from an earl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import grpc
 import torch
@@ -235,10 +236,15 @@ class SessionClient:
         self.transport.bytes_sent = self.transport.bytes_received = 0
 
 
-def refused_output(exc: ProtocolError) -> CloudError:
-    """The middle's output failed this side's checks (its codes, shapes or delta rows): said as a
-    refused answer is, so the run ends with the link's error and its reason."""
-    return CloudError(exc.code, f"refused the middle's output: {exc.message}", local=True)
+@contextlib.contextmanager
+def checked(what: str = "the middle's output") -> Iterator[None]:
+    """Decoding ``what`` the cloud sent: a message that fails this side's checks (its codes, shapes,
+    sizes or delta rows: a ``ProtocolError``) ends the run as a refused answer does, with the
+    link's error and its reason, which the CLI says in one line."""
+    try:
+        yield
+    except ProtocolError as exc:
+        raise CloudError(exc.code, f"refused {what}: {exc.message}", local=True) from None
 
 
 def _ends_step(msg: pb.EdgeMessage) -> bool:

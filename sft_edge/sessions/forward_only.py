@@ -32,14 +32,13 @@ from sft_common.topology.spec import SplitSpec
 from sft_common.topology.ushape import UShapeSpec
 from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire.codecs import Wire
-from sft_common.wire.errors import ProtocolError
 from sft_edge.data.activation_cache import ActivationCache, Answer, example_key
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import Defence
 from sft_edge.runs.config import LinkOptions, OptimConfig
 from sft_edge.sessions.base import StateHere, open_request
-from sft_edge.sessions.client import SessionClient, refused_output
+from sft_edge.sessions.client import SessionClient, checked
 from sft_edge.sessions.placement import placement_of
 from sft_edge.sessions.tail_end import tail_end_of
 from sft_edge.sessions.ushape import TAIL_SIDE
@@ -182,7 +181,8 @@ class ForwardOnlySession(StateHere, SessionClient):
         sent = self._noised(packed, lengths, keys)  # the side network (parallel) reads the clean rows here
         msg = pb.EvalStep(batch=index, activations=self.wire.encode_activations(sent), lengths=lengths)
         reply = self.request(pb.EdgeMessage(eval=msg)).eval
-        answer = self.placement.answer(packed, reply, self._decode)
+        with checked():
+            answer = self.placement.answer(packed, reply, self._decode)
         split = {name: torch.split(t, lengths) for name, t in answer.items()}
         return [{name: parts[i] for name, parts in split.items()} for i in range(len(lengths))]
 
@@ -209,10 +209,8 @@ class ForwardOnlySession(StateHere, SessionClient):
         """What the tail reads (n, hidden) at the rows of a ``DecodeStep`` (KV-cached generation):
         ``first`` the first cut's rows sent (n, hidden), ``reply`` the daemon's answer for them, each
         tensor's shape checked before anything is allocated."""
-        try:
+        with checked():
             answer = self.placement.answer(first, reply, self._decode)
-        except ProtocolError as exc:  # the daemon's answer is wrong: as any refused answer
-            raise refused_output(exc) from None
         return self.placement.tail_input(answer, first.new_ones(first.shape[0]))
 
     # -- the cloud session, opened when first needed ---------------------------------------

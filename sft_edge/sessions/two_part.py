@@ -35,7 +35,7 @@ from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import ACTIVATIONS, EVAL, Defence
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.sessions.base import delta_caches, open_request
-from sft_edge.sessions.client import Rollback, SessionClient
+from sft_edge.sessions.client import Rollback, SessionClient, checked
 
 __all__ = ["EdgeSession", "Rollback"]
 
@@ -186,7 +186,8 @@ class EdgeSession(SessionClient):
                 f"expected the answer to step {step} micro-batch {micro}, got step {reply.step} "
                 f"micro-batch {reply.micro}",
             )
-        grad = self.wire.decode_gradient(reply.grad, "gradient", tuple(packed.shape), device=self.device)
+        with checked("the cloud's gradient"):
+            grad = self.wire.decode_gradient(reply.grad, "gradient", tuple(packed.shape), device=self.device)
         return grad, reply.loss
 
     def exchange(self, step: int, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, float]:
@@ -209,7 +210,8 @@ class EdgeSession(SessionClient):
         msg = pb.EvalStep(batch=index, activations=self.wire.encode_activations(packed), lengths=lengths)
         reply = self.request(pb.EdgeMessage(eval=msg)).eval
         shape = (len(batch.lengths), self.num_labels)
-        return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=shape)
+        with checked("the cloud's logits"):
+            return codec.decode(reply.logits, name="logits", dtype=pb.FLOAT32, shape=shape)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """net1's trained state: with LoRA its adapters and u, not the frozen base."""
@@ -257,5 +259,6 @@ def _net1(base: BaseModel, spec: SplitSpec, opened: pb.SessionOpened, device: st
     """net1 with the factor the cloud sent (its plain SVD), or none where the cut has none."""
     u, shape = None, spec.cut.edge_factor_shape(base.hidden_size, base.intermediate_size)
     if shape is not None:
-        u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
+        with checked("the cloud's edge factor"):
+            u = codec.decode(opened.edge_factor, name="edge factor", dtype=pb.FLOAT32, shape=shape)
     return build_edge_half(base, spec, u, device=device)

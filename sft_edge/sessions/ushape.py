@@ -27,13 +27,12 @@ from sft_common.training import autocast, make_optimizer, make_schedule, seeded
 from sft_common.wire import codec, delta
 from sft_common.wire.codecs import Wire
 from sft_common.wire.delta import CUTS
-from sft_common.wire.errors import ProtocolError
 from sft_edge.data.glue import Batch
 from sft_edge.link.transport import CloudError, Transport
 from sft_edge.privacy.defence import ACTIVATIONS, EVAL, GRADIENT, Defence, Mechanism
 from sft_edge.runs.config import LinkOptions, OptimConfig, check_factor_lr
 from sft_edge.sessions.base import delta_caches, open_request
-from sft_edge.sessions.client import SessionClient, refused_output
+from sft_edge.sessions.client import SessionClient, checked
 from sft_edge.sessions.tail_end import tail_end_of
 
 HEAD_SIDE, TAIL_SIDE = "edge", "edge-tail"  # dropout seeds of the head's and the tail's forward
@@ -170,9 +169,11 @@ class UShapeSession(SessionClient):
         grad_up = pb.GradientUp(step=step, grad=self.wire.encode_gradient(grad))
         self._submit(pb.EdgeMessage(gradient_up=grad_up))  # phase 3
         grad_down = self._answer("gradient_down", step).gradient_down  # phase 4: the middle is updated
-        packed.backward(
-            self.wire.decode_gradient(grad_down.grad, "gradient", tuple(packed.shape), device=self.device)
-        )
+        with checked("the cloud's gradient"):
+            grad = self.wire.decode_gradient(
+                grad_down.grad, "gradient", tuple(packed.shape), device=self.device
+            )
+        packed.backward(grad)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,9 +228,10 @@ class UShapeSession(SessionClient):
 
     def _decode_rows(self, tensor: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The middle's (tokens, width) output, for the rows of ``like``."""
-        return self.wire.decode_activations(
-            tensor, "the middle's output", tuple(like.shape), down=True, device=self.device
-        )
+        with checked():
+            return self.wire.decode_activations(
+                tensor, "the middle's output", tuple(like.shape), down=True, device=self.device
+            )
 
     def _decode_down(
         self, down: pb.ForwardDown, keys: List[bytes], lengths: List[int], like: torch.Tensor
@@ -238,12 +240,10 @@ class UShapeSession(SessionClient):
         cut's cache, which then keeps what was decoded."""
         if self.delta is None:
             return self._decode_rows(down.activations, like)
-        try:
+        with checked():
             codecs = self.delta.mode.codecs(self.wire.down)
             cache = self.delta["down"]
             rows = delta.decode(codecs, cache, keys, lengths, down.activations, down.delta, self.width)
-        except ProtocolError as exc:  # the cloud's message is wrong: as any refused answer
-            raise refused_output(exc) from None
         cache.update(keys, lengths, rows)
         return rows.to(self.device)
 
@@ -255,7 +255,8 @@ class UShapeSession(SessionClient):
 
 def _factor(tensor: pb.Tensor, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
     """One SVD factor the cloud sent at open (fp32, its shape checked before allocation)."""
-    return codec.decode(tensor, name=name, dtype=pb.FLOAT32, shape=shape)
+    with checked(f"the cloud's {name}"):
+        return codec.decode(tensor, name=name, dtype=pb.FLOAT32, shape=shape)
 
 
 __all__: List[str] = ["UShapeSession"]
