@@ -239,39 +239,36 @@ def run(args: argparse.Namespace) -> Dict:
 
 def after_training(args: argparse.Namespace, t: Texts) -> Dict:
     """The device's sentences through the pretrained edge half and through the one ``args.trained``
-    trained (``bench.trained_edge``), both read by one decoder trained on the public sentences
-    through the pretrained edge (all the cloud can compute: it never holds the trained weights).
-    Each is also read by that decoder re-standardised on the device's rows themselves (the
-    cloud receives them), the one adaptation that needs nothing the cloud lacks."""
+    trained (``bench.trained_edge``), each read three ways: by the decoder trained on the public
+    sentences through the pretrained edge (all the cloud can compute: it never holds the trained
+    weights); by that decoder re-standardised on the device's rows themselves (the cloud receives
+    them: the adaptation that needs nothing it lacks); and, an upper bound, by a decoder trained on
+    the public sentences through that same edge (``known_weights``: a cloud that knew the weights)."""
     t0 = time.process_time()
     trained, record = trained_edge(args.trained)
     spec = record.split_spec()  # the (first) cut the run trained
     pretrained = build_split_model(t.base, spec, 2, args.seed)[0].eval()
     wire, defence = Wire.named(args.wire), mechanism(args.dp_noise, args.dp_clip)
-    acts = cut_activations(pretrained, t.data, wire, defence, args.seed)
-    before, ids = acts[t.public :], t.data.input_ids[t.public :]
-    after = cut_activations(trained, t.private(), wire, defence, args.seed)
-    emb = word_embeddings(pretrained)
-    dec = train_decoder(acts[: t.public], t.data.input_ids[: t.public], emb, t.special, args)
+    public_ids, ids = t.data.input_ids[: t.public], t.data.input_ids[t.public :]
+    edges = {"pretrained": pretrained, f"trained ({record.steps} steps)": trained}
+    acts = {e: cut_activations(m, t.data, wire, defence, args.seed) for e, m in edges.items()}
+    emb = word_embeddings(pretrained)  # public: the cloud scores against these rows
+    stale = train_decoder(acts["pretrained"][: t.public], public_ids, emb, t.special, args)
     rows = []
-    for edge, rows_of in (("pretrained", before), (f"trained ({record.steps} steps)", after)):
-        (tokens, whole), (adapted, adapted_whole) = (
-            score(d, rows_of, ids, t.special) for d in (dec, restandardised(dec, rows_of))
-        )
-        rows.append(
-            {
-                "edge": edge,
-                "mode": mode_name(spec, args),
-                "layer": spec.split_layer,
-                "width": rows_of[0].shape[1],
-                "tokens": round(tokens, 4),
-                "sentences": round(whole, 4),
-                "tokens_restandardised": round(adapted, 4),
-                "sentences_restandardised": round(adapted_whole, 4),
-            }
-        )
-        print(rows[-1], file=sys.stderr, flush=True)
-    a, b = torch.cat(before), torch.cat(after)  # how far the device's rows moved: ||b - a|| / ||a||
+    for edge, module in edges.items():
+        public_rows, device_rows = acts[edge][: t.public], acts[edge][t.public :]
+        words = word_embeddings(module)  # a cloud that knew the trained weights would know these
+        trains = module is not pretrained
+        own = train_decoder(public_rows, public_ids, words, t.special, args) if trains else stale
+        readers = {"": stale, "_restandardised": restandardised(stale, device_rows), "_known_weights": own}
+        row = {"edge": edge, "mode": mode_name(spec, args), "layer": spec.split_layer}
+        row["width"] = device_rows[0].shape[1]
+        for suffix, dec in readers.items():
+            tokens, whole = score(dec, device_rows, ids, t.special)
+            row["tokens" + suffix], row["sentences" + suffix] = round(tokens, 4), round(whole, 4)
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    a, b = (torch.cat(rows_of[t.public :]) for rows_of in acts.values())  # the device's: ||b - a|| / ||a||
     run = {
         "dir": args.trained,
         "steps": record.steps,
@@ -359,7 +356,7 @@ def main(argv=None) -> int:
     if error:
         p.error(error)
     result = run(args)
-    trained = "edge mode layer width tokens sentences tokens_restandardised sentences_restandardised"
+    trained = "edge mode layer width tokens sentences tokens_restandardised tokens_known_weights"
     print(table(result["rows"], trained if args.trained else "mode layer width tokens sentences cpu_s"))
     print(f"baseline, the most frequent public token everywhere: {result['baseline']}")
     if result["labels"]:

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from sft_edge import cli
 
+READINGS = ("", "_restandardised", "_known_weights")  # the decoders each edge's rows are read by
+
 
 def _train(tmp_path, address, *extra) -> str:
     """A 6-step run through the daemon at a large learning rate (the edge moves), its --output-dir."""
@@ -92,7 +94,8 @@ def test_inversion_after_training_reads_both_edges_with_one_decoder(tmp_path, li
     assert before["mode"] == after["mode"] == "SFT R=8" and before["layer"] == after["layer"] == 0
     assert before["width"] == after["width"] == 8
     for row in (before, after):
-        assert 0 <= row["tokens"] <= 1 and 0 <= row["tokens_restandardised"] <= 1
+        assert all(0 <= row[f"{what}{how}"] <= 1 for what in ("tokens", "sentences") for how in READINGS)
+    assert before["tokens_known_weights"] == before["tokens"]  # the pretrained edge's is the cloud's decoder
     assert result["trained"]["moved"] > 0 and result["trained"]["steps"] == 6
     assert (result["model"], result["args"]["wire"], result["labels"]) == ("random:tiny", "fp32", [])
 
