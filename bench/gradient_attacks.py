@@ -281,10 +281,12 @@ def text_run(args: argparse.Namespace) -> Dict:
         events = record(transport)
         ends = sorted({min(args.init_steps, steps)} | set(range(steps, args.init_steps, -args.window)))
         window: Dict[str, List[int]] = {}
+        norms: List[float] = []  # each example's gradient as sent: --dp-grad-clip's scale
         for step in range(steps):
             events.clear()
             loss = session.train_step(step, batches[step])
             grad = gradients_up(events, session, batches[step].lengths)
+            norms += [float(g.norm()) for g in grad.split(batches[step].lengths)]
             for name, (right, n) in text_attack(grad, batches[step], lm_head, norm).items():
                 window[name] = [a + b for a, b in zip(window.get(name, [0, 0]), (right, n))]
             if step + 1 in ends:
@@ -292,9 +294,10 @@ def text_run(args: argparse.Namespace) -> Dict:
                 row = {"tail_layers": tail, "steps": f"{first}-{step}", "loss": round(loss, 4)}
                 row.update({name: round(r / n, 4) for name, (r, n) in window.items()})
                 row["tokens_scored"] = next(iter(window.values()))[1]
+                row["grad_norm_median"] = float(torch.tensor(norms).median())
                 rows.append(row)
                 print(row, file=sys.stderr, flush=True)
-                window = {}
+                window, norms = {}, []
         session.close()
     return {
         "model": args.model,
