@@ -64,10 +64,7 @@ class Steps:
         base: BaseModel, i: int, split_layer: int, tail_layers: int, registry: SessionRegistry
     ) -> Any:
         config = u_config(base, i, split_layer, tail_layers)
-        shared = registry._shared(config, base)
-        return MiddleSession(
-            f"s{i}", "bench", config, base, "cpu", registry._compute_lock, shared_base=shared
-        )
+        return MiddleSession(f"s{i}", "bench", config, base, registry.host, registry._shared(config, base))
 
     @staticmethod
     def send(session: Any, k: int, up: pb.Tensor) -> None:
@@ -90,9 +87,8 @@ class Evaluations:
     ) -> Any:
         config = u_config(base, i, split_layer, tail_layers)
         config.mode, config.lora_rank, config.lora_alpha, config.forward_only = pb.SL, 0, 0.0, True
-        shared = registry._shared(config, base)
         return FrozenMiddleSession(
-            f"s{i}", "bench", config, base, "cpu", registry._compute_lock, shared_base=shared
+            f"s{i}", "bench", config, base, registry.host, registry._shared(config, base)
         )
 
     @staticmethod

@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from sft_cloud.sessions.batcher import StepBatcher
+from sft_cloud.sessions.host import DEFAULT_HOST, SessionHost
 from sft_cloud.sessions.validation import invalid
 from sft_common.proto import sft_pb2 as pb
 from sft_common.storage import checkpoint
@@ -42,19 +43,18 @@ class SessionCore:
         fingerprint: str,
         net2: torch.nn.Module,
         factors: List[torch.nn.Parameter],
-        device: str = "cpu",
-        compute_lock: Optional[threading.Lock] = None,
-        checkpoint_dir: Optional[str] = None,
+        host: SessionHost = DEFAULT_HOST,
         rolled_back: Callable[[], None] = lambda: None,
     ):
         """``factors``: net2's SVD factors (their own learning rate with ``factor_lr``).
+        ``host``: its device, compute lock and checkpoint folder (its limits are checked before).
         ``rolled_back``: the handler drops its part-applied step (a restore calls it)."""
         self.session_id = session_id
         self.owner = owner  # the identity that opened it; only it may attach again
         self.config = config
         self.fingerprint = fingerprint
         self.net2 = net2
-        self.device = device
+        self.device = host.device
         self.optimizer = make_optimizer(
             net2.parameters(),
             config.lr,
@@ -81,7 +81,7 @@ class SessionCore:
         self.last_active = time.monotonic()
         # <checkpoint_dir>/<session id>/: step-<k>.safetensors and, at close, final.safetensors.
         # None: the daemon runs without --checkpoint-dir and keeps no checkpoints.
-        self.dir = os.path.join(checkpoint_dir, session_id) if checkpoint_dir else None
+        self.dir = os.path.join(host.checkpoint_dir, session_id) if host.checkpoint_dir else None
         self.ckpts = CheckpointDir(self.dir) if self.dir else None  # the newest 3 are kept
         # Raises (ABORTED) once another replica took the session over (sft_cloud.daemon.lease):
         # before a step is applied and final.safetensors written; a lease's FencedCheckpointDir
@@ -89,7 +89,7 @@ class SessionCore:
         self.fence: Callable[[], None] = lambda: None
         # Dropout draws from the process-wide RNG; seeding it per step and computing under one
         # lock makes each step's randomness a function of (seed, step) alone.
-        self.compute_lock = compute_lock or threading.Lock()
+        self.compute_lock = host.compute_lock or threading.Lock()
         self.batcher: Optional[StepBatcher] = None  # batches its steps with others' (None: alone)
         self.delta: Optional[DeltaCaches] = None  # delta mode's caches (set by the handler), checkpointed
 

@@ -14,17 +14,18 @@ and sequence length run as one forward (``batcher.StepBatcher.evaluate``), each 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import threading
 from typing import Optional, Tuple
 
 import torch
 
 from sft_cloud.sessions.batcher import Job
 from sft_cloud.sessions.core import CoreAttributes, SessionCore, not_its_step
+from sft_cloud.sessions.host import DEFAULT_HOST, SessionHost
 from sft_cloud.sessions.inputs import ActivationInput
 from sft_cloud.sessions.middle import check_middle
-from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
+from sft_cloud.sessions.validation import invalid, ushape_from_config
 from sft_common.models.base_model import BaseModel
 from sft_common.models.shared import SharedBase
 from sft_common.proto import sft_pb2 as pb
@@ -60,27 +61,24 @@ class FrozenMiddleSession(CoreAttributes):
         owner: str,
         config: pb.SessionConfig,
         base: BaseModel,
-        device: str = "cpu",
-        compute_lock: Optional[threading.Lock] = None,
-        max_batch: int = 256,
-        max_seq: int = 512,
-        checkpoint_dir: Optional[str] = None,
+        host: SessionHost = DEFAULT_HOST,
         shared_base: Optional[SharedBase] = None,
     ):
-        """As ``MiddleSession``'s; ``checkpoint_dir`` is not used: there is nothing to keep."""
+        """As ``MiddleSession``'s; the host's ``checkpoint_dir`` is not used: there is nothing to keep."""
         self.config = config
-        self.spec = check_config(config, base, max_batch, max_seq, check_frozen)
-        self.device = device
-        self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), device)
-        middle, _ = build_ushape_cloud(base, ushape_from_config(config), device, shared_base)
+        self.spec = host.check(config, base, check_frozen)
+        self.device = host.device
+        self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), host.device)
+        middle, _ = build_ushape_cloud(base, ushape_from_config(config), host.device, shared_base)
         middle.requires_grad_(False)  # the shared tensors are frozen for the LoRA sessions too
         middle.eval()
         self.middle = middle  # core.net2, typed
         fingerprint = session_fingerprint(base.fingerprint, self.spec, 0, None, config.tail_layers)
-        self.core = SessionCore(session_id, owner, config, fingerprint, middle, [], device, compute_lock)
+        unkept = dataclasses.replace(host, checkpoint_dir=None)  # no checkpoint, so no lease either
+        self.core = SessionCore(session_id, owner, config, fingerprint, middle, [], unkept)
         self.core.inference_only = True  # no step and no final weights: close saves nothing
         self.projection = (  # the side network's P (the edge computes the same), or None
-            side_projection(base.fingerprint, base.hidden_size, config.side_width).to(device)
+            side_projection(base.fingerprint, base.hidden_size, config.side_width).to(host.device)
             if config.side_width
             else None
         )

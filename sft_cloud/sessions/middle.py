@@ -13,7 +13,6 @@ Checkpoints, resume and the final weights are the core's, over the middle.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional, Tuple
 
 import torch
@@ -21,8 +20,9 @@ import torch
 from sft_cloud.sessions.adapters import adapt_lora
 from sft_cloud.sessions.batcher import BatchGraph, Job
 from sft_cloud.sessions.core import CoreAttributes, SessionCore, not_its_step
+from sft_cloud.sessions.host import DEFAULT_HOST, SessionHost
 from sft_cloud.sessions.inputs import ActivationInput
-from sft_cloud.sessions.validation import check_config, invalid, ushape_from_config
+from sft_cloud.sessions.validation import invalid, ushape_from_config
 from sft_common.models.base_model import BaseModel
 from sft_common.models.lora import lora_from_config
 from sft_common.models.shared import SharedBase
@@ -59,42 +59,29 @@ class MiddleSession(CoreAttributes):
         owner: str,
         config: pb.SessionConfig,
         base: BaseModel,
-        device: str = "cpu",
-        compute_lock: Optional[threading.Lock] = None,
-        max_batch: int = 256,
-        max_seq: int = 512,
-        checkpoint_dir: Optional[str] = None,
+        host: SessionHost = DEFAULT_HOST,
         shared_base: Optional[SharedBase] = None,
     ):
         """As ``TwoPartSession``'s."""
         self.config = config
-        self.spec = check_config(config, base, max_batch, max_seq, check_middle)
-        self.device = device
+        self.spec = host.check(config, base, check_middle)
+        self.device = host.device
         self.lora = lora_from_config(config, base)
-        self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), device)
+        self.inputs = ActivationInput(config, self.spec.cut_width(base.hidden_size), host.device)
         # With LoRA, built on the frozen base of this model and split (the first session's).
         shared = shared_base if self.lora else None
-        net2, self.factors = build_ushape_cloud(base, ushape_from_config(config), device, shared)
+        net2, self.factors = build_ushape_cloud(base, ushape_from_config(config), host.device, shared)
         # u1 for the edge (SessionOpened.edge_factor); None at the FFN input.
         self.edge_factor = None if self.factors is None else self.factors.u
         factors = part_factors(net2)
         # With LoRA: adapters; the factors trainable; the base frozen, shareable.
         side = LORA_SIDES["middle"]
-        lora_dict = adapt_lora(net2, self.lora, config.seed, side, factors, shared_base, compute_lock)
+        lora_dict = adapt_lora(net2, self.lora, config.seed, side, factors, shared_base, host.compute_lock)
         fingerprint = session_fingerprint(
             base.fingerprint, self.spec, config.num_labels, lora_dict, config.tail_layers
         )
         self.core = SessionCore(
-            session_id,
-            owner,
-            config,
-            fingerprint,
-            net2,
-            factors,
-            device,
-            compute_lock,
-            checkpoint_dir,
-            rolled_back=self._drop_pending,
+            session_id, owner, config, fingerprint, net2, factors, host, rolled_back=self._drop_pending
         )
         self.core.delta = self.inputs.caches
         # The step whose forward is applied and whose gradient is awaited: (step, â1 as received,

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
@@ -30,6 +31,7 @@ from sft_cloud.sessions.admission import Admission
 from sft_cloud.sessions.batcher import StepBatcher
 from sft_cloud.sessions.core import Session
 from sft_cloud.sessions.frozen import FrozenMiddleSession
+from sft_cloud.sessions.host import SessionHost
 from sft_cloud.sessions.inference import IdleCaches
 from sft_cloud.sessions.middle import MiddleSession
 from sft_cloud.sessions.two_part import TwoPartSession
@@ -59,12 +61,8 @@ class SessionRegistry:
         batcher: Optional[StepBatcher] = None,
         admission: Optional[Admission] = None,
     ):
-        self.device = device
-        self.checkpoint_dir = checkpoint_dir  # sessions are restored from here after a restart
         self.idle_timeout = idle_timeout
         self.admission = admission or Admission(max_sessions)  # the limits; none given: max_sessions alone
-        self.max_batch = max_batch
-        self.max_seq = max_seq
         self.replica_id = replica_id or default_replica_id()  # names this replica in lease files
         self.lease_seconds = lease_seconds  # a lease not renewed for this long has expired
         self._sessions: Dict[str, Session] = {}
@@ -75,6 +73,8 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self.batcher = batcher or StepBatcher(window=0.0)  # LoRA sessions' steps together (0 s: alone)
         self._compute_lock = self.batcher.compute_lock  # see SessionCore.rng
+        # Where every session runs, its limits and its checkpoints (restored from there after a restart).
+        self.host = SessionHost(device, self._compute_lock, max_batch, max_seq, checkpoint_dir)
         self.caches = IdleCaches()  # the KV caches of streams generating now: freed when idle
 
     def sessions(self) -> List[Session]:
@@ -95,19 +95,7 @@ class SessionRegistry:
             return self.attach(msg, owner)
         with self._lock:
             self._admit(msg.config)  # before anything is built: delta mode's caches included
-        base = self._base(msg.config.model)
-        session = session_class(msg.config)(
-            secrets.token_urlsafe(24),
-            owner,
-            msg.config,
-            base,
-            self.device,
-            self._compute_lock,
-            self.max_batch,
-            self.max_seq,
-            self.checkpoint_dir,
-            self._shared(msg.config, base),
-        )
+        session = self._build(secrets.token_urlsafe(24), owner, msg.config, self._base(msg.config.model))
         _check_fingerprint(msg, session)
         lease, _ = self._take(session)
         try:
@@ -165,18 +153,7 @@ class SessionRegistry:
             if session_id in self._sessions:  # another stream restored it meanwhile
                 return self._sessions[session_id]
             self._admit(config)  # a restored session is held to today's limits
-        session = session_class(config)(
-            session_id,
-            str(meta["owner"]),
-            config,
-            base,
-            self.device,
-            self._compute_lock,
-            self.max_batch,
-            self.max_seq,
-            self.checkpoint_dir,
-            self._shared(config, base),
-        )
+        session = self._build(session_id, str(meta["owner"]), config, base)
         lease, previous = self._take(session)
         try:
             newest = ckpts.steps()[0]  # read after the claim: the old holder can write no newer one
@@ -204,6 +181,23 @@ class SessionRegistry:
             how,
         )
         return session
+
+    def _build(
+        self, session_id: str, owner: str, config: pb.SessionConfig, base: BaseModel, reopened: bool = False
+    ) -> Session:
+        """The session ``config`` asks for (``session_class``) on this daemon's host, built on the
+        frozen base its model and split share; a finished session ``reopened`` for inference on its
+        own tensors, with no checkpoint folder."""
+        if reopened:
+            return session_class(config)(
+                session_id, owner, config, base, replace(self.host, checkpoint_dir=None)
+            )
+        return session_class(config)(session_id, owner, config, base, self.host, self._shared(config, base))
+
+    @property
+    def checkpoint_dir(self) -> Optional[str]:
+        """Where sessions are checkpointed and restored from after a restart; None: nowhere."""
+        return self.host.checkpoint_dir
 
     def _take(self, session: Session) -> Tuple[Optional[Lease], Optional[LeaseRecord]]:
         """Claim the session's lease (with a checkpoint dir): its steps and checkpoints are fenced
@@ -270,17 +264,7 @@ class SessionRegistry:
             )
         meta, path = finished.read_final(self.checkpoint_dir, msg.session_id, owner)
         config = pb.SessionConfig.FromString(bytes.fromhex(meta["config"]))
-        session = session_class(config)(
-            msg.session_id,
-            owner,
-            config,
-            self._base(config.model),
-            self.device,
-            self._compute_lock,
-            self.max_batch,
-            self.max_seq,
-            None,
-        )
+        session = self._build(msg.session_id, owner, config, self._base(config.model), reopened=True)
         _check_fingerprint(msg, session)
         finished.load_weights(session.core, path)
         session.core.next_step = int(meta["step"])

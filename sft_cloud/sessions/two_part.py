@@ -9,7 +9,6 @@ once, fencing, checkpoints) is its ``SessionCore``.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional, Tuple
 
 import torch
@@ -17,8 +16,9 @@ import torch
 from sft_cloud.sessions.adapters import adapt_lora
 from sft_cloud.sessions.batcher import Job
 from sft_cloud.sessions.core import CoreAttributes, SessionCore, not_its_step
+from sft_cloud.sessions.host import DEFAULT_HOST, SessionHost
 from sft_cloud.sessions.inputs import ActivationInput
-from sft_cloud.sessions.validation import check_config, invalid
+from sft_cloud.sessions.validation import invalid
 from sft_common.models.base_model import BaseModel
 from sft_common.models.lora import head_parameters, lora_from_config
 from sft_common.models.shared import SharedBase
@@ -49,42 +49,32 @@ class TwoPartSession(CoreAttributes):
         owner: str,
         config: pb.SessionConfig,
         base: BaseModel,
-        device: str = "cpu",
-        compute_lock: Optional[threading.Lock] = None,
-        max_batch: int = 256,
-        max_seq: int = 512,
-        checkpoint_dir: Optional[str] = None,
+        host: SessionHost = DEFAULT_HOST,
         shared_base: Optional[SharedBase] = None,
     ):
-        """``shared_base``: with LoRA, the frozen base of every session of this model and split
+        """``host``: where it runs, the limits its config is checked against, its checkpoints.
+        ``shared_base``: with LoRA, the frozen base of every session of this model and split
         (recorded by the first; later sessions are built on its tensors, their head their own)."""
         self.config = config
-        self.spec = check_config(config, base, max_batch, max_seq, check_two_part)
-        self.device = device
+        self.spec = host.check(config, base, check_two_part)
+        self.device = host.device
         self.lora = lora_from_config(config, base)
         width = self.spec.cut_width(base.hidden_size)
-        self.inputs = ActivationInput(config, width, device)
+        self.inputs = ActivationInput(config, width, host.device)
         # With LoRA, built on the frozen base of this model and split (the first session's).
         shared = shared_base if self.lora else None
-        net2, edge_factor = build_cloud_half(base, self.spec, config.num_labels, config.seed, device, shared)
+        net2, edge_factor = build_cloud_half(
+            base, self.spec, config.num_labels, config.seed, host.device, shared
+        )
         # u for the edge (SessionOpened.edge_factor); None: none sent.
         self.edge_factor: Optional[torch.Tensor] = edge_factor
         factors = factor_parameters(net2)
         # With LoRA: adapters; Σ, v and the head trainable; the base frozen, shareable.
         keep = factors + head_parameters(net2)
-        lora_dict = adapt_lora(net2, self.lora, config.seed, "cloud", keep, shared_base, compute_lock)
+        lora_dict = adapt_lora(net2, self.lora, config.seed, "cloud", keep, shared_base, host.compute_lock)
         fingerprint = session_fingerprint(base.fingerprint, self.spec, config.num_labels, lora_dict, None)
         self.core = SessionCore(
-            session_id,
-            owner,
-            config,
-            fingerprint,
-            net2,
-            factors,
-            device,
-            compute_lock,
-            checkpoint_dir,
-            rolled_back=self._drop_micro_batches,
+            session_id, owner, config, fingerprint, net2, factors, host, rolled_back=self._drop_micro_batches
         )
         self.core.delta = self.inputs.caches
         self.next_micro = 0  # micro-batches of next_step applied so far (gradients accumulated)

@@ -60,9 +60,7 @@ class Run:
             config = _config(model, i, two_part, lora_rank)
             base = BASES[model]
             shared = self.registry._shared(config, base)
-            session = kind(
-                f"s{i}", "edge", config, base, "cpu", self.registry._compute_lock, shared_base=shared
-            )
+            session = kind(f"s{i}", "edge", config, base, self.registry.host, shared)
             self.registry._hold(session, None)
             self.sessions.append(session)
         self.replies: Dict[int, List[torch.Tensor]] = {i: [] for i in range(n)}

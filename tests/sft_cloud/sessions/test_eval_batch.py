@@ -51,10 +51,8 @@ class Run:
         self.sessions = []
         for i in range(n):
             config, base = _config(model, i, side_widths[i] if side_widths else 0), BASES[model]
-            session = FrozenMiddleSession(
-                f"s{i}", "edge", config, base, "cpu", self.registry._compute_lock,
-                shared_base=self.registry._shared(config, base),
-            )  # fmt: skip
+            shared = self.registry._shared(config, base)
+            session = FrozenMiddleSession(f"s{i}", "edge", config, base, self.registry.host, shared)
             self.registry._hold(session, None)
             self.sessions.append(session)
         self.replies: Dict[int, List[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {i: [] for i in range(n)}
