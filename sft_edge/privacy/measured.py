@@ -94,6 +94,12 @@ def _smol_noised(noise: float) -> Source:
     return Source(_SMOL_NOISED, f"{_PRICE_DIR}/{name}.json", command)
 
 
+_SMOL_LAYER4_NOISED = Source(
+    _SMOL_NOISED,
+    f"{_PRICE_DIR}/tokens-smollm2-layer4-dp0.0003.json",
+    "OMP_NUM_THREADS=1 python -m bench.inversion --model smollm2-135m-instruct --layers 4 --ranks "
+    f"--wire int4-hadamard --dp-noise 0.0003 --dp-clip 1305 --out-dir {_PRICE_DIR} --name tokens-smollm2-layer4-dp0.0003",
+)
 _MINI_LABELS = Source("The labels", _MINI.file, _MINI.command)
 _SMOL_LABELS = Source("The labels", _SMOL.file, _SMOL.command)
 _LABELS_4 = Source(
@@ -189,13 +195,42 @@ def _minilm_u_labels(recovered, of, chance, source, classes, defence=None) -> Me
 
 
 def _smollm2_text(
-    tail: int, recovered: float, plain: str, wire: str = "int4-6-hadamard", source: Source = _TEXT
+    tail: int,
+    recovered: float,
+    plain: str,
+    wire: str = "int4-6-hadamard",
+    source: Source = _TEXT,
+    defence: Optional[Tuple[float, float]] = None,
 ) -> Measured:
     """The text attack on SmolLM2's U (full width, first cut 0) through ``wire``'s gradient codec."""
     of = _COMPLETION_MEASURED.format(plain=plain)
     return Measured(
-        SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, 0, tail, wire, recovered, of, 0.0387, source
+        model=SMOLLM2,
+        decoder=True,
+        layers=30,
+        message=_GRADIENT_NEXT,
+        cut="sl",
+        width=576,
+        split_layer=0,
+        tail_layers=tail,
+        wire_dtype=wire,
+        recovered=recovered,
+        of=of,
+        baseline=0.0387,
+        source=source,
+        defence=defence,
     )
+
+
+def _smol_text_noised(noise: float) -> Source:
+    """The text attack through the default's 4-bit gradient under ``--dp-grad-noise noise``."""
+    name = f"text-smollm2-grad{noise:g}"
+    command = (
+        "OMP_NUM_THREADS=1 python -m bench.gradient_attacks text --steps 2 --window 2 --tail-layers 1 "
+        f"--init-steps 2 --wire int4-6-hadamard-grad4 --dp-grad-noise {noise:g} --dp-grad-clip 0.00157 "
+        f"--out-dir {_PRICE_DIR} --name {name}"
+    )
+    return Source("The price on SmolLM2: noise on the gradient sent up", f"{_PRICE_DIR}/{name}.json", command)
 
 
 MEASURED: Tuple[Measured, ...] = (
@@ -243,6 +278,12 @@ MEASURED: Tuple[Measured, ...] = (
         )
         for noise, recovered in ((0.001, 0.9537), (0.003, 0.8761), (0.01, 0.5119))
     ),
+    # ... and a first cut at layer 4, noised at its median norm
+    replace(
+        _tokens(SMOLLM2, True, 30, "sl", 576, 4, 0.8229, _SMOL_BASE, _SMOL_LAYER4_NOISED),
+        wire_dtype="int4-hadamard",
+        defence=(0.0003, 1305.0),
+    ),
     # the two-part split sends the label ids themselves: the cloud reads them (TrainStep.labels)
     Measured(MINILM, False, 6, LABELS_UP, None, None, None, None, None, 1.0, _LABEL_IDS, None, _MINI_LABELS),
     Measured(SMOLLM2, True, 30, LABELS_UP, None, None, None, None, None, 1.0, _LABEL_IDS, None, _SMOL_LABELS),
@@ -257,6 +298,11 @@ MEASURED: Tuple[Measured, ...] = (
     # a causal LM's U: the LM head's rows scored against the gradient, full-width second cut
     _smollm2_text(1, 0.7292, "67.4 %"),
     _smollm2_text(1, 0.7292, "68.8 %", "int4-6-hadamard-grad4", _TEXT_GRAD4),  # the default: 4-bit gradients
+    # ... through --dp-grad-noise at the median example's gradient norm
+    *(
+        _smollm2_text(1, got, plain, "int4-6-hadamard-grad4", _smol_text_noised(noise), (noise, 0.00157))
+        for noise, got, plain in ((0.1, 0.0162, "0.9 %"), (0.5, 0.0, "0.0 %"), (2.0, 0.0, "0.0 %"))
+    ),
     Measured(SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, None, 2, None, 0.894, _COMPLETION, 0.17, _ISSUE_30, _NOT_IN_ISSUE),
     _smollm2_text(4, 0.6389, "54.6 %"),
     Measured(SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, None, 8, None, 0.657, _COMPLETION, 0.17, _ISSUE_30, _NOT_IN_ISSUE),

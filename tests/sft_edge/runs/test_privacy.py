@@ -37,9 +37,11 @@ def _minilm_u(dp=None, classes=2) -> Setting:
 
 
 def _smollm2_u(
-    tail=1, cut="sl", width=576, wire="int4-6-hadamard", targets="next tokens", layer=0
+    tail=1, cut="sl", width=576, wire="int4-6-hadamard", targets="next tokens", layer=0, dp=None
 ) -> Setting:
-    return Setting("label-private", SMOLLM2, True, 30, cut, width, layer, tail, wire, targets)
+    return Setting(
+        "label-private", SMOLLM2, True, 30, cut, width, layer, tail, wire, targets, dp or DPOptions()
+    )
 
 
 def _by_message(privacy):
@@ -71,6 +73,7 @@ def _recorded_in_json(row: Measured, result: dict) -> bool:
             and f"{100 * first['plain']:.1f} %" in row.of
             and result["baseline"]["token_recovery"] == row.baseline
             and (result["args"]["wire"], result["args"]["first_cut"]) == (row.wire_dtype, row.split_layer)
+            and _defence_args(result, "dp_grad_noise", "dp_grad_clip") == row.defence
         )
     if row.message == "activations up":
         mode = JSON_MODES[row.cut].format(width=row.width)
@@ -226,6 +229,20 @@ def test_a_defended_row_is_quoted_only_for_that_defence():
     # and an undefended run never gets a defended row
     assert all(
         f["measured"]["defence"] is None for f in privacy_of(_minilm_u())["recovered"] if f["measured"]
+    )
+
+
+def test_a_decoder_u_with_the_gradients_noise_quotes_the_text_attack_through_it():
+    """SmolLM2's text attack through --dp-grad-noise 0.1 at the median gradient norm (1.6 %), for a run
+    with that noise and clip at the default wire; the first cut, not noised, keeps its 97 %."""
+    dp = DPOptions(grad_noise=0.1, grad_clip=0.00157)
+    found = _by_message(privacy_of(_smollm2_u(wire="int4-6-hadamard-grad4", dp=dp)))
+    text = found["gradient up (next tokens)"]
+    assert text["measured"]["recovered"] == 0.0162 and not text["differs"]
+    assert text["source"]["file"] == "bench/results/privacy_price/text-smollm2-grad0.1.json"
+    assert (
+        found["activations up"]["measured"]["recovered"] > 0.9
+        and found["activations up"]["measured"]["defence"] is None
     )
 
 
