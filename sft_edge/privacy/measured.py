@@ -301,7 +301,14 @@ MEASURED: Tuple[Measured, ...] = (
     # ... through --dp-grad-noise at the median example's gradient norm
     *(
         _smollm2_text(1, got, plain, "int4-6-hadamard-grad4", _smol_text_noised(noise), (noise, 0.00157))
-        for noise, got, plain in ((0.1, 0.0162, "0.9 %"), (0.5, 0.0, "0.0 %"), (2.0, 0.0, "0.0 %"))
+        for noise, got, plain in (
+            (0.01, 0.4815, "41.9 %"),
+            (0.03, 0.2546, "19.0 %"),
+            (0.05, 0.1181, "6.7 %"),
+            (0.1, 0.0162, "0.9 %"),
+            (0.5, 0.0, "0.0 %"),
+            (2.0, 0.0, "0.0 %"),
+        )
     ),
     Measured(SMOLLM2, True, 30, _GRADIENT_NEXT, "sl", 576, None, 2, None, 0.894, _COMPLETION, 0.17, _ISSUE_30, _NOT_IN_ISSUE),
     _smollm2_text(4, 0.6389, "54.6 %"),
