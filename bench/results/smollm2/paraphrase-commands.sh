@@ -142,3 +142,17 @@ python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51741 &
 mkdir -p /tmp/s19/fo-t16-4e-3 && cp -r /tmp/s19/fo-t16/activation_cache /tmp/s19/fo-t16-4e-3/
 /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --forward-only --tail-layers 16 --lora-targets $ALL \
   --cloud 127.0.0.1:51741 --insecure --output-dir /tmp/s19/fo-t16-4e-3 --report /tmp/s19/fo-t16-4e-3-report.json
+
+# 16. The U of run 12 with the gradient's defence at the median example's gradient norm (session 20, its own
+#     daemon, beside run 17 and benchmarks, load 3): paraphrase-u-grad4-dpgrad0.1-lora-m80-s42.json (36 min, 1.78 GB)
+python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51941 --checkpoint-dir /tmp/s20/ugn/cloud &
+/usr/bin/time -v python -m sft_edge.cli train $COMMON --label-private --wire-dtype int4-6-hadamard-grad4 \
+  --dp-grad-noise 0.1 --dp-grad-clip 0.00157 \
+  --cloud 127.0.0.1:51941 --insecure --output-dir /tmp/s20/ugn/run --report /tmp/s20/ugn/report.json
+
+# 17. Forward-only with 12 LoRA tail layers (every linear) at --lr 4e-3, forward-only's default wire (session 20,
+#     its own daemon, beside run 16): paraphrase-forward-only-tail12-lora-all-int4-hadamard-lr4e-3-m80-s42.json
+#     (30 min, peak RSS 2.26 GB)
+python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 52041 &
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --forward-only --tail-layers 12 --lora-targets $ALL \
+  --cloud 127.0.0.1:52041 --insecure --output-dir /tmp/s20/fo12/run --report /tmp/s20/fo12/report.json
