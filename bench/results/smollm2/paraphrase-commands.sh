@@ -156,3 +156,11 @@ python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 51941 --checkpo
 python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 52041 &
 /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --forward-only --tail-layers 12 --lora-targets $ALL \
   --cloud 127.0.0.1:52041 --insecure --output-dir /tmp/s20/fo12/run --report /tmp/s20/fo12/report.json
+
+# 18. The same at --dp-grad-noise 0.05, the least noise measured that brings the text attack under the
+#     baseline + 10 points (session 20, its own daemon, beside a test suite, load 3):
+#     paraphrase-u-grad4-dpgrad0.05-lora-m80-s42.json (26 min)
+python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 52141 --checkpoint-dir /tmp/s20/ugn05/cloud &
+/usr/bin/time -v python -m sft_edge.cli train $COMMON --label-private --wire-dtype int4-6-hadamard-grad4 \
+  --dp-grad-noise 0.05 --dp-grad-clip 0.00157 \
+  --cloud 127.0.0.1:52141 --insecure --output-dir /tmp/s20/ugn05/run --report /tmp/s20/ugn05/report.json
