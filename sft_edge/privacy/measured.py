@@ -84,22 +84,17 @@ _PRICE_DIR = "bench/results/privacy_price"
 _SMOL_NOISED = "The price on SmolLM2: noise at the first cut"
 
 
-def _smol_noised(noise: float) -> Source:
-    """An inversion of SmolLM2's first cut through forward-only's wire under ``--dp-noise noise``."""
-    name = f"tokens-smollm2-dp{noise:g}"
+def _smol_noised(noise: float, layer: int = 0, clip: float = 403.4) -> Source:
+    """An inversion of SmolLM2's first cut at ``layer`` through forward-only's wire under
+    ``--dp-noise noise --dp-clip clip`` (the dev examples' median norm there)."""
+    name = f"tokens-smollm2{f'-layer{layer}' if layer else ''}-dp{noise:g}"
     command = (
-        "OMP_NUM_THREADS=1 python -m bench.inversion --model smollm2-135m-instruct --layers 0 --ranks "
-        f"--wire int4-hadamard --dp-noise {noise:g} --dp-clip 403.4 --out-dir {_PRICE_DIR} --name {name}"
+        f"OMP_NUM_THREADS=1 python -m bench.inversion --model smollm2-135m-instruct --layers {layer} --ranks "
+        f"--wire int4-hadamard --dp-noise {noise:g} --dp-clip {clip:g} --out-dir {_PRICE_DIR} --name {name}"
     )
     return Source(_SMOL_NOISED, f"{_PRICE_DIR}/{name}.json", command)
 
 
-_SMOL_LAYER4_NOISED = Source(
-    _SMOL_NOISED,
-    f"{_PRICE_DIR}/tokens-smollm2-layer4-dp0.0003.json",
-    "OMP_NUM_THREADS=1 python -m bench.inversion --model smollm2-135m-instruct --layers 4 --ranks "
-    f"--wire int4-hadamard --dp-noise 0.0003 --dp-clip 1305 --out-dir {_PRICE_DIR} --name tokens-smollm2-layer4-dp0.0003",
-)
 _MINI_LABELS = Source("The labels", _MINI.file, _MINI.command)
 _SMOL_LABELS = Source("The labels", _SMOL.file, _SMOL.command)
 _LABELS_4 = Source(
@@ -280,7 +275,7 @@ MEASURED: Tuple[Measured, ...] = (
     ),
     # ... and a first cut at layer 4, noised at its median norm
     replace(
-        _tokens(SMOLLM2, True, 30, "sl", 576, 4, 0.8229, _SMOL_BASE, _SMOL_LAYER4_NOISED),
+        _tokens(SMOLLM2, True, 30, "sl", 576, 4, 0.8229, _SMOL_BASE, _smol_noised(0.0003, 4, 1305.0)),
         wire_dtype="int4-hadamard",
         defence=(0.0003, 1305.0),
     ),
