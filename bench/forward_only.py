@@ -36,6 +36,18 @@ KINDS: List[Tuple[str, Dict[str, Any]]] = [
     ("forward-only, fp32", {"forward_only": True, "wire_dtype": "fp32"}),
     ("forward-only, int4-6-hadamard", {"forward_only": True, "wire_dtype": "int4-6-hadamard"}),
     ("forward-only, int4-hadamard", {"forward_only": True, "wire_dtype": "int4-hadamard"}),
+    # the gRPC stream packed (--compression zstd-stream: one zstd stream a direction, tensors raw)
+    # at the U's default and at forward-only's 4 and 3 bits
+    (
+        "U (backprop), int4-6-hadamard-grad4, zstd-stream",
+        {"label_private": True, "compression": "zstd-stream"},
+    ),
+    ("forward-only, int4-hadamard, zstd-stream", {"forward_only": True, "compression": "zstd-stream"}),
+    ("forward-only, int3-hadamard", {"forward_only": True, "wire_dtype": "int3-hadamard"}),
+    (
+        "forward-only, int3-hadamard, zstd-stream",
+        {"forward_only": True, "wire_dtype": "int3-hadamard", "compression": "zstd-stream"},
+    ),
     # the side network beside the frozen model: no LoRA (the backbone stays the base's)
     ("forward-only, parallel", {"forward_only": True, "adapters": "parallel", "peft": None}),
 ]

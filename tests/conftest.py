@@ -57,20 +57,21 @@ def live_server():
 @pytest.fixture
 def recorded(tmp_path, monkeypatch):
     """(address, registry, messages): a daemon keeping finished sessions, and every (EdgeMessage,
-    CloudMessage) pair it answered (what the cloud was handed, for the link-content tests)."""
+    CloudMessage) pair it answered (what the cloud was handed, for the link-content tests; a
+    packed stream's messages unpacked)."""
     from sft_cloud.daemon.protocol import StreamProtocol
     from sft_cloud.daemon.server import ServeConfig, create_server
     from sft_cloud.sessions.registry import SessionRegistry
 
     messages = []
-    handle = StreamProtocol.handle
+    answer = StreamProtocol._answer
 
     def record(self, msg):
-        reply = handle(self, msg)
+        reply = answer(self, msg)
         messages.append((msg, reply))
         return reply
 
-    monkeypatch.setattr(StreamProtocol, "handle", record)
+    monkeypatch.setattr(StreamProtocol, "_answer", record)
     registry = SessionRegistry(checkpoint_dir=str(tmp_path / "cloud"))
     server, port, _ = create_server(ServeConfig(host="127.0.0.1", port=0, insecure=True), registry)
     yield f"127.0.0.1:{port}", registry, messages

@@ -1,9 +1,10 @@
-"""The per-stream state machine: the first message opens a session, the rest drive it."""
+"""The per-stream state machine: the first message opens a session, the rest drive it (packed, where
+the edge asked: ``sft_common.wire.stream``)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import grpc
 
@@ -13,24 +14,61 @@ from sft_cloud.sessions.inference import CachedMiddle, cached_middle
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
 from sft_common.wire.errors import ProtocolError
+from sft_common.wire.stream import Packer, Unpacker
 
 log = logging.getLogger("sft_cloud")
 
 
 TRAINING = ("train", "forward_up", "gradient_up")  # what each session kind answers with step()
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the daemon's default gRPC cap (--max-message-mb)
 
 
 class StreamProtocol:
     """Turns each EdgeMessage of one stream into exactly one CloudMessage (or a ProtocolError)."""
 
-    def __init__(self, registry: SessionRegistry, owner: str):
+    def __init__(self, registry: SessionRegistry, owner: str, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.registry = registry
         self.owner = owner
         self.session: Optional[Session] = None
         self.closed = False
         self.decoding: Optional[CachedMiddle] = None  # the KV cache of this stream's generation
+        self.max_message_bytes = max_message_bytes
+        self.packing: Optional[Tuple[Unpacker, Packer]] = None  # once the open asked for it
+        self.packed_kind = ""  # the kind of the last packed message (the daemon's metrics label it so)
 
     def handle(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        """The answer to ``msg``; a packed message is answered packed. The session counts the
+        bytes as they crossed (packed, where they were)."""
+        kind = msg.WhichOneof("kind")
+        reply = self._answer(msg) if kind != "packed" else self._packed(msg)
+        if self.session is not None and kind != "open":
+            self.session.core.bytes_received += msg.ByteSize()
+            self.session.core.bytes_sent += reply.ByteSize()
+        return reply
+
+    def _packed(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
+        if self.packing is None:
+            raise ProtocolError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "a packed message on a stream whose open did not ask for packing",
+            )
+        unpacker, packer = self.packing
+        inner = unpacker.unpack(msg.packed, self.max_message_bytes, self._refuse_packed)
+        try:
+            inner_msg = pb.EdgeMessage.FromString(inner)
+        except Exception as exc:  # protobuf's DecodeError
+            raise self._refuse_packed(f"it does not hold an EdgeMessage ({exc})") from None
+        self.packed_kind = inner_msg.WhichOneof("kind") or "empty"
+        if self.packed_kind in ("packed", "open"):
+            raise self._refuse_packed(f"it holds a {self.packed_kind} message")
+        reply = self._answer(inner_msg)
+        return pb.CloudMessage(packed=packer.pack(reply.SerializeToString()))
+
+    @staticmethod
+    def _refuse_packed(why: str) -> ProtocolError:
+        return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"packed message refused: {why}")
+
+    def _answer(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
         kind = msg.WhichOneof("kind")
         if self.closed:
             raise ProtocolError(grpc.StatusCode.FAILED_PRECONDITION, "the session is closed")
@@ -45,8 +83,6 @@ class StreamProtocol:
         core = self.session.core
         core.touch()
         reply = self._handle(kind, msg)
-        core.bytes_received += msg.ByteSize()
-        core.bytes_sent += reply.ByteSize()
         if kind == "checkpoint":
             self._log("checkpointed at step %d", msg.checkpoint.step)
         elif kind == "close" and not core.inference_only:
@@ -67,6 +103,9 @@ class StreamProtocol:
         self.session = session
         opened = session.opened(at=step)
         opened.restored = restored
+        if msg.pack_stream:  # every later message of this stream may come packed
+            self.packing = (Unpacker(), Packer())
+            opened.stream_packed = True
         self._log_open(msg, opened, restored)
         return pb.CloudMessage(opened=opened)
 

@@ -72,7 +72,9 @@ def create_server(
         maximum_concurrent_rpcs=cfg.max_sessions + 8,
         interceptors=interceptors,
     )
-    servicer = SplitTrainerServicer(registry, identity=auth.identity, metrics=metrics)
+    servicer = SplitTrainerServicer(
+        registry, identity=auth.identity, metrics=metrics, max_message_bytes=cfg.max_message_mb * 1024 * 1024
+    )
     registry.batcher.report = servicer.metrics.batch  # batched steps' sizes and waits
     pb_grpc.add_SplitTrainerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

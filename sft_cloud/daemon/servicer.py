@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Optional
 import grpc
 
 from sft_cloud.daemon.metrics import DaemonMetrics, Timer
-from sft_cloud.daemon.protocol import StreamProtocol
+from sft_cloud.daemon.protocol import MAX_MESSAGE_BYTES, StreamProtocol
 from sft_cloud.sessions.registry import SessionRegistry
 from sft_common.proto import sft_pb2 as pb
 from sft_common.proto import sft_pb2_grpc as pb_grpc
@@ -29,13 +29,15 @@ class SplitTrainerServicer(pb_grpc.SplitTrainerServicer):
         registry: SessionRegistry,
         identity: Callable[[grpc.ServicerContext], str] = anonymous,
         metrics: Optional[DaemonMetrics] = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ):
         self.registry = registry
+        self.max_message_bytes = max_message_bytes  # what a packed message may decompress to
         self.identity = identity
         self.metrics = metrics or DaemonMetrics(sessions=registry.__len__)
 
     def Train(self, request_iterator: Iterator[pb.EdgeMessage], context: grpc.ServicerContext):
-        protocol = StreamProtocol(self.registry, self.identity(context))
+        protocol = StreamProtocol(self.registry, self.identity(context), self.max_message_bytes)
         self.metrics.streams.inc()
         try:
             for msg in request_iterator:
@@ -48,6 +50,8 @@ class SplitTrainerServicer(pb_grpc.SplitTrainerServicer):
                     log.warning("session %s: refused %s: %s", sid, kind, exc)
                     self.metrics.refuse(exc.code.name, msg.ByteSize())
                     context.abort(exc.code, exc.message)
+                if kind == "packed":
+                    kind = protocol.packed_kind
                 self.metrics.observe(kind, msg.ByteSize(), reply.ByteSize(), timer.seconds)
                 yield reply
         finally:

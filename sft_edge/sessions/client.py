@@ -88,6 +88,13 @@ class SessionClient:
                 "without --delta-cache-mb",
                 local=True,
             )
+        if open_msg.pack_stream and not opened.stream_packed:
+            raise CloudError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the daemon does not pack streams (a version from before it?): upgrade it, or train "
+                "with --compression zstd",
+                local=True,
+            )
         self._open.session_id = self.session_id = opened.session_id
         # the step in flight (or next): what a re-attachment offers first
         self.start_step = self.live_step = opened.next_step
