@@ -164,3 +164,11 @@ python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 52141 --checkpo
 /usr/bin/time -v python -m sft_edge.cli train $COMMON --label-private --wire-dtype int4-6-hadamard-grad4 \
   --dp-grad-noise 0.05 --dp-grad-clip 0.00157 \
   --cloud 127.0.0.1:52141 --insecure --output-dir /tmp/s20/ugn05/run --report /tmp/s20/ugn05/report.json
+
+# 19. Forward-only with 16 LoRA tail layers (every linear) at --lr 4e-3 as run 15, 3 bits both ways
+#     (--wire-dtype int3-hadamard; session 21, its own daemon, for 17 of its 22 min beside a benchmark, load 2-3):
+#     paraphrase-forward-only-tail16-lora-all-int3-hadamard-lr4e-3-m80-s42.json (22 min, peak RSS 2.49 GB)
+python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 52141 &
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --forward-only --tail-layers 16 --lora-targets $ALL \
+  --wire-dtype int3-hadamard --compression zstd \
+  --cloud 127.0.0.1:52141 --insecure --output-dir /tmp/s21/fo3/run --report /tmp/s21/fo3/report.json
