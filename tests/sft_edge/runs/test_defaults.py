@@ -54,11 +54,12 @@ def test_defaults_per_kind_and_model(model, flags, want):
         (
             "random:tiny-llama",
             {"label_private": True},
-            "zstd",
-        ),  # a rotated-group wire: zstd takes a third off
-        ("random:tiny-llama", {"forward_only": True}, "zstd"),
-        ("random:tiny-llama", {"label_private": True, "wire_dtype": "int4-hadamard"}, "zstd"),
-        ("random:tiny-llama", {"label_private": True, "wire_dtype": "int4-6-hadamard-grad4"}, "zstd"),
+            "zstd-stream",
+        ),  # a rotated-group wire: zstd takes a third off, packing the stream more
+        ("random:tiny-llama", {"forward_only": True}, "zstd-stream"),
+        ("random:tiny-llama", {"label_private": True, "wire_dtype": "int4-hadamard"}, "zstd-stream"),
+        ("random:tiny-llama", {"label_private": True, "wire_dtype": "int4-6-hadamard-grad4"}, "zstd-stream"),
+        ("random:tiny-llama", {"forward_only": True, "compression": "zstd"}, "zstd"),
         ("random:tiny-llama", {"label_private": True, "compression": "lz4"}, "lz4"),  # a flag is kept
         ("random:tiny-llama", {"label_private": True, "compression": "none"}, "none"),
         ("random:tiny-llama", {"label_private": True, "wire_dtype": "int8"}, "none"),
