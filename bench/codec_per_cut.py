@@ -3,9 +3,9 @@
 The U's three parts of the model (first cut at ``--split-layer``, one tail layer, full width) in
 one process, on the first ``--dev-rows`` rows of the paraphrase set; the activations of one cut go
 through a wire's codec (encoded and decoded), the other cut's stay exact, or both go through
-codecs. Rotated groups of other widths than the product's (5 bits) are simulated with
-``wire.hadamard``'s rotation and fp16 group scales (no packing). Issue 34's choice of 4 bits up,
-6 down comes from this. Usage: python -m bench.codec_per_cut [--dev-rows 32]
+codecs. Rotated groups of other widths than the product's (5 bits), and 3 bits with 8 levels
+(``int3-midrise``), are simulated with ``wire.hadamard``'s rotation and fp16 group scales (no
+packing). Issue 34's choice of 4 bits up, 6 down comes from this. Usage: python -m bench.codec_per_cut [--dev-rows 32]
 """
 
 from __future__ import annotations
@@ -41,13 +41,33 @@ def simulated_groups(x: torch.Tensor, top: int) -> torch.Tensor:
     return out
 
 
+def simulated_midrise(x: torch.Tensor, clip: float = 0.9) -> torch.Tensor:
+    """``x`` (rows, n) through rotated groups at 3 bits with all 8 levels (mid-rise: +-0.5 .. +-3.5
+    steps, no zero) and the step at ``clip`` times the group's largest value / 3.5; massive rows in bf16."""
+    rows, n = x.shape
+    out, keep = x.clone(), torch.ones(rows, dtype=torch.bool)
+    outliers = hadamard.outlier_rows(x)
+    keep[outliers] = False
+    out[outliers] = x[outliers].bfloat16().float()
+    group = hadamard.group_for(n)
+    blocks = hadamard.rotate(x[keep], group).reshape(-1, n // group, group)
+    scale = (clip * blocks.abs().amax(2, keepdim=True) / 3.5).half().float()
+    codes = torch.where(
+        scale > 0, (blocks / scale - 0.5).round().clamp(-4, 3) + 0.5, torch.zeros_like(blocks)
+    )
+    out[keep] = hadamard.unrotate((codes * scale).reshape(-1, n), group)
+    return out
+
+
 def through(name: Optional[str], rows: torch.Tensor) -> torch.Tensor:
     """``rows`` as the receiver decodes them: a codec dtype by name (``codec.WIRE_DTYPES``), or
-    "int5-groups", simulated."""
+    "int5-groups" / "int3-midrise", simulated."""
     if name is None:
         return rows
     if name == "int5-groups":
         return simulated_groups(rows, 15)
+    if name == "int3-midrise":
+        return simulated_midrise(rows)
     dtype = codec.WIRE_DTYPES[name]
     return codec.decode(codec.encode(rows, dtype), name="cut", dtype=dtype, max_bytes=1 << 34)
 
