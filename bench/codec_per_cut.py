@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -26,8 +26,9 @@ from sft_common.wire import codec, hadamard
 from sft_edge.data.lm import collate_lm, encode_lm, lm_loss_sum, read_lm_rows
 
 
-def simulated_groups(x: torch.Tensor, top: int) -> torch.Tensor:
-    """``x`` (rows, n) through rotated groups (of 64 where n allows) with codes -top..top and massive rows in bf16."""
+def simulated(x: torch.Tensor, rounded: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``x`` (rows, n) through rotated groups (of 64 where n allows) and massive rows in bf16, each
+    group (..., group) of rotated values replaced by ``rounded`` of it."""
     rows, n = x.shape
     out, keep = x.clone(), torch.ones(rows, dtype=torch.bool)
     outliers = hadamard.outlier_rows(x)
@@ -35,28 +36,36 @@ def simulated_groups(x: torch.Tensor, top: int) -> torch.Tensor:
     out[outliers] = x[outliers].bfloat16().float()
     group = hadamard.group_for(n)
     blocks = hadamard.rotate(x[keep], group).reshape(-1, n // group, group)
-    scale = (blocks.abs().amax(2, keepdim=True) / top).half().float()
-    codes = torch.where(scale > 0, (blocks / scale).round().clamp(-top, top), torch.zeros_like(blocks))
-    out[keep] = hadamard.unrotate((codes * scale).reshape(-1, n), group)
+    out[keep] = hadamard.unrotate(rounded(blocks).reshape(-1, n), group)
     return out
 
 
-def simulated_midrise(x: torch.Tensor, clip: float = 0.9) -> torch.Tensor:
-    """``x`` (rows, n) through rotated groups at 3 bits with all 8 levels (mid-rise: +-0.5 .. +-3.5
-    steps, no zero) and the step at ``clip`` times the group's largest value / 3.5; massive rows in bf16."""
-    rows, n = x.shape
-    out, keep = x.clone(), torch.ones(rows, dtype=torch.bool)
-    outliers = hadamard.outlier_rows(x)
-    keep[outliers] = False
-    out[outliers] = x[outliers].bfloat16().float()
-    group = hadamard.group_for(n)
-    blocks = hadamard.rotate(x[keep], group).reshape(-1, n // group, group)
-    scale = (clip * blocks.abs().amax(2, keepdim=True) / 3.5).half().float()
-    codes = torch.where(
-        scale > 0, (blocks / scale - 0.5).round().clamp(-4, 3) + 0.5, torch.zeros_like(blocks)
-    )
-    out[keep] = hadamard.unrotate((codes * scale).reshape(-1, n), group)
-    return out
+def symmetric(top: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Codes -top..top, the step the group's largest value / top (the product's rotated groups)."""
+
+    def rounded(blocks: torch.Tensor) -> torch.Tensor:
+        scale = (blocks.abs().amax(2, keepdim=True) / top).half().float()
+        codes = torch.where(scale > 0, (blocks / scale).round().clamp(-top, top), torch.zeros_like(blocks))
+        return codes * scale
+
+    return rounded
+
+
+def midrise(clip: float = 0.9) -> Callable[[torch.Tensor], torch.Tensor]:
+    """3 bits with all 8 levels (+-0.5 .. +-3.5 steps, no zero), the step ``clip`` times the group's
+    largest value / 3.5: the values past the clip round to the outer level."""
+
+    def rounded(blocks: torch.Tensor) -> torch.Tensor:
+        scale = (clip * blocks.abs().amax(2, keepdim=True) / 3.5).half().float()
+        codes = torch.where(
+            scale > 0, (blocks / scale - 0.5).round().clamp(-4, 3) + 0.5, torch.zeros_like(blocks)
+        )
+        return codes * scale
+
+    return rounded
+
+
+SIMULATED = {"int5-groups": symmetric(15), "int3-midrise": midrise()}
 
 
 def through(name: Optional[str], rows: torch.Tensor) -> torch.Tensor:
@@ -64,10 +73,8 @@ def through(name: Optional[str], rows: torch.Tensor) -> torch.Tensor:
     "int5-groups" / "int3-midrise", simulated."""
     if name is None:
         return rows
-    if name == "int5-groups":
-        return simulated_groups(rows, 15)
-    if name == "int3-midrise":
-        return simulated_midrise(rows)
+    if name in SIMULATED:
+        return simulated(rows, SIMULATED[name])
     dtype = codec.WIRE_DTYPES[name]
     return codec.decode(codec.encode(rows, dtype), name="cut", dtype=dtype, max_bytes=1 << 34)
 

@@ -440,6 +440,24 @@ def test_decoder_codecs_and_codec_per_cut_run_on_a_tiny_decoder(tmp_path):
     assert all(r["dev perplexity"] > 1 for r in rows)
 
 
+def test_codec_per_cut_simulates_the_product_codes_and_rounds_3_bits_better_with_8_levels():
+    """symmetric(7) decodes as the product's INT4_HADAMARD does (within fp16 scale rounding); the
+    mid-rise 3 bits use 8 levels and land nearer Gaussian rows than 7 symmetric levels do."""
+    import torch
+
+    from bench.codec_per_cut import midrise, simulated, symmetric, through
+
+    rows = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    product = through("int4-hadamard", rows)
+    assert torch.allclose(simulated(rows, symmetric(7)), product, atol=1e-2)
+    blocks = torch.randn(10, 2, 64, generator=torch.Generator().manual_seed(1))
+    step = (0.9 * blocks.abs().amax(2, keepdim=True) / 3.5).half().float()
+    levels = midrise()(blocks) / step
+    assert torch.equal(levels.unique(), torch.arange(-3.5, 4.0))  # all 8, no zero
+    error = {name: (through(name, rows) - rows).norm() for name in ("int3-midrise", "int3-hadamard")}
+    assert error["int3-midrise"] < 0.9 * error["int3-hadamard"], error
+
+
 def test_gemm_rows_measures_every_product_at_every_row_count(tmp_path):
     from bench import gemm_rows
 
