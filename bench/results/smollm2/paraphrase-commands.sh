@@ -172,3 +172,19 @@ python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port 52141 &
 /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4/--lr 4e-3} --forward-only --tail-layers 16 --lora-targets $ALL \
   --wire-dtype int3-hadamard --compression zstd \
   --cloud 127.0.0.1:52141 --insecure --output-dir /tmp/s21/fo3/run --report /tmp/s21/fo3/report.json
+
+# 20. A second seed: runs 15 and 19 at --seed 43 with the default --compression zstd-stream (packed
+#     streams, session 21), side by side, each with its own daemon (load 4, 23 min each, peak RSS 2.55 / 2.57 GB):
+#     paraphrase-forward-only-tail16-lora-all-int4-hadamard-stream-lr4e-3-m80-s43.json,
+#     paraphrase-forward-only-tail16-lora-all-int3-hadamard-stream-lr4e-3-m80-s43.json
+for WIRE_PORT in int4-hadamard:52241 int3-hadamard:52341; do
+  WIRE=${WIRE_PORT%:*}; PORT=${WIRE_PORT#*:}
+  python -m sft_cloud.cli serve --insecure --host 127.0.0.1 --port $PORT &
+  /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4 --seed 42/--lr 4e-3 --seed 43} --forward-only \
+    --tail-layers 16 --lora-targets $ALL --wire-dtype $WIRE --cloud 127.0.0.1:$PORT --insecure \
+    --output-dir /tmp/s21/fo-$WIRE-s43/run --report /tmp/s21/fo-$WIRE-s43/report.json &
+done; wait
+
+# 21. --local at --lr 4e-3, --seed 43 (session 21, alone, OMP_NUM_THREADS=2): paraphrase-local-lora-lr4e-3-m80-s43.json
+/usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4 --seed 42/--lr 4e-3 --seed 43} --local \
+  --output-dir /tmp/s21/local43/run --report /tmp/s21/local43/report.json
