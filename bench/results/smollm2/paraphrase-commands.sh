@@ -185,6 +185,7 @@ for WIRE_PORT in int4-hadamard:52241 int3-hadamard:52341; do
     --output-dir /tmp/s21/fo-$WIRE-s43/run --report /tmp/s21/fo-$WIRE-s43/report.json &
 done; wait
 
-# 21. --local at --lr 4e-3, --seed 43 (session 21, alone, OMP_NUM_THREADS=2): paraphrase-local-lora-lr4e-3-m80-s43.json
+# 21. --local at --lr 4e-3, --seed 43 (session 21, alone, OMP_NUM_THREADS=2; 13 min, peak RSS 2.74 GB):
+#     paraphrase-local-lora-lr4e-3-m80-s43.json
 /usr/bin/time -v python -m sft_edge.cli train ${COMMON/--lr 5e-4 --seed 42/--lr 4e-3 --seed 43} --local \
   --output-dir /tmp/s21/local43/run --report /tmp/s21/local43/report.json
