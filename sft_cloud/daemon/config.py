@@ -42,6 +42,11 @@ class ServeConfig:
     max_delta_cache_mb: float = 4096.0
     delta_cache_total_mb: Optional[float] = None
 
+    @property
+    def max_message_bytes(self) -> int:
+        """``max_message_mb`` in bytes: gRPC's cap each way, and what a packed message may unpack to."""
+        return self.max_message_mb * 1024 * 1024
+
     def listen_host(self) -> str:
         """The interface the daemon binds: ``host`` when given; else every interface with TLS, and
         only this machine's loopback with ``insecure``, so that plaintext reaches other hosts only

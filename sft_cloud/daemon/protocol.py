@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import grpc
 
+from sft_cloud.daemon.config import ServeConfig
 from sft_cloud.sessions import finished
 from sft_cloud.sessions.core import Session
 from sft_cloud.sessions.inference import CachedMiddle, cached_middle
@@ -20,7 +21,7 @@ log = logging.getLogger("sft_cloud")
 
 
 TRAINING = ("train", "forward_up", "gradient_up")  # what each session kind answers with step()
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the daemon's default gRPC cap (--max-message-mb)
+MAX_MESSAGE_BYTES = ServeConfig().max_message_bytes  # the daemon's default gRPC cap (--max-message-mb)
 
 
 class StreamProtocol:

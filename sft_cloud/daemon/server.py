@@ -33,7 +33,7 @@ STOP_MARGIN_S = 2.0
 
 
 def server_options(cfg: ServeConfig) -> list:
-    cap = cfg.max_message_mb * 1024 * 1024
+    cap = cfg.max_message_bytes
     return [
         # SL at BERT-base geometry is 32 x 128 x 768 x 4 B = 12.6 MB a message, over gRPC's 4 MB
         # default; each session still refuses anything over its own, config-derived cap.
@@ -73,7 +73,7 @@ def create_server(
         interceptors=interceptors,
     )
     servicer = SplitTrainerServicer(
-        registry, identity=auth.identity, metrics=metrics, max_message_bytes=cfg.max_message_mb * 1024 * 1024
+        registry, identity=auth.identity, metrics=metrics, max_message_bytes=cfg.max_message_bytes
     )
     registry.batcher.report = servicer.metrics.batch  # batched steps' sizes and waits
     pb_grpc.add_SplitTrainerServicer_to_server(servicer, server)
